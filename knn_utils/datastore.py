@@ -1,0 +1,144 @@
+"""The kNN-LM datastore: one (key, value) row per scored token of a split, in corpus order.
+
+Layout of a datastore directory::
+
+    keys.npy    float16 (N, d)  input of the last block's feed-forward layer (utils/architectures.py)
+    vals.npy    int32   (N,)    the next token
+    meta.json   what produced it: model, tokenizer, architecture, layer, dimension, source dataset and
+                split, row count, SHA-256 of both arrays
+
+Row ``r`` is the row numbering of utils/windows.py, so row ``r`` of the datastore belongs to the window
+whose ``[row_begin, row_end)`` contains ``r``.
+
+Writing happens in ``<dir>.partial``: the arrays are pre-allocated memory maps that every process writes
+its own windows into, and ``done_windows.npy`` marks the windows already flushed, so a killed run resumes
+where it stopped (with any number of processes). Only when every window is done are the checksums
+computed, ``meta.json`` written and the directory renamed to its final name.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from utils.io import ArtifactError, array_sha256, partial_path, read_json, read_meta, timed, write_json
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+KEY_DTYPE = np.float16
+VAL_DTYPE = np.int32
+
+
+@dataclass
+class Datastore:
+    """An opened datastore: memory-mapped keys and values plus its meta."""
+
+    keys: np.ndarray  # float16 (N, d)
+    vals: np.ndarray  # int32 (N,)
+    meta: dict
+    path: Path
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.vals)
+
+    @property
+    def dim(self) -> int:
+        return self.keys.shape[1]
+
+
+def load_datastore(path: str) -> Datastore:
+    """Open a finished datastore, checking its arrays against its ``meta.json``."""
+    meta = read_meta(path, "datastore")
+    path = Path(path)
+    keys = np.load(path / "keys.npy", mmap_mode="r")
+    vals = np.load(path / "vals.npy", mmap_mode="r")
+    expected = (meta["rows"], meta["dim"])
+    if keys.shape != expected or vals.shape != (meta["rows"],):
+        raise ArtifactError(
+            f"Datastore {path}: keys {keys.shape} / vals {vals.shape} do not match meta.json (rows, dim) = {expected}"
+        )
+    return Datastore(keys=keys, vals=vals, meta=meta, path=path)
+
+
+class DatastoreWriter:
+    """Fills a datastore window by window, from one or many processes, resumably.
+
+    ``identity`` is everything that must match for an interrupted run to be resumed (model, dataset,
+    rows, dimension ...); it becomes part of ``meta.json``. ``state`` is an ``accelerate.PartialState``.
+    """
+
+    def __init__(self, path: str, num_rows: int, dim: int, num_windows: int, identity: dict, state):
+        self.path = Path(path)
+        self.staging = partial_path(self.path)
+        self.identity = {**identity, "rows": int(num_rows), "dim": int(dim), "windows": int(num_windows)}
+        self.state = state
+        self.start_time = time.time()
+        if self.path.exists():
+            raise ArtifactError(f"--dstore_dir {self.path} already holds a datastore; delete it or choose another directory.")
+        if state.is_main_process:
+            self._prepare()
+        state.wait_for_everyone()
+        self.keys = np.load(self.staging / "keys.npy", mmap_mode="r+")
+        self.vals = np.load(self.staging / "vals.npy", mmap_mode="r+")
+        self.done = np.load(self.staging / "done_windows.npy", mmap_mode="r+")
+
+    def _prepare(self) -> None:
+        """Create the staging directory, or keep it if it belongs to the same run."""
+        progress = self.staging / "progress.json"
+        if progress.is_file() and read_json(progress) == self.identity:
+            logger.info("Resuming datastore %s: %d of %d windows already written",
+                        self.staging, int(np.load(self.staging / "done_windows.npy").sum()), self.identity["windows"])
+            return
+        if self.staging.exists():
+            logger.warning("Discarding %s: it was started with other settings", self.staging)
+            shutil.rmtree(self.staging)
+        self.staging.mkdir(parents=True)
+        rows, dim = self.identity["rows"], self.identity["dim"]
+        np.lib.format.open_memmap(self.staging / "keys.npy", mode="w+", dtype=KEY_DTYPE, shape=(rows, dim)).flush()
+        np.lib.format.open_memmap(self.staging / "vals.npy", mode="w+", dtype=VAL_DTYPE, shape=(rows,)).flush()
+        np.save(self.staging / "done_windows.npy", np.zeros(self.identity["windows"], dtype=bool))
+        write_json(progress, self.identity)
+
+    def pending(self, window_ids: np.ndarray) -> bool:
+        """Whether any of these windows still has to be written."""
+        return not bool(self.done[window_ids].all())
+
+    def write(self, rows: np.ndarray, keys: np.ndarray, vals: np.ndarray, window_ids: np.ndarray) -> None:
+        """Store the rows of some whole windows, then mark those windows done."""
+        self.keys[rows] = keys.astype(KEY_DTYPE, copy=False)
+        self.vals[rows] = vals.astype(VAL_DTYPE, copy=False)
+        self.keys.flush()
+        self.vals.flush()
+        self.done[window_ids] = True
+        self.done.flush()
+
+    def finish(self, extra_meta: dict | None = None) -> dict | None:
+        """Check every window is written, write ``meta.json`` and move the datastore into place."""
+        self.state.wait_for_everyone()
+        meta = None
+        if self.state.is_main_process:
+            missing = np.flatnonzero(~np.asarray(self.done))
+            if len(missing):
+                raise ArtifactError(f"Datastore {self.staging}: {len(missing)} windows were never written (first: {missing[:5]})")
+            with timed("Checksumming the datastore", logger):
+                checksums = {"keys_sha256": array_sha256(self.keys), "vals_sha256": array_sha256(self.vals)}
+            meta = {
+                "kind": "datastore", "format_version": FORMAT_VERSION, **self.identity, **checksums,
+                "key_dtype": np.dtype(KEY_DTYPE).name, "val_dtype": np.dtype(VAL_DTYPE).name,
+                "seconds": round(time.time() - self.start_time, 2), **(extra_meta or {}),
+            }
+            del self.keys, self.vals, self.done
+            (self.staging / "done_windows.npy").unlink()
+            (self.staging / "progress.json").unlink()
+            write_json(self.staging / "meta.json", meta)
+            self.staging.rename(self.path)
+            logger.info("Datastore written to %s: %d rows of dimension %d", self.path, meta["rows"], meta["dim"])
+        self.state.wait_for_everyone()
+        return meta

@@ -1,0 +1,225 @@
+"""Train or evaluate the base causal LM, and save the kNN-LM datastore (pipeline step 2).
+
+    python -m train_base --model_name_or_path MODEL --dataset_name DATASET --per_device_eval_batch_size 8 \
+        --do_eval --eval_subset test --output_dir OUT --report_to none
+    accelerate launch -m train_base --model_name_or_path MODEL --dataset_name DATASET --do_eval \
+        --eval_subset train --per_device_eval_batch_size 8 --output_dir OUT \
+        --dstore_dir DSTORE_DIR --save_knnlm_dstore --report_to none
+
+``--dataset_name`` is a directory written by ``utils/preprocess_dataset.py``. ``--do_train`` fine-tunes
+(or, with ``--model_type`` and ``--config_overrides``, trains from scratch) on non-overlapping blocks of
+its train split with the HF `Trainer`; ``--do_eval`` reports perplexity over the scored rows of
+``--eval_subset`` and, with ``--save_knnlm_dstore``, writes the datastore of those rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from accelerate import PartialState
+from transformers import Trainer, TrainingArguments, default_data_collator
+
+from knn_utils.datastore import DatastoreWriter
+from utils.architectures import normalize_layer
+from utils.cli import UsageError, parse_args, run, setup_logging
+from utils.io import read_json, write_json
+from utils.modeling import (ModelArguments, describe_model, load_causal_lm, load_tokenizer, model_tokenizer_path,
+                            tokenizer_fingerprint)
+from utils.preprocess_dataset import SPLITS, TokenizedSplit, load_split
+from utils.scoring import gather_window_totals, score_batches, token_nll, window_sums
+from utils.windows import ROW_BEGIN, ROW_END
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DataArguments:
+    """Which preprocessed dataset to read, and how much of it."""
+
+    dataset_name: str = field(metadata={"help": "Directory written by utils/preprocess_dataset.py."})
+    eval_subset: str = field(default="validation", metadata={"help": "Split to evaluate.", "choices": list(SPLITS)})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Train on at most this many blocks."})
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Evaluate (and build the datastore over) only the first N windows of --eval_subset."}
+    )
+
+    def __post_init__(self):
+        for flag in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, flag)
+            if value is not None and value < 1:
+                raise UsageError(f"--{flag} must be >= 1, got {value}")
+
+
+@dataclass
+class DstoreArguments:
+    """Saving the kNN-LM datastore during evaluation."""
+
+    save_knnlm_dstore: bool = field(default=False, metadata={"help": "Save keys and values of the evaluated rows (needs --do_eval)."})
+    dstore_dir: str | None = field(default=None, metadata={"help": "Directory of the datastore to write."})
+    dstore_layer: int = field(default=-1, metadata={"help": "Block whose feed-forward input is the key (-1: the last)."})
+
+    def __post_init__(self):
+        if self.save_knnlm_dstore and not self.dstore_dir:
+            raise UsageError("--save_knnlm_dstore needs --dstore_dir")
+
+
+class BlockDataset(torch.utils.data.Dataset):
+    """Non-overlapping blocks of ``block_size`` tokens of a split, every position labelled (for training)."""
+
+    def __init__(self, tokens: np.ndarray, block_size: int, max_blocks: int | None = None):
+        self.tokens = tokens
+        self.block_size = block_size
+        self.num_blocks = len(tokens) // block_size
+        if max_blocks is not None:
+            self.num_blocks = min(self.num_blocks, max_blocks)
+        if self.num_blocks == 0:
+            raise UsageError(f"The train split has {len(tokens)} tokens, fewer than one block of {block_size}")
+
+    def __len__(self) -> int:
+        return self.num_blocks
+
+    def __getitem__(self, i: int) -> dict:
+        ids = torch.from_numpy(np.asarray(self.tokens[i * self.block_size : (i + 1) * self.block_size], dtype=np.int64))
+        return {"input_ids": ids, "labels": ids.clone()}
+
+
+def check_tokenizer(model_args: ModelArguments, dataset_meta: dict, dataset_dir: str):
+    """Load the model's tokenizer and make sure the dataset was tokenized with the same one."""
+    path, gguf_file = model_tokenizer_path(model_args)
+    try:
+        tokenizer = load_tokenizer(path, gguf_file)
+    except (OSError, ValueError) as err:
+        if isinstance(err, UsageError):
+            raise
+        logger.warning("No tokenizer found with the model (%s); only the vocabulary size is checked.", err)
+        return None
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    expected = dataset_meta["tokenizer"]["fingerprint"]
+    if fingerprint != expected:
+        raise UsageError(
+            f"--dataset_name {dataset_dir} was tokenized with {dataset_meta['tokenizer']['path']} "
+            f"(fingerprint {expected}), but the model's tokenizer {path} has fingerprint {fingerprint}. "
+            "Preprocess the data again with the model's tokenizer."
+        )
+    return tokenizer
+
+
+def check_vocab(model: torch.nn.Module, dataset_meta: dict, dataset_dir: str) -> None:
+    max_id = max(s["max_token_id"] for s in dataset_meta["splits"].values())
+    vocab = model.get_output_embeddings().weight.shape[0]
+    if max_id >= vocab:
+        raise UsageError(f"--dataset_name {dataset_dir} has token id {max_id}, but the model's vocabulary has only {vocab} entries")
+
+
+def train(model, tokenizer, split: TokenizedSplit, data_args: DataArguments, training_args: TrainingArguments) -> dict:
+    """Fine-tune (or train from scratch) on non-overlapping blocks; save the model to --output_dir."""
+    dataset = BlockDataset(split.tokens, split.meta["block_size"], data_args.max_train_samples)
+    trainer = Trainer(model=model, args=training_args, train_dataset=dataset, data_collator=default_data_collator)
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model()
+    if tokenizer is not None and trainer.is_world_process_zero():
+        tokenizer.save_pretrained(training_args.output_dir)
+    metrics = {f"train_{k}" if not k.startswith("train") else k: v for k, v in result.metrics.items()}
+    metrics["train_blocks"] = len(dataset)
+    return metrics
+
+
+def evaluate(model, split: TokenizedSplit, batch_size: int, state: PartialState, model_args: ModelArguments,
+             data_args: DataArguments, dstore_args: DstoreArguments) -> dict:
+    """Perplexity over the scored rows of the first windows of a split; optionally write the datastore."""
+    windows = split.windows[: data_args.max_eval_samples]
+    num_rows = int(windows[-1, ROW_END] - windows[0, ROW_BEGIN])
+    writer = None
+    if dstore_args.save_knnlm_dstore:
+        writer = DatastoreWriter(
+            dstore_args.dstore_dir, num_rows=num_rows, dim=model.config.hidden_size, num_windows=len(windows),
+            identity={
+                "model": describe_model(model_args), "torch_dtype": model_args.torch_dtype,
+                "architecture": model.config.model_type, "layer": normalize_layer(model, dstore_args.dstore_layer),
+                "tokenizer_fingerprint": split.meta["tokenizer"]["fingerprint"],
+                "dataset": {"path": os.path.abspath(data_args.dataset_name), "split": split.split,
+                            "tokens_sha256": split.meta["splits"][split.split]["tokens_sha256"],
+                            "block_size": split.meta["block_size"], "stride": split.meta["stride"]},
+            },
+            state=state,
+        )
+    nll_totals: dict[int, float] = {}
+    start = time.perf_counter()
+    for batch in score_batches(
+        model, split.tokens, windows, batch_size, state.process_index, state.num_processes,
+        layer=dstore_args.dstore_layer, show_progress=state.is_main_process,
+    ):
+        nll_totals.update(window_sums(token_nll(batch.logits, batch.labels), batch, windows))
+        if writer is not None:
+            writer.write(batch.rows, batch.hidden.float().cpu().numpy(), batch.labels.cpu().numpy(), batch.window_ids)
+    seconds = time.perf_counter() - start
+    total_nll = gather_window_totals(nll_totals, len(windows), state).sum()
+    loss = float(total_nll / num_rows)
+    metrics = {
+        "eval_subset": split.split, "eval_loss": loss, "perplexity": float(np.exp(loss)), "eval_tokens": num_rows,
+        "eval_windows": len(windows), "eval_seconds": round(seconds, 3), "eval_tokens_per_second": round(num_rows / seconds, 2),
+        "block_size": split.meta["block_size"], "stride": split.meta["stride"],
+    }
+    if writer is not None:
+        dstore_meta = writer.finish()
+        metrics["dstore_dir"] = dstore_args.dstore_dir
+        if dstore_meta is not None:
+            metrics["dstore_rows_per_second"] = round(num_rows / dstore_meta["seconds"], 2)
+    return metrics
+
+
+def save_metrics(output_dir: str, name: str, metrics: dict) -> None:
+    """Write ``<name>_results.json`` and merge the metrics into ``all_results.json`` (as run_clm does)."""
+    os.makedirs(output_dir, exist_ok=True)
+    write_json(os.path.join(output_dir, f"{name}_results.json"), metrics)
+    all_path = os.path.join(output_dir, "all_results.json")
+    combined = read_json(all_path) if os.path.exists(all_path) else {}
+    write_json(all_path, {**combined, **metrics})
+
+
+def main(argv: list[str] | None = None) -> dict:
+    model_args, data_args, dstore_args, training_args = parse_args(
+        (ModelArguments, DataArguments, DstoreArguments, TrainingArguments), argv
+    )
+    state = PartialState()
+    setup_logging(state.is_main_process)
+    if not (training_args.do_train or training_args.do_eval):
+        raise UsageError("Nothing to do: pass --do_train and/or --do_eval")
+    if dstore_args.save_knnlm_dstore and not training_args.do_eval:
+        raise UsageError("--save_knnlm_dstore writes the rows seen by evaluation: add --do_eval")
+    logger.info("Arguments: %s %s %s", model_args, data_args, dstore_args)
+
+    eval_split = load_split(data_args.dataset_name, data_args.eval_subset) if training_args.do_eval else None
+    train_split = load_split(data_args.dataset_name, "train") if training_args.do_train else None
+    dataset_meta = (eval_split or train_split).meta
+    tokenizer = check_tokenizer(model_args, dataset_meta, data_args.dataset_name)
+    model = load_causal_lm(model_args, vocab_size=dataset_meta["tokenizer"]["vocab_size"])
+    check_vocab(model, dataset_meta, data_args.dataset_name)
+
+    metrics = {}
+    if training_args.do_train:
+        metrics.update(train(model, tokenizer, train_split, data_args, training_args))
+        if state.is_main_process:
+            save_metrics(training_args.output_dir, "train", metrics)
+        # What is evaluated (and recorded in a datastore's meta.json) is now the saved, trained model.
+        model_args = ModelArguments(model_name_or_path=os.path.abspath(training_args.output_dir),
+                                    torch_dtype=model_args.torch_dtype)
+    if training_args.do_eval:
+        model.to(state.device)
+        eval_metrics = evaluate(model, eval_split, training_args.per_device_eval_batch_size, state,
+                                model_args, data_args, dstore_args)
+        if state.is_main_process:
+            save_metrics(training_args.output_dir, "eval", eval_metrics)
+            logger.info("Perplexity on %s: %.4f over %d tokens", data_args.eval_subset, eval_metrics["perplexity"],
+                        eval_metrics["eval_tokens"])
+        metrics.update(eval_metrics)
+    return metrics
+
+
+if __name__ == "__main__":
+    run(main)

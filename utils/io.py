@@ -1,0 +1,124 @@
+"""Artifact directories: atomic writes, `meta.json`, checksums.
+
+Every stage writes its artifact into ``<dir>.partial`` and renames it to ``<dir>`` only once it is
+complete, so a directory without the suffix is always finished. The ``meta.json`` inside records what
+produced the artifact; the next stage reads it instead of asking the user to repeat sizes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from utils.cli import UsageError
+
+logger = logging.getLogger(__name__)
+
+META_NAME = "meta.json"
+PARTIAL_SUFFIX = ".partial"
+
+
+class ArtifactError(UsageError):
+    """An artifact on disk is missing, incomplete or does not match what the caller expects."""
+
+
+def partial_path(path: str | os.PathLike) -> Path:
+    """The staging directory where ``path`` is built before it is renamed into place."""
+    path = Path(path)
+    return path.with_name(path.name + PARTIAL_SUFFIX)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON to ``path`` atomically (temporary file, fsync, rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_meta(directory: str | os.PathLike, kind: str) -> dict:
+    """Read and check ``<directory>/meta.json`` of an artifact of the given ``kind``.
+
+    ``kind`` is the artifact type recorded by its writer ("dataset", "datastore", ...). Raises
+    `ArtifactError` with a message that says what to do when the directory is missing, still being
+    written, or holds another kind of artifact.
+    """
+    directory = Path(directory)
+    if not directory.exists():
+        staging = partial_path(directory)
+        if staging.exists():
+            raise ArtifactError(
+                f"{directory} is incomplete: its stage was interrupted and left {staging}. "
+                "Rerun the same command to resume, or delete that directory to start over."
+            )
+        raise ArtifactError(f"{directory} does not exist (expected a {kind} directory).")
+    meta_file = directory / META_NAME
+    if not meta_file.is_file():
+        raise ArtifactError(f"{directory} has no {META_NAME}: it is not a {kind} made by this project.")
+    meta = read_json(meta_file)
+    if meta.get("kind") != kind:
+        raise ArtifactError(f"{directory} holds a {meta.get('kind')!r} artifact, expected a {kind!r}.")
+    return meta
+
+
+@contextmanager
+def atomic_directory(path: str | os.PathLike, resume: bool = False) -> Iterator[Path]:
+    """Build a directory under a temporary name; rename it to ``path`` when the block succeeds.
+
+    With ``resume=True`` an existing staging directory from an interrupted run is reused (the caller
+    decides what in it can be kept); otherwise it is wiped first. ``path`` itself must not exist.
+    """
+    path = Path(path)
+    if path.exists():
+        raise ArtifactError(f"{path} already exists; refusing to overwrite it.")
+    staging = partial_path(path)
+    if staging.exists() and not resume:
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True, exist_ok=True)
+    yield staging
+    os.replace(staging, path)
+
+
+def file_sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 24) -> str:
+    """SHA-256 of a file's bytes, read in chunks (datastores may be far larger than memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def array_sha256(array: np.ndarray, chunk_rows: int = 1 << 16) -> str:
+    """SHA-256 of an array's contents, row chunk by row chunk (works on memory maps)."""
+    digest = hashlib.sha256()
+    for start in range(0, len(array), chunk_rows):
+        digest.update(np.ascontiguousarray(array[start : start + chunk_rows]).tobytes())
+    return digest.hexdigest()
+
+
+@contextmanager
+def timed(what: str, log: logging.Logger = logger) -> Iterator[dict]:
+    """Log how long a block took; the dict it yields receives ``seconds`` at the end."""
+    record: dict = {}
+    start = time.perf_counter()
+    yield record
+    record["seconds"] = time.perf_counter() - start
+    log.info("%s took %.2f s", what, record["seconds"])

@@ -1,0 +1,241 @@
+"""Tokenize a corpus and cut it into scoring windows (pipeline step 1).
+
+    python utils/preprocess_dataset.py --dataset_name wikitext --dataset_config_name wikitext-103-raw-v1 \
+        --tokenizer_path gpt2 --output_dir ./dataset/wikitext-gpt2
+    python -m utils.preprocess_dataset --train_file wiki.train.tokens --validation_file wiki.valid.tokens \
+        --test_file wiki.test.tokens --tokenizer_path TOKENIZER --output_dir OUT
+
+Output layout (``OUT/meta.json`` describes it)::
+
+    OUT/<split>/tokens.npy    int32 (n,)    the split as one token stream
+    OUT/<split>/windows.npy   int64 (W, 4)  (begin, end, row_begin, row_end) per window, see utils/windows.py
+
+Each row (``n - 1`` per split) is one scored prediction; every later stage numbers its rows the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python utils/preprocess_dataset.py`, like the released README
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+from utils.io import ArtifactError, array_sha256, atomic_directory, read_meta, timed, write_json
+from utils.cli import UsageError, parse_args, run, setup_logging
+from utils.modeling import load_tokenizer, tokenizer_fingerprint
+from utils.windows import make_windows
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation", "test")
+FORMAT_VERSION = 1
+TEXT_SUFFIXES = (".txt", ".tokens", ".raw", ".text")
+
+
+@dataclass
+class PreprocessArguments:
+    """Where the corpus comes from, how to tokenize it and how to cut it into windows."""
+
+    output_dir: str = field(metadata={"help": "Directory to write the tokenized dataset to."})
+    tokenizer_path: str = field(metadata={"help": "Tokenizer: a directory, a hub name, or the directory of --gguf_file."})
+    gguf_file: str | None = field(default=None, metadata={"help": "GGUF file inside --tokenizer_path to read the tokenizer from."})
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "A datasets-hub name (with --dataset_config_name) or a dataset saved with save_to_disk."}
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of --dataset_name."})
+    train_file: str | None = field(default=None, metadata={"help": "Local training text file (one document or line per line) or .json/.jsonl."})
+    validation_file: str | None = field(default=None, metadata={"help": "Local validation file."})
+    test_file: str | None = field(default=None, metadata={"help": "Local test file."})
+    text_column: str = field(default="text", metadata={"help": "Column holding the text in datasets and JSON files."})
+    block_size: int = field(default=1024, metadata={"help": "Tokens per window."})
+    stride: int = field(default=512, metadata={"help": "Tokens between window starts; later windows score only their last `stride` tokens."})
+    max_chars: int | None = field(
+        default=None, metadata={"help": "Keep only the first N characters of each split (quick runs on a slice)."}
+    )
+    num_proc: int = field(default=1, metadata={"help": "Processes for tokenization."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace --output_dir if it exists."})
+
+    def __post_init__(self):
+        local = {s: f for s, f in self.split_files().items() if f is not None}
+        if self.dataset_name is None and not local:
+            raise UsageError("Give a corpus: --dataset_name (hub name or saved dataset) or --train_file/--validation_file/--test_file.")
+        if self.dataset_name is not None and local:
+            raise UsageError("Give either --dataset_name or local files (--train_file ...), not both.")
+        for split, path in local.items():
+            if not os.path.isfile(path):
+                raise UsageError(f"--{split}_file {path}: no such file")
+        make_windows(0, self.block_size, self.stride)  # validates --block_size and --stride
+        if self.max_chars is not None and self.max_chars < 1:
+            raise UsageError(f"--max_chars must be >= 1, got {self.max_chars}")
+
+    def split_files(self) -> dict[str, str | None]:
+        return {"train": self.train_file, "validation": self.validation_file, "test": self.test_file}
+
+
+@dataclass
+class TokenizedSplit:
+    """One split of a preprocessed dataset, memory-mapped."""
+
+    tokens: np.ndarray  # int32 (n,)
+    windows: np.ndarray  # int64 (W, 4)
+    meta: dict  # the dataset's meta.json
+    split: str
+
+    @property
+    def num_rows(self) -> int:
+        return max(len(self.tokens) - 1, 0)
+
+
+def read_text_rows(path: str, text_column: str) -> list[str]:
+    """The rows of a local file: lines of a text file (newlines kept), or a column of JSON lines."""
+    if path.endswith((".json", ".jsonl")):
+        from datasets import load_dataset
+
+        dataset = load_dataset("json", data_files=path, split="train")
+        if text_column not in dataset.column_names:
+            raise UsageError(f"{path} has no column {text_column!r} (columns: {dataset.column_names}); set --text_column")
+        return list(dataset[text_column])
+    with open(path, encoding="utf-8") as f:
+        return f.readlines()
+
+
+def load_corpus(args: PreprocessArguments) -> dict[str, list[str]]:
+    """The text rows of each split, from local files, a saved dataset or the hub."""
+    if args.dataset_name is None:
+        return {s: read_text_rows(f, args.text_column) for s, f in args.split_files().items() if f is not None}
+    import datasets
+
+    if os.path.isdir(args.dataset_name) and any(
+        os.path.exists(os.path.join(args.dataset_name, n)) for n in ("dataset_dict.json", "state.json")
+    ):
+        raw = datasets.load_from_disk(args.dataset_name)
+    else:
+        try:
+            raw = datasets.load_dataset(args.dataset_name, args.dataset_config_name)
+        except Exception as err:  # no network, unknown name, bad config: say which flag
+            raise UsageError(f"--dataset_name {args.dataset_name} (--dataset_config_name {args.dataset_config_name}): "
+                             f"could not load it: {err}") from err
+    if isinstance(raw, datasets.Dataset):
+        raw = datasets.DatasetDict({"train": raw})
+    if "valid" in raw and "validation" not in raw:
+        raw["validation"] = raw.pop("valid")
+    unknown = [s for s in raw if s not in SPLITS]
+    if unknown:
+        logger.warning("Ignoring splits %s (only %s are used)", unknown, SPLITS)
+    corpus = {}
+    for split in SPLITS:
+        if split in raw:
+            if args.text_column not in raw[split].column_names:
+                raise UsageError(f"--dataset_name {args.dataset_name}: split {split} has no column {args.text_column!r}; set --text_column")
+            corpus[split] = list(raw[split][args.text_column])
+    return corpus
+
+
+def truncate_rows(rows: list[str], max_chars: int) -> list[str]:
+    """The first ``max_chars`` characters of ``rows``, cut at a row boundary when possible."""
+    kept, total = [], 0
+    for row in rows:
+        if total + len(row) > max_chars:
+            if not kept:
+                kept.append(row[:max_chars])
+            break
+        kept.append(row)
+        total += len(row)
+    return kept
+
+
+def tokenize_rows(rows: list[str], tokenizer, num_proc: int = 1, batch_rows: int = 4096) -> np.ndarray:
+    """Tokenize rows separately (no special tokens) and concatenate them into one int32 stream."""
+    from datasets import Dataset
+
+    dataset = Dataset.from_dict({"text": rows})
+    dataset = dataset.map(
+        lambda batch: {"ids": tokenizer(batch["text"], add_special_tokens=False)["input_ids"]},
+        batched=True, batch_size=batch_rows, num_proc=num_proc if num_proc > 1 else None,
+        remove_columns=["text"], desc="Tokenizing",
+    )
+    pieces = [np.asarray(ids, dtype=np.int32) for ids in dataset["ids"]]
+    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
+
+
+def preprocess(args: PreprocessArguments) -> dict:
+    """Run step 1 and return the dataset's meta."""
+    out = Path(args.output_dir)
+    if out.exists():
+        if not args.overwrite_output_dir:
+            raise ArtifactError(f"--output_dir {out} already exists; pass --overwrite_output_dir to replace it.")
+        import shutil
+
+        shutil.rmtree(out)
+    tokenizer = load_tokenizer(args.tokenizer_path, args.gguf_file)
+    with timed("Reading the corpus"):
+        corpus = load_corpus(args)
+    meta = {
+        "kind": "dataset",
+        "format_version": FORMAT_VERSION,
+        "tokenizer": {
+            "path": args.tokenizer_path,
+            "gguf_file": args.gguf_file,
+            "class": type(tokenizer).__name__,
+            "vocab_size": len(tokenizer),
+            "fingerprint": tokenizer_fingerprint(tokenizer),
+        },
+        "block_size": args.block_size,
+        "stride": args.stride,
+        "source": {k: v for k, v in asdict(args).items() if k in (
+            "dataset_name", "dataset_config_name", "train_file", "validation_file", "test_file", "text_column", "max_chars")},
+        "splits": {},
+    }
+    with atomic_directory(out) as staging:
+        for split, rows in corpus.items():
+            if args.max_chars is not None:
+                rows = truncate_rows(rows, args.max_chars)
+            with timed(f"Tokenizing {split} ({len(rows)} rows)"):
+                tokens = tokenize_rows(rows, tokenizer, args.num_proc)
+            if len(tokens) < 2:
+                raise UsageError(f"The {split} split has {len(tokens)} tokens; at least 2 are needed to score one.")
+            windows = make_windows(len(tokens), args.block_size, args.stride)
+            (staging / split).mkdir()
+            np.save(staging / split / "tokens.npy", tokens)
+            np.save(staging / split / "windows.npy", windows)
+            meta["splits"][split] = {
+                "tokens": int(len(tokens)), "rows": int(len(tokens) - 1), "windows": int(len(windows)),
+                "characters": int(sum(len(r) for r in rows)), "max_token_id": int(tokens.max()),
+                "tokens_sha256": array_sha256(tokens),
+            }
+            logger.info("%s: %d tokens, %d rows, %d windows", split, len(tokens), len(tokens) - 1, len(windows))
+        write_json(staging / "meta.json", meta)
+    return meta
+
+
+def load_split(dataset_dir: str, split: str) -> TokenizedSplit:
+    """Open one split of a preprocessed dataset (memory-mapped)."""
+    meta = read_meta(dataset_dir, "dataset")
+    if split not in meta["splits"]:
+        raise ArtifactError(
+            f"Dataset {dataset_dir} has no {split!r} split (it has {sorted(meta['splits'])})."
+        )
+    directory = Path(dataset_dir) / split
+    tokens = np.load(directory / "tokens.npy", mmap_mode="r")
+    windows = np.load(directory / "windows.npy")
+    if len(tokens) != meta["splits"][split]["tokens"]:
+        raise ArtifactError(f"{directory}/tokens.npy has {len(tokens)} tokens, meta.json says {meta['splits'][split]['tokens']}")
+    return TokenizedSplit(tokens=tokens, windows=windows, meta=meta, split=split)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    setup_logging()
+    (args,) = parse_args((PreprocessArguments,), argv)
+    logger.info("Preprocessing with %s", args)
+    meta = preprocess(args)
+    print(f"Wrote {args.output_dir}: " + ", ".join(f"{s} {m['tokens']} tokens / {m['windows']} windows" for s, m in meta["splits"].items()))
+    return meta
+
+
+if __name__ == "__main__":
+    run(main)
