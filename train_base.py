@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -26,46 +25,15 @@ from transformers import Trainer, TrainingArguments, default_data_collator
 
 from knn_utils.datastore import DatastoreWriter
 from utils.architectures import normalize_layer
+from utils.arguments import DataArguments, DstoreArguments, ModelArguments
 from utils.cli import UsageError, parse_args, run, setup_logging
 from utils.io import read_json, write_json
-from utils.modeling import (ModelArguments, describe_model, load_causal_lm, load_tokenizer, model_tokenizer_path,
-                            tokenizer_fingerprint)
-from utils.preprocess_dataset import SPLITS, TokenizedSplit, load_split
+from utils.modeling import describe_model, load_model_for_dataset
+from utils.preprocess_dataset import TokenizedSplit, load_split
 from utils.scoring import gather_window_totals, score_batches, token_nll, window_sums
 from utils.windows import ROW_BEGIN, ROW_END
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class DataArguments:
-    """Which preprocessed dataset to read, and how much of it."""
-
-    dataset_name: str = field(metadata={"help": "Directory written by utils/preprocess_dataset.py."})
-    eval_subset: str = field(default="validation", metadata={"help": "Split to evaluate.", "choices": list(SPLITS)})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Train on at most this many blocks."})
-    max_eval_samples: int | None = field(
-        default=None, metadata={"help": "Evaluate (and build the datastore over) only the first N windows of --eval_subset."}
-    )
-
-    def __post_init__(self):
-        for flag in ("max_train_samples", "max_eval_samples"):
-            value = getattr(self, flag)
-            if value is not None and value < 1:
-                raise UsageError(f"--{flag} must be >= 1, got {value}")
-
-
-@dataclass
-class DstoreArguments:
-    """Saving the kNN-LM datastore during evaluation."""
-
-    save_knnlm_dstore: bool = field(default=False, metadata={"help": "Save keys and values of the evaluated rows (needs --do_eval)."})
-    dstore_dir: str | None = field(default=None, metadata={"help": "Directory of the datastore to write."})
-    dstore_layer: int = field(default=-1, metadata={"help": "Block whose feed-forward input is the key (-1: the last)."})
-
-    def __post_init__(self):
-        if self.save_knnlm_dstore and not self.dstore_dir:
-            raise UsageError("--save_knnlm_dstore needs --dstore_dir")
 
 
 class BlockDataset(torch.utils.data.Dataset):
@@ -86,34 +54,6 @@ class BlockDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         ids = torch.from_numpy(np.asarray(self.tokens[i * self.block_size : (i + 1) * self.block_size], dtype=np.int64))
         return {"input_ids": ids, "labels": ids.clone()}
-
-
-def check_tokenizer(model_args: ModelArguments, dataset_meta: dict, dataset_dir: str):
-    """Load the model's tokenizer and make sure the dataset was tokenized with the same one."""
-    path, gguf_file = model_tokenizer_path(model_args)
-    try:
-        tokenizer = load_tokenizer(path, gguf_file)
-    except (OSError, ValueError) as err:
-        if isinstance(err, UsageError):
-            raise
-        logger.warning("No tokenizer found with the model (%s); only the vocabulary size is checked.", err)
-        return None
-    fingerprint = tokenizer_fingerprint(tokenizer)
-    expected = dataset_meta["tokenizer"]["fingerprint"]
-    if fingerprint != expected:
-        raise UsageError(
-            f"--dataset_name {dataset_dir} was tokenized with {dataset_meta['tokenizer']['path']} "
-            f"(fingerprint {expected}), but the model's tokenizer {path} has fingerprint {fingerprint}. "
-            "Preprocess the data again with the model's tokenizer."
-        )
-    return tokenizer
-
-
-def check_vocab(model: torch.nn.Module, dataset_meta: dict, dataset_dir: str) -> None:
-    max_id = max(s["max_token_id"] for s in dataset_meta["splits"].values())
-    vocab = model.get_output_embeddings().weight.shape[0]
-    if max_id >= vocab:
-        raise UsageError(f"--dataset_name {dataset_dir} has token id {max_id}, but the model's vocabulary has only {vocab} entries")
 
 
 def train(model, tokenizer, split: TokenizedSplit, data_args: DataArguments, training_args: TrainingArguments) -> dict:
@@ -197,9 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
     eval_split = load_split(data_args.dataset_name, data_args.eval_subset) if training_args.do_eval else None
     train_split = load_split(data_args.dataset_name, "train") if training_args.do_train else None
     dataset_meta = (eval_split or train_split).meta
-    tokenizer = check_tokenizer(model_args, dataset_meta, data_args.dataset_name)
-    model = load_causal_lm(model_args, vocab_size=dataset_meta["tokenizer"]["vocab_size"])
-    check_vocab(model, dataset_meta, data_args.dataset_name)
+    model, tokenizer = load_model_for_dataset(model_args, dataset_meta, data_args.dataset_name)
 
     metrics = {}
     if training_args.do_train:

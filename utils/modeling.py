@@ -6,51 +6,15 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass, field
 
 import torch
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM, AutoTokenizer, GPT2TokenizerFast, PreTrainedTokenizerBase
 
 from utils.architectures import arch_spec
+from utils.arguments import ModelArguments
 from utils.cli import UsageError
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class ModelArguments:
-    """Which base causal LM to load, or how to build one from scratch."""
-
-    model_name_or_path: str | None = field(
-        default=None,
-        metadata={"help": "Hub name or local directory of the base model (the directory of a GGUF file with --gguf_file). "
-                  "Leave unset to train from scratch with --model_type."},
-    )
-    gguf_file: str | None = field(
-        default=None, metadata={"help": "GGUF file name inside --model_name_or_path (dequantised to float on load)."}
-    )
-    model_type: str | None = field(
-        default=None, metadata={"help": "Architecture of a model built from scratch, e.g. gpt2 or llama."}
-    )
-    config_overrides: str | None = field(
-        default=None,
-        metadata={"help": "Comma-separated config overrides for a from-scratch model, e.g. n_layer=2,n_embd=128,n_head=4."},
-    )
-    tokenizer_name: str | None = field(
-        default=None, metadata={"help": "Tokenizer directory or hub name, if not the model's own."}
-    )
-    torch_dtype: str = field(
-        default="float32",
-        metadata={"help": "Dtype to load the base model in: float32, bfloat16 or float16.", "choices": ["float32", "bfloat16", "float16"]},
-    )
-
-    def __post_init__(self):
-        if self.model_name_or_path is None and self.model_type is None:
-            raise UsageError("Give --model_name_or_path (a pretrained model) or --model_type (a model built from scratch).")
-        if self.config_overrides and self.model_name_or_path is not None:
-            raise UsageError("--config_overrides only applies to a model built from scratch (--model_type without --model_name_or_path).")
-        if self.model_type is not None and self.model_name_or_path is None and self.tokenizer_name is None:
-            raise UsageError("A model built from scratch (--model_type) needs --tokenizer_name.")
 
 
 def check_exists(path: str | None, flag: str) -> None:
@@ -122,3 +86,38 @@ def describe_model(args: ModelArguments) -> dict:
     return {"model_name_or_path": args.model_name_or_path, "gguf_file": args.gguf_file,
             "model_type": args.model_type, "config_overrides": args.config_overrides}
 
+
+def check_tokenizer(model_args: ModelArguments, dataset_meta: dict, dataset_dir: str):
+    """Load the model's tokenizer and make sure the dataset was tokenized with the same one."""
+    path, gguf_file = model_tokenizer_path(model_args)
+    try:
+        tokenizer = load_tokenizer(path, gguf_file)
+    except (OSError, ValueError) as err:
+        if isinstance(err, UsageError):
+            raise
+        logger.warning("No tokenizer found with the model (%s); only the vocabulary size is checked.", err)
+        return None
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    expected = dataset_meta["tokenizer"]["fingerprint"]
+    if fingerprint != expected:
+        raise UsageError(
+            f"--dataset_name {dataset_dir} was tokenized with {dataset_meta['tokenizer']['path']} "
+            f"(fingerprint {expected}), but the model's tokenizer {path} has fingerprint {fingerprint}. "
+            "Preprocess the data again with the model's tokenizer."
+        )
+    return tokenizer
+
+
+def check_vocab(model: torch.nn.Module, dataset_meta: dict, dataset_dir: str) -> None:
+    max_id = max(s["max_token_id"] for s in dataset_meta["splits"].values())
+    vocab = model.get_output_embeddings().weight.shape[0]
+    if max_id >= vocab:
+        raise UsageError(f"--dataset_name {dataset_dir} has token id {max_id}, but the model's vocabulary has only {vocab} entries")
+
+
+def load_model_for_dataset(model_args: ModelArguments, dataset_meta: dict, dataset_dir: str):
+    """The base model and its tokenizer, checked against the tokenizer a preprocessed dataset was made with."""
+    tokenizer = check_tokenizer(model_args, dataset_meta, dataset_dir)
+    model = load_causal_lm(model_args, vocab_size=dataset_meta["tokenizer"]["vocab_size"])
+    check_vocab(model, dataset_meta, dataset_dir)
+    return model, tokenizer

@@ -26,13 +26,13 @@ if __package__ in (None, ""):  # run as `python utils/preprocess_dataset.py`, li
 
 import numpy as np
 from utils.io import ArtifactError, array_sha256, atomic_directory, read_meta, timed, write_json
+from utils.arguments import SPLITS
 from utils.cli import UsageError, parse_args, run, setup_logging
 from utils.modeling import load_tokenizer, tokenizer_fingerprint
 from utils.windows import make_windows
 
 logger = logging.getLogger(__name__)
 
-SPLITS = ("train", "validation", "test")
 FORMAT_VERSION = 1
 TEXT_SUFFIXES = (".txt", ".tokens", ".raw", ".text")
 
