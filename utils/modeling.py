@@ -23,9 +23,9 @@ def check_exists(path: str | None, flag: str) -> None:
         raise UsageError(f"{flag} {path}: no such file or directory")
 
 
-def load_tokenizer(path: str, gguf_file: str | None = None) -> PreTrainedTokenizerBase:
-    """A tokenizer from a directory, a hub name or a GGUF file."""
-    check_exists(path, "--tokenizer_path")
+def load_tokenizer(path: str, gguf_file: str | None = None, flag: str = "--tokenizer_path") -> PreTrainedTokenizerBase:
+    """A tokenizer from a directory, a hub name or a GGUF file; errors name ``flag``."""
+    check_exists(path, flag)
     if gguf_file is not None and not os.path.isfile(os.path.join(path, gguf_file)) and os.path.isdir(path):
         raise UsageError(f"--gguf_file {gguf_file}: not found in {path}")
     if gguf_file is None and is_bare_bpe_dir(path):
@@ -34,7 +34,7 @@ def load_tokenizer(path: str, gguf_file: str | None = None) -> PreTrainedTokeniz
         kwargs = {"gguf_file": gguf_file} if gguf_file else {}
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     if len(tokenizer) < 2:
-        raise UsageError(f"--tokenizer_path {path}: the tokenizer loaded with an empty vocabulary")
+        raise UsageError(f"{flag} {path}: the tokenizer loaded with an empty vocabulary")
     return tokenizer
 
 
@@ -90,11 +90,12 @@ def describe_model(args: ModelArguments) -> dict:
 def check_tokenizer(model_args: ModelArguments, dataset_meta: dict, dataset_dir: str):
     """Load the model's tokenizer and make sure the dataset was tokenized with the same one."""
     path, gguf_file = model_tokenizer_path(model_args)
+    flag = "--tokenizer_name" if model_args.tokenizer_name else "--model_name_or_path"
     try:
-        tokenizer = load_tokenizer(path, gguf_file)
-    except (OSError, ValueError) as err:
-        if isinstance(err, UsageError):
-            raise
+        tokenizer = load_tokenizer(path, gguf_file, flag)
+    except UsageError:
+        raise
+    except (OSError, ValueError) as err:  # a model directory saved without its tokenizer
         logger.warning("No tokenizer found with the model (%s); only the vocabulary size is checked.", err)
         return None
     fingerprint = tokenizer_fingerprint(tokenizer)

@@ -7,7 +7,9 @@ position ``r`` and its value is token ``r + 1``. A split therefore has ``n - 1``
 Windows of ``block_size`` tokens start every ``stride`` tokens. The first window scores all its
 positions; each later window scores only the tokens that no earlier window reached (its last
 ``stride`` positions, fewer for the final one), so every row is scored exactly once and with at least
-``block_size - stride`` tokens of context (except in the first window).
+``block_size - stride`` tokens of context (except in the first window). A window never starts after
+the token preceding its first scored token, so with ``stride == block_size`` consecutive windows
+overlap by one token.
 
 A window is stored as four integers ``(begin, end, row_begin, row_end)``: it reads tokens
 ``[begin, end)`` and scores rows ``[row_begin, row_end)``, i.e. its input positions
@@ -33,6 +35,7 @@ def make_windows(num_tokens: int, block_size: int, stride: int) -> np.ndarray:
     scored_up_to = 1  # token 0 is never predicted
     begin = 0
     while scored_up_to < num_tokens:
+        begin = min(begin, scored_up_to - 1)  # the first unscored token needs its predecessor in the window
         end = min(begin + block_size, num_tokens)
         windows.append((begin, end, scored_up_to - 1, end - 1))
         scored_up_to = end
