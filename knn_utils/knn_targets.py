@@ -1,0 +1,418 @@
+"""kNN targets: the distribution a kNN-LM retriever gives each datastore row, stored sparsely (pipeline step 4).
+
+Every datastore key is a query (or every key of a second datastore, ``val_path``). Its ``k`` nearest
+rows are searched -- leaving out the query's own row by id -- each weighted by
+``softmax(-d / knn_temp)`` over their squared L2 distances, and the weights summed onto the
+neighbours' value tokens. Tokens with probability above ``threshold`` (and, optionally, only the
+``max_targets`` most likely; the most likely one always) are kept and renormalised to sum to 1.
+
+Layout of a target directory (CSR, rows in the order of the query datastore)::
+
+    offsets.npy    int64   (N + 1,)  row i owns entries offsets[i]:offsets[i + 1]
+    token_ids.npy  int32   (nnz,)    token ids, ascending within a row
+    probs.npy      float16 (nnz,)    their probabilities (a row sums to 1 up to float16 rounding)
+    labels.npy     int32   (N,)      the gold next token of each row
+    meta.json      kind "knn_targets": the datastore and index it came from, k, knn_temp, threshold, rows, nnz
+
+A row with no neighbour at all (a one-row datastore, or an IVF search that found nothing) has no entries.
+
+The rows are cut into chunks of ``chunk_rows``, each searched in fixed batches of ``batch_size``
+queries; under ``accelerate launch`` each process takes a contiguous range of chunks and writes each
+chunk atomically into ``<output>.partial/chunks/``, so any number of processes gives the same bytes
+and a killed run resumes after its last finished chunk. The main process then merges the chunks in
+row order and renames the directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from knn_utils.datastore import Datastore, load_datastore
+from knn_utils.index import (KnnIndex, Neighbours, check_gpu_k, chunk_ranges, configure_threads, datastore_summary,
+                             default_index_path, load_index, process_state)
+from utils.cli import UsageError
+from utils.io import ArtifactError, partial_path, read_json, read_meta, timed, write_json
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+ID_DTYPE = np.int32
+PROB_DTYPE = np.float16
+
+
+@dataclass
+class TargetSettings:
+    """How the kNN distribution of each row is computed and stored."""
+
+    k: int = field(default=1024, metadata={"help": "Neighbours per query (after leaving out the query's own row)."})
+    knn_temp: float = field(default=16.0, metadata={"help": "Temperature T of the weights softmax(-d / T) over squared L2 distances."})
+    probe: int | None = field(default=None, metadata={"help": "IVF lists visited per query (default: the index's own, from build_index --probe)."})
+    batch_size: int = field(default=16000, metadata={"help": "Queries per FAISS search call."})
+    ignore_first: bool = field(
+        default=True,
+        metadata={"help": "Leave out each query's own datastore row (matched by id, so exact duplicates stay). "
+                  "Takes True/False. Does not apply with --val_path."},
+    )
+    threshold: float = field(default=1e-8, metadata={"help": "Keep the tokens whose kNN probability is above this."})
+    max_targets: int | None = field(default=None, metadata={"help": "Keep at most this many tokens per row (the most likely)."})
+    recompute_dists: bool = field(
+        default=False, metadata={"help": "Weight neighbours by exact distances recomputed from the stored keys (slow: random reads)."}
+    )
+    chunk_rows: int = field(
+        default=1_048_576, metadata={"help": "Rows per chunk file (rounded up to a multiple of --batch_size); the unit of resuming."}
+    )
+
+    def __post_init__(self):
+        for flag in ("k", "batch_size", "chunk_rows"):
+            if getattr(self, flag) < 1:
+                raise UsageError(f"--{flag} must be >= 1, got {getattr(self, flag)}")
+        if self.knn_temp <= 0:
+            raise UsageError(f"--knn_temp must be > 0, got {self.knn_temp}")
+        if not 0 <= self.threshold < 1:
+            raise UsageError(f"--threshold must be in [0, 1), got {self.threshold}")
+        if self.max_targets is not None and self.max_targets < 1:
+            raise UsageError(f"--max_targets must be >= 1, got {self.max_targets}")
+        if self.probe is not None and self.probe < 1:
+            raise UsageError(f"--probe must be >= 1, got {self.probe}")
+        self.chunk_rows = -(-self.chunk_rows // self.batch_size) * self.batch_size  # chunks hold whole batches
+
+
+# ---------------------------------------------------------------------------------------------------
+# The distribution of one batch of queries
+
+
+def neighbour_weights(dists: np.ndarray, valid: np.ndarray, knn_temp: float) -> np.ndarray:
+    """``softmax(-d / knn_temp)`` over the valid neighbours of each row, float64 (n, k); 0 where invalid."""
+    logits = np.where(valid, -dists.astype(np.float64) / knn_temp, -np.inf)  # (n, k)
+    top = logits.max(axis=1, keepdims=True)
+    weights = np.exp(logits - np.where(np.isfinite(top), top, 0.0))
+    total = weights.sum(axis=1, keepdims=True)
+    return np.divide(weights, total, out=np.zeros_like(weights), where=total > 0)
+
+
+@dataclass
+class SparseRows:
+    """Sparse per-row distributions of a block of consecutive rows."""
+
+    counts: np.ndarray  # int64 (n,) entries per row
+    token_ids: np.ndarray  # int32 (nnz,)
+    probs: np.ndarray  # float16 (nnz,)
+
+    @staticmethod
+    def concatenate(parts: list["SparseRows"]) -> "SparseRows":
+        return SparseRows(*(np.concatenate([getattr(p, name) for p in parts]) for name in ("counts", "token_ids", "probs")))
+
+
+def sum_by_token(tokens: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Add up the weights of equal tokens in each row: (n, k), (n, k) -> rows, tokens, sums of the groups.
+
+    Groups come out ordered by row, then token id. Tokens < 0 mark empty slots and form their own group.
+    """
+    n, k = tokens.shape
+    order = np.argsort(tokens, axis=1, kind="stable")
+    tokens = np.take_along_axis(tokens, order, axis=1).ravel()  # (n * k,) sorted within each row
+    weights = np.take_along_axis(weights, order, axis=1).ravel()
+    starts_group = np.ones(n * k, dtype=bool)
+    starts_group[1:] = tokens[1:] != tokens[:-1]
+    starts_group[::k] = True  # a new row always starts a new group
+    starts = np.flatnonzero(starts_group)
+    return starts // k, tokens[starts], np.add.reduceat(weights, starts)
+
+
+def keep_targets(rows: np.ndarray, tokens: np.ndarray, probs: np.ndarray, num_rows: int, threshold: float,
+                 max_targets: int | None) -> np.ndarray:
+    """Which (row, token) groups to keep: above ``threshold``, among the ``max_targets`` most likely, and
+    always the most likely of its row."""
+    real = (tokens >= 0) & (probs > 0)
+    # rank of each group within its row, most likely first (ties: lower token id first)
+    order = np.lexsort((tokens, -probs, rows))
+    row_start = np.searchsorted(rows[order], np.arange(num_rows))
+    rank = np.empty(len(rows), dtype=np.int64)
+    rank[order] = np.arange(len(rows)) - row_start[rows[order]]
+    keep = probs > threshold
+    if max_targets is not None:
+        keep &= rank < max_targets
+    return real & (keep | (rank == 0))
+
+
+def sparse_targets(neighbours: Neighbours, vals: np.ndarray, knn_temp: float, threshold: float = 1e-8,
+                   max_targets: int | None = None) -> SparseRows:
+    """The sparse kNN distribution of each query of ``neighbours`` (n rows), renormalised after thresholding."""
+    valid = neighbours.valid
+    weights = neighbour_weights(neighbours.dists, valid, knn_temp)  # (n, k)
+    tokens = np.where(valid, np.asarray(vals[np.where(valid, neighbours.ids, 0)]), -1).astype(np.int64)  # (n, k)
+    rows, group_tokens, sums = sum_by_token(tokens, weights)
+    num_rows = len(tokens)
+    keep = keep_targets(rows, group_tokens, sums, num_rows, threshold, max_targets)
+    rows, group_tokens, sums = rows[keep], group_tokens[keep], sums[keep]
+    totals = np.bincount(rows, weights=sums, minlength=num_rows)
+    return SparseRows(
+        counts=np.bincount(rows, minlength=num_rows).astype(np.int64),
+        token_ids=group_tokens.astype(ID_DTYPE),
+        probs=(sums / totals[rows]).astype(PROB_DTYPE),
+    )
+
+
+def exact_distances(keys: np.ndarray, queries: np.ndarray, neighbours: Neighbours, max_floats: int = 1 << 25) -> Neighbours:
+    """``neighbours`` with squared L2 distances recomputed from the stored float16 keys (inf stays inf)."""
+    n, k = neighbours.ids.shape
+    dists = np.full((n, k), np.inf, dtype=np.float32)
+    step = max(1, max_floats // (k * keys.shape[1]))  # queries per slice, to bound the (step, k, d) gather
+    for begin in range(0, n, step):
+        ids = neighbours.ids[begin : begin + step]
+        valid = ids >= 0
+        stored = np.asarray(keys[np.where(valid, ids, 0)], dtype=np.float32)  # (step, k, d)
+        diff = stored - np.asarray(queries[begin : begin + step], dtype=np.float32)[:, None, :]
+        dists[begin : begin + step] = np.where(valid, np.einsum("nkd,nkd->nk", diff, diff), np.inf)
+    order = np.argsort(dists, axis=1, kind="stable")
+    return Neighbours(ids=np.take_along_axis(neighbours.ids, order, axis=1), dists=np.take_along_axis(dists, order, axis=1))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The stored artifact
+
+
+class KnnTargets:
+    """An opened target directory (memory-mapped). Never densified to (rows x vocab)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.meta = read_meta(self.path, "knn_targets")
+        self.offsets = np.load(self.path / "offsets.npy", mmap_mode="r")  # int64 (N + 1,)
+        self.token_ids = np.load(self.path / "token_ids.npy", mmap_mode="r")  # int32 (nnz,)
+        self.probs = np.load(self.path / "probs.npy", mmap_mode="r")  # float16 (nnz,)
+        self.labels = np.load(self.path / "labels.npy", mmap_mode="r")  # int32 (N,)
+        rows, nnz = self.meta["rows"], self.meta["nnz"]
+        if self.offsets.shape != (rows + 1,) or self.labels.shape != (rows,) or len(self.token_ids) != nnz \
+                or len(self.probs) != nnz or int(self.offsets[-1]) != nnz:
+            raise ArtifactError(f"kNN targets {self.path}: array sizes do not match meta.json ({rows} rows, {nnz} entries)")
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.labels)
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def row(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids (int32) and probabilities (float16) of row ``i``."""
+        begin, end = int(self.offsets[i]), int(self.offsets[i + 1])
+        return np.asarray(self.token_ids[begin:end]), np.asarray(self.probs[begin:end])
+
+    def batch(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The entries of several rows at once: (position in ``rows`` of each entry, token ids, probabilities).
+
+        For a batch of logits ``z`` (B, V) whose row ``b`` is datastore row ``rows[b]``, the kNN term of
+        the loss reads ``log_softmax(z)[entry_row, token_ids]`` -- (nnz_batch,) values, no dense target.
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        begins, ends = self.offsets[rows], self.offsets[rows + 1]  # (B,) each
+        counts = ends - begins
+        entry_row = np.repeat(np.arange(len(rows)), counts)  # (nnz_batch,)
+        first_entry = np.cumsum(counts) - counts  # (B,) where each row starts in the output
+        positions = np.arange(int(counts.sum())) - first_entry[entry_row] + begins[entry_row]  # (nnz_batch,)
+        return entry_row, np.asarray(self.token_ids[positions]), np.asarray(self.probs[positions])
+
+
+def load_knn_targets(path: str | os.PathLike) -> KnnTargets:
+    """Open a target directory written by `compute_knn_targets`."""
+    return KnnTargets(path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The search over all rows, in resumable chunks
+
+
+@dataclass
+class SearchJob:
+    """Everything one process needs to compute chunks."""
+
+    index: KnnIndex
+    datastore: Datastore  # searched
+    queries: Datastore  # the rows that get a target (the datastore itself, or --val_path)
+    settings: TargetSettings
+    exclude_self: bool
+
+
+def chunk_dir(staging: Path, chunk: int) -> Path:
+    return staging / "chunks" / f"{chunk:06d}"
+
+
+def search_rows(job: SearchJob, begin: int, end: int) -> SparseRows:
+    """The sparse targets of query rows ``[begin, end)``, one fixed batch after another."""
+    settings, parts = job.settings, []
+    for start in range(begin, end, settings.batch_size):
+        stop = min(start + settings.batch_size, end)
+        queries = np.asarray(job.queries.keys[start:stop], dtype=np.float32)  # (b, d)
+        neighbours = job.index.search(queries, settings.k, np.arange(start, stop) if job.exclude_self else None)
+        if settings.recompute_dists:
+            neighbours = exact_distances(job.datastore.keys, queries, neighbours)
+        parts.append(sparse_targets(neighbours, job.datastore.vals, settings.knn_temp, settings.threshold,
+                                    settings.max_targets))
+    return SparseRows.concatenate(parts)
+
+
+def write_chunk(staging: Path, chunk: int, targets: SparseRows) -> None:
+    """Write one chunk under a temporary name and rename it: a chunk directory that exists is complete."""
+    final = chunk_dir(staging, chunk)
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in ("counts", "token_ids", "probs"):
+        np.save(tmp / f"{name}.npy", getattr(targets, name))
+    os.replace(tmp, final)
+
+
+def my_chunks(num_chunks: int, rank: int, world_size: int) -> range:
+    """The contiguous range of chunk ids process ``rank`` computes."""
+    bounds = np.linspace(0, num_chunks, world_size + 1).round().astype(int)
+    return range(bounds[rank], bounds[rank + 1])
+
+
+def run_chunks(job: SearchJob, staging: Path, state, max_new_chunks: int | None) -> None:
+    """Compute this process's chunks that are not on disk yet (at most ``max_new_chunks`` of them)."""
+    ranges = chunk_ranges(job.queries.num_rows, job.settings.chunk_rows)
+    mine = my_chunks(len(ranges), state.process_index, state.num_processes)
+    todo = [c for c in mine if not chunk_dir(staging, c).exists()][:max_new_chunks]
+    with tqdm(total=sum(ranges[c][1] - ranges[c][0] for c in todo), desc="Searching neighbours", unit="row",
+              unit_scale=True, disable=not state.is_main_process) as progress:
+        for c in todo:
+            begin, end = ranges[c]
+            write_chunk(staging, c, search_rows(job, begin, end))
+            progress.update(end - begin)
+
+
+def missing_chunks(staging: Path, num_rows: int, chunk_rows: int) -> list[int]:
+    return [c for c in range(len(chunk_ranges(num_rows, chunk_rows))) if not chunk_dir(staging, c).exists()]
+
+
+def merge_chunks(staging: Path, queries: Datastore, chunk_rows: int) -> dict:
+    """Concatenate the chunk files in row order into the CSR arrays; return row/entry counts."""
+    num_chunks = len(chunk_ranges(queries.num_rows, chunk_rows))
+    if missing := missing_chunks(staging, queries.num_rows, chunk_rows):
+        raise ArtifactError(f"{staging}: chunks {missing[:5]} were never written")
+    counts = [np.load(chunk_dir(staging, c) / "counts.npy", mmap_mode="r") for c in range(num_chunks)]
+    nnz = int(sum(int(c.sum()) for c in counts))
+    offsets = np.lib.format.open_memmap(staging / "offsets.npy", mode="w+", dtype=np.int64, shape=(queries.num_rows + 1,))
+    token_ids = np.lib.format.open_memmap(staging / "token_ids.npy", mode="w+", dtype=ID_DTYPE, shape=(nnz,))
+    probs = np.lib.format.open_memmap(staging / "probs.npy", mode="w+", dtype=PROB_DTYPE, shape=(nnz,))
+    offsets[0], row, entry = 0, 0, 0
+    for c in range(num_chunks):
+        chunk_counts = np.asarray(counts[c])
+        offsets[row + 1 : row + 1 + len(chunk_counts)] = entry + np.cumsum(chunk_counts)
+        size = int(chunk_counts.sum())
+        token_ids[entry : entry + size] = np.load(chunk_dir(staging, c) / "token_ids.npy")
+        probs[entry : entry + size] = np.load(chunk_dir(staging, c) / "probs.npy")
+        row, entry = row + len(chunk_counts), entry + size
+    for array in (offsets, token_ids, probs):
+        array.flush()
+    np.save(staging / "labels.npy", np.asarray(queries.vals, dtype=ID_DTYPE))
+    row_sizes = np.diff(offsets)
+    return {"rows": queries.num_rows, "nnz": nnz, "empty_rows": int((row_sizes == 0).sum()),
+            "mean_targets_per_row": round(nnz / max(queries.num_rows, 1), 3), "max_targets_in_a_row": int(row_sizes.max(initial=0))}
+
+
+def check_queries(queries: Datastore, datastore: Datastore) -> None:
+    """Queries from another datastore must live in the same key space (model, layer, tokenizer)."""
+    for name in ("dim", "architecture", "layer", "tokenizer_fingerprint", "model"):
+        theirs, ours = queries.meta.get(name), datastore.meta.get(name)
+        if theirs != ours:
+            raise UsageError(f"--val_path {queries.path} has {name} {theirs!r} but the datastore {datastore.path} "
+                             f"has {ours!r}: queries and keys must come from the same model, layer and tokenizer")
+
+
+def prepare_staging(staging: Path, identity: dict, state) -> None:
+    """On the main process: keep a staging directory of the same run, wipe any other; then sync."""
+    if state.is_main_process:
+        progress = staging / "progress.json"
+        if progress.is_file() and read_json(progress) == identity:
+            done = len(list((staging / "chunks").glob("[0-9]*[0-9]")))
+            logger.info("Resuming the search in %s: %d chunks already written", staging, done)
+        else:
+            if staging.exists():
+                logger.warning("Discarding %s: it was started with other settings or inputs", staging)
+                shutil.rmtree(staging)
+            (staging / "chunks").mkdir(parents=True)
+            write_json(progress, identity)
+    state.wait_for_everyone()
+
+
+def open_inputs(dstore_path: str, index_path: str | None, val_path: str | None, settings: TargetSettings,
+                use_gpu: bool) -> SearchJob:
+    """Open and cross-check the datastore, the queries and the index."""
+    datastore = load_datastore(dstore_path)
+    queries = datastore if val_path is None else load_datastore(val_path)
+    if val_path is not None:
+        check_queries(queries, datastore)
+        if settings.ignore_first:
+            logger.info("--val_path queries are not datastore rows: there is no own row to leave out (--ignore_first ignored)")
+    elif not settings.ignore_first:
+        logger.warning("--ignore_first False: each row retrieves itself, so its target contains its own gold token")
+    check_gpu_k(settings.k, use_gpu)
+    index = load_index(index_path or default_index_path(dstore_path), datastore, settings.probe, use_gpu)
+    if settings.k > datastore.num_rows - (val_path is None and settings.ignore_first):
+        logger.warning("--k %d is more neighbours than the datastore can give; rows get fewer", settings.k)
+    return SearchJob(index=index, datastore=datastore, queries=queries, settings=settings,
+                     exclude_self=val_path is None and settings.ignore_first)
+
+
+def compute_knn_targets(dstore_path: str, output_path: str, index_path: str | None = None, val_path: str | None = None,
+                        settings: TargetSettings | None = None, use_gpu: bool = False, state=None,
+                        max_new_chunks: int | None = None) -> dict | None:
+    """Compute and store the sparse kNN targets of every query row; return the artifact's meta.
+
+    ``state`` is an ``accelerate.PartialState`` (one is made if not given): each process computes a
+    contiguous range of chunks. ``max_new_chunks`` stops each process after that many new chunks,
+    leaving the staging directory to resume from (returns None then); tests use it to simulate a kill.
+    The returned meta is the main process's; other processes get None.
+    """
+    state = state or process_state()
+    settings = settings or TargetSettings()
+    output_path = Path(output_path)
+    if output_path.exists():
+        raise ArtifactError(f"--output_path {output_path} already exists; delete it or choose another path")
+    start = time.time()
+    job = open_inputs(dstore_path, index_path, val_path, settings, use_gpu)
+    threads = configure_threads(state.num_processes)
+    identity = {
+        "datastore": datastore_summary(job.datastore), "queries": datastore_summary(job.queries),
+        "index": {"path": str(job.index.path.resolve()), "index_type": job.index.meta["index_type"],
+                  "settings": job.index.meta["settings"], "probe": job.index.nprobe},
+        "settings": asdict(settings), "exclude_self": job.exclude_self,
+    }
+    if state.is_main_process:
+        logger.info("kNN targets of %d rows: %s; %s index %s; %d processes x %d FAISS threads", job.queries.num_rows,
+                    settings, job.index.meta["index_type"], job.index.path, state.num_processes, threads)
+    staging = partial_path(output_path)
+    prepare_staging(staging, identity, state)
+    with timed(f"Searching (process {state.process_index})", logger) as search_time:
+        run_chunks(job, staging, state, max_new_chunks)
+    state.wait_for_everyone()
+    meta = None
+    if state.is_main_process and not missing_chunks(staging, job.queries.num_rows, settings.chunk_rows):
+        with timed("Merging the chunks", logger):
+            counts = merge_chunks(staging, job.queries, settings.chunk_rows)
+        meta = {"kind": "knn_targets", "format_version": FORMAT_VERSION, **identity, **counts,
+                "k": settings.k, "knn_temp": settings.knn_temp, "threshold": settings.threshold,
+                "num_processes": state.num_processes, "search_seconds": round(search_time["seconds"], 3),
+                "seconds": round(time.time() - start, 3)}
+        if counts["empty_rows"]:
+            logger.warning("%d rows found no neighbour and have an empty target", counts["empty_rows"])
+        shutil.rmtree(staging / "chunks")
+        (staging / "progress.json").unlink()
+        write_json(staging / "meta.json", meta)
+        os.replace(staging, output_path)
+        logger.info("kNN targets written to %s: %d rows, %d entries (%.1f per row)", output_path, counts["rows"],
+                    counts["nnz"], counts["mean_targets_per_row"])
+    elif state.is_main_process:
+        logger.info("Stopped early; rerun the same command to resume from %s", staging)
+    state.wait_for_everyone()
+    return meta

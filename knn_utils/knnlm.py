@@ -1,0 +1,205 @@
+"""The kNN-LM baseline: perplexity with live retrieval from the datastore at evaluation time.
+
+    python -m knn_utils.knnlm --model_name_or_path MODEL --dataset_name DATASET --eval_subset validation \
+        --dstore_dir DSTORE --k 1024 --lmbda 0.25 --knn_temp 1 --probe 32 --per_device_eval_batch_size 8 \
+        --output_dir OUT
+    accelerate launch -m knn_utils.knnlm ...    # same numbers with any number of processes
+
+For every scored row the query is the hooked key of the frozen LM (the same hidden state the datastore
+holds), ``p_knn`` comes from the values of its ``k`` nearest rows weighted by ``softmax(-d / knn_temp)``,
+and ``log p = logaddexp(log p_lm + log(1 - lmbda), log p_knn + log lmbda)`` over the full vocabulary.
+The base perplexity comes from the same pass; both go to ``OUT/knnlm_results.json``. When the evaluated
+split is the one the datastore was built from, each row's own datastore entry is left out.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch/FAISS load: see index.configure_threads
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from accelerate import PartialState
+
+from knn_utils.datastore import Datastore, load_datastore
+from knn_utils.index import KnnIndex, check_gpu_k, configure_threads, default_index_path, load_index, process_state
+from utils.arguments import DataArguments, ModelArguments
+from utils.cli import UsageError, parse_args, run, setup_logging
+from utils.modeling import describe_model, load_model_for_dataset
+from utils.preprocess_dataset import TokenizedSplit, load_split
+from utils.scoring import ScoredBatch, gather_window_totals, score_batches, token_nll, window_sums
+from utils.windows import ROW_BEGIN, ROW_END
+
+logger = logging.getLogger(__name__)
+
+ROWS_PER_SLICE = 1024  # rows interpolated at once, to bound the (rows, V) tensors
+
+
+@dataclass
+class KnnLMArguments:
+    """The datastore, the index and the kNN-LM settings."""
+
+    dstore_dir: str = field(metadata={"help": "Datastore directory (train_base --save_knnlm_dstore)."})
+    output_dir: str = field(metadata={"help": "Directory for knnlm_results.json (merged into all_results.json)."})
+    index_path: str | None = field(default=None, metadata={"help": "Index directory (default: DSTORE_DIR/index)."})
+    k: int = field(default=1024, metadata={"help": "Neighbours retrieved per token."})
+    lmbda: float = field(default=0.25, metadata={"help": "Weight of p_knn in the interpolation (0: the base LM alone)."})
+    knn_temp: float = field(default=1.0, metadata={"help": "Temperature T of softmax(-d / T) over squared L2 distances."})
+    probe: int | None = field(default=None, metadata={"help": "IVF lists visited per query (default: the index's own)."})
+    knn_gpu: bool = field(default=False, metadata={"help": "Search on GPU 0 when faiss-gpu sees a GPU; CPU otherwise."})
+    per_device_eval_batch_size: int = field(default=8, metadata={"help": "Windows per forward pass and process."})
+
+    def __post_init__(self):
+        if self.k < 1:
+            raise UsageError(f"--k must be >= 1, got {self.k}")
+        if not 0 <= self.lmbda <= 1:
+            raise UsageError(f"--lmbda must be in [0, 1], got {self.lmbda}")
+        if self.knn_temp <= 0:
+            raise UsageError(f"--knn_temp must be > 0, got {self.knn_temp}")
+        if self.per_device_eval_batch_size < 1:
+            raise UsageError(f"--per_device_eval_batch_size must be >= 1, got {self.per_device_eval_batch_size}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The interpolation (reusable: any distribution over neighbours' tokens)
+
+
+def knn_log_probs(dists: torch.Tensor, neighbour_vals: torch.Tensor, vocab_size: int, knn_temp: float) -> torch.Tensor:
+    """``log p_knn`` over the vocabulary, (n, k), (n, k) -> (n, V).
+
+    Each neighbour weighs ``softmax(-d / knn_temp)``; weights of equal tokens add up. Tokens no
+    neighbour holds get ``-inf``. A neighbour with distance ``inf`` (none found) weighs 0.
+    """
+    logits = -dists.float() / knn_temp  # (n, k)
+    top = logits.amax(dim=-1, keepdim=True)
+    weights = torch.exp(logits - torch.where(torch.isfinite(top), top, 0.0))  # (n, k), 0 where d = inf
+    weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    probs = torch.zeros(len(dists), vocab_size, dtype=torch.float32, device=dists.device)
+    probs.scatter_add_(1, neighbour_vals.long().clamp_min(0), weights)  # (n, V)
+    return probs.log()
+
+
+def interpolate_log_probs(lm_log_probs: torch.Tensor, other_log_probs: torch.Tensor, lmbda: float) -> torch.Tensor:
+    """``logaddexp(lm + log(1 - lmbda), other + log(lmbda))``; lmbda 0 gives ``lm_log_probs`` exactly."""
+    log_lmbda = math.log(lmbda) if lmbda > 0 else -math.inf
+    log_rest = math.log1p(-lmbda) if lmbda < 1 else -math.inf
+    return torch.logaddexp(lm_log_probs + log_rest, other_log_probs + log_lmbda)
+
+
+def knnlm_log_probs(lm_logits: torch.Tensor, dists: torch.Tensor, neighbour_vals: torch.Tensor, lmbda: float,
+                    knn_temp: float) -> torch.Tensor:
+    """kNN-LM log-probabilities over the full vocabulary, (n, V).
+
+    ``lm_logits`` (n, V); ``dists`` (n, k) squared L2 distances, ``inf`` for missing neighbours;
+    ``neighbour_vals`` (n, k) their value tokens. A row with no neighbour at all keeps ``log p_lm``.
+    """
+    lm_log_probs = torch.log_softmax(lm_logits.float(), dim=-1)  # (n, V)
+    mixed = interpolate_log_probs(lm_log_probs, knn_log_probs(dists, neighbour_vals, lm_logits.shape[-1], knn_temp), lmbda)
+    has_neighbours = torch.isfinite(dists).any(dim=-1, keepdim=True)  # (n, 1)
+    return torch.where(has_neighbours, mixed, lm_log_probs)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def check_datastore_fits(datastore: Datastore, split: TokenizedSplit, model, model_args: ModelArguments) -> None:
+    """The datastore must hold keys of this model's architecture and width, over ids of this tokenizer."""
+    meta, where = datastore.meta, f"--dstore_dir {datastore.path}"
+    if meta.get("tokenizer_fingerprint") != split.meta["tokenizer"]["fingerprint"]:
+        raise UsageError(f"{where} was built with tokenizer fingerprint {meta.get('tokenizer_fingerprint')}, but the "
+                         f"evaluated dataset was tokenized with {split.meta['tokenizer']['fingerprint']}")
+    if meta.get("architecture") != model.config.model_type:
+        raise UsageError(f"{where} holds keys of a {meta.get('architecture')} model, the evaluated model is {model.config.model_type}")
+    if datastore.dim != model.config.hidden_size:
+        raise UsageError(f"{where} holds keys of dimension {datastore.dim}, the model's hidden size is {model.config.hidden_size}")
+    if meta.get("model") != describe_model(model_args):
+        logger.warning("%s was made by %s, not by the evaluated model %s: its keys may live in another space",
+                       where, meta.get("model"), describe_model(model_args))
+
+
+def same_rows(datastore: Datastore, split: TokenizedSplit) -> bool:
+    """Whether the evaluated split is the datastore's own token stream (row r is datastore row r)."""
+    return datastore.meta["dataset"]["tokens_sha256"] == split.meta["splits"][split.split]["tokens_sha256"]
+
+
+def knnlm_nll(batch: ScoredBatch, index: KnnIndex, vals: np.ndarray, args: KnnLMArguments,
+              exclude_self: bool) -> torch.Tensor:
+    """Negative log-likelihood of each row's label under the kNN-LM, (n,)."""
+    neighbours = index.search(batch.hidden.float().cpu().numpy(), args.k, batch.rows if exclude_self else None)
+    device = batch.logits.device
+    dists = torch.from_numpy(neighbours.dists).to(device)  # (n, k)
+    neighbour_vals = torch.from_numpy(np.asarray(vals[np.where(neighbours.valid, neighbours.ids, 0)], dtype=np.int64)).to(device)
+    nll = []
+    for s in range(0, len(batch.rows), ROWS_PER_SLICE):
+        part = slice(s, s + ROWS_PER_SLICE)
+        log_probs = knnlm_log_probs(batch.logits[part], dists[part], neighbour_vals[part], args.lmbda, args.knn_temp)
+        nll.append(-log_probs.gather(-1, batch.labels[part, None]).squeeze(-1))
+    return torch.cat(nll)
+
+
+def evaluate_knnlm(model_args: ModelArguments, data_args: DataArguments, args: KnnLMArguments,
+                   state: PartialState | None = None) -> dict:
+    """kNN-LM and base perplexity over the scored rows of ``data_args.eval_subset``; returns the metrics."""
+    state = state or process_state()
+    split = load_split(data_args.dataset_name, data_args.eval_subset)
+    datastore = load_datastore(args.dstore_dir)
+    model, _ = load_model_for_dataset(model_args, split.meta, data_args.dataset_name)
+    check_datastore_fits(datastore, split, model, model_args)
+    check_gpu_k(args.k, args.knn_gpu)
+    index = load_index(args.index_path or default_index_path(args.dstore_dir), datastore, args.probe, args.knn_gpu)
+    threads = configure_threads(state.num_processes)
+    exclude_self = same_rows(datastore, split)
+    if exclude_self:
+        logger.info("The evaluated split is the datastore's own: each row's own entry is left out of its neighbours")
+    windows = split.windows[: data_args.max_eval_samples]
+    logger.info("kNN-LM over %d windows of %s: k=%d lmbda=%g knn_temp=%g, %s index (nprobe %s), %d FAISS threads",
+                len(windows), split.split, args.k, args.lmbda, args.knn_temp, index.meta["index_type"], index.nprobe, threads)
+
+    model.to(state.device)
+    base_totals: dict[int, float] = {}
+    knn_totals: dict[int, float] = {}
+    knn_seconds, start = 0.0, time.perf_counter()
+    for batch in score_batches(model, split.tokens, windows, args.per_device_eval_batch_size, state.process_index,
+                               state.num_processes, layer=datastore.meta["layer"], show_progress=state.is_main_process):
+        base_totals.update(window_sums(token_nll(batch.logits, batch.labels), batch, windows))
+        knn_start = time.perf_counter()
+        knn_totals.update(window_sums(knnlm_nll(batch, index, datastore.vals, args, exclude_self), batch, windows))
+        knn_seconds += time.perf_counter() - knn_start
+    seconds = time.perf_counter() - start
+    num_rows = int(windows[-1, ROW_END] - windows[0, ROW_BEGIN])
+    base_loss = float(gather_window_totals(base_totals, len(windows), state).sum() / num_rows)
+    loss = float(gather_window_totals(knn_totals, len(windows), state).sum() / num_rows)
+    return {
+        "eval_subset": split.split, "perplexity": math.exp(loss), "eval_loss": loss,
+        "base_perplexity": math.exp(base_loss), "base_eval_loss": base_loss, "eval_tokens": num_rows,
+        "eval_windows": len(windows), "k": args.k, "lmbda": args.lmbda, "knn_temp": args.knn_temp,
+        "probe": index.nprobe, "index_type": index.meta["index_type"], "dstore_rows": datastore.num_rows,
+        "exclude_self": exclude_self, "num_processes": state.num_processes, "eval_seconds": round(seconds, 3),
+        "knn_seconds": round(knn_seconds, 3), "eval_tokens_per_second": round(num_rows / seconds, 2),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from train_base import save_metrics
+
+    state = process_state()
+    setup_logging(state.is_main_process)
+    model_args, data_args, args = parse_args((ModelArguments, DataArguments, KnnLMArguments), argv)
+    logger.info("Arguments: %s %s %s", model_args, data_args, args)
+    metrics = evaluate_knnlm(model_args, data_args, args, state)
+    if state.is_main_process:
+        save_metrics(args.output_dir, "knnlm", metrics)
+        logger.info("Perplexity on %s: kNN-LM %.4f, base %.4f over %d tokens (%.1f tokens/s)", metrics["eval_subset"],
+                    metrics["perplexity"], metrics["base_perplexity"], metrics["eval_tokens"], metrics["eval_tokens_per_second"])
+    return metrics
+
+
+if __name__ == "__main__":
+    run(main)

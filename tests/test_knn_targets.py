@@ -1,0 +1,201 @@
+"""knn_utils/knn_targets.py and the saveKNNMulti CLI against brute-force numpy on small seeded datastores."""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import pytest
+
+from knn_utils import knn_targets as targets_lib
+from knn_utils.datastore import load_datastore
+from knn_utils.index import IndexSettings, build_index
+from knn_utils.knn_targets import TargetSettings, compute_knn_targets, load_knn_targets
+from knn_utils.saveKNNMulti import SaveKnnArguments
+from tests.knn_fixtures import accelerate_launch, clustered_keys, random_datastore, write_datastore
+from utils.cli import UsageError, parse_args
+
+VOCAB = 12
+FP16_TOLERANCE = 2e-3  # probabilities are stored as float16 (relative precision 1e-3)
+
+
+@pytest.fixture(autouse=True)
+def one_faiss_thread():
+    faiss.omp_set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def flat_dstore(tmp_path_factory):
+    """300 clustered 8-d keys, values below VOCAB (so neighbours share tokens), with an exact index."""
+    path = random_datastore(tmp_path_factory.mktemp("flat") / "ds", rows=300, dim=8, vocab=VOCAB, seed=0)
+    build_index(str(path), settings=IndexSettings(index_type="flat"), show_progress=False)
+    return path
+
+
+def dense_reference(keys, vals, k, knn_temp, threshold, queries=None) -> np.ndarray:
+    """The kNN distribution of every query as a dense (n, VOCAB) float64 array, the slow obvious way."""
+    exclude_self = queries is None
+    keys = keys.astype(np.float64)
+    queries = keys if queries is None else queries.astype(np.float64)
+    dists = ((queries[:, None, :] - keys[None, :, :]) ** 2).sum(-1)  # (n, N)
+    if exclude_self:
+        np.fill_diagonal(dists, np.inf)
+    dense = np.zeros((len(queries), VOCAB))
+    for i, row in enumerate(dists):
+        nearest = np.argsort(row, kind="stable")[:k]
+        weights = np.exp(-(row[nearest] - row[nearest].min()) / knn_temp)
+        np.add.at(dense[i], vals[nearest], weights / weights.sum())
+        keep = dense[i] > threshold
+        keep[dense[i].argmax()] = True  # the most likely token is always kept
+        dense[i] = np.where(keep, dense[i], 0.0) / dense[i][keep].sum()
+    return dense
+
+
+def densify(targets, rows) -> np.ndarray:
+    dense = np.zeros((len(rows), VOCAB))
+    for j, i in enumerate(rows):
+        ids, probs = targets.row(i)
+        dense[j, ids] = probs
+    return dense
+
+
+def settings(**overrides) -> TargetSettings:
+    return TargetSettings(**{"k": 10, "knn_temp": 0.5, "batch_size": 64, "chunk_rows": 128, **overrides})
+
+
+def test_sparse_targets_equal_brute_force(flat_dstore, tmp_path):
+    meta = compute_knn_targets(str(flat_dstore), str(tmp_path / "t"), settings=settings(threshold=1e-3))
+    targets = load_knn_targets(tmp_path / "t")
+    datastore = load_datastore(str(flat_dstore))
+    expected = dense_reference(np.asarray(datastore.keys), np.asarray(datastore.vals), 10, 0.5, 1e-3)
+    got = densify(targets, range(300))
+    np.testing.assert_array_equal(got > 0, expected > 0)
+    np.testing.assert_allclose(got, expected, atol=FP16_TOLERANCE)
+    np.testing.assert_array_equal(targets.labels, datastore.vals)
+    assert meta["rows"] == 300 and meta["nnz"] == (expected > 0).sum() and meta["exclude_self"]
+    assert targets.token_ids.dtype == np.int32 and targets.probs.dtype == np.float16 and targets.offsets.dtype == np.int64
+
+
+def test_max_targets_keeps_the_most_likely(flat_dstore, tmp_path):
+    compute_knn_targets(str(flat_dstore), str(tmp_path / "t"), settings=settings(max_targets=2))
+    full = densify(load_knn_targets(tmp_path / "t"), range(300))
+    datastore = load_datastore(str(flat_dstore))
+    reference = dense_reference(np.asarray(datastore.keys), np.asarray(datastore.vals), 10, 0.5, 0.0)
+    assert ((full > 0).sum(1) <= 2).all()
+    np.testing.assert_array_equal(full.argmax(1), reference.argmax(1))
+
+
+def test_own_row_is_left_out_but_its_exact_duplicates_are_kept(tmp_path):
+    keys = clustered_keys(200, 8, seed=1)
+    vals = np.random.default_rng(1).integers(8, VOCAB, size=200).astype(np.int32)
+    keys[10] = keys[3]  # a pair of duplicates with different next tokens
+    keys[51] = keys[52] = keys[50]  # and a triple
+    vals[[3, 10, 50, 51, 52]] = [1, 2, 5, 6, 7]
+    dstore = write_datastore(tmp_path / "ds", keys, vals)
+    build_index(str(dstore), settings=IndexSettings(index_type="flat"), show_progress=False)
+    compute_knn_targets(str(dstore), str(tmp_path / "t"), settings=settings(k=4, knn_temp=0.01, batch_size=200))
+    targets = load_knn_targets(tmp_path / "t")
+
+    def distribution(row):
+        ids, probs = targets.row(row)
+        return dict(zip(ids.tolist(), probs.astype(float).tolist()))
+
+    assert distribution(3)[2] > 0.99 and 1 not in distribution(3)
+    assert distribution(10)[1] > 0.99 and 2 not in distribution(10)
+    assert distribution(50)[6] == pytest.approx(0.5, abs=0.01) and distribution(50)[7] == pytest.approx(0.5, abs=0.01)
+    assert 5 not in distribution(50)
+
+
+def test_rows_sum_to_one_and_batch_matches_row_with_a_partial_ivf_search(tmp_path):
+    dstore = random_datastore(tmp_path / "ds", rows=2000, dim=8, vocab=VOCAB, seed=2)
+    build_index(str(dstore), settings=IndexSettings(index_type="ivfpq", ncentroids=32, code_size=4, nbits=4, probe=1),
+                show_progress=False)
+    # k=100 with one list of ~60 keys visited: FAISS returns -1 for the missing neighbours
+    compute_knn_targets(str(dstore), str(tmp_path / "t"), settings=settings(k=100, knn_temp=1.0, batch_size=500))
+    targets = load_knn_targets(tmp_path / "t")
+    counts = np.diff(targets.offsets)
+    sums = np.bincount(np.repeat(np.arange(2000), counts), weights=targets.probs.astype(np.float64), minlength=2000)
+    np.testing.assert_allclose(sums[counts > 0], 1.0, atol=FP16_TOLERANCE)
+    assert targets.meta["empty_rows"] == (counts == 0).sum() < 5 and (targets.token_ids >= 0).all()
+
+    rows = np.array([1999, 0, 5, 5, 1234])
+    entry_row, ids, probs = targets.batch(rows)
+    for position, row in enumerate(rows):
+        row_ids, row_probs = targets.row(row)
+        np.testing.assert_array_equal(ids[entry_row == position], row_ids)
+        np.testing.assert_array_equal(probs[entry_row == position], row_probs)
+
+
+def test_interrupted_search_resumes_to_the_identical_artifact(flat_dstore, tmp_path):
+    reference_meta = compute_knn_targets(str(flat_dstore), str(tmp_path / "fresh"), settings=settings())
+    assert compute_knn_targets(str(flat_dstore), str(tmp_path / "t"), settings=settings(), max_new_chunks=2) is None
+    chunks = sorted((tmp_path / "t.partial" / "chunks").iterdir())
+    assert len(chunks) == 2 and not (tmp_path / "t").exists()
+    for path in chunks[-1].iterdir():  # a torn last chunk: rerun it
+        path.unlink()
+    chunks[-1].rmdir()
+    meta = compute_knn_targets(str(flat_dstore), str(tmp_path / "t"), settings=settings())
+
+    for name in ("offsets", "token_ids", "probs", "labels"):
+        assert (tmp_path / "t" / f"{name}.npy").read_bytes() == (tmp_path / "fresh" / f"{name}.npy").read_bytes()
+    timing = ("seconds", "search_seconds")
+    assert {k: v for k, v in meta.items() if k not in timing} == {k: v for k, v in reference_meta.items() if k not in timing}
+
+
+def test_two_processes_write_the_same_artifact_as_one(flat_dstore, tmp_path):
+    compute_knn_targets(str(flat_dstore), str(tmp_path / "one"), settings=settings())
+    accelerate_launch("knn_utils.saveKNNMulti", [
+        "--dstore_path", str(flat_dstore), "--index_path", str(flat_dstore / "index"), "--output_path", str(tmp_path / "two"),
+        "--k", "10", "--knn_temp", "0.5", "--batch_size", "64", "--chunk_rows", "128", "--ignore_first", "True"])
+    for name in ("offsets", "token_ids", "probs", "labels"):
+        assert (tmp_path / "two" / f"{name}.npy").read_bytes() == (tmp_path / "one" / f"{name}.npy").read_bytes()
+    assert load_knn_targets(tmp_path / "two").meta["num_processes"] == 2
+
+
+def test_val_path_queries_another_datastore_without_exclusion(flat_dstore, tmp_path):
+    queries = random_datastore(tmp_path / "val", rows=40, dim=8, vocab=VOCAB, seed=7)
+    meta = compute_knn_targets(str(flat_dstore), str(tmp_path / "t"), val_path=str(queries), settings=settings())
+    targets = load_knn_targets(tmp_path / "t")
+    datastore, val = load_datastore(str(flat_dstore)), load_datastore(str(queries))
+    expected = dense_reference(np.asarray(datastore.keys), np.asarray(datastore.vals), 10, 0.5, 1e-8,
+                               queries=np.asarray(val.keys))
+    np.testing.assert_allclose(densify(targets, range(40)), expected, atol=FP16_TOLERANCE)
+    np.testing.assert_array_equal(targets.labels, val.vals)
+    assert not meta["exclude_self"] and meta["rows"] == 40
+
+
+def test_recomputed_distances_give_the_same_targets_with_an_exact_index(flat_dstore, tmp_path):
+    compute_knn_targets(str(flat_dstore), str(tmp_path / "a"), settings=settings())
+    compute_knn_targets(str(flat_dstore), str(tmp_path / "b"), settings=settings(recompute_dists=True))
+    a, b = load_knn_targets(tmp_path / "a"), load_knn_targets(tmp_path / "b")
+    np.testing.assert_array_equal(a.token_ids, b.token_ids)
+    np.testing.assert_allclose(a.probs.astype(float), b.probs.astype(float), atol=FP16_TOLERANCE)
+
+
+def test_ignore_first_parses_true_and_false():
+    common = ["--dstore_path", "d", "--output_path", "o"]
+    assert parse_args((SaveKnnArguments, TargetSettings), [*common, "--ignore_first", "False"])[1].ignore_first is False
+    assert parse_args((SaveKnnArguments, TargetSettings), [*common, "--ignore_first", "True"])[1].ignore_first is True
+    args, target_settings = parse_args((SaveKnnArguments, TargetSettings), [*common, "--knn_gpu"])
+    assert args.knn_gpu is True and target_settings.ignore_first is True
+
+
+def test_bad_inputs_are_usage_errors(flat_dstore, tmp_path):
+    with pytest.raises(UsageError, match="--k must be"):
+        TargetSettings(k=0)
+    with pytest.raises(UsageError, match="does not exist"):
+        compute_knn_targets(str(tmp_path / "nowhere"), str(tmp_path / "t"))
+    other = random_datastore(tmp_path / "other", rows=300, dim=8, vocab=VOCAB, seed=9)
+    with pytest.raises(UsageError, match="--index_path"):
+        compute_knn_targets(str(other), str(tmp_path / "t"), index_path=str(flat_dstore / "index"))
+    wider = random_datastore(tmp_path / "wider", rows=30, dim=4, vocab=VOCAB, seed=9)
+    with pytest.raises(UsageError, match="--val_path .* dim"):
+        compute_knn_targets(str(flat_dstore), str(tmp_path / "t"), val_path=str(wider))
+
+
+def test_sum_by_token_groups_equal_tokens_per_row():
+    tokens = np.array([[3, 1, 3, -1], [2, 2, 2, 2]])
+    weights = np.array([[0.2, 0.3, 0.5, 0.0], [0.25, 0.25, 0.25, 0.25]])
+    rows, group_tokens, sums = targets_lib.sum_by_token(tokens, weights)
+    np.testing.assert_array_equal(rows, [0, 0, 0, 1])
+    np.testing.assert_array_equal(group_tokens, [-1, 1, 3, 2])
+    np.testing.assert_allclose(sums, [0.0, 0.3, 0.7, 1.0])
