@@ -3,7 +3,10 @@
     python -m knn_utils.knnlm --model_name_or_path MODEL --dataset_name DATASET --eval_subset validation \
         --dstore_dir DSTORE --k 1024 --lmbda 0.25 --knn_temp 1 --probe 32 --per_device_eval_batch_size 8 \
         --output_dir OUT
-    accelerate launch -m knn_utils.knnlm ...    # same numbers with any number of processes
+    accelerate launch --multi_gpu --num_processes 2 -m knn_utils.knnlm ...   # same numbers, any process count
+
+(On a machine without CUDA, ``--multi_gpu`` starts N CPU processes that talk over gloo;
+``accelerate launch --cpu`` starts only one.)
 
 For every scored row the query is the hooked key of the frozen LM (the same hidden state the datastore
 holds), ``p_knn`` comes from the values of its ``k`` nearest rows weighted by ``softmax(-d / knn_temp)``,

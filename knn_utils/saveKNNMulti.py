@@ -5,7 +5,8 @@
         --batch_size 16000 --ignore_first True --knn_gpu
 
 Runs on CPU (FAISS threads share the cores between processes) or, with ``--knn_gpu`` and faiss-gpu, on
-GPU. Each process searches a contiguous range of row chunks; rerunning an interrupted command resumes
+GPU. On a machine without CUDA, ``accelerate launch --multi_gpu --num_processes N`` starts N CPU
+processes (gloo); ``accelerate launch --cpu`` starts only one. Each process searches a contiguous range of row chunks; rerunning an interrupted command resumes
 it. The output format is described in knn_utils/knn_targets.py; ``load_knn_targets(OUT)`` reads it.
 """
 

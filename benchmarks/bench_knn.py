@@ -1,0 +1,326 @@
+"""Benchmark the kNN search (IVFPQ at several nprobe against exact search) and the kNN-LM's speed.
+
+    python -m benchmarks.bench_knn                          # synthetic 200k x 576 datastore, tiny GPT-2
+    python -m benchmarks.bench_knn --dstore_path DSTORE     # search part on a real datastore
+    python -m benchmarks.bench_knn --model_name_or_path M --dataset_name D --lm_dstore_path DS   # real kNN-LM
+
+Part 1 searches the same queries (random rows of the datastore, as in the kNN-target search) with an
+exact IndexFlatL2 and with IndexIVFPQ at each nprobe: queries/s and recall@k against the exact result,
+side by side, for each k; plus rows/s of the whole target computation (search + sparse aggregation).
+Part 2 evaluates the base LM and the kNN-LM on the same split: tokens/s of each. Without a model it
+builds a tiny random GPT-2 over the embedded corpus (utils/embedded_corpus.py) and its datastore.
+
+Writes ``knn_search.json``, ``knn_search.md`` and ``knn_search.png`` to --output_dir, with the machine
+(CPU, cores, load average, FAISS and torch versions).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch/FAISS load: see knn_utils/index.configure_threads
+
+import logging
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from knn_utils.datastore import DatastoreWriter, load_datastore
+from knn_utils.index import IndexSettings, build_index, load_index, process_state
+from knn_utils.knn_targets import SearchJob, TargetSettings, search_rows
+from utils.cli import parse_args, run, setup_logging
+from utils.io import write_json
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BenchArguments:
+    """What to benchmark and where to write the results."""
+
+    output_dir: str = field(default="benchmarks/results", metadata={"help": "Where knn_search.{json,md,png} go."})
+    work_dir: str | None = field(default=None, metadata={"help": "Scratch directory (default: a temporary one, deleted)."})
+    dstore_path: str | None = field(default=None, metadata={"help": "A real datastore for part 1 (default: synthetic)."})
+    rows: int = field(default=200_000, metadata={"help": "Rows of the synthetic datastore."})
+    dim: int = field(default=576, metadata={"help": "Key dimension of the synthetic datastore (576: SmolLM2-135M)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the synthetic data and of the query sample."})
+    num_queries: int = field(default=2000, metadata={"help": "Queries per measurement."})
+    ks: str = field(default="32,1024", metadata={"help": "Comma-separated k values."})
+    probes: str = field(default="1,4,16,64", metadata={"help": "Comma-separated nprobe values for IVFPQ."})
+    ncentroids: int = field(default=1024, metadata={"help": "IVF lists of the benchmarked index."})
+    code_size: int = field(default=64, metadata={"help": "PQ sub-quantizers."})
+    train_size: int = field(default=100_000, metadata={"help": "Training sample of the index."})
+    repeats: int = field(default=3, metadata={"help": "Timed repetitions per measurement (the median is reported)."})
+    model_name_or_path: str | None = field(default=None, metadata={"help": "Part 2: a real base model (else a tiny random GPT-2)."})
+    gguf_file: str | None = field(default=None, metadata={"help": "Part 2: GGUF file inside --model_name_or_path."})
+    dataset_name: str | None = field(default=None, metadata={"help": "Part 2: preprocessed dataset of the real model."})
+    lm_dstore_path: str | None = field(default=None, metadata={"help": "Part 2: datastore of the real model (with its index)."})
+    eval_subset: str = field(default="test", metadata={"help": "Part 2: split to evaluate."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Part 2: evaluate only the first N windows."})
+    knnlm_k: int = field(default=1024, metadata={"help": "Part 2: neighbours per token."})
+    knnlm_probe: int = field(default=32, metadata={"help": "Part 2: nprobe of an IVFPQ index."})
+    skip_knnlm: bool = field(default=False, metadata={"help": "Run part 1 only."})
+
+
+def machine_info() -> dict:
+    """The machine the numbers were measured on."""
+    import torch
+
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "faiss_threads": faiss.omp_get_max_threads(),
+            "load_average_at_start": [round(x, 2) for x in os.getloadavg()], "faiss": faiss.__version__,
+            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Part 1: search
+
+
+def write_synthetic_datastore(path: Path, rows: int, dim: int, seed: int, chunk_rows: int = 10_000) -> None:
+    """Hidden-state-like keys: 1000 Gaussian clusters with a shared 32-d low-rank spread, float16 (rows, dim)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((1000, dim)).astype(np.float32)
+    basis = (rng.standard_normal((32, dim)) / np.sqrt(32)).astype(np.float32)
+    num_chunks = -(-rows // chunk_rows)
+    writer = DatastoreWriter(str(path), num_rows=rows, dim=dim, num_windows=num_chunks, state=process_state(),
+                             identity={"model": {"synthetic": seed}, "architecture": "synthetic", "layer": 0,
+                                       "tokenizer_fingerprint": "synthetic", "dataset": {"tokens_sha256": "synthetic"}})
+    for c in range(num_chunks):
+        n = min(chunk_rows, rows - c * chunk_rows)
+        keys = (centres[rng.integers(1000, size=n)] + 0.5 * rng.standard_normal((n, 32), dtype=np.float32) @ basis
+                + 0.1 * rng.standard_normal((n, dim), dtype=np.float32))  # (n, dim)
+        writer.write(np.arange(c * chunk_rows, c * chunk_rows + n), keys, rng.integers(50_000, size=n), np.array([c]))
+    writer.finish()
+
+
+def timed_search(index, queries: np.ndarray, k: int, repeats: int) -> tuple[float, np.ndarray]:
+    """Median seconds of ``repeats`` searches, and the ids of the last, (n, k)."""
+    index.search(queries[:50], k)  # warm-up
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        neighbours = index.search(queries, k)
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds), neighbours.ids
+
+
+def recall(found: np.ndarray, truth: np.ndarray) -> float:
+    """Mean fraction of the exact k nearest found among the approximate k, (n, k) each."""
+    return float(np.mean([len(np.intersect1d(f[f >= 0], t)) / len(t) for f, t in zip(found, truth)]))
+
+
+def bench_search(args: BenchArguments, work: Path) -> dict:
+    """Part 1: exact vs IVFPQ at each nprobe, for each k."""
+    dstore = Path(args.dstore_path) if args.dstore_path else work / "synthetic_dstore"
+    if not args.dstore_path:
+        start = time.perf_counter()
+        write_synthetic_datastore(dstore, args.rows, args.dim, args.seed)
+        logger.info("Synthetic datastore of %d x %d written in %.1f s", args.rows, args.dim, time.perf_counter() - start)
+    datastore = load_datastore(str(dstore))
+    flat_meta = build_index(str(dstore), str(work / "flat"), IndexSettings(index_type="flat"))
+    ivf_meta = build_index(str(dstore), str(work / "ivfpq"), IndexSettings(
+        index_type="ivfpq", ncentroids=args.ncentroids, code_size=args.code_size, train_size=args.train_size))
+    rows = np.sort(np.random.default_rng(args.seed).choice(datastore.num_rows, args.num_queries, replace=False))
+    queries = np.asarray(datastore.keys[rows], dtype=np.float32)  # (num_queries, d)
+    flat = load_index(work / "flat", datastore)
+    results = []
+    for k in (int(x) for x in args.ks.split(",")):
+        seconds, truth = timed_search(flat, queries, k, args.repeats)
+        results.append({"method": "exact (IndexFlatL2)", "nprobe": None, "k": k, "queries_per_second": len(queries) / seconds,
+                        "recall_at_k": 1.0})
+        logger.info("exact k=%d: %.0f queries/s", k, len(queries) / seconds)
+        for probe in (int(x) for x in args.probes.split(",")):
+            ivf = load_index(work / "ivfpq", datastore, probe=probe)
+            seconds, found = timed_search(ivf, queries, k, args.repeats)
+            results.append({"method": "IVFPQ", "nprobe": probe, "k": k, "queries_per_second": len(queries) / seconds,
+                            "recall_at_k": recall(found, truth)})
+            logger.info("IVFPQ nprobe=%d k=%d: %.0f queries/s, recall@k %.3f", probe, k, results[-1]["queries_per_second"],
+                        results[-1]["recall_at_k"])
+    return {"datastore": {"path": args.dstore_path or "synthetic", "rows": datastore.num_rows, "dim": datastore.dim},
+            "index": {"ncentroids": args.ncentroids, "code_size": args.code_size, "nbits": 8,
+                      "train_size": ivf_meta["settings"]["train_size"], "train_seconds": ivf_meta["seconds"]["train"],
+                      "add_seconds": ivf_meta["seconds"]["add"], "bytes": ivf_meta["index_bytes"],
+                      "flat_bytes": flat_meta["index_bytes"]},
+            "num_queries": len(queries), "search": results,
+            "targets": bench_targets(work, datastore, len(queries))}
+
+
+def bench_targets(work: Path, datastore, num_rows: int) -> dict:
+    """Rows/s of the whole kNN-target computation over the first rows (search k=1024 at nprobe 32 + aggregation)."""
+    settings = TargetSettings(k=1024, probe=32, batch_size=num_rows)
+    job = SearchJob(index=load_index(work / "ivfpq", datastore, probe=32), datastore=datastore, queries=datastore,
+                    settings=settings, exclude_self=True)
+    start = time.perf_counter()
+    targets = search_rows(job, 0, num_rows)
+    seconds = time.perf_counter() - start
+    return {"k": 1024, "nprobe": 32, "knn_temp": settings.knn_temp, "rows": num_rows, "rows_per_second": num_rows / seconds,
+            "mean_targets_per_row": float(targets.counts.mean())}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Part 2: kNN-LM speed
+
+
+def tiny_lm_setup(work: Path) -> tuple[dict, str, str]:
+    """A random 4-layer GPT-2 over the embedded corpus, with the datastore of its train split and an index."""
+    import torch
+
+    import train_base
+    from utils.arguments import ModelArguments
+    from utils.embedded_corpus import write_corpus
+    from utils.modeling import load_causal_lm, load_tokenizer
+    from utils.preprocess_dataset import main as preprocess
+
+    corpus = work / "corpus"
+    write_corpus(corpus)
+    dataset = work / "dataset"
+    preprocess(["--tokenizer_path", str(corpus / "tokenizer"), "--train_file", str(corpus / "train.txt"),
+                "--test_file", str(corpus / "test.txt"), "--output_dir", str(dataset), "--block_size", "256", "--stride", "128"])
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer(str(corpus / "tokenizer"))
+    model = load_causal_lm(ModelArguments(model_type="gpt2", tokenizer_name=str(corpus / "tokenizer"),
+                                          config_overrides="n_layer=4,n_embd=128,n_head=4,n_positions=256"), len(tokenizer))
+    model.save_pretrained(work / "model")
+    tokenizer.save_pretrained(work / "model")
+    dstore = work / "lm_dstore"
+    train_base.main(["--model_name_or_path", str(work / "model"), "--dataset_name", str(dataset), "--do_eval",
+                     "--eval_subset", "train", "--save_knnlm_dstore", "--dstore_dir", str(dstore),
+                     "--per_device_eval_batch_size", "8", "--output_dir", str(work / "dstore_eval"), "--report_to", "none"])
+    model_args = {"model_name_or_path": str(work / "model")}
+    return model_args, str(dataset), str(dstore)
+
+
+def bench_knnlm(args: BenchArguments, work: Path) -> dict:
+    """Part 2: base LM and kNN-LM tokens/s over the same split (exact and IVFPQ index)."""
+    import train_base
+    from knn_utils.knnlm import KnnLMArguments, evaluate_knnlm
+    from utils.arguments import DataArguments, ModelArguments
+
+    if args.model_name_or_path:
+        model_args, dataset, dstore = {"model_name_or_path": args.model_name_or_path, "gguf_file": args.gguf_file}, \
+            args.dataset_name, args.lm_dstore_path
+    else:
+        model_args, dataset, dstore = tiny_lm_setup(work)
+    rows = load_datastore(dstore).num_rows
+    flat_index, ivf_index = work / "lm_flat", work / "lm_ivfpq"
+    build_index(dstore, str(flat_index), IndexSettings(index_type="flat"))
+    ncentroids = max(16, min(1024, rows // 100))  # about 100 keys per list
+    dim = load_datastore(dstore).dim
+    build_index(dstore, str(ivf_index), IndexSettings(index_type="ivfpq", ncentroids=ncentroids,
+                                                      code_size=32 if dim % 32 == 0 else 16, train_size=rows))
+    eval_flags = ["--dataset_name", dataset, "--do_eval", "--eval_subset", args.eval_subset, "--report_to", "none",
+                  "--per_device_eval_batch_size", "8", "--output_dir", str(work / "base_eval")]
+    eval_flags += ["--max_eval_samples", str(args.max_eval_samples)] if args.max_eval_samples else []
+    model_flags = [f for key, value in model_args.items() if value for f in (f"--{key}", value)]
+    base = train_base.main([*model_flags, *eval_flags])
+    runs = {"base": {"tokens_per_second": base["eval_tokens_per_second"], "perplexity": base["perplexity"]}}
+    data_args = DataArguments(dataset_name=dataset, eval_subset=args.eval_subset, max_eval_samples=args.max_eval_samples)
+    for name, index_path, probe in (("kNN-LM exact", flat_index, None), (f"kNN-LM IVFPQ nprobe {args.knnlm_probe}", ivf_index,
+                                                                          min(args.knnlm_probe, ncentroids))):
+        metrics = evaluate_knnlm(ModelArguments(**model_args), data_args, KnnLMArguments(
+            dstore_dir=dstore, output_dir=str(work / "knnlm"), index_path=str(index_path), k=args.knnlm_k, probe=probe,
+            per_device_eval_batch_size=8))
+        runs[name] = {"tokens_per_second": metrics["eval_tokens_per_second"], "perplexity": metrics["perplexity"],
+                      "base_perplexity_same_pass": metrics["base_perplexity"], "knn_seconds": metrics["knn_seconds"],
+                      "eval_seconds": metrics["eval_seconds"]}
+    return {"model": model_args if args.model_name_or_path else "random GPT-2, 4 layers, width 128 (embedded corpus)",
+            "datastore_rows": rows, "ivfpq_ncentroids": ncentroids, "k": args.knnlm_k, "eval_subset": args.eval_subset,
+            "eval_tokens": base["eval_tokens"], "runs": runs}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Report
+
+
+def markdown(results: dict) -> str:
+    """The results as Markdown tables."""
+    search, machine = results["search"], results["machine"]
+    ks = sorted({r["k"] for r in search["search"]})
+    lines = [
+        "# kNN search benchmark", "",
+        f"Machine: {machine['cpu']}, {machine['cores']} cores ({machine['faiss_threads']} FAISS threads), "
+        f"load average at start {machine['load_average_at_start']}; FAISS {machine['faiss']}, torch {machine['torch']}.", "",
+        f"Datastore: {search['datastore']['path']}, {search['datastore']['rows']} x {search['datastore']['dim']} float16 keys; "
+        f"{search['num_queries']} queries (random datastore rows). IVFPQ: {search['index']['ncentroids']} lists, "
+        f"{search['index']['code_size']} x 8-bit codes, trained on {search['index']['train_size']} keys in "
+        f"{search['index']['train_seconds']:.1f} s, keys added in {search['index']['add_seconds']:.1f} s, "
+        f"{search['index']['bytes'] / 1e6:.1f} MB (exact index {search['index']['flat_bytes'] / 1e6:.1f} MB).", "",
+        "| method | nprobe | " + " | ".join(f"queries/s (k={k}) | recall@{k}" for k in ks) + " |",
+        "|---|---:|" + "---:|---:|" * len(ks),
+    ]
+    by_key = {(r["method"], r["nprobe"], r["k"]): r for r in search["search"]}
+    for method, probe in dict.fromkeys((r["method"], r["nprobe"]) for r in search["search"]):
+        cells = [f"{by_key[method, probe, k]['queries_per_second']:.0f} | {by_key[method, probe, k]['recall_at_k']:.3f}" for k in ks]
+        lines.append(f"| {method} | {probe if probe is not None else '-'} | " + " | ".join(cells) + " |")
+    targets = search["targets"]
+    lines += ["", f"Whole kNN-target computation (search k={targets['k']} at nprobe {targets['nprobe']} + sparse aggregation, "
+                  f"knn_temp {targets['knn_temp']}): {targets['rows_per_second']:.0f} rows/s, "
+                  f"{targets['mean_targets_per_row']:.1f} stored tokens per row."]
+    if "knnlm" in results:
+        knnlm = results["knnlm"]
+        base_speed = knnlm["runs"]["base"]["tokens_per_second"]
+        lines += ["", "## kNN-LM speed", "",
+                  f"Model: {knnlm['model']}; datastore {knnlm['datastore_rows']} rows; k={knnlm['k']}; "
+                  f"{knnlm['eval_tokens']} tokens of {knnlm['eval_subset']}.", "",
+                  "| run | tokens/s | slowdown vs base | perplexity |", "|---|---:|---:|---:|"]
+        for name, run_ in knnlm["runs"].items():
+            lines.append(f"| {name} | {run_['tokens_per_second']:.0f} | {base_speed / run_['tokens_per_second']:.2f}x | "
+                         f"{run_['perplexity']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    """Queries/s and recall@k against nprobe, one line per k, exact search as dashed lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    search = results["search"]["search"]
+    fig, (speed, quality) = plt.subplots(1, 2, figsize=(10, 4))
+    for k in sorted({r["k"] for r in search}):
+        ivf = [r for r in search if r["k"] == k and r["nprobe"] is not None]
+        exact = next(r for r in search if r["k"] == k and r["nprobe"] is None)
+        line, = speed.plot([r["nprobe"] for r in ivf], [r["queries_per_second"] for r in ivf], "o-", label=f"IVFPQ k={k}")
+        speed.axhline(exact["queries_per_second"], ls="--", color=line.get_color(), label=f"exact k={k}")
+        quality.plot([r["nprobe"] for r in ivf], [r["recall_at_k"] for r in ivf], "o-", color=line.get_color(), label=f"k={k}")
+    speed.set(xscale="log", yscale="log", xlabel="nprobe", ylabel="queries/s", title="Search speed")
+    quality.set(xscale="log", xlabel="nprobe", ylabel="recall@k vs exact", ylim=(0, 1.02), title="Recall")
+    speed.legend(fontsize=8)
+    quality.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    setup_logging()
+    (args,) = parse_args((BenchArguments,), argv)
+    logger.info("Arguments: %s", args)
+    results = {"arguments": asdict(args), "machine": machine_info()}
+    with tempfile.TemporaryDirectory(dir=args.work_dir) as scratch:
+        work = Path(scratch)
+        results["search"] = bench_search(args, work)
+        if not args.skip_knnlm:
+            results["knnlm"] = bench_knnlm(args, work)
+    output = Path(args.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    write_json(output / "knn_search.json", results)
+    (output / "knn_search.md").write_text(markdown(results))
+    plot(results, output / "knn_search.png")
+    print(markdown(results))
+    return results
+
+
+if __name__ == "__main__":
+    run(main)
