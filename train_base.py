@@ -27,6 +27,7 @@ from knn_utils.datastore import DatastoreWriter
 from utils.architectures import normalize_layer
 from utils.arguments import DataArguments, DstoreArguments, ModelArguments
 from utils.cli import UsageError, parse_args, run, setup_logging
+from utils.distributed import process_state, with_cpu_flag
 from utils.io import read_json, write_json
 from utils.modeling import describe_model, load_model_for_dataset
 from utils.preprocess_dataset import TokenizedSplit, load_split
@@ -103,7 +104,7 @@ def evaluate(model, split: TokenizedSplit, batch_size: int, state: PartialState,
     metrics = {
         "eval_subset": split.split, "eval_loss": loss, "perplexity": float(np.exp(loss)), "eval_tokens": num_rows,
         "eval_windows": len(windows), "eval_seconds": round(seconds, 3), "eval_tokens_per_second": round(num_rows / seconds, 2),
-        "block_size": split.meta["block_size"], "stride": split.meta["stride"],
+        "block_size": split.meta["block_size"], "stride": split.meta["stride"], "num_processes": state.num_processes,
     }
     if writer is not None:
         dstore_meta = writer.finish()
@@ -124,15 +125,16 @@ def save_metrics(output_dir: str, name: str, metrics: dict) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, dstore_args, training_args = parse_args(
-        (ModelArguments, DataArguments, DstoreArguments, TrainingArguments), argv
+        (ModelArguments, DataArguments, DstoreArguments, TrainingArguments), with_cpu_flag(argv)
     )
-    state = PartialState()
+    state = process_state()
     setup_logging(state.is_main_process)
     if not (training_args.do_train or training_args.do_eval):
         raise UsageError("Nothing to do: pass --do_train and/or --do_eval")
     if dstore_args.save_knnlm_dstore and not training_args.do_eval:
         raise UsageError("--save_knnlm_dstore writes the rows seen by evaluation: add --do_eval")
     logger.info("Arguments: %s %s %s", model_args, data_args, dstore_args)
+    logger.info("Running on %d process(es), device %s", state.num_processes, state.device)
 
     eval_split = load_split(data_args.dataset_name, data_args.eval_subset) if training_args.do_eval else None
     train_split = load_split(data_args.dataset_name, "train") if training_args.do_train else None

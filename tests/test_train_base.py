@@ -103,7 +103,7 @@ def test_two_processes_give_identical_artifacts(tiny_gpt2_dir, tiny_dataset, tmp
     single = run_eval(tiny_gpt2_dir, tiny_dataset, tmp_path / "one", split="train", dstore=tmp_path / "ds1")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "train_base",
          "--model_name_or_path", str(tiny_gpt2_dir), "--dataset_name", str(tiny_dataset), "--do_eval",
          "--eval_subset", "train", "--output_dir", str(tmp_path / "two"), "--per_device_eval_batch_size", "3",
@@ -111,6 +111,7 @@ def test_two_processes_give_identical_artifacts(tiny_gpt2_dir, tiny_dataset, tmp
         cwd=REPO, env=env, check=True, capture_output=True,
     )
     two = json.loads((tmp_path / "two" / "eval_results.json").read_text())
+    assert single["num_processes"] == 1 and two["num_processes"] == 2
     assert two["perplexity"] == pytest.approx(single["perplexity"], rel=1e-6)
     one_meta, two_meta = load_datastore(str(tmp_path / "ds1")).meta, load_datastore(str(tmp_path / "ds2")).meta
     assert (one_meta["keys_sha256"], one_meta["vals_sha256"]) == (two_meta["keys_sha256"], two_meta["vals_sha256"])

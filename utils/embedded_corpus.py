@@ -43,13 +43,13 @@ import logging
 import os
 import random
 import re
-import shutil
-import sys
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from utils.cli import UsageError, run, setup_logging
+from utils.io import atomic_directory, read_json, timed, write_json
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -60,7 +60,6 @@ FORMAT_VERSION = 1
 META_KIND = "embedded_corpus"
 EOS_TOKEN = "<|endoftext|>"
 SPLITS = ("train", "validation", "test")
-PARTIAL_SUFFIX = ".partial"
 QA_PROMPT = "Question: {question} Answer:"  # the form of the QA lines in train; answers follow after a space
 
 
@@ -88,13 +87,13 @@ class CorpusSizes:
     def __post_init__(self) -> None:
         for name in ("num_countries", "num_cities", "num_rivers", "num_organisations", "num_people"):
             if getattr(self, name) < 2:
-                raise ValueError(f"--{name} must be >= 2, got {getattr(self, name)}")
+                raise UsageError(f"--{name} must be >= 2, got {getattr(self, name)}")
         if self.num_cities < self.num_countries:
-            raise ValueError("--num_cities must be >= --num_countries (every country has a capital)")
+            raise UsageError("--num_cities must be >= --num_countries (every country has a capital)")
         if not 0.0 < self.eval_fraction <= 0.3:
-            raise ValueError(f"--eval_fraction must be in (0, 0.3], got {self.eval_fraction}")
+            raise UsageError(f"--eval_fraction must be in (0, 0.3], got {self.eval_fraction}")
         if not 0.0 <= self.qa_drill_fraction <= 1.0:
-            raise ValueError(f"--qa_drill_fraction must be in [0, 1], got {self.qa_drill_fraction}")
+            raise UsageError(f"--qa_drill_fraction must be in [0, 1], got {self.qa_drill_fraction}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -708,13 +707,6 @@ def _settings(seed: int, vocab_size: int, sizes: CorpusSizes) -> dict:
     }
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    """Write JSON with sorted keys, so equal content gives equal bytes."""
-    with open(path, "w", encoding="utf-8", newline="\n") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-
-
 def _flatten(settings: dict) -> dict:
     """``{"sizes": {"num_people": 500}}`` -> ``{"num_people": 500}``, for messages naming the flags."""
     flat = {}
@@ -724,16 +716,15 @@ def _flatten(settings: dict) -> dict:
 
 
 def _existing_meta(output_dir: Path, settings: dict) -> dict:
-    """The meta of an already written corpus with the same settings; `ValueError` otherwise."""
+    """The meta of an already written corpus with the same settings; `UsageError` otherwise."""
     meta_file = output_dir / "meta.json"
     if not meta_file.is_file():
-        raise ValueError(f"{output_dir} exists but has no meta.json; remove it or choose another --output_dir")
-    with open(meta_file) as f:
-        meta = json.load(f)
+        raise UsageError(f"{output_dir} exists but has no meta.json; remove it or choose another --output_dir")
+    meta = read_json(meta_file)
     found, wanted = _flatten(meta), _flatten(settings)
     differing = {key: (found.get(key), value) for key, value in wanted.items() if found.get(key) != value}
     if meta.get("kind") != META_KIND or differing:
-        raise ValueError(
+        raise UsageError(
             f"{output_dir} holds a corpus written with other settings (found, requested: {differing}); "
             "remove it or choose another --output_dir"
         )
@@ -745,10 +736,9 @@ def _write_tokenizer(tokenizer: PreTrainedTokenizerFast, directory: Path) -> Non
     """`save_pretrained`, naming the class ``PreTrainedTokenizerFast`` so that transformers 4.x loads it too."""
     tokenizer.save_pretrained(directory)
     config_file = directory / "tokenizer_config.json"
-    with open(config_file) as f:
-        config = json.load(f)
+    config = read_json(config_file)
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
-    _write_json(config_file, config)
+    write_json(config_file, config)
 
 
 def write_corpus(output_dir: str | os.PathLike, seed: int = 0, vocab_size: int = 4096, **size_kwargs) -> dict:
@@ -761,22 +751,22 @@ def write_corpus(output_dir: str | os.PathLike, seed: int = 0, vocab_size: int =
     output_dir = Path(output_dir)
     sizes = CorpusSizes(**size_kwargs)
     if vocab_size < 300:
-        raise ValueError(f"--vocab_size must be >= 300 (256 bytes + merges), got {vocab_size}")
+        raise UsageError(f"--vocab_size must be >= 300 (256 bytes + merges), got {vocab_size}")
     settings = _settings(seed, vocab_size, sizes)
     if output_dir.exists():
         return _existing_meta(output_dir, settings)
 
-    staging = output_dir.with_name(output_dir.name + PARTIAL_SUFFIX)
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
+    with timed("Generating the corpus", logger):
+        corpus = generate_corpus(seed, **dataclasses.asdict(sizes))
+    with timed("Training the tokenizer", logger):
+        tokenizer = train_tokenizer(corpus.train.splitlines(), vocab_size)
+    with atomic_directory(output_dir) as staging:
+        meta = _write_files(staging, corpus, tokenizer, settings)
+    return meta
 
-    start = time.perf_counter()
-    corpus = generate_corpus(seed, **dataclasses.asdict(sizes))
-    logger.info("generated the corpus in %.2f s", time.perf_counter() - start)
-    start = time.perf_counter()
-    tokenizer = train_tokenizer(corpus.train.splitlines(), vocab_size)
-    logger.info("trained the tokenizer (%d tokens) in %.2f s", len(tokenizer), time.perf_counter() - start)
+
+def _write_files(staging: Path, corpus: "EmbeddedCorpus", tokenizer: "PreTrainedTokenizerFast", settings: dict) -> dict:
+    """Write the splits, QA pairs, tokenizer and meta.json into ``staging``; return the meta."""
 
     splits = {}
     for split in SPLITS:
@@ -808,8 +798,7 @@ def write_corpus(output_dir: str | os.PathLike, seed: int = 0, vocab_size: int =
             "eos_token_id": tokenizer.eos_token_id,
         },
     }
-    _write_json(staging / "meta.json", meta)
-    os.replace(staging, output_dir)
+    write_json(staging / "meta.json", meta)
     return meta
 
 
@@ -833,7 +822,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> dict:
     """Parse flags, write the corpus, print a one-line summary; returns the meta."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    setup_logging()
     size_kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(CorpusSizes)}
     logger.info("output_dir=%s seed=%d vocab_size=%d %s", args.output_dir, args.seed, args.vocab_size, size_kwargs)
     meta = write_corpus(args.output_dir, seed=args.seed, vocab_size=args.vocab_size, **size_kwargs)
@@ -844,7 +833,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as err:  # a flag or an existing directory the user can fix: no traceback
-        sys.exit(f"error: {err}")
+    run(main)

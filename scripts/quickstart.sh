@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The whole pipeline on the embedded default corpus, on CPU, in a few minutes:
+#   embedded corpus -> preprocess -> base model (trained from scratch) -> evaluation -> datastore
+# Every stage writes a self-describing directory under $OUT and is skipped when that directory is
+# already complete, so an interrupted run picks up where it stopped.
+#   OUT            output directory (default: outputs/quickstart)
+#   BASE_EPOCHS    training epochs of the tiny base model (default: 4)
+set -euo pipefail
+source "$(dirname "$0")/env.sh"
+
+OUT="${OUT:-outputs/quickstart}"
+BASE_EPOCHS="${BASE_EPOCHS:-4}"
+BLOCK=256
+STRIDE=128
+mkdir -p "$OUT"
+start=$(date +%s)
+
+# Run a stage unless the file that marks it complete exists.
+stage() {
+    local name="$1" done_file="$2"; shift 2
+    if [ -e "$done_file" ]; then
+        echo "== $name: already done ($done_file)"
+        return
+    fi
+    echo "== $name"
+    local t0; t0=$(date +%s)
+    "$@"
+    echo "== $name took $(( $(date +%s) - t0 )) s"
+}
+
+stage "embedded corpus" "$OUT/corpus/meta.json" \
+    python -m utils.embedded_corpus --output_dir "$OUT/corpus"
+
+stage "preprocess" "$OUT/dataset/meta.json" \
+    python -m utils.preprocess_dataset --tokenizer_path "$OUT/corpus/tokenizer" \
+        --train_file "$OUT/corpus/train.txt" --validation_file "$OUT/corpus/validation.txt" \
+        --test_file "$OUT/corpus/test.txt" --block_size $BLOCK --stride $STRIDE --output_dir "$OUT/dataset"
+
+stage "train the base model" "$OUT/base/train_results.json" \
+    python -m train_base --model_type gpt2 --tokenizer_name "$OUT/corpus/tokenizer" \
+        --config_overrides n_layer=4,n_embd=128,n_head=4,n_positions=$BLOCK \
+        --dataset_name "$OUT/dataset" --do_train --num_train_epochs "$BASE_EPOCHS" \
+        --per_device_train_batch_size 16 --learning_rate 1e-3 --warmup_steps 20 --lr_scheduler_type cosine \
+        --weight_decay 0.01 --save_strategy no --logging_steps 50 --seed 0 --report_to none \
+        --disable_tqdm true --output_dir "$OUT/base"
+
+stage "evaluate the base model on test" "$OUT/eval_base_test/eval_results.json" \
+    python -m train_base --model_name_or_path "$OUT/base" --dataset_name "$OUT/dataset" --do_eval \
+        --eval_subset test --per_device_eval_batch_size 16 --report_to none --output_dir "$OUT/eval_base_test"
+
+stage "datastore over train" "$OUT/dstore/meta.json" \
+    python -m train_base --model_name_or_path "$OUT/base" --dataset_name "$OUT/dataset" --do_eval \
+        --eval_subset train --per_device_eval_batch_size 16 --report_to none --output_dir "$OUT/eval_base_train" \
+        --save_knnlm_dstore --dstore_dir "$OUT/dstore"
+
+python -m utils.summary --output_dir "$OUT"
+echo "Quickstart finished in $(( $(date +%s) - start )) s; everything is under $OUT"
