@@ -10,7 +10,7 @@ side by side, for each k; plus rows/s of the whole target computation (search + 
 Part 2 evaluates the base LM and the kNN-LM on the same split: tokens/s of each. Without a model it
 builds a tiny random GPT-2 over the embedded corpus (utils/embedded_corpus.py) and its datastore.
 
-Writes ``knn_search.json``, ``knn_search.md`` and ``knn_search.png`` to --output_dir, with the machine
+Writes ``knn_search.json``, ``knn_search.md`` and ``knn_search.png`` (``--name``) to --output_dir, with the machine
 (CPU, cores, load average, FAISS and torch versions).
 """
 
@@ -44,7 +44,8 @@ logger = logging.getLogger(__name__)
 class BenchArguments:
     """What to benchmark and where to write the results."""
 
-    output_dir: str = field(default="benchmarks/results", metadata={"help": "Where knn_search.{json,md,png} go."})
+    output_dir: str = field(default="benchmarks/results", metadata={"help": "Where the results go."})
+    name: str = field(default="knn_search", metadata={"help": "Base name of the result files: NAME.json, NAME.md, NAME.png."})
     work_dir: str | None = field(default=None, metadata={"help": "Scratch directory (default: a temporary one, deleted)."})
     dstore_path: str | None = field(default=None, metadata={"help": "A real datastore for part 1 (default: synthetic)."})
     rows: int = field(default=200_000, metadata={"help": "Rows of the synthetic datastore."})
@@ -315,9 +316,9 @@ def main(argv: list[str] | None = None) -> dict:
             results["knnlm"] = bench_knnlm(args, work)
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    write_json(output / "knn_search.json", results)
-    (output / "knn_search.md").write_text(markdown(results))
-    plot(results, output / "knn_search.png")
+    write_json(output / f"{args.name}.json", results)
+    (output / f"{args.name}.md").write_text(markdown(results))
+    plot(results, output / f"{args.name}.png")
     print(markdown(results))
     return results
 

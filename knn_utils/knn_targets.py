@@ -10,7 +10,7 @@ Layout of a target directory (CSR, rows in the order of the query datastore)::
 
     offsets.npy    int64   (N + 1,)  row i owns entries offsets[i]:offsets[i + 1]
     token_ids.npy  int32   (nnz,)    token ids, ascending within a row
-    probs.npy      float16 (nnz,)    their probabilities (a row sums to 1 up to float16 rounding)
+    probs.npy      float16 (nnz,)    their probabilities, all > 0 (a row sums to 1 up to float16 rounding)
     labels.npy     int32   (N,)      the gold next token of each row
     meta.json      kind "knn_targets": the datastore and index it came from, k, knn_temp, threshold, rows, nnz
 
@@ -153,12 +153,11 @@ def sparse_targets(neighbours: Neighbours, vals: np.ndarray, knn_temp: float, th
     num_rows = len(tokens)
     keep = keep_targets(rows, group_tokens, sums, num_rows, threshold, max_targets)
     rows, group_tokens, sums = rows[keep], group_tokens[keep], sums[keep]
-    totals = np.bincount(rows, weights=sums, minlength=num_rows)
-    return SparseRows(
-        counts=np.bincount(rows, minlength=num_rows).astype(np.int64),
-        token_ids=group_tokens.astype(ID_DTYPE),
-        probs=(sums / totals[rows]).astype(PROB_DTYPE),
-    )
+    probs = (sums / np.bincount(rows, weights=sums, minlength=num_rows)[rows]).astype(PROB_DTYPE)
+    stored = probs > 0  # below float16's smallest value (6e-8) a probability would be stored as 0: drop it
+    rows, group_tokens, probs = rows[stored], group_tokens[stored], probs[stored]
+    return SparseRows(counts=np.bincount(rows, minlength=num_rows).astype(np.int64),
+                      token_ids=group_tokens.astype(ID_DTYPE), probs=probs)
 
 
 def exact_distances(keys: np.ndarray, queries: np.ndarray, neighbours: Neighbours, max_floats: int = 1 << 25) -> Neighbours:

@@ -122,9 +122,17 @@ def check_datastore_fits(datastore: Datastore, split: TokenizedSplit, model, mod
         raise UsageError(f"{where} holds keys of a {meta.get('architecture')} model, the evaluated model is {model.config.model_type}")
     if datastore.dim != model.config.hidden_size:
         raise UsageError(f"{where} holds keys of dimension {datastore.dim}, the model's hidden size is {model.config.hidden_size}")
-    if meta.get("model") != describe_model(model_args):
+    if normalized_model(meta.get("model") or {}) != normalized_model(describe_model(model_args)):
         logger.warning("%s was made by %s, not by the evaluated model %s: its keys may live in another space",
                        where, meta.get("model"), describe_model(model_args))
+
+
+def normalized_model(description: dict) -> dict:
+    """A model description with a local model directory written as an absolute path."""
+    path = description.get("model_name_or_path")
+    if path and os.path.isdir(path):
+        return {**description, "model_name_or_path": os.path.abspath(path)}
+    return description
 
 
 def same_rows(datastore: Datastore, split: TokenizedSplit) -> bool:
