@@ -34,6 +34,14 @@ def collect(out: Path) -> dict:
     if dstore := _read(out / "dstore" / "meta.json"):
         summary["datastore"] = {"rows": dstore["rows"], "dim": dstore["dim"], "seconds": dstore["seconds"],
                                 "rows_per_second": round(dstore["rows"] / max(dstore["seconds"], 1e-9), 1)}
+    if targets := _read(out / "knn_targets" / "meta.json"):
+        summary["knn_targets"] = {"rows": targets["rows"], "entries_per_row": round(targets["nnz"] / max(targets["rows"], 1), 2),
+                                  "k": targets["k"], "knn_temp": targets["knn_temp"]}
+    if knnlm := _read(out / "eval_knnlm_test" / "knnlm_results.json"):
+        summary.setdefault("test_perplexity", {})["knn_lm"] = knnlm["perplexity"]
+        summary.setdefault("tokens_per_second", {})["knn_lm"] = knnlm["eval_tokens_per_second"]
+        summary["knn_lm_settings"] = {"k": knnlm["k"], "lmbda": knnlm["lmbda"], "knn_temp": knnlm["knn_temp"],
+                                      "index": knnlm["index_type"]}
     return summary
 
 
