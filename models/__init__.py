@@ -1,0 +1,22 @@
+"""The MLP memory: configuration, networks for GPT-2 / Llama / Mistral style blocks, loading and checks.
+
+Importing this package registers the memory configs and networks with `AutoConfig` / `AutoModel`, so
+``AutoModel.from_pretrained(memory_dir)`` works without ``trust_remote_code``.
+"""
+
+from transformers import AutoConfig, AutoModel
+
+from models.configuration_mlp_memory import (PRESETS, GPT2MemoryConfig, LlamaMemoryConfig, MemoryConfig,
+                                             MistralMemoryConfig, check_memory_matches, parameter_count)
+from models.modeling_mlp_memory import (MEMORY_MODELS, GPT2MemoryModel, LlamaMemoryModel, MistralMemoryModel,
+                                        MLPMemoryPreTrainedModel, build_memory, init_lm_head_from_base, load_memory)
+
+for _style, _model in MEMORY_MODELS.items():
+    AutoConfig.register(_model.config_class.model_type, _model.config_class, exist_ok=True)
+    AutoModel.register(_model.config_class, _model, exist_ok=True)
+
+__all__ = [
+    "PRESETS", "MemoryConfig", "GPT2MemoryConfig", "LlamaMemoryConfig", "MistralMemoryConfig", "check_memory_matches",
+    "parameter_count", "MEMORY_MODELS", "MLPMemoryPreTrainedModel", "GPT2MemoryModel", "LlamaMemoryModel",
+    "MistralMemoryModel", "build_memory", "init_lm_head_from_base", "load_memory",
+]

@@ -1,0 +1,188 @@
+"""models/: each block type against a hand computation, sizes, presets, save/load, base-model checks, --init_lm_head."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModel, GPT2Config, LlamaConfig, MistralConfig
+
+from models import (GPT2MemoryModel, LlamaMemoryModel, MemoryConfig, MistralMemoryModel, build_memory,
+                    check_memory_matches, init_lm_head_from_base, load_memory, parameter_count)
+from tests.conftest import tiny_model
+from utils.cli import UsageError
+from utils.memory_training import base_parameter_count
+
+D, V = 16, 37
+
+
+def randomised(style: str, **fields) -> torch.nn.Module:
+    """A tiny memory of ``style`` in eval mode with every parameter (norms and biases too) random."""
+    config = MemoryConfig.from_preset("tiny", memory_style=style, hidden_size=D, vocab_size=V, intermediate_size=24,
+                                      **fields)
+    model = build_memory(config).eval()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+    return model
+
+
+def layer_norm(x, weight, bias, eps):
+    mean = x.mean(-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(-1, keepdim=True)
+    return (x - mean) / torch.sqrt(var + eps) * weight + bias
+
+
+def rms_norm(x, weight, eps):
+    return x / torch.sqrt((x**2).mean(-1, keepdim=True) + eps) * weight
+
+
+def gelu_tanh(x):
+    return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def linear(x, module):
+    out = x @ module.weight.T
+    return out if module.bias is None else out + module.bias
+
+
+def by_hand(model, x: torch.Tensor) -> torch.Tensor:
+    """The memory's logits computed from its weights with the formulas of the paper / the HF models."""
+    eps = model.config.norm_eps
+    style = model.config.memory_style
+    norm = (lambda h, n: layer_norm(h, n.weight, n.bias, eps)) if style == "gpt2" else (lambda h, n: rms_norm(h, n.weight, eps))
+    for block in model.blocks:
+        h = norm(x, block.norm)
+        if style == "gpt2":
+            ffn = linear(gelu_tanh(linear(h, block.ffn.fc)), block.ffn.proj)
+        else:
+            gate = linear(h, block.ffn.gate)
+            ffn = linear(gate * torch.sigmoid(gate) * linear(h, block.ffn.up), block.ffn.down)
+        x = x + ffn
+    return linear(norm(x, model.final_norm), model.lm_head)
+
+
+@pytest.mark.parametrize("style, cls", [("gpt2", GPT2MemoryModel), ("llama", LlamaMemoryModel),
+                                        ("mistral", MistralMemoryModel)])
+def test_blocks_match_hand_computation(style, cls):
+    model = randomised(style)
+    assert type(model) is cls
+    x = torch.randn(5, D)
+    torch.testing.assert_close(model(x), by_hand(model, x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model(x[None]), model(x)[None])  # any leading shape: (B, T, d) -> (B, T, V)
+
+
+def test_style_defaults():
+    gpt2 = MemoryConfig.from_preset("tiny", hidden_size=D, vocab_size=V)
+    assert (gpt2.memory_style, gpt2.norm_eps, gpt2.dropout, gpt2.ffn_bias, gpt2.intermediate_size) == ("gpt2", 1e-5, 0.1, True, 4 * D)
+    llama = MemoryConfig.from_preset("tiny", memory_style="llama", hidden_size=D, vocab_size=V)
+    assert (llama.dropout, llama.ffn_bias) == (0.0, False)
+    mistral = build_memory(MemoryConfig.from_preset("tiny", memory_style="mistral", hidden_size=D, vocab_size=V))
+    assert all("bias" not in name for name, _ in mistral.named_parameters())
+    with pytest.raises(UsageError, match="no FFN bias"):
+        MemoryConfig.from_preset("tiny", memory_style="mistral", hidden_size=D, vocab_size=V, ffn_bias=True)
+
+
+def test_dropout_only_in_training():
+    model = build_memory(MemoryConfig.from_preset("tiny", hidden_size=D, vocab_size=V, dropout=0.5))
+    x = torch.randn(4, D)
+    model.train()
+    assert not torch.equal(model(x), model(x))
+    model.eval()
+    assert torch.equal(model(x), model(x))
+
+
+@pytest.mark.parametrize("style, bias", [("gpt2", True), ("gpt2", False), ("llama", True), ("llama", False), ("mistral", False)])
+def test_parameter_count_formula(style, bias):
+    config = MemoryConfig.from_preset("tiny", memory_style=style, hidden_size=D, vocab_size=V, intermediate_size=24,
+                                      num_layers=3, ffn_bias=bias)
+    assert build_memory(config).num_parameters() == parameter_count(config)
+
+
+def test_sized_like_the_paper_from_gpt2_large():
+    """GPT2-large (d=1280, 774M parameters) gets 54 blocks and 772.6M parameters, as in the paper."""
+    base = GPT2Config(n_embd=1280, n_layer=36, n_head=20)
+    parameters = base_parameter_count(base)
+    assert parameters == 774_030_080
+    config = MemoryConfig.from_base(base, base_parameters=parameters)
+    assert (config.num_layers, parameter_count(config)) == (54, 772_604_160)
+    assert MemoryConfig.from_base(base, preset="large").num_layers == 54
+    assert MemoryConfig.from_base(base, num_layers=3, intermediate_size=100).intermediate_size == 100
+
+
+def test_sized_from_llama_and_mistral_configs():
+    llama = LlamaConfig(hidden_size=64, intermediate_size=176, num_hidden_layers=4, num_attention_heads=4,
+                        vocab_size=500, rms_norm_eps=1e-5, mlp_bias=True)
+    config = MemoryConfig.from_base(llama, base_parameters=base_parameter_count(llama), layer=3)
+    assert (config.memory_style, config.intermediate_size, config.norm_eps, config.ffn_bias, config.layer) == ("llama", 176, 1e-5, True, 3)
+    assert abs(parameter_count(config) - base_parameter_count(llama)) <= 3 * 64 * 176  # within one block
+    mistral = MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=500)
+    assert MemoryConfig.from_base(mistral, num_layers=2).memory_style == "mistral"
+
+
+def test_presets_refuse_other_sizes():
+    with pytest.raises(UsageError, match="hidden size 1280"):
+        MemoryConfig.from_base(GPT2Config(n_embd=64, n_head=4), preset="large")
+    with pytest.raises(UsageError, match="gpt2-style"):
+        MemoryConfig.from_base(LlamaConfig(hidden_size=1280, num_attention_heads=16), preset="large")
+    with pytest.raises(UsageError, match="Unknown memory preset"):
+        MemoryConfig.from_preset("huge", hidden_size=D, vocab_size=V)
+    with pytest.raises(UsageError, match="--num_layers"):
+        MemoryConfig.from_base(GPT2Config(n_embd=64, n_head=4))
+
+
+@pytest.mark.parametrize("style", ["gpt2", "llama", "mistral"])
+def test_save_and_load_round_trip(tmp_path, style):
+    model = randomised(style, base_model={"model_name_or_path": "/some/base"}, layer=1, tokenizer_fingerprint="abc")
+    model.save_pretrained(tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} == {"config.json", "model.safetensors"}
+    x = torch.randn(3, D)
+    for loaded in (load_memory(tmp_path), AutoModel.from_pretrained(tmp_path)):
+        assert type(loaded) is type(model)
+        assert torch.equal(loaded.eval()(x), model(x))
+    config = AutoConfig.from_pretrained(tmp_path)
+    assert (config.layer, config.tokenizer_fingerprint, config.base_model) == (1, "abc", {"model_name_or_path": "/some/base"})
+
+
+def test_load_memory_refuses_other_directories(tmp_path, tiny_gpt2_dir):
+    with pytest.raises(UsageError, match="no config.json"):
+        load_memory(tmp_path)
+    with pytest.raises(UsageError, match="not an MLP memory"):
+        load_memory(tiny_gpt2_dir)
+
+
+def test_memory_must_match_its_base_model():
+    base = tiny_model("gpt2", vocab_size=V)  # hidden size 32
+    memory_config = MemoryConfig.from_base(base.config, num_layers=1, layer=1, tokenizer_fingerprint="tok-a",
+                                           base_model={"model_name_or_path": "/trained/base"})
+    check_memory_matches(memory_config, base, "tok-a", layer=1)
+    with pytest.raises(UsageError, match="dimension 32.*hidden size is 64.*/trained/base"):
+        check_memory_matches(memory_config, tiny_model("gpt2", vocab_size=V, n_embd=64), "tok-a")
+    with pytest.raises(UsageError, match=f"predicts over {V} tokens.*has {V + 5}"):
+        check_memory_matches(memory_config, tiny_model("gpt2", vocab_size=V + 5), "tok-a")
+    with pytest.raises(UsageError, match="tokenizer fingerprint tok-a.*tok-b"):
+        check_memory_matches(memory_config, base, "tok-b", memory_path="MEM")
+    with pytest.raises(UsageError, match="block 1, not block 0"):
+        check_memory_matches(memory_config, base, "tok-a", layer=0)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+def test_init_lm_head_from_base(model_type):
+    """With the FFN outputs zeroed, a head-initialised memory computes the base model's head on its input."""
+    base = tiny_model(model_type, vocab_size=V)
+    with torch.no_grad():
+        for p in base.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # norms away from their initial ones
+    memory = build_memory(MemoryConfig.from_base(base.config, num_layers=2)).eval()
+    init_lm_head_from_base(memory, base)
+    with torch.no_grad():
+        for block in memory.blocks:
+            output = block.ffn.proj if model_type == "gpt2" else block.ffn.down
+            output.weight.zero_()
+            if output.bias is not None:
+                output.bias.zero_()
+    final_norm = base.transformer.ln_f if model_type == "gpt2" else base.model.norm
+    h = torch.randn(4, base.config.hidden_size)
+    torch.testing.assert_close(memory(h), base.get_output_embeddings()(final_norm(h)))
