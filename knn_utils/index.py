@@ -75,6 +75,14 @@ class IndexSettings:
             raise UsageError(f"--index_type must be one of {', '.join(INDEX_TYPES)}, got {self.index_type!r}")
 
 
+def open_datastore(path: str | os.PathLike, flag: str) -> Datastore:
+    """`load_datastore`, with errors that name the flag the path came from."""
+    try:
+        return load_datastore(str(path))
+    except ArtifactError as err:
+        raise ArtifactError(f"{flag} {path}: {err}") from None
+
+
 def default_index_path(dstore_path: str | os.PathLike) -> Path:
     """Where build_index puts the index of a datastore when --index_path is not given."""
     return Path(dstore_path) / DEFAULT_INDEX_NAME
@@ -285,7 +293,7 @@ def prepare_staging(staging: Path, identity: dict) -> None:
 def build_index(dstore_path: str, index_path: str | None = None, settings: IndexSettings | None = None,
                 use_gpu: bool = False, show_progress: bool = True) -> dict:
     """Build the index of a datastore and return its meta (the contents of ``meta.json``)."""
-    datastore = load_datastore(dstore_path)
+    datastore = open_datastore(dstore_path, "--dstore_path")
     index_path = Path(index_path) if index_path else default_index_path(dstore_path)
     if index_path.exists():
         raise ArtifactError(f"--index_path {index_path} already exists; delete it or choose another path")
@@ -407,7 +415,10 @@ def load_index(index_path: str | os.PathLike, datastore: Datastore, probe: int |
     On the CPU the index file is memory-mapped read-only, so processes on one machine share one copy.
     """
     index_path = Path(index_path)
-    meta = read_meta(index_path, "index")
+    try:
+        meta = read_meta(index_path, "index")
+    except ArtifactError as err:
+        raise ArtifactError(f"--index_path {index_path}: {err} Build it with knn_utils.build_index.") from None
     check_index_matches(meta, datastore, index_path)
     mmap = faiss.IO_FLAG_MMAP_IFC if meta["index_type"] == "flat" else faiss.IO_FLAG_MMAP
     index = faiss.read_index(str(index_path / INDEX_FILE), faiss.IO_FLAG_READ_ONLY | (0 if use_gpu else mmap))

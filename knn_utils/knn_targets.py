@@ -35,9 +35,9 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from knn_utils.datastore import Datastore, load_datastore
+from knn_utils.datastore import Datastore
 from knn_utils.index import (KnnIndex, Neighbours, check_gpu_k, chunk_ranges, configure_threads, datastore_summary,
-                             default_index_path, load_index, process_state)
+                             default_index_path, load_index, open_datastore, process_state)
 from utils.cli import UsageError
 from utils.io import ArtifactError, partial_path, read_json, read_meta, timed, write_json
 
@@ -347,8 +347,8 @@ def prepare_staging(staging: Path, identity: dict, state) -> None:
 def open_inputs(dstore_path: str, index_path: str | None, val_path: str | None, settings: TargetSettings,
                 use_gpu: bool) -> SearchJob:
     """Open and cross-check the datastore, the queries and the index."""
-    datastore = load_datastore(dstore_path)
-    queries = datastore if val_path is None else load_datastore(val_path)
+    datastore = open_datastore(dstore_path, "--dstore_path")
+    queries = datastore if val_path is None else open_datastore(val_path, "--val_path")
     if val_path is not None:
         check_queries(queries, datastore)
         if settings.ignore_first:

@@ -30,8 +30,9 @@ import numpy as np
 import torch
 from accelerate import PartialState
 
-from knn_utils.datastore import Datastore, load_datastore
-from knn_utils.index import KnnIndex, check_gpu_k, configure_threads, default_index_path, load_index, process_state
+from knn_utils.datastore import Datastore
+from knn_utils.index import (KnnIndex, check_gpu_k, configure_threads, default_index_path, load_index, open_datastore,
+                             process_state)
 from utils.arguments import DataArguments, ModelArguments
 from utils.cli import UsageError, parse_args, run, setup_logging
 from utils.modeling import describe_model, load_model_for_dataset
@@ -160,7 +161,7 @@ def evaluate_knnlm(model_args: ModelArguments, data_args: DataArguments, args: K
     """kNN-LM and base perplexity over the scored rows of ``data_args.eval_subset``; returns the metrics."""
     state = state or process_state()
     split = load_split(data_args.dataset_name, data_args.eval_subset)
-    datastore = load_datastore(args.dstore_dir)
+    datastore = open_datastore(args.dstore_dir, "--dstore_dir")
     model, _ = load_model_for_dataset(model_args, split.meta, data_args.dataset_name)
     check_datastore_fits(datastore, split, model, model_args)
     check_gpu_k(args.k, args.knn_gpu)

@@ -98,7 +98,7 @@ def test_settings_too_large_for_the_data_are_usage_errors(tmp_path, settings, fl
 def test_bad_flags_and_missing_datastore_are_usage_errors(tmp_path):
     with pytest.raises(UsageError, match="--code_size"):
         IndexSettings(code_size=0)
-    with pytest.raises(UsageError, match="does not exist"):
+    with pytest.raises(UsageError, match="--dstore_path .* does not exist"):
         build_index(str(tmp_path / "nowhere"))
 
 

@@ -182,7 +182,7 @@ def test_ignore_first_parses_true_and_false():
 def test_bad_inputs_are_usage_errors(flat_dstore, tmp_path):
     with pytest.raises(UsageError, match="--k must be"):
         TargetSettings(k=0)
-    with pytest.raises(UsageError, match="does not exist"):
+    with pytest.raises(UsageError, match="--dstore_path .* does not exist"):
         compute_knn_targets(str(tmp_path / "nowhere"), str(tmp_path / "t"))
     other = random_datastore(tmp_path / "other", rows=300, dim=8, vocab=VOCAB, seed=9)
     with pytest.raises(UsageError, match="--index_path"):
