@@ -67,6 +67,7 @@ class BenchArguments:
     knnlm_k: int = field(default=1024, metadata={"help": "Part 2: neighbours per token."})
     knnlm_probe: int = field(default=32, metadata={"help": "Part 2: nprobe of an IVFPQ index."})
     skip_knnlm: bool = field(default=False, metadata={"help": "Run part 1 only."})
+    note: str | None = field(default=None, metadata={"help": "Free text recorded with the results (e.g. how a real datastore was made)."})
 
 
 def machine_info() -> dict:
@@ -252,6 +253,7 @@ def markdown(results: dict) -> str:
         "# kNN search benchmark", "",
         f"Machine: {machine['cpu']}, {machine['cores']} cores ({machine['faiss_threads']} FAISS threads), "
         f"load average at start {machine['load_average_at_start']}; FAISS {machine['faiss']}, torch {machine['torch']}.", "",
+        *([results["arguments"]["note"], ""] if results["arguments"].get("note") else []),
         f"Datastore: {search['datastore']['path']}, {search['datastore']['rows']} x {search['datastore']['dim']} float16 keys; "
         f"{search['num_queries']} queries (random datastore rows). IVFPQ: {search['index']['ncentroids']} lists, "
         f"{search['index']['code_size']} x 8-bit codes, trained on {search['index']['train_size']} keys in "
