@@ -28,7 +28,7 @@ from utils.architectures import normalize_layer
 from utils.arguments import DataArguments, DstoreArguments, ModelArguments
 from utils.cli import UsageError, parse_args, run, setup_logging
 from utils.distributed import process_state, with_cpu_flag
-from utils.io import read_json, write_json
+from utils.io import save_metrics
 from utils.modeling import describe_model, load_model_for_dataset
 from utils.preprocess_dataset import TokenizedSplit, load_split
 from utils.scoring import gather_window_totals, score_batches, token_nll, window_sums
@@ -112,15 +112,6 @@ def evaluate(model, split: TokenizedSplit, batch_size: int, state: PartialState,
         if dstore_meta is not None:
             metrics["dstore_rows_per_second"] = round(num_rows / dstore_meta["seconds"], 2)
     return metrics
-
-
-def save_metrics(output_dir: str, name: str, metrics: dict) -> None:
-    """Write ``<name>_results.json`` and merge the metrics into ``all_results.json`` (as run_clm does)."""
-    os.makedirs(output_dir, exist_ok=True)
-    write_json(os.path.join(output_dir, f"{name}_results.json"), metrics)
-    all_path = os.path.join(output_dir, "all_results.json")
-    combined = read_json(all_path) if os.path.exists(all_path) else {}
-    write_json(all_path, {**combined, **metrics})
 
 
 def main(argv: list[str] | None = None) -> dict:

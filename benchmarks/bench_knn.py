@@ -32,9 +32,10 @@ import faiss
 import numpy as np
 
 from knn_utils.datastore import DatastoreWriter, load_datastore
-from knn_utils.index import IndexSettings, build_index, load_index, process_state
+from knn_utils.index import IndexSettings, build_index, load_index
 from knn_utils.knn_targets import SearchJob, TargetSettings, search_rows
 from utils.cli import parse_args, run, setup_logging
+from utils.distributed import process_state
 from utils.io import write_json
 
 logger = logging.getLogger(__name__)

@@ -441,18 +441,6 @@ def check_gpu_k(k: int, use_gpu: bool) -> None:
         raise UsageError(f"--k {k}: GPU FAISS searches at most {GPU_MAX_K - 1} neighbours (plus the query's own row)")
 
 
-def process_state():
-    """The ``accelerate.PartialState`` of this process; on a machine without CUDA, processes talk over gloo.
-
-    ``accelerate launch --cpu`` starts a single process; to run N CPU processes on one machine use
-    ``accelerate launch --multi_gpu --num_processes N`` (torchrun), which this turns into a gloo group.
-    """
-    import torch
-    from accelerate import PartialState
-
-    return PartialState(cpu=not torch.cuda.is_available())
-
-
 def configure_threads(num_processes: int) -> int:
     """Share the machine's cores between the processes of one machine for FAISS's OpenMP threads.
 

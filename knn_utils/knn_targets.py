@@ -37,8 +37,9 @@ from tqdm.auto import tqdm
 
 from knn_utils.datastore import Datastore
 from knn_utils.index import (KnnIndex, Neighbours, check_gpu_k, chunk_ranges, configure_threads, datastore_summary,
-                             default_index_path, load_index, open_datastore, process_state)
+                             default_index_path, load_index, open_datastore)
 from utils.cli import UsageError
+from utils.distributed import process_state
 from utils.io import ArtifactError, partial_path, read_json, read_meta, timed, write_json
 
 logger = logging.getLogger(__name__)

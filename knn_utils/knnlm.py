@@ -31,10 +31,11 @@ import torch
 from accelerate import PartialState
 
 from knn_utils.datastore import Datastore
-from knn_utils.index import (KnnIndex, check_gpu_k, configure_threads, default_index_path, load_index, open_datastore,
-                             process_state)
+from knn_utils.index import (KnnIndex, check_gpu_k, configure_threads, default_index_path, load_index, open_datastore)
 from utils.arguments import DataArguments, ModelArguments
 from utils.cli import UsageError, parse_args, run, setup_logging
+from utils.distributed import process_state
+from utils.io import save_metrics
 from utils.modeling import describe_model, load_model_for_dataset
 from utils.preprocess_dataset import TokenizedSplit, load_split
 from utils.scoring import ScoredBatch, gather_window_totals, score_batches, token_nll, window_sums
@@ -199,7 +200,6 @@ def evaluate_knnlm(model_args: ModelArguments, data_args: DataArguments, args: K
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from train_base import save_metrics
 
     state = process_state()
     setup_logging(state.is_main_process)

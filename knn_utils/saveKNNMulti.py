@@ -19,9 +19,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch/FAISS load: 
 import logging
 from dataclasses import dataclass, field
 
-from knn_utils.index import process_state
 from knn_utils.knn_targets import TargetSettings, compute_knn_targets
 from utils.cli import UsageError, parse_args, run, setup_logging
+from utils.distributed import process_state
 from utils.io import read_meta
 
 logger = logging.getLogger(__name__)

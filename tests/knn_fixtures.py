@@ -99,7 +99,7 @@ def accelerate_launch(module: str, args: list[str], num_processes: int = 2, time
     """Run ``python -m module args`` in ``num_processes`` CPU processes from the repository root.
 
     ``accelerate launch --cpu`` would start one process only; ``--multi_gpu`` goes through torchrun and
-    the entry points form a gloo group when there is no CUDA (knn_utils.index.process_state).
+    the entry points form a gloo group when there is no CUDA (utils.distributed.process_state).
     """
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", module, *args]

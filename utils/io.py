@@ -122,3 +122,12 @@ def timed(what: str, log: logging.Logger = logger) -> Iterator[dict]:
     yield record
     record["seconds"] = time.perf_counter() - start
     log.info("%s took %.2f s", what, record["seconds"])
+
+
+def save_metrics(output_dir: str, name: str, metrics: dict) -> None:
+    """Write ``<name>_results.json`` and merge the metrics into ``all_results.json`` (as run_clm does)."""
+    os.makedirs(output_dir, exist_ok=True)
+    write_json(os.path.join(output_dir, f"{name}_results.json"), metrics)
+    all_path = os.path.join(output_dir, "all_results.json")
+    combined = read_json(all_path) if os.path.exists(all_path) else {}
+    write_json(all_path, {**combined, **metrics})
