@@ -28,6 +28,7 @@ import numpy as np
 from utils.io import ArtifactError, array_sha256, atomic_directory, read_meta, timed, write_json
 from utils.arguments import SPLITS
 from utils.cli import UsageError, parse_args, run, setup_logging
+from utils.distributed import process_state
 from utils.modeling import load_tokenizer, tokenizer_fingerprint
 from utils.windows import make_windows
 
@@ -229,11 +230,17 @@ def load_split(dataset_dir: str, split: str) -> TokenizedSplit:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    setup_logging()
+    state = process_state()  # under `accelerate launch`, one process writes and the others wait for it
+    setup_logging(state.is_main_process)
     (args,) = parse_args((PreprocessArguments,), argv)
     logger.info("Preprocessing with %s", args)
-    meta = preprocess(args)
-    print(f"Wrote {args.output_dir}: " + ", ".join(f"{s} {m['tokens']} tokens / {m['windows']} windows" for s, m in meta["splits"].items()))
+    if state.is_main_process:
+        preprocess(args)
+    state.wait_for_everyone()
+    meta = read_meta(args.output_dir, "dataset")
+    if state.is_main_process:
+        sizes = ", ".join(f"{s} {m['tokens']} tokens / {m['windows']} windows" for s, m in meta["splits"].items())
+        print(f"Wrote {args.output_dir}: {sizes}")
     return meta
 
 
