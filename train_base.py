@@ -21,7 +21,7 @@ import time
 import numpy as np
 import torch
 from accelerate import PartialState
-from transformers import Trainer, TrainingArguments, default_data_collator
+from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
 
 from knn_utils.datastore import DatastoreWriter
 from utils.architectures import normalize_layer
@@ -130,6 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
     eval_split = load_split(data_args.dataset_name, data_args.eval_subset) if training_args.do_eval else None
     train_split = load_split(data_args.dataset_name, "train") if training_args.do_train else None
     dataset_meta = (eval_split or train_split).meta
+    set_seed(training_args.seed)  # before the model exists: a from-scratch model's initial weights depend on it
     model, tokenizer = load_model_for_dataset(model_args, dataset_meta, data_args.dataset_name)
 
     metrics = {}

@@ -173,3 +173,17 @@ def test_smollm2_gguf_perplexity_and_datastore(tmp_path):
     dstore = load_datastore(str(tmp_path / "ds"))
     assert dstore.meta["architecture"] == "llama" and dstore.dim == 576 and dstore.meta["layer"] == 29
     assert np.isfinite(dstore.keys[:].astype(np.float32)).all()
+
+
+def test_from_scratch_training_is_reproducible(tiny_dataset, tiny_tokenizer_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    for run in ("a", "b"):
+        train_base.main([
+            "--model_type", "gpt2", "--tokenizer_name", str(tiny_tokenizer_dir), "--config_overrides",
+            "n_layer=1,n_embd=16,n_head=2", "--dataset_name", str(tiny_dataset), "--do_train", "--max_steps", "3",
+            "--per_device_train_batch_size", "2", "--save_strategy", "no", "--report_to", "none", "--seed", "7",
+            "--output_dir", str(tmp_path / run),
+        ])
+    a, b = (load_file(tmp_path / run / "model.safetensors") for run in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
