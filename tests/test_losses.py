@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from utils.losses import SparseTargets, memory_loss, sparse_argmax, sparse_kl_per_row
+from utils.losses import SparseTargets, kl_and_gold_nll, memory_loss, sparse_argmax, sparse_nll
 
 VOCAB = 50
 
@@ -59,14 +59,25 @@ def test_sparse_loss_and_gradient_equal_dense(alpha):
     torch.testing.assert_close(logits.grad.double(), dense_logits.grad.double(), rtol=1e-4, atol=1e-6)
 
 
-def test_kl_parts():
-    """Per-row KL: zero when log q equals log p on the stored ids, and empty rows contribute 0."""
-    targets = random_targets(5, seed=3, empty_rows=(2,), zero_entry=False)
-    log_q = torch.full((5, VOCAB), -100.0)
-    log_q[targets.entry_row, targets.token_ids] = targets.probs.float().log()
-    kl = sparse_kl_per_row(log_q, targets)
-    assert kl[2] == 0
-    torch.testing.assert_close(kl, torch.zeros(5), atol=1e-5, rtol=0)
+def test_kl_is_zero_when_q_equals_p_and_empty_rows_contribute_nothing():
+    targets = SparseTargets.from_numpy(np.array([0, 0, 0, 2, 2]), np.array([1, 4, 9, 0, 3]),
+                                       np.array([0.5, 0.25, 0.25, 0.75, 0.25]), 3)  # exact in float16
+    logits = torch.full((3, VOCAB), -200.0)
+    logits[targets.entry_row, targets.token_ids] = targets.probs.log()
+    kl, gold_nll = kl_and_gold_nll(logits, targets, torch.tensor([1, 5, 0]))
+    torch.testing.assert_close(kl, torch.zeros(3), atol=1e-6, rtol=0)
+    torch.testing.assert_close(gold_nll[[0, 2]], -targets.probs[[0, 3]].log())
+
+
+def test_sparse_nll_gradient_matches_autograd_of_log_softmax():
+    logits = torch.randn(4, VOCAB, dtype=torch.float32, requires_grad=True)
+    rows, tokens = torch.tensor([0, 0, 2, 3, 3, 3]), torch.tensor([5, 5, 1, 7, 8, 0])
+    weights = torch.rand(6)
+    (sparse_nll(logits, rows, tokens) * weights).sum().backward()
+    reference = logits.detach().clone().requires_grad_()
+    (-torch.log_softmax(reference, -1)[rows, tokens] * weights).sum().backward()
+    torch.testing.assert_close(logits.grad, reference.grad, rtol=1e-5, atol=1e-7)
+    assert torch.equal(logits.grad[1], torch.zeros(VOCAB))  # a row without entries gets no gradient
 
 
 def test_reported_parts_match_alpha_mix():

@@ -3,13 +3,17 @@
     loss = alpha * KL(p_knn || softmax(z)) + (1 - alpha) * CE(z, gold)
 
 A batch of kNN targets is three flat arrays over its stored entries (`KnnTargets.batch`): the batch
-row of each entry, its token id and its probability. With ``log_q = log_softmax(z)`` (n, V),
+row of each entry, its token id and its probability. With ``log q[i, t] = z[i, t] - lse_i`` and
+``lse_i = logsumexp(z[i])``,
 
-    KL_i = sum_{entries j of row i} p_j * (log p_j - log_q[i, token_j])
+    KL_i = sum_{entries j of row i} p_j * (log p_j - z[i, token_j] + lse_i)
+    CE_i = lse_i - z[i, gold_i]
 
-so only ``log_q`` gathered at the stored ids is needed: memory O(nnz + n * V), the second term being
-the logits themselves. Entries with ``p = 0`` contribute 0 (``xlogy``). The KL is averaged over the
-rows that have a target (a row with no neighbour has none); the CE over all rows.
+so only the logits at the stored ids and one logsumexp per row are needed. `_SparseNLL` computes
+both and writes the gradient into a single (n, V) tensor, so memory is O(nnz + n * V): the logits,
+their gradient and one transient for the logsumexp -- no (n, V) target, no log-softmax kept for the
+backward pass. Entries with ``p = 0`` contribute 0 (``xlogy``). The KL is averaged over the rows that
+have a target (a row with no neighbour has none); the CE over all rows.
 """
 
 from __future__ import annotations
@@ -50,17 +54,48 @@ class LossTerms:
     ce: torch.Tensor
 
 
-def gather_log_probs(log_q: torch.Tensor, rows: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-    """``log_q[rows[j], token_ids[j]]`` for every entry j: (n, V), (m,), (m,) -> (m,)."""
-    vocab = log_q.shape[-1]
-    return log_q.reshape(-1).index_select(0, rows * vocab + token_ids)  # (m,) from the flat (n * V,) view
+class _SparseNLL(torch.autograd.Function):
+    """``-log softmax(logits)[rows[j], tokens[j]]`` for m entries (m,), with a lean backward pass.
+
+    Autograd through ``log_softmax`` and a gather would keep an (n, V) log-softmax alive for the backward
+    pass and build two more (n, V) gradients; this writes the gradient straight into one (n, V) tensor:
+    ``d/dz[i] = (sum of the entry gradients of row i) * softmax(z[i]) - (each entry's gradient at its token)``.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        lse = torch.logsumexp(logits, dim=-1)  # (n,)
+        flat = rows * logits.shape[-1] + tokens  # (m,) positions in the flat (n * V,) view
+        ctx.save_for_backward(logits, lse, rows, flat)
+        return lse[rows] - logits.reshape(-1)[flat]  # (m,)
+
+    @staticmethod
+    def backward(ctx, grad_nll: torch.Tensor):
+        logits, lse, rows, flat = ctx.saved_tensors
+        row_weight = torch.zeros_like(lse).index_add_(0, rows, grad_nll)  # (n,)
+        grad = torch.sub(logits, lse[:, None]).exp_().mul_(row_weight[:, None])  # (n, V) weighted softmax, in place
+        grad.view(-1).index_add_(0, flat, -grad_nll)
+        return grad, None, None
 
 
-def sparse_kl_per_row(log_q: torch.Tensor, targets: SparseTargets) -> torch.Tensor:
-    """``KL(p_knn || q)`` of each row from the stored entries only: (n, V) log-probs -> (n,)."""
-    p = targets.probs.to(log_q.dtype)
-    terms = torch.xlogy(p, p) - p * gather_log_probs(log_q, targets.entry_row, targets.token_ids)  # (nnz,)
-    return torch.zeros(log_q.shape[0], dtype=log_q.dtype, device=log_q.device).index_add_(0, targets.entry_row, terms)
+def sparse_nll(logits: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """``-log softmax(logits)[rows[j], tokens[j]]`` for every entry j, in float32: (n, V), (m,), (m,) -> (m,)."""
+    return _SparseNLL.apply(logits.float().contiguous(), rows, tokens)
+
+
+def kl_and_gold_nll(logits: torch.Tensor, targets: SparseTargets, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: ``KL(p_knn || softmax(logits))`` over the stored entries, and ``-log q(gold)``: (n, V) -> (n,), (n,).
+
+    One `sparse_nll` call over the kNN entries and the gold tokens together, so the backward pass builds
+    a single (n, V) gradient.
+    """
+    n, nnz = logits.shape[0], len(targets.token_ids)
+    rows = torch.cat([targets.entry_row, torch.arange(n, device=logits.device)])  # (nnz + n,)
+    nll = sparse_nll(logits, rows, torch.cat([targets.token_ids, labels]))  # (nnz + n,)
+    p = targets.probs.float()
+    terms = torch.xlogy(p, p) + p * nll[:nnz]  # (nnz,) p log p - p log q
+    kl = torch.zeros(n, dtype=terms.dtype, device=logits.device).index_add_(0, targets.entry_row, terms)
+    return kl, nll[nnz:]
 
 
 def rows_with_targets(targets: SparseTargets) -> torch.Tensor:
@@ -78,10 +113,9 @@ def memory_loss(logits: torch.Tensor, targets: SparseTargets, labels: torch.Tens
     if logits.shape[0] == 0:
         zero = logits.float().sum() * 0.0
         return LossTerms(zero, zero.detach(), zero.detach())
-    log_q = torch.log_softmax(logits.float(), dim=-1)  # (n, V)
-    kl_rows = sparse_kl_per_row(log_q, targets)  # (n,)
+    kl_rows, gold_nll = kl_and_gold_nll(logits, targets, labels)
     kl = kl_rows.sum() / rows_with_targets(targets).sum().clamp(min=1)
-    ce = -gather_log_probs(log_q, torch.arange(len(labels), device=labels.device), labels).mean()
+    ce = gold_nll.mean()
     return LossTerms(alpha * kl + (1.0 - alpha) * ce, kl.detach(), ce.detach())
 
 

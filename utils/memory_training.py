@@ -53,7 +53,7 @@ from models import PRESETS, MemoryConfig, MLPMemoryPreTrainedModel, build_memory
 from utils.cli import UsageError, setup_logging
 from utils.hidden_state import HiddenStateHook
 from utils.io import ArtifactError, read_json, timed, write_json
-from utils.losses import SparseTargets, memory_loss, sparse_argmax, sparse_kl_per_row, rows_with_targets
+from utils.losses import SparseTargets, kl_and_gold_nll, memory_loss, rows_with_targets, sparse_argmax
 from utils.scoring import collate_windows
 from utils.windows import ROW_BEGIN, ROW_END
 
@@ -529,11 +529,11 @@ def validate(model, source: RowSource, accelerator, alpha: float, vocab_size: in
         if batch.num_rows == 0:
             continue
         batch = batch.to(accelerator.device)
-        log_q = torch.log_softmax(model(batch.inputs).float(), dim=-1)  # (n, V)
+        logits = model(batch.inputs)  # (n, V)
+        kl, ce = kl_and_gold_nll(logits, batch.targets, batch.labels)  # (n,), (n,)
         has_target = rows_with_targets(batch.targets)
-        agree = (log_q.argmax(-1) == sparse_argmax(batch.targets, vocab_size)) & has_target
-        ce = -log_q.gather(-1, batch.labels[:, None]).squeeze(-1)  # (n,)
-        totals += torch.stack([sparse_kl_per_row(log_q, batch.targets).sum().double(), has_target.sum().double(),
+        agree = (logits.argmax(-1) == sparse_argmax(batch.targets, vocab_size)) & has_target
+        totals += torch.stack([kl.sum().double(), has_target.sum().double(),
                                agree.sum().double(), ce.sum().double(), torch.tensor(batch.num_rows, dtype=torch.float64,
                                                                                       device=ce.device)])
     model.train()
