@@ -29,15 +29,10 @@ from transformers import initialization as init
 
 from models.configuration_mlp_memory import (GPT2MemoryConfig, LlamaMemoryConfig, MemoryConfig, MistralMemoryConfig,
                                              STYLE_CONFIGS)
+from utils.architectures import final_norm
 from utils.cli import UsageError
 
 logger = logging.getLogger(__name__)
-
-# Where the base model's final norm lives (for --init_lm_head); the output embedding is found by
-# get_output_embeddings(). TODO(integrator): move into utils/architectures.py::ArchSpec.
-BASE_FINAL_NORM = {"gpt2": "transformer.ln_f", "llama": "model.norm", "mistral": "model.norm",
-                   "qwen2": "model.norm", "qwen3": "model.norm"}
-
 
 # ---------------------------------------------------------------------------------------------------
 # Building blocks
@@ -194,9 +189,7 @@ def init_lm_head_from_base(memory: MLPMemoryPreTrainedModel, base_model: nn.Modu
         raise UsageError(f"--init_lm_head: the base model's output embedding is {tuple(head.shape)}, the memory's head "
                          f"{tuple(memory.lm_head.weight.shape)}")
     memory.lm_head.weight.copy_(head)
-    base_norm = base_model
-    for name in BASE_FINAL_NORM[base_model.config.model_type].split("."):
-        base_norm = getattr(base_norm, name)
+    base_norm = final_norm(base_model)
     state = {k: v for k, v in base_norm.state_dict().items()}
     missing, unexpected = memory.final_norm.load_state_dict(state, strict=False)
     if missing or unexpected:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole pipeline on the embedded default corpus, on CPU, in a few minutes:
 #   embedded corpus -> preprocess -> base model (trained from scratch) -> evaluation -> datastore
-#   -> FAISS index -> kNN targets -> kNN-LM evaluation
+#   -> FAISS index -> kNN targets -> kNN-LM evaluation -> MLP memory trained on the kNN targets
 # Every stage writes a self-describing directory under $OUT and is skipped when that directory is
 # already complete, so an interrupted run picks up where it stopped.
 #   OUT            output directory (default: outputs/quickstart)
@@ -69,6 +69,11 @@ stage "kNN-LM on test" "$OUT/eval_knnlm_test/knnlm_results.json" \
     python -m knn_utils.knnlm --model_name_or_path "$OUT/base" --dataset_name "$OUT/dataset" --eval_subset test \
         --dstore_dir "$OUT/dstore" --k "$K" --knn_temp "$KNN_TEMP" --lmbda "$LMBDA" \
         --per_device_eval_batch_size 16 --output_dir "$OUT/eval_knnlm_test"
+
+stage "MLP memory (offline: datastore keys -> kNN targets)" "$OUT/memory/meta.json" \
+    python -m train_mlpmem_offline --knn_dstore_path "$OUT/dstore" --knn_save_path "$OUT/knn_targets" \
+        --output_dir "$OUT/memory" --num_train_epochs 8 --num_warmup_steps 50 --learning_rate 5e-3 \
+        --disable_tqdm true
 
 python -m utils.summary --output_dir "$OUT"
 echo "Quickstart finished in $(( $(date +%s) - start )) s; everything is under $OUT"

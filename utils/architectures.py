@@ -19,15 +19,16 @@ from utils.cli import UsageError
 class ArchSpec:
     layers: str  # dotted attribute path from the *ForCausalLM model to its list of blocks
     ffn: str  # attribute of a block whose input is the key
+    final_norm: str  # dotted path of the norm before the LM head (copied by the memory's --init_lm_head)
     memory_style: str  # "gpt2" (LayerNorm + GELU) or "llama" (RMSNorm + SwiGLU)
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {
-    "gpt2": ArchSpec(layers="transformer.h", ffn="mlp", memory_style="gpt2"),
-    "llama": ArchSpec(layers="model.layers", ffn="mlp", memory_style="llama"),
-    "mistral": ArchSpec(layers="model.layers", ffn="mlp", memory_style="mistral"),
-    "qwen2": ArchSpec(layers="model.layers", ffn="mlp", memory_style="llama"),
-    "qwen3": ArchSpec(layers="model.layers", ffn="mlp", memory_style="llama"),
+    "gpt2": ArchSpec(layers="transformer.h", ffn="mlp", final_norm="transformer.ln_f", memory_style="gpt2"),
+    "llama": ArchSpec(layers="model.layers", ffn="mlp", final_norm="model.norm", memory_style="llama"),
+    "mistral": ArchSpec(layers="model.layers", ffn="mlp", final_norm="model.norm", memory_style="mistral"),
+    "qwen2": ArchSpec(layers="model.layers", ffn="mlp", final_norm="model.norm", memory_style="llama"),
+    "qwen3": ArchSpec(layers="model.layers", ffn="mlp", final_norm="model.norm", memory_style="llama"),
 }
 
 
@@ -42,12 +43,21 @@ def arch_spec(model_type: str) -> ArchSpec:
         ) from None
 
 
+def submodule(model: torch.nn.Module, dotted_path: str) -> torch.nn.Module:
+    """``model.a.b`` for ``"a.b"``."""
+    for name in dotted_path.split("."):
+        model = getattr(model, name)
+    return model
+
+
 def transformer_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
     """The list of transformer blocks of a causal LM of a supported architecture."""
-    module = model
-    for name in arch_spec(model.config.model_type).layers.split("."):
-        module = getattr(module, name)
-    return module
+    return submodule(model, arch_spec(model.config.model_type).layers)
+
+
+def final_norm(model: torch.nn.Module) -> torch.nn.Module:
+    """The norm a causal LM applies before its LM head."""
+    return submodule(model, arch_spec(model.config.model_type).final_norm)
 
 
 def key_module(model: torch.nn.Module, layer: int = -1) -> torch.nn.Module:

@@ -54,7 +54,7 @@ from utils.cli import UsageError, setup_logging
 from utils.hidden_state import HiddenStateHook
 from utils.io import ArtifactError, read_json, timed, write_json
 from utils.losses import SparseTargets, kl_and_gold_nll, memory_loss, rows_with_targets, sparse_argmax
-from utils.scoring import collate_windows
+from utils.scoring import score_windows
 from utils.windows import ROW_BEGIN, ROW_END
 
 logger = logging.getLogger(__name__)
@@ -304,16 +304,9 @@ def window_hidden_states(model: torch.nn.Module, tokens: np.ndarray, windows: np
     Returns the global row ids (n,) and the hidden states (n, d): the input of block ``layer``'s
     feed-forward layer, the same tensor the datastore stores. Only the transformer body runs (no LM head).
     """
-    device = next(model.parameters()).device
-    input_ids, attention_mask, _ = collate_windows(tokens, windows)
     with HiddenStateHook(model, layer) as hook:
-        model.base_model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False)
-        hidden = hook.hidden  # (B, T, d)
-    rows, parts = [], []
-    for i, (begin, _, row_begin, row_end) in enumerate(windows):
-        rows.append(np.arange(row_begin, row_end))
-        parts.append(hidden[i, row_begin - begin : row_end - begin])  # (rows of window i, d)
-    return np.concatenate(rows), torch.cat(parts)
+        scored = score_windows(model, hook, tokens, windows, np.arange(len(windows)), with_logits=False)
+    return scored.rows, scored.hidden
 
 
 class OnTheFlyRows:

@@ -32,7 +32,7 @@ class ScoredBatch:
     window_ids: np.ndarray  # int64 (W,)
     rows: np.ndarray  # int64 (n,) global row ids
     hidden: torch.Tensor  # (n, d) kNN key of each row
-    logits: torch.Tensor  # (n, V) LM logits predicting each row's next token
+    logits: torch.Tensor | None  # (n, V) LM logits predicting each row's next token (None: not computed)
     labels: torch.Tensor  # (n,) the next token
 
 
@@ -55,6 +55,34 @@ def collate_windows(tokens: np.ndarray, windows: np.ndarray, pad_id: int = 0) ->
 
 
 @torch.no_grad()
+def score_windows(model: torch.nn.Module, hook: HiddenStateHook, tokens: np.ndarray, windows: np.ndarray,
+                  window_ids: np.ndarray, with_logits: bool = True) -> ScoredBatch:
+    """One forward pass over some whole windows; ``with_logits=False`` runs only the transformer body
+    (no LM head) and leaves ``logits`` empty."""
+    device = next(model.parameters()).device
+    batch = windows[window_ids]
+    input_ids, attention_mask, first_scored = collate_windows(tokens, batch)
+    inputs = dict(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False)
+    if with_logits:
+        logits = model(**inputs, logits_to_keep=input_ids.shape[1] - first_scored).logits  # (B, T', V)
+    else:
+        model.base_model(**inputs)
+        logits = None
+    hidden = hook.hidden[:, first_scored:]  # (B, T', d), T' = T - first_scored
+    rows, keep_h, keep_l, labels = [], [], [], []
+    for i, (begin, end, row_begin, row_end) in enumerate(batch):
+        local = slice(row_begin - begin - first_scored, row_end - begin - first_scored)
+        rows.append(np.arange(row_begin, row_end))
+        keep_h.append(hidden[i, local])
+        if logits is not None:
+            keep_l.append(logits[i, local])
+        labels.append(input_ids[i, row_begin + 1 - begin : row_end + 1 - begin])
+    return ScoredBatch(
+        window_ids=window_ids, rows=np.concatenate(rows), hidden=torch.cat(keep_h),
+        logits=torch.cat(keep_l) if keep_l else None, labels=torch.cat(labels).to(device),
+    )
+
+
 def score_batches(
     model: torch.nn.Module,
     tokens: np.ndarray,
@@ -68,31 +96,11 @@ def score_batches(
 ) -> Iterator[ScoredBatch]:
     """Yield a `ScoredBatch` for every batch of windows this process owns (unless ``skip(window_ids)``)."""
     model.eval()
-    device = next(model.parameters()).device
     batches = batch_ids(len(windows), batch_size, rank, world_size)
     with HiddenStateHook(model, layer) as hook:
         for window_ids in tqdm(batches, desc="Scoring windows", disable=not show_progress, unit="batch"):
-            if skip is not None and skip(window_ids):
-                continue
-            batch = windows[window_ids]
-            input_ids, attention_mask, first_scored = collate_windows(tokens, batch)
-            out = model(
-                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                logits_to_keep=input_ids.shape[1] - first_scored, use_cache=False,
-            )
-            hidden = hook.hidden[:, first_scored:]  # (B, T', d), T' = T - first_scored
-            logits = out.logits  # (B, T', V)
-            rows, keep_h, keep_l, labels = [], [], [], []
-            for i, (begin, end, row_begin, row_end) in enumerate(batch):
-                local = slice(row_begin - begin - first_scored, row_end - begin - first_scored)
-                rows.append(np.arange(row_begin, row_end))
-                keep_h.append(hidden[i, local])
-                keep_l.append(logits[i, local])
-                labels.append(input_ids[i, row_begin + 1 - begin : row_end + 1 - begin])
-            yield ScoredBatch(
-                window_ids=window_ids, rows=np.concatenate(rows), hidden=torch.cat(keep_h),
-                logits=torch.cat(keep_l), labels=torch.cat(labels).to(device),
-            )
+            if skip is None or not skip(window_ids):
+                yield score_windows(model, hook, tokens, windows, window_ids)
 
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

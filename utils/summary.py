@@ -42,6 +42,10 @@ def collect(out: Path) -> dict:
         summary.setdefault("tokens_per_second", {})["knn_lm"] = knnlm["eval_tokens_per_second"]
         summary["knn_lm_settings"] = {"k": knnlm["k"], "lmbda": knnlm["lmbda"], "knn_temp": knnlm["knn_temp"],
                                       "index": knnlm["index_type"]}
+    if memory := _read(out / "memory" / "training_results.json"):
+        summary["memory_training"] = {"seconds": memory["train_seconds"], "steps": memory["train_steps"],
+                                      "validation_kl_to_knn": memory["val_kl"],
+                                      "validation_top1_agreement_with_knn": memory["val_top1_agreement"]}
     return summary
 
 
