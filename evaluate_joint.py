@@ -1,0 +1,47 @@
+"""Evaluate the joint model: a frozen base LM interpolated with a trained MLP memory (SPEC step 6).
+
+    python -m evaluate_joint --do_test --model_name_or_path MODEL --dataset_name DATASET \\
+        --dataset_split_name test --per_device_eval_batch_size 8 --output_dir OUT --knn_temp 1 --lmbda 0.25 \\
+        --knn_generator_path MLP_MEMORY_DIR --report_to none
+    python -m evaluate_joint ... --lmbda 0.25 0.5 0.75     # a sweep, scored in the same pass
+    accelerate launch --multi_gpu --num_processes 2 -m evaluate_joint ...   # same numbers, any process count
+
+Writes ``OUT/joint_results.json`` (base, memory-alone and joint perplexity for every lmbda, tokens/s of
+the base alone and of base + memory); with several ``--lmbda`` also ``OUT/lmbda_sweep.md`` and
+``OUT/lmbda_sweep.png``. The library is `utils.joint`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from utils.arguments import DataArguments, ModelArguments
+from utils.cli import parse_args, run, setup_logging
+from utils.distributed import process_state
+from utils.io import save_metrics
+from utils.joint import JointArguments, evaluate_joint, save_sweep
+
+logger = logging.getLogger(__name__)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    state = process_state()
+    setup_logging(state.is_main_process)
+    model_args, data_args, args = parse_args((ModelArguments, DataArguments, JointArguments), argv)
+    logger.info("Arguments: %s %s %s", model_args, data_args, args)
+    metrics = evaluate_joint(model_args, data_args, args, state)
+    if state.is_main_process:
+        save_metrics(args.output_dir, "joint", metrics)
+        if len(args.lmbda) > 1:
+            save_sweep(args.output_dir, metrics)
+        logger.info("Perplexity on %s over %d tokens: base %.4f, memory alone %.4f", metrics["eval_subset"],
+                    metrics["eval_tokens"], metrics["base_perplexity"], metrics["memory_perplexity"])
+        for entry in metrics["lmbda_sweep"]:
+            logger.info("  joint, lmbda %g: %.4f", entry["lmbda"], entry["perplexity"])
+        logger.info("Tokens/s: base alone %.1f, base + memory %.1f", metrics["base_tokens_per_second"],
+                    metrics["joint_tokens_per_second"])
+    return metrics
+
+
+if __name__ == "__main__":
+    run(main)

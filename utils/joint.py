@@ -1,0 +1,247 @@
+"""The joint model: a frozen base LM interpolated with a trained MLP memory, evaluated by perplexity.
+
+For every scored row, one pass of the base LM gives its logits and the hidden state the memory reads
+(the feed-forward input of block ``memory.config.layer``). Then
+
+    log p_lm  = log_softmax(lm_logits)
+    log q     = log_softmax(memory(hidden) / knn_temp)
+    log p     = logaddexp(log p_lm + log(1 - lmbda), log q + log lmbda)      for each lmbda
+
+so the base alone, the memory alone and the joint model for every ``lmbda`` are scored on the same
+tokens. Tokens/s of the base alone and of base + memory come from the same run: the memory forward
+and the interpolation are timed apart from the base forward.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+from accelerate import PartialState
+
+from knn_utils.knnlm import ROWS_PER_SLICE, interpolate_log_probs
+from models import check_memory_matches, load_memory
+from utils.arguments import SPLITS, DataArguments, ModelArguments
+from utils.architectures import normalize_layer
+from utils.cli import UsageError
+from utils.distributed import process_state
+from utils.modeling import load_model_for_dataset
+from utils.preprocess_dataset import load_split
+from utils.scoring import ScoredBatch, gather_window_totals, score_batches, token_nll, window_sums
+from utils.windows import ROW_BEGIN, ROW_END
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class JointArguments:
+    """The memory, the interpolation settings and the released script's compatibility flags."""
+
+    knn_generator_path: str = field(metadata={"help": "Directory of the trained MLP memory (train_mlpmem_*)."})
+    output_dir: str = field(metadata={"help": "Directory for joint_results.json (merged into all_results.json) "
+                                              "and, for several --lmbda, lmbda_sweep.md / lmbda_sweep.png."})
+    lmbda: list[float] = field(default_factory=lambda: [0.25], metadata={
+        "help": "Weight(s) of the memory in the interpolation (0: the base LM alone). Several values, e.g. "
+                "--lmbda 0.25 0.5 0.75, are all scored in the same pass.", "nargs": "+"})
+    knn_temp: float = field(default=1.0, metadata={"help": "Temperature T of softmax(memory_logits / T)."})
+    per_device_eval_batch_size: int = field(default=8, metadata={"help": "Windows per forward pass and process."})
+    dataset_split_name: str | None = field(default=None, metadata={
+        "help": "Split to evaluate (the released name of --eval_subset; takes precedence over it).",
+        "choices": list(SPLITS)})
+    do_test: bool = field(default=False, metadata={
+        "help": "Released flag: evaluate the test split when no split is named."})
+    do_eval: bool = field(default=False, metadata={
+        "help": "Released flag: evaluate the validation split when no split is named."})
+    report_to: str = field(default="none", metadata={
+        "help": "Released flag; only 'none' is supported (results go to OUTPUT_DIR only).", "choices": ["none"]})
+
+    def __post_init__(self):
+        if not self.lmbda:
+            raise UsageError("--lmbda needs at least one value")
+        for lmbda in self.lmbda:
+            if not 0 <= lmbda <= 1:
+                raise UsageError(f"--lmbda values must be in [0, 1], got {lmbda}")
+        if self.knn_temp <= 0:
+            raise UsageError(f"--knn_temp must be > 0, got {self.knn_temp}")
+        if self.per_device_eval_batch_size < 1:
+            raise UsageError(f"--per_device_eval_batch_size must be >= 1, got {self.per_device_eval_batch_size}")
+        if self.do_test and self.do_eval:
+            raise UsageError("Give --do_test (test split) or --do_eval (validation split), not both")
+        implied = "test" if self.do_test else "validation" if self.do_eval else None
+        if implied and self.dataset_split_name and implied != self.dataset_split_name:
+            raise UsageError(f"--{'do_test' if self.do_test else 'do_eval'} evaluates the {implied} split, "
+                             f"but --dataset_split_name is {self.dataset_split_name}")
+        self.dataset_split_name = self.dataset_split_name or implied
+
+
+def resolve_split(data_args: DataArguments, args: JointArguments) -> str:
+    """The split to evaluate: --dataset_split_name (or --do_test / --do_eval), else --eval_subset."""
+    return args.dataset_split_name or data_args.eval_subset
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so wall-clock timings cover it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def memory_log_probs(memory: torch.nn.Module, hidden: torch.Tensor, knn_temp: float) -> torch.Tensor:
+    """``log_softmax(memory(hidden) / knn_temp)`` in float32, (n, d) -> (n, V)."""
+    logits = memory(hidden.to(memory.dtype))  # (n, V)
+    return torch.log_softmax(logits.float() / knn_temp, dim=-1)
+
+
+def gold(log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Negative log-probability of each label, (n, V), (n,) -> (n,)."""
+    return -log_probs.gather(-1, labels[:, None]).squeeze(-1)
+
+
+@dataclass
+class JointNll:
+    """Per-row negative log-likelihoods of one batch, and the seconds the memory side took."""
+
+    memory: torch.Tensor  # (n,)
+    joint: list[torch.Tensor]  # one (n,) per lmbda
+    memory_seconds: float  # memory forward + log_softmax
+    interpolation_seconds: float  # all lmbdas together
+
+
+def joint_nll(batch: ScoredBatch, memory: torch.nn.Module, lmbdas: list[float], knn_temp: float) -> JointNll:
+    """Memory-alone and joint NLL of each row of ``batch``, ``ROWS_PER_SLICE`` rows at a time."""
+    device = batch.logits.device
+    memory_parts, joint_parts = [], [[] for _ in lmbdas]
+    memory_seconds = interpolation_seconds = 0.0
+    for s in range(0, len(batch.rows), ROWS_PER_SLICE):
+        part = slice(s, s + ROWS_PER_SLICE)
+        labels = batch.labels[part]
+        lm_log_probs = torch.log_softmax(batch.logits[part].float(), dim=-1)  # (n, V)
+        synchronize(device)
+        start = time.perf_counter()
+        mem_log_probs = memory_log_probs(memory, batch.hidden[part], knn_temp)  # (n, V)
+        synchronize(device)
+        middle = time.perf_counter()
+        mixed = [gold(interpolate_log_probs(lm_log_probs, mem_log_probs, lmbda), labels) for lmbda in lmbdas]
+        synchronize(device)
+        memory_seconds += middle - start
+        interpolation_seconds += time.perf_counter() - middle
+        memory_parts.append(gold(mem_log_probs, labels))
+        for parts, nll in zip(joint_parts, mixed):
+            parts.append(nll)
+    return JointNll(torch.cat(memory_parts), [torch.cat(p) for p in joint_parts], memory_seconds, interpolation_seconds)
+
+
+def load_checked_memory(path: str, model: torch.nn.Module, tokenizer_fingerprint: str) -> tuple[torch.nn.Module, int]:
+    """The memory at ``path`` and the (non-negative) base block it reads; a `UsageError` if it does not fit."""
+    memory = load_memory(path, "--knn_generator_path").eval()
+    layer = memory.config.layer
+    if layer is None:
+        logger.warning("--knn_generator_path %s does not record its layer: reading the last block", path)
+        layer = -1
+    layer = normalize_layer(model, layer)
+    check_memory_matches(memory.config, model, tokenizer_fingerprint, layer=layer, memory_path=path)
+    return memory, layer
+
+
+def evaluate_joint(model_args: ModelArguments, data_args: DataArguments, args: JointArguments,
+                   state: PartialState | None = None) -> dict:
+    """Base, memory-alone and joint perplexity (for every lmbda) over the scored rows of one split."""
+    state = state or process_state()
+    split = load_split(data_args.dataset_name, resolve_split(data_args, args))
+    model, _ = load_model_for_dataset(model_args, split.meta, data_args.dataset_name)
+    memory, layer = load_checked_memory(args.knn_generator_path, model, split.meta["tokenizer"]["fingerprint"])
+    windows = split.windows[: data_args.max_eval_samples]
+    logger.info("Joint model over %d windows of %s: memory %s (block %d), lmbda %s, knn_temp %g",
+                len(windows), split.split, args.knn_generator_path, layer, args.lmbda, args.knn_temp)
+
+    model.to(state.device)
+    memory.to(state.device)
+    base_totals: dict[int, float] = {}
+    memory_totals: dict[int, float] = {}
+    joint_totals: list[dict[int, float]] = [{} for _ in args.lmbda]
+    base_seconds = memory_seconds = interpolation_seconds = 0.0
+    batches = score_batches(model, split.tokens, windows, args.per_device_eval_batch_size, state.process_index,
+                            state.num_processes, layer=layer, show_progress=state.is_main_process)
+    with torch.no_grad():
+        while True:
+            start = time.perf_counter()
+            batch = next(batches, None)
+            if batch is None:
+                break
+            base_totals.update(window_sums(token_nll(batch.logits, batch.labels), batch, windows))
+            synchronize(state.device)
+            base_seconds += time.perf_counter() - start
+            nll = joint_nll(batch, memory, args.lmbda, args.knn_temp)
+            memory_seconds += nll.memory_seconds
+            interpolation_seconds += nll.interpolation_seconds
+            memory_totals.update(window_sums(nll.memory, batch, windows))
+            for totals, joint in zip(joint_totals, nll.joint):
+                totals.update(window_sums(joint, batch, windows))
+
+    num_rows = int(windows[-1, ROW_END] - windows[0, ROW_BEGIN])
+
+    def loss(totals: dict[int, float]) -> float:
+        return float(gather_window_totals(totals, len(windows), state).sum() / num_rows)
+
+    base_loss, memory_loss = loss(base_totals), loss(memory_totals)
+    sweep = [{"lmbda": lmbda, "perplexity": math.exp(joint_loss), "eval_loss": joint_loss}
+             for lmbda, joint_loss in ((lmbda, loss(t)) for lmbda, t in zip(args.lmbda, joint_totals))]
+    # Base + memory as deployed: one interpolation per token, not the whole sweep.
+    joint_seconds = base_seconds + memory_seconds + interpolation_seconds / len(args.lmbda)
+    return {
+        "eval_subset": split.split, "perplexity": sweep[0]["perplexity"], "eval_loss": sweep[0]["eval_loss"],
+        "lmbda": args.lmbda[0], "base_perplexity": math.exp(base_loss), "base_eval_loss": base_loss,
+        "memory_perplexity": math.exp(memory_loss), "memory_eval_loss": memory_loss, "lmbda_sweep": sweep,
+        "knn_temp": args.knn_temp, "memory_layer": layer,
+        "knn_generator_path": os.path.abspath(args.knn_generator_path),
+        "eval_tokens": num_rows, "eval_windows": len(windows), "num_processes": state.num_processes,
+        "base_seconds": round(base_seconds, 3), "memory_seconds": round(memory_seconds, 3),
+        "interpolation_seconds": round(interpolation_seconds, 3),
+        "base_tokens_per_second": round(num_rows / base_seconds, 2),
+        "joint_tokens_per_second": round(num_rows / joint_seconds, 2),
+    }
+
+
+def sweep_table(metrics: dict) -> str:
+    """The lmbda sweep as a Markdown table, with the base and the memory alone as reference rows."""
+    lines = [f"Perplexity on {metrics['eval_subset']} ({metrics['eval_tokens']} tokens, "
+             f"knn_temp {metrics['knn_temp']:g})",
+             "", "| lmbda | perplexity |", "|---|---|",
+             f"| base alone (0) | {metrics['base_perplexity']:.4f} |"]
+    lines += [f"| {entry['lmbda']:g} | {entry['perplexity']:.4f} |" for entry in metrics["lmbda_sweep"]]
+    lines.append(f"| memory alone (1) | {metrics['memory_perplexity']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_sweep(metrics: dict, path: str) -> None:
+    """Perplexity against lmbda, with the base model as a horizontal line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweep = sorted(metrics["lmbda_sweep"], key=lambda entry: entry["lmbda"])
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot([e["lmbda"] for e in sweep], [e["perplexity"] for e in sweep], marker="o", label="base + memory")
+    ax.axhline(metrics["base_perplexity"], color="gray", linestyle="--", label="base alone")
+    ax.set_xlabel("lmbda (weight of the memory)")
+    ax.set_ylabel(f"perplexity ({metrics['eval_subset']})")
+    ax.legend()
+    fig.tight_layout()
+    partial = path + ".partial.png"
+    fig.savefig(partial, dpi=120)
+    plt.close(fig)
+    os.replace(partial, path)
+
+
+def save_sweep(output_dir: str, metrics: dict) -> None:
+    """``lmbda_sweep.md`` and ``lmbda_sweep.png`` in ``output_dir``."""
+    os.makedirs(output_dir, exist_ok=True)
+    table = os.path.join(output_dir, "lmbda_sweep.md")
+    with open(table + ".partial", "w") as f:
+        f.write(sweep_table(metrics))
+    os.replace(table + ".partial", table)
+    plot_sweep(metrics, os.path.join(output_dir, "lmbda_sweep.png"))
