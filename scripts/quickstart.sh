@@ -2,6 +2,7 @@
 # The whole pipeline on the embedded default corpus, on CPU, in a few minutes:
 #   embedded corpus -> preprocess -> base model (trained from scratch) -> evaluation -> datastore
 #   -> FAISS index -> kNN targets -> kNN-LM evaluation -> MLP memory trained on the kNN targets
+#   -> base + memory evaluation (a sweep over lmbda)
 # Every stage writes a self-describing directory under $OUT and is skipped when that directory is
 # already complete, so an interrupted run picks up where it stopped.
 #   OUT            output directory (default: outputs/quickstart)
@@ -74,6 +75,11 @@ stage "MLP memory (offline: datastore keys -> kNN targets)" "$OUT/memory/meta.js
     python -m train_mlpmem_offline --knn_dstore_path "$OUT/dstore" --knn_save_path "$OUT/knn_targets" \
         --output_dir "$OUT/memory" --num_train_epochs 8 --num_warmup_steps 50 --learning_rate 5e-3 \
         --disable_tqdm true
+
+stage "base + memory on test" "$OUT/eval_joint_test/joint_results.json" \
+    python -m evaluate_joint --do_test --model_name_or_path "$OUT/base" --dataset_name "$OUT/dataset" \
+        --dataset_split_name test --per_device_eval_batch_size 16 --output_dir "$OUT/eval_joint_test" \
+        --knn_temp 1 --lmbda 0.25 0.5 0.75 --knn_generator_path "$OUT/memory" --report_to none
 
 python -m utils.summary --output_dir "$OUT"
 echo "Quickstart finished in $(( $(date +%s) - start )) s; everything is under $OUT"

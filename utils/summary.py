@@ -46,6 +46,12 @@ def collect(out: Path) -> dict:
         summary["memory_training"] = {"seconds": memory["train_seconds"], "steps": memory["train_steps"],
                                       "validation_kl_to_knn": memory["val_kl"],
                                       "validation_top1_agreement_with_knn": memory["val_top1_agreement"]}
+    if joint := _read(out / "eval_joint_test" / "joint_results.json"):
+        perplexity = summary.setdefault("test_perplexity", {})
+        perplexity["memory_alone"] = joint["memory_perplexity"]
+        for entry in joint["lmbda_sweep"]:
+            perplexity[f"base_plus_memory_lmbda_{entry['lmbda']}"] = entry["perplexity"]
+        summary.setdefault("tokens_per_second", {})["base_plus_memory"] = joint["joint_tokens_per_second"]
     return summary
 
 
