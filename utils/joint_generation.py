@@ -1,0 +1,161 @@
+"""Generation with the joint model (base LM + MLP memory) through Hugging Face's own ``generate``.
+
+The released implementation decodes with a hand-written greedy loop that runs the base model twice
+per step and drops the attention mask. Here the memory is attached to an unmodified causal LM with
+hooks instead, so every decoding strategy of ``model.generate`` (greedy, sampling, beam search,
+batched left-padded prompts, KV cache, stopping criteria, logits processors) works unchanged:
+
+* a forward pre-hook on the feed-forward layer of block ``memory.config.layer``
+  (`utils.hidden_state.HiddenStateHook`) records the memory's input during the model's own forward;
+* a forward hook on the LM head (``model.get_output_embeddings()``) replaces its logits (B, T, V) by
+  the joint log-probabilities
+
+      log p = logaddexp(log_softmax(lm_logits) + log(1 - lmbda), log_softmax(memory(h) / knn_temp) + log lmbda)
+
+  in float32, where ``h`` are the recorded hidden states of the positions the head received. The
+  head may see only the last positions (``logits_to_keep``): a pre-hook on the model reads that
+  argument and the hidden states are sliced the same way.
+
+Because the "logits" are normalised log-probabilities, softmax / log_softmax of them (sampling, beam
+scores) give the joint distribution itself, and ``model(..., labels=...)`` returns the joint loss.
+Only the LM head's output is post-processed: architectures that transform logits after the head
+(e.g. final soft-capping) are not supported by `utils.architectures` anyway.
+
+    with attach_memory(model, memory, lmbda=0.25):
+        out = model.generate(**batch, max_new_tokens=32)
+
+    joint = JointLM(model, memory, lmbda=0.25)
+    out = joint.generate(**batch, max_new_tokens=32, num_beams=4)
+    log_probs = joint.log_probs(input_ids, attention_mask)  # (B, T, V)
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+
+from knn_utils.knnlm import interpolate_log_probs
+from models import check_memory_matches
+from utils.architectures import normalize_layer
+from utils.cli import UsageError
+from utils.hidden_state import HiddenStateHook
+
+logger = logging.getLogger(__name__)
+
+_ATTACHED = "_mlp_memory_attached"
+
+
+def check_joint_settings(lmbda: float, knn_temp: float) -> None:
+    if not 0 <= lmbda <= 1:
+        raise UsageError(f"lmbda must be in [0, 1], got {lmbda}")
+    if knn_temp <= 0:
+        raise UsageError(f"knn_temp must be > 0, got {knn_temp}")
+
+
+def memory_layer(model: torch.nn.Module, memory: torch.nn.Module) -> int:
+    """The (non-negative) base block whose feed-forward input the memory reads; the last if not recorded."""
+    layer = memory.config.layer
+    if layer is None:
+        logger.warning("The memory does not record its layer: reading the last block of the base model")
+        layer = -1
+    return normalize_layer(model, layer)
+
+
+def _kept_positions(logits_to_keep) -> slice | torch.Tensor | None:
+    """The positions HF models pass to their LM head for a ``logits_to_keep`` argument (None: unknown)."""
+    if logits_to_keep is None:
+        return None
+    if isinstance(logits_to_keep, int):
+        return slice(-logits_to_keep, None)  # 0 keeps all positions, as in the models themselves
+    return logits_to_keep
+
+
+@contextmanager
+def attach_memory(model: torch.nn.Module, memory: torch.nn.Module, lmbda: float = 0.25,
+                  knn_temp: float = 1.0) -> Iterator[torch.nn.Module]:
+    """Within the context, ``model``'s logits are the joint log-probabilities of base + memory.
+
+    Checks that the memory fits the model (hidden size, vocabulary, layer: `UsageError` otherwise),
+    moves the memory to the model's device and dtype and puts it in eval mode (its mode is restored on
+    exit), registers the hooks and yields ``model``; the hooks are removed on exit, even on error.
+    """
+    check_joint_settings(lmbda, knn_temp)
+    layer = memory_layer(model, memory)
+    check_memory_matches(memory.config, model, layer=layer)
+    head = model.get_output_embeddings()
+    if head is None:
+        raise UsageError(f"{type(model).__name__} has no LM head (get_output_embeddings() is None)")
+    if getattr(model, _ATTACHED, False):
+        raise UsageError("A memory is already attached to this model; leave that attach_memory context first")
+
+    param = next(model.parameters())
+    memory.to(device=param.device, dtype=param.dtype)
+    was_training = memory.training
+    memory.eval()
+    capture = HiddenStateHook(model, layer)
+    kept: dict[str, object] = {"positions": None}
+
+    def read_logits_to_keep(module, args, kwargs):
+        kept["positions"] = _kept_positions(kwargs.get("logits_to_keep"))
+
+    def mix(module, args, lm_logits):
+        hidden, capture.hidden = capture.hidden, None  # never reuse the states of an earlier forward
+        positions, kept["positions"] = kept["positions"], None
+        if hidden is None:
+            raise RuntimeError("The LM head ran without a forward of the base model's blocks: the memory has no input")
+        num = lm_logits.shape[-2]
+        hidden = hidden[:, positions] if positions is not None else hidden
+        if hidden.shape[-2] != num:  # unknown slicing: the head received the last positions
+            if hidden.shape[-2] < num:
+                raise RuntimeError(f"The LM head produced {num} positions but the memory's input has "
+                                   f"{hidden.shape[-2]}")
+            hidden = hidden[:, -num:]
+        mem_log_probs = torch.log_softmax(memory(hidden.to(memory.dtype)).float() / knn_temp, dim=-1)
+        return interpolate_log_probs(torch.log_softmax(lm_logits.float(), dim=-1), mem_log_probs, lmbda)
+
+    handles = []
+    setattr(model, _ATTACHED, True)
+    try:
+        with capture:
+            handles.append(model.register_forward_pre_hook(read_logits_to_keep, with_kwargs=True))
+            handles.append(head.register_forward_hook(mix))
+            yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+        setattr(model, _ATTACHED, False)
+        memory.train(was_training)
+
+
+class JointLM:
+    """A base causal LM and an MLP memory, interpolated with weight ``lmbda`` on the memory."""
+
+    def __init__(self, model: torch.nn.Module, memory: torch.nn.Module, lmbda: float = 0.25, knn_temp: float = 1.0):
+        check_joint_settings(lmbda, knn_temp)
+        check_memory_matches(memory.config, model, layer=memory_layer(model, memory))
+        self.model, self.memory, self.lmbda, self.knn_temp = model, memory, lmbda, knn_temp
+
+    def attached(self):
+        return attach_memory(self.model, self.memory, self.lmbda, self.knn_temp)
+
+    def generate(self, **kwargs):
+        """``model.generate(**kwargs)`` with the memory attached (any decoding strategy)."""
+        with self.attached():
+            return self.model.generate(**kwargs)
+
+    @torch.no_grad()
+    def log_probs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Joint next-token log-probabilities (B, T, V) in float32 for every position.
+
+        With an attention mask (left padding allowed), position ids count only the attended tokens,
+        as ``generate`` does; rows at padded positions are meaningless.
+        """
+        kwargs = {}
+        if attention_mask is not None:
+            position_ids = attention_mask.long().cumsum(-1) - 1
+            kwargs = dict(attention_mask=attention_mask, position_ids=position_ids.clamp(min=0))
+        with self.attached():
+            return self.model(input_ids=input_ids, use_cache=False, **kwargs).logits
