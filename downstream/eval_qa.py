@@ -1,0 +1,202 @@
+"""Closed-book QA with the base model alone or base + MLP memory (the paper's QA evaluation).
+
+    python -m downstream.eval_qa --model_name_or_path MODEL --data_file NQ-open.dev.jsonl --output_dir OUT
+    python -m downstream.eval_qa ... --use_neural_knn --knn_generator_path MEMORY --lmbda 0.5 --knn_temp 1
+
+Zero-shot, greedy, batched with left padding. The prompt is ``--prompt_template`` with ``{question}``
+replaced (default: the released ``"Answer these questions:\\nQuestion: {question}\\nAnswer:"``; a
+literal ``\\n`` typed on the command line means a newline). The answer is the first line of the
+continuation once leading whitespace is stripped; generation of a row stops at the newline that ends
+that line (``--stop_at_newline``, on by default: the answer is the same, only faster).
+Scores (`downstream.qa_metrics`): exact match, token F1 and "contains a gold answer" after SQuAD
+normalisation, each the max over the gold answers, means x100.
+
+Writes ``OUT/predictions.jsonl`` (one line per question) and ``OUT/qa_results.json`` (also merged into
+``OUT/all_results.json``). Data loading is `downstream.qa_data`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from downstream.qa_data import load_qa
+from downstream.qa_metrics import aggregate, score
+from utils.arguments import ModelArguments
+from utils.cli import UsageError, parse_args, run, setup_logging
+from utils.io import save_metrics
+from utils.modeling import describe_model, load_causal_lm, load_tokenizer, model_tokenizer_path, tokenizer_fingerprint
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PROMPT = "Answer these questions:\nQuestion: {question}\nAnswer:"
+PLACEHOLDER = "{question}"
+
+
+@dataclass
+class QAArguments:
+    output_dir: str = field(metadata={"help": "Directory for predictions.jsonl and qa_results.json."})
+    data_file: str | None = field(default=None, metadata={"help": "Local .json (list of records) or .jsonl QA file."})
+    dataset_name: str | None = field(default=None, metadata={"help": "datasets-hub name, e.g. nq_open or trivia_qa."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Hub config, e.g. rc.nocontext for trivia_qa."})
+    dataset_split: str = field(default="validation", metadata={"help": "Hub split to evaluate."})
+    question_field: str | None = field(default=None, metadata={"help": "Question field (default: detected)."})
+    answer_field: str | None = field(
+        default=None, metadata={"help": "Gold answer field (default: detected: answer, answers, possible_answers, right_answer, ...)."})
+    max_samples: int | None = field(default=None, metadata={"help": "Evaluate only the first N questions."})
+    prompt_template: str = field(default=DEFAULT_PROMPT, metadata={"help": "Prompt with a {question} placeholder."})
+    per_device_eval_batch_size: int = field(default=8, metadata={"help": "Questions per generate call."})
+    max_new_tokens: int = field(default=16, metadata={"help": "Tokens generated per question at most."})
+    stop_at_newline: bool = field(default=True, metadata={"help": "Stop a row once its answer line is complete."})
+    use_neural_knn: bool = field(default=False, metadata={"help": "Interpolate the base model with the MLP memory."})
+    knn_generator_path: str | None = field(default=None, metadata={"help": "MLP memory directory (with --use_neural_knn)."})
+    lmbda: float = field(default=0.5, metadata={"help": "Weight of the memory in the interpolation."})
+    knn_temp: float = field(default=1.0, metadata={"help": "Temperature of the memory's logits."})
+
+    def __post_init__(self):
+        self.prompt_template = self.prompt_template.replace("\\n", "\n")
+        if PLACEHOLDER not in self.prompt_template:
+            raise UsageError(f"--prompt_template must contain {PLACEHOLDER}, got {self.prompt_template!r}")
+        for flag in ("max_samples", "per_device_eval_batch_size", "max_new_tokens"):
+            value = getattr(self, flag)
+            if value is not None and value < 1:
+                raise UsageError(f"--{flag} must be >= 1, got {value}")
+        if self.use_neural_knn and not self.knn_generator_path:
+            raise UsageError("--use_neural_knn needs --knn_generator_path (an MLP memory directory)")
+        if self.knn_generator_path and not self.use_neural_knn:
+            raise UsageError("--knn_generator_path is only used with --use_neural_knn; add it or drop the path")
+        from utils.joint_generation import check_joint_settings
+
+        check_joint_settings(self.lmbda, self.knn_temp)
+
+
+def make_prompt(template: str, question: str) -> str:
+    return template.replace(PLACEHOLDER, question)
+
+
+def first_line(continuation: str) -> str:
+    """The answer: the first line of the continuation, leading whitespace (newlines included) skipped."""
+    return continuation.strip().split("\n", 1)[0].strip()
+
+
+class AnswerLineComplete(StoppingCriteria):
+    """Per row: stop once the generated text has a newline after its first non-blank character."""
+
+    def __init__(self, tokenizer, prompt_width: int):
+        self.tokenizer, self.prompt_width = tokenizer, prompt_width
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_width:], skip_special_tokens=True)
+        return torch.tensor(["\n" in t.lstrip() for t in texts], dtype=torch.bool, device=input_ids.device)
+
+
+def prepare_tokenizer(tokenizer, model) -> None:
+    """Left padding with a pad token (the EOS one if there is none); the model's generation config agrees."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise UsageError("The tokenizer has neither a pad nor an EOS token: batched generation needs one")
+        tokenizer.pad_token = tokenizer.eos_token
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if model.generation_config.eos_token_id is None and tokenizer.eos_token_id is not None:
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int,
+                     stop_at_newline: bool = True, joint=None) -> list[str]:
+    """Greedy continuations (decoded, special tokens dropped) of each prompt, ``batch_size`` at a time."""
+    device = next(model.parameters()).device
+    generate = joint.generate if joint is not None else model.generate
+    continuations = []
+    for start in range(0, len(prompts), batch_size):
+        batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True).to(device)
+        width = batch["input_ids"].shape[1]
+        stopping = StoppingCriteriaList([AnswerLineComplete(tokenizer, width)]) if stop_at_newline else None
+        out = generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                       stopping_criteria=stopping)
+        continuations += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+        logger.info("Answered %d/%d questions", len(continuations), len(prompts))
+    return continuations
+
+
+def write_jsonl(path: str, rows: list[dict]) -> None:
+    """Write JSON lines atomically (temporary file, fsync, rename)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    setup_logging()
+    model_args, args = parse_args((ModelArguments, QAArguments), argv)
+    if model_args.model_name_or_path is None:
+        raise UsageError("--model_name_or_path is required (a pretrained base model)")
+    examples, data_info = load_qa(args.data_file, args.dataset_name, args.dataset_config_name, args.dataset_split,
+                                  args.question_field, args.answer_field, args.max_samples)
+    tok_path, tok_gguf = model_tokenizer_path(model_args)
+    tokenizer = load_tokenizer(tok_path, tok_gguf, "--tokenizer_name" if model_args.tokenizer_name else "--model_name_or_path")
+    model = load_causal_lm(model_args).eval()
+    if torch.cuda.is_available():
+        model.to("cuda")
+    prepare_tokenizer(tokenizer, model)
+
+    joint = None
+    if args.use_neural_knn:
+        from models import load_memory
+        from utils.joint_generation import JointLM
+
+        memory = load_memory(args.knn_generator_path, flag="--knn_generator_path")
+        joint = JointLM(model, memory, lmbda=args.lmbda, knn_temp=args.knn_temp)
+
+    prompts = [make_prompt(args.prompt_template, ex["question"]) for ex in examples]
+    start = time.perf_counter()
+    continuations = generate_answers(model, tokenizer, prompts, args.per_device_eval_batch_size, args.max_new_tokens,
+                                     args.stop_at_newline, joint)
+    seconds = time.perf_counter() - start
+
+    rows, scores = [], []
+    for ex, continuation in zip(examples, continuations):
+        prediction = first_line(continuation)
+        s = score(prediction, ex["golds"])
+        scores.append(s)
+        rows.append({"question": ex["question"], "golds": ex["golds"], "prediction": prediction,
+                     "continuation": continuation, **s})
+    summary = aggregate(scores)
+    metrics = {
+        **summary,
+        "seconds": seconds,
+        "questions_per_second": len(examples) / seconds if seconds > 0 else None,
+        "use_neural_knn": args.use_neural_knn,
+        "knn_generator_path": args.knn_generator_path,
+        "lmbda": args.lmbda if args.use_neural_knn else None,
+        "knn_temp": args.knn_temp if args.use_neural_knn else None,
+        "model": describe_model(model_args),
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "data": data_info,
+        "settings": {k: v for k, v in asdict(args).items() if k not in ("output_dir",)},
+        "device": str(next(model.parameters()).device),
+    }
+    os.makedirs(args.output_dir, exist_ok=True)
+    write_jsonl(os.path.join(args.output_dir, "predictions.jsonl"), rows)
+    save_metrics(args.output_dir, "qa", metrics)
+    setting = (f"base + memory (lmbda {args.lmbda:g}, knn_temp {args.knn_temp:g})" if args.use_neural_knn
+               else "base model alone")
+    logger.info("QA %s, %s: %d questions, EM %.2f F1 %.2f contains %.2f, %.2f questions/s (%.1f s)",
+                data_info["source"], setting, summary["count"], summary["exact_match"], summary["f1"],
+                summary["contains"], metrics["questions_per_second"] or 0.0, seconds)
+    return metrics
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,161 @@
+"""Loading closed-book QA sets as ``[{"question": str, "golds": [str, ...]}, ...]``.
+
+Sources: a local ``.json`` (a list of records, or an object holding one under ``data``) or ``.jsonl``
+file, or a datasets-hub dataset. Field names are given or detected from the common layouts:
+
+===============  ==========  ===========================================================================
+set              question    answer field (normalised to a list of gold strings)
+===============  ==========  ===========================================================================
+NQ-open          question    ``answer``: list of strings
+TriviaQA         question    ``answer``: dict with ``aliases`` / ``normalized_aliases`` / ``value``
+WebQuestions     question    ``answers``: list of strings
+PopQA            question    ``possible_answers``: a JSON string holding a list
+HaluEval QA      question    ``right_answer``: a string
+SQuAD style      question    ``answers``: dict with a ``text`` list
+===============  ==========  ===========================================================================
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Iterable
+
+from utils.cli import UsageError
+
+logger = logging.getLogger(__name__)
+
+QUESTION_FIELDS = ("question", "query", "input")
+ANSWER_FIELDS = ("answer", "answers", "possible_answers", "right_answer", "golds", "gold_answers", "target")
+# Keys of an answer dict that hold gold strings, in the order they are collected.
+ANSWER_DICT_KEYS = ("value", "aliases", "normalized_value", "normalized_aliases", "text")
+
+
+def gold_list(value: Any) -> list[str]:
+    """Gold answers of one record as a de-duplicated list of non-empty strings (order kept).
+
+    Strings that look like a JSON list (PopQA's ``possible_answers``) are parsed; lists are flattened;
+    dicts contribute the strings under `ANSWER_DICT_KEYS`; numbers become strings.
+    """
+    out: list[str] = []
+
+    def collect(v: Any) -> None:
+        if v is None:
+            return
+        if isinstance(v, str):
+            s = v.strip()
+            if s.startswith("[") and s.endswith("]"):
+                try:
+                    parsed = json.loads(s)
+                except json.JSONDecodeError:
+                    parsed = None
+                if isinstance(parsed, list):
+                    collect(parsed)
+                    return
+            if s:
+                out.append(s)
+        elif isinstance(v, (list, tuple)):
+            for item in v:
+                collect(item)
+        elif isinstance(v, dict):
+            for key in ANSWER_DICT_KEYS:
+                collect(v.get(key))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out.append(str(v))
+
+    collect(value)
+    return list(dict.fromkeys(out))
+
+
+def detect_field(record: dict, candidates: Iterable[str], what: str, flag: str, source: str) -> str:
+    for name in candidates:
+        if name in record:
+            return name
+    raise UsageError(f"{source}: cannot detect the {what} field among {sorted(record)}; name it with {flag}")
+
+
+def read_local(path: str) -> list[dict]:
+    """Records of a local ``.json`` / ``.jsonl`` file (errors name ``--data_file``)."""
+    if not os.path.isfile(path):
+        raise UsageError(f"--data_file {path}: no such file")
+    records: list = []
+    if path.endswith(".jsonl"):
+        with open(path) as f:
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        records.append(json.loads(line))
+                    except json.JSONDecodeError as err:
+                        raise UsageError(f"--data_file {path}, line {number}: not JSON ({err})") from None
+    elif path.endswith(".json"):
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except json.JSONDecodeError as err:
+            raise UsageError(f"--data_file {path}: not JSON ({err}); JSON lines need the .jsonl suffix") from None
+        if isinstance(data, dict) and isinstance(data.get("data"), list):
+            data = data["data"]
+        if not isinstance(data, list):
+            raise UsageError(f"--data_file {path}: expected a list of records (or an object with a 'data' list)")
+        records = data
+    else:
+        raise UsageError(f"--data_file {path}: expected a .json or .jsonl file")
+    if records and not all(isinstance(r, dict) for r in records):
+        raise UsageError(f"--data_file {path}: every record must be a JSON object")
+    return records
+
+
+def read_hub(name: str, config: str | None, split: str) -> list[dict]:
+    """Records of a datasets-hub dataset split (errors name ``--dataset_name``)."""
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(name, config, split=split)
+    except Exception as err:  # noqa: BLE001 - the hub raises many kinds; all are a user-facing problem here
+        raise UsageError(f"--dataset_name {name} (config {config!r}, split {split!r}): could not load it ({err})") from None
+    return list(dataset)
+
+
+def load_qa(data_file: str | None = None, dataset_name: str | None = None, dataset_config_name: str | None = None,
+            dataset_split: str = "validation", question_field: str | None = None, answer_field: str | None = None,
+            max_samples: int | None = None) -> tuple[list[dict], dict]:
+    """Questions with their gold answers, and a description of what was read (source, fields, counts).
+
+    Records without any gold answer are skipped (with a warning); ``max_samples`` keeps the first N
+    usable records.
+    """
+    if (data_file is None) == (dataset_name is None):
+        raise UsageError("Give exactly one of --data_file (a local .json/.jsonl) or --dataset_name (a datasets-hub name)")
+    if data_file is not None:
+        records, source = read_local(data_file), f"--data_file {data_file}"
+    else:
+        records, source = read_hub(dataset_name, dataset_config_name, dataset_split), f"--dataset_name {dataset_name}"
+    if not records:
+        raise UsageError(f"{source}: no records")
+    first = records[0]
+    q_field = question_field or detect_field(first, QUESTION_FIELDS, "question", "--question_field", source)
+    a_field = answer_field or detect_field(first, ANSWER_FIELDS, "answer", "--answer_field", source)
+    examples, skipped = [], 0
+    for index, record in enumerate(records):
+        for field_name, flag in ((q_field, "--question_field"), (a_field, "--answer_field")):
+            if field_name not in record:
+                raise UsageError(f"{source}: record {index} has no field {field_name!r} ({flag}); it has {sorted(record)}")
+        question = record[q_field]
+        if not isinstance(question, str) or not question.strip():
+            raise UsageError(f"{source}: record {index} has no question text in {q_field!r}")
+        golds = gold_list(record[a_field])
+        if not golds:
+            skipped += 1
+            continue
+        examples.append({"question": question.strip(), "golds": golds})
+        if max_samples is not None and len(examples) >= max_samples:
+            break
+    if skipped:
+        logger.warning("%s: skipped %d record(s) without a gold answer in %r", source, skipped, a_field)
+    if not examples:
+        raise UsageError(f"{source}: no record has a gold answer in {a_field!r}")
+    info = {"source": data_file or dataset_name, "dataset_config_name": dataset_config_name,
+            "dataset_split": None if data_file else dataset_split, "question_field": q_field, "answer_field": a_field,
+            "records_read": len(records), "skipped_without_gold": skipped}
+    return examples, info

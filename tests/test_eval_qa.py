@@ -1,0 +1,168 @@
+"""Closed-book QA evaluation: metrics, data formats, answer extraction, and a tiny end-to-end run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from downstream.eval_qa import DEFAULT_PROMPT, first_line, main, make_prompt
+from downstream.qa_data import gold_list, load_qa
+from downstream.qa_metrics import aggregate, contains_answer, exact_match, normalize_answer, score, token_f1
+from models import MemoryConfig, build_memory
+from utils.cli import UsageError
+
+
+# ---- metrics -------------------------------------------------------------------------------------
+
+def test_normalisation():
+    assert normalize_answer("The  Eiffel-Tower!") == "eiffeltower"
+    assert normalize_answer("  An apple, a Pear and THE plum. ") == "apple pear and plum"
+    assert normalize_answer("theatre") == "theatre"  # articles only as whole words
+    assert normalize_answer("") == ""
+
+
+def test_exact_match_and_f1():
+    assert exact_match("the Beatles.", "Beatles") == 1.0
+    assert exact_match("Beatles band", "Beatles") == 0.0
+    # prediction "barack obama jr" vs gold "barack obama": p = 2/3, r = 1 -> F1 = 0.8
+    assert token_f1("Barack Obama Jr.", "Barack Obama") == pytest.approx(0.8)
+    # one common token of 2 and 3: p = 1/2, r = 1/3 -> F1 = 0.4
+    assert token_f1("New York", "York City Hall") == pytest.approx(0.4)
+    assert token_f1("Paris", "London") == 0.0
+    assert token_f1("the", "a") == 1.0  # both empty after normalisation
+    assert token_f1("", "Paris") == 0.0
+
+
+def test_contains_and_multiple_golds():
+    assert contains_answer("It was built in Paris, France", "paris") == 1.0
+    assert contains_answer("Par", "Paris") == 0.0
+    assert contains_answer("anything", "the") == 0.0  # an empty normalised gold never counts
+    s = score("Barack Obama Jr.", ["George Bush", "Barack Obama", "Obama"])
+    assert s == {"em": 0.0, "f1": pytest.approx(0.8), "contains": 1.0}
+    assert score("obama", ["George Bush", "Obama"])["em"] == 1.0
+    assert score("x", []) == {"em": 0.0, "f1": 0.0, "contains": 0.0}
+    summary = aggregate([{"em": 1.0, "f1": 1.0, "contains": 1.0}, {"em": 0.0, "f1": 0.5, "contains": 0.0}])
+    assert summary == {"count": 2, "exact_match": 50.0, "f1": 75.0, "contains": 50.0}
+
+
+def test_answer_is_the_first_line():
+    assert first_line(" Paris\nQuestion: next one\nAnswer: x") == "Paris"
+    assert first_line("\n  Paris  \nmore") == "Paris"
+    assert first_line("   ") == ""
+    assert make_prompt(DEFAULT_PROMPT, "Who?") == "Answer these questions:\nQuestion: Who?\nAnswer:"
+
+
+# ---- data formats --------------------------------------------------------------------------------
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_formats(tmp_path):
+    nq = write_jsonl(tmp_path / "nq.jsonl", [{"question": "who?", "answer": ["A", "B"]}])
+    assert load_qa(nq)[0] == [{"question": "who?", "golds": ["A", "B"]}]
+
+    trivia = tmp_path / "trivia.json"
+    trivia.write_text(json.dumps([{"question": "q1", "answer": {
+        "aliases": ["Big Apple", "NYC"], "normalized_aliases": ["big apple", "nyc"], "value": "New York City"}}]))
+    examples, info = load_qa(str(trivia))
+    assert examples[0]["golds"] == ["New York City", "Big Apple", "NYC", "big apple", "nyc"]
+    assert info["answer_field"] == "answer"
+
+    webq = write_jsonl(tmp_path / "webq.jsonl", [{"url": "u", "question": "q", "answers": ["Jamaican English"]}])
+    assert load_qa(webq)[0][0]["golds"] == ["Jamaican English"]
+
+    popqa = write_jsonl(tmp_path / "popqa.jsonl",
+                        [{"id": 1, "question": "q", "possible_answers": json.dumps(["Paris", "City of Light"])}])
+    assert load_qa(popqa)[0][0]["golds"] == ["Paris", "City of Light"]
+
+    halu = tmp_path / "halu.json"  # an object holding the records under "data"
+    halu.write_text(json.dumps({"data": [{"knowledge": "k", "question": "q", "right_answer": "Yes",
+                                          "hallucinated_answer": "No"}]}))
+    assert load_qa(str(halu))[0][0]["golds"] == ["Yes"]
+
+    custom = write_jsonl(tmp_path / "custom.jsonl", [{"prompt": "p", "gold": "g"}] * 5)
+    examples, _ = load_qa(custom, question_field="prompt", answer_field="gold", max_samples=3)
+    assert examples == [{"question": "p", "golds": ["g"]}] * 3
+
+
+def test_gold_list_normalises():
+    assert gold_list(["a", ["b", "a"], None, 3, ""]) == ["a", "b", "3"]
+    assert gold_list('["x", "y"]') == ["x", "y"]
+    assert gold_list("[not json") == ["[not json"]
+    assert gold_list({"text": ["t1", "t2"], "answer_start": [0, 4]}) == ["t1", "t2"]
+
+
+def test_data_errors(tmp_path):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"query_text": "q", "label": "a"}])
+    with pytest.raises(UsageError, match=r"bad\.jsonl.*question field.*--question_field"):
+        load_qa(bad)
+    with pytest.raises(UsageError, match=r"answer field.*--answer_field"):
+        load_qa(bad, question_field="query_text")
+    with pytest.raises(UsageError, match=r"--data_file .*missing\.jsonl: no such file"):
+        load_qa(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(UsageError, match="exactly one"):
+        load_qa()
+    with pytest.raises(UsageError, match="--prompt_template must contain"):
+        main(["--model_name_or_path", "x", "--data_file", bad, "--output_dir", str(tmp_path / "o"),
+              "--prompt_template", "Q: {q} A:"])
+    with pytest.raises(UsageError, match="--use_neural_knn needs --knn_generator_path"):
+        main(["--model_name_or_path", "x", "--data_file", bad, "--output_dir", str(tmp_path / "o"), "--use_neural_knn"])
+
+
+# ---- end to end on a tiny GPT-2 ------------------------------------------------------------------
+
+QUESTIONS = ["the river of the city", "who built the old bridge", "the king was born near",
+             "many people and", "its market festival", "the queen of the north tower", "a song"]
+
+
+@pytest.fixture(scope="module")
+def qa_setup(tmp_path_factory, tiny_gpt2_dir):
+    from transformers import AutoConfig
+
+    directory = tmp_path_factory.mktemp("qa")
+    data = write_jsonl(directory / "qa.jsonl",
+                       [{"question": q, "answer": [q.split()[-1]]} for q in QUESTIONS])
+    torch.manual_seed(0)
+    memory = build_memory(MemoryConfig.from_base(AutoConfig.from_pretrained(tiny_gpt2_dir), num_layers=1,
+                                                 intermediate_size=48, layer=1))
+    with torch.no_grad():
+        for p in memory.parameters():
+            p.normal_(0, 0.5)
+    memory.save_pretrained(directory / "memory")
+    return {"dir": directory, "data": data, "model": str(tiny_gpt2_dir), "memory": str(directory / "memory")}
+
+
+def run_qa(setup, name, *extra):
+    out = setup["dir"] / name
+    metrics = main(["--model_name_or_path", setup["model"], "--data_file", setup["data"], "--output_dir", str(out),
+                    "--prompt_template", "the {question}", "--max_new_tokens", "4", *extra])
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    return metrics, rows, out
+
+
+def test_end_to_end(qa_setup):
+    base, base_rows, out = run_qa(qa_setup, "base", "--per_device_eval_batch_size", "3")
+    assert len(base_rows) == len(QUESTIONS) and base["count"] == len(QUESTIONS)
+    assert set(base_rows[0]) == {"question", "golds", "prediction", "continuation", "em", "f1", "contains"}
+    assert all(r["prediction"] for r in base_rows)
+    results = json.loads((out / "qa_results.json").read_text())
+    assert results["use_neural_knn"] is False and results["lmbda"] is None
+    assert results["exact_match"] == pytest.approx(100 * sum(r["em"] for r in base_rows) / len(base_rows))
+    assert results["questions_per_second"] > 0
+
+    # batched (3, left padded) == one at a time
+    _, single_rows, _ = run_qa(qa_setup, "single", "--per_device_eval_batch_size", "1")
+    assert [r["continuation"] for r in single_rows] == [r["continuation"] for r in base_rows]
+
+    # the memory with weight 0 changes nothing; with weight 0.9 it changes something
+    zero, zero_rows, zero_out = run_qa(qa_setup, "lmbda0", "--per_device_eval_batch_size", "3", "--use_neural_knn",
+                                       "--knn_generator_path", qa_setup["memory"], "--lmbda", "0")
+    assert [r["continuation"] for r in zero_rows] == [r["continuation"] for r in base_rows]
+    assert zero["use_neural_knn"] is True and zero["lmbda"] == 0
+    joint, joint_rows, _ = run_qa(qa_setup, "lmbda09", "--per_device_eval_batch_size", "3", "--use_neural_knn", "true",
+                                  "--knn_generator_path", qa_setup["memory"], "--lmbda", "0.9")
+    assert [r["continuation"] for r in joint_rows] != [r["continuation"] for r in base_rows]
