@@ -129,6 +129,8 @@ def test_train_from_scratch_then_evaluate(tiny_dataset, tiny_tokenizer_dir, tmp_
     # The corpus is words drawn uniformly from ~30, so ~30 is the floor; training must get below uniform.
     assert metrics["perplexity"] < 0.95 * vocab
     assert (tmp_path / "model.safetensors").exists() and (tmp_path / "tokenizer.json").exists()
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["eos_token_id"] == 0 and config.get("bos_token_id") is None  # the tokenizer's, not Llama's 2 and 1
     assert load_datastore(str(tmp_path / "ds")).meta["model"]["model_name_or_path"] == str(tmp_path.resolve())
 
 

@@ -121,4 +121,16 @@ def load_model_for_dataset(model_args: ModelArguments, dataset_meta: dict, datas
     tokenizer = check_tokenizer(model_args, dataset_meta, dataset_dir)
     model = load_causal_lm(model_args, vocab_size=dataset_meta["tokenizer"]["vocab_size"])
     check_vocab(model, dataset_meta, dataset_dir)
+    if model_args.model_name_or_path is None and tokenizer is not None:
+        use_tokenizer_special_ids(model, tokenizer)
     return model, tokenizer
+
+
+def use_tokenizer_special_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Give a from-scratch model its tokenizer's bos/eos/pad ids (a fresh config has the architecture's defaults,
+    e.g. GPT-2's 50256, which may lie outside a small vocabulary)."""
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(tokenizer, name)
+        setattr(model.config, name, value)
+        if model.generation_config is not None:
+            setattr(model.generation_config, name, value)
