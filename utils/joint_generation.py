@@ -42,6 +42,7 @@ from models import check_memory_matches
 from utils.architectures import normalize_layer
 from utils.cli import UsageError
 from utils.hidden_state import HiddenStateHook
+from utils.joint import memory_log_probs
 
 logger = logging.getLogger(__name__)
 
@@ -113,8 +114,8 @@ def attach_memory(model: torch.nn.Module, memory: torch.nn.Module, lmbda: float 
                 raise RuntimeError(f"The LM head produced {num} positions but the memory's input has "
                                    f"{hidden.shape[-2]}")
             hidden = hidden[:, -num:]
-        mem_log_probs = torch.log_softmax(memory(hidden.to(memory.dtype)).float() / knn_temp, dim=-1)
-        return interpolate_log_probs(torch.log_softmax(lm_logits.float(), dim=-1), mem_log_probs, lmbda)
+        return interpolate_log_probs(torch.log_softmax(lm_logits.float(), dim=-1),
+                                     memory_log_probs(memory, hidden, knn_temp), lmbda)
 
     handles = []
     setattr(model, _ATTACHED, True)
