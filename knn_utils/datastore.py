@@ -19,14 +19,13 @@ computed, ``meta.json`` written and the directory renamed to its final name.
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from utils.io import ArtifactError, array_sha256, partial_path, read_json, read_meta, timed, write_json
+from utils.io import ArtifactError, array_sha256, partial_path, read_meta, reuse_staging, timed, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -91,20 +90,16 @@ class DatastoreWriter:
 
     def _prepare(self) -> None:
         """Create the staging directory, or keep it if it belongs to the same run."""
-        progress = self.staging / "progress.json"
-        if progress.is_file() and read_json(progress) == self.identity:
+        if reuse_staging(self.staging, self.identity, self._allocate):
             logger.info("Resuming datastore %s: %d of %d windows already written",
                         self.staging, int(np.load(self.staging / "done_windows.npy").sum()), self.identity["windows"])
-            return
-        if self.staging.exists():
-            logger.warning("Discarding %s: it was started with other settings", self.staging)
-            shutil.rmtree(self.staging)
-        self.staging.mkdir(parents=True)
+
+    def _allocate(self, staging: Path) -> None:
+        """Pre-allocate the arrays and the per-window done flags."""
         rows, dim = self.identity["rows"], self.identity["dim"]
-        np.lib.format.open_memmap(self.staging / "keys.npy", mode="w+", dtype=KEY_DTYPE, shape=(rows, dim)).flush()
-        np.lib.format.open_memmap(self.staging / "vals.npy", mode="w+", dtype=VAL_DTYPE, shape=(rows,)).flush()
-        np.save(self.staging / "done_windows.npy", np.zeros(self.identity["windows"], dtype=bool))
-        write_json(progress, self.identity)
+        np.lib.format.open_memmap(staging / "keys.npy", mode="w+", dtype=KEY_DTYPE, shape=(rows, dim)).flush()
+        np.lib.format.open_memmap(staging / "vals.npy", mode="w+", dtype=VAL_DTYPE, shape=(rows,)).flush()
+        np.save(staging / "done_windows.npy", np.zeros(self.identity["windows"], dtype=bool))
 
     def pending(self, window_ids: np.ndarray) -> bool:
         """Whether any of these windows still has to be written."""

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from knn_utils.datastore import Datastore, load_datastore
 from utils.cli import UsageError
-from utils.io import ArtifactError, atomic_directory, read_json, read_meta, timed, write_json
+from utils.io import ArtifactError, atomic_directory, read_meta, reuse_staging, timed, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -277,19 +277,6 @@ def datastore_summary(datastore: Datastore) -> dict:
     }
 
 
-def prepare_staging(staging: Path, identity: dict) -> None:
-    """Keep a staging directory left by an interrupted build with the same identity; wipe any other."""
-    progress = staging / "progress.json"
-    if progress.is_file() and read_json(progress) == identity:
-        logger.info("Resuming the interrupted build in %s", staging)
-        return
-    if any(staging.iterdir()):
-        logger.warning("Discarding %s: it was started with other settings or another datastore", staging)
-        shutil.rmtree(staging)
-        staging.mkdir()
-    write_json(progress, identity)
-
-
 def build_index(dstore_path: str, index_path: str | None = None, settings: IndexSettings | None = None,
                 use_gpu: bool = False, show_progress: bool = True) -> dict:
     """Build the index of a datastore and return its meta (the contents of ``meta.json``)."""
@@ -305,7 +292,8 @@ def build_index(dstore_path: str, index_path: str | None = None, settings: Index
                 faiss.__version__, faiss.omp_get_max_threads())
     identity = {"datastore": datastore_summary(datastore), "settings": asdict(resolved)}
     with atomic_directory(index_path, resume=True) as staging:
-        prepare_staging(staging, identity)
+        if reuse_staging(staging, identity):
+            logger.info("Resuming the interrupted build in %s", staging)
         trained_file = staging / "trained.faiss"
         with timed("Training", logger) as train_time:
             if trained_file.exists():

@@ -40,7 +40,7 @@ from knn_utils.index import (KnnIndex, Neighbours, check_gpu_k, chunk_ranges, co
                              default_index_path, load_index, open_datastore)
 from utils.cli import UsageError
 from utils.distributed import process_state
-from utils.io import ArtifactError, partial_path, read_json, read_meta, timed, write_json
+from utils.io import ArtifactError, partial_path, read_meta, reuse_staging, timed, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -331,17 +331,9 @@ def check_queries(queries: Datastore, datastore: Datastore) -> None:
 
 def prepare_staging(staging: Path, identity: dict, state) -> None:
     """On the main process: keep a staging directory of the same run, wipe any other; then sync."""
-    if state.is_main_process:
-        progress = staging / "progress.json"
-        if progress.is_file() and read_json(progress) == identity:
-            done = len(list((staging / "chunks").glob("[0-9]*[0-9]")))
-            logger.info("Resuming the search in %s: %d chunks already written", staging, done)
-        else:
-            if staging.exists():
-                logger.warning("Discarding %s: it was started with other settings or inputs", staging)
-                shutil.rmtree(staging)
-            (staging / "chunks").mkdir(parents=True)
-            write_json(progress, identity)
+    if state.is_main_process and reuse_staging(staging, identity, lambda path: (path / "chunks").mkdir()):
+        done = len(list((staging / "chunks").glob("[0-9]*[0-9]")))
+        logger.info("Resuming the search in %s: %d chunks already written", staging, done)
     state.wait_for_everyone()
 
 

@@ -15,7 +15,7 @@ import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -95,6 +95,27 @@ def atomic_directory(path: str | os.PathLike, resume: bool = False) -> Iterator[
     staging.mkdir(parents=True, exist_ok=True)
     yield staging
     os.replace(staging, path)
+
+
+def reuse_staging(staging: Path, identity: dict, initialise: Callable[[Path], None] | None = None) -> bool:
+    """Keep a staging directory left by an interrupted run with the same ``identity``; start any other afresh.
+
+    Returns True when the directory is kept (the caller resumes from what it holds). Otherwise the
+    directory is emptied, ``initialise(staging)`` lays out what the run needs, and only then is
+    ``progress.json`` (the identity) written, so a crash during the set-up is never mistaken for a run
+    that can be resumed.
+    """
+    progress = staging / "progress.json"
+    if progress.is_file() and read_json(progress) == identity:
+        return True
+    if staging.exists() and any(staging.iterdir()):
+        logger.warning("Discarding %s: it was started with other settings or inputs", staging)
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True, exist_ok=True)
+    if initialise is not None:
+        initialise(staging)
+    write_json(progress, identity)
+    return False
 
 
 def file_sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 24) -> str:
