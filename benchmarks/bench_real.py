@@ -294,8 +294,10 @@ def nq_open(args, out: Path) -> dict:
 
 def report(results: dict) -> str:
     test = results["test"]
+    chars = results["setup"]["max_chars"]
+    chars = f"first {chars:,} characters" if chars else "all"
     lines = [f"SmolLM2-135M-Instruct (Q4_1) on WikiText-2; {results['setup']['datastore_rows']:,}-row datastore "
-             f"(first {results['setup']['max_chars']:,} characters of train); test: first "
+             f"({chars} of train); test: first "
              f"{test['windows']} windows of {results['setup']['block_size']} tokens ({test['tokens']:,} scored tokens). "
              f"lmbda and temperatures chosen on validation ({results['validation']['tokens']:,} tokens).", "",
              "| model | test perplexity | vs base | lmbda | temperature | tokens/s |", "|---|---:|---:|---:|---:|---:|"]
@@ -376,7 +378,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--skip_finetune", action="store_true")
     parser.add_argument("--finetune_epochs", type=float, default=1)
     parser.add_argument("--finetune_lr", type=float, default=5e-5)
-    parser.add_argument("--finetune_blocks", type=int, default=None, help="Fine-tune on the first N blocks only.")
+    parser.add_argument("--finetune_blocks", type=int, default=240,
+                        help="Fine-tune on the first N blocks of 512 tokens (240: half the datastore's text; 0: all).")
     parser.add_argument("--curve_only", action="store_true")
     parser.add_argument("--curve_windows", type=int, default=4, help="Test windows timed for the cost curve.")
     parser.add_argument("--curve_index", nargs="+", default=["flat", "ivfpq"], choices=["flat", "ivfpq"])
@@ -405,8 +408,9 @@ def main(argv: list[str] | None = None) -> dict:
         models = {"base": base}
         if not args.skip_finetune:
             models["fine-tuned"] = measure_model(str(out / "finetuned"), None, out / "ft" / "memory", knn=None, **common)
+        dataset_meta = read_json(out / "dataset" / "meta.json")
         results["setup"] = {"datastore_rows": datastore.num_rows, "k": args.k, "index": index.meta["index_type"],
-                            "max_chars": 1_000_000, "block_size": int(load_split(str(out / "dataset"), "test").meta["block_size"]),
+                            "max_chars": dataset_meta["source"]["max_chars"], "block_size": dataset_meta["block_size"],
                             "knn_temps": args.knn_temps, "memory_temps": args.memory_temps, "lmbdas": args.lmbdas,
                             "memory": read_json(out / "memory" / "config.json")}
         rows, sweeps = [], {}

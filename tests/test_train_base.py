@@ -177,6 +177,30 @@ def test_smollm2_gguf_perplexity_and_datastore(tmp_path):
     assert np.isfinite(dstore.keys[:].astype(np.float32)).all()
 
 
+def test_smollm2_gguf_fine_tunes_into_a_plain_model(tmp_path):
+    """A GGUF checkpoint is dequantized on load: the Trainer must accept it, and the fine-tuned directory
+    must load as an ordinary float model (no GGUF quantization config carried over)."""
+    model_dir = shared_data("smollm2-135m-instruct")
+    test_file = shared_data("wikitext-2", "wiki.test.tokens")
+    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    from transformers import AutoConfig
+
+    from utils.preprocess_dataset import main as preprocess_main
+
+    preprocess_main(["--tokenizer_path", str(model_dir), "--gguf_file", gguf, "--train_file", str(test_file),
+                     "--test_file", str(test_file), "--max_chars", "3000", "--block_size", "64", "--stride", "32",
+                     "--output_dir", str(tmp_path / "d")])
+    train_base.main([
+        "--model_name_or_path", str(model_dir), "--gguf_file", gguf, "--dataset_name", str(tmp_path / "d"), "--do_train",
+        "--max_steps", "1", "--max_train_samples", "1", "--per_device_train_batch_size", "1", "--learning_rate", "1e-4",
+        "--save_strategy", "no", "--report_to", "none", "--output_dir", str(tmp_path / "ft"),
+    ])
+    assert getattr(AutoConfig.from_pretrained(tmp_path / "ft"), "quantization_config", None) is None
+    before = run_eval(model_dir, tmp_path / "d", tmp_path / "e0", extra=["--gguf_file", gguf])["perplexity"]
+    after = run_eval(tmp_path / "ft", tmp_path / "d", tmp_path / "e1")["perplexity"]
+    assert 5 < after < 80 and after != before  # the step changed the weights, and the model still works
+
+
 def test_from_scratch_training_is_reproducible(tiny_dataset, tiny_tokenizer_dir, tmp_path):
     from safetensors.torch import load_file
 

@@ -57,6 +57,8 @@ def load_causal_lm(args: ModelArguments, vocab_size: int | None = None) -> torch
         check_exists(args.model_name_or_path, "--model_name_or_path")
         kwargs = {"gguf_file": args.gguf_file} if args.gguf_file else {}
         model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=dtype, **kwargs)
+        if args.gguf_file:
+            forget_gguf_quantization(model)
     else:
         if args.model_type not in CONFIG_MAPPING:
             raise UsageError(f"--model_type {args.model_type!r} is not a transformers architecture")
@@ -72,6 +74,20 @@ def load_causal_lm(args: ModelArguments, vocab_size: int | None = None) -> torch
         logger.info("Built a %s model from scratch: %.2fM parameters", args.model_type, model.num_parameters() / 1e6)
     arch_spec(model.config.model_type)  # fail early on an architecture the key hook does not know
     return model
+
+
+def forget_gguf_quantization(model: torch.nn.Module) -> None:
+    """Make a model loaded from GGUF an ordinary float model.
+
+    transformers dequantizes GGUF weights into plain float ``nn.Linear`` layers but keeps its GGUF
+    quantizer on the model: the Trainer then refuses to fine-tune it ("purely quantized models") and
+    ``save_pretrained`` writes a ``quantization_config`` that makes the saved directory unloadable
+    without the GGUF file. Nothing is quantized any more, so both markers go.
+    """
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
 
 
 def model_tokenizer_path(args: ModelArguments) -> tuple[str, str | None]:
