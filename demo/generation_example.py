@@ -31,6 +31,7 @@ import torch
 from models import load_memory
 from utils.arguments import ModelArguments
 from utils.cli import UsageError, run, setup_logging
+from utils.io import write_json
 from utils.joint_generation import JointLM, check_joint_settings
 from utils.modeling import load_causal_lm, load_tokenizer, model_tokenizer_path
 
@@ -203,8 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"breaks {summary['broken']}.")
     result = {"summary": summary, "examples": shown}
     if args.output_file:
-        with open(args.output_file, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(args.output_file, result)
     return result
 
 

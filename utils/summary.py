@@ -1,21 +1,127 @@
-"""Gather the quickstart's results into one table (printed) and ``summary.json``.
+"""Gather the quickstart's results into ``summary.json`` and a printed Markdown table.
 
     python -m utils.summary --output_dir outputs/quickstart
 
-Each entry reads a file some stage wrote; entries whose stage has not run are left out.
+Each entry reads a file some stage wrote; entries whose stage has not run are left out. The headline
+numbers are on the test split, with every choice made on validation:
+
+* base + memory perplexity at the ``lmbda`` with the lowest validation perplexity
+  (``eval_joint_validation``), reported on test (``eval_joint_test``);
+* the kNN-LM at its fixed ``lmbda`` (``eval_knnlm_test``);
+* QA exact match and F1 of the base alone (``qa_test/base``) and of base + memory (``qa_test/memory``)
+  at the ``lmbda`` chosen on the validation questions (``qa_validation/lmbda_*``,
+  `downstream.choose_lmbda`);
+* one question whose answer the memory corrects (``correction.json``, `demo.generation_example`).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import glob
+import sys
 from pathlib import Path
 
-from utils.io import write_json
+from downstream.choose_lmbda import best_run, read_sweep
+from utils.cli import UsageError, run
+from utils.io import read_json, write_json
+
+QA_METRICS = ("exact_match", "f1", "contains")
 
 
 def _read(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_json(path) if path.is_file() else None
+
+
+def best_lmbda(joint_results: dict) -> dict:
+    """The entry of a joint evaluation's ``lmbda_sweep`` with the lowest perplexity."""
+    return min(joint_results["lmbda_sweep"], key=lambda entry: (entry["perplexity"], entry["lmbda"]))
+
+
+def _sweep(joint_results: dict) -> dict:
+    return {f"{entry['lmbda']:g}": entry["perplexity"] for entry in joint_results["lmbda_sweep"]}
+
+
+def _qa(results: dict) -> dict:
+    return {key: results[key] for key in QA_METRICS}
+
+
+def _perplexity(out: Path, summary: dict) -> None:
+    """Test perplexities (base, kNN-LM, memory alone, base + memory at the lmbda best on validation), tokens/s."""
+    perplexity, speed, lmbda = {}, {}, {}
+    if base := _read(out / "eval_base_test" / "eval_results.json"):
+        perplexity["base"] = base["perplexity"]
+        speed["base"] = base["eval_tokens_per_second"]
+        summary["test_tokens"] = base["eval_tokens"]
+    if knnlm := _read(out / "eval_knnlm_test" / "knnlm_results.json"):
+        perplexity["knn_lm"] = knnlm["perplexity"]
+        speed["knn_lm"] = knnlm["eval_tokens_per_second"]
+        lmbda["knn_lm"] = knnlm["lmbda"]
+        summary["knn_lm_settings"] = {"k": knnlm["k"], "lmbda": knnlm["lmbda"], "knn_temp": knnlm["knn_temp"],
+                                      "index": knnlm["index_type"], "lmbda_chosen_on": "fixed"}
+    validation = _read(out / "eval_joint_validation" / "joint_results.json")
+    test = _read(out / "eval_joint_test" / "joint_results.json")
+    if test:
+        perplexity["memory_alone"] = test["memory_perplexity"]
+        speed["base_plus_memory"] = test["joint_tokens_per_second"]
+        speed["base_in_the_same_run"] = test["base_tokens_per_second"]
+        summary["test_perplexity_by_lmbda"] = _sweep(test)
+    if validation:
+        summary["validation_perplexity"] = {"base": validation["base_perplexity"], **_sweep(validation)}
+    if validation and test:
+        chosen = best_lmbda(validation)["lmbda"]
+        on_test = {entry["lmbda"]: entry["perplexity"] for entry in test["lmbda_sweep"]}
+        if chosen not in on_test:
+            raise UsageError(f"lmbda {chosen:g}, best on validation, is not in the test sweep "
+                             f"({sorted(on_test)}): run both sweeps with the same lmbdas")
+        perplexity["base_plus_memory"] = on_test[chosen]
+        lmbda["base_plus_memory"] = chosen
+        lmbda["base_plus_memory_chosen_on"] = "validation perplexity"
+    if perplexity:
+        summary["test_perplexity"] = perplexity
+    if speed:
+        summary["tokens_per_second"] = speed
+    if lmbda:
+        summary["lmbda"] = lmbda
+
+
+def _question_answering(out: Path, summary: dict) -> None:
+    """QA on the test questions with and without the memory; the lmbda sweep on the validation questions."""
+    sweep_dirs = sorted(glob.glob(str(out / "qa_validation" / "lmbda_*")))
+    sweep = read_sweep(sweep_dirs) if sweep_dirs else []
+    if sweep:
+        validation = {"questions": sweep[0]["count"],
+                      "base_plus_memory_by_lmbda": {f"{r['lmbda']:g}": _qa(r) for r in sweep}}
+        if base := _read(out / "qa_validation" / "base" / "qa_results.json"):
+            validation["base"] = _qa(base)
+        summary["qa_validation"] = validation
+    qa_test = {}
+    if base := _read(out / "qa_test" / "base" / "qa_results.json"):
+        qa_test.update(questions=base["count"], base=_qa(base))
+    if joint := _read(out / "qa_test" / "memory" / "qa_results.json"):
+        qa_test.update(questions=joint["count"], base_plus_memory=_qa(joint), lmbda=joint["lmbda"])
+        if sweep:
+            chosen = best_run(sweep)["lmbda"]
+            if joint["lmbda"] != chosen:
+                raise UsageError(f"{out / 'qa_test' / 'memory'} ran at lmbda {joint['lmbda']:g}, but "
+                                 f"{chosen:g} is best on the validation questions: rerun it")
+            qa_test["lmbda_chosen_on"] = "validation questions (exact match)"
+        else:
+            qa_test["lmbda_chosen_on"] = "fixed"
+    if qa_test:
+        summary["qa_test"] = qa_test
+
+
+def _correction(out: Path, summary: dict) -> None:
+    """The first test question whose answer the memory corrects, from `demo.generation_example`'s JSON."""
+    if (found := _read(out / "correction.json")) is None:
+        return
+    if not found["examples"]:
+        summary["correction"] = None
+        return
+    example = found["examples"][0]
+    summary["correction"] = {"prompt": example["prompt"], "gold": example["gold"],
+                             "base": example["base"], "base_plus_memory": example["joint"],
+                             "lmbda": found["summary"]["lmbda"]}
 
 
 def collect(out: Path) -> dict:
@@ -25,62 +131,102 @@ def collect(out: Path) -> dict:
         summary["tokens"] = {split: s["tokens"] for split, s in dataset["splits"].items()}
         summary["block_size"], summary["stride"] = dataset["block_size"], dataset["stride"]
     if train := _read(out / "base" / "train_results.json"):
-        summary["base_train_seconds"] = train.get("train_runtime")
-        summary["base_train_loss"] = train.get("train_loss")
-    if base := _read(out / "eval_base_test" / "eval_results.json"):
-        summary["test_perplexity"] = {"base": base["perplexity"]}
-        summary["test_tokens"] = base["eval_tokens"]
-        summary["tokens_per_second"] = {"base": base["eval_tokens_per_second"]}
+        summary["base_training"] = {"seconds": train.get("train_runtime"), "loss": train.get("train_loss"),
+                                    "epochs": train.get("epoch")}
+    _perplexity(out, summary)
     if dstore := _read(out / "dstore" / "meta.json"):
         summary["datastore"] = {"rows": dstore["rows"], "dim": dstore["dim"], "seconds": dstore["seconds"],
                                 "rows_per_second": round(dstore["rows"] / max(dstore["seconds"], 1e-9), 1)}
     if targets := _read(out / "knn_targets" / "meta.json"):
-        summary["knn_targets"] = {"rows": targets["rows"], "entries_per_row": round(targets["nnz"] / max(targets["rows"], 1), 2),
-                                  "k": targets["k"], "knn_temp": targets["knn_temp"]}
-    if knnlm := _read(out / "eval_knnlm_test" / "knnlm_results.json"):
-        summary.setdefault("test_perplexity", {})["knn_lm"] = knnlm["perplexity"]
-        summary.setdefault("tokens_per_second", {})["knn_lm"] = knnlm["eval_tokens_per_second"]
-        summary["knn_lm_settings"] = {"k": knnlm["k"], "lmbda": knnlm["lmbda"], "knn_temp": knnlm["knn_temp"],
-                                      "index": knnlm["index_type"]}
+        summary["knn_targets"] = {"rows": targets["rows"], "k": targets["k"], "knn_temp": targets["knn_temp"],
+                                  "entries_per_row": round(targets["nnz"] / max(targets["rows"], 1), 2)}
     if memory := _read(out / "memory" / "training_results.json"):
         summary["memory_training"] = {"seconds": memory["train_seconds"], "steps": memory["train_steps"],
                                       "validation_kl_to_knn": memory["val_kl"],
                                       "validation_top1_agreement_with_knn": memory["val_top1_agreement"]}
-    if joint := _read(out / "eval_joint_test" / "joint_results.json"):
-        perplexity = summary.setdefault("test_perplexity", {})
-        perplexity["memory_alone"] = joint["memory_perplexity"]
-        for entry in joint["lmbda_sweep"]:
-            perplexity[f"base_plus_memory_lmbda_{entry['lmbda']}"] = entry["perplexity"]
-        summary.setdefault("tokens_per_second", {})["base_plus_memory"] = joint["joint_tokens_per_second"]
+    _question_answering(out, summary)
+    _correction(out, summary)
     return summary
 
 
-def format_table(summary: dict) -> str:
-    """A two-column Markdown table of the summary."""
+def _number(value, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def headline_table(summary: dict) -> str:
+    """Base, kNN-LM and base + memory side by side on test: perplexity, tokens/s, QA."""
+    perplexity = summary.get("test_perplexity", {})
+    speed = summary.get("tokens_per_second", {})
+    lmbda = summary.get("lmbda", {})
+    qa = summary.get("qa_test", {})
+    knn_note = f" (lmbda {lmbda['knn_lm']:g}, fixed)" if "knn_lm" in lmbda else ""
+    joint_note = f" (lmbda {lmbda['base_plus_memory']:g}, best on validation)" if "base_plus_memory" in lmbda else ""
+    lines = ["| test split | base | kNN-LM | base + memory |", "|---|---|---|---|",
+             f"| perplexity | {_number(perplexity.get('base'))} | {_number(perplexity.get('knn_lm'))}{knn_note} "
+             f"| {_number(perplexity.get('base_plus_memory'))}{joint_note} |",
+             f"| tokens/s | {_number(speed.get('base'), 0)} | {_number(speed.get('knn_lm'), 0)} "
+             f"| {_number(speed.get('base_plus_memory'), 0)} |"]
+    if qa:
+        qa_note = f" (lmbda {qa['lmbda']:g}, {qa['lmbda_chosen_on']})" if "lmbda" in qa else ""
+        for key, name in (("exact_match", "exact match"), ("f1", "F1")):
+            base, joint = qa.get("base", {}).get(key), qa.get("base_plus_memory", {}).get(key)
+            lines.append(f"| QA {name}, {qa['questions']} questions | {_number(base)} | - "
+                         f"| {_number(joint)}{qa_note if key == 'exact_match' else ''} |")
+    return "\n".join(lines)
+
+
+def correction_text(correction: dict | None) -> str:
+    """The corrected question as four lines."""
+    if correction is None:
+        return "No test question found whose answer the memory corrects."
+    first = lambda text: text.strip().split("\n", 1)[0].strip()  # noqa: E731
+    return "\n".join([f"A fact the memory corrects (lmbda {correction['lmbda']:g}, greedy):",
+                      f"    prompt        : {correction['prompt']}",
+                      f"    base          : {first(correction['base'])}",
+                      f"    base + memory : {first(correction['base_plus_memory'])}",
+                      f"    gold          : {' | '.join(correction['gold'])}"])
+
+
+def details_table(summary: dict) -> str:
+    """Every number of the summary as a two-column Markdown table."""
     lines = ["| what | value |", "|---|---|"]
 
     def add(key: str, value) -> None:
         if isinstance(value, dict):
             for sub, v in value.items():
                 add(f"{key} / {sub}", v)
+        elif isinstance(value, list):
+            lines.append(f"| {key} | {' / '.join(map(str, value))} |")
         else:
             lines.append(f"| {key} | {round(value, 3) if isinstance(value, float) else value} |")
 
     for key, value in summary.items():
-        add(key, value)
+        if key != "correction":
+            add(key, value)
     return "\n".join(lines)
 
 
+def format_summary(summary: dict) -> str:
+    """The headline table, the corrected fact (when the QA stages ran) and the details."""
+    parts = [headline_table(summary)]
+    if "correction" in summary:
+        parts.append(correction_text(summary["correction"]))
+    parts.append(details_table(summary))
+    return "\n\n".join(parts)
+
+
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m utils.summary", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", required=True, help="The quickstart's output directory.")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     out = Path(args.output_dir)
+    if not out.is_dir():
+        raise UsageError(f"--output_dir {out} is not a directory: run scripts/quickstart.sh first")
     summary = collect(out)
     write_json(out / "summary.json", summary)
-    print(format_table(summary))
+    print(format_summary(summary))
     return summary
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -1,0 +1,67 @@
+"""Choose the memory weight ``lmbda`` for QA from `downstream.eval_qa` runs on a validation set.
+
+    for l in 0.25 0.5 0.75; do
+        python -m downstream.eval_qa ... --use_neural_knn --lmbda $l --output_dir OUT/qa_validation/lmbda_$l
+    done
+    LMBDA=$(python -m downstream.choose_lmbda OUT/qa_validation/lmbda_*)
+
+Each directory holds the ``qa_results.json`` of one run with ``--use_neural_knn``. The best run has the
+highest exact match, then the highest token F1, then the smallest ``lmbda`` (the one closest to the base
+model). Its ``lmbda`` is printed alone on stdout, for scripts; the table of all runs goes to the log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from utils.cli import UsageError, run, setup_logging
+from utils.io import read_json
+
+logger = logging.getLogger(__name__)
+
+RESULTS_FILE = "qa_results.json"
+
+
+def read_sweep(directories: list[str]) -> list[dict]:
+    """The ``qa_results.json`` of each directory (runs with the memory only), sorted by ``lmbda``."""
+    runs = []
+    for directory in directories:
+        path = os.path.join(directory, RESULTS_FILE)
+        if not os.path.isfile(path):
+            raise UsageError(f"{directory} has no {RESULTS_FILE}: run downstream.eval_qa there first")
+        results = read_json(path)
+        if not results.get("use_neural_knn"):
+            raise UsageError(f"{path} is a run of the base model alone: only runs with --use_neural_knn have a lmbda")
+        runs.append(results)
+    if not runs:
+        raise UsageError("give at least one eval_qa output directory")
+    lmbdas = [r["lmbda"] for r in runs]
+    if len(set(lmbdas)) != len(lmbdas):
+        raise UsageError(f"two runs share a lmbda ({sorted(lmbdas)}): give one directory per value")
+    return sorted(runs, key=lambda r: r["lmbda"])
+
+
+def best_run(runs: list[dict]) -> dict:
+    """The run with the highest exact match, then F1, then the smallest lmbda."""
+    return max(runs, key=lambda r: (r["exact_match"], r["f1"], -r["lmbda"]))
+
+
+def main(argv: list[str] | None = None) -> float:
+    parser = argparse.ArgumentParser(prog="python -m downstream.choose_lmbda", description=__doc__.split("\n\n")[0])
+    parser.add_argument("directories", nargs="+", help="eval_qa output directories, one per lmbda.")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    runs = read_sweep(args.directories)
+    best = best_run(runs)
+    for r in runs:
+        logger.info("lmbda %g: EM %.2f F1 %.2f over %d questions%s", r["lmbda"], r["exact_match"], r["f1"], r["count"],
+                    "  <- chosen" if r is best else "")
+    print(f"{best['lmbda']:g}")
+    return best["lmbda"]
+
+
+if __name__ == "__main__":
+    setup_logging()
+    run(main)
