@@ -45,11 +45,11 @@ def test_same_seed_same_text_other_seed_other_text(corpus):
 
 def test_split_sizes(corpus):
     train_chars = len(corpus.train)
-    assert 300_000 <= train_chars <= 500_000
-    assert 60_000 <= len(corpus.train.split()) <= 120_000
+    assert 150_000 <= train_chars <= 350_000
+    assert 25_000 <= len(corpus.train.split()) <= 60_000
     for split in ("validation", "test"):
-        assert 0.05 <= len(getattr(corpus, split)) / train_chars <= 0.10
-    assert 200 <= len(corpus.qa) <= 1000
+        assert 0.04 <= len(getattr(corpus, split)) / train_chars <= 0.10
+        assert 150 <= len(corpus.qa[split]) <= 1000
     for text in (corpus.train, corpus.validation, corpus.test):
         assert text.endswith("\n") and "\n\n" not in text
 
@@ -76,14 +76,45 @@ def test_eval_sentences_never_occur_in_train(corpus):
         assert line not in corpus.train
 
 
-def test_qa_answers_are_in_train_and_about_test_entities(corpus):
-    test_subjects = {f.subject for f in corpus.facts["test"]}
-    for pair in corpus.qa:
-        assert set(pair) == {"question", "answer"} and pair["answer"]
-        assert pair["answer"][0] in corpus.train
-        assert any(subject in pair["question"] for subject in test_subjects)
-    drilled = set(re.findall(r"^Question: (.*?) Answer: ", corpus.train, flags=re.MULTILINE))
-    assert drilled and not drilled & {pair["question"] for pair in corpus.qa}
+def _qa_lines(text: str) -> dict[str, str]:
+    """The QA lines of a split: question -> answer."""
+    return dict(re.findall(r"^Question: (.*?) Answer: (.*)$", text, flags=re.MULTILINE))
+
+
+def test_qa_sets_ask_about_their_split_entities(corpus):
+    for split in ("validation", "test"):
+        subjects = {f.subject for f in corpus.facts[split]}
+        assert len(corpus.qa[split]) == len(corpus.facts[split])
+        for pair in corpus.qa[split]:
+            assert set(pair) == {"question", "answer"} and pair["answer"]
+            assert pair["answer"][0] in corpus.train
+            assert any(subject in pair["question"] for subject in subjects)
+
+
+def test_qa_questions_are_held_out_of_train(corpus):
+    """Train asks every fact in QA lines, but never in the wording an eval QA set asks it in."""
+    drilled = _qa_lines(corpus.train)
+    names = {e.name: e for group in corpus.entities.values() for e in group}
+    for split in ("validation", "test"):
+        for fact, pair in zip(corpus.facts[split], corpus.qa[split]):
+            question, answer = pair["question"], pair["answer"][0]
+            assert question not in corpus.train
+            subject = f"the {fact.subject} River" if names[fact.subject].kind == "river" else fact.subject
+            assert re.search(rf"\b{re.escape(subject)}\b", question)
+            # The same fact, about the same subject, is drilled in another wording.
+            others = [q for q, a in drilled.items() if a == answer and re.search(rf"\b{re.escape(subject)}\b", q)]
+            assert others and question not in others
+
+
+def test_qa_drills_per_fact(corpus):
+    facts = sum(len(e.attributes) for group in corpus.entities.values() for e in group)
+    assert len(_qa_lines(corpus.train)) == facts * CorpusSizes().qa_drills_per_fact
+    none = generate_corpus(seed=0, qa_drills_per_fact=0, **SMALL)
+    assert not _qa_lines(none.train) and none.qa["test"]
+    two = generate_corpus(seed=0, qa_drills_per_fact=2, **SMALL)
+    drilled = _qa_lines(two.train)
+    assert len(drilled) == 2 * sum(len(e.attributes) for group in two.entities.values() for e in group)
+    assert not {pair["question"] for split in ("validation", "test") for pair in two.qa[split]} & set(drilled)
 
 
 def test_sizes_are_checked():
@@ -91,23 +122,28 @@ def test_sizes_are_checked():
         CorpusSizes(num_people=1)
     with pytest.raises(ValueError, match="--eval_fraction"):
         CorpusSizes(eval_fraction=0.5)
+    with pytest.raises(ValueError, match="--qa_drills_per_fact"):
+        CorpusSizes(qa_drills_per_fact=4)
     with pytest.raises(TypeError):
         generate_corpus(seed=0, num_unicorns=3)
 
 
 def test_write_corpus_files_and_meta(written):
     names = {p.name for p in written.iterdir()}
-    assert {"train.txt", "validation.txt", "test.txt", "qa_test.jsonl", "tokenizer", "meta.json"} <= names
+    assert {"train.txt", "validation.txt", "test.txt", "qa_validation.jsonl", "qa_test.jsonl", "tokenizer",
+            "meta.json"} <= names
     assert not written.with_name(written.name + ".partial").exists()
     meta = json.loads((written / "meta.json").read_text())
     assert meta["seed"] == 0 and meta["sizes"]["num_people"] == CorpusSizes().num_people
-    assert 80_000 <= meta["splits"]["train"]["tokens"] <= 150_000
+    assert 30_000 <= meta["splits"]["train"]["tokens"] <= 80_000
     for split in ("train", "validation", "test"):
         text = (written / f"{split}.txt").read_text()
         assert meta["splits"][split]["chars"] == len(text)
         assert meta["splits"][split]["lines"] == len(text.splitlines())
-    qa = [json.loads(line) for line in (written / "qa_test.jsonl").read_text().splitlines()]
-    assert len(qa) == meta["qa_test"]["count"] and all(isinstance(p["answer"], list) for p in qa)
+    for split in ("validation", "test"):
+        qa = [json.loads(line) for line in (written / f"qa_{split}.jsonl").read_text().splitlines()]
+        assert len(qa) == meta[f"qa_{split}"]["count"] and all(isinstance(p["answer"], list) for p in qa)
+    assert meta["train_qa_lines"] == len(re.findall(r"^Question: ", (written / "train.txt").read_text(), re.M))
 
 
 def test_write_corpus_is_byte_identical(written, tmp_path):

@@ -8,6 +8,7 @@ tests build the result files by hand to pin down the choices (lmbda chosen on va
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -72,7 +73,8 @@ def constructed(tmp_path) -> Path:
         write_json(out / "qa_validation" / f"lmbda_{lmbda}" / "qa_results.json", qa_results(em, f1, lmbda))
     write_json(out / "qa_validation" / "base" / "qa_results.json", qa_results(5.0, 6.0, None))
     write_json(out / "qa_test" / "base" / "qa_results.json", qa_results(4.0, 5.0, None))
-    write_json(out / "qa_test" / "memory" / "qa_results.json", qa_results(15.0, 17.0, 0.75))
+    write_json(out / "qa_test" / "lmbda_0.75" / "qa_results.json", qa_results(15.0, 17.0, 0.75))
+    write_json(out / "qa_test" / "lmbda_0.25" / "qa_results.json", qa_results(12.0, 13.0, 0.25))
     write_json(out / "correction.json", CORRECTION)
     return out
 
@@ -103,24 +105,24 @@ def test_choices_are_made_on_validation(constructed, capsys):
 
 
 def test_mismatched_choices_are_errors(constructed):
-    write_json(constructed / "qa_test" / "memory" / "qa_results.json", qa_results(15.0, 17.0, 0.5))
-    with pytest.raises(UsageError, match=r"lmbda 0.5, but 0.75 is best on the validation questions"):
+    shutil.rmtree(constructed / "qa_test" / "lmbda_0.75")
+    with pytest.raises(UsageError, match=r"no run at lmbda 0.75, the best on the validation questions"):
         summary_module.collect(constructed)
-    write_json(constructed / "qa_test" / "memory" / "qa_results.json", qa_results(15.0, 17.0, 0.75))
+    shutil.rmtree(constructed / "qa_validation")
+    write_json(constructed / "qa_test" / "lmbda_0.5" / "qa_results.json", qa_results(15.0, 17.0, 0.5))
+    with pytest.raises(UsageError, match=r"runs at several lmbdas .* no sweep to choose one"):
+        summary_module.collect(constructed)
+    shutil.rmtree(constructed / "qa_test" / "lmbda_0.5")
+    assert summary_module.collect(constructed)["qa_test"]["lmbda_chosen_on"] == "fixed"  # one run: a fixed lmbda
     write_json(constructed / "eval_joint_test" / "joint_results.json", joint_results("test", 80.0, {0.25: 74.0}))
     with pytest.raises(UsageError, match=r"lmbda 0.5, best on validation, is not in the test sweep"):
         summary_module.collect(constructed)
 
 
 def test_stages_not_run_are_left_out(constructed, capsys):
-    for name in ("eval_knnlm_test", "eval_joint_validation", "qa_validation", "qa_test", "correction.json"):
-        path = constructed / name
-        if path.is_dir():
-            for f in sorted(path.rglob("*"), reverse=True):
-                f.unlink() if f.is_file() else f.rmdir()
-            path.rmdir()
-        else:
-            path.unlink()
+    for name in ("eval_knnlm_test", "eval_joint_validation", "qa_validation", "qa_test"):
+        shutil.rmtree(constructed / name)
+    (constructed / "correction.json").unlink()
     summary = summary_module.main(["--output_dir", str(constructed)])
     assert summary["test_perplexity"] == {"base": 80.0, "memory_alone": 150.0}
     assert "lmbda" not in summary and "qa_test" not in summary and "correction" not in summary
@@ -181,7 +183,8 @@ def test_summary_of_real_artifacts(tmp_path, tiny_dataset, tiny_gpt2_dir, capsys
         eval_qa.main([*qa, "--output_dir", directory, *memory_flags, "--lmbda", lmbda])
     chosen = choose_lmbda.main(sweep)
     base = eval_qa.main([*qa, "--output_dir", str(out / "qa_test" / "base")])
-    joint = eval_qa.main([*qa, "--output_dir", str(out / "qa_test" / "memory"), *memory_flags, "--lmbda", str(chosen)])
+    joint = eval_qa.main([*qa, "--output_dir", str(out / "qa_test" / f"lmbda_{chosen:g}"), *memory_flags,
+                          "--lmbda", str(chosen)])
     capsys.readouterr()
 
     summary = summary_module.main(["--output_dir", str(out)])

@@ -13,10 +13,13 @@ miniature encyclopedia with the same property:
   text is interlinked and the attribute values cannot be guessed from the name.
 * Each relation has four predicates ("was born in X", "came from the city of X", ...) and a whole-
   sentence form ("The birthplace of P was X."); all of them occur in train.
+* Each relation also has four question wordings ("Where was P born?", "In which city was P born?",
+  "What was the birthplace of P?", "Which city did P come from?").
 * The TRAIN split holds one article per entity stating each of its facts twice, in two phrasings,
   plus list sentences in the articles of related entities ("Notable people born in X include ..."),
-  so every fact appears several times in varied wording. A few lines drill the QA format
-  ("Question: Where was P born? Answer: X") for entities that are in neither eval split.
+  so every fact appears several times in varied wording. Train also asks every fact of every entity
+  as QA lines ("Question: Where was P born? Answer: X", `QA_PROMPT` then the answer), in
+  ``qa_drills_per_fact`` of its relation's question wordings.
 * The VALIDATION and TEST splits hold short paragraphs about two disjoint samples of entities. They
   introduce no new facts: every fact they state is stated in train. For each fact of these entities
   one predicate is held out of its training article, and the eval paragraph uses exactly that one,
@@ -24,7 +27,12 @@ miniature encyclopedia with the same property:
   in 1816."). So no eval sentence occurs in train, the wording is familiar (other entities use it in
   train), and predicting the attribute values means recalling this entity's facts from train:
   exactly what a datastore over the training split, or a memory trained on it, provides.
-* Closed-book QA pairs ask about the facts restated in the test split.
+* Closed-book QA sets (``qa_validation.jsonl``, ``qa_test.jsonl``) ask one question about each fact
+  of the validation / test entities, in the one question wording held out of train for that fact:
+  no QA question occurs in train, with its answer or at all, but train states the fact in prose and
+  asks it in other wordings. Answering is closed-book recall of training knowledge through an unseen
+  paraphrase, not copying a training line. Train's QA lines teach the format; the validation set is
+  there to choose settings (the memory's weight) without looking at test.
 
 Everything is drawn from one `random.Random(seed)`: the same seed gives byte-identical files.
 `write_corpus` also trains a byte-level BPE tokenizer on the training split and writes the artifact
@@ -56,7 +64,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 META_KIND = "embedded_corpus"
 EOS_TOKEN = "<|endoftext|>"
 SPLITS = ("train", "validation", "test")
@@ -67,20 +75,21 @@ QA_PROMPT = "Question: {question} Answer:"  # the form of the QA lines in train;
 class CorpusSizes:
     """How many entities of each type the world holds, and how many of them the eval splits restate."""
 
-    num_countries: int = field(default=10, metadata={"help": "Number of fictional countries."})
-    num_cities: int = field(default=130, metadata={"help": "Number of cities (each in a country, on a river)."})
-    num_rivers: int = field(default=30, metadata={"help": "Number of rivers."})
-    num_organisations: int = field(default=130, metadata={"help": "Number of organisations (companies, guilds)."})
-    num_people: int = field(default=500, metadata={"help": "Number of people."})
+    num_countries: int = field(default=5, metadata={"help": "Number of fictional countries."})
+    num_cities: int = field(default=40, metadata={"help": "Number of cities (each in a country, on a river)."})
+    num_rivers: int = field(default=10, metadata={"help": "Number of rivers."})
+    num_organisations: int = field(default=40, metadata={"help": "Number of organisations (companies, guilds)."})
+    num_people: int = field(default=120, metadata={"help": "Number of people."})
     eval_fraction: float = field(
-        default=0.15,
+        default=0.25,
         metadata={"help": "Fraction of the entities of each type restated in validation (and, disjointly, in test)."},
     )
-    qa_drill_fraction: float = field(
-        default=0.25,
+    qa_drills_per_fact: int = field(
+        default=2,
         metadata={
-            "help": "Fraction of the entities outside validation and test whose facts train also states as "
-            "question-answer lines (QA_PROMPT followed by the answer), so a model learns the QA format."
+            "help": "Question wordings per fact that train also states as question-answer lines (QA_PROMPT "
+            "followed by the answer), for every entity; an eval entity's lines never use the wording its QA "
+            "set asks with. 0 leaves QA lines out."
         },
     )
 
@@ -92,8 +101,10 @@ class CorpusSizes:
             raise UsageError("--num_cities must be >= --num_countries (every country has a capital)")
         if not 0.0 < self.eval_fraction <= 0.3:
             raise UsageError(f"--eval_fraction must be in (0, 0.3], got {self.eval_fraction}")
-        if not 0.0 <= self.qa_drill_fraction <= 1.0:
-            raise UsageError(f"--qa_drill_fraction must be in [0, 1], got {self.qa_drill_fraction}")
+        most = min(len(relation.questions) for relation in RELATIONS.values()) - 1
+        if not 0 <= self.qa_drills_per_fact <= most:
+            raise UsageError(f"--qa_drills_per_fact must be in [0, {most}] (one wording per fact is held out "
+                             f"for the QA sets), got {self.qa_drills_per_fact}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -245,12 +256,14 @@ class Relation:
     """How one relation is put into words, and asked about.
 
     ``predicates`` complete "<subject> ..." (``{v}`` is the value, ``{a_v}`` the value after "a"/"an")
-    and can be joined in pairs; ``sentences`` are whole sentences (``{s}`` is the subject).
+    and can be joined in pairs; ``sentences`` are whole sentences (``{s}`` is the subject);
+    ``questions`` are the wordings of the question asking for ``{v}``; ``answers`` the accepted
+    answers, most specific first (the first is the one QA lines in train give).
     """
 
     predicates: tuple[str, ...]
     sentences: tuple[str, ...]
-    question: str
+    questions: tuple[str, ...]
     answers: tuple[str, ...] = ("{v}",)
 
 
@@ -260,88 +273,105 @@ RELATIONS: dict[str, Relation] = {
     "born_in": Relation(
         ("was born in {v}", "was born in the city of {v}", "was a native of {v}", "came from the city of {v}"),
         ("The birthplace of {s} was {v}.",),
-        "Where was {s} born?"),
+        ("Where was {s} born?", "In which city was {s} born?",
+         "What was the birthplace of {s}?", "Which city did {s} come from?")),
     "birth_year": Relation(
         ("was born in the year {v}", "was born in {v}", "came into the world in {v}", "entered the world in {v}"),
         ("In {v}, {s} was born.",),
-        "In what year was {s} born?"),
+        ("In what year was {s} born?", "When was {s} born?",
+         "What was the birth year of {s}?", "In which year did {s} come into the world?")),
     "occupation": Relation(
         ("worked as {a_v}", "was {a_v} by profession", "earned a living as {a_v}", "made a career as {a_v}"),
         ("By trade, {s} was {a_v}.",),
-        "What was the occupation of {s}?"),
+        ("What was the occupation of {s}?", "What did {s} do for a living?",
+         "What was the profession of {s}?", "What was {s} by trade?")),
     "employer": Relation(
         ("worked for {v}", "was employed by {v}", "held a position at {v}", "spent many years at {v}"),
         ("{v} employed {s}.",),
-        "Which organisation did {s} work for?"),
+        ("Which organisation did {s} work for?", "Who employed {s}?",
+         "Where did {s} work?", "For which organisation did {s} work?")),
     "mentor": Relation(
         ("studied under {v}", "was a student of {v}", "learned the craft from {v}", "trained under {v}"),
         ("The mentor of {s} was {v}.",),
-        "Who was the mentor of {s}?"),
+        ("Who was the mentor of {s}?", "Who taught {s}?", "Under whom did {s} study?", "Whose student was {s}?")),
     # city
     "country": Relation(
         ("is a city in {v}", "lies in {v}", "belongs to {v}", "is one of the cities of {v}"),
         ("The city of {s} is located in {v}.",),
-        "In which country is {s}?"),
+        ("In which country is {s}?", "Which country does {s} belong to?",
+         "In what country does {s} lie?", "Of which country is {s} a city?")),
     "river": Relation(
         ("stands on the {v} River", "lies on the banks of the {v} River", "is built along the {v} River",
          "grew up beside the {v} River"),
         ("The {v} River flows through {s}.",),
-        "On which river does {s} stand?", ("{v}", "{v} River")),
+        ("On which river does {s} stand?", "Which river flows through {s}?",
+         "What river is {s} built on?", "Along which river does {s} lie?"), ("{v}", "{v} River")),
     "city_founded": Relation(
         ("was founded in {v}", "was established in {v}", "was first settled in {v}", "traces its founding to {v}"),
         ("The city of {s} dates from {v}.",),
-        "In what year was {s} founded?"),
+        ("In what year was {s} founded?", "When was {s} founded?",
+         "When was {s} first settled?", "In which year was {s} established?")),
     "population": Relation(
         ("has a population of about {v}", "is home to roughly {v} people", "counts some {v} inhabitants",
          "has around {v} residents"),
         ("About {v} people live in {s}.",),
-        "About how many people live in {s}?"),
+        ("About how many people live in {s}?", "What is the population of {s}?",
+         "How many inhabitants does {s} have?", "Roughly how many residents does {s} have?")),
     "known_for": Relation(
         ("is known for its {v}", "is famous for its {v}", "is celebrated for its {v}", "is renowned for its {v}"),
         ("Travellers know {s} for its {v}.",),
-        "What is {s} known for?"),
+        ("What is {s} known for?", "What is {s} famous for?",
+         "For what is {s} celebrated?", "What is {s} renowned for?")),
     # organisation
     "founder": Relation(
         ("was founded by {v}", "was started by {v}", "owes its founding to {v}", "was set up by {v}"),
         ("{v} founded {s}.",),
-        "Who founded {s}?"),
+        ("Who founded {s}?", "Who started {s}?", "Who set up {s}?", "Who was the founder of {s}?")),
     "headquarters": Relation(
         ("is headquartered in {v}", "has its head office in {v}", "is based in {v}", "keeps its main office in {v}"),
         ("The headquarters of {s} are in {v}.",),
-        "Where is {s} headquartered?"),
+        ("Where is {s} headquartered?", "Where does {s} have its head office?",
+         "In which city is {s} based?", "Where are the headquarters of {s}?")),
     "industry": Relation(
         ("is {a_v} company", "works in the {v} industry", "operates in the {v} trade",
          "does business in the {v} sector"),
         ("The business of {s} is {v}.",),
-        "In which industry does {s} work?"),
+        ("In which industry does {s} work?", "What business is {s} in?",
+         "In which trade does {s} operate?", "What sector does {s} do business in?")),
     "org_founded": Relation(
         ("was founded in {v}", "was established in {v}", "opened its doors in {v}", "dates back to {v}"),
         ("{s} has existed since {v}.",),
-        "In what year was {s} founded?"),
+        ("In what year was {s} founded?", "When was {s} founded?",
+         "When did {s} open its doors?", "In which year was {s} established?")),
     # river
     "source": Relation(
         ("rises in the {v} Mountains", "has its source in the {v} Mountains", "begins high in the {v} Mountains",
          "springs from the {v} Mountains"),
         ("The source of {s} is in the {v} Mountains.",),
-        "Where does {s} rise?", ("{v} Mountains", "{v}")),
+        ("Where does {s} rise?", "In which mountains does {s} have its source?",
+         "Where is the source of {s}?", "From which mountains does {s} spring?"), ("{v} Mountains", "{v}")),
     "mouth": Relation(
         ("flows into the {v} Sea", "empties into the {v} Sea", "drains into the {v} Sea", "ends in the {v} Sea"),
         ("The mouth of {s} is on the {v} Sea.",),
-        "Into which sea does {s} flow?", ("{v} Sea", "{v}")),
+        ("Into which sea does {s} flow?", "Where does {s} end?",
+         "Into which sea does {s} empty?", "What sea does {s} drain into?"), ("{v} Sea", "{v}")),
     "length": Relation(
         ("is {v} kilometres long", "has a length of {v} kilometres", "runs for {v} kilometres",
          "stretches for {v} kilometres"),
         ("The length of {s} is {v} kilometres.",),
-        "How many kilometres long is {s}?", ("{v}", "{v} kilometres")),
+        ("How many kilometres long is {s}?", "How long is {s}?",
+         "What is the length of {s}?", "For how many kilometres does {s} run?"), ("{v}", "{v} kilometres")),
     # country
     "capital": Relation(
         ("has its capital at {v}", "is governed from the capital {v}", "is ruled from {v}", "has {v} as its capital"),
         ("The capital of {s} is {v}.", "{v} is the capital of {s}."),
-        "What is the capital of {s}?"),
+        ("What is the capital of {s}?", "Which city is the capital of {s}?",
+         "From which city is {s} governed?", "Where is the capital of {s}?")),
     "language": Relation(
         ("has {v} as its official language", "speaks {v}", "uses the {v} language", "conducts its affairs in {v}"),
         ("The official language of {s} is {v}.",),
-        "What language is spoken in {s}?"),
+        ("What language is spoken in {s}?", "What is the official language of {s}?",
+         "Which language does {s} use?", "In what language does {s} conduct its affairs?")),
 }
 # fmt: on
 
@@ -426,10 +456,19 @@ class Phrasing:
 
 @dataclass
 class FactPlan:
-    """Which phrasings of a fact the training article uses, and which one is kept for an eval split."""
+    """Which phrasings and question wordings of a fact train uses, and which ones are kept for an eval split.
+
+    ``drills`` and ``held_out_question`` are question templates of the fact's relation (``{s}`` unfilled).
+    """
 
     train: list[Phrasing]
     held_out: Phrasing | None
+    drills: list[str]
+    held_out_question: str | None
+
+    @property
+    def fact(self) -> Fact:
+        return self.train[0].fact
 
 
 def _phrasings(entity: Entity, fact: Fact) -> list[Phrasing]:
@@ -440,19 +479,23 @@ def _phrasings(entity: Entity, fact: Fact) -> list[Phrasing]:
     ]
 
 
-def plan_entity(rng: random.Random, entity: Entity, hold_out: bool) -> list[FactPlan]:
-    """Choose the phrasings of each fact of ``entity``.
+def plan_entity(rng: random.Random, entity: Entity, hold_out: bool, drills_per_fact: int) -> list[FactPlan]:
+    """Choose the phrasings and the drilled question wordings of each fact of ``entity``.
 
     With ``hold_out`` one predicate per fact is kept out of the training article for the eval
     paragraph, so that paragraph states the fact in a wording the training text never uses for this
-    entity (though it does for others): recalling the value then takes memory, not copying.
+    entity (though it does for others): recalling the value then takes memory, not copying. Likewise
+    one question wording per fact is kept out of the training QA lines for the eval split's QA set.
     """
     plans = []
     for fact in entity.facts():
         options = _phrasings(entity, fact)
         held_out = rng.choice([p for p in options if p.is_predicate]) if hold_out else None
         rest = [p for p in options if p is not held_out]
-        plans.append(FactPlan(rng.sample(rest, _TRAIN_MENTIONS), held_out))
+        questions = RELATIONS[fact.relation].questions
+        held_out_question = rng.choice(questions) if hold_out else None
+        drills = rng.sample([q for q in questions if q != held_out_question], drills_per_fact)
+        plans.append(FactPlan(rng.sample(rest, _TRAIN_MENTIONS), held_out, drills, held_out_question))
     return plans
 
 
@@ -558,13 +601,14 @@ class EmbeddedCorpus:
     """The generated splits (one article or paragraph per line), QA pairs, and the facts behind them.
 
     ``facts[split]`` lists, without repeats and in order of first mention, the facts the split states;
-    ``entities`` is the whole world by type.
+    ``qa["validation"]`` and ``qa["test"]`` ask for the facts of that split, one question each, in the
+    wording held out of train for that fact; ``entities`` is the whole world by type.
     """
 
     train: str
     validation: str
     test: str
-    qa: list[dict]
+    qa: dict[str, list[dict]]
     facts: dict[str, list[Fact]]
     entities: dict[str, list[Entity]]
     sizes: CorpusSizes
@@ -589,23 +633,21 @@ def _unique(facts: Iterable[Fact]) -> list[Fact]:
     return list(dict.fromkeys(facts))
 
 
-def qa_pair(entity: Entity, fact: Fact) -> dict:
-    """A closed-book question about ``fact`` and its accepted answers, most specific first."""
+def qa_pair(entity: Entity, fact: Fact, question: str) -> dict:
+    """The question template ``question`` about ``fact``, filled, with its accepted answers, most specific first."""
     relation = RELATIONS[fact.relation]
-    question = _capitalise(relation.question.format(s=_subject(entity)))
-    return {"question": question, "answer": [a.format(v=fact.value) for a in relation.answers]}
+    return {"question": _capitalise(question.format(s=_subject(entity))),
+            "answer": [a.format(v=fact.value) for a in relation.answers]}
 
 
-def _qa_drills(rng: random.Random, world: dict[str, list[Entity]], exclude: set[str], fraction: float) -> list[str]:
-    """Training lines "Question: ... Answer: ..." for a sample of the entities not in ``exclude``."""
-    lines = []
-    for entities in world.values():
-        candidates = [e for e in entities if e.name not in exclude]
-        for entity in rng.sample(candidates, round(fraction * len(candidates))):
-            for fact in entity.facts():
-                pair = qa_pair(entity, fact)
-                lines.append(f"{QA_PROMPT.format(question=pair['question'])} {pair['answer'][0]}")
-    return lines
+def qa_line(pair: dict) -> str:
+    """A QA pair as a training line: QA_PROMPT, a space, the first answer."""
+    return f"{QA_PROMPT.format(question=pair['question'])} {pair['answer'][0]}"
+
+
+def _qa_drills(entity: Entity, plans: list[FactPlan]) -> list[str]:
+    """The training QA lines of ``entity``: each fact asked in each of its drilled wordings."""
+    return [qa_line(qa_pair(entity, plan.fact, q)) for plan in plans for q in plan.drills]
 
 
 def generate_corpus(seed: int = 0, **size_kwargs) -> EmbeddedCorpus:
@@ -616,7 +658,11 @@ def generate_corpus(seed: int = 0, **size_kwargs) -> EmbeddedCorpus:
     by_name = {e.name: e for entities in world.values() for e in entities}
     samples = dict(zip(("validation", "test"), _eval_samples(rng, world, sizes.eval_fraction)))
     held_out = {e.name for sample in samples.values() for e in sample}
-    plans = {e.name: plan_entity(rng, e, e.name in held_out) for entities in world.values() for e in entities}
+    plans = {
+        e.name: plan_entity(rng, e, e.name in held_out, sizes.qa_drills_per_fact)
+        for entities in world.values()
+        for e in entities
+    }
     backlinks = _backlinks(rng, world)
 
     train_lines, train_facts = [], []
@@ -625,9 +671,12 @@ def generate_corpus(seed: int = 0, **size_kwargs) -> EmbeddedCorpus:
             text, stated = train_article(rng, entity, plans[entity.name], backlinks[entity.name])
             train_lines.append(text)
             train_facts += stated
-    train_lines += _qa_drills(rng, world, held_out, sizes.qa_drill_fraction)
+            train_lines += _qa_drills(entity, plans[entity.name])
     rng.shuffle(train_lines)
 
+    held_out_questions = {
+        plan.fact: plan.held_out_question for entity_plans in plans.values() for plan in entity_plans
+    }
     texts, facts = {"train": train_lines}, {"train": _unique(train_facts)}
     for split, sample in samples.items():
         paragraphs = [eval_paragraph(rng, entity, plans[entity.name], split) for entity in sample]
@@ -639,7 +688,7 @@ def generate_corpus(seed: int = 0, **size_kwargs) -> EmbeddedCorpus:
         train="".join(line + "\n" for line in texts["train"]),
         validation="".join(line + "\n" for line in texts["validation"]),
         test="".join(line + "\n" for line in texts["test"]),
-        qa=[qa_pair(by_name[f.subject], f) for f in facts["test"]],
+        qa={split: [qa_pair(by_name[f.subject], f, held_out_questions[f]) for f in facts[split]] for split in samples},
         facts=facts,
         entities=world,
         sizes=sizes,
@@ -744,8 +793,8 @@ def _write_tokenizer(tokenizer: PreTrainedTokenizerFast, directory: Path) -> Non
 def write_corpus(output_dir: str | os.PathLike, seed: int = 0, vocab_size: int = 4096, **size_kwargs) -> dict:
     """Generate the corpus and its tokenizer into ``output_dir`` (atomically) and return its meta.
 
-    Files: ``train.txt``, ``validation.txt``, ``test.txt`` (one article per line), ``qa_test.jsonl``,
-    ``tokenizer/`` and ``meta.json``. Everything is written into ``<output_dir>.partial`` first and
+    Files: ``train.txt``, ``validation.txt``, ``test.txt`` (one article per line), ``qa_validation.jsonl``,
+    ``qa_test.jsonl``, ``tokenizer/`` and ``meta.json``. Everything is written into ``<output_dir>.partial`` first and
     renamed when complete. An existing ``output_dir`` with the same settings is returned as is.
     """
     output_dir = Path(output_dir)
@@ -773,19 +822,22 @@ def _write_files(staging: Path, corpus: "EmbeddedCorpus", tokenizer: "PreTrained
         text = getattr(corpus, split)
         _write_text(staging / f"{split}.txt", text)
         splits[split] = {"file": f"{split}.txt", **_text_stats(text, tokenizer)}
-    qa_text = "".join(json.dumps(pair, sort_keys=True) + "\n" for pair in corpus.qa)
-    _write_text(staging / "qa_test.jsonl", qa_text)
+    qa_files = {}
+    for split, pairs in corpus.qa.items():
+        qa_text = "".join(json.dumps(pair, sort_keys=True) + "\n" for pair in pairs)
+        _write_text(staging / f"qa_{split}.jsonl", qa_text)
+        qa_files[f"qa_{split}"] = {
+            "file": f"qa_{split}.jsonl",
+            "count": len(pairs),
+            "sha256": hashlib.sha256(qa_text.encode("utf-8")).hexdigest(),
+        }
     _write_tokenizer(tokenizer, staging / "tokenizer")
 
     meta = {
         "kind": META_KIND,
         **settings,
         "splits": splits,
-        "qa_test": {
-            "file": "qa_test.jsonl",
-            "count": len(corpus.qa),
-            "sha256": hashlib.sha256(qa_text.encode("utf-8")).hexdigest(),
-        },
+        **qa_files,
         "facts": {split: len(corpus.facts[split]) for split in SPLITS},
         "qa_prompt": QA_PROMPT,
         "train_qa_lines": sum(line.startswith("Question: ") for line in corpus.train.splitlines()),
@@ -828,7 +880,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     meta = write_corpus(args.output_dir, seed=args.seed, vocab_size=args.vocab_size, **size_kwargs)
     stats = meta["splits"]
     splits = ", ".join(f"{name} {stats[name]['chars']} chars / {stats[name]['tokens']} tokens" for name in SPLITS)
-    print(f"{args.output_dir}: {splits}; {meta['qa_test']['count']} QA pairs; vocab {meta['tokenizer']['vocab_size']}")
+    qa = f"{meta['qa_validation']['count']} / {meta['qa_test']['count']} QA pairs (validation / test)"
+    print(f"{args.output_dir}: {splits}; {qa}; vocab {meta['tokenizer']['vocab_size']}")
     return meta
 
 

@@ -8,8 +8,8 @@ numbers are on the test split, with every choice made on validation:
 * base + memory perplexity at the ``lmbda`` with the lowest validation perplexity
   (``eval_joint_validation``), reported on test (``eval_joint_test``);
 * the kNN-LM at its fixed ``lmbda`` (``eval_knnlm_test``);
-* QA exact match and F1 of the base alone (``qa_test/base``) and of base + memory (``qa_test/memory``)
-  at the ``lmbda`` chosen on the validation questions (``qa_validation/lmbda_*``,
+* QA exact match and F1 of the base alone (``qa_test/base``) and of base + memory
+  (``qa_test/lmbda_<l>``) at the ``lmbda`` chosen on the validation questions (``qa_validation/lmbda_*``,
   `downstream.choose_lmbda`);
 * one question whose answer the memory corrects (``correction.json``, `demo.generation_example`).
 """
@@ -84,10 +84,19 @@ def _perplexity(out: Path, summary: dict) -> None:
         summary["lmbda"] = lmbda
 
 
+def _memory_runs(directory: Path) -> list[dict]:
+    """The eval_qa runs with the memory under ``directory/lmbda_*``, sorted by lmbda."""
+    found = sorted(glob.glob(str(directory / "lmbda_*")))
+    return read_sweep(found) if found else []
+
+
 def _question_answering(out: Path, summary: dict) -> None:
-    """QA on the test questions with and without the memory; the lmbda sweep on the validation questions."""
-    sweep_dirs = sorted(glob.glob(str(out / "qa_validation" / "lmbda_*")))
-    sweep = read_sweep(sweep_dirs) if sweep_dirs else []
+    """QA on the test questions with and without the memory; the lmbda sweep on the validation questions.
+
+    The test run with the memory is the one (of ``qa_test/lmbda_*``) at the lmbda best on the validation
+    questions; without a validation sweep, the only test run there is, at a fixed lmbda.
+    """
+    sweep = _memory_runs(out / "qa_validation")
     if sweep:
         validation = {"questions": sweep[0]["count"],
                       "base_plus_memory_by_lmbda": {f"{r['lmbda']:g}": _qa(r) for r in sweep}}
@@ -97,16 +106,21 @@ def _question_answering(out: Path, summary: dict) -> None:
     qa_test = {}
     if base := _read(out / "qa_test" / "base" / "qa_results.json"):
         qa_test.update(questions=base["count"], base=_qa(base))
-    if joint := _read(out / "qa_test" / "memory" / "qa_results.json"):
-        qa_test.update(questions=joint["count"], base_plus_memory=_qa(joint), lmbda=joint["lmbda"])
+    if test_runs := _memory_runs(out / "qa_test"):
         if sweep:
             chosen = best_run(sweep)["lmbda"]
-            if joint["lmbda"] != chosen:
-                raise UsageError(f"{out / 'qa_test' / 'memory'} ran at lmbda {joint['lmbda']:g}, but "
-                                 f"{chosen:g} is best on the validation questions: rerun it")
-            qa_test["lmbda_chosen_on"] = "validation questions (exact match)"
+            joint = next((r for r in test_runs if r["lmbda"] == chosen), None)
+            if joint is None:
+                raise UsageError(f"{out / 'qa_test'} has no run at lmbda {chosen:g}, the best on the validation "
+                                 f"questions (runs: {[r['lmbda'] for r in test_runs]}): run downstream.eval_qa there")
+            chosen_on = "validation questions (exact match)"
+        elif len(test_runs) == 1:
+            joint, chosen_on = test_runs[0], "fixed"
         else:
-            qa_test["lmbda_chosen_on"] = "fixed"
+            raise UsageError(f"{out / 'qa_test'} has runs at several lmbdas and {out / 'qa_validation'} has no "
+                             "sweep to choose one: run the sweep on the validation questions")
+        qa_test.update(questions=joint["count"], base_plus_memory=_qa(joint), lmbda=joint["lmbda"],
+                       lmbda_chosen_on=chosen_on)
     if qa_test:
         summary["qa_test"] = qa_test
 
@@ -130,9 +144,13 @@ def collect(out: Path) -> dict:
     if dataset := _read(out / "dataset" / "meta.json"):
         summary["tokens"] = {split: s["tokens"] for split, s in dataset["splits"].items()}
         summary["block_size"], summary["stride"] = dataset["block_size"], dataset["stride"]
+    if config := _read(out / "base" / "config.json"):
+        summary["base_model"] = {"model_type": config["model_type"],
+                                 "layers": config.get("num_hidden_layers", config.get("n_layer")),
+                                 "hidden_size": config.get("hidden_size", config.get("n_embd"))}
     if train := _read(out / "base" / "train_results.json"):
         summary["base_training"] = {"seconds": train.get("train_runtime"), "loss": train.get("train_loss"),
-                                    "epochs": train.get("epoch")}
+                                    "epochs": train.get("train_epoch", train.get("epoch"))}
     _perplexity(out, summary)
     if dstore := _read(out / "dstore" / "meta.json"):
         summary["datastore"] = {"rows": dstore["rows"], "dim": dstore["dim"], "seconds": dstore["seconds"],
