@@ -8,8 +8,8 @@
 
 With no model flags, the base model (``base/``), its memory (``memory/``) and the test questions
 (``corpus/qa_test.jsonl``, prompts in the corpus's ``qa_prompt`` format from ``corpus/meta.json``)
-come from ``--quickstart_dir``. The test questions ask for facts that only the training split states,
-so the base model has seen them once in training while the memory was trained to recall them.
+come from ``--quickstart_dir``. The test questions ask for facts the training split states, in prose
+and as QA lines, but each in a question wording that train never uses for that fact.
 
 For a question, the answer is the first line of the greedy continuation; it is right when, lowercased
 and stripped of punctuation, it equals one of the gold answers. An example is *corrected* when the
@@ -31,6 +31,7 @@ import torch
 from models import load_memory
 from utils.arguments import ModelArguments
 from utils.cli import UsageError, run, setup_logging
+from utils.embedded_corpus import QA_PROMPT
 from utils.io import write_json
 from utils.joint_generation import JointLM, check_joint_settings
 from utils.modeling import load_causal_lm, load_tokenizer, model_tokenizer_path
@@ -38,7 +39,7 @@ from utils.modeling import load_causal_lm, load_tokenizer, model_tokenizer_path
 logger = logging.getLogger(__name__)
 
 DEFAULT_QUICKSTART = os.path.join("outputs", "quickstart")
-DEFAULT_QA_PROMPT = "Question: {question} Answer:"
+DEFAULT_QA_PROMPT = QA_PROMPT  # corpora written before meta.json recorded their prompt
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 
 

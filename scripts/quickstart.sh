@@ -20,7 +20,6 @@ BASE_EPOCHS="${BASE_EPOCHS:-30}"
 BASE_CONFIG=num_hidden_layers=2,hidden_size=128,intermediate_size=384,num_attention_heads=4,num_key_value_heads=4
 BASE_CONFIG=$BASE_CONFIG,max_position_embeddings=256,tie_word_embeddings=true
 QA_LMBDAS="${QA_LMBDAS:-0.25 0.5 0.75}"
-QA_PROMPT="Question: {question} Answer:"  # the form of the QA lines in the embedded corpus's train split
 mkdir -p "$OUT"
 start=$(date +%s)
 
@@ -65,7 +64,9 @@ env -u KNN_TARGETS -u GGUF_FILE -u TOKENIZER -u EVAL_WINDOWS \
     MEMORY_ARGS="--num_train_epochs 8 --num_warmup_steps 50 --learning_rate 5e-3 --disable_tqdm true" \
     bash scripts/pipeline.sh
 
-# Closed-book QA: choose lmbda on the validation entities' questions, report the test questions.
+# Closed-book QA: choose lmbda on the validation entities' questions, report the test questions. The
+# prompt is the form of the QA lines in the corpus's train split, as its meta.json records it.
+QA_PROMPT=$(python -c "import json, sys; print(json.load(open(sys.argv[1]))['qa_prompt'])" "$OUT/corpus/meta.json")
 qa() {  # qa OUTPUT_DIR QA_FILE [eval_qa flags...]
     local dir="$1" data="$2"; shift 2
     stage "QA: $dir" "$dir/qa_results.json" \
