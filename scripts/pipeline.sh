@@ -55,19 +55,6 @@ start=$(date +%s)
 model_flags=(--model_name_or_path "$MODEL" ${GGUF_FILE:+--gguf_file "$GGUF_FILE"})
 eval_limit=(${EVAL_WINDOWS:+--max_eval_samples "$EVAL_WINDOWS"})
 
-# Run a stage unless the file that marks it complete exists.
-stage() {
-    local name="$1" done_file="$2"; shift 2
-    if [ -e "$done_file" ]; then
-        echo "== $name: already done ($done_file)"
-        return
-    fi
-    echo "== $name"
-    local t0; t0=$(date +%s)
-    "$@"
-    echo "== $name took $(( $(date +%s) - t0 )) s"
-}
-
 # Several processes through accelerate (on CPU: --multi_gpu starts N gloo processes).
 launch() {
     if [ "$NPROC" -gt 1 ]; then

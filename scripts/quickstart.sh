@@ -23,19 +23,6 @@ QA_LMBDAS="${QA_LMBDAS:-0.25 0.5 0.75}"
 mkdir -p "$OUT"
 start=$(date +%s)
 
-# Run a stage unless the file that marks it complete exists.
-stage() {
-    local name="$1" done_file="$2"; shift 2
-    if [ -e "$done_file" ]; then
-        echo "== $name: already done ($done_file)"
-        return
-    fi
-    echo "== $name"
-    local t0; t0=$(date +%s)
-    "$@"
-    echo "== $name took $(( $(date +%s) - t0 )) s"
-}
-
 stage "embedded corpus" "$OUT/corpus/meta.json" \
     python -m utils.embedded_corpus --output_dir "$OUT/corpus"
 
