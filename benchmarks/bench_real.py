@@ -142,10 +142,9 @@ def measure_model(model_path: str, gguf_file: str | None, memory_dir: Path, data
                 lm.append(lm_log_probs.gather(-1, labels[:, None]).squeeze(-1).double().numpy())
                 # The memory as deployed: forward, softmax, one interpolation over the vocabulary.
                 start = time.perf_counter()
-                mem_log_probs = [memory_log_probs(memory, scored.hidden, temp) for temp in memory_temps[:1]]
-                interpolate_log_probs(lm_log_probs, mem_log_probs[0], timing_lmbda)
+                logits = memory(scored.hidden.to(memory.dtype)).float()  # (n, V), reused for every temperature
+                interpolate_log_probs(lm_log_probs, torch.log_softmax(logits / memory_temps[0], -1), timing_lmbda)
                 seconds["memory"] += time.perf_counter() - start
-                logits = memory(scored.hidden.to(memory.dtype)).float()
                 mem.append(np.stack([torch.log_softmax(logits / t, -1).gather(-1, labels[:, None]).squeeze(-1).double().numpy()
                                      for t in memory_temps]))
                 if knn is not None:
