@@ -15,6 +15,10 @@ resumes after its last finished chunk; at the end the chunks are merged in row o
 
 Keys are float16 on disk and FAISS wants float32: they are converted one chunk at a time, so the
 datastore is never loaded whole into memory.
+
+Searching an exact (flat) index on a GPU needs faiss-gpu, which pip does not ship; with faiss-cpu,
+`TorchExactSearch` searches the datastore's keys on the GPU with torch instead and gives the same
+neighbours.
 """
 
 from __future__ import annotations
@@ -22,11 +26,13 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import faiss
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from knn_utils.datastore import Datastore, load_datastore
@@ -41,6 +47,9 @@ DEFAULT_INDEX_NAME = "index"
 INDEX_TYPES = ("auto", "ivfpq", "flat")
 MIN_POINTS_PER_CENTROID = 39  # below this FAISS warns that k-means is under-trained
 GPU_MAX_K = 2048  # GPU FAISS returns at most this many neighbours
+TORCH_SCORE_BYTES = 2 << 30  # TorchExactSearch keeps each block of scores (or gathered keys) under this
+KNN_GPU_HELP = ("Search on the GPU: with faiss-gpu, FAISS's GPU index on GPU 0; with faiss-cpu and an exact (flat) "
+                "index, an exact torch search on the CUDA device; otherwise (an IVFPQ index, or no GPU) the CPU.")
 
 
 @dataclass
@@ -356,11 +365,97 @@ def select_neighbours(dists: np.ndarray, ids: np.ndarray, k: int, exclude_rows: 
     )
 
 
+@contextmanager
+def tf32_matmul(device: torch.device):
+    """Float32 matmuls on ``device`` may use TF32 (CUDA only) inside the block; the setting is restored after."""
+    previous = torch.get_float32_matmul_precision()
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+class TorchExactSearch:
+    """Exact squared-L2 search of a datastore's keys in torch: a GPU backend for users of faiss-cpu.
+
+    Stands in for a ``faiss.IndexFlatL2`` over the same keys wherever `KnnIndex` uses one (``ntotal``,
+    ``d``, ``search``) and finds the same neighbours up to ties. The keys live on ``device`` in their
+    stored dtype (float16: half the memory of the FAISS index), with their squared norms in float32.
+    A search ranks all keys by a fast float32 matmul (TF32 on CUDA) in blocks of ``query_rows`` queries
+    x ``key_rows`` keys, keeps the ``2k + 8`` best candidates of each query, recomputes their distances
+    exactly as ``||q - key||^2`` in float32, and returns the ``k`` nearest (ties: the lower row first).
+    Unless ``query_rows`` is given, a block of scores (and of gathered candidate keys) stays under
+    ``max_score_bytes``.
+    """
+
+    def __init__(self, keys: np.ndarray, device: str | torch.device, key_rows: int = 1 << 18,
+                 query_rows: int | None = None, max_score_bytes: int = TORCH_SCORE_BYTES, load_rows: int = 1 << 18):
+        self.device = torch.device(device)
+        self.ntotal, self.d = keys.shape
+        self.key_rows = max(1, min(key_rows, self.ntotal))
+        self.query_rows = query_rows or max(1, max_score_bytes // (4 * self.key_rows))
+        self.max_score_bytes = max_score_bytes
+        key_dtype = torch.from_numpy(np.empty(0, keys.dtype)).dtype
+        self.keys = torch.empty((self.ntotal, self.d), dtype=key_dtype, device=self.device)  # (N, d)
+        self.sq_norms = torch.empty(self.ntotal, dtype=torch.float32, device=self.device)  # (N,)
+        for begin, end in chunk_ranges(self.ntotal, load_rows):  # the datastore is read one chunk at a time
+            part = torch.from_numpy(np.array(keys[begin:end])).to(self.device)  # (rows, d)
+            self.keys[begin:end] = part
+            self.sq_norms[begin:end] = part.float().square().sum(dim=1)
+
+    @torch.inference_mode()
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Squared L2 distances (float32) and rows (int64) of the ``k`` nearest keys of each query, (n, k) each,
+        nearest first; like FAISS, id -1 and distance FLT_MAX where the datastore has fewer than ``k`` rows."""
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        found = min(k, self.ntotal)
+        candidates = min(self.ntotal, 2 * k + 8)  # slack for the rounding of the fast matmul
+        dists = np.full((len(queries), k), np.finfo(np.float32).max, dtype=np.float32)
+        ids = np.full((len(queries), k), -1, dtype=np.int64)
+        for begin in range(0, len(queries), self.query_rows):
+            end = min(begin + self.query_rows, len(queries))
+            chunk = torch.from_numpy(np.ascontiguousarray(queries[begin:end], dtype=np.float32))
+            chunk = chunk.to(self.device)  # (b, d)
+            chunk_dists, chunk_ids = self.exact_nearest(chunk, self.candidates(chunk, candidates), found)  # (b, found)
+            dists[begin:end, :found], ids[begin:end, :found] = chunk_dists.cpu().numpy(), chunk_ids.cpu().numpy()
+        return dists, ids
+
+    def candidates(self, queries: torch.Tensor, count: int) -> torch.Tensor:
+        """Rows of the ``count`` keys of best fast score for each query (b, d), (b, count), in no order."""
+        best_scores = queries.new_empty((len(queries), 0))  # (b, <= count), the best so far
+        best_rows = torch.empty((len(queries), 0), dtype=torch.int64, device=self.device)
+        with tf32_matmul(self.device):
+            for begin, end in chunk_ranges(self.ntotal, self.key_rows):
+                tile = self.keys[begin:end].float()  # (T, d)
+                # (b, T): ||q - key||^2 - ||q||^2, the same order of keys as the distance
+                scores = torch.addmm(self.sq_norms[begin:end], queries, tile.T, alpha=-2)
+                top = scores.topk(min(count, end - begin), dim=1, largest=False, sorted=False)
+                scores = torch.cat([best_scores, top.values], dim=1)
+                rows = torch.cat([best_rows, top.indices + begin], dim=1)
+                keep = scores.topk(min(count, scores.shape[1]), dim=1, largest=False, sorted=False).indices
+                best_scores, best_rows = scores.gather(1, keep), rows.gather(1, keep)
+        return best_rows
+
+    def exact_nearest(self, queries: torch.Tensor, rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``k`` of ``rows`` (b, c) nearest each query by exact float32 ``||q - key||^2``, sorted, (b, k) each."""
+        rows = rows.sort(dim=1).values  # equal distances keep the lower row first
+        dists = torch.empty(rows.shape, dtype=torch.float32, device=self.device)  # (b, c)
+        step = max(1, self.max_score_bytes // (6 * rows.shape[1] * self.d))  # queries per (step, c, d) gather
+        for begin in range(0, len(rows), step):
+            stored = self.keys[rows[begin : begin + step]].float()  # (step, c, d)
+            dists[begin : begin + step] = stored.sub_(queries[begin : begin + step, None, :]).square_().sum(dim=2)
+        dists, order = dists.sort(dim=1, stable=True)
+        return dists[:, :k], rows.gather(1, order[:, :k])
+
+
 @dataclass
 class KnnIndex:
     """An opened index and its meta."""
 
-    index: faiss.Index
+    index: faiss.Index | TorchExactSearch
     meta: dict
     path: Path
 
@@ -396,11 +491,20 @@ def check_index_matches(meta: dict, datastore: Datastore, index_path: Path) -> N
                             "other keys checksum); rebuild the index with knn_utils.build_index")
 
 
+def torch_search_device(index_type: str, use_gpu: bool) -> str | None:
+    """"cuda" when an exact index is wanted on a GPU that FAISS cannot use (faiss-cpu) but torch can, else None."""
+    if index_type == "flat" and use_gpu and not faiss_gpu_available() and torch.cuda.is_available():
+        return "cuda"
+    return None
+
+
 def load_index(index_path: str | os.PathLike, datastore: Datastore, probe: int | None = None,
-               use_gpu: bool = False) -> KnnIndex:
+               use_gpu: bool = False, torch_device: str | None = None) -> KnnIndex:
     """Open the index of ``datastore`` for searching, with ``probe`` lists per query (default: the one it was built with).
 
     On the CPU the index file is memory-mapped read-only, so processes on one machine share one copy.
+    An exact index asked for on a GPU (``use_gpu``) that FAISS cannot use is searched by `TorchExactSearch`
+    on CUDA over the datastore's keys; ``torch_device`` ("cpu", "cuda:1" ...) forces that backend.
     """
     index_path = Path(index_path)
     try:
@@ -408,6 +512,18 @@ def load_index(index_path: str | os.PathLike, datastore: Datastore, probe: int |
     except ArtifactError as err:
         raise ArtifactError(f"--index_path {index_path}: {err} Build it with knn_utils.build_index.") from None
     check_index_matches(meta, datastore, index_path)
+    if meta["index_type"] == "flat" and probe is not None:
+        logger.info("--probe %d does not apply: %s is an exact (flat) index", probe, index_path)
+    device = torch_device or torch_search_device(meta["index_type"], use_gpu)
+    if device is not None:
+        if meta["index_type"] != "flat":
+            raise ValueError(f"torch_device {device!r}: the torch search is exact, but {index_path} is an "
+                             f"{meta['index_type']} index")
+        logger.info("Exact search of %s runs in torch on %s, over the datastore's keys%s", index_path, device,
+                    "" if torch_device else " (FAISS has no GPU here: faiss-cpu)")
+        with timed(f"Loading {datastore.num_rows} keys onto {device}", logger):
+            index = TorchExactSearch(datastore.keys, device)
+        return KnnIndex(index=index, meta=meta, path=index_path)
     mmap = faiss.IO_FLAG_MMAP_IFC if meta["index_type"] == "flat" else faiss.IO_FLAG_MMAP
     index = faiss.read_index(str(index_path / INDEX_FILE), faiss.IO_FLAG_READ_ONLY | (0 if use_gpu else mmap))
     if index.ntotal != meta["rows"] or index.d != meta["dim"]:
@@ -417,8 +533,6 @@ def load_index(index_path: str | os.PathLike, datastore: Datastore, probe: int |
         if probe is not None and not 1 <= probe <= index.nlist:
             raise UsageError(f"--probe must be between 1 and the index's {index.nlist} lists, got {probe}")
         index.nprobe = probe or meta["probe"]
-    elif probe is not None:
-        logger.info("--probe %d does not apply: %s is an exact (flat) index", probe, index_path)
     index = to_device(index, use_gpu)
     return KnnIndex(index=index, meta=meta, path=index_path)
 

@@ -338,7 +338,7 @@ def prepare_staging(staging: Path, identity: dict, state) -> None:
 
 
 def open_inputs(dstore_path: str, index_path: str | None, val_path: str | None, settings: TargetSettings,
-                use_gpu: bool) -> SearchJob:
+                use_gpu: bool, torch_device: str | None = None) -> SearchJob:
     """Open and cross-check the datastore, the queries and the index."""
     datastore = open_datastore(dstore_path, "--dstore_path")
     queries = datastore if val_path is None else open_datastore(val_path, "--val_path")
@@ -349,7 +349,7 @@ def open_inputs(dstore_path: str, index_path: str | None, val_path: str | None, 
     elif not settings.ignore_first:
         logger.warning("--ignore_first False: each row retrieves itself, so its target contains its own gold token")
     check_gpu_k(settings.k, use_gpu)
-    index = load_index(index_path or default_index_path(dstore_path), datastore, settings.probe, use_gpu)
+    index = load_index(index_path or default_index_path(dstore_path), datastore, settings.probe, use_gpu, torch_device)
     if settings.k > datastore.num_rows - (val_path is None and settings.ignore_first):
         logger.warning("--k %d is more neighbours than the datastore can give; rows get fewer", settings.k)
     return SearchJob(index=index, datastore=datastore, queries=queries, settings=settings,
@@ -358,12 +358,13 @@ def open_inputs(dstore_path: str, index_path: str | None, val_path: str | None, 
 
 def compute_knn_targets(dstore_path: str, output_path: str, index_path: str | None = None, val_path: str | None = None,
                         settings: TargetSettings | None = None, use_gpu: bool = False, state=None,
-                        max_new_chunks: int | None = None) -> dict | None:
+                        max_new_chunks: int | None = None, torch_device: str | None = None) -> dict | None:
     """Compute and store the sparse kNN targets of every query row; return the artifact's meta.
 
     ``state`` is an ``accelerate.PartialState`` (one is made if not given): each process computes a
     contiguous range of chunks. ``max_new_chunks`` stops each process after that many new chunks,
     leaving the staging directory to resume from (returns None then); tests use it to simulate a kill.
+    ``torch_device`` searches an exact index with `TorchExactSearch` on that device (see `load_index`).
     The returned meta is the main process's; other processes get None.
     """
     state = state or process_state()
@@ -372,7 +373,7 @@ def compute_knn_targets(dstore_path: str, output_path: str, index_path: str | No
     if output_path.exists():
         raise ArtifactError(f"--output_path {output_path} already exists; delete it or choose another path")
     start = time.time()
-    job = open_inputs(dstore_path, index_path, val_path, settings, use_gpu)
+    job = open_inputs(dstore_path, index_path, val_path, settings, use_gpu, torch_device)
     threads = configure_threads(state.num_processes)
     identity = {
         "datastore": datastore_summary(job.datastore), "queries": datastore_summary(job.queries),

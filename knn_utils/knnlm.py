@@ -31,7 +31,8 @@ import torch
 from accelerate import PartialState
 
 from knn_utils.datastore import Datastore
-from knn_utils.index import (KnnIndex, check_gpu_k, configure_threads, default_index_path, load_index, open_datastore)
+from knn_utils.index import (KNN_GPU_HELP, KnnIndex, check_gpu_k, configure_threads, default_index_path, load_index,
+                             open_datastore)
 from utils.arguments import DataArguments, ModelArguments
 from utils.cli import UsageError, parse_args, run, setup_logging
 from utils.distributed import process_state
@@ -57,7 +58,7 @@ class KnnLMArguments:
     lmbda: float = field(default=0.25, metadata={"help": "Weight of p_knn in the interpolation (0: the base LM alone)."})
     knn_temp: float = field(default=1.0, metadata={"help": "Temperature T of softmax(-d / T) over squared L2 distances."})
     probe: int | None = field(default=None, metadata={"help": "IVF lists visited per query (default: the index's own)."})
-    knn_gpu: bool = field(default=False, metadata={"help": "Search on GPU 0 when faiss-gpu sees a GPU; CPU otherwise."})
+    knn_gpu: bool = field(default=False, metadata={"help": KNN_GPU_HELP})
     per_device_eval_batch_size: int = field(default=8, metadata={"help": "Windows per forward pass and process."})
 
     def __post_init__(self):

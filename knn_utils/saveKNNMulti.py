@@ -4,10 +4,12 @@
         --val_path VAL_PATH --index_path INDEX_PATH --output_path OUT --k 1024 --knn_temp 16 --probe 32 \
         --batch_size 16000 --ignore_first True --knn_gpu
 
-Runs on CPU (FAISS threads share the cores between processes) or, with ``--knn_gpu`` and faiss-gpu, on
-GPU. On a machine without CUDA, ``accelerate launch --multi_gpu --num_processes N`` starts N CPU
-processes (gloo); ``accelerate launch --cpu`` starts only one. Each process searches a contiguous range of row chunks; rerunning an interrupted command resumes
-it. The output format is described in knn_utils/knn_targets.py; ``load_knn_targets(OUT)`` reads it.
+Runs on CPU (FAISS threads share the cores between processes) or, with ``--knn_gpu``, on GPU: through
+faiss-gpu, or, with faiss-cpu and an exact (flat) index, through an exact torch search. On a machine
+without CUDA, ``accelerate launch --multi_gpu --num_processes N`` starts N CPU processes (gloo);
+``accelerate launch --cpu`` starts only one. Each process searches a contiguous range of row chunks;
+rerunning an interrupted command resumes it. The output format is described in
+knn_utils/knn_targets.py; ``load_knn_targets(OUT)`` reads it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch/FAISS load: 
 import logging
 from dataclasses import dataclass, field
 
+from knn_utils.index import KNN_GPU_HELP
 from knn_utils.knn_targets import TargetSettings, compute_knn_targets
 from utils.cli import UsageError, parse_args, run, setup_logging
 from utils.distributed import process_state
@@ -42,7 +45,7 @@ class SaveKnnArguments:
         default=None,
         metadata={"help": "Optional. Only used to check that this model's tokenizer is the datastore's; the search needs no model."},
     )
-    knn_gpu: bool = field(default=False, metadata={"help": "Search on GPU 0 when faiss-gpu sees a GPU; CPU otherwise."})
+    knn_gpu: bool = field(default=False, metadata={"help": KNN_GPU_HELP})
 
 
 def check_model_tokenizer(model_path: str, dstore_path: str) -> None:

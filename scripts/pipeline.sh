@@ -27,6 +27,8 @@
 #   JOINT_SPLITS      splits the sweep runs on (default "validation $EVAL_SPLIT": choose on validation)
 #   MEMORY_TEMP       temperature of the memory's softmax in the interpolation (default 1)
 #   NPROC             processes for the datastore and the kNN search (default 1)
+#   KNN_GPU           1: the kNN search and the kNN-LM search on the GPU (--knn_gpu: faiss-gpu, or with faiss-cpu
+#                     an exact torch search for a flat index); default 0, the CPU
 set -euo pipefail
 if [ $# -ge 1 ]; then
     # shellcheck disable=SC1090
@@ -48,12 +50,17 @@ JOINT_LMBDAS="${JOINT_LMBDAS:-0.25 0.5 0.75}"
 MEMORY_TEMP="${MEMORY_TEMP:-1}"
 JOINT_SPLITS="${JOINT_SPLITS:-validation $EVAL_SPLIT}"
 NPROC="${NPROC:-1}"
+KNN_GPU="${KNN_GPU:-0}"
 DATASET="${DATASET:-$OUT/dataset}"
 mkdir -p "$OUT"
 start=$(date +%s)
 
 model_flags=(--model_name_or_path "$MODEL" ${GGUF_FILE:+--gguf_file "$GGUF_FILE"})
 eval_limit=(${EVAL_WINDOWS:+--max_eval_samples "$EVAL_WINDOWS"})
+knn_gpu_flag=()
+if [ "$KNN_GPU" = 1 ]; then
+    knn_gpu_flag=(--knn_gpu)
+fi
 
 # Several processes through accelerate (on CPU: --multi_gpu starts N gloo processes).
 launch() {
@@ -95,12 +102,12 @@ if [ -z "${KNN_TARGETS:-}" ]; then
 
     stage "kNN targets of every datastore row" "$KNN_TARGETS/meta.json" \
         launch knn_utils.saveKNNMulti --dstore_path "$OUT/dstore" --output_path "$KNN_TARGETS" \
-            --k "$K" --knn_temp "$KNN_TEMP" --ignore_first True
+            --k "$K" --knn_temp "$KNN_TEMP" --ignore_first True "${knn_gpu_flag[@]}"
 
     stage "kNN-LM on $EVAL_SPLIT" "$OUT/eval_knnlm_$EVAL_SPLIT/knnlm_results.json" \
         python -m knn_utils.knnlm "${model_flags[@]}" --dataset_name "$DATASET" --eval_subset "$EVAL_SPLIT" \
             "${eval_limit[@]}" --dstore_dir "$OUT/dstore" --k "$K" --knn_temp "$KNN_TEMP" --lmbda "$LMBDA" \
-            --per_device_eval_batch_size "$EVAL_BATCH" --output_dir "$OUT/eval_knnlm_$EVAL_SPLIT"
+            --per_device_eval_batch_size "$EVAL_BATCH" --output_dir "$OUT/eval_knnlm_$EVAL_SPLIT" "${knn_gpu_flag[@]}"
 fi
 
 # shellcheck disable=SC2086

@@ -12,8 +12,8 @@ import pytest
 from knn_utils import build_index as build_index_cli
 from knn_utils import index as index_lib
 from knn_utils.datastore import load_datastore
-from knn_utils.index import IndexSettings, build_index, load_index, select_neighbours
-from tests.knn_fixtures import REPO, random_datastore
+from knn_utils.index import IndexSettings, TorchExactSearch, build_index, load_index, select_neighbours
+from tests.knn_fixtures import REPO, clustered_keys, random_datastore
 from utils.cli import UsageError
 
 RECALL_BOUND = 0.8  # 10-recall@10 of IVFPQ (64 lists, nprobe 16, 16 x 8-bit codes) on clustered 32-d keys: 0.86 measured
@@ -119,6 +119,61 @@ def test_select_neighbours_sorts_drops_own_row_by_id_and_pads():
     got = select_neighbours(dists, ids, k=3, exclude_rows=np.array([3, 9]))
     np.testing.assert_array_equal(got.ids, [[5, 7, -1], [2, 1, 4]])  # row 1: id 2 ties with own row 9 and stays
     assert np.isinf(got.dists[0, 2]) and got.dists[1, 0] == 0.0
+
+
+def faiss_flat(keys: np.ndarray) -> faiss.IndexFlatL2:
+    index = faiss.IndexFlatL2(keys.shape[1])
+    index.add(keys.astype(np.float32))
+    return index
+
+
+@pytest.mark.parametrize("blocks", [{}, {"query_rows": 7, "key_rows": 50}, {"max_score_bytes": 3000}])
+@pytest.mark.parametrize("k", [1, 10, 400])  # 400: more than the 300 rows
+def test_torch_exact_search_matches_faiss_flat(blocks, k):
+    keys = clustered_keys(300, 24, seed=7)  # float16 (300, 24)
+    queries = np.random.default_rng(7).standard_normal((40, 24)).astype(np.float32)
+    queries[:20] = keys[:20] + 0.01 * queries[:20]  # near stored keys, and far from them
+    dists, ids = TorchExactSearch(keys, "cpu", load_rows=64, **blocks).search(queries, k)
+    expected_dists, expected_ids = faiss_flat(keys).search(queries, k)
+    assert dists.shape == ids.shape == (40, k) and dists.dtype == np.float32 and ids.dtype == np.int64
+    np.testing.assert_array_equal(ids, expected_ids)
+    np.testing.assert_allclose(dists, expected_dists, rtol=1e-4, atol=1e-4)
+
+
+def test_torch_search_through_knn_index_matches_faiss_with_own_rows_left_out(tmp_path, caplog):
+    dstore = random_datastore(tmp_path / "ds", rows=250, dim=16, vocab=30, seed=8)
+    build_index(str(dstore), settings=IndexSettings(index_type="flat"), show_progress=False)
+    datastore = load_datastore(str(dstore))
+    with caplog.at_level("INFO", logger="knn_utils.index"):
+        torch_index = load_index(dstore / "index", datastore, torch_device="cpu")
+    assert isinstance(torch_index.index, TorchExactSearch) and torch_index.nprobe is None
+    assert "runs in torch on cpu" in caplog.text
+    faiss_index = load_index(dstore / "index", datastore)
+    queries = np.asarray(datastore.keys[:60], dtype=np.float32)
+    for k, exclude_rows in [(5, np.arange(60)), (5, None), (300, np.arange(60))]:  # 300: more than the rows
+        got, expected = torch_index.search(queries, k, exclude_rows), faiss_index.search(queries, k, exclude_rows)
+        np.testing.assert_array_equal(got.ids, expected.ids)
+        np.testing.assert_allclose(got.dists, expected.dists, rtol=1e-4, atol=1e-3)  # FAISS: ~1e-4 off at distance 0
+    assert (got.ids[:, -51:] == -1).all() and np.isinf(got.dists[:, -51:]).all()  # 249 neighbours + 51 missing
+
+
+def test_torch_search_is_chosen_only_for_a_flat_index_without_faiss_gpu(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(index_lib.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(index_lib, "faiss_gpu_available", lambda: False)
+    assert index_lib.torch_search_device("flat", use_gpu=True) == "cuda"
+    assert index_lib.torch_search_device("flat", use_gpu=False) is None
+    assert index_lib.torch_search_device("ivfpq", use_gpu=True) is None
+    dstore = random_datastore(tmp_path / "ds", rows=1000, dim=16, vocab=30, seed=9)
+    build_index(str(dstore), settings=IndexSettings(index_type="ivfpq", ncentroids=8, code_size=4, nbits=4),
+                show_progress=False)
+    datastore = load_datastore(str(dstore))
+    with caplog.at_level("WARNING"):
+        index = load_index(dstore / "index", datastore, use_gpu=True)
+    assert isinstance(index.index, faiss.IndexIVFPQ) and "FAISS sees none" in caplog.text
+    with pytest.raises(ValueError, match="exact"):
+        load_index(dstore / "index", datastore, torch_device="cpu")
+    monkeypatch.setattr(index_lib, "faiss_gpu_available", lambda: True)
+    assert index_lib.torch_search_device("flat", use_gpu=True) is None
 
 
 def test_released_command_line(tmp_path, capsys):

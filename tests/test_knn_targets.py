@@ -171,6 +171,16 @@ def test_recomputed_distances_give_the_same_targets_with_an_exact_index(flat_dst
     np.testing.assert_allclose(a.probs.astype(float), b.probs.astype(float), atol=FP16_TOLERANCE)
 
 
+def test_torch_exact_search_gives_the_same_targets_as_faiss(flat_dstore, tmp_path):
+    faiss_meta = compute_knn_targets(str(flat_dstore), str(tmp_path / "faiss"), settings=settings())
+    torch_meta = compute_knn_targets(str(flat_dstore), str(tmp_path / "torch"), settings=settings(), torch_device="cpu")
+    a, b = load_knn_targets(tmp_path / "faiss"), load_knn_targets(tmp_path / "torch")
+    np.testing.assert_array_equal(a.offsets, b.offsets)
+    np.testing.assert_array_equal(a.token_ids, b.token_ids)
+    np.testing.assert_allclose(a.probs.astype(float), b.probs.astype(float), atol=FP16_TOLERANCE)
+    assert torch_meta["nnz"] == faiss_meta["nnz"] and torch_meta["index"] == faiss_meta["index"]
+
+
 def test_ignore_first_parses_true_and_false():
     common = ["--dstore_path", "d", "--output_path", "o"]
     assert parse_args((SaveKnnArguments, TargetSettings), [*common, "--ignore_first", "False"])[1].ignore_first is False
