@@ -4,6 +4,13 @@
     python -m benchmarks.bench_real --skip_finetune      # without the fine-tuned rows
     python -m benchmarks.bench_real --curve_only         # only the cost curve (needs the base artifacts)
 
+All of WikiText-2 train on one GPU (2,581,967 datastore rows; about 20 min on an H100 with faiss-cpu,
+exact search in torch on the GPU; settings the config reads come from the environment):
+
+    MAX_CHARS= EVAL_BATCH=16 KNN_GPU=1 python -m benchmarks.bench_real --out outputs/smollm2_wikitext2_full \
+        --name real_smollm2_wikitext2_full_h100 --finetune_blocks 0 --knn_gpu --batch_size 16 \
+        --qa_questions 0 --curve_full 0
+
 Artifacts (each stage is skipped when its output is complete, so an interrupted run resumes):
 1. ``scripts/pipeline.sh scripts/configs/smollm2_wikitext2.sh``: preprocess, datastore over train, exact
    index, kNN targets, MLP memory of the base model (under ``--out``).
@@ -51,7 +58,7 @@ from knn_utils.index import default_index_path, load_index, open_datastore  # no
 from knn_utils.knnlm import interpolate_log_probs, knnlm_log_probs  # noqa: E402
 from utils.arguments import ModelArguments  # noqa: E402
 from utils.io import read_json, write_json  # noqa: E402
-from utils.joint import load_checked_memory, memory_log_probs  # noqa: E402
+from utils.joint import load_checked_memory, memory_log_probs, synchronize  # noqa: E402
 from utils.modeling import load_model_for_dataset  # noqa: E402
 from utils.preprocess_dataset import load_split  # noqa: E402
 from utils.scoring import score_batches  # noqa: E402
@@ -82,7 +89,7 @@ def build_artifacts(args) -> None:
         sh([sys.executable, "-m", "train_base", "--model_name_or_path", args.model_dir, "--gguf_file", args.gguf_file,
             "--dataset_name", str(out / "dataset"), "--do_train", "--num_train_epochs", str(args.finetune_epochs),
             *(["--max_train_samples", str(args.finetune_blocks)] if args.finetune_blocks else []),
-            "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",
+            "--per_device_train_batch_size", str(args.finetune_batch), "--gradient_accumulation_steps", "2",
             "--learning_rate", str(args.finetune_lr), "--warmup_steps", "5", "--lr_scheduler_type", "cosine",
             "--weight_decay", "0.0", "--save_strategy", "no", "--logging_steps", "5", "--seed", "0",
             "--report_to", "none", "--disable_tqdm", "true", "--output_dir", str(finetuned)])
@@ -119,7 +126,7 @@ def mix(lm: np.ndarray, other: np.ndarray, lmbda: float) -> float:
 
 def measure_model(model_path: str, gguf_file: str | None, memory_dir: Path, dataset: Path, splits: list[str],
                   windows: int, batch: int, memory_temps: list[float], knn: dict | None, knn_temps: list[float],
-                  timing_lmbda: float) -> dict:
+                  timing_lmbda: float, device: torch.device) -> dict:
     """Per-token gold log-probabilities of the LM, the memory and (``knn``) the kNN distribution, and timings."""
     result = {}
     for split_name in splits:
@@ -127,6 +134,8 @@ def measure_model(model_path: str, gguf_file: str | None, memory_dir: Path, data
         model_args = ModelArguments(model_name_or_path=model_path, gguf_file=gguf_file)
         model, _ = load_model_for_dataset(model_args, split.meta, str(dataset))
         memory, layer = load_checked_memory(str(memory_dir), model, split.meta["tokenizer"]["fingerprint"])
+        model.to(device)
+        memory.to(device)
         lm, mem, knn_lp = [], [], []
         seconds = {"forward": 0.0, "memory": 0.0, "knn": 0.0}
         batches = score_batches(model, split.tokens, split.windows[:windows], batch, layer=layer)
@@ -137,24 +146,27 @@ def measure_model(model_path: str, gguf_file: str | None, memory_dir: Path, data
                 if scored is None:
                     break
                 lm_log_probs = torch.log_softmax(scored.logits.float(), dim=-1)
+                synchronize(device)
                 seconds["forward"] += time.perf_counter() - start
                 labels = scored.labels
-                lm.append(lm_log_probs.gather(-1, labels[:, None]).squeeze(-1).double().numpy())
+                lm.append(lm_log_probs.gather(-1, labels[:, None]).squeeze(-1).double().cpu().numpy())
                 # The memory as deployed: forward, softmax, one interpolation over the vocabulary.
                 start = time.perf_counter()
                 logits = memory(scored.hidden.to(memory.dtype)).float()  # (n, V), reused for every temperature
                 interpolate_log_probs(lm_log_probs, torch.log_softmax(logits / memory_temps[0], -1), timing_lmbda)
+                synchronize(device)
                 seconds["memory"] += time.perf_counter() - start
-                mem.append(np.stack([torch.log_softmax(logits / t, -1).gather(-1, labels[:, None]).squeeze(-1).double().numpy()
-                                     for t in memory_temps]))
+                mem.append(np.stack([torch.log_softmax(logits / t, -1).gather(-1, labels[:, None]).squeeze(-1)
+                                     .double().cpu().numpy() for t in memory_temps]))
                 if knn is not None:
                     start = time.perf_counter()
-                    neighbours = knn["index"].search(scored.hidden.float().numpy(), knn["k"])
+                    neighbours = knn["index"].search(scored.hidden.float().cpu().numpy(), knn["k"])
                     vals = np.asarray(knn["vals"][np.where(neighbours.valid, neighbours.ids, 0)], dtype=np.int64)
-                    knnlm_log_probs(scored.logits, torch.from_numpy(neighbours.dists), torch.from_numpy(vals),
-                                    timing_lmbda, knn_temps[0])
+                    knnlm_log_probs(scored.logits, torch.from_numpy(neighbours.dists).to(device),
+                                    torch.from_numpy(vals).to(device), timing_lmbda, knn_temps[0])
+                    synchronize(device)
                     seconds["knn"] += time.perf_counter() - start
-                    knn_lp.append(gold_knn_log_probs(neighbours.dists, vals, labels.numpy(), knn_temps))
+                    knn_lp.append(gold_knn_log_probs(neighbours.dists, vals, labels.cpu().numpy(), knn_temps))
         tokens = int(sum(len(x) for x in lm))
         result[split_name] = {
             "tokens": tokens, "windows": min(windows, len(split.windows)),
@@ -184,15 +196,19 @@ def curve(args, out: Path) -> list[dict]:
     model, _ = load_model_for_dataset(ModelArguments(model_name_or_path=args.model_dir, gguf_file=args.gguf_file),
                                       split.meta, str(dataset))
     memory, layer = load_checked_memory(str(out / "memory"), model, split.meta["tokenizer"]["fingerprint"])
+    device = torch.device(args.device)
+    model.to(device)
+    memory.to(device)
     datastore = open_datastore(out / "dstore", "--dstore_dir")
     keys = np.asarray(datastore.keys, dtype=np.float32)
     vals = np.asarray(datastore.vals)
     start = time.perf_counter()
     batches = list(score_batches(model, split.tokens, split.windows[: args.curve_windows], args.batch_size, layer=layer))
+    synchronize(device)
     forward = time.perf_counter() - start
     tokens = sum(len(b.rows) for b in batches)
     sizes = sorted({max(args.k, datastore.num_rows // d) for d in (8, 4, 2, 1)})
-    if args.curve_full:
+    if args.curve_full and read_json(dataset / "meta.json")["source"]["max_chars"]:  # else the datastore is all of train
         sizes.append(full_train_rows(args))
     points = []
     for size in sizes:
@@ -203,10 +219,11 @@ def curve(args, out: Path) -> list[dict]:
             knn_seconds = 0.0
             for b in batches:
                 t0 = time.perf_counter()
-                dists, ids = index.search(np.ascontiguousarray(b.hidden.float().numpy()), args.k)
-                neighbour_vals = torch.from_numpy(row_vals[np.maximum(ids, 0)].astype(np.int64))
-                knnlm_log_probs(b.logits, torch.from_numpy(np.where(ids >= 0, dists, np.inf)), neighbour_vals,
+                dists, ids = index.search(np.ascontiguousarray(b.hidden.float().cpu().numpy()), args.k)
+                neighbour_vals = torch.from_numpy(row_vals[np.maximum(ids, 0)].astype(np.int64)).to(device)
+                knnlm_log_probs(b.logits, torch.from_numpy(np.where(ids >= 0, dists, np.inf)).to(device), neighbour_vals,
                                 args.timing_lmbda, 1.0)
+                synchronize(device)
                 knn_seconds += time.perf_counter() - t0
             mem_seconds = 0.0
             with torch.no_grad():
@@ -214,6 +231,7 @@ def curve(args, out: Path) -> list[dict]:
                     t0 = time.perf_counter()
                     lm_log_probs = torch.log_softmax(b.logits.float(), -1)
                     interpolate_log_probs(lm_log_probs, memory_log_probs(memory, b.hidden, 1.0), args.timing_lmbda)
+                    synchronize(device)
                     mem_seconds += time.perf_counter() - t0
             point = {"rows": size, "synthetic": synthetic, "index": kind, "build_seconds": round(build, 2),
                      "tokens": tokens, "forward_seconds": round(forward, 3), "knn_seconds": round(knn_seconds, 3),
@@ -340,7 +358,9 @@ def plots(results: dict, stem: Path) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("datastore rows")
     ax.set_ylabel("tokens/s")
-    ax.set_title("Cost as the datastore grows (SmolLM2-135M, CPU)")
+    m = results["machine"]
+    ax.set_title(f"Cost as the datastore grows\n(SmolLM2-135M on {m['gpu'] or 'CPU'}; FAISS on {m['cores']} CPU cores)",
+                 fontsize=9)
     ax.legend()
     fig.tight_layout()
     fig.savefig(f"{stem}_cost_curve.png", dpi=120)
@@ -388,6 +408,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--qa_questions", type=int, default=300)
     parser.add_argument("--qa_lmbda", type=float, default=0.25)
     parser.add_argument("--name", default="real_smollm2_wikitext2")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="Where the base model and the memory run (FAISS search runs on the CPU).")
+    parser.add_argument("--knn_gpu", action="store_true",
+                        help="Exact kNN search of the quality measurement on the GPU (faiss-gpu, else torch).")
+    parser.add_argument("--finetune_batch", type=int, default=4, help="Windows per fine-tuning micro-batch.")
     args = parser.parse_args(argv)
     out = Path(args.out)
     stem = RESULTS / args.name
@@ -398,17 +423,19 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.curve_only:
         build_artifacts(args)
         datastore = open_datastore(out / "dstore", "--dstore_dir")
-        index = load_index(default_index_path(out / "dstore"), datastore)
+        index = load_index(default_index_path(out / "dstore"), datastore, use_gpu=args.knn_gpu)
         knn = {"index": index, "vals": np.asarray(datastore.vals), "k": args.k}
         splits = ["validation", "test"]
         common = dict(dataset=out / "dataset", splits=splits, windows=args.eval_windows, batch=args.batch_size,
-                      memory_temps=args.memory_temps, knn_temps=args.knn_temps, timing_lmbda=args.timing_lmbda)
+                      memory_temps=args.memory_temps, knn_temps=args.knn_temps, timing_lmbda=args.timing_lmbda,
+                      device=torch.device(args.device))
         base = measure_model(args.model_dir, args.gguf_file, out / "memory", knn=knn, **common)
         models = {"base": base}
         if not args.skip_finetune:
             models["fine-tuned"] = measure_model(str(out / "finetuned"), None, out / "ft" / "memory", knn=None, **common)
         dataset_meta = read_json(out / "dataset" / "meta.json")
         results["setup"] = {"datastore_rows": datastore.num_rows, "k": args.k, "index": index.meta["index_type"],
+                            "knn_search": type(index.index).__name__, "device": args.device,
                             "max_chars": dataset_meta["source"]["max_chars"], "block_size": dataset_meta["block_size"],
                             "knn_temps": args.knn_temps, "memory_temps": args.memory_temps, "lmbdas": args.lmbdas,
                             "memory": read_json(out / "memory" / "config.json")}
@@ -445,7 +472,7 @@ def main(argv: list[str] | None = None) -> dict:
                                            for k, v in picks.items()}, "sweeps": sweeps}
         results["test"] = {"tokens": test["tokens"], "windows": test["windows"], "rows": rows,
                            "seconds": {n: m["test"]["seconds"] for n, m in models.items()}}
-        results["nq_open"] = nq_open(args, out)
+        results["nq_open"] = nq_open(args, out) if args.qa_questions else {}
         write_json(f"{stem}.json", results)
 
     results["curve"] = curve(args, out)
