@@ -95,6 +95,13 @@ def tiny_lm(tmp_path_factory) -> dict:
     return {"root": root, "model": model_dir, "data": root / "data", "dstore": root / "dstore"}
 
 
+def cpu_launch_env() -> dict:
+    """The environment of a multi-process CPU launch: GPUs hidden (a machine with one GPU cannot hold two
+    ranks), one OpenMP thread per process, the repository importable ahead of any PYTHONPATH already set."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+
+
 def accelerate_launch(module: str, args: list[str], num_processes: int = 2, timeout: int = 240) -> subprocess.CompletedProcess:
     """Run ``python -m module args`` in ``num_processes`` CPU processes from the repository root.
 
@@ -103,7 +110,6 @@ def accelerate_launch(module: str, args: list[str], num_processes: int = 2, time
     """
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", module, *args]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(command, cwd=REPO, env=cpu_launch_env(), capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-4000:]
     return result

@@ -1,7 +1,6 @@
 """train_base: perplexity, the datastore it writes, resuming, and multi-process identity."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -13,6 +12,7 @@ from transformers import AutoModelForCausalLM
 import train_base
 from knn_utils.datastore import DatastoreWriter, load_datastore
 from tests.conftest import REPO, shared_data
+from tests.knn_fixtures import cpu_launch_env
 from utils.cli import UsageError
 from utils.hidden_state import HiddenStateHook
 from utils.io import ArtifactError
@@ -101,14 +101,13 @@ def test_existing_datastore_is_not_overwritten(tiny_gpt2_dir, tiny_dataset, tmp_
 
 def test_two_processes_give_identical_artifacts(tiny_gpt2_dir, tiny_dataset, tmp_path):
     single = run_eval(tiny_gpt2_dir, tiny_dataset, tmp_path / "one", split="train", dstore=tmp_path / "ds1")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "train_base",
          "--model_name_or_path", str(tiny_gpt2_dir), "--dataset_name", str(tiny_dataset), "--do_eval",
          "--eval_subset", "train", "--output_dir", str(tmp_path / "two"), "--per_device_eval_batch_size", "3",
          "--report_to", "none", "--save_knnlm_dstore", "--dstore_dir", str(tmp_path / "ds2")],
-        cwd=REPO, env=env, check=True, capture_output=True,
+        cwd=REPO, env=cpu_launch_env(), check=True, capture_output=True,
     )
     two = json.loads((tmp_path / "two" / "eval_results.json").read_text())
     assert single["num_processes"] == 1 and two["num_processes"] == 2
