@@ -55,7 +55,9 @@ class KnnLMArguments:
     output_dir: str = field(metadata={"help": "Directory for knnlm_results.json (merged into all_results.json)."})
     index_path: str | None = field(default=None, metadata={"help": "Index directory (default: DSTORE_DIR/index)."})
     k: int = field(default=1024, metadata={"help": "Neighbours retrieved per token."})
-    lmbda: float = field(default=0.25, metadata={"help": "Weight of p_knn in the interpolation (0: the base LM alone)."})
+    lmbda: list[float] = field(default_factory=lambda: [0.25], metadata={
+        "help": "Weight of p_knn in the interpolation (0: the base LM alone). Several values, e.g. --lmbda 0.1 0.25 "
+                "0.4, are all scored in the same pass (one search); the first is the headline.", "nargs": "+"})
     knn_temp: float = field(default=1.0, metadata={"help": "Temperature T of softmax(-d / T) over squared L2 distances."})
     probe: int | None = field(default=None, metadata={"help": "IVF lists visited per query (default: the index's own)."})
     knn_gpu: bool = field(default=False, metadata={"help": KNN_GPU_HELP})
@@ -64,8 +66,13 @@ class KnnLMArguments:
     def __post_init__(self):
         if self.k < 1:
             raise UsageError(f"--k must be >= 1, got {self.k}")
-        if not 0 <= self.lmbda <= 1:
-            raise UsageError(f"--lmbda must be in [0, 1], got {self.lmbda}")
+        if isinstance(self.lmbda, (int, float)):  # one value, from Python
+            self.lmbda = [float(self.lmbda)]
+        if not self.lmbda:
+            raise UsageError("--lmbda needs at least one value")
+        for lmbda in self.lmbda:
+            if not 0 <= lmbda <= 1:
+                raise UsageError(f"--lmbda values must be in [0, 1], got {lmbda}")
         if self.knn_temp <= 0:
             raise UsageError(f"--knn_temp must be > 0, got {self.knn_temp}")
         if self.per_device_eval_batch_size < 1:
@@ -105,10 +112,17 @@ def knnlm_log_probs(lm_logits: torch.Tensor, dists: torch.Tensor, neighbour_vals
     ``lm_logits`` (n, V); ``dists`` (n, k) squared L2 distances, ``inf`` for missing neighbours;
     ``neighbour_vals`` (n, k) their value tokens. A row with no neighbour at all keeps ``log p_lm``.
     """
+    return knnlm_log_probs_sweep(lm_logits, dists, neighbour_vals, [lmbda], knn_temp)[0]
+
+
+def knnlm_log_probs_sweep(lm_logits: torch.Tensor, dists: torch.Tensor, neighbour_vals: torch.Tensor,
+                          lmbdas: list[float], knn_temp: float) -> list[torch.Tensor]:
+    """`knnlm_log_probs` for each of ``lmbdas``, from one ``log p_lm`` and one ``log p_knn``: a list of (n, V)."""
     lm_log_probs = torch.log_softmax(lm_logits.float(), dim=-1)  # (n, V)
-    mixed = interpolate_log_probs(lm_log_probs, knn_log_probs(dists, neighbour_vals, lm_logits.shape[-1], knn_temp), lmbda)
+    knn = knn_log_probs(dists, neighbour_vals, lm_logits.shape[-1], knn_temp)  # (n, V)
     has_neighbours = torch.isfinite(dists).any(dim=-1, keepdim=True)  # (n, 1)
-    return torch.where(has_neighbours, mixed, lm_log_probs)
+    return [torch.where(has_neighbours, interpolate_log_probs(lm_log_probs, knn, lmbda), lm_log_probs)
+            for lmbda in lmbdas]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -145,7 +159,7 @@ def same_rows(datastore: Datastore, split: TokenizedSplit) -> bool:
 
 def knnlm_nll(batch: ScoredBatch, index: KnnIndex, vals: np.ndarray, args: KnnLMArguments,
               exclude_self: bool) -> torch.Tensor:
-    """Negative log-likelihood of each row's label under the kNN-LM, (n,)."""
+    """Negative log-likelihood of each row's label under the kNN-LM at each ``--lmbda``, (len(lmbda), n)."""
     neighbours = index.search(batch.hidden.float().cpu().numpy(), args.k, batch.rows if exclude_self else None)
     device = batch.logits.device
     dists = torch.from_numpy(neighbours.dists).to(device)  # (n, k)
@@ -153,9 +167,10 @@ def knnlm_nll(batch: ScoredBatch, index: KnnIndex, vals: np.ndarray, args: KnnLM
     nll = []
     for s in range(0, len(batch.rows), ROWS_PER_SLICE):
         part = slice(s, s + ROWS_PER_SLICE)
-        log_probs = knnlm_log_probs(batch.logits[part], dists[part], neighbour_vals[part], args.lmbda, args.knn_temp)
-        nll.append(-log_probs.gather(-1, batch.labels[part, None]).squeeze(-1))
-    return torch.cat(nll)
+        gold = batch.labels[part, None]
+        sweep = knnlm_log_probs_sweep(batch.logits[part], dists[part], neighbour_vals[part], args.lmbda, args.knn_temp)
+        nll.append(torch.stack([-log_probs.gather(-1, gold).squeeze(-1) for log_probs in sweep]))
+    return torch.cat(nll, dim=1)
 
 
 def evaluate_knnlm(model_args: ModelArguments, data_args: DataArguments, args: KnnLMArguments,
@@ -173,27 +188,30 @@ def evaluate_knnlm(model_args: ModelArguments, data_args: DataArguments, args: K
     if exclude_self:
         logger.info("The evaluated split is the datastore's own: each row's own entry is left out of its neighbours")
     windows = split.windows[: data_args.max_eval_samples]
-    logger.info("kNN-LM over %d windows of %s: k=%d lmbda=%g knn_temp=%g, %s index (nprobe %s), %d FAISS threads",
+    logger.info("kNN-LM over %d windows of %s: k=%d lmbda=%s knn_temp=%g, %s index (nprobe %s), %d FAISS threads",
                 len(windows), split.split, args.k, args.lmbda, args.knn_temp, index.meta["index_type"], index.nprobe, threads)
 
     model.to(state.device)
     base_totals: dict[int, float] = {}
-    knn_totals: dict[int, float] = {}
+    knn_totals: list[dict[int, float]] = [{} for _ in args.lmbda]
     knn_seconds, start = 0.0, time.perf_counter()
     for batch in score_batches(model, split.tokens, windows, args.per_device_eval_batch_size, state.process_index,
                                state.num_processes, layer=datastore.meta["layer"], show_progress=state.is_main_process):
         base_totals.update(window_sums(token_nll(batch.logits, batch.labels), batch, windows))
         knn_start = time.perf_counter()
-        knn_totals.update(window_sums(knnlm_nll(batch, index, datastore.vals, args, exclude_self), batch, windows))
+        for totals, nll in zip(knn_totals, knnlm_nll(batch, index, datastore.vals, args, exclude_self)):
+            totals.update(window_sums(nll, batch, windows))
         knn_seconds += time.perf_counter() - knn_start
     seconds = time.perf_counter() - start
     num_rows = int(windows[-1, ROW_END] - windows[0, ROW_BEGIN])
     base_loss = float(gather_window_totals(base_totals, len(windows), state).sum() / num_rows)
-    loss = float(gather_window_totals(knn_totals, len(windows), state).sum() / num_rows)
+    losses = [float(gather_window_totals(totals, len(windows), state).sum() / num_rows) for totals in knn_totals]
+    sweep = [{"lmbda": lmbda, "perplexity": math.exp(loss), "eval_loss": loss}
+             for lmbda, loss in zip(args.lmbda, losses)]
     return {
-        "eval_subset": split.split, "perplexity": math.exp(loss), "eval_loss": loss,
+        "eval_subset": split.split, "perplexity": sweep[0]["perplexity"], "eval_loss": losses[0], "lmbda_sweep": sweep,
         "base_perplexity": math.exp(base_loss), "base_eval_loss": base_loss, "eval_tokens": num_rows,
-        "eval_windows": len(windows), "k": args.k, "lmbda": args.lmbda, "knn_temp": args.knn_temp,
+        "eval_windows": len(windows), "k": args.k, "lmbda": args.lmbda[0], "knn_temp": args.knn_temp,
         "probe": index.nprobe, "index_type": index.meta["index_type"], "dstore_rows": datastore.num_rows,
         "exclude_self": exclude_self, "num_processes": state.num_processes, "eval_seconds": round(seconds, 3),
         "knn_seconds": round(knn_seconds, 3), "eval_tokens_per_second": round(num_rows / seconds, 2),

@@ -20,6 +20,9 @@
 #   EVAL_BATCH        windows per forward pass (default 8)
 #   INDEX_TYPE        auto | flat | ivfpq (default auto), with NCENTROIDS CODE_SIZE PROBE for ivfpq
 #   K KNN_TEMP LMBDA  kNN targets and kNN-LM settings (defaults 64, 16, 0.25)
+#   KNNLM_LMBDAS      lmbda values of the kNN-LM, all scored in one pass (default: LMBDA)
+#   KNNLM_SPLITS      splits the kNN-LM runs on (default: EVAL_SPLIT; "validation $EVAL_SPLIT" to choose
+#                     its lmbda on validation, as the memory's is)
 #   KNN_TARGETS       existing kNN targets to train the memory on (a retriever that shares the
 #                     tokenizer and the train rows); skips the index, the search and the kNN-LM stage
 #   MEMORY_ARGS       extra flags of train_mlpmem_offline (size, epochs, learning rate ...)
@@ -49,6 +52,8 @@ LMBDA="${LMBDA:-0.25}"
 JOINT_LMBDAS="${JOINT_LMBDAS:-0.25 0.5 0.75}"
 MEMORY_TEMP="${MEMORY_TEMP:-1}"
 JOINT_SPLITS="${JOINT_SPLITS:-validation $EVAL_SPLIT}"
+KNNLM_LMBDAS="${KNNLM_LMBDAS:-$LMBDA}"
+KNNLM_SPLITS="${KNNLM_SPLITS:-$EVAL_SPLIT}"
 NPROC="${NPROC:-1}"
 KNN_GPU="${KNN_GPU:-0}"
 DATASET="${DATASET:-$OUT/dataset}"
@@ -104,10 +109,13 @@ if [ -z "${KNN_TARGETS:-}" ]; then
         launch knn_utils.saveKNNMulti --dstore_path "$OUT/dstore" --output_path "$KNN_TARGETS" \
             --k "$K" --knn_temp "$KNN_TEMP" --ignore_first True "${knn_gpu_flag[@]}"
 
-    stage "kNN-LM on $EVAL_SPLIT" "$OUT/eval_knnlm_$EVAL_SPLIT/knnlm_results.json" \
-        python -m knn_utils.knnlm "${model_flags[@]}" --dataset_name "$DATASET" --eval_subset "$EVAL_SPLIT" \
-            "${eval_limit[@]}" --dstore_dir "$OUT/dstore" --k "$K" --knn_temp "$KNN_TEMP" --lmbda "$LMBDA" \
-            --per_device_eval_batch_size "$EVAL_BATCH" --output_dir "$OUT/eval_knnlm_$EVAL_SPLIT" "${knn_gpu_flag[@]}"
+    for split in $KNNLM_SPLITS; do
+        # shellcheck disable=SC2086
+        stage "kNN-LM on $split" "$OUT/eval_knnlm_$split/knnlm_results.json" \
+            python -m knn_utils.knnlm "${model_flags[@]}" --dataset_name "$DATASET" --eval_subset "$split" \
+                "${eval_limit[@]}" --dstore_dir "$OUT/dstore" --k "$K" --knn_temp "$KNN_TEMP" --lmbda $KNNLM_LMBDAS \
+                --per_device_eval_batch_size "$EVAL_BATCH" --output_dir "$OUT/eval_knnlm_$split" "${knn_gpu_flag[@]}"
+    done
 fi
 
 # shellcheck disable=SC2086

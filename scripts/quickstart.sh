@@ -2,15 +2,15 @@
 # The whole pipeline on the embedded default corpus, on CPU, in a few minutes:
 #   embedded corpus -> preprocess -> base model (trained from scratch)
 #   -> scripts/pipeline.sh: base evaluation, datastore, FAISS index, kNN targets, kNN-LM, MLP memory,
-#      base + memory perplexity (lmbda swept on validation and on test)
+#      base + memory perplexity (kNN-LM and memory: lmbda swept on validation and on test)
 #   -> closed-book QA with and without the memory (lmbda chosen on the validation questions)
 #   -> a test question whose answer the memory corrects -> summary.json and a table
 # Every stage writes a self-describing directory under $OUT and is skipped when that directory is
 # already complete, so an interrupted run picks up where it stopped.
 #   OUT            output directory (default: outputs/quickstart)
 #   BASE_EPOCHS    training epochs of the tiny base model (default: 30)
-#   K, KNN_TEMP, LMBDA   kNN settings (defaults: 64, 10, 0.25)
-#   JOINT_LMBDAS   lmbda values of the perplexity sweep (default: "0.25 0.5 0.75")
+#   K, KNN_TEMP    kNN settings (defaults: 64, 10)
+#   JOINT_LMBDAS   lmbda values of the perplexity sweeps, memory and kNN-LM (default: "0.25 0.5 0.75")
 #   QA_LMBDAS      lmbda values tried on the validation questions (default: "0.25 0.5 0.75")
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
@@ -42,12 +42,14 @@ stage "train the base model" "$OUT/base/train_results.json" \
         --report_to none --disable_tqdm true --output_dir "$OUT/base"
 
 # The shared stages: base perplexity on test, datastore over train, exact index, kNN targets, kNN-LM on
-# test, the memory (offline, on the datastore keys), base + memory on validation and test. Settings of
+# validation and test, the memory (offline, on the datastore keys), base + memory on validation and test;
+# both lmbdas are chosen on validation, from the same grid. Settings of
 # pipeline.sh that would change what the summary reads are fixed here, not taken from the environment.
 env -u KNN_TARGETS -u GGUF_FILE -u TOKENIZER -u EVAL_WINDOWS \
     MODEL="$OUT/base" DATASET="$OUT/dataset" BLOCK=256 STRIDE=128 INDEX_TYPE=flat \
-    K="${K:-64}" KNN_TEMP="${KNN_TEMP:-10}" LMBDA="${LMBDA:-0.25}" EVAL_BATCH=16 \
+    K="${K:-64}" KNN_TEMP="${KNN_TEMP:-10}" EVAL_BATCH=16 \
     EVAL_SPLIT=test JOINT_SPLITS="validation test" JOINT_LMBDAS="${JOINT_LMBDAS:-0.25 0.5 0.75}" MEMORY_TEMP=1 \
+    KNNLM_SPLITS="validation test" KNNLM_LMBDAS="${JOINT_LMBDAS:-0.25 0.5 0.75}" \
     MEMORY_ARGS="--num_train_epochs 8 --num_warmup_steps 50 --learning_rate 5e-3 --disable_tqdm true" \
     bash scripts/pipeline.sh
 

@@ -82,6 +82,17 @@ def test_lmbda_zero_reproduces_the_base_perplexity(indexed_lm, tmp_path):
     assert train_metrics["base_perplexity"] == base["perplexity"] and train_metrics["exclude_self"]
 
 
+def test_one_pass_scores_every_lmbda_like_separate_runs(indexed_lm, tmp_path):
+    sweep = run_knnlm(indexed_lm, tmp_path, lmbda=[0.25, 0.0, 0.5])
+    alone = run_knnlm(indexed_lm, tmp_path, lmbda=0.5)
+    by_lmbda = {entry["lmbda"]: entry["perplexity"] for entry in sweep["lmbda_sweep"]}
+    assert list(by_lmbda) == [0.25, 0.0, 0.5] and sweep["lmbda"] == 0.25
+    assert sweep["perplexity"] == by_lmbda[0.25]  # the first value is the headline
+    assert by_lmbda[0.0] == sweep["base_perplexity"]
+    assert by_lmbda[0.5] == pytest.approx(alone["perplexity"], rel=1e-12)
+    assert len(set(by_lmbda.values())) == 3
+
+
 def test_cli_writes_results_and_two_processes_agree_with_one(indexed_lm, tmp_path):
     flags = ["--model_name_or_path", str(indexed_lm["model"]), "--dataset_name", str(indexed_lm["data"]),
              "--eval_subset", "test", "--dstore_dir", str(indexed_lm["dstore"]), "--k", "8", "--lmbda", "0.25",

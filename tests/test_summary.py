@@ -119,6 +119,25 @@ def test_mismatched_choices_are_errors(constructed):
         summary_module.collect(constructed)
 
 
+def knnlm_results(sweep: dict[float, float]) -> dict:
+    """The fields of knn_utils.knnlm's knnlm_results.json that the summary reads; the first lmbda is the headline."""
+    first = next(iter(sweep))
+    return {"perplexity": sweep[first], "eval_tokens_per_second": 300.0, "lmbda": first, "k": 64, "knn_temp": 10.0,
+            "index_type": "flat", "lmbda_sweep": [{"lmbda": l, "perplexity": p} for l, p in sweep.items()]}
+
+
+def test_knn_lm_lmbda_is_chosen_on_validation_when_it_ran_there(constructed, capsys):
+    write_json(constructed / "eval_knnlm_validation" / "knnlm_results.json", knnlm_results({0.25: 86.0, 0.5: 85.0}))
+    write_json(constructed / "eval_knnlm_test" / "knnlm_results.json", knnlm_results({0.25: 75.0, 0.5: 76.0}))
+    summary = summary_module.main(["--output_dir", str(constructed)])
+    assert summary["test_perplexity"]["knn_lm"] == 76.0 and summary["lmbda"]["knn_lm"] == 0.5  # not 75.0 at 0.25
+    assert summary["knn_lm_settings"]["lmbda_chosen_on"] == "validation perplexity"
+    assert "| 80.0 | 76.0 (lmbda 0.5, best on validation) |" in capsys.readouterr().out
+    write_json(constructed / "eval_knnlm_test" / "knnlm_results.json", knnlm_results({0.25: 75.0}))
+    with pytest.raises(UsageError, match=r"lmbda 0.5, best on validation, is not in the test sweep"):
+        summary_module.collect(constructed)
+
+
 def test_stages_not_run_are_left_out(constructed, capsys):
     for name in ("eval_knnlm_test", "eval_joint_validation", "qa_validation", "qa_test"):
         shutil.rmtree(constructed / name)

@@ -7,7 +7,8 @@ numbers are on the test split, with every choice made on validation:
 
 * base + memory perplexity at the ``lmbda`` with the lowest validation perplexity
   (``eval_joint_validation``), reported on test (``eval_joint_test``);
-* the kNN-LM at its fixed ``lmbda`` (``eval_knnlm_test``);
+* the kNN-LM at the ``lmbda`` best on validation when it ran there with a sweep (``eval_knnlm_validation``),
+  else at its fixed ``lmbda`` (``eval_knnlm_test``);
 * QA exact match and F1 of the base alone (``qa_test/base``) and of base + memory
   (``qa_test/lmbda_<l>``) at the ``lmbda`` chosen on the validation questions (``qa_validation/lmbda_*``,
   `downstream.choose_lmbda`);
@@ -37,6 +38,16 @@ def best_lmbda(joint_results: dict) -> dict:
     return min(joint_results["lmbda_sweep"], key=lambda entry: (entry["perplexity"], entry["lmbda"]))
 
 
+def chosen_on_validation(validation: dict, test: dict) -> tuple[float, float]:
+    """The lmbda best on validation and the test perplexity at that lmbda; both sweeps must hold it."""
+    chosen = best_lmbda(validation)["lmbda"]
+    on_test = {entry["lmbda"]: entry["perplexity"] for entry in test["lmbda_sweep"]}
+    if chosen not in on_test:
+        raise UsageError(f"lmbda {chosen:g}, best on validation, is not in the test sweep "
+                         f"({sorted(on_test)}): run both sweeps with the same lmbdas")
+    return chosen, on_test[chosen]
+
+
 def _sweep(joint_results: dict) -> dict:
     return {f"{entry['lmbda']:g}": entry["perplexity"] for entry in joint_results["lmbda_sweep"]}
 
@@ -53,11 +64,14 @@ def _perplexity(out: Path, summary: dict) -> None:
         speed["base"] = base["eval_tokens_per_second"]
         summary["test_tokens"] = base["eval_tokens"]
     if knnlm := _read(out / "eval_knnlm_test" / "knnlm_results.json"):
-        perplexity["knn_lm"] = knnlm["perplexity"]
+        perplexity["knn_lm"], lmbda["knn_lm"], chosen_on = knnlm["perplexity"], knnlm["lmbda"], "fixed"
+        knn_validation = _read(out / "eval_knnlm_validation" / "knnlm_results.json")
+        if knn_validation and "lmbda_sweep" in knn_validation and "lmbda_sweep" in knnlm:
+            lmbda["knn_lm"], perplexity["knn_lm"] = chosen_on_validation(knn_validation, knnlm)
+            chosen_on = "validation perplexity"
         speed["knn_lm"] = knnlm["eval_tokens_per_second"]
-        lmbda["knn_lm"] = knnlm["lmbda"]
-        summary["knn_lm_settings"] = {"k": knnlm["k"], "lmbda": knnlm["lmbda"], "knn_temp": knnlm["knn_temp"],
-                                      "index": knnlm["index_type"], "lmbda_chosen_on": "fixed"}
+        summary["knn_lm_settings"] = {"k": knnlm["k"], "lmbda": lmbda["knn_lm"], "knn_temp": knnlm["knn_temp"],
+                                      "index": knnlm["index_type"], "lmbda_chosen_on": chosen_on}
     validation = _read(out / "eval_joint_validation" / "joint_results.json")
     test = _read(out / "eval_joint_test" / "joint_results.json")
     if test:
@@ -68,13 +82,7 @@ def _perplexity(out: Path, summary: dict) -> None:
     if validation:
         summary["validation_perplexity"] = {"base": validation["base_perplexity"], **_sweep(validation)}
     if validation and test:
-        chosen = best_lmbda(validation)["lmbda"]
-        on_test = {entry["lmbda"]: entry["perplexity"] for entry in test["lmbda_sweep"]}
-        if chosen not in on_test:
-            raise UsageError(f"lmbda {chosen:g}, best on validation, is not in the test sweep "
-                             f"({sorted(on_test)}): run both sweeps with the same lmbdas")
-        perplexity["base_plus_memory"] = on_test[chosen]
-        lmbda["base_plus_memory"] = chosen
+        lmbda["base_plus_memory"], perplexity["base_plus_memory"] = chosen_on_validation(validation, test)
         lmbda["base_plus_memory_chosen_on"] = "validation perplexity"
     if perplexity:
         summary["test_perplexity"] = perplexity
@@ -177,7 +185,9 @@ def headline_table(summary: dict) -> str:
     speed = summary.get("tokens_per_second", {})
     lmbda = summary.get("lmbda", {})
     qa = summary.get("qa_test", {})
-    knn_note = f" (lmbda {lmbda['knn_lm']:g}, fixed)" if "knn_lm" in lmbda else ""
+    knn_fixed = summary.get("knn_lm_settings", {}).get("lmbda_chosen_on") == "fixed"
+    knn_chosen = "fixed" if knn_fixed else "best on validation"
+    knn_note = f" (lmbda {lmbda['knn_lm']:g}, {knn_chosen})" if "knn_lm" in lmbda else ""
     joint_note = f" (lmbda {lmbda['base_plus_memory']:g}, best on validation)" if "base_plus_memory" in lmbda else ""
     lines = ["| test split | base | kNN-LM | base + memory |", "|---|---|---|---|",
              f"| perplexity | {_number(perplexity.get('base'))} | {_number(perplexity.get('knn_lm'))}{knn_note} "
