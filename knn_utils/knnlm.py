@@ -68,11 +68,7 @@ class KnnLMArguments:
             raise UsageError(f"--k must be >= 1, got {self.k}")
         if isinstance(self.lmbda, (int, float)):  # one value, from Python
             self.lmbda = [float(self.lmbda)]
-        if not self.lmbda:
-            raise UsageError("--lmbda needs at least one value")
-        for lmbda in self.lmbda:
-            if not 0 <= lmbda <= 1:
-                raise UsageError(f"--lmbda values must be in [0, 1], got {lmbda}")
+        check_lmbdas(self.lmbda)
         if self.knn_temp <= 0:
             raise UsageError(f"--knn_temp must be > 0, got {self.knn_temp}")
         if self.per_device_eval_batch_size < 1:
@@ -81,6 +77,15 @@ class KnnLMArguments:
 
 # ---------------------------------------------------------------------------------------------------
 # The interpolation (reusable: any distribution over neighbours' tokens)
+
+
+def check_lmbdas(lmbdas: list[float]) -> None:
+    """``--lmbda`` holds at least one value, each in [0, 1]."""
+    if not lmbdas:
+        raise UsageError("--lmbda needs at least one value")
+    for lmbda in lmbdas:
+        if not 0 <= lmbda <= 1:
+            raise UsageError(f"--lmbda values must be in [0, 1], got {lmbda}")
 
 
 def knn_log_probs(dists: torch.Tensor, neighbour_vals: torch.Tensor, vocab_size: int, knn_temp: float) -> torch.Tensor:

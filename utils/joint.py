@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from accelerate import PartialState
 
-from knn_utils.knnlm import ROWS_PER_SLICE, interpolate_log_probs
+from knn_utils.knnlm import ROWS_PER_SLICE, check_lmbdas, interpolate_log_probs
 from models import check_memory_matches, load_memory
 from utils.arguments import SPLITS, DataArguments, ModelArguments
 from utils.architectures import normalize_layer
@@ -60,11 +60,7 @@ class JointArguments:
         "help": "Released flag; only 'none' is supported (results go to OUTPUT_DIR only).", "choices": ["none"]})
 
     def __post_init__(self):
-        if not self.lmbda:
-            raise UsageError("--lmbda needs at least one value")
-        for lmbda in self.lmbda:
-            if not 0 <= lmbda <= 1:
-                raise UsageError(f"--lmbda values must be in [0, 1], got {lmbda}")
+        check_lmbdas(self.lmbda)
         if self.knn_temp <= 0:
             raise UsageError(f"--knn_temp must be > 0, got {self.knn_temp}")
         if self.per_device_eval_batch_size < 1:
