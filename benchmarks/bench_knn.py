@@ -31,7 +31,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from knn_utils.datastore import DatastoreWriter, load_datastore
+from utils.artifacts.datastore import DatastoreWriter, load_datastore
 from knn_utils.index import IndexSettings, build_index, load_index
 from knn_utils.knn_targets import SearchJob, TargetSettings, search_rows
 from utils.cli import parse_args, run, setup_logging

@@ -1,11 +1,6 @@
 """The FAISS index over a datastore's keys: building it (resumably), opening it, searching it.
 
-Layout of an index directory (by default ``<dstore_dir>/index``)::
-
-    index.faiss   the FAISS index, L2 distance, ids 0..N-1 = datastore rows:
-                  IndexIVFPQ (approximate) or IndexFlatL2 (exact)
-    meta.json     kind "index": its type and settings, the default nprobe, the datastore it indexes
-                  (path, rows, dim, keys/vals checksums), the adjustments made to the settings, timings
+The index directory's layout is utils/artifacts/index.py's.
 
 Building happens in ``<index>.partial``: ``trained.faiss`` (the trained, still empty index) is written
 once after training, then every chunk of ``--num_keys_to_add_at_a_time`` keys is encoded into its own
@@ -17,8 +12,8 @@ Keys are float16 on disk and FAISS wants float32: they are converted one chunk a
 datastore is never loaded whole into memory.
 
 Searching an exact (flat) index on a GPU needs faiss-gpu, which pip does not ship; with faiss-cpu,
-`TorchExactSearch` searches the datastore's keys on the GPU with torch instead and gives the same
-neighbours.
+`knn_utils.torch_search.TorchExactSearch` searches the datastore's keys on the GPU with torch instead and
+gives the same neighbours.
 """
 
 from __future__ import annotations
@@ -26,7 +21,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -35,19 +29,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from knn_utils.datastore import Datastore, load_datastore
+from knn_utils.torch_search import TorchExactSearch
+from utils.artifacts.datastore import Datastore, datastore_summary, open_datastore
+from utils.artifacts.index import (FORMAT_VERSION, INDEX_FILE, chunk_file, default_index_path, read_index_file,
+                                   read_index_meta, write_index_atomically)
 from utils.cli import UsageError
-from utils.io import ArtifactError, atomic_directory, read_meta, reuse_staging, timed, write_json
+from utils.io import ArtifactError, atomic_directory, chunk_ranges, reuse_staging, timed, write_json
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-INDEX_FILE = "index.faiss"
-DEFAULT_INDEX_NAME = "index"
 INDEX_TYPES = ("auto", "ivfpq", "flat")
 MIN_POINTS_PER_CENTROID = 39  # below this FAISS warns that k-means is under-trained
 GPU_MAX_K = 2048  # GPU FAISS returns at most this many neighbours
-TORCH_SCORE_BYTES = 2 << 30  # TorchExactSearch keeps each block of scores (or gathered keys) under this
 KNN_GPU_HELP = ("Search on the GPU: with faiss-gpu, FAISS's GPU index on GPU 0; with faiss-cpu and an exact (flat) "
                 "index, an exact torch search on the CUDA device; otherwise (an IVFPQ index, or no GPU) the CPU.")
 
@@ -82,19 +75,6 @@ class IndexSettings:
             raise UsageError(f"--nbits must be between 1 and 16, got {self.nbits}")
         if self.index_type not in INDEX_TYPES:
             raise UsageError(f"--index_type must be one of {', '.join(INDEX_TYPES)}, got {self.index_type!r}")
-
-
-def open_datastore(path: str | os.PathLike, flag: str) -> Datastore:
-    """`load_datastore`, with errors that name the flag the path came from."""
-    try:
-        return load_datastore(str(path))
-    except ArtifactError as err:
-        raise ArtifactError(f"{flag} {path}: {err}") from None
-
-
-def default_index_path(dstore_path: str | os.PathLike) -> Path:
-    """Where build_index puts the index of a datastore when --index_path is not given."""
-    return Path(dstore_path) / DEFAULT_INDEX_NAME
 
 
 def resolve_settings(settings: IndexSettings, rows: int, dim: int) -> tuple[IndexSettings, list[str]]:
@@ -222,15 +202,6 @@ def train(settings: IndexSettings, datastore: Datastore, use_gpu: bool, show_pro
     return index
 
 
-def chunk_ranges(rows: int, chunk_rows: int) -> list[tuple[int, int]]:
-    """Consecutive ``[begin, end)`` row ranges of at most ``chunk_rows`` rows covering ``[0, rows)``."""
-    return [(begin, min(begin + chunk_rows, rows)) for begin in range(0, rows, chunk_rows)]
-
-
-def chunk_file(staging: Path, chunk: int) -> Path:
-    return staging / "chunks" / f"chunk_{chunk:06d}.faiss"
-
-
 def encode_chunk(trained: faiss.Index, keys: np.ndarray, first_id: int, use_gpu: bool) -> faiss.Index:
     """A copy of ``trained`` holding only ``keys``, with ids ``first_id, first_id + 1, ...``."""
     index = to_device(faiss.clone_index(trained), use_gpu)
@@ -239,12 +210,6 @@ def encode_chunk(trained: faiss.Index, keys: np.ndarray, first_id: int, use_gpu:
     else:
         index.add_with_ids(keys, np.arange(first_id, first_id + len(keys), dtype=np.int64))
     return to_cpu(index)
-
-
-def write_index_atomically(index: faiss.Index, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    faiss.write_index(index, str(tmp))
-    os.replace(tmp, path)
 
 
 def add_chunks(staging: Path, trained: faiss.Index, datastore: Datastore, chunk_rows: int, use_gpu: bool,
@@ -273,17 +238,6 @@ def merge_chunks(staging: Path, trained: faiss.Index, num_chunks: int) -> faiss.
         for c in range(num_chunks):
             index.merge_from(faiss.read_index(str(chunk_file(staging, c))), 0)
     return index
-
-
-def datastore_summary(datastore: Datastore) -> dict:
-    """What an index or a target file records about the datastore it was made from."""
-    meta = datastore.meta
-    return {
-        "path": str(datastore.path.resolve()), "rows": datastore.num_rows, "dim": datastore.dim,
-        "keys_sha256": meta["keys_sha256"], "vals_sha256": meta["vals_sha256"],
-        "architecture": meta.get("architecture"), "layer": meta.get("layer"),
-        "tokenizer_fingerprint": meta.get("tokenizer_fingerprint"), "model": meta.get("model"),
-    }
 
 
 def build_index(dstore_path: str, index_path: str | None = None, settings: IndexSettings | None = None,
@@ -365,92 +319,6 @@ def select_neighbours(dists: np.ndarray, ids: np.ndarray, k: int, exclude_rows: 
     )
 
 
-@contextmanager
-def tf32_matmul(device: torch.device):
-    """Float32 matmuls on ``device`` may use TF32 (CUDA only) inside the block; the setting is restored after."""
-    previous = torch.get_float32_matmul_precision()
-    if device.type == "cuda":
-        torch.set_float32_matmul_precision("high")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
-
-
-class TorchExactSearch:
-    """Exact squared-L2 search of a datastore's keys in torch: a GPU backend for users of faiss-cpu.
-
-    Stands in for a ``faiss.IndexFlatL2`` over the same keys wherever `KnnIndex` uses one (``ntotal``,
-    ``d``, ``search``) and finds the same neighbours up to ties. The keys live on ``device`` in their
-    stored dtype (float16: half the memory of the FAISS index), with their squared norms in float32.
-    A search ranks all keys by a fast float32 matmul (TF32 on CUDA) in blocks of ``query_rows`` queries
-    x ``key_rows`` keys, keeps the ``2k + 8`` best candidates of each query, recomputes their distances
-    exactly as ``||q - key||^2`` in float32, and returns the ``k`` nearest (ties: the lower row first).
-    Unless ``query_rows`` is given, a block of scores (and of gathered candidate keys) stays under
-    ``max_score_bytes``.
-    """
-
-    def __init__(self, keys: np.ndarray, device: str | torch.device, key_rows: int = 1 << 18,
-                 query_rows: int | None = None, max_score_bytes: int = TORCH_SCORE_BYTES, load_rows: int = 1 << 18):
-        self.device = torch.device(device)
-        self.ntotal, self.d = keys.shape
-        self.key_rows = max(1, min(key_rows, self.ntotal))
-        self.query_rows = query_rows or max(1, max_score_bytes // (4 * self.key_rows))
-        self.max_score_bytes = max_score_bytes
-        key_dtype = torch.from_numpy(np.empty(0, keys.dtype)).dtype
-        self.keys = torch.empty((self.ntotal, self.d), dtype=key_dtype, device=self.device)  # (N, d)
-        self.sq_norms = torch.empty(self.ntotal, dtype=torch.float32, device=self.device)  # (N,)
-        for begin, end in chunk_ranges(self.ntotal, load_rows):  # the datastore is read one chunk at a time
-            part = torch.from_numpy(np.array(keys[begin:end])).to(self.device)  # (rows, d)
-            self.keys[begin:end] = part
-            self.sq_norms[begin:end] = part.float().square().sum(dim=1)
-
-    @torch.inference_mode()
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Squared L2 distances (float32) and rows (int64) of the ``k`` nearest keys of each query, (n, k) each,
-        nearest first; like FAISS, id -1 and distance FLT_MAX where the datastore has fewer than ``k`` rows."""
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        found = min(k, self.ntotal)
-        candidates = min(self.ntotal, 2 * k + 8)  # slack for the rounding of the fast matmul
-        dists = np.full((len(queries), k), np.finfo(np.float32).max, dtype=np.float32)
-        ids = np.full((len(queries), k), -1, dtype=np.int64)
-        for begin in range(0, len(queries), self.query_rows):
-            end = min(begin + self.query_rows, len(queries))
-            chunk = torch.from_numpy(np.ascontiguousarray(queries[begin:end], dtype=np.float32))
-            chunk = chunk.to(self.device)  # (b, d)
-            chunk_dists, chunk_ids = self.exact_nearest(chunk, self.candidates(chunk, candidates), found)  # (b, found)
-            dists[begin:end, :found], ids[begin:end, :found] = chunk_dists.cpu().numpy(), chunk_ids.cpu().numpy()
-        return dists, ids
-
-    def candidates(self, queries: torch.Tensor, count: int) -> torch.Tensor:
-        """Rows of the ``count`` keys of best fast score for each query (b, d), (b, count), in no order."""
-        best_scores = queries.new_empty((len(queries), 0))  # (b, <= count), the best so far
-        best_rows = torch.empty((len(queries), 0), dtype=torch.int64, device=self.device)
-        with tf32_matmul(self.device):
-            for begin, end in chunk_ranges(self.ntotal, self.key_rows):
-                tile = self.keys[begin:end].float()  # (T, d)
-                # (b, T): ||q - key||^2 - ||q||^2, the same order of keys as the distance
-                scores = torch.addmm(self.sq_norms[begin:end], queries, tile.T, alpha=-2)
-                top = scores.topk(min(count, end - begin), dim=1, largest=False, sorted=False)
-                scores = torch.cat([best_scores, top.values], dim=1)
-                rows = torch.cat([best_rows, top.indices + begin], dim=1)
-                keep = scores.topk(min(count, scores.shape[1]), dim=1, largest=False, sorted=False).indices
-                best_scores, best_rows = scores.gather(1, keep), rows.gather(1, keep)
-        return best_rows
-
-    def exact_nearest(self, queries: torch.Tensor, rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ``k`` of ``rows`` (b, c) nearest each query by exact float32 ``||q - key||^2``, sorted, (b, k) each."""
-        rows = rows.sort(dim=1).values  # equal distances keep the lower row first
-        dists = torch.empty(rows.shape, dtype=torch.float32, device=self.device)  # (b, c)
-        step = max(1, self.max_score_bytes // (6 * rows.shape[1] * self.d))  # queries per (step, c, d) gather
-        for begin in range(0, len(rows), step):
-            stored = self.keys[rows[begin : begin + step]].float()  # (step, c, d)
-            dists[begin : begin + step] = stored.sub_(queries[begin : begin + step, None, :]).square_().sum(dim=2)
-        dists, order = dists.sort(dim=1, stable=True)
-        return dists[:, :k], rows.gather(1, order[:, :k])
-
-
 @dataclass
 class KnnIndex:
     """An opened index and its meta."""
@@ -479,18 +347,6 @@ class KnnIndex:
         return select_neighbours(dists, ids, k, exclude_rows)
 
 
-def check_index_matches(meta: dict, datastore: Datastore, index_path: Path) -> None:
-    """Fail clearly when an index was built over another datastore than ``datastore``."""
-    built_over = meta["datastore"]
-    if built_over["dim"] != datastore.dim:
-        raise ArtifactError(f"--index_path {index_path} indexes keys of dimension {built_over['dim']}, but the datastore "
-                            f"{datastore.path} has dimension {datastore.dim}")
-    if built_over["rows"] != datastore.num_rows or built_over["keys_sha256"] != datastore.meta["keys_sha256"]:
-        raise ArtifactError(f"--index_path {index_path} was built over the datastore {built_over['path']} "
-                            f"({built_over['rows']} rows), not over {datastore.path} ({datastore.num_rows} rows, "
-                            "other keys checksum); rebuild the index with knn_utils.build_index")
-
-
 def torch_search_device(index_type: str, use_gpu: bool) -> str | None:
     """"cuda" when an exact index is wanted on a GPU that FAISS cannot use (faiss-cpu) but torch can, else None."""
     if index_type == "flat" and use_gpu and not faiss_gpu_available() and torch.cuda.is_available():
@@ -507,11 +363,7 @@ def load_index(index_path: str | os.PathLike, datastore: Datastore, probe: int |
     on CUDA over the datastore's keys; ``torch_device`` ("cpu", "cuda:1" ...) forces that backend.
     """
     index_path = Path(index_path)
-    try:
-        meta = read_meta(index_path, "index")
-    except ArtifactError as err:
-        raise ArtifactError(f"--index_path {index_path}: {err} Build it with knn_utils.build_index.") from None
-    check_index_matches(meta, datastore, index_path)
+    meta = read_index_meta(index_path, datastore)
     if meta["index_type"] == "flat" and probe is not None:
         logger.info("--probe %d does not apply: %s is an exact (flat) index", probe, index_path)
     device = torch_device or torch_search_device(meta["index_type"], use_gpu)
@@ -524,11 +376,7 @@ def load_index(index_path: str | os.PathLike, datastore: Datastore, probe: int |
         with timed(f"Loading {datastore.num_rows} keys onto {device}", logger):
             index = TorchExactSearch(datastore.keys, device)
         return KnnIndex(index=index, meta=meta, path=index_path)
-    mmap = faiss.IO_FLAG_MMAP_IFC if meta["index_type"] == "flat" else faiss.IO_FLAG_MMAP
-    index = faiss.read_index(str(index_path / INDEX_FILE), faiss.IO_FLAG_READ_ONLY | (0 if use_gpu else mmap))
-    if index.ntotal != meta["rows"] or index.d != meta["dim"]:
-        raise ArtifactError(f"{index_path / INDEX_FILE} holds {index.ntotal} keys of dimension {index.d}, "
-                            f"meta.json says {meta['rows']} of dimension {meta['dim']}")
+    index = read_index_file(index_path, meta, mmap=not use_gpu)
     if meta["index_type"] == "ivfpq":
         if probe is not None and not 1 <= probe <= index.nlist:
             raise UsageError(f"--probe must be between 1 and the index's {index.nlist} lists, got {probe}")

@@ -6,15 +6,7 @@ rows are searched -- leaving out the query's own row by id -- each weighted by
 neighbours' value tokens. Tokens with probability above ``threshold`` (and, optionally, only the
 ``max_targets`` most likely; the most likely one always) are kept and renormalised to sum to 1.
 
-Layout of a target directory (CSR, rows in the order of the query datastore)::
-
-    offsets.npy    int64   (N + 1,)  row i owns entries offsets[i]:offsets[i + 1]
-    token_ids.npy  int32   (nnz,)    token ids, ascending within a row
-    probs.npy      float16 (nnz,)    their probabilities, all > 0 (a row sums to 1 up to float16 rounding)
-    labels.npy     int32   (N,)      the gold next token of each row
-    meta.json      kind "knn_targets": the datastore and index it came from, k, knn_temp, threshold, rows, nnz
-
-A row with no neighbour at all (a one-row datastore, or an IVF search that found nothing) has no entries.
+The result is stored sparsely (CSR): utils/artifacts/knn_targets.py holds the layout and reads it.
 
 The rows are cut into chunks of ``chunk_rows``, each searched in fixed batches of ``batch_size``
 queries; under ``accelerate launch`` each process takes a contiguous range of chunks and writes each
@@ -35,18 +27,16 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from knn_utils.datastore import Datastore
-from knn_utils.index import (KnnIndex, Neighbours, check_gpu_k, chunk_ranges, configure_threads, datastore_summary,
-                             default_index_path, load_index, open_datastore)
+from knn_utils.index import KnnIndex, Neighbours, check_gpu_k, configure_threads, load_index
+from utils.artifacts.datastore import Datastore, datastore_summary, open_datastore
+from utils.artifacts.index import default_index_path
+from utils.artifacts.knn_targets import (FORMAT_VERSION, ID_DTYPE, PROB_DTYPE, SparseRows, chunk_dir, merge_chunks,
+                                         missing_chunks, write_chunk)
 from utils.cli import UsageError
 from utils.distributed import process_state
-from utils.io import ArtifactError, partial_path, read_meta, reuse_staging, timed, write_json
+from utils.io import ArtifactError, chunk_ranges, partial_path, reuse_staging, timed, write_json
 
 logger = logging.getLogger(__name__)
-
-FORMAT_VERSION = 1
-ID_DTYPE = np.int32
-PROB_DTYPE = np.float16
 
 
 @dataclass
@@ -97,19 +87,6 @@ def neighbour_weights(dists: np.ndarray, valid: np.ndarray, knn_temp: float) -> 
     weights = np.exp(logits - np.where(np.isfinite(top), top, 0.0))
     total = weights.sum(axis=1, keepdims=True)
     return np.divide(weights, total, out=np.zeros_like(weights), where=total > 0)
-
-
-@dataclass
-class SparseRows:
-    """Sparse per-row distributions of a block of consecutive rows."""
-
-    counts: np.ndarray  # int64 (n,) entries per row
-    token_ids: np.ndarray  # int32 (nnz,)
-    probs: np.ndarray  # float16 (nnz,)
-
-    @staticmethod
-    def concatenate(parts: list["SparseRows"]) -> "SparseRows":
-        return SparseRows(*(np.concatenate([getattr(p, name) for p in parts]) for name in ("counts", "token_ids", "probs")))
 
 
 def sum_by_token(tokens: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -177,57 +154,6 @@ def exact_distances(keys: np.ndarray, queries: np.ndarray, neighbours: Neighbour
 
 
 # ---------------------------------------------------------------------------------------------------
-# The stored artifact
-
-
-class KnnTargets:
-    """An opened target directory (memory-mapped). Never densified to (rows x vocab)."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self.meta = read_meta(self.path, "knn_targets")
-        self.offsets = np.load(self.path / "offsets.npy", mmap_mode="r")  # int64 (N + 1,)
-        self.token_ids = np.load(self.path / "token_ids.npy", mmap_mode="r")  # int32 (nnz,)
-        self.probs = np.load(self.path / "probs.npy", mmap_mode="r")  # float16 (nnz,)
-        self.labels = np.load(self.path / "labels.npy", mmap_mode="r")  # int32 (N,)
-        rows, nnz = self.meta["rows"], self.meta["nnz"]
-        if self.offsets.shape != (rows + 1,) or self.labels.shape != (rows,) or len(self.token_ids) != nnz \
-                or len(self.probs) != nnz or int(self.offsets[-1]) != nnz:
-            raise ArtifactError(f"kNN targets {self.path}: array sizes do not match meta.json ({rows} rows, {nnz} entries)")
-
-    @property
-    def num_rows(self) -> int:
-        return len(self.labels)
-
-    def __len__(self) -> int:
-        return self.num_rows
-
-    def row(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """Token ids (int32) and probabilities (float16) of row ``i``."""
-        begin, end = int(self.offsets[i]), int(self.offsets[i + 1])
-        return np.asarray(self.token_ids[begin:end]), np.asarray(self.probs[begin:end])
-
-    def batch(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The entries of several rows at once: (position in ``rows`` of each entry, token ids, probabilities).
-
-        For a batch of logits ``z`` (B, V) whose row ``b`` is datastore row ``rows[b]``, the kNN term of
-        the loss reads ``log_softmax(z)[entry_row, token_ids]`` -- (nnz_batch,) values, no dense target.
-        """
-        rows = np.asarray(rows, dtype=np.int64)
-        begins, ends = self.offsets[rows], self.offsets[rows + 1]  # (B,) each
-        counts = ends - begins
-        entry_row = np.repeat(np.arange(len(rows)), counts)  # (nnz_batch,)
-        first_entry = np.cumsum(counts) - counts  # (B,) where each row starts in the output
-        positions = np.arange(int(counts.sum())) - first_entry[entry_row] + begins[entry_row]  # (nnz_batch,)
-        return entry_row, np.asarray(self.token_ids[positions]), np.asarray(self.probs[positions])
-
-
-def load_knn_targets(path: str | os.PathLike) -> KnnTargets:
-    """Open a target directory written by `compute_knn_targets`."""
-    return KnnTargets(path)
-
-
-# ---------------------------------------------------------------------------------------------------
 # The search over all rows, in resumable chunks
 
 
@@ -242,10 +168,6 @@ class SearchJob:
     exclude_self: bool
 
 
-def chunk_dir(staging: Path, chunk: int) -> Path:
-    return staging / "chunks" / f"{chunk:06d}"
-
-
 def search_rows(job: SearchJob, begin: int, end: int) -> SparseRows:
     """The sparse targets of query rows ``[begin, end)``, one fixed batch after another."""
     settings, parts = job.settings, []
@@ -258,17 +180,6 @@ def search_rows(job: SearchJob, begin: int, end: int) -> SparseRows:
         parts.append(sparse_targets(neighbours, job.datastore.vals, settings.knn_temp, settings.threshold,
                                     settings.max_targets))
     return SparseRows.concatenate(parts)
-
-
-def write_chunk(staging: Path, chunk: int, targets: SparseRows) -> None:
-    """Write one chunk under a temporary name and rename it: a chunk directory that exists is complete."""
-    final = chunk_dir(staging, chunk)
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name in ("counts", "token_ids", "probs"):
-        np.save(tmp / f"{name}.npy", getattr(targets, name))
-    os.replace(tmp, final)
 
 
 def my_chunks(num_chunks: int, rank: int, world_size: int) -> range:
@@ -288,36 +199,6 @@ def run_chunks(job: SearchJob, staging: Path, state, max_new_chunks: int | None)
             begin, end = ranges[c]
             write_chunk(staging, c, search_rows(job, begin, end))
             progress.update(end - begin)
-
-
-def missing_chunks(staging: Path, num_rows: int, chunk_rows: int) -> list[int]:
-    return [c for c in range(len(chunk_ranges(num_rows, chunk_rows))) if not chunk_dir(staging, c).exists()]
-
-
-def merge_chunks(staging: Path, queries: Datastore, chunk_rows: int) -> dict:
-    """Concatenate the chunk files in row order into the CSR arrays; return row/entry counts."""
-    num_chunks = len(chunk_ranges(queries.num_rows, chunk_rows))
-    if missing := missing_chunks(staging, queries.num_rows, chunk_rows):
-        raise ArtifactError(f"{staging}: chunks {missing[:5]} were never written")
-    counts = [np.load(chunk_dir(staging, c) / "counts.npy", mmap_mode="r") for c in range(num_chunks)]
-    nnz = int(sum(int(c.sum()) for c in counts))
-    offsets = np.lib.format.open_memmap(staging / "offsets.npy", mode="w+", dtype=np.int64, shape=(queries.num_rows + 1,))
-    token_ids = np.lib.format.open_memmap(staging / "token_ids.npy", mode="w+", dtype=ID_DTYPE, shape=(nnz,))
-    probs = np.lib.format.open_memmap(staging / "probs.npy", mode="w+", dtype=PROB_DTYPE, shape=(nnz,))
-    offsets[0], row, entry = 0, 0, 0
-    for c in range(num_chunks):
-        chunk_counts = np.asarray(counts[c])
-        offsets[row + 1 : row + 1 + len(chunk_counts)] = entry + np.cumsum(chunk_counts)
-        size = int(chunk_counts.sum())
-        token_ids[entry : entry + size] = np.load(chunk_dir(staging, c) / "token_ids.npy")
-        probs[entry : entry + size] = np.load(chunk_dir(staging, c) / "probs.npy")
-        row, entry = row + len(chunk_counts), entry + size
-    for array in (offsets, token_ids, probs):
-        array.flush()
-    np.save(staging / "labels.npy", np.asarray(queries.vals, dtype=ID_DTYPE))
-    row_sizes = np.diff(offsets)
-    return {"rows": queries.num_rows, "nnz": nnz, "empty_rows": int((row_sizes == 0).sum()),
-            "mean_targets_per_row": round(nnz / max(queries.num_rows, 1), 3), "max_targets_in_a_row": int(row_sizes.max(initial=0))}
 
 
 def check_queries(queries: Datastore, datastore: Datastore) -> None:

@@ -30,15 +30,15 @@ import numpy as np
 import torch
 from accelerate import PartialState
 
-from knn_utils.datastore import Datastore
-from knn_utils.index import (KNN_GPU_HELP, KnnIndex, check_gpu_k, configure_threads, default_index_path, load_index,
-                             open_datastore)
+from knn_utils.index import KNN_GPU_HELP, KnnIndex, check_gpu_k, configure_threads, load_index
+from utils.artifacts.datastore import Datastore, open_datastore
+from utils.artifacts.index import default_index_path
 from utils.arguments import DataArguments, ModelArguments
 from utils.cli import UsageError, parse_args, run, setup_logging
 from utils.distributed import process_state
 from utils.io import save_metrics
 from utils.modeling import describe_model, load_model_for_dataset
-from utils.preprocess_dataset import TokenizedSplit, load_split
+from utils.artifacts.dataset import TokenizedSplit, load_split
 from utils.scoring import ScoredBatch, gather_window_totals, score_batches, token_nll, window_sums
 from utils.windows import ROW_BEGIN, ROW_END
 

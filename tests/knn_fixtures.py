@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from accelerate import PartialState
 
-from knn_utils.datastore import DatastoreWriter
+from utils.artifacts.datastore import DatastoreWriter
 
 REPO = Path(__file__).resolve().parent.parent
 WORDS = [f"w{i}" for i in range(40)]

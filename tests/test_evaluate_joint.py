@@ -16,7 +16,7 @@ import evaluate_joint
 from models import MemoryConfig, build_memory, load_memory
 from tests.conftest import REPO
 from utils.cli import UsageError
-from utils.preprocess_dataset import load_split
+from utils.artifacts.dataset import load_split
 from utils.windows import ROW_BEGIN, ROW_END
 
 LAYER = 1

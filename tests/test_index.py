@@ -11,8 +11,9 @@ import pytest
 
 from knn_utils import build_index as build_index_cli
 from knn_utils import index as index_lib
-from knn_utils.datastore import load_datastore
-from knn_utils.index import IndexSettings, TorchExactSearch, build_index, load_index, select_neighbours
+from utils.artifacts.datastore import load_datastore
+from knn_utils.index import IndexSettings, build_index, load_index, select_neighbours
+from knn_utils.torch_search import TorchExactSearch
 from tests.knn_fixtures import REPO, clustered_keys, random_datastore
 from utils.cli import UsageError
 

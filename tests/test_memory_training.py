@@ -12,9 +12,10 @@ from safetensors.torch import load_file
 
 import train_mlpmem_offline
 import train_mlpmem_online
-from knn_utils.datastore import load_datastore
+from utils.artifacts.datastore import load_datastore
 from knn_utils.index import IndexSettings, build_index
-from knn_utils.knn_targets import TargetSettings, compute_knn_targets, load_knn_targets
+from knn_utils.knn_targets import TargetSettings, compute_knn_targets
+from utils.artifacts.knn_targets import load_knn_targets
 from models import MemoryConfig, build_memory, load_memory
 from tests.conftest import tiny_model
 from tests.knn_fixtures import accelerate_launch, tiny_lm, write_datastore  # noqa: F401  (tiny_lm is a fixture)
@@ -23,7 +24,7 @@ from utils.losses import memory_loss
 from utils.memory_training import DatastoreRows, OnTheFlyRows, window_hidden_states
 from utils.modeling import load_causal_lm
 from utils.arguments import ModelArguments
-from utils.preprocess_dataset import load_split
+from utils.artifacts.dataset import load_split
 
 FAST = ["--num_warmup_steps", "2", "--logging_steps", "1", "--disable_tqdm", "--base_model_name", "tiny"]
 

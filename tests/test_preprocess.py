@@ -11,7 +11,8 @@ from transformers import AutoTokenizer
 from tests.conftest import REPO
 from utils.cli import UsageError
 from utils.io import ArtifactError
-from utils.preprocess_dataset import load_split, main as preprocess_main
+from utils.artifacts.dataset import load_split
+from utils.preprocess_dataset import main as preprocess_main
 from utils.windows import make_windows
 
 

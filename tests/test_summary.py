@@ -21,7 +21,7 @@ from downstream import choose_lmbda, eval_qa
 from models import MemoryConfig, build_memory
 from utils import summary as summary_module
 from utils.cli import UsageError
-from utils.preprocess_dataset import load_split
+from utils.artifacts.dataset import load_split
 
 QUESTIONS = ["the river of the city", "who built the old bridge", "the king was born near", "many people and"]
 

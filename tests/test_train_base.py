@@ -10,13 +10,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import train_base
-from knn_utils.datastore import DatastoreWriter, load_datastore
+from utils.artifacts.datastore import DatastoreWriter, load_datastore
 from tests.conftest import REPO, shared_data
 from tests.knn_fixtures import cpu_launch_env
 from utils.cli import UsageError
 from utils.hidden_state import HiddenStateHook
 from utils.io import ArtifactError
-from utils.preprocess_dataset import load_split
+from utils.artifacts.dataset import load_split
 from utils.windows import window_labels
 
 

@@ -152,3 +152,8 @@ def save_metrics(output_dir: str, name: str, metrics: dict) -> None:
     all_path = os.path.join(output_dir, "all_results.json")
     combined = read_json(all_path) if os.path.exists(all_path) else {}
     write_json(all_path, {**combined, **metrics})
+
+
+def chunk_ranges(rows: int, chunk_rows: int) -> list[tuple[int, int]]:
+    """Consecutive ``[begin, end)`` row ranges of at most ``chunk_rows`` rows covering ``[0, rows)``."""
+    return [(begin, min(begin + chunk_rows, rows)) for begin in range(0, rows, chunk_rows)]

@@ -30,7 +30,7 @@ from utils.architectures import normalize_layer
 from utils.cli import UsageError
 from utils.distributed import process_state
 from utils.modeling import load_model_for_dataset
-from utils.preprocess_dataset import load_split
+from utils.artifacts.dataset import load_split
 from utils.scoring import ScoredBatch, gather_window_totals, score_batches, token_nll, window_sums
 from utils.windows import ROW_BEGIN, ROW_END
 

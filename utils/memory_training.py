@@ -47,8 +47,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from knn_utils.datastore import Datastore
-from knn_utils.knn_targets import KnnTargets
+from utils.artifacts.datastore import Datastore
+from utils.artifacts.knn_targets import (KnnTargets, check_fingerprint, check_labels, check_targets_for_datastore,
+                                         load_knn_targets, targets_summary)
 from models import PRESETS, MemoryConfig, MLPMemoryPreTrainedModel, build_memory, init_lm_head_from_base
 from utils.cli import UsageError, setup_logging
 from utils.hidden_state import HiddenStateHook
@@ -168,47 +169,6 @@ class MemoryTrainingArguments:
             flag = "--validation_rows" if self.validation_rows is not None else "--validation_fraction"
             raise UsageError(f"{flag} holds out {held_out} of the {num_rows} rows: nothing is left to train on")
         return held_out
-
-
-# ---------------------------------------------------------------------------------------------------
-# Checking that the inputs belong together
-
-
-def check_labels(targets: KnnTargets, expected: np.ndarray, what: str, chunk: int = 1 << 22) -> None:
-    """``targets.labels`` must equal ``expected`` (the next tokens of the same rows), compared chunk by chunk."""
-    if targets.num_rows != len(expected):
-        raise UsageError(f"--knn_save_path {targets.path} has {targets.num_rows} rows but {what} has {len(expected)}: "
-                         "the targets were computed for other rows")
-    for begin in range(0, len(expected), chunk):
-        ours = np.asarray(targets.labels[begin : begin + chunk])
-        theirs = np.asarray(expected[begin : begin + chunk], dtype=ours.dtype)
-        if not np.array_equal(ours, theirs):
-            row = begin + int(np.flatnonzero(ours != theirs)[0])
-            raise UsageError(f"--knn_save_path {targets.path}: the gold token of row {row} is {int(ours[row - begin])} but "
-                             f"{what} has {int(theirs[row - begin])}; the targets were computed over another text")
-
-
-def check_fingerprint(targets: KnnTargets, fingerprint: str | None, what: str) -> None:
-    """The targets' token ids must be ids of the same tokenizer as the memory's inputs."""
-    theirs = targets.meta.get("queries", {}).get("tokenizer_fingerprint")
-    if theirs and fingerprint and theirs != fingerprint:
-        raise UsageError(f"--knn_save_path {targets.path} was made with tokenizer fingerprint {theirs}, but {what} "
-                         f"uses {fingerprint}: a retriever must share the base model's tokenizer")
-
-
-def check_targets_for_datastore(targets: KnnTargets, datastore: Datastore) -> None:
-    """Offline: the targets must describe the datastore's rows (possibly from another retriever model)."""
-    what = f"--knn_dstore_path {datastore.path}"
-    check_fingerprint(targets, datastore.meta.get("tokenizer_fingerprint"), what)
-    queries = targets.meta.get("queries", {})
-    if targets.num_rows != datastore.num_rows:
-        raise UsageError(f"--knn_save_path {targets.path} has {targets.num_rows} rows but {what} has {datastore.num_rows}")
-    if queries.get("vals_sha256") != datastore.meta.get("vals_sha256"):
-        check_labels(targets, datastore.vals, what)
-    if queries.get("keys_sha256") != datastore.meta.get("keys_sha256"):
-        logger.info("The kNN targets come from another retriever (%s, dim %s) than the memory's inputs (%s, dim %d)",
-                    (queries.get("model") or {}).get("model_name_or_path"), queries.get("dim"),
-                    (datastore.meta.get("model") or {}).get("model_name_or_path"), datastore.dim)
 
 
 def rows_of_windows(windows: np.ndarray, num_rows: int, what: str) -> int:
@@ -796,17 +756,7 @@ def check_batch_flags(args) -> None:
             raise UsageError(f"--{flag} must be >= 1, got {value}")
 
 
-def targets_summary(targets: KnnTargets) -> dict:
-    """What meta.json records about the kNN targets (and the retriever that produced them)."""
-    queries = targets.meta.get("queries", {})
-    return {"path": str(targets.path.resolve()), "rows": targets.num_rows, "nnz": targets.meta.get("nnz"),
-            "k": targets.meta.get("k"), "knn_temp": targets.meta.get("knn_temp"),
-            "retriever": {"model": queries.get("model"), "layer": queries.get("layer"), "dim": queries.get("dim")}}
-
-
 def open_targets(args: MemoryTrainingArguments) -> KnnTargets:
-    from knn_utils.knn_targets import load_knn_targets
-
     with timed("Opening the kNN targets", logger):
         return load_knn_targets(args.knn_save_path)
 
@@ -845,7 +795,7 @@ def offline_base(args: OfflineArguments, datastore: Datastore):
 def run_offline(offline: OfflineArguments, memory_args: MemoryArguments, args: MemoryTrainingArguments,
                 stop_after_steps: int | None = None) -> dict | None:
     """Train a memory on datastore keys -> kNN targets."""
-    from knn_utils.datastore import load_datastore
+    from utils.artifacts.datastore import load_datastore
     from knn_utils.index import datastore_summary
     from utils.modeling import describe_model, load_causal_lm
 
@@ -876,7 +826,7 @@ def run_online(online: OnlineArguments, model_args, memory_args: MemoryArguments
     """Train a memory on hidden states computed by the frozen base model -> kNN targets."""
     from utils.architectures import normalize_layer
     from utils.modeling import describe_model, load_model_for_dataset
-    from utils.preprocess_dataset import load_split
+    from utils.artifacts.dataset import load_split
 
     accelerator = make_accelerator(args)
     setup_logging(accelerator.is_main_process)

@@ -5,12 +5,7 @@
     python -m utils.preprocess_dataset --train_file wiki.train.tokens --validation_file wiki.valid.tokens \
         --test_file wiki.test.tokens --tokenizer_path TOKENIZER --output_dir OUT
 
-Output layout (``OUT/meta.json`` describes it)::
-
-    OUT/<split>/tokens.npy    int32 (n,)    the split as one token stream
-    OUT/<split>/windows.npy   int64 (W, 4)  (begin, end, row_begin, row_end) per window, see utils/windows.py
-
-Each row (``n - 1`` per split) is one scored prediction; every later stage numbers its rows the same way.
+The output directory's layout (and the reading of it) is utils/artifacts/dataset.py's.
 """
 
 from __future__ import annotations
@@ -25,16 +20,17 @@ if __package__ in (None, ""):  # run as `python utils/preprocess_dataset.py`, li
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
-from utils.io import ArtifactError, array_sha256, atomic_directory, read_meta, timed, write_json
+
 from utils.arguments import SPLITS
+from utils.artifacts.dataset import FORMAT_VERSION, write_split
 from utils.cli import UsageError, parse_args, run, setup_logging
 from utils.distributed import process_state
+from utils.io import ArtifactError, atomic_directory, read_meta, timed, write_json
 from utils.modeling import load_tokenizer, tokenizer_fingerprint
 from utils.windows import make_windows
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
 TEXT_SUFFIXES = (".txt", ".tokens", ".raw", ".text")
 
 
@@ -76,20 +72,6 @@ class PreprocessArguments:
 
     def split_files(self) -> dict[str, str | None]:
         return {"train": self.train_file, "validation": self.validation_file, "test": self.test_file}
-
-
-@dataclass
-class TokenizedSplit:
-    """One split of a preprocessed dataset, memory-mapped."""
-
-    tokens: np.ndarray  # int32 (n,)
-    windows: np.ndarray  # int64 (W, 4)
-    meta: dict  # the dataset's meta.json
-    split: str
-
-    @property
-    def num_rows(self) -> int:
-        return max(len(self.tokens) - 1, 0)
 
 
 def read_text_rows(path: str, text_column: str) -> list[str]:
@@ -201,32 +183,11 @@ def preprocess(args: PreprocessArguments) -> dict:
             if len(tokens) < 2:
                 raise UsageError(f"The {split} split has {len(tokens)} tokens; at least 2 are needed to score one.")
             windows = make_windows(len(tokens), args.block_size, args.stride)
-            (staging / split).mkdir()
-            np.save(staging / split / "tokens.npy", tokens)
-            np.save(staging / split / "windows.npy", windows)
-            meta["splits"][split] = {
-                "tokens": int(len(tokens)), "rows": int(len(tokens) - 1), "windows": int(len(windows)),
-                "characters": int(sum(len(r) for r in rows)), "max_token_id": int(tokens.max()),
-                "tokens_sha256": array_sha256(tokens),
-            }
+            meta["splits"][split] = write_split(staging, split, tokens, windows)
+            meta["splits"][split]["characters"] = int(sum(len(r) for r in rows))
             logger.info("%s: %d tokens, %d rows, %d windows", split, len(tokens), len(tokens) - 1, len(windows))
         write_json(staging / "meta.json", meta)
     return meta
-
-
-def load_split(dataset_dir: str, split: str) -> TokenizedSplit:
-    """Open one split of a preprocessed dataset (memory-mapped)."""
-    meta = read_meta(dataset_dir, "dataset")
-    if split not in meta["splits"]:
-        raise ArtifactError(
-            f"Dataset {dataset_dir} has no {split!r} split (it has {sorted(meta['splits'])})."
-        )
-    directory = Path(dataset_dir) / split
-    tokens = np.load(directory / "tokens.npy", mmap_mode="r")
-    windows = np.load(directory / "windows.npy")
-    if len(tokens) != meta["splits"][split]["tokens"]:
-        raise ArtifactError(f"{directory}/tokens.npy has {len(tokens)} tokens, meta.json says {meta['splits'][split]['tokens']}")
-    return TokenizedSplit(tokens=tokens, windows=windows, meta=meta, split=split)
 
 
 def main(argv: list[str] | None = None) -> dict:

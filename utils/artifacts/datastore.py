@@ -19,6 +19,7 @@ computed, ``meta.json`` written and the directory renamed to its final name.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,3 +138,22 @@ class DatastoreWriter:
             logger.info("Datastore written to %s: %d rows of dimension %d", self.path, meta["rows"], meta["dim"])
         self.state.wait_for_everyone()
         return meta
+
+
+def open_datastore(path: str | os.PathLike, flag: str) -> Datastore:
+    """`load_datastore`, with errors that name the flag the path came from."""
+    try:
+        return load_datastore(str(path))
+    except ArtifactError as err:
+        raise ArtifactError(f"{flag} {path}: {err}") from None
+
+
+def datastore_summary(datastore: Datastore) -> dict:
+    """What an index or a target file records about the datastore it was made from."""
+    meta = datastore.meta
+    return {
+        "path": str(datastore.path.resolve()), "rows": datastore.num_rows, "dim": datastore.dim,
+        "keys_sha256": meta["keys_sha256"], "vals_sha256": meta["vals_sha256"],
+        "architecture": meta.get("architecture"), "layer": meta.get("layer"),
+        "tokenizer_fingerprint": meta.get("tokenizer_fingerprint"), "model": meta.get("model"),
+    }

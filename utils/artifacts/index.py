@@ -1,0 +1,73 @@
+"""A FAISS index over a datastore on disk: its directory layout, read, written and checked.
+
+Layout of an index directory (by default ``<dstore_dir>/index``)::
+
+    index.faiss   the FAISS index, L2 distance, ids 0..N-1 = datastore rows:
+                  IndexIVFPQ (approximate) or IndexFlatL2 (exact)
+    meta.json     kind "index": its type and settings, the default nprobe, the datastore it indexes
+                  (path, rows, dim, keys/vals checksums), the adjustments made to the settings, timings
+
+While it is built (knn_utils/index.py), ``<index>.partial`` holds ``trained.faiss`` and one small index per
+chunk of keys, ``chunks/chunk_000012.faiss``; each file is written under a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import faiss
+
+from utils.artifacts.datastore import Datastore
+from utils.io import ArtifactError, read_meta
+
+FORMAT_VERSION = 1
+INDEX_FILE = "index.faiss"
+DEFAULT_INDEX_NAME = "index"
+
+
+def default_index_path(dstore_path: str | os.PathLike) -> Path:
+    """Where build_index puts the index of a datastore when --index_path is not given."""
+    return Path(dstore_path) / DEFAULT_INDEX_NAME
+
+
+def chunk_file(staging: Path, chunk: int) -> Path:
+    return staging / "chunks" / f"chunk_{chunk:06d}.faiss"
+
+
+def write_index_atomically(index: faiss.Index, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    faiss.write_index(index, str(tmp))
+    os.replace(tmp, path)
+
+
+def check_index_matches(meta: dict, datastore: Datastore, index_path: Path) -> None:
+    """Fail clearly when an index was built over another datastore than ``datastore``."""
+    built_over = meta["datastore"]
+    if built_over["dim"] != datastore.dim:
+        raise ArtifactError(f"--index_path {index_path} indexes keys of dimension {built_over['dim']}, but the datastore "
+                            f"{datastore.path} has dimension {datastore.dim}")
+    if built_over["rows"] != datastore.num_rows or built_over["keys_sha256"] != datastore.meta["keys_sha256"]:
+        raise ArtifactError(f"--index_path {index_path} was built over the datastore {built_over['path']} "
+                            f"({built_over['rows']} rows), not over {datastore.path} ({datastore.num_rows} rows, "
+                            "other keys checksum); rebuild the index with knn_utils.build_index")
+
+
+def read_index_meta(index_path: Path, datastore: Datastore) -> dict:
+    """The ``meta.json`` of the index at ``index_path``, checked to index ``datastore``."""
+    try:
+        meta = read_meta(index_path, "index")
+    except ArtifactError as err:
+        raise ArtifactError(f"--index_path {index_path}: {err} Build it with knn_utils.build_index.") from None
+    check_index_matches(meta, datastore, index_path)
+    return meta
+
+
+def read_index_file(index_path: Path, meta: dict, mmap: bool = True) -> faiss.Index:
+    """The FAISS index of ``index_path``, read-only; memory-mapped (shared between processes) when ``mmap``."""
+    flags = faiss.IO_FLAG_MMAP_IFC if meta["index_type"] == "flat" else faiss.IO_FLAG_MMAP
+    index = faiss.read_index(str(index_path / INDEX_FILE), faiss.IO_FLAG_READ_ONLY | (flags if mmap else 0))
+    if index.ntotal != meta["rows"] or index.d != meta["dim"]:
+        raise ArtifactError(f"{index_path / INDEX_FILE} holds {index.ntotal} keys of dimension {index.d}, "
+                            f"meta.json says {meta['rows']} of dimension {meta['dim']}")
+    return index
