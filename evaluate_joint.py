@@ -8,7 +8,7 @@
 
 Writes ``OUT/joint_results.json`` (base, memory-alone and joint perplexity for every lmbda, tokens/s of
 the base alone and of base + memory); with several ``--lmbda`` also ``OUT/lmbda_sweep.md`` and
-``OUT/lmbda_sweep.png``. The library is `utils.joint`.
+``OUT/lmbda_sweep.png``. The library is `models.joint.perplexity`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from utils.arguments import DataArguments, ModelArguments
 from utils.cli import parse_args, run, setup_logging
 from utils.distributed import process_state
 from utils.io import save_metrics
-from utils.joint import JointArguments, evaluate_joint, save_sweep
+from models.joint.perplexity import JointArguments, evaluate_joint, save_sweep
 
 logger = logging.getLogger(__name__)
 

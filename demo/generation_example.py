@@ -33,7 +33,7 @@ from utils.arguments import ModelArguments
 from utils.cli import UsageError, run, setup_logging
 from utils.embedded_corpus import QA_PROMPT
 from utils.io import write_json
-from utils.joint_generation import JointLM, check_joint_settings
+from models.joint import JointLM, check_joint_settings
 from utils.modeling import load_causal_lm, load_tokenizer, model_tokenizer_path
 
 logger = logging.getLogger(__name__)

@@ -71,7 +71,7 @@ class QAArguments:
             raise UsageError("--use_neural_knn needs --knn_generator_path (an MLP memory directory)")
         if self.knn_generator_path and not self.use_neural_knn:
             raise UsageError("--knn_generator_path is only used with --use_neural_knn; add it or drop the path")
-        from utils.joint_generation import check_joint_settings
+        from models.joint import check_joint_settings
 
         check_joint_settings(self.lmbda, self.knn_temp)
 
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
     joint = None
     if args.use_neural_knn:
         from models import load_memory
-        from utils.joint_generation import JointLM
+        from models.joint import JointLM
 
         memory = load_memory(args.knn_generator_path, flag="--knn_generator_path")
         joint = JointLM(model, memory, lmbda=args.lmbda, knn_temp=args.knn_temp)

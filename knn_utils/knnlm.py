@@ -31,21 +31,19 @@ import torch
 from accelerate import PartialState
 
 from knn_utils.index import KNN_GPU_HELP, KnnIndex, check_gpu_k, configure_threads, load_index
+from models.joint.interpolation import ROWS_PER_SLICE, check_lmbdas, interpolate_log_probs
+from utils.arguments import DataArguments, ModelArguments
+from utils.artifacts.dataset import TokenizedSplit, load_split
 from utils.artifacts.datastore import Datastore, open_datastore
 from utils.artifacts.index import default_index_path
-from utils.arguments import DataArguments, ModelArguments
 from utils.cli import UsageError, parse_args, run, setup_logging
 from utils.distributed import process_state
 from utils.io import save_metrics
 from utils.modeling import describe_model, load_model_for_dataset
-from utils.artifacts.dataset import TokenizedSplit, load_split
 from utils.scoring import ScoredBatch, gather_window_totals, score_batches, token_nll, window_sums
 from utils.windows import ROW_BEGIN, ROW_END
 
 logger = logging.getLogger(__name__)
-
-ROWS_PER_SLICE = 1024  # rows interpolated at once, to bound the (rows, V) tensors
-
 
 @dataclass
 class KnnLMArguments:
@@ -76,16 +74,7 @@ class KnnLMArguments:
 
 
 # ---------------------------------------------------------------------------------------------------
-# The interpolation (reusable: any distribution over neighbours' tokens)
-
-
-def check_lmbdas(lmbdas: list[float]) -> None:
-    """``--lmbda`` holds at least one value, each in [0, 1]."""
-    if not lmbdas:
-        raise UsageError("--lmbda needs at least one value")
-    for lmbda in lmbdas:
-        if not 0 <= lmbda <= 1:
-            raise UsageError(f"--lmbda values must be in [0, 1], got {lmbda}")
+# p_knn from the neighbours, interpolated with the LM by models.joint's formula
 
 
 def knn_log_probs(dists: torch.Tensor, neighbour_vals: torch.Tensor, vocab_size: int, knn_temp: float) -> torch.Tensor:
@@ -101,13 +90,6 @@ def knn_log_probs(dists: torch.Tensor, neighbour_vals: torch.Tensor, vocab_size:
     probs = torch.zeros(len(dists), vocab_size, dtype=torch.float32, device=dists.device)
     probs.scatter_add_(1, neighbour_vals.long().clamp_min(0), weights)  # (n, V)
     return probs.log()
-
-
-def interpolate_log_probs(lm_log_probs: torch.Tensor, other_log_probs: torch.Tensor, lmbda: float) -> torch.Tensor:
-    """``logaddexp(lm + log(1 - lmbda), other + log(lmbda))``; lmbda 0 gives ``lm_log_probs`` exactly."""
-    log_lmbda = math.log(lmbda) if lmbda > 0 else -math.inf
-    log_rest = math.log1p(-lmbda) if lmbda < 1 else -math.inf
-    return torch.logaddexp(lm_log_probs + log_rest, other_log_probs + log_lmbda)
 
 
 def knnlm_log_probs(lm_logits: torch.Tensor, dists: torch.Tensor, neighbour_vals: torch.Tensor, lmbda: float,

@@ -77,5 +77,5 @@ stage "a test question the memory corrects" "$OUT/correction.json" \
     python -m demo.generation_example --quickstart_dir "$OUT" --find_correction --scan 100000 --num_examples 1 \
         --lmbda "$QA_LMBDA" --output_file "$OUT/correction.json"
 
-python -m utils.summary --output_dir "$OUT"
+python -m downstream.summary --output_dir "$OUT"
 echo "Quickstart finished in $(( $(date +%s) - start )) s; everything is under $OUT"

@@ -1,16 +1,16 @@
-"""Joint generation through HF `generate` with the memory attached by hooks (utils/joint_generation.py)."""
+"""Joint generation through HF `generate` with the memory attached by hooks (models/joint/hooks.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from knn_utils.knnlm import interpolate_log_probs
+from models.joint import interpolate_log_probs
 from models import MemoryConfig, build_memory
 from tests.conftest import tiny_model
 from utils.cli import UsageError
 from utils.hidden_state import HiddenStateHook
-from utils.joint_generation import JointLM, attach_memory
+from models.joint import JointLM, attach_memory
 
 VOCAB = 50
 PAD = 0

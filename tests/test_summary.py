@@ -1,4 +1,4 @@
-"""The quickstart's summary (utils/summary.py) and the QA lmbda choice (downstream/choose_lmbda.py).
+"""The quickstart's summary (downstream/summary.py) and the QA lmbda choice (downstream/choose_lmbda.py).
 
 The end-to-end test writes the artifacts with the real entry points on the tiny dataset (base
 evaluation, base + memory sweeps on validation and test, QA runs with and without a memory); the other
@@ -19,7 +19,7 @@ import evaluate_joint
 import train_base
 from downstream import choose_lmbda, eval_qa
 from models import MemoryConfig, build_memory
-from utils import summary as summary_module
+from downstream import summary as summary_module
 from utils.cli import UsageError
 from utils.artifacts.dataset import load_split
 

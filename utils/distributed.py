@@ -29,3 +29,9 @@ def with_cpu_flag(argv: list[str] | None) -> list[str]:
     if not torch.cuda.is_available() and not is_config_file and not any(a.startswith("--use_cpu") for a in argv):
         argv.append("--use_cpu")
     return argv
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so wall-clock timings cover it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

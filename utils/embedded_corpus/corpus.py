@@ -292,7 +292,7 @@ def _write_files(staging: Path, corpus: "EmbeddedCorpus", tokenizer: "PreTrained
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m utils.embedded_corpus", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", required=True, help="Directory to write (written atomically).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the world and the phrasings.")
     parser.add_argument(

@@ -23,14 +23,13 @@ from dataclasses import dataclass, field
 import torch
 from accelerate import PartialState
 
-from knn_utils.knnlm import ROWS_PER_SLICE, check_lmbdas, interpolate_log_probs
-from models import check_memory_matches, load_memory
+from models.joint.hooks import load_checked_memory
+from models.joint.interpolation import ROWS_PER_SLICE, check_lmbdas, interpolate_log_probs, memory_log_probs
 from utils.arguments import SPLITS, DataArguments, ModelArguments
-from utils.architectures import normalize_layer
-from utils.cli import UsageError
-from utils.distributed import process_state
-from utils.modeling import load_model_for_dataset
 from utils.artifacts.dataset import load_split
+from utils.cli import UsageError
+from utils.distributed import process_state, synchronize
+from utils.modeling import load_model_for_dataset
 from utils.scoring import ScoredBatch, gather_window_totals, score_batches, token_nll, window_sums
 from utils.windows import ROW_BEGIN, ROW_END
 
@@ -79,18 +78,6 @@ def resolve_split(data_args: DataArguments, args: JointArguments) -> str:
     return args.dataset_split_name or data_args.eval_subset
 
 
-def synchronize(device: torch.device) -> None:
-    """Wait for queued GPU work, so wall-clock timings cover it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def memory_log_probs(memory: torch.nn.Module, hidden: torch.Tensor, knn_temp: float) -> torch.Tensor:
-    """``log_softmax(memory(hidden) / knn_temp)`` in float32, (n, d) -> (n, V)."""
-    logits = memory(hidden.to(memory.dtype))  # (n, V)
-    return torch.log_softmax(logits.float() / knn_temp, dim=-1)
-
-
 def gold(log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Negative log-probability of each label, (n, V), (n,) -> (n,)."""
     return -log_probs.gather(-1, labels[:, None]).squeeze(-1)
@@ -128,18 +115,6 @@ def joint_nll(batch: ScoredBatch, memory: torch.nn.Module, lmbdas: list[float], 
         for parts, nll in zip(joint_parts, mixed):
             parts.append(nll)
     return JointNll(torch.cat(memory_parts), [torch.cat(p) for p in joint_parts], memory_seconds, interpolation_seconds)
-
-
-def load_checked_memory(path: str, model: torch.nn.Module, tokenizer_fingerprint: str) -> tuple[torch.nn.Module, int]:
-    """The memory at ``path`` and the (non-negative) base block it reads; a `UsageError` if it does not fit."""
-    memory = load_memory(path, "--knn_generator_path").eval()
-    layer = memory.config.layer
-    if layer is None:
-        logger.warning("--knn_generator_path %s does not record its layer: reading the last block", path)
-        layer = -1
-    layer = normalize_layer(model, layer)
-    check_memory_matches(memory.config, model, tokenizer_fingerprint, layer=layer, memory_path=path)
-    return memory, layer
 
 
 def evaluate_joint(model_args: ModelArguments, data_args: DataArguments, args: JointArguments,

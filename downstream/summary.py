@@ -1,6 +1,6 @@
 """Gather the quickstart's results into ``summary.json`` and a printed Markdown table.
 
-    python -m utils.summary --output_dir outputs/quickstart
+    python -m downstream.summary --output_dir outputs/quickstart
 
 Each entry reads a file some stage wrote; entries whose stage has not run are left out. The headline
 numbers are on the test split, with every choice made on validation:
@@ -244,7 +244,7 @@ def format_summary(summary: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m utils.summary", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m downstream.summary", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", required=True, help="The quickstart's output directory.")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     out = Path(args.output_dir)

@@ -1,4 +1,4 @@
-"""Generation with the joint model (base LM + MLP memory) through Hugging Face's own ``generate``.
+"""The joint model attached to an unmodified HF causal LM by hooks: generation through its own ``generate``.
 
 The released implementation decodes with a hand-written greedy loop that runs the base model twice
 per step and drops the attention mask. Here the memory is attached to an unmodified causal LM with
@@ -37,23 +37,16 @@ from typing import Iterator
 
 import torch
 
-from knn_utils.knnlm import interpolate_log_probs
-from models import check_memory_matches
+from models.configuration_mlp_memory import check_memory_matches
+from models.joint.interpolation import check_joint_settings, interpolate_log_probs, memory_log_probs
+from models.modeling_mlp_memory import load_memory
 from utils.architectures import normalize_layer
 from utils.cli import UsageError
 from utils.hidden_state import HiddenStateHook
-from utils.joint import memory_log_probs
 
 logger = logging.getLogger(__name__)
 
 _ATTACHED = "_mlp_memory_attached"
-
-
-def check_joint_settings(lmbda: float, knn_temp: float) -> None:
-    if not 0 <= lmbda <= 1:
-        raise UsageError(f"lmbda must be in [0, 1], got {lmbda}")
-    if knn_temp <= 0:
-        raise UsageError(f"knn_temp must be > 0, got {knn_temp}")
 
 
 def memory_layer(model: torch.nn.Module, memory: torch.nn.Module) -> int:
@@ -63,6 +56,14 @@ def memory_layer(model: torch.nn.Module, memory: torch.nn.Module) -> int:
         logger.warning("The memory does not record its layer: reading the last block of the base model")
         layer = -1
     return normalize_layer(model, layer)
+
+
+def load_checked_memory(path: str, model: torch.nn.Module, tokenizer_fingerprint: str) -> tuple[torch.nn.Module, int]:
+    """The memory at ``path`` and the (non-negative) base block it reads; a `UsageError` if it does not fit."""
+    memory = load_memory(path, "--knn_generator_path").eval()
+    layer = memory_layer(model, memory)
+    check_memory_matches(memory.config, model, tokenizer_fingerprint, layer=layer, memory_path=path)
+    return memory, layer
 
 
 def _kept_positions(logits_to_keep) -> slice | torch.Tensor | None:

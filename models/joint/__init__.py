@@ -1,0 +1,12 @@
+"""The joint model: a base causal LM interpolated with a trained MLP memory.
+
+    interpolation   the formula (also the kNN-LM's) and the memory's log-probabilities
+    hooks           the memory attached to an unmodified HF model by hooks: `attach_memory`, `JointLM`
+    perplexity      base, memory-alone and joint perplexity over a preprocessed split (evaluate_joint.py)
+"""
+
+from models.joint.hooks import JointLM, attach_memory, load_checked_memory, memory_layer
+from models.joint.interpolation import check_joint_settings, check_lmbdas, interpolate_log_probs, memory_log_probs
+
+__all__ = ["JointLM", "attach_memory", "load_checked_memory", "memory_layer", "check_joint_settings", "check_lmbdas",
+           "interpolate_log_probs", "memory_log_probs"]

@@ -1,0 +1,47 @@
+"""The joint model's formula: a base LM's distribution interpolated with another one (the memory's, or p_knn).
+
+    log p = logaddexp(log p_lm + log(1 - lmbda), log q + log lmbda)
+
+One function, `interpolate_log_probs`, serves the kNN-LM (knn_utils/knnlm.py, q = p_knn), the joint
+perplexity evaluation (`models.joint.perplexity`), generation and QA (`models.joint.hooks`, q = the memory's
+``log_softmax(memory(h) / knn_temp)``, `memory_log_probs`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from utils.cli import UsageError
+
+ROWS_PER_SLICE = 1024  # rows interpolated at once, to bound the (rows, V) tensors
+
+
+def check_lmbdas(lmbdas: list[float]) -> None:
+    """``--lmbda`` holds at least one value, each in [0, 1]."""
+    if not lmbdas:
+        raise UsageError("--lmbda needs at least one value")
+    for lmbda in lmbdas:
+        if not 0 <= lmbda <= 1:
+            raise UsageError(f"--lmbda values must be in [0, 1], got {lmbda}")
+
+
+def check_joint_settings(lmbda: float, knn_temp: float) -> None:
+    if not 0 <= lmbda <= 1:
+        raise UsageError(f"lmbda must be in [0, 1], got {lmbda}")
+    if knn_temp <= 0:
+        raise UsageError(f"knn_temp must be > 0, got {knn_temp}")
+
+
+def interpolate_log_probs(lm_log_probs: torch.Tensor, other_log_probs: torch.Tensor, lmbda: float) -> torch.Tensor:
+    """``logaddexp(lm + log(1 - lmbda), other + log(lmbda))``; lmbda 0 gives ``lm_log_probs`` exactly."""
+    log_lmbda = math.log(lmbda) if lmbda > 0 else -math.inf
+    log_rest = math.log1p(-lmbda) if lmbda < 1 else -math.inf
+    return torch.logaddexp(lm_log_probs + log_rest, other_log_probs + log_lmbda)
+
+
+def memory_log_probs(memory: torch.nn.Module, hidden: torch.Tensor, knn_temp: float) -> torch.Tensor:
+    """``log_softmax(memory(hidden) / knn_temp)`` in float32, (n, d) -> (n, V)."""
+    logits = memory(hidden.to(memory.dtype))  # (n, V)
+    return torch.log_softmax(logits.float() / knn_temp, dim=-1)
