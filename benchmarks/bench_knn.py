@@ -8,7 +8,7 @@ Part 1 searches the same queries (random rows of the datastore, as in the kNN-ta
 exact IndexFlatL2 and with IndexIVFPQ at each nprobe: queries/s and recall@k against the exact result,
 side by side, for each k; plus rows/s of the whole target computation (search + sparse aggregation).
 Part 2 evaluates the base LM and the kNN-LM on the same split: tokens/s of each. Without a model it
-builds a tiny random GPT-2 over the embedded corpus (utils/embedded_corpus.py) and its datastore.
+builds a tiny random GPT-2 over the embedded corpus (utils/embedded_corpus/) and its datastore.
 
 Writes ``knn_search.json``, ``knn_search.md`` and ``knn_search.png`` (``--name``) to --output_dir, with the machine
 (CPU, cores, load average, FAISS and torch versions).

@@ -1,4 +1,4 @@
-"""evaluate_joint: base, memory-alone and joint perplexity on a tiny GPT-2 with a tiny random memory."""
+"""models/joint/perplexity.py and evaluate_joint: base, memory-alone and joint perplexity on a tiny GPT-2 with a tiny random memory."""
 
 from __future__ import annotations
 

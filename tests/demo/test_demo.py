@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from demo.generation_example import is_right, main, normalize_answer
-from tests.test_joint_generation import tiny_memory
+from tests.models.test_joint_hooks import tiny_memory
 from utils.cli import UsageError
 
 PROMPTS = ["the river city of", "a king was born near the old tower", "many people"]
