@@ -9,13 +9,14 @@ input and its sparse kNN distribution (``--knn_save_path``, from knn_utils.saveK
 computed with a larger retriever sharing the tokenizer) the target. The base model is the one recorded
 in the datastore's meta.json unless ``--model_name_or_path`` says otherwise; by default the memory gets
 as many parameters as it. Rerunning an interrupted command resumes from the newest checkpoint.
-See utils/memory_training.py for the loop, the checkpoints and the output directory.
+See models/training/ for the loop and the checkpoints, models/memory_directory.py for the output directory.
 """
 
 from __future__ import annotations
 
+from models.training.arguments import MemoryArguments, MemoryTrainingArguments, OfflineArguments
+from models.training.modes import run_offline
 from utils.cli import parse_args, run, setup_logging
-from utils.memory_training import MemoryArguments, MemoryTrainingArguments, OfflineArguments, run_offline
 
 
 def main(argv: list[str] | None = None, stop_after_steps: int | None = None) -> dict | None:

@@ -8,14 +8,15 @@ No saved keys are needed: each step runs the base model over a batch of windows 
 ``--dataset_name`` (``--dataset_split_name``, default train) and trains on all their scored rows, whose
 kNN targets (``--knn_save_path``) are matched by row number. The targets must describe exactly the
 rows of the leading windows of that split (checked against their gold tokens). Rerunning an
-interrupted command resumes from the newest checkpoint. See utils/memory_training.py.
+interrupted command resumes from the newest checkpoint. See models/training/ and models/memory_directory.py.
 """
 
 from __future__ import annotations
 
+from models.training.arguments import MemoryArguments, MemoryTrainingArguments, OnlineArguments
+from models.training.modes import run_online
 from utils.arguments import ModelArguments
 from utils.cli import parse_args, run, setup_logging
-from utils.memory_training import MemoryArguments, MemoryTrainingArguments, OnlineArguments, run_online
 
 
 def main(argv: list[str] | None = None, stop_after_steps: int | None = None) -> dict | None:

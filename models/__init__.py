@@ -8,8 +8,9 @@ from transformers import AutoConfig, AutoModel
 
 from models.configuration_mlp_memory import (PRESETS, GPT2MemoryConfig, LlamaMemoryConfig, MemoryConfig,
                                              MistralMemoryConfig, check_memory_matches, parameter_count)
+from models.memory_directory import load_memory
 from models.modeling_mlp_memory import (MEMORY_MODELS, GPT2MemoryModel, LlamaMemoryModel, MistralMemoryModel,
-                                        MLPMemoryPreTrainedModel, build_memory, init_lm_head_from_base, load_memory)
+                                        MLPMemoryPreTrainedModel, build_memory, init_lm_head_from_base)
 
 for _style, _model in MEMORY_MODELS.items():
     AutoConfig.register(_model.config_class.model_type, _model.config_class, exist_ok=True)

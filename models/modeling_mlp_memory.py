@@ -12,14 +12,14 @@ per-architecture networks only declare them (and their config class):
 
 The networks are ordinary `PreTrainedModel`s: ``save_pretrained`` writes ``model.safetensors`` and
 ``config.json``, and once ``models`` is imported ``AutoModel.from_pretrained(dir)`` returns the right
-class (no remote code). `load_memory` does that with a clear error for a directory that is not a memory.
+class (no remote code). `models.memory_directory.load_memory` does that with a clear error for a directory
+that is not a memory.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 
 import torch
 import torch.nn.functional as F
@@ -163,18 +163,6 @@ assert set(MEMORY_MODELS) == set(STYLE_CONFIGS)
 def build_memory(config: MemoryConfig) -> MLPMemoryPreTrainedModel:
     """A freshly initialised memory of the class that ``config``'s style declares."""
     return MEMORY_MODELS[config.memory_style](config)
-
-
-def load_memory(path: str | os.PathLike, flag: str = "--knn_generator_path", **kwargs) -> MLPMemoryPreTrainedModel:
-    """A memory saved with ``save_pretrained``; a clear error naming ``flag`` for anything else."""
-    from transformers import AutoConfig
-
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise UsageError(f"{flag} {path}: no config.json there (expected a directory saved by train_mlpmem_*)")
-    config = AutoConfig.from_pretrained(path)
-    if not isinstance(config, MemoryConfig):
-        raise UsageError(f"{flag} {path} holds a {config.model_type!r} model, not an MLP memory")
-    return MEMORY_MODELS[config.memory_style].from_pretrained(path, **kwargs)
 
 
 @torch.no_grad()

@@ -12,7 +12,7 @@ from models import (GPT2MemoryModel, LlamaMemoryModel, MemoryConfig, MistralMemo
                     check_memory_matches, init_lm_head_from_base, load_memory, parameter_count)
 from tests.conftest import tiny_model
 from utils.cli import UsageError
-from utils.memory_training import base_parameter_count
+from models.training.modes import base_parameter_count
 
 D, V = 16, 37
 

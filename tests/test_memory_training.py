@@ -1,4 +1,4 @@
-"""utils/memory_training.py and the two entry points on a tiny real pipeline (tiny GPT-2 -> datastore -> kNN targets)."""
+"""models/training/ and the two entry points on a tiny real pipeline (tiny GPT-2 -> datastore -> kNN targets)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from tests.conftest import tiny_model
 from tests.knn_fixtures import accelerate_launch, tiny_lm, write_datastore  # noqa: F401  (tiny_lm is a fixture)
 from utils.cli import UsageError
 from utils.losses import memory_loss
-from utils.memory_training import DatastoreRows, OnTheFlyRows, window_hidden_states
+from models.training.rows import DatastoreRows, OnTheFlyRows, window_hidden_states
 from utils.modeling import load_causal_lm
 from utils.arguments import ModelArguments
 from utils.artifacts.dataset import load_split

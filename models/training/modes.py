@@ -1,0 +1,182 @@
+"""The two modes' set-up (the entry points only parse and call these): `run_offline` (datastore keys ->
+kNN targets) and `run_online` (hidden states of the frozen base model -> kNN targets), with what they
+share: building the memory (`make_memory`), the `Accelerator`, the kNN targets and the seed."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from models import MemoryConfig, MLPMemoryPreTrainedModel, build_memory, init_lm_head_from_base
+from models.training.arguments import MemoryArguments, MemoryTrainingArguments, OfflineArguments, OnlineArguments
+from models.training.checkpoints import prepare_output_dir
+from models.training.loop import train_memory
+from models.training.rows import DatastoreRows, OnTheFlyRows, rows_of_windows
+from utils.artifacts.datastore import Datastore
+from utils.artifacts.knn_targets import (KnnTargets, check_fingerprint, check_labels, check_targets_for_datastore,
+                                         load_knn_targets, targets_summary)
+from utils.cli import UsageError, setup_logging
+from utils.io import timed
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The memory
+
+
+def make_memory(memory_args: MemoryArguments, base_config, base_parameters: int | None, record: dict,
+                base_model: torch.nn.Module | None = None) -> MLPMemoryPreTrainedModel:
+    """Build (and optionally head-initialise) a memory for a base model; ``record`` = base_model, layer, fingerprint."""
+    config = MemoryConfig.from_base(base_config, preset=memory_args.base_model_name, num_layers=memory_args.num_layers,
+                                    intermediate_size=memory_args.intermediate_size, base_parameters=base_parameters,
+                                    **record)
+    if memory_args.memory_dropout is not None:
+        config.dropout = memory_args.memory_dropout
+    memory = build_memory(config)
+    logger.info("Memory: %s", config.describe())
+    if base_parameters:
+        logger.info("Base model: %.2fM parameters; memory: %.2fM", base_parameters / 1e6, memory.num_parameters() / 1e6)
+    if memory_args.init_lm_head:
+        if base_model is None:
+            raise UsageError("--init_lm_head needs the base model's weights (give --model_name_or_path)")
+        init_lm_head_from_base(memory, base_model)
+    return memory
+
+
+def base_parameter_count(config) -> int:
+    """Parameters of a causal LM of this config, counted on the meta device (no memory, no weights)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config).num_parameters()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Accelerator
+
+
+def make_accelerator(args: MemoryTrainingArguments):
+    """An `Accelerator`: gloo processes on a machine without CUDA, bf16 autocast on GPU only."""
+    from accelerate import Accelerator
+
+    cuda = torch.cuda.is_available()
+    accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda and args.bf16 else "no")
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # our own lines time the checkpoints
+    if accelerator.num_processes > 1 and not cuda and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // accelerator.state.num_processes))
+    return accelerator
+
+
+# ---------------------------------------------------------------------------------------------------
+# The two modes: their inputs, checks and set-up
+
+
+def open_targets(args: MemoryTrainingArguments) -> KnnTargets:
+    with timed("Opening the kNN targets", logger):
+        return load_knn_targets(args.knn_save_path)
+
+
+def offline_base(args: OfflineArguments, datastore: Datastore):
+    """The base model's ModelArguments and config (and its tokenizer checked) for an offline memory."""
+    from transformers import AutoConfig
+
+    from utils.arguments import ModelArguments
+    from utils.modeling import check_exists, load_tokenizer, tokenizer_fingerprint
+
+    recorded = datastore.meta.get("model") or {}
+    if args.model_name_or_path is None and not recorded.get("model_name_or_path"):
+        raise UsageError(f"--knn_dstore_path {datastore.path} does not record a loadable base model; give --model_name_or_path")
+    model_args = ModelArguments(model_name_or_path=args.model_name_or_path or recorded["model_name_or_path"],
+                                gguf_file=None if args.model_name_or_path else recorded.get("gguf_file"))
+    flag = "--model_name_or_path" if args.model_name_or_path else f"the base model recorded in {datastore.path}/meta.json"
+    check_exists(model_args.model_name_or_path, flag)
+    kwargs = {"gguf_file": model_args.gguf_file} if model_args.gguf_file else {}
+    config = AutoConfig.from_pretrained(model_args.model_name_or_path, **kwargs)
+    if config.hidden_size != datastore.dim:
+        raise UsageError(f"{flag} {model_args.model_name_or_path} has hidden size {config.hidden_size}, but the keys of "
+                         f"--knn_dstore_path {datastore.path} have dimension {datastore.dim}")
+    if args.model_name_or_path is not None:
+        try:
+            fingerprint = tokenizer_fingerprint(load_tokenizer(model_args.model_name_or_path, model_args.gguf_file, flag))
+        except (OSError, ValueError):
+            fingerprint = None
+            logger.warning("No tokenizer beside %s; its fingerprint is not checked", model_args.model_name_or_path)
+        if fingerprint and fingerprint != datastore.meta.get("tokenizer_fingerprint"):
+            raise UsageError(f"--model_name_or_path {model_args.model_name_or_path} has tokenizer fingerprint {fingerprint}, "
+                             f"but --knn_dstore_path {datastore.path} was made with {datastore.meta.get('tokenizer_fingerprint')}")
+    return model_args, config
+
+
+def run_offline(offline: OfflineArguments, memory_args: MemoryArguments, args: MemoryTrainingArguments,
+                stop_after_steps: int | None = None) -> dict | None:
+    """Train a memory on datastore keys -> kNN targets."""
+    from utils.artifacts.datastore import datastore_summary, load_datastore
+    from utils.modeling import describe_model, load_causal_lm
+
+    accelerator = make_accelerator(args)
+    setup_logging(accelerator.is_main_process)
+    logger.info("Offline memory training: %s %s %s", offline, memory_args, args)
+    prepare_output_dir(args, accelerator)
+    datastore = load_datastore(offline.knn_dstore_path)
+    targets = open_targets(args)
+    check_targets_for_datastore(targets, datastore)
+    model_args, base_config = offline_base(offline, datastore)
+    base_model = load_causal_lm(model_args) if memory_args.init_lm_head else None
+    record = {"base_model": describe_model(model_args), "layer": datastore.meta.get("layer"),
+              "tokenizer_fingerprint": datastore.meta.get("tokenizer_fingerprint")}
+    set_seed(args.seed)
+    memory = make_memory(memory_args, base_config, base_parameter_count(base_config), record, base_model)
+    del base_model
+    boundary = datastore.num_rows - args.held_out_rows(datastore.num_rows)
+    source = DatastoreRows(datastore, targets, boundary, memory.config.vocab_size, offline.per_device_train_batch_size,
+                           offline.per_device_eval_batch_size, offline.max_train_samples)
+    provenance = {"mode": "offline", **record, "datastore": datastore_summary(datastore),
+                  "knn_targets": targets_summary(targets)}
+    return train_memory(memory, source, args, accelerator, provenance, stop_after_steps)
+
+
+def run_online(online: OnlineArguments, model_args, memory_args: MemoryArguments, args: MemoryTrainingArguments,
+               stop_after_steps: int | None = None) -> dict | None:
+    """Train a memory on hidden states computed by the frozen base model -> kNN targets."""
+    from utils.architectures import normalize_layer
+    from utils.artifacts.dataset import load_split
+    from utils.modeling import describe_model, load_model_for_dataset
+
+    accelerator = make_accelerator(args)
+    setup_logging(accelerator.is_main_process)
+    logger.info("Online memory training: %s %s %s %s", online, model_args, memory_args, args)
+    prepare_output_dir(args, accelerator)
+    split = load_split(online.dataset_name, online.dataset_split_name)
+    targets = open_targets(args)
+    fingerprint = split.meta["tokenizer"]["fingerprint"]
+    check_fingerprint(targets, fingerprint, f"--dataset_name {online.dataset_name}")
+    num_windows = rows_of_windows(split.windows, targets.num_rows, f"--dataset_name {online.dataset_name} "
+                                  f"({online.dataset_split_name})")
+    check_labels(targets, split.tokens[1 : targets.num_rows + 1], f"--dataset_name {online.dataset_name} "
+                 f"({online.dataset_split_name})")
+    with timed("Loading the base model", logger):
+        base_model, _ = load_model_for_dataset(model_args, split.meta, online.dataset_name)
+    base_model.requires_grad_(False).eval().to(accelerator.device)
+    layer = normalize_layer(base_model, online.dstore_layer)
+    record = {"base_model": describe_model(model_args), "layer": layer, "tokenizer_fingerprint": fingerprint}
+    set_seed(args.seed)
+    memory = make_memory(memory_args, base_model.config, base_model.num_parameters(), record, base_model)
+    boundary = targets.num_rows - args.held_out_rows(targets.num_rows)
+    source = OnTheFlyRows(base_model, split.tokens, split.windows[:num_windows], layer, targets, boundary,
+                          memory.config.vocab_size, online.per_device_train_batch_size, online.per_device_eval_batch_size,
+                          online.max_train_samples)
+    dataset = {"path": os.path.abspath(online.dataset_name), "split": online.dataset_split_name,
+               "tokens_sha256": split.meta["splits"][online.dataset_split_name]["tokens_sha256"],
+               "block_size": split.meta["block_size"], "stride": split.meta["stride"]}
+    provenance = {"mode": "online", **record, "dataset": dataset, "knn_targets": targets_summary(targets)}
+    return train_memory(memory, source, args, accelerator, provenance, stop_after_steps)
+
+
+def set_seed(seed: int) -> None:
+    """Seed python, numpy and torch (the memory's initialisation and dropout)."""
+    from accelerate.utils import set_seed as accelerate_set_seed
+
+    accelerate_set_seed(seed)
