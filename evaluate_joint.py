@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import logging
 
+from models.joint.perplexity import JointArguments, evaluate_joint, save_sweep
 from utils.arguments import DataArguments, ModelArguments
 from utils.cli import parse_args, run, setup_logging
 from utils.distributed import process_state
 from utils.io import save_metrics
-from models.joint.perplexity import JointArguments, evaluate_joint, save_sweep
 
 logger = logging.getLogger(__name__)
 

@@ -23,14 +23,14 @@ import torch
 from accelerate import PartialState
 from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
 
-from utils.artifacts.datastore import DatastoreWriter
 from utils.architectures import normalize_layer
 from utils.arguments import DataArguments, DstoreArguments, ModelArguments
+from utils.artifacts.dataset import TokenizedSplit, load_split
+from utils.artifacts.datastore import DatastoreWriter
 from utils.cli import UsageError, parse_args, run, setup_logging
 from utils.distributed import process_state, with_cpu_flag
 from utils.io import save_metrics
 from utils.modeling import describe_model, load_model_for_dataset
-from utils.artifacts.dataset import TokenizedSplit, load_split
 from utils.scoring import gather_window_totals, score_batches, token_nll, window_sums
 from utils.windows import ROW_BEGIN, ROW_END
 

@@ -31,9 +31,9 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from utils.artifacts.datastore import DatastoreWriter, load_datastore
 from knn_utils.index import IndexSettings, build_index, load_index
 from knn_utils.knn_targets import SearchJob, TargetSettings, search_rows
+from utils.artifacts.datastore import DatastoreWriter, load_datastore
 from utils.cli import parse_args, run, setup_logging
 from utils.distributed import process_state
 from utils.io import write_json

@@ -29,11 +29,11 @@ import sys
 import torch
 
 from models import load_memory
+from models.joint import JointLM, check_joint_settings
 from utils.arguments import ModelArguments
 from utils.cli import UsageError, run, setup_logging
 from utils.embedded_corpus import QA_PROMPT
 from utils.io import write_json
-from models.joint import JointLM, check_joint_settings
 from utils.modeling import load_causal_lm, load_tokenizer, model_tokenizer_path
 
 logger = logging.getLogger(__name__)

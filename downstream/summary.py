@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from downstream.choose_lmbda import best_run, read_sweep
+from models.memory_directory import TRAINING_RESULTS
 from utils.cli import UsageError, run
 from utils.io import read_json, write_json
 
@@ -166,7 +167,7 @@ def collect(out: Path) -> dict:
     if targets := _read(out / "knn_targets" / "meta.json"):
         summary["knn_targets"] = {"rows": targets["rows"], "k": targets["k"], "knn_temp": targets["knn_temp"],
                                   "entries_per_row": round(targets["nnz"] / max(targets["rows"], 1), 2)}
-    if memory := _read(out / "memory" / "training_results.json"):
+    if memory := _read(out / "memory" / TRAINING_RESULTS):
         summary["memory_training"] = {"seconds": memory["train_seconds"], "steps": memory["train_steps"],
                                       "validation_kl_to_knn": memory["val_kl"],
                                       "validation_top1_agreement_with_knn": memory["val_top1_agreement"]}

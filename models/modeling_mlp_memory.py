@@ -27,8 +27,8 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 
-from models.configuration_mlp_memory import (GPT2MemoryConfig, LlamaMemoryConfig, MemoryConfig, MistralMemoryConfig,
-                                             STYLE_CONFIGS)
+from models.configuration_mlp_memory import (STYLE_CONFIGS, GPT2MemoryConfig, LlamaMemoryConfig, MemoryConfig,
+                                             MistralMemoryConfig)
 from utils.architectures import final_norm
 from utils.cli import UsageError
 

@@ -10,13 +10,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import train_base
-from utils.artifacts.datastore import DatastoreWriter, load_datastore
 from tests.conftest import REPO, shared_data
 from tests.knn_fixtures import cpu_launch_env
+from utils.artifacts.dataset import load_split
+from utils.artifacts.datastore import DatastoreWriter, load_datastore
 from utils.cli import UsageError
 from utils.hidden_state import HiddenStateHook
 from utils.io import ArtifactError
-from utils.artifacts.dataset import load_split
 from utils.windows import window_labels
 
 
@@ -149,9 +149,10 @@ def test_mistakes_are_clear_errors(tiny_gpt2_dir, tiny_dataset, tmp_path):
 
 
 def test_tokenizer_mismatch_is_rejected(tiny_dataset, tmp_path):
-    from tests.conftest import tiny_model
-    from transformers import GPT2TokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2TokenizerFast
+
+    from tests.conftest import tiny_model
 
     backend = Tokenizer(models.WordLevel(vocab={"<|endoftext|>": 0, "[UNK]": 1, "other": 2}, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()

@@ -39,7 +39,7 @@ import torch
 
 from models.configuration_mlp_memory import check_memory_matches
 from models.joint.interpolation import check_joint_settings, interpolate_log_probs, memory_log_probs
-from models.modeling_mlp_memory import load_memory
+from models.memory_directory import load_memory
 from utils.architectures import normalize_layer
 from utils.cli import UsageError
 from utils.hidden_state import HiddenStateHook

@@ -13,7 +13,6 @@ from downstream.qa_metrics import aggregate, contains_answer, exact_match, norma
 from models import MemoryConfig, build_memory
 from utils.cli import UsageError
 
-
 # ---- metrics -------------------------------------------------------------------------------------
 
 def test_normalisation():

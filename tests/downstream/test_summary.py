@@ -18,10 +18,10 @@ from transformers import AutoConfig
 import evaluate_joint
 import train_base
 from downstream import choose_lmbda, eval_qa
-from models import MemoryConfig, build_memory
 from downstream import summary as summary_module
-from utils.cli import UsageError
+from models import MemoryConfig, build_memory
 from utils.artifacts.dataset import load_split
+from utils.cli import UsageError
 
 QUESTIONS = ["the river of the city", "who built the old bridge", "the king was born near", "many people and"]
 

@@ -11,10 +11,10 @@ import pytest
 
 from knn_utils import build_index as build_index_cli
 from knn_utils import index as index_lib
-from utils.artifacts.datastore import load_datastore
 from knn_utils.index import IndexSettings, build_index, load_index, select_neighbours
 from knn_utils.torch_search import TorchExactSearch
 from tests.knn_fixtures import REPO, clustered_keys, random_datastore
+from utils.artifacts.datastore import load_datastore
 from utils.cli import UsageError
 
 RECALL_BOUND = 0.8  # 10-recall@10 of IVFPQ (64 lists, nprobe 16, 16 x 8-bit codes) on clustered 32-d keys: 0.86 measured

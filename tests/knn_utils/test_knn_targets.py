@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 
 from knn_utils import knn_targets as targets_lib
-from utils.artifacts.datastore import load_datastore
 from knn_utils.index import IndexSettings, build_index
 from knn_utils.knn_targets import TargetSettings, compute_knn_targets
-from utils.artifacts.knn_targets import load_knn_targets
 from knn_utils.saveKNNMulti import SaveKnnArguments
 from tests.knn_fixtures import accelerate_launch, clustered_keys, random_datastore, write_datastore
+from utils.artifacts.datastore import load_datastore
+from utils.artifacts.knn_targets import load_knn_targets
 from utils.cli import UsageError, parse_args
 
 VOCAB = 12

@@ -5,12 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.joint import interpolate_log_probs
 from models import MemoryConfig, build_memory
+from models.joint import JointLM, attach_memory, interpolate_log_probs
 from tests.conftest import tiny_model
 from utils.cli import UsageError
 from utils.hidden_state import HiddenStateHook
-from models.joint import JointLM, attach_memory
 
 VOCAB = 50
 PAD = 0

@@ -15,8 +15,8 @@ from transformers import AutoModelForCausalLM
 import evaluate_joint
 from models import MemoryConfig, build_memory, load_memory
 from tests.conftest import REPO
-from utils.cli import UsageError
 from utils.artifacts.dataset import load_split
+from utils.cli import UsageError
 from utils.windows import ROW_BEGIN, ROW_END
 
 LAYER = 1

@@ -22,7 +22,7 @@ from utils.windows import make_windows
 def test_reading_the_formats_and_the_memory_loads_neither_faiss_nor_knn_utils():
     """A fresh interpreter: what the memory's training and the joint model read must not pull in the retrieval code."""
     code = ("import sys, utils.artifacts.dataset, utils.artifacts.datastore, utils.artifacts.knn_targets, models, "
-            "models.joint, models.joint.perplexity\n"
+            "models.joint, models.joint.perplexity, models.training.modes\n"
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'faiss', 'knn_utils'}))")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr

@@ -9,9 +9,9 @@ import pytest
 from transformers import AutoTokenizer
 
 from tests.conftest import REPO
+from utils.artifacts.dataset import load_split
 from utils.cli import UsageError
 from utils.io import ArtifactError
-from utils.artifacts.dataset import load_split
 from utils.preprocess_dataset import main as preprocess_main
 from utils.windows import make_windows
 

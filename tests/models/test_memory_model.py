@@ -10,9 +10,9 @@ from transformers import AutoConfig, AutoModel, GPT2Config, LlamaConfig, Mistral
 
 from models import (GPT2MemoryModel, LlamaMemoryModel, MemoryConfig, MistralMemoryModel, build_memory,
                     check_memory_matches, init_lm_head_from_base, load_memory, parameter_count)
+from models.training.modes import base_parameter_count
 from tests.conftest import tiny_model
 from utils.cli import UsageError
-from models.training.modes import base_parameter_count
 
 D, V = 16, 37
 
