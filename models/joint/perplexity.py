@@ -1,4 +1,4 @@
-"""The joint model: a frozen base LM interpolated with a trained MLP memory, evaluated by perplexity.
+"""The joint model evaluated by perplexity (evaluate_joint.py): a frozen base LM interpolated with a trained memory.
 
 For every scored row, one pass of the base LM gives its logits and the hidden state the memory reads
 (the feed-forward input of block ``memory.config.layer``). Then
@@ -7,9 +7,9 @@ For every scored row, one pass of the base LM gives its logits and the hidden st
     log q     = log_softmax(memory(hidden) / knn_temp)
     log p     = logaddexp(log p_lm + log(1 - lmbda), log q + log lmbda)      for each lmbda
 
-so the base alone, the memory alone and the joint model for every ``lmbda`` are scored on the same
-tokens. Tokens/s of the base alone and of base + memory come from the same run: the memory forward
-and the interpolation are timed apart from the base forward.
+(`models.joint.interpolation`'s formula), so the base alone, the memory alone and the joint model for
+every ``lmbda`` are scored on the same tokens. Tokens/s of the base alone and of base + memory come from
+the same run: the memory forward and the interpolation are timed apart from the base forward.
 """
 
 from __future__ import annotations
