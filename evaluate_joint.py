@@ -17,7 +17,7 @@ import logging
 
 from models.joint.perplexity import JointArguments, evaluate_joint, save_sweep
 from utils.arguments import DataArguments, ModelArguments
-from utils.cli import parse_args, run, setup_logging
+from utils.cli import command, parse_args, setup_logging
 from utils.distributed import process_state
 from utils.io import save_metrics
 
@@ -43,5 +43,7 @@ def main(argv: list[str] | None = None) -> dict:
     return metrics
 
 
+cli = command(main)  # the console script of pyproject.toml
+
 if __name__ == "__main__":
-    run(main)
+    cli()

@@ -27,7 +27,7 @@ from utils.architectures import normalize_layer
 from utils.arguments import DataArguments, DstoreArguments, ModelArguments
 from utils.artifacts.dataset import TokenizedSplit, load_split
 from utils.artifacts.datastore import DatastoreWriter
-from utils.cli import UsageError, parse_args, run, setup_logging
+from utils.cli import UsageError, command, parse_args, setup_logging
 from utils.distributed import process_state, with_cpu_flag
 from utils.io import save_metrics
 from utils.modeling import describe_model, load_model_for_dataset
@@ -153,5 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
     return metrics
 
 
+cli = command(main)  # the console script of pyproject.toml
+
 if __name__ == "__main__":
-    run(main)
+    cli()

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from models.training.arguments import MemoryArguments, MemoryTrainingArguments, OfflineArguments
 from models.training.modes import run_offline
-from utils.cli import parse_args, run, setup_logging
+from utils.cli import command, parse_args, setup_logging
 
 
 def main(argv: list[str] | None = None, stop_after_steps: int | None = None) -> dict | None:
@@ -25,5 +25,7 @@ def main(argv: list[str] | None = None, stop_after_steps: int | None = None) -> 
     return run_offline(offline, memory_args, training_args, stop_after_steps)
 
 
+cli = command(main)  # the console script of pyproject.toml
+
 if __name__ == "__main__":
-    run(main)
+    cli()

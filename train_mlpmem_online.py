@@ -16,7 +16,7 @@ from __future__ import annotations
 from models.training.arguments import MemoryArguments, MemoryTrainingArguments, OnlineArguments
 from models.training.modes import run_online
 from utils.arguments import ModelArguments
-from utils.cli import parse_args, run, setup_logging
+from utils.cli import command, parse_args, setup_logging
 
 
 def main(argv: list[str] | None = None, stop_after_steps: int | None = None) -> dict | None:
@@ -27,5 +27,7 @@ def main(argv: list[str] | None = None, stop_after_steps: int | None = None) -> 
     return run_online(online, model_args, memory_args, training_args, stop_after_steps)
 
 
+cli = command(main)  # the console script of pyproject.toml
+
 if __name__ == "__main__":
-    run(main)
+    cli()

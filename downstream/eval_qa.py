@@ -29,7 +29,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from downstream.qa_data import load_qa
 from downstream.qa_metrics import aggregate, score
 from utils.arguments import ModelArguments
-from utils.cli import UsageError, parse_args, run, setup_logging
+from utils.cli import UsageError, command, parse_args, setup_logging
 from utils.io import save_metrics
 from utils.modeling import describe_model, load_causal_lm, load_tokenizer, model_tokenizer_path, tokenizer_fingerprint
 
@@ -198,5 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
     return metrics
 
 
+cli = command(main)  # the console script of pyproject.toml
+
 if __name__ == "__main__":
-    run(main)
+    cli()

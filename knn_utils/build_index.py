@@ -18,7 +18,7 @@ import logging
 from dataclasses import dataclass, field
 
 from knn_utils.index import IndexSettings, build_index
-from utils.cli import parse_args, run, setup_logging
+from utils.cli import command, parse_args, setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -45,5 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
     return meta
 
 
+cli = command(main)  # the console script of pyproject.toml
+
 if __name__ == "__main__":
-    run(main)
+    cli()

@@ -36,7 +36,7 @@ from utils.arguments import DataArguments, ModelArguments
 from utils.artifacts.dataset import TokenizedSplit, load_split
 from utils.artifacts.datastore import Datastore, open_datastore
 from utils.artifacts.index import default_index_path
-from utils.cli import UsageError, parse_args, run, setup_logging
+from utils.cli import UsageError, command, parse_args, setup_logging
 from utils.distributed import process_state
 from utils.io import save_metrics
 from utils.modeling import describe_model, load_model_for_dataset
@@ -219,5 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
     return metrics
 
 
+cli = command(main)  # the console script of pyproject.toml
+
 if __name__ == "__main__":
-    run(main)
+    cli()

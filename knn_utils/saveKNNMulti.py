@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from knn_utils.index import KNN_GPU_HELP
 from knn_utils.knn_targets import TargetSettings, compute_knn_targets
-from utils.cli import UsageError, parse_args, run, setup_logging
+from utils.cli import UsageError, command, parse_args, setup_logging
 from utils.distributed import process_state
 from utils.io import read_meta
 
@@ -70,5 +70,7 @@ def main(argv: list[str] | None = None) -> dict | None:
                                use_gpu=args.knn_gpu, state=state)
 
 
+cli = command(main)  # the console script of pyproject.toml
+
 if __name__ == "__main__":
-    run(main)
+    cli()

@@ -88,3 +88,8 @@ def run(main: Callable[[list[str] | None], object]) -> None:
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+def command(main: Callable[[list[str] | None], object]) -> Callable[[], None]:
+    """``main`` as a console script (pyproject.toml's [project.scripts]): flags from ``sys.argv``, clean errors."""
+    return lambda: run(main)

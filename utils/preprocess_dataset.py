@@ -23,7 +23,7 @@ import numpy as np
 
 from utils.arguments import SPLITS
 from utils.artifacts.dataset import FORMAT_VERSION, write_split
-from utils.cli import UsageError, parse_args, run, setup_logging
+from utils.cli import UsageError, command, parse_args, setup_logging
 from utils.distributed import process_state
 from utils.io import ArtifactError, atomic_directory, read_meta, timed, write_json
 from utils.modeling import load_tokenizer, tokenizer_fingerprint
@@ -205,5 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
     return meta
 
 
+cli = command(main)  # the console script of pyproject.toml
+
 if __name__ == "__main__":
-    run(main)
+    cli()
