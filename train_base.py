@@ -21,7 +21,7 @@ import time
 import numpy as np
 import torch
 from accelerate import PartialState
-from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
+from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator, set_seed
 
 from utils.architectures import normalize_layer
 from utils.arguments import DataArguments, DstoreArguments, ModelArguments
@@ -57,10 +57,28 @@ class BlockDataset(torch.utils.data.Dataset):
         return {"input_ids": ids, "labels": ids.clone()}
 
 
+class ProgressLog(TrainerCallback):
+    """With --disable_tqdm, each logging step also logs the step, the time spent and an estimate of the time left."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start, self.first_step = time.perf_counter(), state.global_step  # global_step > 0 when resuming
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        done = state.global_step - self.first_step
+        final = logs is not None and "train_runtime" in logs  # the summary after the last step
+        if not state.is_world_process_zero or done <= 0 or not state.max_steps or final:
+            return
+        elapsed = time.perf_counter() - self.start
+        left = elapsed / done * (state.max_steps - state.global_step)
+        logger.info("step %d/%d (%.0f%%): %.0f s so far, about %.0f s left", state.global_step, state.max_steps,
+                    100 * state.global_step / state.max_steps, elapsed, left)
+
+
 def train(model, tokenizer, split: TokenizedSplit, data_args: DataArguments, training_args: TrainingArguments) -> dict:
     """Fine-tune (or train from scratch) on non-overlapping blocks; save the model to --output_dir."""
     dataset = BlockDataset(split.tokens, split.meta["block_size"], data_args.max_train_samples)
-    trainer = Trainer(model=model, args=training_args, train_dataset=dataset, data_collator=default_data_collator)
+    trainer = Trainer(model=model, args=training_args, train_dataset=dataset, data_collator=default_data_collator,
+                      callbacks=[ProgressLog()] if training_args.disable_tqdm else None)
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model()
     if tokenizer is not None and trainer.is_world_process_zero():

@@ -12,8 +12,6 @@ datastores are identical). Writes ``benchmarks/results/<name>.json`` and ``.md``
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -21,24 +19,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from utils.environment import machine  # noqa: E402
 from utils.io import read_json, write_json  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "torch": torch.__version__, "python": platform.python_version()}
 
 
 def run(cmd: list[str]) -> float:

@@ -53,7 +53,6 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.bench_base import machine  # noqa: E402
 from knn_utils.index import load_index  # noqa: E402
 from knn_utils.knnlm import knnlm_log_probs  # noqa: E402
 from models.joint import interpolate_log_probs, load_checked_memory, memory_log_probs  # noqa: E402
@@ -62,6 +61,7 @@ from utils.artifacts.dataset import load_split  # noqa: E402
 from utils.artifacts.datastore import open_datastore  # noqa: E402
 from utils.artifacts.index import default_index_path  # noqa: E402
 from utils.distributed import synchronize  # noqa: E402
+from utils.environment import machine  # noqa: E402
 from utils.io import read_json, write_json  # noqa: E402
 from utils.modeling import load_model_for_dataset  # noqa: E402
 from utils.scoring import score_batches  # noqa: E402

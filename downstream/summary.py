@@ -25,6 +25,7 @@ from pathlib import Path
 from downstream.choose_lmbda import best_run, read_sweep
 from models.memory_directory import TRAINING_RESULTS
 from utils.cli import UsageError, run
+from utils.environment import machine
 from utils.io import read_json, write_json
 
 QA_METRICS = ("exact_match", "f1", "contains")
@@ -173,6 +174,7 @@ def collect(out: Path) -> dict:
                                       "validation_top1_agreement_with_knn": memory["val_top1_agreement"]}
     _question_answering(out, summary)
     _correction(out, summary)
+    summary["environment"] = machine()  # the digits above depend on these versions (and on the CPU)
     return summary
 
 

@@ -201,7 +201,8 @@ def test_smollm2_gguf_fine_tunes_into_a_plain_model(tmp_path):
     assert 5 < after < 80 and after != before  # the step changed the weights, and the model still works
 
 
-def test_from_scratch_training_is_reproducible(tiny_dataset, tiny_tokenizer_dir, tmp_path):
+def test_from_scratch_training_is_reproducible_and_logs_its_progress(tiny_dataset, tiny_tokenizer_dir, tmp_path,
+                                                                     capfd):
     from safetensors.torch import load_file
 
     for run in ("a", "b"):
@@ -209,7 +210,12 @@ def test_from_scratch_training_is_reproducible(tiny_dataset, tiny_tokenizer_dir,
             "--model_type", "gpt2", "--tokenizer_name", str(tiny_tokenizer_dir), "--config_overrides",
             "n_layer=1,n_embd=16,n_head=2", "--dataset_name", str(tiny_dataset), "--do_train", "--max_steps", "3",
             "--per_device_train_batch_size", "2", "--save_strategy", "no", "--report_to", "none", "--seed", "7",
-            "--output_dir", str(tmp_path / run),
+            "--disable_tqdm", "true", "--logging_steps", "1", "--output_dir", str(tmp_path / run),
         ])
     a, b = (load_file(tmp_path / run / "model.safetensors") for run in ("a", "b"))
     assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+    # without a progress bar, every logging step says how far it is and how long is left
+    progress = [line.split("train_base: ", 1)[1] for line in capfd.readouterr().err.splitlines()
+                if "train_base: step " in line]
+    assert progress[:3] == [m for m in progress[:3] if "s left" in m] and len(progress) == 6
+    assert progress[2].startswith("step 3/3 (100%)") and progress[0].startswith("step 1/3 (33%)")

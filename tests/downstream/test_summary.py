@@ -93,6 +93,8 @@ def test_choices_are_made_on_validation(constructed, capsys):
                                   "base_plus_memory": {"exact_match": 15.0, "f1": 17.0, "contains": 15.0},
                                   "lmbda": 0.75, "lmbda_chosen_on": "validation questions (exact match)"}
     assert summary["qa_validation"]["base"]["exact_match"] == 5.0
+    # the versions the digits depend on are recorded with them
+    assert summary["environment"]["torch"] == torch.__version__ and summary["environment"]["cores"] >= 1
     assert set(summary["qa_validation"]["base_plus_memory_by_lmbda"]) == {"0.25", "0.5", "0.75"}
     assert summary["correction"] == {"prompt": CORRECTION["examples"][0]["prompt"], "gold": ["Sellan Galquist"],
                                      "base": " Perannel Rinzek\nQuestion", "base_plus_memory": " Sellan Galquist\n",
