@@ -173,6 +173,7 @@ def preprocess(args: PreprocessArguments) -> dict:
         "source": {k: v for k, v in asdict(args).items() if k in (
             "dataset_name", "dataset_config_name", "train_file", "validation_file", "test_file", "text_column", "max_chars")},
         "splits": {},
+        "checksums": {},
     }
     with atomic_directory(out) as staging:
         for split, rows in corpus.items():
@@ -183,7 +184,8 @@ def preprocess(args: PreprocessArguments) -> dict:
             if len(tokens) < 2:
                 raise UsageError(f"The {split} split has {len(tokens)} tokens; at least 2 are needed to score one.")
             windows = make_windows(len(tokens), args.block_size, args.stride)
-            meta["splits"][split] = write_split(staging, split, tokens, windows)
+            meta["splits"][split], checksums = write_split(staging, split, tokens, windows)
+            meta["checksums"].update(checksums)
             meta["splits"][split]["characters"] = int(sum(len(r) for r in rows))
             logger.info("%s: %d tokens, %d rows, %d windows", split, len(tokens), len(tokens) - 1, len(windows))
         write_json(staging / "meta.json", meta)

@@ -74,9 +74,9 @@ def make_accelerator(args: MemoryTrainingArguments):
 # The two modes: their inputs, checks and set-up
 
 
-def open_targets(args: MemoryTrainingArguments) -> KnnTargets:
+def open_targets(args: MemoryTrainingArguments, verify: bool) -> KnnTargets:
     with timed("Opening the kNN targets", logger):
-        return load_knn_targets(args.knn_save_path)
+        return load_knn_targets(args.knn_save_path, verify)
 
 
 def offline_base(args: OfflineArguments, datastore: Datastore):
@@ -120,8 +120,10 @@ def run_offline(offline: OfflineArguments, memory_args: MemoryArguments, args: M
     setup_logging(accelerator.is_main_process)
     logger.info("Offline memory training: %s %s %s", offline, memory_args, args)
     prepare_output_dir(args, accelerator)
-    datastore = load_datastore(offline.knn_dstore_path)
-    targets = open_targets(args)
+    verify = accelerator.is_local_main_process  # each machine verifies the files once; the others wait for it
+    datastore = load_datastore(offline.knn_dstore_path, verify)
+    targets = open_targets(args, verify)
+    accelerator.wait_for_everyone()
     check_targets_for_datastore(targets, datastore)
     model_args, base_config = offline_base(offline, datastore)
     base_model = load_causal_lm(model_args) if memory_args.init_lm_head else None
@@ -149,8 +151,10 @@ def run_online(online: OnlineArguments, model_args, memory_args: MemoryArguments
     setup_logging(accelerator.is_main_process)
     logger.info("Online memory training: %s %s %s %s", online, model_args, memory_args, args)
     prepare_output_dir(args, accelerator)
-    split = load_split(online.dataset_name, online.dataset_split_name)
-    targets = open_targets(args)
+    verify = accelerator.is_local_main_process  # each machine verifies the files once; the others wait for it
+    split = load_split(online.dataset_name, online.dataset_split_name, verify)
+    targets = open_targets(args, verify)
+    accelerator.wait_for_everyone()
     fingerprint = split.meta["tokenizer"]["fingerprint"]
     check_fingerprint(targets, fingerprint, f"--dataset_name {online.dataset_name}")
     num_windows = rows_of_windows(split.windows, targets.num_rows, f"--dataset_name {online.dataset_name} "
