@@ -6,7 +6,6 @@ it must stop with an `ArtifactError` naming the file (and its first bad block) i
 
 from __future__ import annotations
 
-import json
 import logging
 import subprocess
 import sys
