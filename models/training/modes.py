@@ -10,7 +10,8 @@ import os
 import torch
 
 from models import MemoryConfig, MLPMemoryPreTrainedModel, build_memory, init_lm_head_from_base
-from models.training.arguments import MemoryArguments, MemoryTrainingArguments, OfflineArguments, OnlineArguments
+from models.training.arguments import (MemoryArguments, MemoryTrainingArguments, OfflineArguments, OnlineArguments,
+                                       result_settings)
 from models.training.checkpoints import prepare_output_dir
 from models.training.loop import train_memory
 from models.training.rows import DatastoreRows, OnTheFlyRows, rows_of_windows
@@ -135,7 +136,8 @@ def run_offline(offline: OfflineArguments, memory_args: MemoryArguments, args: M
                            offline.per_device_eval_batch_size, offline.max_train_samples)
     provenance = {"mode": "offline", **record, "datastore": datastore_summary(datastore),
                   "knn_targets": targets_summary(targets)}
-    return train_memory(memory, source, args, accelerator, provenance, stop_after_steps)
+    return train_memory(memory, source, args, accelerator, provenance, stop_after_steps,
+                        result_settings(offline, memory_args, args))
 
 
 def run_online(online: OnlineArguments, model_args, memory_args: MemoryArguments, args: MemoryTrainingArguments,
@@ -172,7 +174,8 @@ def run_online(online: OnlineArguments, model_args, memory_args: MemoryArguments
                "tokens_sha256": split.meta["splits"][online.dataset_split_name]["tokens_sha256"],
                "block_size": split.meta["block_size"], "stride": split.meta["stride"]}
     provenance = {"mode": "online", **record, "dataset": dataset, "knn_targets": targets_summary(targets)}
-    return train_memory(memory, source, args, accelerator, provenance, stop_after_steps)
+    return train_memory(memory, source, args, accelerator, provenance, stop_after_steps,
+                        result_settings(online, model_args, memory_args, args))
 
 
 def set_seed(seed: int) -> None:
