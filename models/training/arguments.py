@@ -122,7 +122,8 @@ class OfflineArguments:
     model_name_or_path: str | None = field(
         default=None,
         metadata={"help": "The base model whose hidden states the keys are (default: the one recorded in the datastore's "
-                  "meta.json). Its config sizes the memory; its weights are read only for --init_lm_head."},
+                  "meta.json). Its config sizes the memory; given, its weights are loaded to check that they made the "
+                  "keys (--allow_base_mismatch to use another model) and for --init_lm_head."},
     )
     per_device_train_batch_size: int = field(default=1024, metadata={"help": "Rows per device per micro-batch."})
     per_device_eval_batch_size: int = field(default=4096, metadata={"help": "Rows per device per validation batch."})
