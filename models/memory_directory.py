@@ -7,13 +7,16 @@ Layout::
                                      the block checksums of config.json and the weights (utils/checksums.py)
     training_results.json            final metrics
     metrics.jsonl                    one JSON line per logging step and per validation
-    checkpoints/step-00001234/       the latest checkpoint(s); the run resumes from the newest
-                                     (accelerate's state plus trainer_state.json: the step and the run's identity)
+    checkpoints/step-00001234/       the latest checkpoint(s); the run resumes from the newest: model, optimizer,
+                                     scheduler and RNG states in safetensors and JSON (never pickle), and
+                                     trainer_state.json (the step and the run's identity); layout in
+                                     models/training/checkpoints.py
 
 `save_memory` writes the memory, then training_results.json and, last, meta.json: a directory with a
 meta.json holds a finished memory (models.training refuses to train over it without
 --overwrite_output_dir). The network alone is an ordinary Hugging Face model directory: `load_memory`
-reads it with a clear error for anything else, after checking the files against meta.json's block checksums.
+reads it (from safetensors only: a pickled ``pytorch_model.bin`` is never loaded) with a clear error for
+anything else, after checking the files against meta.json's block checksums.
 """
 
 from __future__ import annotations
@@ -74,4 +77,7 @@ def load_memory(path: str | os.PathLike, flag: str = "--knn_generator_path", ver
     config = AutoConfig.from_pretrained(path)
     if not isinstance(config, MemoryConfig):
         raise UsageError(f"{flag} {path} holds a {config.model_type!r} model, not an MLP memory")
-    return MEMORY_MODELS[config.memory_style].from_pretrained(path, **kwargs)
+    try:
+        return MEMORY_MODELS[config.memory_style].from_pretrained(path, use_safetensors=True, **kwargs)
+    except OSError as err:  # e.g. only a pickled pytorch_model.bin, which is never loaded
+        raise UsageError(f"{flag} {path}: {err} (a memory is read from safetensors only)") from None

@@ -3,7 +3,7 @@ training flags, and each mode's input group (the entry points parse them with `u
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from models import PRESETS
 from utils.cli import UsageError
@@ -122,7 +122,8 @@ class OfflineArguments:
     model_name_or_path: str | None = field(
         default=None,
         metadata={"help": "The base model whose hidden states the keys are (default: the one recorded in the datastore's "
-                  "meta.json). Its config sizes the memory; its weights are read only for --init_lm_head."},
+                  "meta.json). Its config sizes the memory; given, its weights are loaded to check that they made the "
+                  "keys (--allow_base_mismatch to use another model) and for --init_lm_head."},
     )
     per_device_train_batch_size: int = field(default=1024, metadata={"help": "Rows per device per micro-batch."})
     per_device_eval_batch_size: int = field(default=4096, metadata={"help": "Rows per device per validation batch."})
@@ -147,6 +148,24 @@ class OnlineArguments:
 
     def __post_init__(self):
         check_batch_flags(self)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Which flags decide the trained memory (the resume identity)
+
+# The fields of the argument groups that never change the trained memory: where the run is written, what
+# is logged or validated and when (validation runs without randomness), and how the run resumes. Every
+# other field -- the memory's size, the inputs, the optimisation, the schedule, the seed, the step count
+# -- is a setting of the run: a checkpoint resumes only a run with the same values (checkpoints.check_identity).
+NOT_RESULT_SETTINGS = frozenset({
+    "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "checkpointing_steps", "save_total_limit",
+    "logging_steps", "eval_steps", "per_device_eval_batch_size", "disable_tqdm", "report_to",
+})
+
+
+def result_settings(*groups) -> dict:
+    """The fields of argument dataclasses ``groups`` that decide the trained memory, by flag name."""
+    return {f.name: getattr(group, f.name) for group in groups for f in fields(group) if f.name not in NOT_RESULT_SETTINGS}
 
 
 def check_batch_flags(args) -> None:

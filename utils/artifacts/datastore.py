@@ -4,9 +4,10 @@ Layout of a datastore directory::
 
     keys.npy    float16 (N, d)  input of the last block's feed-forward layer (utils/architectures.py)
     vals.npy    int32   (N,)    the next token
-    meta.json   what produced it: model, tokenizer, architecture, layer, dimension, source dataset and
-                split, row count, SHA-256 of both arrays (their identity), block checksums of both files
-                (utils/checksums.py: checked when the datastore is opened)
+    meta.json   what produced it: model (and its weights' fingerprint, utils.modeling.model_fingerprint),
+                tokenizer, architecture, layer, dimension, source dataset and split, row count, SHA-256 of
+                both arrays (their identity), block checksums of both files (utils/checksums.py: checked
+                when the datastore is opened)
 
 Row ``r`` is the row numbering of utils/windows.py, so row ``r`` of the datastore belongs to the window
 whose ``[row_begin, row_end)`` contains ``r``.
@@ -165,4 +166,5 @@ def datastore_summary(datastore: Datastore) -> dict:
         "keys_sha256": meta["keys_sha256"], "vals_sha256": meta["vals_sha256"],
         "architecture": meta.get("architecture"), "layer": meta.get("layer"),
         "tokenizer_fingerprint": meta.get("tokenizer_fingerprint"), "model": meta.get("model"),
+        "model_fingerprint": meta.get("model_fingerprint"),
     }

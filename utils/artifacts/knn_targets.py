@@ -165,7 +165,8 @@ def targets_summary(targets: KnnTargets) -> dict:
     queries = targets.meta.get("queries", {})
     return {"path": str(targets.path.resolve()), "rows": targets.num_rows, "nnz": targets.meta.get("nnz"),
             "k": targets.meta.get("k"), "knn_temp": targets.meta.get("knn_temp"),
-            "retriever": {"model": queries.get("model"), "layer": queries.get("layer"), "dim": queries.get("dim")}}
+            "retriever": {"model": queries.get("model"), "model_fingerprint": queries.get("model_fingerprint"),
+                          "layer": queries.get("layer"), "dim": queries.get("dim")}}
 
 
 def check_labels(targets: KnnTargets, expected: np.ndarray, what: str, chunk: int = 1 << 22) -> None:
