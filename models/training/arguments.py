@@ -3,12 +3,22 @@ training flags, and each mode's input group (the entry points parse them with `u
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 
 from models import PRESETS
 from utils.cli import UsageError
 
 SCHEDULERS = ("linear", "cosine", "constant_with_warmup")
+RELEASED_WARMUP_STEPS = 2000  # the released implementation's warm-up, for runs of many thousand steps
+WARMUP_FRACTION = 0.1  # of a shorter run, when --num_warmup_steps is not given
+
+
+def warmup_steps(requested: int | None, total_steps: int) -> int:
+    """``--num_warmup_steps`` when given, else the released 2,000 or `WARMUP_FRACTION` of the run if that is fewer."""
+    if requested is not None:
+        return requested
+    return min(RELEASED_WARMUP_STEPS, math.ceil(WARMUP_FRACTION * total_steps))
 
 
 @dataclass
@@ -53,8 +63,11 @@ class MemoryTrainingArguments:
     lr_scheduler_type: str = field(
         default="linear", metadata={"help": "Decay after the warm-up.", "choices": list(SCHEDULERS)}
     )
-    num_warmup_steps: int = field(
-        default=2000, metadata={"help": "Linear warm-up steps (optimizer steps).", "aliases": ["--warmup_steps"]}
+    num_warmup_steps: int | None = field(
+        default=None,
+        metadata={"help": f"Linear warm-up steps (optimizer steps). Default: the released {RELEASED_WARMUP_STEPS}, or "
+                          f"{WARMUP_FRACTION:.0%} of the run when that is fewer (a short run would otherwise "
+                          "never leave its warm-up).", "aliases": ["--warmup_steps"]},
     )
     num_train_epochs: int = field(default=50, metadata={"help": "Passes over the training rows."})
     max_train_steps: int | None = field(default=None, metadata={"help": "Stop after this many optimizer steps (overrides --num_train_epochs)."})
@@ -89,7 +102,7 @@ class MemoryTrainingArguments:
         for flag in ("max_train_steps", "eval_steps"):
             if getattr(self, flag) is not None and getattr(self, flag) < 1:
                 raise UsageError(f"--{flag} must be >= 1, got {getattr(self, flag)}")
-        if self.num_warmup_steps < 0:
+        if self.num_warmup_steps is not None and self.num_warmup_steps < 0:
             raise UsageError(f"--num_warmup_steps must be >= 0, got {self.num_warmup_steps}")
         if not 0.0 <= self.alpha <= 1.0:
             raise UsageError(f"--alpha must be in [0, 1], got {self.alpha}")

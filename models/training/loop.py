@@ -44,7 +44,8 @@ from tqdm.auto import tqdm
 
 from models import MemoryConfig, MLPMemoryPreTrainedModel
 from models.memory_directory import METRICS_LOG, TRAINER_STATE, save_memory
-from models.training.arguments import MemoryTrainingArguments, result_settings
+from models.training.arguments import (RELEASED_WARMUP_STEPS, WARMUP_FRACTION, MemoryTrainingArguments, result_settings,
+                                       warmup_steps)
 from models.training.checkpoints import (Schedule, check_identity, checkpoint_to_resume, load_checkpoint,
                                          save_checkpoint, truncate_metrics)
 from models.training.rows import RowSource
@@ -195,16 +196,21 @@ def start_run(memory: MLPMemoryPreTrainedModel, source: RowSource, args: MemoryT
                         args.gradient_accumulation_steps, args.num_train_epochs, args.max_train_steps)
     if schedule.num_units < schedule.num_processes:
         raise UsageError(f"Only {schedule.num_units} training {source.unit}s for {schedule.num_processes} processes")
-    if args.num_warmup_steps >= schedule.total_steps:
+    warmup = warmup_steps(args.num_warmup_steps, schedule.total_steps)
+    if args.num_warmup_steps is None:
+        logger.info("Warm-up: %d steps (%s of the %d training steps)", warmup,
+                    "the released default" if warmup == RELEASED_WARMUP_STEPS else f"{WARMUP_FRACTION:.0%}",
+                    schedule.total_steps)
+    elif warmup >= schedule.total_steps:
         logger.warning("--num_warmup_steps %d >= the %d training steps: the learning rate never decays",
-                       args.num_warmup_steps, schedule.total_steps)
+                       warmup, schedule.total_steps)
     identity = {"settings": settings, "provenance": provenance, "source": source.describe(),
                 "memory": memory.config.to_dict(),
                 "batch_size": schedule.batch_size, "num_processes": schedule.num_processes,
                 "gradient_accumulation_steps": schedule.accumulation, "seed": args.seed, "total_steps": schedule.total_steps}
     identity = json.loads(json.dumps(identity, default=str))  # as it reads back from trainer_state.json
     optimizer = torch.optim.AdamW(memory.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.num_warmup_steps,
+    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
                               num_training_steps=schedule.total_steps)
     model, optimizer = accelerator.prepare(memory, optimizer)  # the scheduler is stepped by us, once per optimizer step
     metrics_log = MetricsLog(Path(args.output_dir) / METRICS_LOG, accelerator.is_main_process)
