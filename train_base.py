@@ -31,7 +31,7 @@ from utils.cli import UsageError, command, parse_args, setup_logging
 from utils.distributed import process_state, with_cpu_flag
 from utils.io import save_metrics
 from utils.modeling import describe_model, load_model_for_dataset, model_fingerprint
-from utils.scoring import gather_window_totals, score_batches, token_nll, window_sums
+from utils.scoring import batch_ids, gather_window_totals, score_batches, token_nll, window_sums
 from utils.windows import ROW_BEGIN, ROW_END
 
 logger = logging.getLogger(__name__)
@@ -88,6 +88,20 @@ def train(model, tokenizer, split: TokenizedSplit, data_args: DataArguments, tra
     return metrics
 
 
+def written_batches_nll(writer: DatastoreWriter, num_windows: int, batch_size: int, state: PartialState) -> dict[int, float]:
+    """The per-window NLL sums of this process's batches that an interrupted run already wrote.
+
+    Those batches are not run through the model again; their sums, stored with their keys, count towards
+    the perplexity as if they had been. Only this process writes its own batches, so the batches done now
+    are exactly the ones `score_batches` will skip.
+    """
+    totals: dict[int, float] = {}
+    for window_ids in batch_ids(num_windows, batch_size, state.process_index, state.num_processes):
+        if not writer.pending(window_ids):
+            totals.update(writer.written_nll(window_ids))
+    return totals
+
+
 def evaluate(model, split: TokenizedSplit, batch_size: int, state: PartialState, model_args: ModelArguments,
              data_args: DataArguments, dstore_args: DstoreArguments) -> dict:
     """Perplexity over the scored rows of the first windows of a split; optionally write the datastore."""
@@ -109,28 +123,35 @@ def evaluate(model, split: TokenizedSplit, batch_size: int, state: PartialState,
             },
             state=state,
         )
-    nll_totals: dict[int, float] = {}
+    nll_totals = written_batches_nll(writer, len(windows), batch_size, state) if writer is not None else {}
+    rows_per_window = windows[:, ROW_END] - windows[:, ROW_BEGIN]  # (W,)
+    resumed_rows = int(gather_window_totals({w: rows_per_window[w] for w in nll_totals}, len(windows), state).sum())
     start = time.perf_counter()
     for batch in score_batches(
         model, split.tokens, windows, batch_size, state.process_index, state.num_processes,
-        layer=dstore_args.dstore_layer, show_progress=state.is_main_process,
+        layer=dstore_args.dstore_layer, skip=None if writer is None else lambda ids: not writer.pending(ids),
+        show_progress=state.is_main_process,
     ):
-        nll_totals.update(window_sums(token_nll(batch.logits, batch.labels), batch, windows))
+        batch_nll = window_sums(token_nll(batch.logits, batch.labels), batch, windows)
+        nll_totals.update(batch_nll)
         if writer is not None:
-            writer.write(batch.rows, batch.hidden.float().cpu().numpy(), batch.labels.cpu().numpy(), batch.window_ids)
+            writer.write(batch.rows, batch.hidden.float().cpu().numpy(), batch.labels.cpu().numpy(), batch.window_ids,
+                         batch_nll)
     seconds = time.perf_counter() - start
     total_nll = gather_window_totals(nll_totals, len(windows), state).sum()
+    scored_rows = num_rows - resumed_rows  # run through the model by this run, all processes together
     loss = float(total_nll / num_rows)
     metrics = {
         "eval_subset": split.split, "eval_loss": loss, "perplexity": float(np.exp(loss)), "eval_tokens": num_rows,
-        "eval_windows": len(windows), "eval_seconds": round(seconds, 3), "eval_tokens_per_second": round(num_rows / seconds, 2),
+        "eval_windows": len(windows), "eval_resumed_rows": resumed_rows, "eval_seconds": round(seconds, 3),
+        "eval_tokens_per_second": round(scored_rows / seconds, 2),
         "block_size": split.meta["block_size"], "stride": split.meta["stride"], "num_processes": state.num_processes,
     }
     if writer is not None:
         dstore_meta = writer.finish()
         metrics["dstore_dir"] = dstore_args.dstore_dir
         if dstore_meta is not None:
-            metrics["dstore_rows_per_second"] = round(num_rows / dstore_meta["seconds"], 2)
+            metrics["dstore_rows_per_second"] = round(scored_rows / dstore_meta["seconds"], 2)
     return metrics
 
 

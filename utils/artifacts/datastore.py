@@ -14,8 +14,11 @@ whose ``[row_begin, row_end)`` contains ``r``.
 
 Writing happens in ``<dir>.partial``: the arrays are pre-allocated memory maps that every process writes
 its own windows into, and ``done_windows.npy`` marks the windows already flushed, so a killed run resumes
-where it stopped (with any number of processes). Only when every window is done are the checksums
-computed, ``meta.json`` written and the directory renamed to its final name.
+where it stopped (with any number of processes) and never runs a finished window through the model again.
+``window_nll.npy`` (float64, one per window) keeps what the writer's caller summed over each window in the
+same pass (train_base: the negative log-likelihood), so a resumed run reports the perplexity of an
+uninterrupted one. Only when every window is done are the checksums computed, ``meta.json`` written and
+the directory renamed to its final name.
 """
 
 from __future__ import annotations
@@ -95,6 +98,7 @@ class DatastoreWriter:
         self.keys = np.load(self.staging / "keys.npy", mmap_mode="r+")
         self.vals = np.load(self.staging / "vals.npy", mmap_mode="r+")
         self.done = np.load(self.staging / "done_windows.npy", mmap_mode="r+")
+        self.window_nll = np.load(self.staging / "window_nll.npy", mmap_mode="r+")
 
     def _prepare(self) -> None:
         """Create the staging directory, or keep it if it belongs to the same run."""
@@ -103,22 +107,30 @@ class DatastoreWriter:
                         self.staging, int(np.load(self.staging / "done_windows.npy").sum()), self.identity["windows"])
 
     def _allocate(self, staging: Path) -> None:
-        """Pre-allocate the arrays and the per-window done flags."""
-        rows, dim = self.identity["rows"], self.identity["dim"]
+        """Pre-allocate the arrays, the per-window done flags and the per-window sums (NaN: never written)."""
+        rows, dim, windows = self.identity["rows"], self.identity["dim"], self.identity["windows"]
         np.lib.format.open_memmap(staging / "keys.npy", mode="w+", dtype=KEY_DTYPE, shape=(rows, dim)).flush()
         np.lib.format.open_memmap(staging / "vals.npy", mode="w+", dtype=VAL_DTYPE, shape=(rows,)).flush()
-        np.save(staging / "done_windows.npy", np.zeros(self.identity["windows"], dtype=bool))
+        np.save(staging / "done_windows.npy", np.zeros(windows, dtype=bool))
+        np.save(staging / "window_nll.npy", np.full(windows, np.nan, dtype=np.float64))
 
     def pending(self, window_ids: np.ndarray) -> bool:
         """Whether any of these windows still has to be written."""
         return not bool(self.done[window_ids].all())
 
-    def write(self, rows: np.ndarray, keys: np.ndarray, vals: np.ndarray, window_ids: np.ndarray) -> None:
-        """Store the rows of some whole windows, then mark those windows done."""
+    def written_nll(self, window_ids: np.ndarray) -> dict[int, float]:
+        """The per-window sums stored with these (written) windows, as `utils.scoring.window_sums` gives them."""
+        return dict(zip(np.asarray(window_ids).tolist(), self.window_nll[window_ids].tolist()))
+
+    def write(self, rows: np.ndarray, keys: np.ndarray, vals: np.ndarray, window_ids: np.ndarray,
+              window_nll: dict[int, float] | None = None) -> None:
+        """Store the rows of some whole windows (and the caller's per-window sums), then mark those windows done."""
         self.keys[rows] = keys.astype(KEY_DTYPE, copy=False)
         self.vals[rows] = vals.astype(VAL_DTYPE, copy=False)
-        self.keys.flush()
-        self.vals.flush()
+        if window_nll is not None:
+            self.window_nll[list(window_nll)] = list(window_nll.values())
+        for array in (self.keys, self.vals, self.window_nll):
+            array.flush()
         self.done[window_ids] = True
         self.done.flush()
 
@@ -140,9 +152,9 @@ class DatastoreWriter:
                 "key_dtype": np.dtype(KEY_DTYPE).name, "val_dtype": np.dtype(VAL_DTYPE).name,
                 "seconds": round(time.time() - self.start_time, 2), **(extra_meta or {}),
             }
-            del self.keys, self.vals, self.done
-            (self.staging / "done_windows.npy").unlink()
-            (self.staging / "progress.json").unlink()
+            del self.keys, self.vals, self.done, self.window_nll
+            for name in ("done_windows.npy", "window_nll.npy", "progress.json"):
+                (self.staging / name).unlink()
             write_json(self.staging / "meta.json", meta)
             self.staging.rename(self.path)
             logger.info("Datastore written to %s: %d rows of dimension %d", self.path, meta["rows"], meta["dim"])
