@@ -296,7 +296,7 @@ class Neighbours:
     """The ``k`` nearest datastore rows of each query, nearest first; id -1 (distance inf) where none was found."""
 
     ids: np.ndarray  # int64 (n, k)
-    dists: np.ndarray  # float32 (n, k) squared L2 distances as FAISS computed them
+    dists: np.ndarray  # float32 (n, k) squared L2 distances (exact ones, unless searched with exact=False)
 
     @property
     def valid(self) -> np.ndarray:
@@ -322,13 +322,46 @@ def select_neighbours(dists: np.ndarray, ids: np.ndarray, k: int, exclude_rows: 
     )
 
 
+def candidate_count(k: int) -> int:
+    """Rows asked of the index for ``k`` exact neighbours: ``k`` plus a margin (k / 8, at least 8) for the rounding
+    of the index's own distances, which changes with the number of queries per search call."""
+    return k + max(8, k // 8)
+
+
+def exact_distances(keys: np.ndarray, queries: np.ndarray, ids: np.ndarray, max_floats: int = 1 << 25) -> np.ndarray:
+    """Squared L2 distances, float32 (n, c), from each query (n, d) to the stored keys of its rows ``ids`` (n, c); inf where id is -1.
+
+    Each distance is computed from the float16 key and the query alone, in the same order of operations
+    whatever the other rows and queries: the same pair always gets the same float32 number.
+    """
+    n, c = ids.shape
+    dists = np.full((n, c), np.inf, dtype=np.float32)
+    step = max(1, max_floats // (c * keys.shape[1]))  # queries per slice, to bound the (step, c, d) gather
+    for begin in range(0, n, step):
+        rows = ids[begin : begin + step]
+        valid = rows >= 0
+        stored = np.asarray(keys[np.where(valid, rows, 0)], dtype=np.float32)  # (step, c, d)
+        diff = stored - np.asarray(queries[begin : begin + step], dtype=np.float32)[:, None, :]
+        dists[begin : begin + step] = np.where(valid, np.einsum("ncd,ncd->nc", diff, diff), np.inf)
+    return dists
+
+
+def nearest_exact(keys: np.ndarray, queries: np.ndarray, ids: np.ndarray, k: int) -> Neighbours:
+    """Of the candidate rows ``ids`` (n, c >= k; -1 for none), the ``k`` nearest each query by exact distance,
+    equal distances to the lower row: a selection that depends on each query alone."""
+    dists = exact_distances(keys, queries, ids)  # (n, c)
+    order = np.lexsort((ids, dists), axis=1)[:, :k]  # by distance, then row; -1 (inf) last
+    return Neighbours(ids=np.take_along_axis(ids, order, axis=1), dists=np.take_along_axis(dists, order, axis=1))
+
+
 @dataclass
 class KnnIndex:
-    """An opened index and its meta."""
+    """An opened index, its meta, and the datastore keys it indexes (for exact distances)."""
 
     index: faiss.Index | TorchExactSearch
     meta: dict
     path: Path
+    keys: np.ndarray  # float16 (N, d), memory-mapped
 
     @property
     def rows(self) -> int:
@@ -339,15 +372,30 @@ class KnnIndex:
         """IVF lists visited per query; None for an exact index."""
         return int(self.index.nprobe) if hasattr(self.index, "nprobe") else None
 
-    def search(self, queries: np.ndarray, k: int, exclude_rows: np.ndarray | None = None) -> Neighbours:
-        """The ``k`` nearest rows of each query (n, d); asks FAISS for one more when ``exclude_rows`` is given."""
+    def search(self, queries: np.ndarray, k: int, exclude_rows: np.ndarray | None = None, exact: bool = True) -> Neighbours:
+        """The ``k`` nearest rows of each query (n, d), leaving out ``exclude_rows`` (see `select_neighbours`).
+
+        ``exact`` (the default): the index proposes `candidate_count` rows (one more when ``exclude_rows`` is
+        given), and the ``k`` nearest of them by exact float32 distance to the stored keys are kept, equal
+        distances to the lower row (`nearest_exact`). The result then depends on each query alone, not on the
+        other queries of the call: with an exact index it is the exact ``k`` nearest rows, for any batching.
+        With IVFPQ it is the exact ``k`` nearest among the index's best candidates by PQ distance, which are
+        themselves computed per query; only when the query's probed lists or the candidates at the margin's
+        edge hang on a near-tie in FAISS's float32 arithmetic can the batching still change them.
+        `TorchExactSearch` ranks this way already and is not re-ranked.
+        ``exact=False``: the index's own ``k`` nearest and its distances (PQ approximations for IVFPQ), whose
+        rounding and near-ties change with the number of queries per call; no keys are read.
+        """
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        wanted = min(k + (exclude_rows is not None), self.rows)
-        dists, ids = self.index.search(queries, wanted)  # (n, wanted) each
-        if wanted < k:  # a datastore smaller than k: pad with "no neighbour"
-            pad = ((0, 0), (0, k - wanted))
+        rerank = exact and not isinstance(self.index, TorchExactSearch)
+        wanted = candidate_count(k) if rerank else k
+        asked = min(wanted + (exclude_rows is not None), self.rows)
+        dists, ids = self.index.search(queries, asked)  # (n, asked) each
+        if asked < wanted:  # a datastore smaller than k: pad with "no neighbour"
+            pad = ((0, 0), (0, wanted - asked))
             dists, ids = np.pad(dists, pad, constant_values=np.inf), np.pad(ids, pad, constant_values=-1)
-        return select_neighbours(dists, ids, k, exclude_rows)
+        candidates = select_neighbours(dists, ids, wanted, exclude_rows)
+        return nearest_exact(self.keys, queries, candidates.ids, k) if rerank else candidates
 
 
 def torch_search_device(index_type: str, use_gpu: bool) -> str | None:
@@ -379,20 +427,23 @@ def load_index(index_path: str | os.PathLike, datastore: Datastore, probe: int |
                     "" if torch_device else " (FAISS has no GPU here: faiss-cpu)")
         with timed(f"Loading {datastore.num_rows} keys onto {device}", logger):
             index = TorchExactSearch(datastore.keys, device)
-        return KnnIndex(index=index, meta=meta, path=index_path)
+        return KnnIndex(index=index, meta=meta, path=index_path, keys=datastore.keys)
     index = read_index_file(index_path, meta, mmap=not use_gpu, verify=verify)
     if meta["index_type"] == "ivfpq":
         if probe is not None and not 1 <= probe <= index.nlist:
             raise UsageError(f"--probe must be between 1 and the index's {index.nlist} lists, got {probe}")
         index.nprobe = probe or meta["probe"]
     index = to_device(index, use_gpu)
-    return KnnIndex(index=index, meta=meta, path=index_path)
+    return KnnIndex(index=index, meta=meta, path=index_path, keys=datastore.keys)
 
 
-def check_gpu_k(k: int, use_gpu: bool) -> None:
-    """GPU FAISS returns at most `GPU_MAX_K` neighbours per query."""
-    if use_gpu and faiss_gpu_available() and k + 1 > GPU_MAX_K:
-        raise UsageError(f"--k {k}: GPU FAISS searches at most {GPU_MAX_K - 1} neighbours (plus the query's own row)")
+def check_gpu_k(k: int, use_gpu: bool, exact: bool = True) -> None:
+    """GPU FAISS returns at most `GPU_MAX_K` rows per query: the ``k`` neighbours (with the margin of an exact
+    ranking, `candidate_count`) and the query's own row."""
+    asked = candidate_count(k) if exact else k
+    if use_gpu and faiss_gpu_available() and asked + 1 > GPU_MAX_K:
+        raise UsageError(f"--k {k}: GPU FAISS returns at most {GPU_MAX_K} rows per query, and --k {k} asks for {asked + 1} "
+                         f"({k} neighbours, a margin of {asked - k} for the exact ranking, the query's own row)")
 
 
 def configure_threads(num_processes: int) -> int:

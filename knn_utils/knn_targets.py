@@ -3,7 +3,10 @@
 Every datastore key is a query (or every key of a second datastore, ``val_path``). Its ``k`` nearest
 rows are searched -- leaving out the query's own row by id -- each weighted by
 ``softmax(-d / knn_temp)`` over their squared L2 distances, and the weights summed onto the
-neighbours' value tokens. Tokens with probability above ``threshold`` (and, optionally, only the
+neighbours' value tokens. By default (``recompute_dists``) the neighbours are the ``k`` nearest of the
+index's candidates by exact float32 distance to the stored keys, equal distances to the lower row, and
+are weighted by those distances (`knn_utils.index.KnnIndex.search`): a row's target depends on that row
+alone, not on ``batch_size`` or the number of processes. Tokens with probability above ``threshold`` (and, optionally, only the
 ``max_targets`` most likely; the most likely one always) are kept and renormalised to sum to 1.
 
 The result is stored sparsely (CSR): utils/artifacts/knn_targets.py holds the layout and reads it.
@@ -55,7 +58,12 @@ class TargetSettings:
     threshold: float = field(default=1e-8, metadata={"help": "Keep the tokens whose kNN probability is above this."})
     max_targets: int | None = field(default=None, metadata={"help": "Keep at most this many tokens per row (the most likely)."})
     recompute_dists: bool = field(
-        default=False, metadata={"help": "Weight neighbours by exact distances recomputed from the stored keys (slow: random reads)."}
+        default=True,
+        metadata={"help": "Rank the index's candidates (k plus a margin) by exact float32 distances recomputed from the stored "
+                  "keys, ties to the lower row, and weight the neighbours by those: the targets are then the same for any "
+                  "--batch_size and number of processes (see knn_utils/index.py KnnIndex.search). Takes True/False; False "
+                  "(the released default) uses the index's own k nearest and distances, reads no keys, and lets near-ties "
+                  "and rounding depend on --batch_size."},
     )
     chunk_rows: int = field(
         default=1_048_576, metadata={"help": "Rows per chunk file (rounded up to a multiple of --batch_size); the unit of resuming."}
@@ -138,21 +146,6 @@ def sparse_targets(neighbours: Neighbours, vals: np.ndarray, knn_temp: float, th
                       token_ids=group_tokens.astype(ID_DTYPE), probs=probs)
 
 
-def exact_distances(keys: np.ndarray, queries: np.ndarray, neighbours: Neighbours, max_floats: int = 1 << 25) -> Neighbours:
-    """``neighbours`` with squared L2 distances recomputed from the stored float16 keys (inf stays inf)."""
-    n, k = neighbours.ids.shape
-    dists = np.full((n, k), np.inf, dtype=np.float32)
-    step = max(1, max_floats // (k * keys.shape[1]))  # queries per slice, to bound the (step, k, d) gather
-    for begin in range(0, n, step):
-        ids = neighbours.ids[begin : begin + step]
-        valid = ids >= 0
-        stored = np.asarray(keys[np.where(valid, ids, 0)], dtype=np.float32)  # (step, k, d)
-        diff = stored - np.asarray(queries[begin : begin + step], dtype=np.float32)[:, None, :]
-        dists[begin : begin + step] = np.where(valid, np.einsum("nkd,nkd->nk", diff, diff), np.inf)
-    order = np.argsort(dists, axis=1, kind="stable")
-    return Neighbours(ids=np.take_along_axis(neighbours.ids, order, axis=1), dists=np.take_along_axis(dists, order, axis=1))
-
-
 # ---------------------------------------------------------------------------------------------------
 # The search over all rows, in resumable chunks
 
@@ -174,9 +167,8 @@ def search_rows(job: SearchJob, begin: int, end: int) -> SparseRows:
     for start in range(begin, end, settings.batch_size):
         stop = min(start + settings.batch_size, end)
         queries = np.asarray(job.queries.keys[start:stop], dtype=np.float32)  # (b, d)
-        neighbours = job.index.search(queries, settings.k, np.arange(start, stop) if job.exclude_self else None)
-        if settings.recompute_dists:
-            neighbours = exact_distances(job.datastore.keys, queries, neighbours)
+        neighbours = job.index.search(queries, settings.k, np.arange(start, stop) if job.exclude_self else None,
+                                      exact=settings.recompute_dists)
         parts.append(sparse_targets(neighbours, job.datastore.vals, settings.knn_temp, settings.threshold,
                                     settings.max_targets))
     return SparseRows.concatenate(parts)
@@ -229,7 +221,7 @@ def open_inputs(dstore_path: str, index_path: str | None, val_path: str | None, 
             logger.info("--val_path queries are not datastore rows: there is no own row to leave out (--ignore_first ignored)")
     elif not settings.ignore_first:
         logger.warning("--ignore_first False: each row retrieves itself, so its target contains its own gold token")
-    check_gpu_k(settings.k, use_gpu)
+    check_gpu_k(settings.k, use_gpu, exact=settings.recompute_dists)
     index = load_index(index_path or default_index_path(dstore_path), datastore, settings.probe, use_gpu, torch_device,
                        verify)
     if settings.k > datastore.num_rows - (val_path is None and settings.ignore_first):

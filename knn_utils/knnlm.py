@@ -9,7 +9,8 @@
 ``accelerate launch --cpu`` starts only one.)
 
 For every scored row the query is the hooked key of the frozen LM (the same hidden state the datastore
-holds), ``p_knn`` comes from the values of its ``k`` nearest rows weighted by ``softmax(-d / knn_temp)``,
+holds), ``p_knn`` comes from the values of its ``k`` nearest rows weighted by ``softmax(-d / knn_temp)``
+(nearest by exact distance, ties to the lower row, as for the kNN targets: `knn_utils.index.KnnIndex.search`),
 and ``log p = logaddexp(log p_lm + log(1 - lmbda), log p_knn + log lmbda)`` over the full vocabulary.
 The base perplexity comes from the same pass; both go to ``OUT/knnlm_results.json``. When the evaluated
 split is the one the datastore was built from, each row's own datastore entry is left out.

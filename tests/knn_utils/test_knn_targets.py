@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from knn_utils import knn_targets as targets_lib
-from knn_utils.index import IndexSettings, build_index
+from knn_utils.index import IndexSettings, build_index, load_index
 from knn_utils.knn_targets import TargetSettings, compute_knn_targets
 from knn_utils.saveKNNMulti import SaveKnnArguments
 from tests.knn_fixtures import accelerate_launch, clustered_keys, random_datastore, write_datastore
@@ -143,10 +143,11 @@ def test_interrupted_search_resumes_to_the_identical_artifact(flat_dstore, tmp_p
 
 
 def test_two_processes_write_the_same_artifact_as_one(flat_dstore, tmp_path):
+    """Also at another --batch_size: 7 queries per search call here, 64 in the single process."""
     compute_knn_targets(str(flat_dstore), str(tmp_path / "one"), settings=settings())
     accelerate_launch("knn_utils.saveKNNMulti", [
         "--dstore_path", str(flat_dstore), "--index_path", str(flat_dstore / "index"), "--output_path", str(tmp_path / "two"),
-        "--k", "10", "--knn_temp", "0.5", "--batch_size", "64", "--chunk_rows", "128", "--ignore_first", "True"])
+        "--k", "10", "--knn_temp", "0.5", "--batch_size", "7", "--chunk_rows", "70", "--ignore_first", "True"])
     for name in ("offsets", "token_ids", "probs", "labels"):
         assert (tmp_path / "two" / f"{name}.npy").read_bytes() == (tmp_path / "one" / f"{name}.npy").read_bytes()
     assert load_knn_targets(tmp_path / "two").meta["num_processes"] == 2
@@ -164,9 +165,9 @@ def test_val_path_queries_another_datastore_without_exclusion(flat_dstore, tmp_p
     assert not meta["exclude_self"] and meta["rows"] == 40
 
 
-def test_recomputed_distances_give_the_same_targets_with_an_exact_index(flat_dstore, tmp_path):
+def test_faiss_distances_give_the_same_targets_with_an_exact_index(flat_dstore, tmp_path):
     compute_knn_targets(str(flat_dstore), str(tmp_path / "a"), settings=settings())
-    compute_knn_targets(str(flat_dstore), str(tmp_path / "b"), settings=settings(recompute_dists=True))
+    compute_knn_targets(str(flat_dstore), str(tmp_path / "b"), settings=settings(recompute_dists=False))
     a, b = load_knn_targets(tmp_path / "a"), load_knn_targets(tmp_path / "b")
     np.testing.assert_array_equal(a.token_ids, b.token_ids)
     np.testing.assert_allclose(a.probs.astype(float), b.probs.astype(float), atol=FP16_TOLERANCE)
@@ -210,3 +211,76 @@ def test_sum_by_token_groups_equal_tokens_per_row():
     np.testing.assert_array_equal(rows, [0, 0, 0, 1])
     np.testing.assert_array_equal(group_tokens, [-1, 1, 3, 2])
     np.testing.assert_allclose(sums, [0.0, 0.3, 0.7, 1.0])
+
+
+# ---------------------------------------------------------------------------------------------------
+# The same k neighbours for any batching: exact distances, ties to the lower row
+
+GRID = 2.0**-10  # float16's spacing in [1, 2): squared distances between such keys are exact in float32
+
+
+def tie_keys(clusters: int = 25, size: int = 16, dim: int = 16, seed: int = 0) -> np.ndarray:
+    """Clustered float16 keys on a grid, full of exact ties and near-ties (distances one grid step apart),
+    with one row in six a copy of another (exact duplicates); float16 (clusters * size, dim).
+
+    Every squared distance between two keys is a small integer times GRID**2, computed exactly in float32
+    in any order of summation, so the nearest rows by (distance, row) are well defined.
+    """
+    rng = np.random.default_rng(seed)
+    centres = 1.25 + np.round(0.5 * rng.random((clusters, dim)) / GRID) * GRID
+    keys = np.repeat(centres, size, axis=0) + rng.integers(-3, 4, size=(clusters * size, dim)) * GRID
+    copies = rng.choice(len(keys), size=len(keys) // 6, replace=False)
+    keys[copies] = keys[rng.choice(len(keys), size=len(copies))]
+    return keys.astype(np.float16)
+
+
+def nearest_by_distance_then_row(keys: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Brute force: each row's k nearest other rows sorted by (distance, row), and their distances; float64."""
+    keys = keys.astype(np.float64)
+    dists = ((keys[:, None, :] - keys[None, :, :]) ** 2).sum(-1)  # (N, N)
+    np.fill_diagonal(dists, np.inf)
+    order = np.lexsort((np.broadcast_to(np.arange(len(keys)), dists.shape), dists), axis=1)[:, :k]
+    return order, np.take_along_axis(dists, order, axis=1)
+
+
+@pytest.fixture
+def blas_from_20_queries(monkeypatch):
+    """FAISS's exact search through BLAS from 20 queries per call (FAISS 1.15 waits for 128,000; older ones
+    used 20): its distances, ||q||^2 + ||x||^2 - 2 q.x in float32, then round differently with the batch size."""
+    monkeypatch.setattr(faiss.cvar, "distance_compute_blas_threshold", 20)
+
+
+def test_neighbours_are_the_nearest_by_distance_then_row_for_any_batch_size(tmp_path, blas_from_20_queries):
+    keys = tie_keys()
+    dstore = write_datastore(tmp_path / "ds", keys, np.zeros(len(keys), dtype=np.int32))
+    build_index(str(dstore), settings=IndexSettings(index_type="flat"), show_progress=False)
+    index = load_index(dstore / "index", load_datastore(str(dstore)))
+    k, queries, rows = 6, keys.astype(np.float32), np.arange(len(keys))
+    expected_ids, expected_dists = nearest_by_distance_then_row(keys, k)
+    ties_at_k = expected_dists[:, -1] == nearest_by_distance_then_row(keys, k + 1)[1][:, -1]
+    assert ties_at_k.sum() >= 10  # rows whose k-th neighbour ties with the next: the lower row must win
+    assert (expected_dists[:, 0] == 0).sum() >= 50  # rows with an exact duplicate elsewhere
+    for batch_size in (1, 7, 64):
+        found = [index.search(queries[s : s + batch_size], k, rows[s : s + batch_size]) for s in range(0, len(keys), batch_size)]
+        np.testing.assert_array_equal(np.concatenate([f.ids for f in found]), expected_ids)
+        np.testing.assert_array_equal(np.concatenate([f.dists for f in found]), expected_dists.astype(np.float32))
+    faiss_order = np.concatenate([index.search(queries[s : s + 64], k, rows[s : s + 64], exact=False).ids
+                                  for s in range(0, len(keys), 64)])
+    assert (faiss_order != expected_ids).any(axis=1).sum() > 50  # what FAISS alone gives at 64 queries per call
+
+
+def test_targets_are_byte_identical_for_any_batch_size(tmp_path, blas_from_20_queries):
+    keys = tie_keys()
+    vals = np.random.default_rng(1).integers(VOCAB, size=len(keys)).astype(np.int32)
+    dstore = write_datastore(tmp_path / "ds", keys, vals)
+    build_index(str(dstore), settings=IndexSettings(index_type="flat"), show_progress=False)
+    knn_temp = 20 * GRID**2  # a neighbour 20 grid steps further away weighs e times less
+    for batch_size in (7, 64):
+        compute_knn_targets(str(dstore), str(tmp_path / f"b{batch_size}"),
+                            settings=settings(k=6, knn_temp=knn_temp, batch_size=batch_size, chunk_rows=batch_size * 3))
+    for name in ("offsets", "token_ids", "probs", "labels"):
+        assert (tmp_path / "b7" / f"{name}.npy").read_bytes() == (tmp_path / "b64" / f"{name}.npy").read_bytes()
+    expected = dense_reference(keys, vals, 6, knn_temp, 1e-8)  # sorts by (distance, row) too
+    got = densify(load_knn_targets(tmp_path / "b7"), range(len(keys)))
+    np.testing.assert_array_equal(got > 0, expected > 0)
+    np.testing.assert_allclose(got, expected, atol=FP16_TOLERANCE)
