@@ -3,11 +3,13 @@
 Every datastore key is a query (or every key of a second datastore, ``val_path``). Its ``k`` nearest
 rows are searched -- leaving out the query's own row by id -- each weighted by
 ``softmax(-d / knn_temp)`` over their squared L2 distances, and the weights summed onto the
-neighbours' value tokens. By default (``recompute_dists``) the neighbours are the ``k`` nearest of the
-index's candidates by exact float32 distance to the stored keys, equal distances to the lower row, and
-are weighted by those distances (`knn_utils.index.KnnIndex.search`): a row's target depends on that row
-alone, not on ``batch_size`` or the number of processes. Tokens with probability above ``threshold`` (and, optionally, only the
+neighbours' value tokens. Tokens with probability above ``threshold`` (and, optionally, only the
 ``max_targets`` most likely; the most likely one always) are kept and renormalised to sum to 1.
+
+By default (``recompute_dists``) the neighbours are the ``k`` nearest of the index's candidates by exact
+float32 distance to the stored keys, equal distances to the lower row, and are weighted by those
+distances (`knn_utils.index.KnnIndex.search`): a row's target depends on that row alone, not on
+``batch_size`` or the number of processes.
 
 The result is stored sparsely (CSR): utils/artifacts/knn_targets.py holds the layout and reads it.
 

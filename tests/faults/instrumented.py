@@ -17,8 +17,8 @@ import importlib
 import runpy
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 
