@@ -189,6 +189,8 @@ def test_ignore_first_parses_true_and_false():
     assert parse_args((SaveKnnArguments, TargetSettings), [*common, "--ignore_first", "True"])[1].ignore_first is True
     args, target_settings = parse_args((SaveKnnArguments, TargetSettings), [*common, "--knn_gpu"])
     assert args.knn_gpu is True and target_settings.ignore_first is True
+    assert target_settings.recompute_dists is True  # the exact ranking unless asked otherwise
+    assert parse_args((SaveKnnArguments, TargetSettings), [*common, "--recompute_dists", "False"])[1].recompute_dists is False
 
 
 def test_bad_inputs_are_usage_errors(flat_dstore, tmp_path):
