@@ -90,12 +90,26 @@ class TorchExactSearch:
         return best_rows
 
     def exact_nearest(self, queries: torch.Tensor, rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ``k`` of ``rows`` (b, c) nearest each query by exact float32 ``||q - key||^2``, sorted, (b, k) each."""
-        rows = rows.sort(dim=1).values  # equal distances keep the lower row first
-        dists = torch.empty(rows.shape, dtype=torch.float32, device=self.device)  # (b, c)
-        step = max(1, self.max_score_bytes // (6 * rows.shape[1] * self.d))  # queries per (step, c, d) gather
-        for begin in range(0, len(rows), step):
-            stored = self.keys[rows[begin : begin + step]].float()  # (step, c, d)
-            dists[begin : begin + step] = stored.sub_(queries[begin : begin + step, None, :]).square_().sum(dim=2)
-        dists, order = dists.sort(dim=1, stable=True)
-        return dists[:, :k], rows.gather(1, order[:, :k])
+        """`exact_nearest` over this search's keys."""
+        return exact_nearest(self.keys, queries, rows, k, self.max_score_bytes)
+
+
+def exact_nearest(keys: torch.Tensor, queries: torch.Tensor, rows: torch.Tensor, k: int,
+                  max_bytes: int = TORCH_SCORE_BYTES) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` of the candidate ``rows`` (b, c) nearest each query (b, d) by exact float32 ``||q - key||^2``, sorted,
+    equal distances to the lower row; distances and rows, (b, k) each. Row -1 stands for no candidate (distance inf).
+
+    ``keys`` (N, d) are the stored keys in their own dtype, on the device of the queries (a memory-mapped datastore
+    on the CPU). Each distance is computed from its key and its query alone, the same way whatever the other
+    rows and queries, so a query gets the same neighbours in any batch. A block of gathered keys stays under
+    ``max_bytes``.
+    """
+    rows = rows.sort(dim=1).values  # equal distances keep the lower row first
+    dists = torch.empty(rows.shape, dtype=torch.float32, device=queries.device)  # (b, c)
+    step = max(1, max_bytes // (6 * rows.shape[1] * keys.shape[1]))  # queries per (step, c, d) gather
+    for begin in range(0, len(rows), step):
+        stored = keys[rows[begin : begin + step].clamp(min=0)].float()  # (step, c, d)
+        dists[begin : begin + step] = stored.sub_(queries[begin : begin + step, None, :]).square_().sum(dim=2)
+    dists.masked_fill_(rows < 0, float("inf"))
+    dists, order = dists.sort(dim=1, stable=True)
+    return dists[:, :k], rows.gather(1, order[:, :k])
