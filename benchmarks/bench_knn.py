@@ -6,7 +6,9 @@
 
 Part 1 searches the same queries (random rows of the datastore, as in the kNN-target search) with an
 exact IndexFlatL2 and with IndexIVFPQ at each nprobe: queries/s and recall@k against the exact result,
-side by side, for each k; plus rows/s of the whole target computation (search + sparse aggregation).
+side by side, for each k, each with FAISS's own ranking and with the exact ranking (the default: the
+index's candidates re-ranked by exact distance to the stored keys), which shows what the exact ranking
+costs; plus rows/s of the whole target computation (search + sparse aggregation), both ways.
 Part 2 evaluates the base LM and the kNN-LM on the same split: tokens/s of each. Without a model it
 builds a tiny random GPT-2 over the embedded corpus (utils/embedded_corpus/) and its datastore.
 
@@ -31,7 +33,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from knn_utils.index import IndexSettings, build_index, load_index
+from knn_utils.index import IndexSettings, build_index, candidate_count, load_index, nearest_exact
 from knn_utils.knn_targets import SearchJob, TargetSettings, search_rows
 from utils.artifacts.datastore import DatastoreWriter, load_datastore
 from utils.cli import parse_args, run, setup_logging
@@ -54,7 +56,7 @@ class BenchArguments:
     dim: int = field(default=576, metadata={"help": "Key dimension of the synthetic datastore (576: SmolLM2-135M)."})
     seed: int = field(default=0, metadata={"help": "Seed of the synthetic data and of the query sample."})
     num_queries: int = field(default=2000, metadata={"help": "Queries per measurement."})
-    ks: str = field(default="32,1024", metadata={"help": "Comma-separated k values."})
+    ks: str = field(default="64,1024", metadata={"help": "Comma-separated k values (64: the real run's; 1024: the paper's)."})
     probes: str = field(default="1,4,16,64", metadata={"help": "Comma-separated nprobe values for IVFPQ."})
     ncentroids: int = field(default=1024, metadata={"help": "IVF lists of the benchmarked index."})
     code_size: int = field(default=64, metadata={"help": "PQ sub-quantizers."})
@@ -99,15 +101,21 @@ def write_synthetic_datastore(path: Path, rows: int, dim: int, seed: int, chunk_
     writer.finish()
 
 
-def timed_search(index, queries: np.ndarray, k: int, repeats: int) -> tuple[float, np.ndarray]:
-    """Median seconds of ``repeats`` searches, and the ids of the last, (n, k)."""
-    index.search(queries[:50], k)  # warm-up
-    seconds = []
+def timed_rankings(index, queries: np.ndarray, k: int, repeats: int) -> tuple[dict, dict, float]:
+    """Median seconds of each ranking (see `RANKINGS`) over ``repeats`` rounds that alternate them, so that both
+    see the same machine load; the ids (n, k) each found; and the seconds of the exact re-ranking step alone."""
+    for exact in RANKINGS.values():
+        index.search(queries[:50], k, exact=exact)  # warm-up
+    seconds, ids = {name: [] for name in RANKINGS}, {}
     for _ in range(repeats):
-        start = time.perf_counter()
-        neighbours = index.search(queries, k)
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds), neighbours.ids
+        for name, exact in RANKINGS.items():
+            start = time.perf_counter()
+            ids[name] = index.search(queries, k, exact=exact).ids
+            seconds[name].append(time.perf_counter() - start)
+    candidates = index.search(queries, candidate_count(k), exact=False).ids  # what the exact ranking re-ranks
+    start = time.perf_counter()
+    nearest_exact(index.keys, queries, candidates, k)
+    return {name: statistics.median(s) for name, s in seconds.items()}, ids, time.perf_counter() - start
 
 
 def recall(found: np.ndarray, truth: np.ndarray) -> float:
@@ -115,8 +123,11 @@ def recall(found: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean([len(np.intersect1d(f[f >= 0], t)) / len(t) for f, t in zip(found, truth)]))
 
 
+RANKINGS = {"faiss": False, "exact": True}  # KnnIndex.search(exact=...): the index's own k nearest, or the exact ranking
+
+
 def bench_search(args: BenchArguments, work: Path) -> dict:
-    """Part 1: exact vs IVFPQ at each nprobe, for each k."""
+    """Part 1: exact vs IVFPQ at each nprobe, for each k, each with FAISS's ranking and with the exact ranking."""
     dstore = Path(args.dstore_path) if args.dstore_path else work / "synthetic_dstore"
     if not args.dstore_path:
         start = time.perf_counter()
@@ -128,38 +139,43 @@ def bench_search(args: BenchArguments, work: Path) -> dict:
         index_type="ivfpq", ncentroids=args.ncentroids, code_size=args.code_size, train_size=args.train_size))
     rows = np.sort(np.random.default_rng(args.seed).choice(datastore.num_rows, args.num_queries, replace=False))
     queries = np.asarray(datastore.keys[rows], dtype=np.float32)  # (num_queries, d)
-    flat = load_index(work / "flat", datastore)
+    indexes = [("exact (IndexFlatL2)", None, load_index(work / "flat", datastore))]
+    indexes += [("IVFPQ", probe, load_index(work / "ivfpq", datastore, probe=probe)) for probe in map(int, args.probes.split(","))]
     results = []
     for k in (int(x) for x in args.ks.split(",")):
-        seconds, truth = timed_search(flat, queries, k, args.repeats)
-        results.append({"method": "exact (IndexFlatL2)", "nprobe": None, "k": k, "queries_per_second": len(queries) / seconds,
-                        "recall_at_k": 1.0})
-        logger.info("exact k=%d: %.0f queries/s", k, len(queries) / seconds)
-        for probe in (int(x) for x in args.probes.split(",")):
-            ivf = load_index(work / "ivfpq", datastore, probe=probe)
-            seconds, found = timed_search(ivf, queries, k, args.repeats)
-            results.append({"method": "IVFPQ", "nprobe": probe, "k": k, "queries_per_second": len(queries) / seconds,
-                            "recall_at_k": recall(found, truth)})
-            logger.info("IVFPQ nprobe=%d k=%d: %.0f queries/s, recall@k %.3f", probe, k, results[-1]["queries_per_second"],
-                        results[-1]["recall_at_k"])
+        truth = None  # the exact k nearest: the exact index with the exact ranking, measured first
+        for method, probe, index in indexes:
+            seconds, found, rerank_seconds = timed_rankings(index, queries, k, args.repeats)
+            truth = found["exact"] if truth is None else truth
+            results.append({"method": method, "nprobe": probe, "k": k, "rerank_seconds": rerank_seconds,
+                            **{f"queries_per_second_{name}": len(queries) / seconds[name] for name in RANKINGS},
+                            **{f"recall_at_k_{name}": recall(found[name], truth) for name in RANKINGS}})
+            logger.info("%s nprobe=%s k=%d: %.0f queries/s with FAISS's ranking, %.0f with the exact one (re-ranking %.2f s); "
+                        "recall@k %.3f / %.3f", method, probe, k, results[-1]["queries_per_second_faiss"],
+                        results[-1]["queries_per_second_exact"], rerank_seconds, results[-1]["recall_at_k_faiss"],
+                        results[-1]["recall_at_k_exact"])
     return {"datastore": {"path": args.dstore_path or "synthetic", "rows": datastore.num_rows, "dim": datastore.dim},
             "index": {"ncentroids": args.ncentroids, "code_size": args.code_size, "nbits": 8,
                       "train_size": ivf_meta["settings"]["train_size"], "train_seconds": ivf_meta["seconds"]["train"],
                       "add_seconds": ivf_meta["seconds"]["add"], "bytes": ivf_meta["index_bytes"],
                       "flat_bytes": flat_meta["index_bytes"]},
             "num_queries": len(queries), "search": results,
-            "targets": bench_targets(work, datastore, len(queries))}
+            "targets": [bench_targets(work, datastore, len(queries), index_type, recompute)
+                        for index_type in ("flat", "ivfpq") for recompute in (False, True)]}
 
 
-def bench_targets(work: Path, datastore, num_rows: int) -> dict:
-    """Rows/s of the whole kNN-target computation over the first rows (search k=1024 at nprobe 32 + aggregation)."""
-    settings = TargetSettings(k=1024, probe=32, batch_size=num_rows)
-    job = SearchJob(index=load_index(work / "ivfpq", datastore, probe=32), datastore=datastore, queries=datastore,
-                    settings=settings, exclude_self=True)
+def bench_targets(work: Path, datastore, num_rows: int, index_type: str, recompute_dists: bool) -> dict:
+    """Rows/s of the whole kNN-target computation over the first rows (search k=1024, at nprobe 32 for IVFPQ, +
+    aggregation), with the exact ranking (``recompute_dists``, the default) or FAISS's."""
+    settings = TargetSettings(k=1024, probe=32, batch_size=num_rows, recompute_dists=recompute_dists)
+    index = load_index(work / index_type, datastore, probe=32 if index_type == "ivfpq" else None)
+    job = SearchJob(index=index, datastore=datastore, queries=datastore, settings=settings, exclude_self=True)
     start = time.perf_counter()
     targets = search_rows(job, 0, num_rows)
     seconds = time.perf_counter() - start
-    return {"k": 1024, "nprobe": 32, "knn_temp": settings.knn_temp, "rows": num_rows, "rows_per_second": num_rows / seconds,
+    logger.info("kNN targets, %s index, recompute_dists %s: %.0f rows/s", index_type, recompute_dists, num_rows / seconds)
+    return {"index": index_type, "k": 1024, "nprobe": index.nprobe, "knn_temp": settings.knn_temp,
+            "recompute_dists": recompute_dists, "rows": num_rows, "rows_per_second": num_rows / seconds,
             "mean_targets_per_row": float(targets.counts.mean())}
 
 
@@ -241,7 +257,6 @@ def bench_knnlm(args: BenchArguments, work: Path) -> dict:
 def markdown(results: dict) -> str:
     """The results as Markdown tables."""
     search, machine = results["search"], results["machine"]
-    ks = sorted({r["k"] for r in search["search"]})
     lines = [
         "# kNN search benchmark", "",
         f"Machine: {machine['cpu']}, {machine['cores']} cores ({machine['faiss_threads']} FAISS threads), "
@@ -252,17 +267,28 @@ def markdown(results: dict) -> str:
         f"{search['index']['code_size']} x 8-bit codes, trained on {search['index']['train_size']} keys in "
         f"{search['index']['train_seconds']:.1f} s, keys added in {search['index']['add_seconds']:.1f} s, "
         f"{search['index']['bytes'] / 1e6:.1f} MB (exact index {search['index']['flat_bytes'] / 1e6:.1f} MB).", "",
-        "| method | nprobe | " + " | ".join(f"queries/s (k={k}) | recall@{k}" for k in ks) + " |",
-        "|---|---:|" + "---:|---:|" * len(ks),
+        "Each search ranks neighbours two ways: FAISS's own k nearest (`exact=False`, `--recompute_dists False`), or "
+        "the exact ranking, the default (the index's k + margin candidates re-ranked by exact float32 distance to the "
+        "stored keys, ties to the lower row; `knn_utils.index.KnnIndex.search`). Recall is against the exact index with the "
+        "exact ranking.", "",
+        "| method | nprobe | k | queries/s, FAISS ranking | queries/s, exact ranking | time added | re-ranking alone, "
+        "ms per 1000 queries | recall@k, FAISS ranking | recall@k, exact ranking |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    by_key = {(r["method"], r["nprobe"], r["k"]): r for r in search["search"]}
-    for method, probe in dict.fromkeys((r["method"], r["nprobe"]) for r in search["search"]):
-        cells = [f"{by_key[method, probe, k]['queries_per_second']:.0f} | {by_key[method, probe, k]['recall_at_k']:.3f}" for k in ks]
-        lines.append(f"| {method} | {probe if probe is not None else '-'} | " + " | ".join(cells) + " |")
-    targets = search["targets"]
-    lines += ["", f"Whole kNN-target computation (search k={targets['k']} at nprobe {targets['nprobe']} + sparse aggregation, "
-                  f"knn_temp {targets['knn_temp']}): {targets['rows_per_second']:.0f} rows/s, "
-                  f"{targets['mean_targets_per_row']:.1f} stored tokens per row."]
+    for r in search["search"]:
+        added = r["queries_per_second_faiss"] / r["queries_per_second_exact"] - 1
+        lines.append(f"| {r['method']} | {r['nprobe'] if r['nprobe'] is not None else '-'} | {r['k']} | "
+                     f"{r['queries_per_second_faiss']:.0f} | {r['queries_per_second_exact']:.0f} | {added:+.0%} | "
+                     f"{1e6 * r['rerank_seconds'] / search['num_queries']:.0f} | {r['recall_at_k_faiss']:.3f} | "
+                     f"{r['recall_at_k_exact']:.3f} |")
+    lines += ["", "Whole kNN-target computation (search k=1024 + sparse aggregation, knn_temp "
+                  f"{search['targets'][0]['knn_temp']}, {search['targets'][0]['rows']} rows in one batch):", "",
+              "| index | nprobe | rows/s, FAISS ranking | rows/s, exact ranking (`--recompute_dists True`) | stored tokens per row |",
+              "|---|---:|---:|---:|---:|"]
+    for index_type in dict.fromkeys(t["index"] for t in search["targets"]):
+        runs = {t["recompute_dists"]: t for t in search["targets"] if t["index"] == index_type}
+        lines.append(f"| {index_type} | {runs[True]['nprobe'] or '-'} | {runs[False]['rows_per_second']:.0f} | "
+                     f"{runs[True]['rows_per_second']:.0f} | {runs[True]['mean_targets_per_row']:.1f} |")
     if "knnlm" in results:
         knnlm = results["knnlm"]
         base_speed = knnlm["runs"]["base"]["tokens_per_second"]
@@ -288,9 +314,15 @@ def plot(results: dict, path: Path) -> None:
     for k in sorted({r["k"] for r in search}):
         ivf = [r for r in search if r["k"] == k and r["nprobe"] is not None]
         exact = next(r for r in search if r["k"] == k and r["nprobe"] is None)
-        line, = speed.plot([r["nprobe"] for r in ivf], [r["queries_per_second"] for r in ivf], "o-", label=f"IVFPQ k={k}")
-        speed.axhline(exact["queries_per_second"], ls="--", color=line.get_color(), label=f"exact k={k}")
-        quality.plot([r["nprobe"] for r in ivf], [r["recall_at_k"] for r in ivf], "o-", color=line.get_color(), label=f"k={k}")
+        color = None
+        for ranking, style, exact_style in (("faiss", "o-", "--"), ("exact", "s:", "-.")):
+            line, = speed.plot([r["nprobe"] for r in ivf], [r[f"queries_per_second_{ranking}"] for r in ivf], style,
+                               color=color, label=f"IVFPQ k={k}, {ranking} ranking")
+            color = line.get_color()
+            speed.axhline(exact[f"queries_per_second_{ranking}"], ls=exact_style, color=color,
+                          label=f"exact index k={k}, {ranking} ranking")
+            quality.plot([r["nprobe"] for r in ivf], [r[f"recall_at_k_{ranking}"] for r in ivf], style, color=color,
+                         label=f"k={k}, {ranking} ranking")
     speed.set(xscale="log", yscale="log", xlabel="nprobe", ylabel="queries/s", title="Search speed")
     quality.set(xscale="log", xlabel="nprobe", ylabel="recall@k vs exact", ylim=(0, 1.02), title="Recall")
     speed.legend(fontsize=8)
