@@ -102,6 +102,8 @@ class DatastoreWriter:
 
     def _prepare(self) -> None:
         """Create the staging directory, or keep it if it belongs to the same run."""
+        if (self.staging / "progress.json").is_file() and not (self.staging / "window_nll.npy").is_file():
+            (self.staging / "progress.json").unlink()  # staged by a version without per-window sums: start afresh
         if reuse_staging(self.staging, self.identity, self._allocate):
             logger.info("Resuming datastore %s: %d of %d windows already written",
                         self.staging, int(np.load(self.staging / "done_windows.npy").sum()), self.identity["windows"])
