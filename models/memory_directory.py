@@ -21,10 +21,13 @@ import logging
 import os
 from pathlib import Path
 
+import torch
+
 from models.configuration_mlp_memory import MemoryConfig
 from models.modeling_mlp_memory import MEMORY_MODELS, MLPMemoryPreTrainedModel
 from utils.cli import UsageError
-from utils.io import META_NAME, timed, write_json
+from utils.io import META_NAME, ArtifactError, timed, write_json
+from utils.modeling import loading, weight_files
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +63,20 @@ def load_memory(path: str | os.PathLike, flag: str = "--knn_generator_path", **k
 
     if not os.path.isfile(os.path.join(path, CONFIG)):
         raise UsageError(f"{flag} {path}: no config.json there (expected a directory saved by train_mlpmem_*)")
-    config = AutoConfig.from_pretrained(path)
+    with loading(str(path), flag):
+        config = AutoConfig.from_pretrained(path)
     if not isinstance(config, MemoryConfig):
         raise UsageError(f"{flag} {path} holds a {config.model_type!r} model, not an MLP memory")
-    return MEMORY_MODELS[config.memory_style].from_pretrained(path, **kwargs)
+    with loading(str(path), flag):
+        memory = MEMORY_MODELS[config.memory_style].from_pretrained(path, **kwargs)
+    check_finite_weights(memory, path, flag)
+    return memory
+
+
+def check_finite_weights(memory: MLPMemoryPreTrainedModel, path: str | os.PathLike, flag: str) -> None:
+    """A memory whose weights hold NaN or infinities (flipped bytes, a diverged run) is refused: its log-probabilities
+    would be NaN, and so would every perplexity and answer computed with it."""
+    for name, parameter in memory.named_parameters():
+        if not torch.isfinite(parameter).all():
+            raise ArtifactError(f"{flag} {path}: the memory's weights hold NaN or infinite values ({name}): "
+                                f"{weight_files(str(path))} is corrupt, or the training diverged; retrain or restore it")
