@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from models import PRESETS
-from utils.cli import UsageError
+from utils.cli import UsageError, check_finite_floats
 
 SCHEDULERS = ("linear", "cosine", "constant_with_warmup")
 
@@ -34,6 +34,7 @@ class MemoryArguments:
     )
 
     def __post_init__(self):
+        check_finite_floats(self)
         for flag in ("num_layers", "intermediate_size"):
             if getattr(self, flag) is not None and getattr(self, flag) < 1:
                 raise UsageError(f"--{flag} must be >= 1, got {getattr(self, flag)}")
@@ -83,6 +84,9 @@ class MemoryTrainingArguments:
     disable_tqdm: bool = field(default=False, metadata={"help": "No progress bars."})
 
     def __post_init__(self):
+        check_finite_floats(self)
+        if self.learning_rate <= 0:
+            raise UsageError(f"--learning_rate must be > 0, got {self.learning_rate}")
         for flag in ("num_train_epochs", "gradient_accumulation_steps", "logging_steps", "save_total_limit"):
             if getattr(self, flag) < 1:
                 raise UsageError(f"--{flag} must be >= 1, got {getattr(self, flag)}")
