@@ -8,7 +8,7 @@ import json
 import logging
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from safetensors import SafetensorError
@@ -76,7 +76,10 @@ def load_tokenizer(path: str, gguf_file: str | None = None, flag: str = "--token
         tokenizer = GPT2TokenizerFast.from_pretrained(path)
     else:
         kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        # Not a local directory and not loadable from the hub: a usage error. A local directory without tokenizer
+        # files raises OSError as before (`check_tokenizer` falls back to checking the vocabulary size then).
+        with nullcontext() if os.path.isdir(path) else loading(path, flag):
+            tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     if len(tokenizer) < 2:
         raise UsageError(f"{flag} {path}: the tokenizer loaded with an empty vocabulary")
     return tokenizer
