@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 
 from models.joint.perplexity import JointArguments, evaluate_joint, save_sweep
-from utils.arguments import DataArguments, ModelArguments
+from utils.arguments import BaseCheckArguments, DataArguments, ModelArguments
 from utils.cli import command, parse_args, setup_logging
 from utils.distributed import process_state
 from utils.io import save_metrics
@@ -28,10 +28,11 @@ logger = logging.getLogger(__name__)
 def main(argv: list[str] | None = None) -> dict:
     state = process_state()
     setup_logging(state.is_main_process)
-    model_args, data_args, args = parse_args((ModelArguments, DataArguments, JointArguments), argv)
-    logger.info("Arguments: %s %s %s", model_args, data_args, args)
+    model_args, data_args, args, checks = parse_args((ModelArguments, DataArguments, JointArguments, BaseCheckArguments),
+                                                     argv)
+    logger.info("Arguments: %s %s %s %s", model_args, data_args, args, checks)
     with artifact_lock(args.output_dir, "--output_dir", state):
-        metrics = evaluate_joint(model_args, data_args, args, state)
+        metrics = evaluate_joint(model_args, data_args, args, state, checks.allow_base_mismatch)
         if state.is_main_process:
             save_metrics(args.output_dir, "joint", metrics)
             if len(args.lmbda) > 1:

@@ -31,7 +31,7 @@ from utils.cli import UsageError, check_finite_floats, command, parse_args, setu
 from utils.distributed import process_state, with_cpu_flag
 from utils.io import save_metrics
 from utils.locking import artifact_locks
-from utils.modeling import describe_model, load_model_for_dataset
+from utils.modeling import describe_model, load_model_for_dataset, model_fingerprint
 from utils.scoring import check_finite_loss, gather_window_totals, score_batches, token_nll, window_sums
 from utils.windows import ROW_BEGIN, ROW_END
 
@@ -96,11 +96,13 @@ def evaluate(model, split: TokenizedSplit, batch_size: int, state: PartialState,
     num_rows = int(windows[-1, ROW_END] - windows[0, ROW_BEGIN])
     writer = None
     if dstore_args.save_knnlm_dstore:
+        layer = normalize_layer(model, dstore_args.dstore_layer)
         writer = DatastoreWriter(
             dstore_args.dstore_dir, num_rows=num_rows, dim=model.config.hidden_size, num_windows=len(windows),
             identity={
                 "model": describe_model(model_args), "torch_dtype": model_args.torch_dtype,
-                "architecture": model.config.model_type, "layer": normalize_layer(model, dstore_args.dstore_layer),
+                "model_fingerprint": model_fingerprint(model, layer),  # which weights made the keys
+                "architecture": model.config.model_type, "layer": layer,
                 "tokenizer_fingerprint": split.meta["tokenizer"]["fingerprint"],
                 "dataset": {"path": os.path.abspath(data_args.dataset_name), "split": split.split,
                             "tokens_sha256": split.meta["splits"][split.split]["tokens_sha256"],

@@ -16,13 +16,15 @@ from __future__ import annotations
 
 from models.training.arguments import MemoryArguments, MemoryTrainingArguments, OfflineArguments
 from models.training.modes import run_offline
+from utils.arguments import BaseCheckArguments
 from utils.cli import command, parse_args, setup_logging
 
 
 def main(argv: list[str] | None = None, stop_after_steps: int | None = None) -> dict | None:
-    offline, memory_args, training_args = parse_args((OfflineArguments, MemoryArguments, MemoryTrainingArguments), argv)
+    offline, memory_args, training_args, checks = parse_args(
+        (OfflineArguments, MemoryArguments, MemoryTrainingArguments, BaseCheckArguments), argv)
     setup_logging()
-    return run_offline(offline, memory_args, training_args, stop_after_steps)
+    return run_offline(offline, memory_args, training_args, stop_after_steps, checks.allow_base_mismatch)
 
 
 cli = command(main)  # the console script of pyproject.toml

@@ -36,6 +36,7 @@ from knn_utils.knn_targets import SearchJob, TargetSettings, search_rows
 from utils.artifacts.datastore import DatastoreWriter, load_datastore
 from utils.cli import parse_args, run, setup_logging
 from utils.distributed import process_state
+from utils.environment import machine
 from utils.io import write_json
 
 logger = logging.getLogger(__name__)
@@ -72,18 +73,9 @@ class BenchArguments:
 
 
 def machine_info() -> dict:
-    """The machine the numbers were measured on."""
-    import torch
-
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "faiss_threads": faiss.omp_get_max_threads(),
-            "load_average_at_start": [round(x, 2) for x in os.getloadavg()], "faiss": faiss.__version__,
-            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform()}
+    """The machine the numbers were measured on (utils.environment.machine), with FAISS's threads and the load."""
+    return {**machine(), "faiss_threads": faiss.omp_get_max_threads(),
+            "load_average_at_start": [round(x, 2) for x in os.getloadavg()], "platform": platform.platform()}
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -137,7 +137,7 @@ def measure_model(model_path: str, gguf_file: str | None, memory_dir: Path, data
         split = load_split(str(dataset), split_name)
         model_args = ModelArguments(model_name_or_path=model_path, gguf_file=gguf_file)
         model, _ = load_model_for_dataset(model_args, split.meta, str(dataset))
-        memory, layer = load_checked_memory(str(memory_dir), model, split.meta["tokenizer"]["fingerprint"])
+        memory, layer, _ = load_checked_memory(str(memory_dir), model, split.meta["tokenizer"]["fingerprint"])
         model.to(device)
         memory.to(device)
         lm, mem, knn_lp = [], [], []
@@ -199,7 +199,7 @@ def curve(args, out: Path) -> list[dict]:
     split = load_split(str(dataset), "test")
     model, _ = load_model_for_dataset(ModelArguments(model_name_or_path=args.model_dir, gguf_file=args.gguf_file),
                                       split.meta, str(dataset))
-    memory, layer = load_checked_memory(str(out / "memory"), model, split.meta["tokenizer"]["fingerprint"])
+    memory, layer, _ = load_checked_memory(str(out / "memory"), model, split.meta["tokenizer"]["fingerprint"])
     device = torch.device(args.device)
     model.to(device)
     memory.to(device)

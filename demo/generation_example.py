@@ -27,15 +27,16 @@ import string
 import sys
 
 import torch
+from transformers import HfArgumentParser
 
 from models import load_memory
 from models.joint import JointLM, check_joint_settings
-from utils.arguments import ModelArguments
+from utils.arguments import BaseCheckArguments, ModelArguments
 from utils.cli import UsageError, check_finite_floats, run, setup_logging
 from utils.embedded_corpus import QA_PROMPT
 from utils.io import write_json
 from utils.locking import artifact_lock
-from utils.modeling import load_causal_lm, load_tokenizer, model_tokenizer_path
+from utils.modeling import load_causal_lm, load_tokenizer, model_tokenizer_path, tokenizer_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +46,9 @@ _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m demo.generation_example", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The demo's flags; --allow_base_mismatch comes from its one definition (utils.arguments.BaseCheckArguments)."""
+    p = HfArgumentParser(BaseCheckArguments, prog="python -m demo.generation_example",
+                         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quickstart_dir", default=DEFAULT_QUICKSTART,
                    help="Outputs of scripts/quickstart.sh (base/, memory/, corpus/) used for what is not given.")
     p.add_argument("--model_name_or_path", help="Base causal LM (default: QUICKSTART_DIR/base).")
@@ -164,7 +166,8 @@ def run_demo(args: argparse.Namespace) -> dict:
         qa, qa_prompt = load_qa(args)
         qa = qa[:args.scan] if args.find_correction else qa[:args.num_examples]
     model, tokenizer, memory = load_pair(args)
-    joint = JointLM(model, memory, lmbda=args.lmbda, knn_temp=args.knn_temp)
+    joint = JointLM(model, memory, lmbda=args.lmbda, knn_temp=args.knn_temp,
+                    tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), allow_base_mismatch=args.allow_base_mismatch)
 
     prompts = args.prompt or [qa_prompt.format(question=pair["question"]) for pair in qa]
     logger.info("Generating %d prompt(s), base alone and base + memory (lmbda %s, knn_temp %s)",
@@ -181,7 +184,7 @@ def run_demo(args: argparse.Namespace) -> dict:
             ex["corrected"] = ex["joint_right"] and not ex["base_right"]
         examples.append(ex)
 
-    summary = {"lmbda": args.lmbda, "knn_temp": args.knn_temp, "num_prompts": len(prompts)}
+    summary = {"lmbda": args.lmbda, "knn_temp": args.knn_temp, "num_prompts": len(prompts), "base_check": joint.base_check}
     shown = examples
     if qa is not None:
         summary.update(base_right=sum(e["base_right"] for e in examples),

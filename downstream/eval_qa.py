@@ -28,7 +28,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from downstream.qa_data import load_qa
 from downstream.qa_metrics import aggregate, score
-from utils.arguments import ModelArguments
+from utils.arguments import BaseCheckArguments, ModelArguments
 from utils.cli import UsageError, check_finite_floats, command, parse_args, setup_logging
 from utils.io import save_metrics
 from utils.locking import artifact_lock
@@ -146,7 +146,7 @@ def write_jsonl(path: str, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-def answer_questions(model_args: ModelArguments, args: QAArguments) -> dict:
+def answer_questions(model_args: ModelArguments, args: QAArguments, checks: BaseCheckArguments) -> dict:
     """Answer, score and write the results, holding the lock of --output_dir."""
     examples, data_info = load_qa(args.data_file, args.dataset_name, args.dataset_config_name, args.dataset_split,
                                   args.question_field, args.answer_field, args.max_samples)
@@ -163,7 +163,9 @@ def answer_questions(model_args: ModelArguments, args: QAArguments) -> dict:
         from models.joint import JointLM
 
         memory = load_memory(args.knn_generator_path, flag="--knn_generator_path")
-        joint = JointLM(model, memory, lmbda=args.lmbda, knn_temp=args.knn_temp)
+        joint = JointLM(model, memory, lmbda=args.lmbda, knn_temp=args.knn_temp,
+                        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+                        allow_base_mismatch=checks.allow_base_mismatch)
 
     prompts = [make_prompt(args.prompt_template, ex["question"]) for ex in examples]
     start = time.perf_counter()
@@ -187,6 +189,7 @@ def answer_questions(model_args: ModelArguments, args: QAArguments) -> dict:
         "knn_generator_path": local_path_or_name(args.knn_generator_path),
         "lmbda": args.lmbda if args.use_neural_knn else None,
         "knn_temp": args.knn_temp if args.use_neural_knn else None,
+        "base_check": joint.base_check if joint is not None else None,
         "model": describe_model(model_args),
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "data": data_info,
@@ -206,11 +209,11 @@ def answer_questions(model_args: ModelArguments, args: QAArguments) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     setup_logging()
-    model_args, args = parse_args((ModelArguments, QAArguments), argv)
+    model_args, args, checks = parse_args((ModelArguments, QAArguments, BaseCheckArguments), argv)
     if model_args.model_name_or_path is None:
         raise UsageError("--model_name_or_path is required (a pretrained base model)")
     with artifact_lock(args.output_dir, "--output_dir"):
-        return answer_questions(model_args, args)
+        return answer_questions(model_args, args, checks)
 
 
 cli = command(main)  # the console script of pyproject.toml

@@ -33,6 +33,7 @@ from knn_utils.torch_search import TorchExactSearch
 from utils.artifacts.datastore import Datastore, datastore_summary, open_datastore
 from utils.artifacts.index import (FORMAT_VERSION, INDEX_FILE, chunk_file, default_index_path, read_index_file,
                                    read_index_meta, write_index_atomically)
+from utils.checksums import record_checksums
 from utils.cli import UsageError
 from utils.io import ArtifactError, atomic_directory, chunk_ranges, reuse_staging, timed, write_json
 from utils.locking import artifact_lock
@@ -242,13 +243,16 @@ def merge_chunks(staging: Path, trained: faiss.Index, num_chunks: int) -> faiss.
 
 
 def build_index(dstore_path: str, index_path: str | None = None, settings: IndexSettings | None = None,
-                use_gpu: bool = False, show_progress: bool = True) -> dict:
-    """Build the index of a datastore and return its meta (the contents of ``meta.json``), holding the index's lock.
+                use_gpu: bool = False, show_progress: bool = True, verify: bool = True) -> dict:
+    """Build the index of a datastore (its files verified first, with ``verify``) and return its meta (the
+    contents of ``meta.json``), holding the index's lock.
 
-    The datastore is opened first: the default index lives inside it, and its lock must not create it."""
-    datastore = open_datastore(dstore_path, "--dstore_path")
+    The datastore is opened (unverified) before the lock is taken: the default index lives inside it, and the
+    lock must not create a missing datastore's directory. It is verified once the lock is held."""
+    open_datastore(dstore_path, "--dstore_path", verify=False)
     index_path = Path(index_path) if index_path else default_index_path(dstore_path)
     with artifact_lock(index_path, "--index_path"):
+        datastore = open_datastore(dstore_path, "--dstore_path", verify)
         return build_locked(datastore, index_path, settings, use_gpu, show_progress)
 
 
@@ -289,6 +293,7 @@ def build_locked(datastore: Datastore, index_path: Path, settings: IndexSettings
             "built_on": "gpu" if use_gpu and faiss_gpu_available() else "cpu",
             "seconds": {"train": round(train_time["seconds"], 3), "add": round(add_time["seconds"], 3)},
             "index_bytes": (staging / INDEX_FILE).stat().st_size,
+            "checksums": record_checksums(staging, [INDEX_FILE]),
         }
         shutil.rmtree(staging / "chunks")
         for name in ("trained.faiss", "progress.json"):
@@ -365,12 +370,13 @@ def torch_search_device(index_type: str, use_gpu: bool) -> str | None:
 
 
 def load_index(index_path: str | os.PathLike, datastore: Datastore, probe: int | None = None,
-               use_gpu: bool = False, torch_device: str | None = None) -> KnnIndex:
+               use_gpu: bool = False, torch_device: str | None = None, verify: bool = True) -> KnnIndex:
     """Open the index of ``datastore`` for searching, with ``probe`` lists per query (default: the one it was built with).
 
     On the CPU the index file is memory-mapped read-only, so processes on one machine share one copy.
     An exact index asked for on a GPU (``use_gpu``) that FAISS cannot use is searched by `TorchExactSearch`
-    on CUDA over the datastore's keys; ``torch_device`` ("cpu", "cuda:1" ...) forces that backend.
+    on CUDA over the datastore's keys; ``torch_device`` ("cpu", "cuda:1" ...) forces that backend (the index
+    file is not read then). With ``verify``, the index file is checked against its block checksums first.
     """
     index_path = Path(index_path)
     meta = read_index_meta(index_path, datastore)
@@ -386,7 +392,7 @@ def load_index(index_path: str | os.PathLike, datastore: Datastore, probe: int |
         with timed(f"Loading {datastore.num_rows} keys onto {device}", logger):
             index = TorchExactSearch(datastore.keys, device)
         return KnnIndex(index=index, meta=meta, path=index_path)
-    index = read_index_file(index_path, meta, mmap=not use_gpu)
+    index = read_index_file(index_path, meta, mmap=not use_gpu, verify=verify)
     if meta["index_type"] == "ivfpq":
         if probe is not None and not 1 <= probe <= index.nlist:
             raise UsageError(f"--probe must be between 1 and the index's {index.nlist} lists, got {probe}")

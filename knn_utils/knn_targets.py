@@ -221,10 +221,10 @@ def prepare_staging(staging: Path, identity: dict, state) -> None:
 
 
 def open_inputs(dstore_path: str, index_path: str | None, val_path: str | None, settings: TargetSettings,
-                use_gpu: bool, torch_device: str | None = None) -> SearchJob:
-    """Open and cross-check the datastore, the queries and the index."""
-    datastore = open_datastore(dstore_path, "--dstore_path")
-    queries = datastore if val_path is None else open_datastore(val_path, "--val_path")
+                use_gpu: bool, torch_device: str | None = None, verify: bool = True) -> SearchJob:
+    """Open and cross-check the datastore, the queries and the index (their files verified, with ``verify``)."""
+    datastore = open_datastore(dstore_path, "--dstore_path", verify)
+    queries = datastore if val_path is None else open_datastore(val_path, "--val_path", verify)
     if val_path is not None:
         check_queries(queries, datastore)
         if settings.ignore_first:
@@ -232,7 +232,8 @@ def open_inputs(dstore_path: str, index_path: str | None, val_path: str | None, 
     elif not settings.ignore_first:
         logger.warning("--ignore_first False: each row retrieves itself, so its target contains its own gold token")
     check_gpu_k(settings.k, use_gpu)
-    index = load_index(index_path or default_index_path(dstore_path), datastore, settings.probe, use_gpu, torch_device)
+    index = load_index(index_path or default_index_path(dstore_path), datastore, settings.probe, use_gpu, torch_device,
+                       verify)
     if settings.k > datastore.num_rows - (val_path is None and settings.ignore_first):
         logger.warning("--k %d is more neighbours than the datastore can give; rows get fewer", settings.k)
     return SearchJob(index=index, datastore=datastore, queries=queries, settings=settings,
@@ -248,6 +249,7 @@ def compute_knn_targets(dstore_path: str, output_path: str, index_path: str | No
     contiguous range of chunks. ``max_new_chunks`` stops each process after that many new chunks,
     leaving the staging directory to resume from (returns None then); tests use it to simulate a kill.
     ``torch_device`` searches an exact index with `TorchExactSearch` on that device (see `load_index`).
+    The inputs' files are verified once per machine, by its main process, before any process searches.
     The returned meta is the main process's; other processes get None. The main process holds the lock of
     ``output_path`` (`utils.locking`) for the whole run.
     """
@@ -264,7 +266,8 @@ def compute_locked(dstore_path: str, output_path: Path, index_path: str | None, 
     if output_path.exists():
         raise ArtifactError(f"--output_path {output_path} already exists; delete it or choose another path")
     start = time.time()
-    job = open_inputs(dstore_path, index_path, val_path, settings, use_gpu, torch_device)
+    job = open_inputs(dstore_path, index_path, val_path, settings, use_gpu, torch_device,
+                      verify=state.is_local_main_process)  # the others wait in prepare_staging
     threads = configure_threads(state.num_processes)
     identity = {
         "datastore": datastore_summary(job.datastore), "queries": datastore_summary(job.queries),

@@ -164,12 +164,15 @@ def evaluate_knnlm(model_args: ModelArguments, data_args: DataArguments, args: K
                    state: PartialState | None = None) -> dict:
     """kNN-LM and base perplexity over the scored rows of ``data_args.eval_subset``; returns the metrics."""
     state = state or process_state()
-    split = load_split(data_args.dataset_name, data_args.eval_subset)
-    datastore = open_datastore(args.dstore_dir, "--dstore_dir")
+    verify = state.is_local_main_process  # each machine verifies its files once; the others wait below
+    split = load_split(data_args.dataset_name, data_args.eval_subset, verify)
+    datastore = open_datastore(args.dstore_dir, "--dstore_dir", verify)
     model, _ = load_model_for_dataset(model_args, split.meta, data_args.dataset_name)
     check_datastore_fits(datastore, split, model, model_args)
     check_gpu_k(args.k, args.knn_gpu)
-    index = load_index(args.index_path or default_index_path(args.dstore_dir), datastore, args.probe, args.knn_gpu)
+    index = load_index(args.index_path or default_index_path(args.dstore_dir), datastore, args.probe, args.knn_gpu,
+                       verify=verify)
+    state.wait_for_everyone()
     threads = configure_threads(state.num_processes)
     exclude_self = same_rows(datastore, split)
     if exclude_self:

@@ -11,9 +11,10 @@ llama       RMSNorm             down(silu(gate(x)) * up(x))      0        option
 mistral     RMSNorm             down(silu(gate(x)) * up(x))      0        never
 ==========  ==================  ===============================  =======  =========
 
-The config also records what the memory expects next to it -- the base model, the block whose
-feed-forward input is its input (``layer``), the hidden size, the vocabulary and the tokenizer
-fingerprint -- and `check_memory_matches` refuses a base model that does not fit.
+The config also records what the memory expects next to it -- the base model and the fingerprint of
+its weights (`utils.modeling.model_fingerprint`), the block whose feed-forward input is its input
+(``layer``), the hidden size, the vocabulary and the tokenizer fingerprint -- and `check_memory_matches`
+refuses a base model that does not fit.
 
 Sizes come from a named preset (`MemoryConfig.from_preset`), from explicit numbers, or from the base
 model (`MemoryConfig.from_base`): by default the memory gets as many parameters as the base model,
@@ -28,6 +29,7 @@ from transformers import PreTrainedConfig
 
 from utils.architectures import arch_spec
 from utils.cli import UsageError
+from utils.modeling import check_model_fingerprint
 
 MEMORY_STYLES = ("gpt2", "llama", "mistral")
 
@@ -64,6 +66,9 @@ class MemoryConfig(PreTrainedConfig):
     base_architecture: str | None = None  # the base model's model_type
     layer: int | None = None  # block of the base model whose feed-forward input is the memory's input
     tokenizer_fingerprint: str | None = None
+    # utils.modeling.model_fingerprint of the base model whose hidden states were the memory's inputs (None: a
+    # memory saved before fingerprints were recorded)
+    base_model_fingerprint: str | None = None
 
     def __post_init__(self, **kwargs):
         if self.intermediate_size is None:
@@ -107,7 +112,7 @@ class MemoryConfig(PreTrainedConfig):
         come from ``base_config``; a ``preset`` then sets the depth (and width); explicit
         ``num_layers`` / ``intermediate_size`` win over both. Without any depth, the memory gets the
         number of blocks that matches ``base_parameters`` (the base model's parameter count).
-        ``record`` fills the provenance fields (base_model, layer, tokenizer_fingerprint).
+        ``record`` fills the provenance fields (base_model, layer, tokenizer_fingerprint, base_model_fingerprint).
         """
         style = arch_spec(base_config.model_type).memory_style
         fields = dict(hidden_size=base_config.hidden_size, vocab_size=base_config.vocab_size,
@@ -225,12 +230,16 @@ def layers_for_parameters(config: MemoryConfig, target: int) -> int:
 
 
 def check_memory_matches(memory_config: MemoryConfig, base, tokenizer_fingerprint: str | None = None,
-                         layer: int | None = None, memory_path: str | None = None) -> None:
+                         layer: int | None = None, memory_path: str | None = None, base_fingerprint: str | None = None,
+                         allow_base_mismatch: bool = False) -> dict | None:
     """Raise a `UsageError` if the memory cannot be used beside ``base`` (a model or its config).
 
     Checked: hidden size (the memory's input is the base's hidden state), vocabulary size (the two
     distributions are mixed token by token), tokenizer fingerprint and key layer (when both sides
-    know them).
+    know them) and, given ``base_fingerprint`` (the base's `model_fingerprint` at the memory's layer),
+    that the base is the model whose hidden states the memory was trained on: another one of the same
+    shape is refused unless ``allow_base_mismatch``. Returns that last check's record
+    (`utils.modeling.check_model_fingerprint`), None when no ``base_fingerprint`` is given.
     """
     base_config = getattr(base, "config", base)
     where = f"The memory {memory_path}" if memory_path else "The memory"
@@ -248,3 +257,8 @@ def check_memory_matches(memory_config: MemoryConfig, base, tokenizer_fingerprin
                          f"but this base model's tokenizer has {tokenizer_fingerprint}{trained_for}")
     if layer is not None and memory_config.layer is not None and layer != memory_config.layer:
         raise UsageError(f"{where} reads the feed-forward input of block {memory_config.layer}, not block {layer}")
+    if base_fingerprint is None:
+        return None
+    return check_model_fingerprint(base_fingerprint, memory_config.base_model_fingerprint, f"{where}{trained_for}",
+                                   f"the base model {getattr(base_config, '_name_or_path', '') or ''}".rstrip(),
+                                   allow_base_mismatch)

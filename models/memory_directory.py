@@ -3,16 +3,20 @@
 Layout::
 
     config.json, model.safetensors   the memory (save_pretrained; models.load_memory / AutoModel)
-    meta.json                        kind "mlp_memory": what it was trained from, sizes, settings, results
+    meta.json                        kind "mlp_memory": what it was trained from, sizes, settings, results,
+                                     the block checksums of config.json and the weights (utils/checksums.py)
     training_results.json            final metrics
     metrics.jsonl                    one JSON line per logging step and per validation
-    checkpoints/step-00001234/       the latest checkpoint(s); the run resumes from the newest
-                                     (accelerate's state plus trainer_state.json: the step and the run's identity)
+    checkpoints/step-00001234/       the latest checkpoint(s); the run resumes from the newest: model, optimizer,
+                                     scheduler and RNG states in safetensors and JSON (never pickle), and
+                                     trainer_state.json (the step and the run's identity); layout in
+                                     models/training/checkpoints.py
 
 `save_memory` writes the memory, then training_results.json and, last, meta.json: a directory with a
 meta.json holds a finished memory (models.training refuses to train over it without
 --overwrite_output_dir). The network alone is an ordinary Hugging Face model directory: `load_memory`
-reads it with a clear error for anything else.
+reads it (from safetensors only: a pickled ``pytorch_model.bin`` is never loaded) with a clear error for
+anything else, after checking the files against meta.json's block checksums.
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ import torch
 
 from models.configuration_mlp_memory import MemoryConfig
 from models.modeling_mlp_memory import MEMORY_MODELS, MLPMemoryPreTrainedModel
+from utils.checksums import model_files, record_checksums, verify_files
 from utils.cli import UsageError
-from utils.io import META_NAME, ArtifactError, timed, write_json
+from utils.io import META_NAME, ArtifactError, read_json, timed, write_json
 from utils.modeling import loading, weight_files
 
 logger = logging.getLogger(__name__)
@@ -46,29 +51,41 @@ def save_memory(output_dir: str | os.PathLike, memory: MLPMemoryPreTrainedModel,
     """Save the memory with save_pretrained, then training_results.json and (last, marking completion) meta.json.
 
     ``results`` are the final metrics; ``record`` (what the memory was trained from and how) goes into
-    meta.json beside the memory's sizes and the results. Returns the meta written.
+    meta.json beside the memory's sizes, the results and the block checksums of the saved files. Returns
+    the meta written.
     """
     with timed("Saving the memory", logger):
         memory.save_pretrained(output_dir)
     write_json(Path(output_dir) / TRAINING_RESULTS, results)
     meta = {"kind": KIND, "format_version": FORMAT_VERSION, "memory": memory.config.describe(), **record,
-            "results": results}
+            "results": results, "checksums": record_checksums(output_dir, model_files(output_dir))}
     write_json(Path(output_dir) / META, meta)
     return meta
 
 
-def load_memory(path: str | os.PathLike, flag: str = "--knn_generator_path", **kwargs) -> MLPMemoryPreTrainedModel:
-    """A memory saved with ``save_pretrained``; a clear error naming ``flag`` for anything else."""
+def load_memory(path: str | os.PathLike, flag: str = "--knn_generator_path", verify: bool = True,
+                **kwargs) -> MLPMemoryPreTrainedModel:
+    """A memory saved with ``save_pretrained``; a clear error naming ``flag`` for anything else.
+
+    With ``verify``, its files are first checked against the block checksums in its meta.json (a directory
+    without them, e.g. written by ``save_pretrained`` alone, is read after a warning).
+    """
     from transformers import AutoConfig
 
     if not os.path.isfile(os.path.join(path, CONFIG)):
         raise UsageError(f"{flag} {path}: no config.json there (expected a directory saved by train_mlpmem_*)")
+    if verify:
+        meta_file = Path(path) / META
+        verify_files(path, read_json(meta_file) if meta_file.is_file() else {})
     with loading(str(path), flag):
         config = AutoConfig.from_pretrained(path)
     if not isinstance(config, MemoryConfig):
         raise UsageError(f"{flag} {path} holds a {config.model_type!r} model, not an MLP memory")
-    with loading(str(path), flag):
-        memory = MEMORY_MODELS[config.memory_style].from_pretrained(path, **kwargs)
+    with loading(str(path), flag):  # a truncated or corrupt safetensors file
+        try:
+            memory = MEMORY_MODELS[config.memory_style].from_pretrained(path, use_safetensors=True, **kwargs)
+        except OSError as err:  # e.g. only a pickled pytorch_model.bin, which is never loaded
+            raise UsageError(f"{flag} {path}: {err} (a memory is read from safetensors only)") from None
     check_finite_weights(memory, path, flag)
     return memory
 

@@ -74,3 +74,13 @@ class DstoreArguments:
     def __post_init__(self):
         if self.save_knnlm_dstore and not self.dstore_dir:
             raise UsageError("--save_knnlm_dstore needs --dstore_dir")
+
+
+@dataclass
+class BaseCheckArguments:
+    """Whether a memory may meet another base model than the one whose hidden states it was trained on."""
+
+    allow_base_mismatch: bool = field(default=False, metadata={
+        "help": "Accept a base model whose fingerprint (utils.modeling.model_fingerprint: config and weights up to the "
+                "key block) differs from the one the memory, datastore or kNN targets record, e.g. a memory used with "
+                "a fine-tuned base, or trained on another retriever's rows. Recorded in the results and meta.json."})

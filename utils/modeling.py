@@ -8,16 +8,17 @@ import json
 import logging
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 
 import torch
 from safetensors import SafetensorError
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM, AutoTokenizer, GPT2TokenizerFast, PreTrainedTokenizerBase
 
-from utils.architectures import arch_spec
+from utils.architectures import arch_spec, submodule, transformer_blocks
 from utils.arguments import ModelArguments
 from utils.cli import UsageError
-from utils.io import ArtifactError
+from utils.io import ArtifactError, timed
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,8 @@ def loading(path: str, flag: str) -> Iterator[None]:
     nor a hub model (``OSError``, ``ValueError`` from transformers) a `UsageError`."""
     try:
         yield
+    except UsageError:  # already a clear error (a UsageError is a ValueError)
+        raise
     except SafetensorError as err:
         raise ArtifactError(f"{flag} {path}: cannot read the weights in {weight_files(path)}: the file is truncated or "
                             f"corrupt ({err})") from None
@@ -95,6 +98,105 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     """A short hash of the token -> id map, to tell tokenizers apart whatever their file layout."""
     vocab = sorted(tokenizer.get_vocab().items())
     return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Which base model: a fingerprint of what determines the kNN keys
+
+
+def model_fingerprint(model: torch.nn.Module, layer: int) -> str:
+    """A short hash of everything that determines the keys of block ``layer`` (its feed-forward input).
+
+    Hashed: the architecture fields of the config (not names, versions, dtypes, special token ids or
+    output switches, which a saved copy or another loader may change), then the name, shape and values
+    of every parameter except the blocks after ``layer``, the final norm and an untied LM head, one
+    tensor at a time (a SHA-256 per tensor, in threads, then one over them all). Values are rounded to
+    bfloat16 first, so the model loaded in float32 or bfloat16 has the same fingerprint; loaded in
+    float16 it differs. Another seed, a fine-tuned copy or a GGUF of another quantization all differ.
+    Cost: 0.3 s for SmolLM2-135M's 134.5M hashed parameters on 2 busy CPU cores. The result is cached
+    on the model until a hashed parameter is replaced or changed in place (its version counter moves).
+    """
+    num_blocks = len(transformer_blocks(model))
+    if not -num_blocks <= layer < num_blocks:
+        raise UsageError(f"Block {layer} is out of range for a base model with {num_blocks} blocks")
+    layer %= num_blocks
+    params = fingerprinted_parameters(model, layer)
+    version = (layer, tuple((p.data_ptr(), p._version) for _, p in params))
+    cached = getattr(model, "_fingerprint_cache", None)
+    if cached is not None and cached[0] == version:
+        return cached[1]
+    with timed(f"Fingerprinting the base model (blocks 0-{layer}, {sum(p.numel() for _, p in params) / 1e6:.1f}M "
+               "parameters)", logger):
+        config = {k: v for k, v in model.config.to_dict().items()
+                  if not k.startswith("_") and k not in NOT_ARCHITECTURE_FIELDS}
+        digest = hashlib.sha256(json.dumps([config, layer], sort_keys=True, default=str).encode())
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # hashlib and torch release the GIL
+            for tensor_digest in pool.map(lambda item: parameter_digest(*item), params):
+                digest.update(tensor_digest)
+    fingerprint = digest.hexdigest()[:16]
+    model._fingerprint_cache = (version, fingerprint)
+    return fingerprint
+
+
+def parameter_digest(name: str, param: torch.Tensor) -> bytes:
+    """SHA-256 of a parameter's name, shape and values rounded to bfloat16."""
+    values = param.detach().to(torch.bfloat16).contiguous().view(torch.int16).cpu().numpy()
+    digest = hashlib.sha256(f"{name} {tuple(param.shape)}".encode())
+    digest.update(memoryview(values))
+    return digest.digest()
+
+
+# Config fields that do not change what the blocks compute; `model_fingerprint` leaves them out (with every
+# field whose name starts with "_").
+NOT_ARCHITECTURE_FIELDS = frozenset({
+    "architectures", "dtype", "torch_dtype", "transformers_version", "quantization_config", "use_cache",
+    "bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id", "sep_token_id", "decoder_start_token_id",
+    "output_attentions", "output_hidden_states", "return_dict", "id2label", "label2id", "problem_type",
+    "task_specific_params",
+})
+
+
+def fingerprinted_parameters(model: torch.nn.Module, layer: int) -> list[tuple[str, torch.nn.Parameter]]:
+    """The parameters the keys of block ``layer`` depend on: all but later blocks, the final norm and an untied head."""
+    spec = arch_spec(model.config.model_type)
+    head = model.get_output_embeddings()
+    skipped = {id(p) for i, block in enumerate(transformer_blocks(model)) if i > layer for p in block.parameters()}
+    skipped |= {id(p) for p in submodule(model, spec.final_norm).parameters()}
+    if head is not None and head.weight is not model.get_input_embeddings().weight:
+        skipped |= {id(p) for p in head.parameters()}
+    return [(name, p) for name, p in model.named_parameters() if id(p) not in skipped]
+
+
+_WARNED: set = set()  # what check_model_fingerprint has already warned about (once per process)
+
+
+def check_model_fingerprint(actual: str, recorded: str | None, subject: str, model: str,
+                            allow_base_mismatch: bool = False) -> dict:
+    """Compare a base model's `model_fingerprint` with the one recorded by ``subject`` (a memory, a datastore ...).
+
+    A mismatch is a `UsageError` unless ``allow_base_mismatch`` (--allow_base_mismatch), then a warning.
+    An artifact made before fingerprints were recorded (``recorded`` None) is accepted with one warning.
+    Returns what results and meta.json record about the check.
+    """
+    record = {"model_fingerprint": actual, "recorded_fingerprint": recorded,
+              "matches": None if recorded is None else actual == recorded, "allow_base_mismatch": allow_base_mismatch}
+    if recorded is None:
+        if subject not in _WARNED:
+            _WARNED.add(subject)
+            logger.warning("%s records no base model fingerprint (made before they were recorded): cannot check that "
+                           "%s is the model it belongs to", subject, model)
+        return record
+    if actual != recorded:
+        message = (f"{subject} belongs to the base model with fingerprint {recorded}, but {model} has fingerprint "
+                   f"{actual}: its config or weights differ (another seed, a fine-tuned copy, another quantization, "
+                   "or loaded in float16)")
+        if not allow_base_mismatch:
+            raise UsageError(f"{message}. If this is intended, pass --allow_base_mismatch (allow_base_mismatch=True); "
+                             "the results then record the mismatch.")
+        if (subject, model) not in _WARNED:
+            _WARNED.add((subject, model))
+            logger.warning("%s (allowed by --allow_base_mismatch)", message)
+    return record
 
 
 def load_causal_lm(args: ModelArguments, vocab_size: int | None = None) -> torch.nn.Module:

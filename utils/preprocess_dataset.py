@@ -194,13 +194,15 @@ def preprocess(args: PreprocessArguments) -> dict:
         "stride": args.stride,
         "source": source,
         "splits": {},
+        "checksums": {},
     }
     if out.exists():
         shutil.rmtree(out)
     with atomic_directory(out) as staging:
         for split, (rows, tokens) in tokenized.items():
             windows = make_windows(len(tokens), args.block_size, args.stride)
-            meta["splits"][split] = write_split(staging, split, tokens, windows)
+            meta["splits"][split], checksums = write_split(staging, split, tokens, windows)
+            meta["checksums"].update(checksums)
             meta["splits"][split]["characters"] = int(sum(len(r) for r in rows))
             logger.info("%s: %d tokens, %d rows, %d windows", split, len(tokens), len(tokens) - 1, len(windows))
         write_json(staging / "meta.json", meta)

@@ -5,8 +5,8 @@
     perplexity      base, memory-alone and joint perplexity over a preprocessed split (evaluate_joint.py)
 """
 
-from models.joint.hooks import JointLM, attach_memory, load_checked_memory, memory_layer
+from models.joint.hooks import JointLM, attach_memory, check_memory_fits, load_checked_memory, memory_layer
 from models.joint.interpolation import check_joint_settings, check_lmbdas, interpolate_log_probs, memory_log_probs
 
-__all__ = ["JointLM", "attach_memory", "load_checked_memory", "memory_layer", "check_joint_settings", "check_lmbdas",
-           "interpolate_log_probs", "memory_log_probs"]
+__all__ = ["JointLM", "attach_memory", "check_memory_fits", "load_checked_memory", "memory_layer", "check_joint_settings",
+           "check_lmbdas", "interpolate_log_probs", "memory_log_probs"]

@@ -43,6 +43,7 @@ from models.memory_directory import load_memory
 from utils.architectures import normalize_layer
 from utils.cli import UsageError
 from utils.hidden_state import HiddenStateHook
+from utils.modeling import model_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -58,12 +59,25 @@ def memory_layer(model: torch.nn.Module, memory: torch.nn.Module) -> int:
     return normalize_layer(model, layer)
 
 
-def load_checked_memory(path: str, model: torch.nn.Module, tokenizer_fingerprint: str) -> tuple[torch.nn.Module, int]:
-    """The memory at ``path`` and the (non-negative) base block it reads; a `UsageError` if it does not fit."""
-    memory = load_memory(path, "--knn_generator_path").eval()
+def check_memory_fits(model: torch.nn.Module, memory: torch.nn.Module, tokenizer_fingerprint: str | None = None,
+                      allow_base_mismatch: bool = False, memory_path: str | None = None) -> tuple[int, dict]:
+    """`check_memory_matches` against ``model`` itself, its weights included; returns the layer and the record
+    of the base model check (`utils.modeling.check_model_fingerprint`) that results carry."""
     layer = memory_layer(model, memory)
-    check_memory_matches(memory.config, model, tokenizer_fingerprint, layer=layer, memory_path=path)
-    return memory, layer
+    memory_path = memory_path or getattr(memory.config, "_name_or_path", None) or None  # set by from_pretrained
+    base_check = check_memory_matches(memory.config, model, tokenizer_fingerprint, layer=layer, memory_path=memory_path,
+                                      base_fingerprint=model_fingerprint(model, layer),
+                                      allow_base_mismatch=allow_base_mismatch)
+    return layer, base_check
+
+
+def load_checked_memory(path: str, model: torch.nn.Module, tokenizer_fingerprint: str,
+                        allow_base_mismatch: bool = False) -> tuple[torch.nn.Module, int, dict]:
+    """The memory at ``path``, the (non-negative) base block it reads and the record of the base model check;
+    a `UsageError` if it does not fit ``model`` (`check_memory_fits`)."""
+    memory = load_memory(path, "--knn_generator_path").eval()
+    layer, base_check = check_memory_fits(model, memory, tokenizer_fingerprint, allow_base_mismatch, memory_path=path)
+    return memory, layer, base_check
 
 
 def _kept_positions(logits_to_keep) -> slice | torch.Tensor | None:
@@ -76,17 +90,19 @@ def _kept_positions(logits_to_keep) -> slice | torch.Tensor | None:
 
 
 @contextmanager
-def attach_memory(model: torch.nn.Module, memory: torch.nn.Module, lmbda: float = 0.25,
-                  knn_temp: float = 1.0) -> Iterator[torch.nn.Module]:
+def attach_memory(model: torch.nn.Module, memory: torch.nn.Module, lmbda: float = 0.25, knn_temp: float = 1.0,
+                  tokenizer_fingerprint: str | None = None, allow_base_mismatch: bool = False) -> Iterator[torch.nn.Module]:
     """Within the context, ``model``'s logits are the joint log-probabilities of base + memory.
 
-    Checks that the memory fits the model (hidden size, vocabulary, layer: `UsageError` otherwise),
-    moves the memory to the model's device and dtype and puts it in eval mode (its mode is restored on
-    exit), registers the hooks and yields ``model``; the hooks are removed on exit, even on error.
+    Checks that the memory fits the model (`check_memory_fits`: hidden size, vocabulary, layer, the
+    tokenizer when its fingerprint is given, and that ``model`` is the base model whose hidden states
+    the memory was trained on unless ``allow_base_mismatch``; `UsageError` otherwise; the fingerprint is
+    cached on the model, so a check per ``generate`` call costs nothing), moves the memory to the
+    model's device and dtype and puts it in eval mode (its mode is restored on exit), registers the
+    hooks and yields ``model``; the hooks are removed on exit, even on error.
     """
     check_joint_settings(lmbda, knn_temp)
-    layer = memory_layer(model, memory)
-    check_memory_matches(memory.config, model, layer=layer)
+    layer, _ = check_memory_fits(model, memory, tokenizer_fingerprint, allow_base_mismatch)
     head = model.get_output_embeddings()
     if head is None:
         raise UsageError(f"{type(model).__name__} has no LM head (get_output_embeddings() is None)")
@@ -133,15 +149,22 @@ def attach_memory(model: torch.nn.Module, memory: torch.nn.Module, lmbda: float 
 
 
 class JointLM:
-    """A base causal LM and an MLP memory, interpolated with weight ``lmbda`` on the memory."""
+    """A base causal LM and an MLP memory, interpolated with weight ``lmbda`` on the memory.
 
-    def __init__(self, model: torch.nn.Module, memory: torch.nn.Module, lmbda: float = 0.25, knn_temp: float = 1.0):
+    The memory must fit the model (`check_memory_fits`; give ``tokenizer_fingerprint`` to check the
+    tokenizer too). ``base_check`` records the base model check, for results.
+    """
+
+    def __init__(self, model: torch.nn.Module, memory: torch.nn.Module, lmbda: float = 0.25, knn_temp: float = 1.0,
+                 tokenizer_fingerprint: str | None = None, allow_base_mismatch: bool = False):
         check_joint_settings(lmbda, knn_temp)
-        check_memory_matches(memory.config, model, layer=memory_layer(model, memory))
+        _, self.base_check = check_memory_fits(model, memory, tokenizer_fingerprint, allow_base_mismatch)
         self.model, self.memory, self.lmbda, self.knn_temp = model, memory, lmbda, knn_temp
+        self.tokenizer_fingerprint, self.allow_base_mismatch = tokenizer_fingerprint, allow_base_mismatch
 
     def attached(self):
-        return attach_memory(self.model, self.memory, self.lmbda, self.knn_temp)
+        return attach_memory(self.model, self.memory, self.lmbda, self.knn_temp, self.tokenizer_fingerprint,
+                             self.allow_base_mismatch)
 
     def generate(self, **kwargs):
         """``model.generate(**kwargs)`` with the memory attached (any decoding strategy)."""

@@ -119,12 +119,17 @@ def joint_nll(batch: ScoredBatch, memory: torch.nn.Module, lmbdas: list[float], 
 
 
 def evaluate_joint(model_args: ModelArguments, data_args: DataArguments, args: JointArguments,
-                   state: PartialState | None = None) -> dict:
-    """Base, memory-alone and joint perplexity (for every lmbda) over the scored rows of one split."""
+                   state: PartialState | None = None, allow_base_mismatch: bool = False) -> dict:
+    """Base, memory-alone and joint perplexity (for every lmbda) over the scored rows of one split.
+
+    The memory must belong to the base model (`load_checked_memory`); ``allow_base_mismatch``
+    (--allow_base_mismatch) accepts another one, and the results record the check (``base_check``).
+    """
     state = state or process_state()
     split = load_split(data_args.dataset_name, resolve_split(data_args, args))
     model, _ = load_model_for_dataset(model_args, split.meta, data_args.dataset_name)
-    memory, layer = load_checked_memory(args.knn_generator_path, model, split.meta["tokenizer"]["fingerprint"])
+    memory, layer, base_check = load_checked_memory(args.knn_generator_path, model, split.meta["tokenizer"]["fingerprint"],
+                                                    allow_base_mismatch)
     windows = split.windows[: data_args.max_eval_samples]
     logger.info("Joint model over %d windows of %s: memory %s (block %d), lmbda %s, knn_temp %g",
                 len(windows), split.split, args.knn_generator_path, layer, args.lmbda, args.knn_temp)
@@ -173,7 +178,7 @@ def evaluate_joint(model_args: ModelArguments, data_args: DataArguments, args: J
         "lmbda": args.lmbda[0], "base_perplexity": math.exp(base_loss), "base_eval_loss": base_loss,
         "memory_perplexity": math.exp(memory_loss), "memory_eval_loss": memory_loss, "lmbda_sweep": sweep,
         "knn_temp": args.knn_temp, "memory_layer": layer,
-        "knn_generator_path": os.path.abspath(args.knn_generator_path),
+        "knn_generator_path": os.path.abspath(args.knn_generator_path), "base_check": base_check,
         "eval_tokens": num_rows, "eval_windows": len(windows), "num_processes": state.num_processes,
         "base_seconds": round(base_seconds, 3), "memory_seconds": round(memory_seconds, 3),
         "interpolation_seconds": round(interpolation_seconds, 3),

@@ -3,12 +3,22 @@ training flags, and each mode's input group (the entry points parse them with `u
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 
 from models import PRESETS
 from utils.cli import UsageError, check_finite_floats
 
 SCHEDULERS = ("linear", "cosine", "constant_with_warmup")
+RELEASED_WARMUP_STEPS = 2000  # the released implementation's warm-up, for runs of many thousand steps
+WARMUP_FRACTION = 0.1  # of a shorter run, when --num_warmup_steps is not given
+
+
+def warmup_steps(requested: int | None, total_steps: int) -> int:
+    """``--num_warmup_steps`` when given, else the released 2,000 or `WARMUP_FRACTION` of the run if that is fewer."""
+    if requested is not None:
+        return requested
+    return min(RELEASED_WARMUP_STEPS, math.ceil(WARMUP_FRACTION * total_steps))
 
 
 @dataclass
@@ -54,8 +64,11 @@ class MemoryTrainingArguments:
     lr_scheduler_type: str = field(
         default="linear", metadata={"help": "Decay after the warm-up.", "choices": list(SCHEDULERS)}
     )
-    num_warmup_steps: int = field(
-        default=2000, metadata={"help": "Linear warm-up steps (optimizer steps).", "aliases": ["--warmup_steps"]}
+    num_warmup_steps: int | None = field(
+        default=None,
+        metadata={"help": f"Linear warm-up steps (optimizer steps). Default: the released {RELEASED_WARMUP_STEPS}, or "
+                          f"{WARMUP_FRACTION:.0%} of the run when that is fewer (a short run would otherwise "
+                          "never leave its warm-up).", "aliases": ["--warmup_steps"]},
     )
     num_train_epochs: int = field(default=50, metadata={"help": "Passes over the training rows."})
     max_train_steps: int | None = field(default=None, metadata={"help": "Stop after this many optimizer steps (overrides --num_train_epochs)."})
@@ -93,7 +106,7 @@ class MemoryTrainingArguments:
         for flag in ("max_train_steps", "eval_steps"):
             if getattr(self, flag) is not None and getattr(self, flag) < 1:
                 raise UsageError(f"--{flag} must be >= 1, got {getattr(self, flag)}")
-        if self.num_warmup_steps < 0:
+        if self.num_warmup_steps is not None and self.num_warmup_steps < 0:
             raise UsageError(f"--num_warmup_steps must be >= 0, got {self.num_warmup_steps}")
         if not 0.0 <= self.alpha <= 1.0:
             raise UsageError(f"--alpha must be in [0, 1], got {self.alpha}")
@@ -126,7 +139,8 @@ class OfflineArguments:
     model_name_or_path: str | None = field(
         default=None,
         metadata={"help": "The base model whose hidden states the keys are (default: the one recorded in the datastore's "
-                  "meta.json). Its config sizes the memory; its weights are read only for --init_lm_head."},
+                  "meta.json). Its config sizes the memory; given, its weights are loaded to check that they made the "
+                  "keys (--allow_base_mismatch to use another model) and for --init_lm_head."},
     )
     per_device_train_batch_size: int = field(default=1024, metadata={"help": "Rows per device per micro-batch."})
     per_device_eval_batch_size: int = field(default=4096, metadata={"help": "Rows per device per validation batch."})
@@ -151,6 +165,24 @@ class OnlineArguments:
 
     def __post_init__(self):
         check_batch_flags(self)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Which flags decide the trained memory (the resume identity)
+
+# The fields of the argument groups that never change the trained memory: where the run is written, what
+# is logged or validated and when (validation runs without randomness), and how the run resumes. Every
+# other field -- the memory's size, the inputs, the optimisation, the schedule, the seed, the step count
+# -- is a setting of the run: a checkpoint resumes only a run with the same values (checkpoints.check_identity).
+NOT_RESULT_SETTINGS = frozenset({
+    "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "checkpointing_steps", "save_total_limit",
+    "logging_steps", "eval_steps", "per_device_eval_batch_size", "disable_tqdm", "report_to",
+})
+
+
+def result_settings(*groups) -> dict:
+    """The fields of argument dataclasses ``groups`` that decide the trained memory, by flag name."""
+    return {f.name: getattr(group, f.name) for group in groups for f in fields(group) if f.name not in NOT_RESULT_SETTINGS}
 
 
 def check_batch_flags(args) -> None:

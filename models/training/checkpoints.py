@@ -1,6 +1,20 @@
 """How the units are cut into optimizer steps (`Schedule`, `epoch_permutation`), the checkpoints that
 resume a run exactly (saved under a temporary name, found, checked against the run's identity), and the
-output directory's preparation (refusing a finished memory, truncating metrics.jsonl on resume)."""
+output directory's preparation (refusing a finished memory, truncating metrics.jsonl on resume).
+
+A checkpoint is written by this module, never by pickle (``accelerator.save_state`` pickles the
+optimizer, scheduler and RNG states, and loading those runs whatever a planted file says): tensors go
+to safetensors, everything else to JSON, and reading one uses only safetensors and json. A checkpoint
+directory holding a pickle-format file is refused before anything in it is read (`check_no_pickle`)::
+
+    model.safetensors                  the memory's weights (the unwrapped model: no DDP prefix)
+    optimizer.safetensors              the optimizer's per-parameter tensors, "<param id>.<name>"
+    optimizer.json                     its param groups and any per-parameter value that is not a tensor
+    scheduler.json                     the learning-rate scheduler's state_dict
+    rng_state_<rank>.safetensors       each process's torch CPU and CUDA generator states
+    rng_state_<rank>.json              each process's numpy and python generator states
+    trainer_state.json                 the step and the run's identity (written last, then the rename)
+"""
 
 from __future__ import annotations
 
@@ -8,16 +22,19 @@ import json
 import logging
 import math
 import os
+import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
 
 from models.memory_directory import CHECKPOINT_DIR, CHECKPOINT_PREFIX, META, TRAINER_STATE
 from models.training.arguments import MemoryTrainingArguments
 from utils.cli import UsageError
-from utils.io import ArtifactError, timed, write_json
+from utils.io import ArtifactError, read_json, timed, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +93,16 @@ def checkpoint_dirs(output_dir: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
 
 
-def save_checkpoint(accelerator, output_dir: str, step: int, identity: dict, limit: int) -> None:
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_TENSORS = "optimizer.safetensors"
+OPTIMIZER_STATE = "optimizer.json"
+SCHEDULER_STATE = "scheduler.json"
+RNG_TENSORS = "rng_state_{rank}.safetensors"
+RNG_STATE = "rng_state_{rank}.json"
+
+
+def save_checkpoint(accelerator, model, optimizer, scheduler, output_dir: str, step: int, identity: dict,
+                    limit: int) -> None:
     """Save model, optimizer, scheduler and RNG states under a temporary name; rename when complete."""
     final = Path(output_dir) / CHECKPOINT_DIR / f"{CHECKPOINT_PREFIX}{step:08d}"
     staging = final.with_name(final.name + ".partial")
@@ -85,7 +111,11 @@ def save_checkpoint(accelerator, output_dir: str, step: int, identity: dict, lim
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(staging))
+        if accelerator.is_main_process:  # model and optimizer states are the same on every process
+            save_file(cpu_tensors(accelerator.unwrap_model(model).state_dict()), staging / MODEL_FILE)
+            save_optimizer(optimizer.state_dict(), staging)
+            write_json(staging / SCHEDULER_STATE, scheduler.state_dict())
+        save_rng_state(staging, accelerator.process_index)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             write_json(staging / TRAINER_STATE, {"step": step, "identity": identity})
@@ -94,6 +124,98 @@ def save_checkpoint(accelerator, output_dir: str, step: int, identity: dict, lim
             for old in checkpoint_dirs(output_dir)[:-limit]:
                 shutil.rmtree(old)
         accelerator.wait_for_everyone()
+
+
+def load_checkpoint(checkpoint: Path, accelerator, model, optimizer, scheduler) -> None:
+    """Restore what `save_checkpoint` wrote, with safetensors and json only (after `check_no_pickle`)."""
+    check_no_pickle(checkpoint)
+    accelerator.unwrap_model(model).load_state_dict(load_file(checkpoint / MODEL_FILE))
+    optimizer.load_state_dict(load_optimizer(checkpoint, optimizer.state_dict()))
+    scheduler.load_state_dict(read_json(checkpoint / SCHEDULER_STATE))
+    load_rng_state(checkpoint, accelerator.process_index)
+
+
+def cpu_tensors(state: dict) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().cpu().contiguous() for name, tensor in state.items()}
+
+
+def save_optimizer(state: dict, directory: Path) -> None:
+    """An optimizer ``state_dict``: its tensors to safetensors, the rest (param groups, other values) to JSON."""
+    tensors, values = {}, {}
+    for param_id, entries in state["state"].items():
+        values[str(param_id)] = {}
+        for name, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{param_id}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                values[str(param_id)][name] = value
+    save_file(tensors, directory / OPTIMIZER_TENSORS)
+    write_json(directory / OPTIMIZER_STATE, {"param_groups": state["param_groups"], "values": values})
+
+
+def load_optimizer(directory: Path, current: dict) -> dict:
+    """The ``state_dict`` `save_optimizer` wrote; ``current`` (the optimizer's own) gives JSON lists back their tuples."""
+    saved = read_json(directory / OPTIMIZER_STATE)
+    state = {int(param_id): dict(entries) for param_id, entries in saved["values"].items()}
+    for key, tensor in load_file(directory / OPTIMIZER_TENSORS).items():
+        param_id, name = key.split(".", 1)
+        state.setdefault(int(param_id), {})[name] = tensor
+    groups = [{key: tuple(value) if isinstance(ours.get(key), tuple) else value for key, value in group.items()}
+              for group, ours in zip(saved["param_groups"], current["param_groups"])]
+    return {"state": state, "param_groups": groups}
+
+
+def save_rng_state(directory: Path, rank: int) -> None:
+    """This process's random generators: torch (CPU and every CUDA device) as tensors, numpy and python as JSON."""
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors.update({f"cuda.{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())})
+    save_file(tensors, directory / RNG_TENSORS.format(rank=rank))
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+    version, internal, gauss_next = random.getstate()
+    write_json(directory / RNG_STATE.format(rank=rank), {
+        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached_gaussian)],
+        "python": [version, list(internal), gauss_next]})
+
+
+def load_rng_state(directory: Path, rank: int) -> None:
+    tensors = load_file(directory / RNG_TENSORS.format(rank=rank))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[f"cuda.{i}"] for i in range(len(tensors) - 1)]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+    states = read_json(directory / RNG_STATE.format(rank=rank))
+    name, keys, pos, has_gauss, cached_gaussian = states["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached_gaussian))
+    version, internal, gauss_next = states["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle")
+PICKLE_PROTOCOL = 0x80  # the first byte of a pickle of protocol 2 or later
+
+
+def check_no_pickle(checkpoint: Path) -> None:
+    """Refuse a checkpoint directory holding a file in pickle format (by name, or by its first byte).
+
+    A ``.safetensors`` file is read only by safetensors, which never unpickles; its first byte is part
+    of a length and may be 0x80, so it is checked for the safetensors header instead.
+    """
+    found = []
+    for path in sorted(p for p in checkpoint.rglob("*") if p.is_file()):
+        with open(path, "rb") as f:
+            head = f.read(9)
+        if path.suffix == ".safetensors":
+            looks_like_pickle = len(head) < 9 or head[8:9] != b"{"
+        else:
+            looks_like_pickle = path.suffix in PICKLE_SUFFIXES or head[:1] == bytes([PICKLE_PROTOCOL])
+        if looks_like_pickle:
+            found.append(path.name)
+    if found:
+        raise ArtifactError(f"Checkpoint {checkpoint} holds files in pickle format ({', '.join(found)}), which are never "
+                            "loaded: loading a pickle runs code. A checkpoint written by this project holds only "
+                            ".safetensors and .json files (an older version wrote pickles). Pass --overwrite_output_dir "
+                            "to start afresh, or another --output_dir.")
 
 
 def checkpoint_to_resume(args: MemoryTrainingArguments) -> Path | None:
@@ -108,15 +230,29 @@ def checkpoint_to_resume(args: MemoryTrainingArguments) -> Path | None:
 
 
 def check_identity(saved: dict, current: dict, checkpoint: Path) -> None:
-    """A checkpoint resumes only the same run: same inputs, model and data layout."""
-    differences = [f"{key}: checkpoint {saved.get(key)!r}, now {value!r}" for key, value in current.items()
-                   if key != "total_steps" and saved.get(key) != value]
+    """A checkpoint resumes only the same run: the same settings (`result_settings`: every flag that changes the
+    trained memory, the number of steps included), inputs, base model, memory and data layout.
+
+    Nothing that changes the result may change mid-run, not even the step count: the learning-rate
+    schedule depends on it, so a run extended from a checkpoint would match neither an uninterrupted
+    run of the old length nor one of the new, while meta.json records the new settings.
+    """
+    differences = [f"--{name} {saved.get('settings', {}).get(name)!r} in the checkpoint, {ours!r} now"
+                   for name, ours in current["settings"].items() if saved.get("settings", {}).get(name) != ours]
+    differences += differing_entries({k: v for k, v in saved.items() if k != "settings"},
+                                     {k: v for k, v in current.items() if k != "settings"})
     if differences:
-        raise UsageError(f"Cannot resume from {checkpoint}: it belongs to another run ({'; '.join(differences)}). "
-                         "Pass --overwrite_output_dir to start over, or another --output_dir.")
-    if saved.get("total_steps") != current["total_steps"]:
-        logger.warning("Resuming with %d total steps instead of %d: the learning-rate schedule changes from here on",
-                       current["total_steps"], saved.get("total_steps"))
+        raise UsageError(f"Cannot resume from {checkpoint}: it belongs to another run, started with other settings or "
+                         f"inputs ({'; '.join(differences)}). Rerun with the checkpoint's settings to resume it, or "
+                         "start afresh: pass --overwrite_output_dir (deletes the run) or choose another --output_dir.")
+
+
+def differing_entries(saved, current, path: str = "") -> list[str]:
+    """``"a.b: X in the checkpoint, Y now"`` for every leaf where two nested dicts differ."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        return [line for key in sorted(set(saved) | set(current), key=str)
+                for line in differing_entries(saved.get(key), current.get(key), f"{path}.{key}" if path else str(key))]
+    return [] if saved == current else [f"{path}: {saved!r} in the checkpoint, {current!r} now"]
 
 
 def prepare_output_dir(args: MemoryTrainingArguments, accelerator) -> None:

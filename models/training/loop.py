@@ -44,9 +44,10 @@ from tqdm.auto import tqdm
 
 from models import MemoryConfig, MLPMemoryPreTrainedModel
 from models.memory_directory import METRICS_LOG, TRAINER_STATE, save_memory
-from models.training.arguments import MemoryTrainingArguments
-from models.training.checkpoints import (Schedule, check_identity, checkpoint_to_resume, save_checkpoint,
-                                         truncate_metrics)
+from models.training.arguments import (RELEASED_WARMUP_STEPS, WARMUP_FRACTION, MemoryTrainingArguments, result_settings,
+                                       warmup_steps)
+from models.training.checkpoints import (Schedule, check_identity, checkpoint_to_resume, load_checkpoint,
+                                         save_checkpoint, truncate_metrics)
 from models.training.rows import RowSource
 from utils.cli import UsageError
 from utils.io import read_json, timed
@@ -188,7 +189,7 @@ class Run:
 
 
 def start_run(memory: MLPMemoryPreTrainedModel, source: RowSource, args: MemoryTrainingArguments, accelerator,
-              provenance: dict) -> Run:
+              provenance: dict, settings: dict) -> Run:
     """Schedule, optimizer and scheduler, prepared for data parallelism; the identity of the run."""
     from transformers import get_scheduler
 
@@ -196,35 +197,45 @@ def start_run(memory: MLPMemoryPreTrainedModel, source: RowSource, args: MemoryT
                         args.gradient_accumulation_steps, args.num_train_epochs, args.max_train_steps)
     if schedule.num_units < schedule.num_processes:
         raise UsageError(f"Only {schedule.num_units} training {source.unit}s for {schedule.num_processes} processes")
-    if args.num_warmup_steps >= schedule.total_steps:
+    warmup = warmup_steps(args.num_warmup_steps, schedule.total_steps)
+    if args.num_warmup_steps is None:
+        logger.info("Warm-up: %d steps (%s of the %d training steps)", warmup,
+                    "the released default" if warmup == RELEASED_WARMUP_STEPS else f"{WARMUP_FRACTION:.0%}",
+                    schedule.total_steps)
+    elif warmup >= schedule.total_steps:
         logger.warning("--num_warmup_steps %d >= the %d training steps: the learning rate never decays",
-                       args.num_warmup_steps, schedule.total_steps)
-    identity = {"provenance": provenance, "source": source.describe(), "memory": memory.config.to_dict(),
+                       warmup, schedule.total_steps)
+    identity = {"settings": settings, "provenance": provenance, "source": source.describe(),
+                "memory": memory.config.to_dict(),
                 "batch_size": schedule.batch_size, "num_processes": schedule.num_processes,
                 "gradient_accumulation_steps": schedule.accumulation, "seed": args.seed, "total_steps": schedule.total_steps}
     identity = json.loads(json.dumps(identity, default=str))  # as it reads back from trainer_state.json
     optimizer = torch.optim.AdamW(memory.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.num_warmup_steps,
+    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
                               num_training_steps=schedule.total_steps)
-    model, optimizer = accelerator.prepare(memory, optimizer)
-    accelerator.register_for_checkpointing(scheduler)  # stepped by us, once per optimizer step
+    model, optimizer = accelerator.prepare(memory, optimizer)  # the scheduler is stepped by us, once per optimizer step
     metrics_log = MetricsLog(Path(args.output_dir) / METRICS_LOG, accelerator.is_main_process)
     return Run(model, optimizer, scheduler, source, schedule, args, accelerator, metrics_log, identity, provenance)
 
 
 def resume(run: Run) -> int:
-    """Load the checkpoint to resume from, if any; return the step to continue after."""
+    """Load the checkpoint to resume from, if any; return the step to continue after.
+
+    metrics.jsonl keeps only the lines up to that step (none when there is no checkpoint: the run
+    starts again from step 0 and writes them again).
+    """
     checkpoint = checkpoint_to_resume(run.args)
-    if checkpoint is None:
-        return 0
-    saved = read_json(checkpoint / TRAINER_STATE)
-    check_identity(saved["identity"], run.identity, checkpoint)
-    with timed(f"Loading checkpoint {checkpoint}", logger):
-        run.accelerator.load_state(str(checkpoint))
+    step = 0
+    if checkpoint is not None:
+        saved = read_json(checkpoint / TRAINER_STATE)
+        check_identity(saved["identity"], run.identity, checkpoint)
+        with timed(f"Loading checkpoint {checkpoint}", logger):
+            load_checkpoint(checkpoint, run.accelerator, run.model, run.optimizer, run.scheduler)
+        step = saved["step"]
+        logger.info("Resumed from %s at step %d of %d", checkpoint, step, run.schedule.total_steps)
     if run.accelerator.is_main_process:
-        truncate_metrics(run.metrics_log.path, saved["step"])
-    logger.info("Resumed from %s at step %d of %d", checkpoint, saved["step"], run.schedule.total_steps)
-    return saved["step"]
+        truncate_metrics(run.metrics_log.path, step)
+    return step
 
 
 def after_step(run: Run, step: int, grad_norm: float, running: Running, progress) -> None:
@@ -239,19 +250,24 @@ def after_step(run: Run, step: int, grad_norm: float, running: Running, progress
     if is_due(args.eval_steps or "epoch", step, schedule.steps_per_epoch, schedule.total_steps):
         run.validate(step)
     if is_due(args.checkpointing_steps, step, schedule.steps_per_epoch, schedule.total_steps):
-        save_checkpoint(run.accelerator, args.output_dir, step, run.identity, args.save_total_limit)
+        save_checkpoint(run.accelerator, run.model, run.optimizer, run.scheduler, args.output_dir, step, run.identity,
+                        args.save_total_limit)
 
 
 def train_memory(memory: MLPMemoryPreTrainedModel, source: RowSource, args: MemoryTrainingArguments, accelerator,
-                 provenance: dict, stop_after_steps: int | None = None) -> dict | None:
+                 provenance: dict, stop_after_steps: int | None = None, settings: dict | None = None,
+                 record: dict | None = None) -> dict | None:
     """Train ``memory`` on ``source``, then save it with its meta.json in --output_dir; return the final metrics.
 
-    ``provenance`` (inputs, base model, targets) goes into meta.json and, with the data layout, into the
-    identity a checkpoint must match to be resumed. ``stop_after_steps`` ends the run early (after that
-    step's checkpoint, if one is due), as a kill would; tests use it. Returns None then.
+    ``provenance`` (inputs, base model, targets) goes into meta.json and, with ``settings`` (the flags
+    that change the result, `result_settings` of every argument group; default: those of ``args``) and
+    the data layout, into the identity a checkpoint must match to be resumed. ``record`` goes into
+    meta.json only. ``stop_after_steps`` ends the run early (after that step's checkpoint, if one is
+    due), as a kill would; tests use it. Returns None then.
     """
     start = time.time()
-    run = start_run(memory, source, args, accelerator, provenance)
+    run = start_run(memory, source, args, accelerator, provenance,
+                    settings if settings is not None else result_settings(args))
     step = resume(run)
     schedule = run.schedule
     logger.info("Training on %d %ss (%d held-out rows): %d steps/epoch x %d per step (%d per device x %d processes x %d "
@@ -273,10 +289,10 @@ def train_memory(memory: MLPMemoryPreTrainedModel, source: RowSource, args: Memo
                 return None
     if run.metrics_log.last_validation.get("step") != step:  # the final metrics are always those of the final weights
         run.validate(step)
-    return finish(run, time.time() - start)
+    return finish(run, time.time() - start, record or {})
 
 
-def finish(run: Run, seconds: float) -> dict:
+def finish(run: Run, seconds: float, record: dict) -> dict:
     """Save the memory directory (`save_memory`: save_pretrained, training_results.json, then meta.json last)."""
     accelerator, args, schedule = run.accelerator, run.args, run.schedule
     accelerator.wait_for_everyone()
@@ -287,7 +303,7 @@ def finish(run: Run, seconds: float) -> dict:
     if accelerator.is_main_process:
         paths = {flag: local_path_or_name(getattr(args, flag)) for flag in ("output_dir", "knn_save_path",
                                                                              "resume_from_checkpoint")}
-        record = {**run.provenance, "source": run.source.describe(), "training": {**asdict(args), **paths},
+        record = {**run.provenance, **record, "source": run.source.describe(), "training": {**asdict(args), **paths},
                   "num_processes": accelerator.num_processes}
         save_memory(args.output_dir, memory, results, record)
         logger.info("Memory saved to %s: %s", args.output_dir, results)

@@ -10,7 +10,8 @@ import os
 import torch
 
 from models import MemoryConfig, MLPMemoryPreTrainedModel, build_memory, init_lm_head_from_base
-from models.training.arguments import MemoryArguments, MemoryTrainingArguments, OfflineArguments, OnlineArguments
+from models.training.arguments import (MemoryArguments, MemoryTrainingArguments, OfflineArguments, OnlineArguments,
+                                       result_settings)
 from models.training.checkpoints import prepare_output_dir
 from models.training.loop import train_memory
 from models.training.rows import DatastoreRows, OnTheFlyRows, rows_of_windows
@@ -30,7 +31,8 @@ logger = logging.getLogger(__name__)
 
 def make_memory(memory_args: MemoryArguments, base_config, base_parameters: int | None, record: dict,
                 base_model: torch.nn.Module | None = None) -> MLPMemoryPreTrainedModel:
-    """Build (and optionally head-initialise) a memory for a base model; ``record`` = base_model, layer, fingerprint."""
+    """Build (and optionally head-initialise) a memory for a base model; ``record`` = base_model, layer,
+    tokenizer_fingerprint, base_model_fingerprint."""
     config = MemoryConfig.from_base(base_config, preset=memory_args.base_model_name, num_layers=memory_args.num_layers,
                                     intermediate_size=memory_args.intermediate_size, base_parameters=base_parameters,
                                     **record)
@@ -75,9 +77,9 @@ def make_accelerator(args: MemoryTrainingArguments):
 # The two modes: their inputs, checks and set-up
 
 
-def open_targets(args: MemoryTrainingArguments) -> KnnTargets:
+def open_targets(args: MemoryTrainingArguments, verify: bool) -> KnnTargets:
     with timed("Opening the kNN targets", logger):
-        return load_knn_targets(args.knn_save_path)
+        return load_knn_targets(args.knn_save_path, verify)
 
 
 def offline_base(args: OfflineArguments, datastore: Datastore):
@@ -113,24 +115,43 @@ def offline_base(args: OfflineArguments, datastore: Datastore):
 
 
 def run_offline(offline: OfflineArguments, memory_args: MemoryArguments, args: MemoryTrainingArguments,
-                stop_after_steps: int | None = None) -> dict | None:
-    """Train a memory on datastore keys -> kNN targets, holding the lock of --output_dir; the inputs (datastore,
-    targets, base model) are checked before --output_dir is created."""
+                stop_after_steps: int | None = None, allow_base_mismatch: bool = False) -> dict | None:
+    """Train a memory on datastore keys -> kNN targets, holding the lock of --output_dir.
+
+    The memory belongs to the model whose hidden states the keys are: it records the datastore's
+    model fingerprint. A base model that is loaded (--model_name_or_path, or --init_lm_head) must be
+    that model unless ``allow_base_mismatch``. The targets may come from another retriever over the
+    same rows (recorded in meta.json: ``knn_targets.retriever``). The inputs (datastore, targets, base
+    model) are checked before --output_dir is created.
+    """
     from utils.artifacts.datastore import datastore_summary, open_datastore
-    from utils.modeling import describe_model, load_causal_lm
+    from utils.modeling import check_model_fingerprint, describe_model, load_causal_lm, model_fingerprint
 
     accelerator = make_accelerator(args)
     setup_logging(accelerator.is_main_process)
     logger.info("Offline memory training: %s %s %s", offline, memory_args, args)
     with artifact_lock(args.output_dir, "--output_dir", accelerator):
-        datastore = open_datastore(offline.knn_dstore_path, "--knn_dstore_path")
-        targets = open_targets(args)
+        verify = accelerator.is_local_main_process  # each machine verifies the files once; the others wait for it
+        datastore = open_datastore(offline.knn_dstore_path, "--knn_dstore_path", verify)
+        targets = open_targets(args, verify)
+        accelerator.wait_for_everyone()
         check_targets_for_datastore(targets, datastore)
         model_args, base_config = offline_base(offline, datastore)
-        base_model = load_causal_lm(model_args) if memory_args.init_lm_head else None
+        keys_fingerprint = datastore.meta.get("model_fingerprint")
+        base_model, checks = None, {}
+        if memory_args.init_lm_head or offline.model_name_or_path:
+            with timed("Loading the base model", logger):
+                base_model = load_causal_lm(model_args)
+            what = f"--model_name_or_path {offline.model_name_or_path}" if offline.model_name_or_path else \
+                f"the base model {model_args.model_name_or_path}"
+            layer = datastore.meta.get("layer")
+            checks["base_check"] = check_model_fingerprint(
+                model_fingerprint(base_model, -1 if layer is None else layer), keys_fingerprint,
+                f"--knn_dstore_path {datastore.path} (the hidden states of a base model)", what, allow_base_mismatch)
         prepare_output_dir(args, accelerator)
         record = {"base_model": describe_model(model_args), "layer": datastore.meta.get("layer"),
-                  "tokenizer_fingerprint": datastore.meta.get("tokenizer_fingerprint")}
+                  "tokenizer_fingerprint": datastore.meta.get("tokenizer_fingerprint"),
+                  "base_model_fingerprint": keys_fingerprint}
         set_seed(args.seed)
         memory = make_memory(memory_args, base_config, base_parameter_count(base_config), record, base_model)
         del base_model
@@ -140,23 +161,31 @@ def run_offline(offline: OfflineArguments, memory_args: MemoryArguments, args: M
                                offline.max_train_samples)
         provenance = {"mode": "offline", **record, "datastore": datastore_summary(datastore),
                       "knn_targets": targets_summary(targets)}
-        return train_memory(memory, source, args, accelerator, provenance, stop_after_steps)
+        return train_memory(memory, source, args, accelerator, provenance, stop_after_steps,
+                            result_settings(offline, memory_args, args), checks)
 
 
 def run_online(online: OnlineArguments, model_args, memory_args: MemoryArguments, args: MemoryTrainingArguments,
-               stop_after_steps: int | None = None) -> dict | None:
+               stop_after_steps: int | None = None, allow_base_mismatch: bool = False) -> dict | None:
     """Train a memory on hidden states computed by the frozen base model -> kNN targets, holding the lock of
-    --output_dir; the inputs (dataset, targets, base model) are checked before --output_dir is created."""
+    --output_dir.
+
+    The memory records the base model's fingerprint. The targets must describe that model's datastore
+    rows (their fingerprint) unless ``allow_base_mismatch`` (targets of another retriever's keys). The inputs
+    (dataset, targets, base model) are checked before --output_dir is created.
+    """
     from utils.architectures import normalize_layer
     from utils.artifacts.dataset import load_split
-    from utils.modeling import describe_model, load_model_for_dataset
+    from utils.modeling import check_model_fingerprint, describe_model, load_model_for_dataset, model_fingerprint
 
     accelerator = make_accelerator(args)
     setup_logging(accelerator.is_main_process)
     logger.info("Online memory training: %s %s %s %s", online, model_args, memory_args, args)
     with artifact_lock(args.output_dir, "--output_dir", accelerator):
-        split = load_split(online.dataset_name, online.dataset_split_name)
-        targets = open_targets(args)
+        verify = accelerator.is_local_main_process  # each machine verifies the files once; the others wait for it
+        split = load_split(online.dataset_name, online.dataset_split_name, verify)
+        targets = open_targets(args, verify)
+        accelerator.wait_for_everyone()
         fingerprint = split.meta["tokenizer"]["fingerprint"]
         what = f"--dataset_name {online.dataset_name} ({online.dataset_split_name})"
         check_fingerprint(targets, fingerprint, f"--dataset_name {online.dataset_name}")
@@ -164,10 +193,16 @@ def run_online(online: OnlineArguments, model_args, memory_args: MemoryArguments
         check_labels(targets, split.tokens[1 : targets.num_rows + 1], what)
         with timed("Loading the base model", logger):
             base_model, _ = load_model_for_dataset(model_args, split.meta, online.dataset_name)
-        prepare_output_dir(args, accelerator)
         base_model.requires_grad_(False).eval().to(accelerator.device)
         layer = normalize_layer(base_model, online.dstore_layer)
-        record = {"base_model": describe_model(model_args), "layer": layer, "tokenizer_fingerprint": fingerprint}
+        base_fingerprint = model_fingerprint(base_model, layer)
+        checks = {"base_check": check_model_fingerprint(
+            base_fingerprint, targets.meta.get("queries", {}).get("model_fingerprint"),
+            f"--knn_save_path {targets.path} (kNN targets of the datastore keys of a base model)",
+            f"--model_name_or_path {model_args.model_name_or_path}", allow_base_mismatch)}
+        prepare_output_dir(args, accelerator)
+        record = {"base_model": describe_model(model_args), "layer": layer, "tokenizer_fingerprint": fingerprint,
+                  "base_model_fingerprint": base_fingerprint}
         set_seed(args.seed)
         memory = make_memory(memory_args, base_model.config, base_model.num_parameters(), record, base_model)
         boundary = targets.num_rows - args.held_out_rows(targets.num_rows)
@@ -178,7 +213,8 @@ def run_online(online: OnlineArguments, model_args, memory_args: MemoryArguments
                    "tokens_sha256": split.meta["splits"][online.dataset_split_name]["tokens_sha256"],
                    "block_size": split.meta["block_size"], "stride": split.meta["stride"]}
         provenance = {"mode": "online", **record, "dataset": dataset, "knn_targets": targets_summary(targets)}
-        return train_memory(memory, source, args, accelerator, provenance, stop_after_steps)
+        return train_memory(memory, source, args, accelerator, provenance, stop_after_steps,
+                            result_settings(online, model_args, memory_args, args), checks)
 
 
 def set_seed(seed: int) -> None:

@@ -15,6 +15,7 @@ import train_mlpmem_online
 from knn_utils.index import IndexSettings, build_index
 from knn_utils.knn_targets import TargetSettings, compute_knn_targets
 from models import MemoryConfig, build_memory, load_memory
+from models.training.arguments import warmup_steps
 from models.training.rows import DatastoreRows, OnTheFlyRows, window_hidden_states
 from tests.conftest import tiny_model
 from tests.knn_fixtures import accelerate_launch, tiny_lm, write_datastore  # noqa: F401  (tiny_lm is a fixture)
@@ -223,3 +224,14 @@ def test_base_model_must_fit_the_datastore(pipeline, tiny_gpt2_dir, tmp_path):
         train_mlpmem_offline.main(offline_args(pipeline, tmp_path / "m", "--model_name_or_path", str(narrow)))
     with pytest.raises(UsageError, match="--model_name_or_path .* tokenizer fingerprint"):
         train_mlpmem_offline.main(offline_args(pipeline, tmp_path / "m", "--model_name_or_path", str(tiny_gpt2_dir)))
+
+
+def test_default_warm_up_is_a_fraction_of_a_short_run(pipeline, tmp_path):
+    assert warmup_steps(None, 300_000) == 2000 and warmup_steps(None, 40) == 4 and warmup_steps(7, 40) == 7
+    out = tmp_path / "memory"
+    args = offline_args(pipeline, out, "--max_train_steps", "10", "--per_device_train_batch_size", "64")
+    i = args.index("--num_warmup_steps")
+    train_mlpmem_offline.main(args[:i] + args[i + 2:])  # no --num_warmup_steps: 1 warm-up step of 10
+    lrs = [r["lr"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["type"] == "train"]
+    assert lrs[0] == pytest.approx(5e-4)  # the warm-up is over after one step (with 2,000 it would be 5e-4 / 2000)
+    assert lrs == sorted(lrs, reverse=True) and lrs[-1] == pytest.approx(0)

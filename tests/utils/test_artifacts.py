@@ -32,7 +32,8 @@ def test_reading_the_formats_and_the_memory_loads_neither_faiss_nor_knn_utils():
 def test_dataset_split_round_trip_and_count_check(tmp_path):
     tokens = np.arange(50, dtype=np.int32) % 7
     windows = make_windows(len(tokens), block_size=16, stride=8)
-    entry = write_split(tmp_path, "train", tokens, windows)
+    entry, checksums = write_split(tmp_path, "train", tokens, windows)
+    assert sorted(checksums) == ["train/tokens.npy", "train/windows.npy"]
     assert entry == {"tokens": 50, "rows": 49, "windows": len(windows), "max_token_id": 6,
                      "tokens_sha256": entry["tokens_sha256"]}
     write_json(tmp_path / "meta.json", {"kind": "dataset", "format_version": 1, "splits": {"train": entry}})

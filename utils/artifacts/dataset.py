@@ -1,6 +1,7 @@
 """A preprocessed dataset on disk (pipeline step 1's output): token streams and scoring windows per split.
 
-Layout (``meta.json`` describes it: tokenizer and its fingerprint, block size, stride, counts, checksums)::
+Layout (``meta.json`` describes it: tokenizer and its fingerprint, block size, stride, counts, the SHA-256
+of each token stream, and the block checksums of every file, utils/checksums.py)::
 
     <dir>/<split>/tokens.npy    int32 (n,)    the split as one token stream
     <dir>/<split>/windows.npy   int64 (W, 4)  (begin, end, row_begin, row_end) per window, see utils/windows.py
@@ -16,9 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.io import ArtifactError, array_sha256, load_array, read_meta
+from utils.checksums import checksum_file, checksum_npy, verify_files
+from utils.io import ArtifactError, load_array, read_meta
 
 FORMAT_VERSION = 1
+SPLIT_FILES = ("tokens.npy", "windows.npy")
 
 
 @dataclass
@@ -35,22 +38,39 @@ class TokenizedSplit:
         return max(len(self.tokens) - 1, 0)
 
 
-def write_split(directory: Path, split: str, tokens: np.ndarray, windows: np.ndarray) -> dict:
-    """Write one split's arrays under ``directory``; return its entry of ``meta.json``'s ``splits``."""
+def split_files(split: str) -> list[str]:
+    """The files of one split, relative to the dataset directory (as ``meta.json``'s ``checksums`` names them)."""
+    return [f"{split}/{name}" for name in SPLIT_FILES]
+
+
+def data_files(meta: dict) -> list[str]:
+    """Every array file of a dataset."""
+    return [name for split in meta["splits"] for name in split_files(split)]
+
+
+def write_split(directory: Path, split: str, tokens: np.ndarray, windows: np.ndarray) -> tuple[dict, dict]:
+    """Write one split's arrays under ``directory``; return its entry of ``meta.json``'s ``splits`` and the
+    block checksums of its files (for ``meta.json``'s ``checksums``)."""
     (directory / split).mkdir()
-    np.save(directory / split / "tokens.npy", tokens)
-    np.save(directory / split / "windows.npy", windows)
-    return {"tokens": int(len(tokens)), "rows": int(len(tokens) - 1), "windows": int(len(windows)),
-            "max_token_id": int(tokens.max()), "tokens_sha256": array_sha256(tokens)}
+    tokens_file, windows_file = split_files(split)
+    np.save(directory / tokens_file, tokens)
+    np.save(directory / windows_file, windows)
+    tokens_checksums, tokens_sha256 = checksum_npy(directory / tokens_file)
+    entry = {"tokens": int(len(tokens)), "rows": int(len(tokens) - 1), "windows": int(len(windows)),
+             "max_token_id": int(tokens.max()), "tokens_sha256": tokens_sha256}
+    return entry, {tokens_file: tokens_checksums, windows_file: checksum_file(directory / windows_file)}
 
 
-def load_split(dataset_dir: str, split: str) -> TokenizedSplit:
-    """Open one split of a preprocessed dataset (memory-mapped)."""
+def load_split(dataset_dir: str, split: str, verify: bool = True) -> TokenizedSplit:
+    """Open one split of a preprocessed dataset (memory-mapped); with ``verify``, check its files' block
+    checksums first."""
     meta = read_meta(dataset_dir, "dataset")
     if split not in meta["splits"]:
         raise ArtifactError(
             f"Dataset {dataset_dir} has no {split!r} split (it has {sorted(meta['splits'])})."
         )
+    if verify:
+        verify_files(dataset_dir, meta, split_files(split))
     directory = Path(dataset_dir) / split
     counts = meta["splits"][split]
     tokens = load_array(directory / "tokens.npy", f"{counts['tokens']} int32 tokens, as meta.json says", mmap_mode="r")

@@ -4,8 +4,10 @@ Layout of a datastore directory::
 
     keys.npy    float16 (N, d)  input of the last block's feed-forward layer (utils/architectures.py)
     vals.npy    int32   (N,)    the next token
-    meta.json   what produced it: model, tokenizer, architecture, layer, dimension, source dataset and
-                split, row count, SHA-256 of both arrays
+    meta.json   what produced it: model (and its weights' fingerprint, utils.modeling.model_fingerprint),
+                tokenizer, architecture, layer, dimension, source dataset and split, row count, SHA-256 of
+                both arrays (their identity), block checksums of both files (utils/checksums.py: checked
+                when the datastore is opened)
 
 Row ``r`` is the row numbering of utils/windows.py, so row ``r`` of the datastore belongs to the window
 whose ``[row_begin, row_end)`` contains ``r``.
@@ -26,13 +28,15 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.io import ArtifactError, array_sha256, load_array, partial_path, read_meta, reuse_staging, timed, write_json
+from utils.checksums import checksum_npy, verify_files
+from utils.io import ArtifactError, load_array, partial_path, read_meta, reuse_staging, timed, write_json
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 KEY_DTYPE = np.float16
 VAL_DTYPE = np.int32
+DATA_FILES = ("keys.npy", "vals.npy")
 
 
 @dataclass
@@ -53,10 +57,13 @@ class Datastore:
         return self.keys.shape[1]
 
 
-def load_datastore(path: str) -> Datastore:
-    """Open a finished datastore, checking its arrays against its ``meta.json``."""
+def load_datastore(path: str, verify: bool = True) -> Datastore:
+    """Open a finished datastore, checking its arrays against its ``meta.json``: their shapes and, with
+    ``verify``, their contents (block checksums, one streamed read of both files)."""
     meta = read_meta(path, "datastore")
     path = Path(path)
+    if verify:
+        verify_files(path, meta, list(DATA_FILES))
     expected = (meta["rows"], meta["dim"])
     keys = load_array(path / "keys.npy", f"float16 keys of shape {expected}, as meta.json says", mmap_mode="r")
     vals = load_array(path / "vals.npy", f"{meta['rows']} int32 values, as meta.json says", mmap_mode="r")
@@ -125,10 +132,13 @@ class DatastoreWriter:
             missing = np.flatnonzero(~np.asarray(self.done))
             if len(missing):
                 raise ArtifactError(f"Datastore {self.staging}: {len(missing)} windows were never written (first: {missing[:5]})")
-            with timed("Checksumming the datastore", logger):
-                checksums = {"keys_sha256": array_sha256(self.keys), "vals_sha256": array_sha256(self.vals)}
+            with timed("Checksumming the datastore", logger):  # one read: block checksums and identity together
+                (keys_blocks, keys_sha256), (vals_blocks, vals_sha256) = (checksum_npy(self.staging / name)
+                                                                          for name in DATA_FILES)
             meta = {
-                "kind": "datastore", "format_version": FORMAT_VERSION, **self.identity, **checksums,
+                "kind": "datastore", "format_version": FORMAT_VERSION, **self.identity,
+                "keys_sha256": keys_sha256, "vals_sha256": vals_sha256,
+                "checksums": {"keys.npy": keys_blocks, "vals.npy": vals_blocks},
                 "key_dtype": np.dtype(KEY_DTYPE).name, "val_dtype": np.dtype(VAL_DTYPE).name,
                 "seconds": round(time.time() - self.start_time, 2), **(extra_meta or {}),
             }
@@ -142,10 +152,10 @@ class DatastoreWriter:
         return meta
 
 
-def open_datastore(path: str | os.PathLike, flag: str) -> Datastore:
+def open_datastore(path: str | os.PathLike, flag: str, verify: bool = True) -> Datastore:
     """`load_datastore`, with errors that name the flag the path came from."""
     try:
-        return load_datastore(str(path))
+        return load_datastore(str(path), verify)
     except ArtifactError as err:
         raise ArtifactError(f"{flag} {path}: {err}") from None
 
@@ -158,4 +168,5 @@ def datastore_summary(datastore: Datastore) -> dict:
         "keys_sha256": meta["keys_sha256"], "vals_sha256": meta["vals_sha256"],
         "architecture": meta.get("architecture"), "layer": meta.get("layer"),
         "tokenizer_fingerprint": meta.get("tokenizer_fingerprint"), "model": meta.get("model"),
+        "model_fingerprint": meta.get("model_fingerprint"),
     }

@@ -5,7 +5,8 @@ Layout of an index directory (by default ``<dstore_dir>/index``)::
     index.faiss   the FAISS index, L2 distance, ids 0..N-1 = datastore rows:
                   IndexIVFPQ (approximate) or IndexFlatL2 (exact)
     meta.json     kind "index": its type and settings, the default nprobe, the datastore it indexes
-                  (path, rows, dim, keys/vals checksums), the adjustments made to the settings, timings
+                  (path, rows, dim, keys/vals checksums), the adjustments made to the settings, timings,
+                  the block checksums of index.faiss (utils/checksums.py: checked when it is read)
 
 While it is built (knn_utils/index.py), ``<index>.partial`` holds ``trained.faiss`` and one small index per
 chunk of keys, ``chunks/chunk_000012.faiss``; each file is written under a temporary name and renamed.
@@ -19,6 +20,7 @@ from pathlib import Path
 import faiss
 
 from utils.artifacts.datastore import Datastore
+from utils.checksums import verify_files
 from utils.io import ArtifactError, read_meta
 
 FORMAT_VERSION = 1
@@ -63,8 +65,11 @@ def read_index_meta(index_path: Path, datastore: Datastore) -> dict:
     return meta
 
 
-def read_index_file(index_path: Path, meta: dict, mmap: bool = True) -> faiss.Index:
-    """The FAISS index of ``index_path``, read-only; memory-mapped (shared between processes) when ``mmap``."""
+def read_index_file(index_path: Path, meta: dict, mmap: bool = True, verify: bool = True) -> faiss.Index:
+    """The FAISS index of ``index_path``, read-only; memory-mapped (shared between processes) when ``mmap``;
+    with ``verify``, checked against its block checksums first."""
+    if verify:
+        verify_files(index_path, meta, [INDEX_FILE])
     flags = faiss.IO_FLAG_MMAP_IFC if meta["index_type"] == "flat" else faiss.IO_FLAG_MMAP
     try:
         index = faiss.read_index(str(index_path / INDEX_FILE), faiss.IO_FLAG_READ_ONLY | (flags if mmap else 0))

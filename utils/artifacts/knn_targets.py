@@ -6,7 +6,8 @@ Layout of a target directory (rows in the order of the query datastore)::
     token_ids.npy  int32   (nnz,)    token ids, ascending within a row
     probs.npy      float16 (nnz,)    their probabilities, all > 0 (a row sums to 1 up to float16 rounding)
     labels.npy     int32   (N,)      the gold next token of each row
-    meta.json      kind "knn_targets": the datastore and index it came from, k, knn_temp, threshold, rows, nnz
+    meta.json      kind "knn_targets": the datastore and index it came from, k, knn_temp, threshold, rows, nnz,
+                   the block checksums of the four arrays (utils/checksums.py: checked when the targets are opened)
 
 A row with no neighbour at all (a one-row datastore, or an IVF search that found nothing) has no entries.
 
@@ -27,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from utils.artifacts.datastore import Datastore
+from utils.checksums import record_checksums, verify_files
 from utils.cli import UsageError
 from utils.io import ArtifactError, chunk_ranges, load_array, read_meta
 
@@ -35,6 +37,7 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 ID_DTYPE = np.int32
 PROB_DTYPE = np.float16
+DATA_FILES = ("offsets.npy", "token_ids.npy", "probs.npy", "labels.npy")
 
 
 @dataclass
@@ -51,11 +54,16 @@ class SparseRows:
 
 
 class KnnTargets:
-    """An opened target directory (memory-mapped). Never densified to (rows x vocab)."""
+    """An opened target directory (memory-mapped). Never densified to (rows x vocab).
 
-    def __init__(self, path: str | os.PathLike):
+    With ``verify``, the files are checked against their block checksums before they are mapped.
+    """
+
+    def __init__(self, path: str | os.PathLike, verify: bool = True):
         self.path = Path(path)
         self.meta = read_meta(self.path, "knn_targets")
+        if verify:
+            verify_files(self.path, self.meta, list(DATA_FILES))
         rows, nnz = self.meta["rows"], self.meta["nnz"]
         self.offsets = load_array(self.path / "offsets.npy", f"{rows + 1} int64 row offsets", mmap_mode="r")  # (N + 1,)
         self.token_ids = load_array(self.path / "token_ids.npy", f"{nnz} int32 token ids", mmap_mode="r")  # (nnz,)
@@ -92,9 +100,9 @@ class KnnTargets:
         return entry_row, np.asarray(self.token_ids[positions]), np.asarray(self.probs[positions])
 
 
-def load_knn_targets(path: str | os.PathLike) -> KnnTargets:
-    """Open a target directory written by `compute_knn_targets`."""
-    return KnnTargets(path)
+def load_knn_targets(path: str | os.PathLike, verify: bool = True) -> KnnTargets:
+    """Open a target directory written by `compute_knn_targets` (its files verified, with ``verify``)."""
+    return KnnTargets(path, verify)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -121,7 +129,8 @@ def missing_chunks(staging: Path, num_rows: int, chunk_rows: int) -> list[int]:
 
 
 def merge_chunks(staging: Path, queries: Datastore, chunk_rows: int) -> dict:
-    """Concatenate the chunk files in row order into the CSR arrays; return row/entry counts."""
+    """Concatenate the chunk files in row order into the CSR arrays; return row/entry counts and the block
+    checksums of the arrays (``meta.json``'s ``checksums``)."""
     num_chunks = len(chunk_ranges(queries.num_rows, chunk_rows))
     if missing := missing_chunks(staging, queries.num_rows, chunk_rows):
         raise ArtifactError(f"{staging}: chunks {missing[:5]} were never written")
@@ -144,7 +153,8 @@ def merge_chunks(staging: Path, queries: Datastore, chunk_rows: int) -> dict:
     np.save(staging / "labels.npy", np.asarray(queries.vals, dtype=ID_DTYPE))
     row_sizes = np.diff(offsets)
     return {"rows": queries.num_rows, "nnz": nnz, "empty_rows": int((row_sizes == 0).sum()),
-            "mean_targets_per_row": round(nnz / max(queries.num_rows, 1), 3), "max_targets_in_a_row": int(row_sizes.max(initial=0))}
+            "mean_targets_per_row": round(nnz / max(queries.num_rows, 1), 3), "max_targets_in_a_row": int(row_sizes.max(initial=0)),
+            "checksums": record_checksums(staging, list(DATA_FILES))}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -156,7 +166,8 @@ def targets_summary(targets: KnnTargets) -> dict:
     queries = targets.meta.get("queries", {})
     return {"path": str(targets.path.resolve()), "rows": targets.num_rows, "nnz": targets.meta.get("nnz"),
             "k": targets.meta.get("k"), "knn_temp": targets.meta.get("knn_temp"),
-            "retriever": {"model": queries.get("model"), "layer": queries.get("layer"), "dim": queries.get("dim")}}
+            "retriever": {"model": queries.get("model"), "model_fingerprint": queries.get("model_fingerprint"),
+                          "layer": queries.get("layer"), "dim": queries.get("dim")}}
 
 
 def check_labels(targets: KnnTargets, expected: np.ndarray, what: str, chunk: int = 1 << 22) -> None:
@@ -188,8 +199,10 @@ def check_targets_for_datastore(targets: KnnTargets, datastore: Datastore) -> No
     queries = targets.meta.get("queries", {})
     if targets.num_rows != datastore.num_rows:
         raise UsageError(f"--knn_save_path {targets.path} has {targets.num_rows} rows but {what} has {datastore.num_rows}")
-    if queries.get("vals_sha256") != datastore.meta.get("vals_sha256"):
-        check_labels(targets, datastore.vals, what)
+    # Always compared, even when both meta.json files record the same vals_sha256: that says which values the
+    # targets were computed from, not that the files still hold them when either artifact was opened without
+    # verification or predates block checksums. It reads 8 bytes a row, little next to the keys.
+    check_labels(targets, datastore.vals, what)
     if queries.get("keys_sha256") != datastore.meta.get("keys_sha256"):
         logger.info("The kNN targets come from another retriever (%s, dim %s) than the memory's inputs (%s, dim %d)",
                     (queries.get("model") or {}).get("model_name_or_path"), queries.get("dim"),
