@@ -29,10 +29,12 @@ import train_mlpmem_offline
 from demo import generation_example
 from downstream import eval_qa
 from knn_utils import build_index, knnlm, saveKNNMulti
+from knn_utils.index import load_index
 from models import MemoryConfig, build_memory
 from tests.conftest import REPO
 from tests.knn_fixtures import cpu_launch_env, random_datastore, tiny_lm  # noqa: F401  (tiny_lm is a fixture)
 from utils.artifacts.dataset import load_split
+from utils.artifacts.datastore import load_datastore
 from utils.cli import UsageError
 from utils.io import ArtifactError
 from utils.locking import owner_file
@@ -254,21 +256,25 @@ def truncate(path: Path, keep: float = 0.5) -> None:
     path.write_bytes(data[: int(len(data) * keep)])
 
 
-@pytest.mark.parametrize("damaged,entry,message", [
-    ("keys.npy", "build_index", r"keys.npy is truncated or corrupt \(expected float16 keys of shape \(64, 8\)"),
-    ("meta.json", "build_index", r"meta.json is truncated or corrupt \(expected the JSON description of a datastore\)"),
-    ("index/index.faiss", "saveKNNMulti", r"index.faiss is missing, truncated or corrupt \(expected a flat index of 64 keys\)"),
-], ids=["keys.npy", "meta.json", "index.faiss"])
-def test_a_truncated_artifact_file_is_named(small_datastore, tmp_path, damaged, entry, message):
-    if entry == "saveKNNMulti":
-        build_index.main(["--dstore_path", str(small_datastore), "--index_type", "flat"])
+@pytest.mark.parametrize("damaged,message", [
+    ("keys.npy", r"keys.npy is truncated or corrupt \(expected float16 keys of shape \(64, 8\)"),
+    ("meta.json", r"meta.json is truncated or corrupt \(expected the JSON description of a datastore\)"),
+])
+def test_a_truncated_datastore_file_is_named(small_datastore, damaged, message):
     truncate(small_datastore / damaged)
     with pytest.raises(ArtifactError, match=message):
-        if entry == "build_index":
-            build_index.main(["--dstore_path", str(small_datastore), "--index_type", "flat"])
-        else:
-            saveKNNMulti.main(["--dstore_path", str(small_datastore), "--output_path", str(tmp_path / "targets"),
-                               "--k", "4"])
+        build_index.main(["--dstore_path", str(small_datastore), "--index_type", "flat"])
+
+
+def test_a_truncated_index_is_named_with_or_without_verification(small_datastore, tmp_path):
+    build_index.main(["--dstore_path", str(small_datastore), "--index_type", "flat"])
+    truncate(small_datastore / "index" / "index.faiss")
+    with pytest.raises(ArtifactError, match=r"index.faiss is [\d,]+ bytes, meta.json records [\d,]+"):  # checksums
+        saveKNNMulti.main(["--dstore_path", str(small_datastore), "--output_path", str(tmp_path / "targets"), "--k", "4"])
+    # Processes that skip the verification (all but one per machine) read it: FAISS's error becomes a named one.
+    with pytest.raises(ArtifactError, match=r"index.faiss is missing, truncated or corrupt \(expected a flat index of "
+                                            r"64 keys\)"):
+        load_index(small_datastore / "index", load_datastore(str(small_datastore), verify=False), verify=False)
 
 
 @pytest.mark.parametrize("content,message", [
