@@ -67,7 +67,7 @@ class MemoryTrainingArguments:
     num_warmup_steps: int | None = field(
         default=None,
         metadata={"help": f"Linear warm-up steps (optimizer steps). Default: the released {RELEASED_WARMUP_STEPS}, or "
-                          f"{WARMUP_FRACTION:.0%} of the run when that is fewer (a short run would otherwise "
+                          f"{WARMUP_FRACTION:.0%}% of the run when that is fewer (a short run would otherwise "  # %%: argparse
                           "never leave its warm-up).", "aliases": ["--warmup_steps"]},
     )
     num_train_epochs: int = field(default=50, metadata={"help": "Passes over the training rows."})
