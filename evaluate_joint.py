@@ -20,6 +20,7 @@ from utils.arguments import BaseCheckArguments, DataArguments, ModelArguments
 from utils.cli import command, parse_args, setup_logging
 from utils.distributed import process_state
 from utils.io import save_metrics
+from utils.locking import artifact_lock
 
 logger = logging.getLogger(__name__)
 
@@ -30,11 +31,13 @@ def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, args, checks = parse_args((ModelArguments, DataArguments, JointArguments, BaseCheckArguments),
                                                      argv)
     logger.info("Arguments: %s %s %s %s", model_args, data_args, args, checks)
-    metrics = evaluate_joint(model_args, data_args, args, state, checks.allow_base_mismatch)
+    with artifact_lock(args.output_dir, "--output_dir", state):
+        metrics = evaluate_joint(model_args, data_args, args, state, checks.allow_base_mismatch)
+        if state.is_main_process:
+            save_metrics(args.output_dir, "joint", metrics)
+            if len(args.lmbda) > 1:
+                save_sweep(args.output_dir, metrics)
     if state.is_main_process:
-        save_metrics(args.output_dir, "joint", metrics)
-        if len(args.lmbda) > 1:
-            save_sweep(args.output_dir, metrics)
         logger.info("Perplexity on %s over %d tokens: base %.4f, memory alone %.4f", metrics["eval_subset"],
                     metrics["eval_tokens"], metrics["base_perplexity"], metrics["memory_perplexity"])
         for entry in metrics["lmbda_sweep"]:

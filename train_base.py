@@ -27,11 +27,12 @@ from utils.architectures import normalize_layer
 from utils.arguments import DataArguments, DstoreArguments, ModelArguments
 from utils.artifacts.dataset import TokenizedSplit, load_split
 from utils.artifacts.datastore import DatastoreWriter
-from utils.cli import UsageError, command, parse_args, setup_logging
+from utils.cli import UsageError, check_finite_floats, command, parse_args, setup_logging
 from utils.distributed import process_state, with_cpu_flag
 from utils.io import save_metrics
+from utils.locking import artifact_locks
 from utils.modeling import describe_model, load_model_for_dataset, model_fingerprint
-from utils.scoring import batch_ids, gather_window_totals, score_batches, token_nll, window_sums
+from utils.scoring import batch_ids, check_finite_loss, gather_window_totals, score_batches, token_nll, window_sums
 from utils.windows import ROW_BEGIN, ROW_END
 
 logger = logging.getLogger(__name__)
@@ -140,7 +141,8 @@ def evaluate(model, split: TokenizedSplit, batch_size: int, state: PartialState,
     seconds = time.perf_counter() - start
     total_nll = gather_window_totals(nll_totals, len(windows), state).sum()
     scored_rows = num_rows - resumed_rows  # run through the model by this run, all processes together
-    loss = float(total_nll / num_rows)
+    loss = check_finite_loss(float(total_nll / num_rows), "The base model's",
+                             f"its weights may be corrupt (--model_name_or_path {model_args.model_name_or_path})")
     metrics = {
         "eval_subset": split.split, "eval_loss": loss, "perplexity": float(np.exp(loss)), "eval_tokens": num_rows,
         "eval_windows": len(windows), "eval_resumed_rows": resumed_rows, "eval_seconds": round(seconds, 3),
@@ -155,19 +157,20 @@ def evaluate(model, split: TokenizedSplit, batch_size: int, state: PartialState,
     return metrics
 
 
-def main(argv: list[str] | None = None) -> dict:
-    model_args, data_args, dstore_args, training_args = parse_args(
-        (ModelArguments, DataArguments, DstoreArguments, TrainingArguments), with_cpu_flag(argv)
-    )
-    state = process_state()
-    setup_logging(state.is_main_process)
+def check_training_args(training_args: TrainingArguments, dstore_args: DstoreArguments) -> None:
+    """What HF's `TrainingArguments` does not check, and what this script needs of it."""
     if not (training_args.do_train or training_args.do_eval):
         raise UsageError("Nothing to do: pass --do_train and/or --do_eval")
     if dstore_args.save_knnlm_dstore and not training_args.do_eval:
         raise UsageError("--save_knnlm_dstore writes the rows seen by evaluation: add --do_eval")
-    logger.info("Arguments: %s %s %s", model_args, data_args, dstore_args)
-    logger.info("Running on %d process(es), device %s", state.num_processes, state.device)
+    check_finite_floats(training_args)
+    if training_args.learning_rate <= 0:
+        raise UsageError(f"--learning_rate must be > 0, got {training_args.learning_rate}")
 
+
+def run_stage(model_args: ModelArguments, data_args: DataArguments, dstore_args: DstoreArguments,
+              training_args: TrainingArguments, state: PartialState) -> dict:
+    """Train and/or evaluate (and save the datastore), holding the locks of what is written."""
     eval_split = load_split(data_args.dataset_name, data_args.eval_subset) if training_args.do_eval else None
     train_split = load_split(data_args.dataset_name, "train") if training_args.do_train else None
     dataset_meta = (eval_split or train_split).meta
@@ -192,6 +195,20 @@ def main(argv: list[str] | None = None) -> dict:
                         eval_metrics["eval_tokens"])
         metrics.update(eval_metrics)
     return metrics
+
+
+def main(argv: list[str] | None = None) -> dict:
+    model_args, data_args, dstore_args, training_args = parse_args(
+        (ModelArguments, DataArguments, DstoreArguments, TrainingArguments), with_cpu_flag(argv)
+    )
+    state = process_state()
+    setup_logging(state.is_main_process)
+    check_training_args(training_args, dstore_args)
+    logger.info("Arguments: %s %s %s", model_args, data_args, dstore_args)
+    logger.info("Running on %d process(es), device %s", state.num_processes, state.device)
+    with artifact_locks([(training_args.output_dir, "--output_dir"),
+                         (dstore_args.dstore_dir if dstore_args.save_knnlm_dstore else None, "--dstore_dir")], state):
+        return run_stage(model_args, data_args, dstore_args, training_args, state)
 
 
 cli = command(main)  # the console script of pyproject.toml

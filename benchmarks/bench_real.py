@@ -60,11 +60,12 @@ from utils.arguments import ModelArguments  # noqa: E402
 from utils.artifacts.dataset import load_split  # noqa: E402
 from utils.artifacts.datastore import open_datastore  # noqa: E402
 from utils.artifacts.index import default_index_path  # noqa: E402
+from utils.cli import check_finite_floats, run  # noqa: E402
 from utils.distributed import synchronize  # noqa: E402
 from utils.environment import machine  # noqa: E402
 from utils.io import read_json, write_json  # noqa: E402
 from utils.modeling import load_model_for_dataset  # noqa: E402
-from utils.scoring import score_batches  # noqa: E402
+from utils.scoring import check_finite_loss, score_batches  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
 CONFIG = "scripts/configs/smollm2_wikitext2.sh"
@@ -417,6 +418,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="Exact kNN search of the quality measurement on the GPU (faiss-gpu, else torch).")
     parser.add_argument("--finetune_batch", type=int, default=4, help="Windows per fine-tuning micro-batch.")
     args = parser.parse_args(argv)
+    check_finite_floats(args)
     out = Path(args.out)
     stem = RESULTS / args.name
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -473,6 +475,8 @@ def main(argv: list[str] | None = None) -> dict:
         results["validation"] = {"tokens": val["tokens"], "base_perplexity": float(np.exp(-val["lm"].mean())),
                                  "picks": {k: {x: v[x] for x in ("temp", "lmbda", "validation_perplexity")}
                                            for k, v in picks.items()}, "sweeps": sweeps}
+        for entry in rows:  # a NaN or infinite perplexity is an error, never a result
+            check_finite_loss(entry["perplexity"], f"{entry['model']}:", "a model, a memory or the datastore is corrupt")
         results["test"] = {"tokens": test["tokens"], "windows": test["windows"], "rows": rows,
                            "seconds": {n: m["test"]["seconds"] for n, m in models.items()}}
         results["nq_open"] = nq_open(args, out) if args.qa_questions else {}
@@ -488,4 +492,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -32,9 +32,10 @@ from transformers import HfArgumentParser
 from models import load_memory
 from models.joint import JointLM, check_joint_settings
 from utils.arguments import BaseCheckArguments, ModelArguments
-from utils.cli import UsageError, run, setup_logging
+from utils.cli import UsageError, check_finite_floats, run, setup_logging
 from utils.embedded_corpus import QA_PROMPT
 from utils.io import write_json
+from utils.locking import artifact_lock
 from utils.modeling import load_causal_lm, load_tokenizer, model_tokenizer_path, tokenizer_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -157,12 +158,8 @@ def show(examples: list[dict]) -> None:
         print()
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    check_joint_settings(args.lmbda, args.knn_temp)
-    for name in ("max_new_tokens", "num_examples", "scan", "batch_size"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
+def run_demo(args: argparse.Namespace) -> dict:
+    """Generate with the base model and with base + memory, print them side by side, write --output_file if given."""
     if args.prompt:
         qa, qa_prompt = None, None
     else:
@@ -210,6 +207,17 @@ def main(argv: list[str] | None = None) -> dict:
     if args.output_file:
         write_json(args.output_file, result)
     return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    check_finite_floats(args)
+    check_joint_settings(args.lmbda, args.knn_temp)
+    for name in ("max_new_tokens", "num_examples", "scan", "batch_size"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    with artifact_lock(args.output_file, "--output_file"):  # no lock without --output_file: nothing is written
+        return run_demo(args)
 
 
 if __name__ == "__main__":

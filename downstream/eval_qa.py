@@ -29,9 +29,17 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from downstream.qa_data import load_qa
 from downstream.qa_metrics import aggregate, score
 from utils.arguments import BaseCheckArguments, ModelArguments
-from utils.cli import UsageError, command, parse_args, setup_logging
+from utils.cli import UsageError, check_finite_floats, command, parse_args, setup_logging
 from utils.io import save_metrics
-from utils.modeling import describe_model, load_causal_lm, load_tokenizer, model_tokenizer_path, tokenizer_fingerprint
+from utils.locking import artifact_lock
+from utils.modeling import (
+    describe_model,
+    load_causal_lm,
+    load_tokenizer,
+    local_path_or_name,
+    model_tokenizer_path,
+    tokenizer_fingerprint,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +68,7 @@ class QAArguments:
     knn_temp: float = field(default=1.0, metadata={"help": "Temperature of the memory's logits."})
 
     def __post_init__(self):
+        check_finite_floats(self)
         self.prompt_template = self.prompt_template.replace("\\n", "\n")
         if PLACEHOLDER not in self.prompt_template:
             raise UsageError(f"--prompt_template must contain {PLACEHOLDER}, got {self.prompt_template!r}")
@@ -137,11 +146,8 @@ def write_jsonl(path: str, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    setup_logging()
-    model_args, args, checks = parse_args((ModelArguments, QAArguments, BaseCheckArguments), argv)
-    if model_args.model_name_or_path is None:
-        raise UsageError("--model_name_or_path is required (a pretrained base model)")
+def answer_questions(model_args: ModelArguments, args: QAArguments, checks: BaseCheckArguments) -> dict:
+    """Answer, score and write the results, holding the lock of --output_dir."""
     examples, data_info = load_qa(args.data_file, args.dataset_name, args.dataset_config_name, args.dataset_split,
                                   args.question_field, args.answer_field, args.max_samples)
     tok_path, tok_gguf = model_tokenizer_path(model_args)
@@ -180,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
         "seconds": seconds,
         "questions_per_second": len(examples) / seconds if seconds > 0 else None,
         "use_neural_knn": args.use_neural_knn,
-        "knn_generator_path": args.knn_generator_path,
+        "knn_generator_path": local_path_or_name(args.knn_generator_path),
         "lmbda": args.lmbda if args.use_neural_knn else None,
         "knn_temp": args.knn_temp if args.use_neural_knn else None,
         "base_check": joint.base_check if joint is not None else None,
@@ -199,6 +205,15 @@ def main(argv: list[str] | None = None) -> dict:
                 data_info["source"], setting, summary["count"], summary["exact_match"], summary["f1"],
                 summary["contains"], metrics["questions_per_second"] or 0.0, seconds)
     return metrics
+
+
+def main(argv: list[str] | None = None) -> dict:
+    setup_logging()
+    model_args, args, checks = parse_args((ModelArguments, QAArguments, BaseCheckArguments), argv)
+    if model_args.model_name_or_path is None:
+        raise UsageError("--model_name_or_path is required (a pretrained base model)")
+    with artifact_lock(args.output_dir, "--output_dir"):
+        return answer_questions(model_args, args, checks)
 
 
 cli = command(main)  # the console script of pyproject.toml

@@ -79,19 +79,24 @@ def read_local(path: str) -> list[dict]:
     """Records of a local ``.json`` / ``.jsonl`` file (errors name ``--data_file``)."""
     if not os.path.isfile(path):
         raise UsageError(f"--data_file {path}: no such file")
+    if not path.endswith((".json", ".jsonl")):
+        raise UsageError(f"--data_file {path}: expected a .json or .jsonl file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as err:
+        raise UsageError(f"--data_file {path} is not UTF-8 text (byte {err.start}: {err.reason})") from None
     records: list = []
     if path.endswith(".jsonl"):
-        with open(path) as f:
-            for number, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError as err:
-                        raise UsageError(f"--data_file {path}, line {number}: not JSON ({err})") from None
-    elif path.endswith(".json"):
+        for number, line in enumerate(text.split("\n"), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise UsageError(f"--data_file {path}, line {number}: not JSON ({err})") from None
+    else:
         try:
-            with open(path) as f:
-                data = json.load(f)
+            data = json.loads(text)
         except json.JSONDecodeError as err:
             raise UsageError(f"--data_file {path}: not JSON ({err}); JSON lines need the .jsonl suffix") from None
         if isinstance(data, dict) and isinstance(data.get("data"), list):
@@ -99,8 +104,6 @@ def read_local(path: str) -> list[dict]:
         if not isinstance(data, list):
             raise UsageError(f"--data_file {path}: expected a list of records (or an object with a 'data' list)")
         records = data
-    else:
-        raise UsageError(f"--data_file {path}: expected a .json or .jsonl file")
     if records and not all(isinstance(r, dict) for r in records):
         raise UsageError(f"--data_file {path}: every record must be a JSON object")
     return records

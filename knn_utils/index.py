@@ -37,6 +37,7 @@ from utils.artifacts.index import (FORMAT_VERSION, INDEX_FILE, chunk_file, defau
 from utils.checksums import record_checksums
 from utils.cli import UsageError
 from utils.io import ArtifactError, atomic_directory, chunk_ranges, reuse_staging, timed, write_json
+from utils.locking import artifact_lock
 
 logger = logging.getLogger(__name__)
 
@@ -246,16 +247,27 @@ def merge_chunks(staging: Path, trained: faiss.Index, num_chunks: int) -> faiss.
 def build_index(dstore_path: str, index_path: str | None = None, settings: IndexSettings | None = None,
                 use_gpu: bool = False, show_progress: bool = True, verify: bool = True) -> dict:
     """Build the index of a datastore (its files verified first, with ``verify``) and return its meta (the
-    contents of ``meta.json``)."""
-    datastore = open_datastore(dstore_path, "--dstore_path", verify)
+    contents of ``meta.json``), holding the index's lock.
+
+    The datastore is opened (unverified) before the lock is taken: the default index lives inside it, and the
+    lock must not create a missing datastore's directory. It is verified once the lock is held."""
+    open_datastore(dstore_path, "--dstore_path", verify=False)
     index_path = Path(index_path) if index_path else default_index_path(dstore_path)
+    with artifact_lock(index_path, "--index_path"):
+        datastore = open_datastore(dstore_path, "--dstore_path", verify)
+        return build_locked(datastore, index_path, settings, use_gpu, show_progress)
+
+
+def build_locked(datastore: Datastore, index_path: Path, settings: IndexSettings | None, use_gpu: bool,
+                 show_progress: bool) -> dict:
+    """`build_index` once its lock is held."""
     if index_path.exists():
         raise ArtifactError(f"--index_path {index_path} already exists; delete it or choose another path")
     resolved, notes = resolve_settings(settings or IndexSettings(), datastore.num_rows, datastore.dim)
     for note in notes:
         logger.warning("%s", note)
     logger.info("Building a %s index over %s (%d keys of dimension %d) with %s; FAISS %s, %d threads",
-                resolved.index_type, dstore_path, datastore.num_rows, datastore.dim, resolved,
+                resolved.index_type, datastore.path, datastore.num_rows, datastore.dim, resolved,
                 faiss.__version__, faiss.omp_get_max_threads())
     identity = {"datastore": datastore_summary(datastore), "settings": asdict(resolved)}
     with atomic_directory(index_path, resume=True) as staging:

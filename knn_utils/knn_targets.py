@@ -37,9 +37,10 @@ from utils.artifacts.datastore import Datastore, datastore_summary, open_datasto
 from utils.artifacts.index import default_index_path
 from utils.artifacts.knn_targets import (FORMAT_VERSION, ID_DTYPE, PROB_DTYPE, SparseRows, chunk_dir, merge_chunks,
                                          missing_chunks, write_chunk)
-from utils.cli import UsageError
+from utils.cli import UsageError, check_finite_floats
 from utils.distributed import process_state
 from utils.io import ArtifactError, chunk_ranges, partial_path, reuse_staging, timed, write_json
+from utils.locking import artifact_lock
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ class TargetSettings:
     )
 
     def __post_init__(self):
+        check_finite_floats(self)
         for flag in ("k", "batch_size", "chunk_rows"):
             if getattr(self, flag) < 1:
                 raise UsageError(f"--{flag} must be >= 1, got {getattr(self, flag)}")
@@ -242,11 +244,19 @@ def compute_knn_targets(dstore_path: str, output_path: str, index_path: str | No
     leaving the staging directory to resume from (returns None then); tests use it to simulate a kill.
     ``torch_device`` searches an exact index with `TorchExactSearch` on that device (see `load_index`).
     The inputs' files are verified once per machine, by its main process, before any process searches.
-    The returned meta is the main process's; other processes get None.
+    The returned meta is the main process's; other processes get None. The main process holds the lock of
+    ``output_path`` (`utils.locking`) for the whole run.
     """
     state = state or process_state()
-    settings = settings or TargetSettings()
-    output_path = Path(output_path)
+    with artifact_lock(output_path, "--output_path", state):
+        return compute_locked(dstore_path, Path(output_path), index_path, val_path, settings or TargetSettings(),
+                              use_gpu, state, max_new_chunks, torch_device)
+
+
+def compute_locked(dstore_path: str, output_path: Path, index_path: str | None, val_path: str | None,
+                   settings: TargetSettings, use_gpu: bool, state, max_new_chunks: int | None,
+                   torch_device: str | None) -> dict | None:
+    """`compute_knn_targets` once the main process holds the lock of ``output_path``."""
     if output_path.exists():
         raise ArtifactError(f"--output_path {output_path} already exists; delete it or choose another path")
     start = time.time()

@@ -37,11 +37,12 @@ from utils.arguments import DataArguments, ModelArguments
 from utils.artifacts.dataset import TokenizedSplit, load_split
 from utils.artifacts.datastore import Datastore, open_datastore
 from utils.artifacts.index import default_index_path
-from utils.cli import UsageError, command, parse_args, setup_logging
+from utils.cli import UsageError, check_finite_floats, command, parse_args, setup_logging
 from utils.distributed import process_state
 from utils.io import save_metrics
-from utils.modeling import describe_model, load_model_for_dataset
-from utils.scoring import ScoredBatch, gather_window_totals, score_batches, token_nll, window_sums
+from utils.locking import artifact_lock
+from utils.modeling import describe_model, load_model_for_dataset, local_path_or_name
+from utils.scoring import ScoredBatch, check_finite_loss, gather_window_totals, score_batches, token_nll, window_sums
 from utils.windows import ROW_BEGIN, ROW_END
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class KnnLMArguments:
     per_device_eval_batch_size: int = field(default=8, metadata={"help": "Windows per forward pass and process."})
 
     def __post_init__(self):
+        check_finite_floats(self)
         if self.k < 1:
             raise UsageError(f"--k must be >= 1, got {self.k}")
         if isinstance(self.lmbda, (int, float)):  # one value, from Python
@@ -133,11 +135,9 @@ def check_datastore_fits(datastore: Datastore, split: TokenizedSplit, model, mod
 
 
 def normalized_model(description: dict) -> dict:
-    """A model description with a local model directory written as an absolute path."""
-    path = description.get("model_name_or_path")
-    if path and os.path.isdir(path):
-        return {**description, "model_name_or_path": os.path.abspath(path)}
-    return description
+    """A model description with a local model directory written as an absolute path (as datastores made before
+    `describe_model` recorded absolute paths did not)."""
+    return {**description, "model_name_or_path": local_path_or_name(description.get("model_name_or_path"))}
 
 
 def same_rows(datastore: Datastore, split: TokenizedSplit) -> bool:
@@ -195,8 +195,13 @@ def evaluate_knnlm(model_args: ModelArguments, data_args: DataArguments, args: K
         knn_seconds += time.perf_counter() - knn_start
     seconds = time.perf_counter() - start
     num_rows = int(windows[-1, ROW_END] - windows[0, ROW_BEGIN])
-    base_loss = float(gather_window_totals(base_totals, len(windows), state).sum() / num_rows)
-    losses = [float(gather_window_totals(totals, len(windows), state).sum() / num_rows) for totals in knn_totals]
+    base_loss = check_finite_loss(float(gather_window_totals(base_totals, len(windows), state).sum() / num_rows),
+                                  "The base model's", f"its weights may be corrupt (--model_name_or_path "
+                                  f"{model_args.model_name_or_path})")
+    losses = [check_finite_loss(float(gather_window_totals(totals, len(windows), state).sum() / num_rows),
+                                f"The kNN-LM's (lmbda {lmbda})", f"the datastore's keys may be corrupt (--dstore_dir "
+                                f"{args.dstore_dir}), or --knn_temp {args.knn_temp} is too small")
+              for lmbda, totals in zip(args.lmbda, knn_totals)]
     sweep = [{"lmbda": lmbda, "perplexity": math.exp(loss), "eval_loss": loss}
              for lmbda, loss in zip(args.lmbda, losses)]
     return {
@@ -215,9 +220,11 @@ def main(argv: list[str] | None = None) -> dict:
     setup_logging(state.is_main_process)
     model_args, data_args, args = parse_args((ModelArguments, DataArguments, KnnLMArguments), argv)
     logger.info("Arguments: %s %s %s", model_args, data_args, args)
-    metrics = evaluate_knnlm(model_args, data_args, args, state)
+    with artifact_lock(args.output_dir, "--output_dir", state):
+        metrics = evaluate_knnlm(model_args, data_args, args, state)
+        if state.is_main_process:
+            save_metrics(args.output_dir, "knnlm", metrics)
     if state.is_main_process:
-        save_metrics(args.output_dir, "knnlm", metrics)
         logger.info("Perplexity on %s: kNN-LM %.4f, base %.4f over %d tokens (%.1f tokens/s)", metrics["eval_subset"],
                     metrics["perplexity"], metrics["base_perplexity"], metrics["eval_tokens"], metrics["eval_tokens_per_second"])
     return metrics

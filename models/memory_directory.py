@@ -25,11 +25,14 @@ import logging
 import os
 from pathlib import Path
 
+import torch
+
 from models.configuration_mlp_memory import MemoryConfig
 from models.modeling_mlp_memory import MEMORY_MODELS, MLPMemoryPreTrainedModel
 from utils.checksums import model_files, record_checksums, verify_files
 from utils.cli import UsageError
-from utils.io import META_NAME, read_json, timed, write_json
+from utils.io import META_NAME, ArtifactError, read_json, timed, write_json
+from utils.modeling import loading, weight_files
 
 logger = logging.getLogger(__name__)
 
@@ -74,10 +77,23 @@ def load_memory(path: str | os.PathLike, flag: str = "--knn_generator_path", ver
     if verify:
         meta_file = Path(path) / META
         verify_files(path, read_json(meta_file) if meta_file.is_file() else {})
-    config = AutoConfig.from_pretrained(path)
+    with loading(str(path), flag):
+        config = AutoConfig.from_pretrained(path)
     if not isinstance(config, MemoryConfig):
         raise UsageError(f"{flag} {path} holds a {config.model_type!r} model, not an MLP memory")
-    try:
-        return MEMORY_MODELS[config.memory_style].from_pretrained(path, use_safetensors=True, **kwargs)
-    except OSError as err:  # e.g. only a pickled pytorch_model.bin, which is never loaded
-        raise UsageError(f"{flag} {path}: {err} (a memory is read from safetensors only)") from None
+    with loading(str(path), flag):  # a truncated or corrupt safetensors file
+        try:
+            memory = MEMORY_MODELS[config.memory_style].from_pretrained(path, use_safetensors=True, **kwargs)
+        except OSError as err:  # e.g. only a pickled pytorch_model.bin, which is never loaded
+            raise UsageError(f"{flag} {path}: {err} (a memory is read from safetensors only)") from None
+    check_finite_weights(memory, path, flag)
+    return memory
+
+
+def check_finite_weights(memory: MLPMemoryPreTrainedModel, path: str | os.PathLike, flag: str) -> None:
+    """A memory whose weights hold NaN or infinities (flipped bytes, a diverged run) is refused: its log-probabilities
+    would be NaN, and so would every perplexity and answer computed with it."""
+    for name, parameter in memory.named_parameters():
+        if not torch.isfinite(parameter).all():
+            raise ArtifactError(f"{flag} {path}: the memory's weights hold NaN or infinite values ({name}): "
+                                f"{weight_files(str(path))} is corrupt, or the training diverged; retrain or restore it")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import math
 import sys
 from typing import Callable
 
@@ -79,6 +80,19 @@ def unknown_arguments_message(unknown: list[str], parser) -> str:
         hint = f" (did you mean {' or '.join(suggestions)}?)" if suggestions else ""
         parts.append(f"unknown flag {flag.split('=', 1)[0]}{hint}")
     return "; ".join(parts) + "; see --help for the valid flags"
+
+
+def check_finite_floats(args) -> None:
+    """Every float flag of ``args`` (an argument dataclass, or an argparse namespace) must be a finite number.
+
+    NaN compares False with everything, so a range check such as ``if self.knn_temp <= 0`` lets ``--knn_temp nan``
+    through; every ``__post_init__`` of a dataclass with float fields calls this first. Lists of floats
+    (``--lmbda 0.25 0.5``) are checked value by value.
+    """
+    for name, value in vars(args).items():
+        for item in value if isinstance(value, (list, tuple)) else (value,):
+            if isinstance(item, float) and not math.isfinite(item):
+                raise UsageError(f"--{name} must be a finite number, got {item}")
 
 
 def run(main: Callable[[list[str] | None], object]) -> None:

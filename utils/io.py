@@ -1,7 +1,8 @@
 """Artifact directories: atomic writes, `meta.json`, checksums.
 
 Every stage writes its artifact into ``<dir>.partial`` and renames it to ``<dir>`` only once it is
-complete, so a directory without the suffix is always finished. The ``meta.json`` inside records what
+complete, so a directory without the suffix is always finished; while it does, it holds the artifact's lock
+(`utils.locking`), so no other run writes the same artifact. The ``meta.json`` inside records what
 produced the artifact; the next stage reads it instead of asking the user to repeat sizes.
 """
 
@@ -54,6 +55,31 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.load(f)
 
 
+def check_writable(path: str | os.PathLike, flag: str) -> None:
+    """Fail before any computation when the artifact ``path`` (a file or a directory, which may not exist yet)
+    could not be written: it, if it exists, and the nearest existing directory above it must be writable."""
+    path = Path(path).absolute()
+    above = path.parent
+    while not above.exists():
+        above = above.parent
+    if not above.is_dir():
+        raise ArtifactError(f"{flag} {path}: cannot be written, {above} is a file, not a directory")
+    for place in (path, above) if path.exists() else (above,):
+        if not os.access(place, os.W_OK | (os.X_OK if place.is_dir() else 0)):
+            raise ArtifactError(f"{flag} {path}: cannot be written, {place} is not writable by this user")
+
+
+def load_array(path: str | os.PathLike, expected: str, mmap_mode: str | None = None) -> np.ndarray:
+    """``np.load`` of one array of an artifact; a missing, truncated or corrupt file is an `ArtifactError` naming the
+    file and ``expected`` (what it should hold, e.g. "float16 keys of shape (N, d)"), not a traceback from numpy."""
+    try:
+        return np.load(path, mmap_mode=mmap_mode)
+    except FileNotFoundError:
+        raise ArtifactError(f"{path} is missing (expected {expected})") from None
+    except (ValueError, OSError, EOFError) as err:
+        raise ArtifactError(f"{path} is truncated or corrupt (expected {expected}): {err}") from None
+
+
 def read_meta(directory: str | os.PathLike, kind: str) -> dict:
     """Read and check ``<directory>/meta.json`` of an artifact of the given ``kind``.
 
@@ -73,7 +99,10 @@ def read_meta(directory: str | os.PathLike, kind: str) -> dict:
     meta_file = directory / META_NAME
     if not meta_file.is_file():
         raise ArtifactError(f"{directory} has no {META_NAME}: it is not a {kind} made by this project.")
-    meta = read_json(meta_file)
+    try:
+        meta = read_json(meta_file)
+    except ValueError as err:  # a truncated file, or not UTF-8
+        raise ArtifactError(f"{meta_file} is truncated or corrupt (expected the JSON description of a {kind}): {err}") from None
     if meta.get("kind") != kind:
         raise ArtifactError(f"{directory} holds a {meta.get('kind')!r} artifact, expected a {kind!r}.")
     return meta
@@ -103,7 +132,8 @@ def reuse_staging(staging: Path, identity: dict, initialise: Callable[[Path], No
     Returns True when the directory is kept (the caller resumes from what it holds). Otherwise the
     directory is emptied, ``initialise(staging)`` lays out what the run needs, and only then is
     ``progress.json`` (the identity) written, so a crash during the set-up is never mistaken for a run
-    that can be resumed.
+    that can be resumed. The caller holds the artifact's lock (`utils.locking`): without it, a second run
+    would empty a staging directory that another run is still filling.
     """
     progress = staging / "progress.json"
     if progress.is_file() and read_json(progress) == identity:

@@ -2,27 +2,72 @@
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 
 import torch
+from safetensors import SafetensorError
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM, AutoTokenizer, GPT2TokenizerFast, PreTrainedTokenizerBase
 
 from utils.architectures import arch_spec, submodule, transformer_blocks
 from utils.arguments import ModelArguments
 from utils.cli import UsageError
-from utils.io import timed
+from utils.io import ArtifactError, timed
 
 logger = logging.getLogger(__name__)
 
 
+def looks_local(path: str) -> bool:
+    """Whether ``path`` can only be meant as a local path: hub names are ``name`` or ``org/name``.
+
+    ``./x``, ``/x``, ``~/x``, ``a/b/c``, and ``a/b`` when ``a`` is a local directory (``outputs/base`` beside
+    an ``outputs/`` folder) are local.
+    """
+    parts = path.split("/")
+    return path.startswith((".", "/", "~")) or len(parts) > 2 or (len(parts) == 2 and os.path.isdir(parts[0]))
+
+
 def check_exists(path: str | None, flag: str) -> None:
     """Raise a clear error if ``path`` is written as a local path (not a hub name) but does not exist."""
-    if path and path.startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(path)):
+    if path and looks_local(path) and not os.path.exists(os.path.expanduser(path)):
         raise UsageError(f"{flag} {path}: no such file or directory")
+
+
+def local_path_or_name(path: str | None) -> str | None:
+    """``path`` made absolute when it is a local file or directory (so that a stage run from another directory
+    finds it through a meta.json); a hub name is returned as it is."""
+    if path and os.path.exists(os.path.expanduser(path)):
+        return os.path.abspath(os.path.expanduser(path))
+    return path
+
+
+def weight_files(path: str) -> str:
+    """The safetensors files of a model directory, for error messages."""
+    found = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    return ", ".join(found) if found else os.path.join(path, "model.safetensors")
+
+
+@contextmanager
+def loading(path: str, flag: str) -> Iterator[None]:
+    """Turn the errors of loading a model from ``path`` into errors that name ``flag``, ``path`` and the file at fault:
+    a corrupt or truncated safetensors file is an `ArtifactError`; a path that is neither a local model directory
+    nor a hub model (``OSError``, ``ValueError`` from transformers) a `UsageError`."""
+    try:
+        yield
+    except UsageError:  # already a clear error (a UsageError is a ValueError)
+        raise
+    except SafetensorError as err:
+        raise ArtifactError(f"{flag} {path}: cannot read the weights in {weight_files(path)}: the file is truncated or "
+                            f"corrupt ({err})") from None
+    except (OSError, ValueError) as err:
+        where = "a local directory without a loadable model" if os.path.isdir(path) else "not a local directory, and not a hub model"
+        raise UsageError(f"{flag} {path}: {where} ({str(err).splitlines()[0]})") from None
 
 
 def load_tokenizer(path: str, gguf_file: str | None = None, flag: str = "--tokenizer_path") -> PreTrainedTokenizerBase:
@@ -34,7 +79,10 @@ def load_tokenizer(path: str, gguf_file: str | None = None, flag: str = "--token
         tokenizer = GPT2TokenizerFast.from_pretrained(path)
     else:
         kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        # Not a local directory and not loadable from the hub: a usage error. A local directory without tokenizer
+        # files raises OSError as before (`check_tokenizer` falls back to checking the vocabulary size then).
+        with nullcontext() if os.path.isdir(path) else loading(path, flag):
+            tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     if len(tokenizer) < 2:
         raise UsageError(f"{flag} {path}: the tokenizer loaded with an empty vocabulary")
     return tokenizer
@@ -157,7 +205,8 @@ def load_causal_lm(args: ModelArguments, vocab_size: int | None = None) -> torch
     if args.model_name_or_path is not None:
         check_exists(args.model_name_or_path, "--model_name_or_path")
         kwargs = {"gguf_file": args.gguf_file} if args.gguf_file else {}
-        model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=dtype, **kwargs)
+        with loading(args.model_name_or_path, "--model_name_or_path"):
+            model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=dtype, **kwargs)
         if args.gguf_file:
             forget_gguf_quantization(model)
     else:
@@ -200,7 +249,7 @@ def model_tokenizer_path(args: ModelArguments) -> tuple[str, str | None]:
 
 def describe_model(args: ModelArguments) -> dict:
     """How to load this model again, for ``meta.json``."""
-    return {"model_name_or_path": args.model_name_or_path, "gguf_file": args.gguf_file,
+    return {"model_name_or_path": local_path_or_name(args.model_name_or_path), "gguf_file": args.gguf_file,
             "model_type": args.model_type, "config_overrides": args.config_overrides}
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,7 +27,8 @@ from utils.artifacts.dataset import FORMAT_VERSION, write_split
 from utils.cli import UsageError, command, parse_args, setup_logging
 from utils.distributed import process_state
 from utils.io import ArtifactError, atomic_directory, read_meta, timed, write_json
-from utils.modeling import load_tokenizer, tokenizer_fingerprint
+from utils.locking import artifact_lock
+from utils.modeling import load_tokenizer, local_path_or_name, tokenizer_fingerprint
 from utils.windows import make_windows
 
 logger = logging.getLogger(__name__)
@@ -66,6 +68,8 @@ class PreprocessArguments:
         for split, path in local.items():
             if not os.path.isfile(path):
                 raise UsageError(f"--{split}_file {path}: no such file")
+            if os.path.getsize(path) == 0:
+                raise UsageError(f"--{split}_file {path} is empty: a split needs at least 2 tokens")
         make_windows(0, self.block_size, self.stride)  # validates --block_size and --stride
         if self.max_chars is not None and self.max_chars < 1:
             raise UsageError(f"--max_chars must be >= 1, got {self.max_chars}")
@@ -74,8 +78,8 @@ class PreprocessArguments:
         return {"train": self.train_file, "validation": self.validation_file, "test": self.test_file}
 
 
-def read_text_rows(path: str, text_column: str) -> list[str]:
-    """The rows of a local file: lines of a text file (newlines kept), or a column of JSON lines."""
+def read_text_rows(path: str, text_column: str, flag: str) -> list[str]:
+    """The rows of a local file (given by ``flag``): lines of a text file (newlines kept), or a column of JSON lines."""
     if path.endswith((".json", ".jsonl")):
         from datasets import load_dataset
 
@@ -83,14 +87,17 @@ def read_text_rows(path: str, text_column: str) -> list[str]:
         if text_column not in dataset.column_names:
             raise UsageError(f"{path} has no column {text_column!r} (columns: {dataset.column_names}); set --text_column")
         return list(dataset[text_column])
-    with open(path, encoding="utf-8") as f:
-        return f.readlines()
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.readlines()
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{flag} {path} is not UTF-8 text (byte {err.start}: {err.reason})") from None
 
 
 def load_corpus(args: PreprocessArguments) -> dict[str, list[str]]:
     """The text rows of each split, from local files, a saved dataset or the hub."""
     if args.dataset_name is None:
-        return {s: read_text_rows(f, args.text_column) for s, f in args.split_files().items() if f is not None}
+        return {s: read_text_rows(f, args.text_column, f"--{s}_file") for s, f in args.split_files().items() if f is not None}
     import datasets
 
     if os.path.isdir(args.dataset_name) and any(
@@ -146,23 +153,38 @@ def tokenize_rows(rows: list[str], tokenizer, num_proc: int = 1, batch_rows: int
     return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
 
 
-def preprocess(args: PreprocessArguments) -> dict:
-    """Run step 1 and return the dataset's meta."""
-    out = Path(args.output_dir)
-    if out.exists():
-        if not args.overwrite_output_dir:
-            raise ArtifactError(f"--output_dir {out} already exists; pass --overwrite_output_dir to replace it.")
-        import shutil
+def tokenize_corpus(corpus: dict[str, list[str]], tokenizer, args: PreprocessArguments) -> dict[str, tuple[list[str], np.ndarray]]:
+    """The (kept rows, token stream) of each split; every split is checked before anything is written."""
+    tokenized = {}
+    for split, rows in corpus.items():
+        if args.max_chars is not None:
+            rows = truncate_rows(rows, args.max_chars)
+        with timed(f"Tokenizing {split} ({len(rows)} rows)"):
+            tokens = tokenize_rows(rows, tokenizer, args.num_proc)
+        if len(tokens) < 2:
+            raise UsageError(f"The {split} split has {len(tokens)} tokens; at least 2 are needed to score one.")
+        tokenized[split] = rows, tokens
+    return tokenized
 
-        shutil.rmtree(out)
+
+def preprocess(args: PreprocessArguments) -> dict:
+    """Run step 1 and return the dataset's meta. The inputs are read and tokenized before --output_dir is touched."""
+    out = Path(args.output_dir)
+    if out.exists() and not args.overwrite_output_dir:
+        raise ArtifactError(f"--output_dir {out} already exists; pass --overwrite_output_dir to replace it.")
     tokenizer = load_tokenizer(args.tokenizer_path, args.gguf_file)
     with timed("Reading the corpus"):
         corpus = load_corpus(args)
+    tokenized = tokenize_corpus(corpus, tokenizer, args)
+    source = {k: v for k, v in asdict(args).items() if k in (
+        "dataset_name", "dataset_config_name", "train_file", "validation_file", "test_file", "text_column", "max_chars")}
+    for key in ("dataset_name", "train_file", "validation_file", "test_file"):  # local paths, absolute
+        source[key] = local_path_or_name(source[key])
     meta = {
         "kind": "dataset",
         "format_version": FORMAT_VERSION,
         "tokenizer": {
-            "path": args.tokenizer_path,
+            "path": local_path_or_name(args.tokenizer_path),
             "gguf_file": args.gguf_file,
             "class": type(tokenizer).__name__,
             "vocab_size": len(tokenizer),
@@ -170,19 +192,14 @@ def preprocess(args: PreprocessArguments) -> dict:
         },
         "block_size": args.block_size,
         "stride": args.stride,
-        "source": {k: v for k, v in asdict(args).items() if k in (
-            "dataset_name", "dataset_config_name", "train_file", "validation_file", "test_file", "text_column", "max_chars")},
+        "source": source,
         "splits": {},
         "checksums": {},
     }
+    if out.exists():
+        shutil.rmtree(out)
     with atomic_directory(out) as staging:
-        for split, rows in corpus.items():
-            if args.max_chars is not None:
-                rows = truncate_rows(rows, args.max_chars)
-            with timed(f"Tokenizing {split} ({len(rows)} rows)"):
-                tokens = tokenize_rows(rows, tokenizer, args.num_proc)
-            if len(tokens) < 2:
-                raise UsageError(f"The {split} split has {len(tokens)} tokens; at least 2 are needed to score one.")
+        for split, (rows, tokens) in tokenized.items():
             windows = make_windows(len(tokens), args.block_size, args.stride)
             meta["splits"][split], checksums = write_split(staging, split, tokens, windows)
             meta["checksums"].update(checksums)
@@ -197,10 +214,11 @@ def main(argv: list[str] | None = None) -> dict:
     setup_logging(state.is_main_process)
     (args,) = parse_args((PreprocessArguments,), argv)
     logger.info("Preprocessing with %s", args)
-    if state.is_main_process:
-        preprocess(args)
-    state.wait_for_everyone()
-    meta = read_meta(args.output_dir, "dataset")
+    with artifact_lock(args.output_dir, "--output_dir", state):
+        if state.is_main_process:
+            preprocess(args)
+        state.wait_for_everyone()
+        meta = read_meta(args.output_dir, "dataset")
     if state.is_main_process:
         sizes = ", ".join(f"{s} {m['tokens']} tokens / {m['windows']} windows" for s, m in meta["splits"].items())
         print(f"Wrote {args.output_dir}: {sizes}")

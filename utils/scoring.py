@@ -12,6 +12,7 @@ produce bit-identical numbers.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -20,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from utils.hidden_state import HiddenStateHook
+from utils.io import ArtifactError
 from utils.windows import BEGIN, END, ROW_BEGIN, ROW_END
 
 logger = logging.getLogger(__name__)
@@ -130,3 +132,12 @@ def gather_window_totals(totals: dict[int, float], num_windows: int, state) -> n
         vector = vector.to(state.device)
         torch.distributed.all_reduce(vector)
     return vector.cpu().numpy()
+
+
+def check_finite_loss(loss: float, whose: str, cause: str) -> float:
+    """``loss`` (a mean NLL over scored tokens) when it is a finite number; otherwise an `ArtifactError` that says
+    whose log-probabilities are NaN or infinite and the likely ``cause``, so that no results are written."""
+    if math.isfinite(loss):
+        return loss
+    what = "NaN" if math.isnan(loss) else "infinite (a scored token has probability 0)"
+    raise ArtifactError(f"{whose} log-probabilities are {what}: {cause}. No results were written.")

@@ -28,10 +28,11 @@ def check_lmbdas(lmbdas: list[float]) -> None:
 
 
 def check_joint_settings(lmbda: float, knn_temp: float) -> None:
+    """One ``lmbda`` in [0, 1] and a finite ``knn_temp`` > 0 (written so that NaN fails both)."""
     if not 0 <= lmbda <= 1:
         raise UsageError(f"lmbda must be in [0, 1], got {lmbda}")
-    if knn_temp <= 0:
-        raise UsageError(f"knn_temp must be > 0, got {knn_temp}")
+    if not 0 < knn_temp < math.inf:
+        raise UsageError(f"knn_temp must be a finite number > 0, got {knn_temp}")
 
 
 def interpolate_log_probs(lm_log_probs: torch.Tensor, other_log_probs: torch.Tensor, lmbda: float) -> torch.Tensor:

@@ -27,10 +27,10 @@ from models.joint.hooks import load_checked_memory
 from models.joint.interpolation import ROWS_PER_SLICE, check_lmbdas, interpolate_log_probs, memory_log_probs
 from utils.arguments import SPLITS, DataArguments, ModelArguments
 from utils.artifacts.dataset import load_split
-from utils.cli import UsageError
+from utils.cli import UsageError, check_finite_floats
 from utils.distributed import process_state, synchronize
 from utils.modeling import load_model_for_dataset
-from utils.scoring import ScoredBatch, gather_window_totals, score_batches, token_nll, window_sums
+from utils.scoring import ScoredBatch, check_finite_loss, gather_window_totals, score_batches, token_nll, window_sums
 from utils.windows import ROW_BEGIN, ROW_END
 
 logger = logging.getLogger(__name__)
@@ -59,6 +59,7 @@ class JointArguments:
         "help": "Released flag; only 'none' is supported (results go to OUTPUT_DIR only).", "choices": ["none"]})
 
     def __post_init__(self):
+        check_finite_floats(self)
         check_lmbdas(self.lmbda)
         if self.knn_temp <= 0:
             raise UsageError(f"--knn_temp must be > 0, got {self.knn_temp}")
@@ -159,12 +160,17 @@ def evaluate_joint(model_args: ModelArguments, data_args: DataArguments, args: J
 
     num_rows = int(windows[-1, ROW_END] - windows[0, ROW_BEGIN])
 
-    def loss(totals: dict[int, float]) -> float:
-        return float(gather_window_totals(totals, len(windows), state).sum() / num_rows)
+    def loss(totals: dict[int, float], whose: str, cause: str) -> float:
+        return check_finite_loss(float(gather_window_totals(totals, len(windows), state).sum() / num_rows), whose, cause)
 
-    base_loss, memory_loss = loss(base_totals), loss(memory_totals)
+    memory_cause = (f"its weights may be corrupt (--knn_generator_path {args.knn_generator_path}), or --knn_temp "
+                    f"{args.knn_temp} is too small")
+    base_loss = loss(base_totals, "The base model's",
+                     f"its weights may be corrupt (--model_name_or_path {model_args.model_name_or_path})")
+    memory_loss = loss(memory_totals, "The memory's", memory_cause)
     sweep = [{"lmbda": lmbda, "perplexity": math.exp(joint_loss), "eval_loss": joint_loss}
-             for lmbda, joint_loss in ((lmbda, loss(t)) for lmbda, t in zip(args.lmbda, joint_totals))]
+             for lmbda, joint_loss in ((lmbda, loss(t, f"The joint model's (lmbda {lmbda})", memory_cause))
+                                       for lmbda, t in zip(args.lmbda, joint_totals))]
     # Base + memory as deployed: one interpolation per token, not the whole sweep.
     joint_seconds = base_seconds + memory_seconds + interpolation_seconds / len(args.lmbda)
     return {

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, field, fields
 
 from models import PRESETS
-from utils.cli import UsageError
+from utils.cli import UsageError, check_finite_floats
 
 SCHEDULERS = ("linear", "cosine", "constant_with_warmup")
 RELEASED_WARMUP_STEPS = 2000  # the released implementation's warm-up, for runs of many thousand steps
@@ -44,6 +44,7 @@ class MemoryArguments:
     )
 
     def __post_init__(self):
+        check_finite_floats(self)
         for flag in ("num_layers", "intermediate_size"):
             if getattr(self, flag) is not None and getattr(self, flag) < 1:
                 raise UsageError(f"--{flag} must be >= 1, got {getattr(self, flag)}")
@@ -66,7 +67,7 @@ class MemoryTrainingArguments:
     num_warmup_steps: int | None = field(
         default=None,
         metadata={"help": f"Linear warm-up steps (optimizer steps). Default: the released {RELEASED_WARMUP_STEPS}, or "
-                          f"{WARMUP_FRACTION:.0%} of the run when that is fewer (a short run would otherwise "
+                          f"{WARMUP_FRACTION:.0%}% of the run when that is fewer (a short run would otherwise "  # %%: argparse
                           "never leave its warm-up).", "aliases": ["--warmup_steps"]},
     )
     num_train_epochs: int = field(default=50, metadata={"help": "Passes over the training rows."})
@@ -96,6 +97,9 @@ class MemoryTrainingArguments:
     disable_tqdm: bool = field(default=False, metadata={"help": "No progress bars."})
 
     def __post_init__(self):
+        check_finite_floats(self)
+        if self.learning_rate <= 0:
+            raise UsageError(f"--learning_rate must be > 0, got {self.learning_rate}")
         for flag in ("num_train_epochs", "gradient_accumulation_steps", "logging_steps", "save_total_limit"):
             if getattr(self, flag) < 1:
                 raise UsageError(f"--{flag} must be >= 1, got {getattr(self, flag)}")

@@ -52,6 +52,7 @@ from models.training.rows import RowSource
 from utils.cli import UsageError
 from utils.io import read_json, timed
 from utils.losses import kl_and_gold_nll, memory_loss, rows_with_targets, sparse_argmax
+from utils.modeling import local_path_or_name
 
 logger = logging.getLogger(__name__)
 
@@ -300,7 +301,9 @@ def finish(run: Run, seconds: float, record: dict) -> dict:
                "train_seconds": round(seconds, 2),
                **{k: v for k, v in run.metrics_log.last_validation.items() if k.startswith("val_")}}
     if accelerator.is_main_process:
-        record = {**run.provenance, **record, "source": run.source.describe(), "training": asdict(args),
+        paths = {flag: local_path_or_name(getattr(args, flag)) for flag in ("output_dir", "knn_save_path",
+                                                                             "resume_from_checkpoint")}
+        record = {**run.provenance, **record, "source": run.source.describe(), "training": {**asdict(args), **paths},
                   "num_processes": accelerator.num_processes}
         save_memory(args.output_dir, memory, results, record)
         logger.info("Memory saved to %s: %s", args.output_dir, results)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from utils.checksums import checksum_file, checksum_npy, verify_files
-from utils.io import ArtifactError, read_meta
+from utils.io import ArtifactError, load_array, read_meta
 
 FORMAT_VERSION = 1
 SPLIT_FILES = ("tokens.npy", "windows.npy")
@@ -72,8 +72,11 @@ def load_split(dataset_dir: str, split: str, verify: bool = True) -> TokenizedSp
     if verify:
         verify_files(dataset_dir, meta, split_files(split))
     directory = Path(dataset_dir) / split
-    tokens = np.load(directory / "tokens.npy", mmap_mode="r")
-    windows = np.load(directory / "windows.npy")
-    if len(tokens) != meta["splits"][split]["tokens"]:
-        raise ArtifactError(f"{directory}/tokens.npy has {len(tokens)} tokens, meta.json says {meta['splits'][split]['tokens']}")
+    counts = meta["splits"][split]
+    tokens = load_array(directory / "tokens.npy", f"{counts['tokens']} int32 tokens, as meta.json says", mmap_mode="r")
+    windows = load_array(directory / "windows.npy", f"int64 windows of shape ({counts['windows']}, 4), as meta.json says")
+    if len(tokens) != counts["tokens"]:
+        raise ArtifactError(f"{directory}/tokens.npy has {len(tokens)} tokens, meta.json says {counts['tokens']}")
+    if windows.shape != (counts["windows"], 4):
+        raise ArtifactError(f"{directory}/windows.npy has shape {windows.shape}, meta.json says ({counts['windows']}, 4)")
     return TokenizedSplit(tokens=tokens, windows=windows, meta=meta, split=split)

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from utils.checksums import checksum_npy, verify_files
-from utils.io import ArtifactError, partial_path, read_meta, reuse_staging, timed, write_json
+from utils.io import ArtifactError, load_array, partial_path, read_meta, reuse_staging, timed, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -67,9 +67,9 @@ def load_datastore(path: str, verify: bool = True) -> Datastore:
     path = Path(path)
     if verify:
         verify_files(path, meta, list(DATA_FILES))
-    keys = np.load(path / "keys.npy", mmap_mode="r")
-    vals = np.load(path / "vals.npy", mmap_mode="r")
     expected = (meta["rows"], meta["dim"])
+    keys = load_array(path / "keys.npy", f"float16 keys of shape {expected}, as meta.json says", mmap_mode="r")
+    vals = load_array(path / "vals.npy", f"{meta['rows']} int32 values, as meta.json says", mmap_mode="r")
     if keys.shape != expected or vals.shape != (meta["rows"],):
         raise ArtifactError(
             f"Datastore {path}: keys {keys.shape} / vals {vals.shape} do not match meta.json (rows, dim) = {expected}"
@@ -95,18 +95,20 @@ class DatastoreWriter:
         if state.is_main_process:
             self._prepare()
         state.wait_for_everyone()
-        self.keys = np.load(self.staging / "keys.npy", mmap_mode="r+")
-        self.vals = np.load(self.staging / "vals.npy", mmap_mode="r+")
-        self.done = np.load(self.staging / "done_windows.npy", mmap_mode="r+")
-        self.window_nll = np.load(self.staging / "window_nll.npy", mmap_mode="r+")
+        rows, dim, windows = self.identity["rows"], self.identity["dim"], self.identity["windows"]
+        self.keys = load_array(self.staging / "keys.npy", f"float16 keys of shape ({rows}, {dim})", mmap_mode="r+")
+        self.vals = load_array(self.staging / "vals.npy", f"{rows} int32 values", mmap_mode="r+")
+        self.done = load_array(self.staging / "done_windows.npy", f"{windows} done flags", mmap_mode="r+")
+        self.window_nll = load_array(self.staging / "window_nll.npy", f"{windows} per-window sums", mmap_mode="r+")
 
     def _prepare(self) -> None:
         """Create the staging directory, or keep it if it belongs to the same run."""
         if (self.staging / "progress.json").is_file() and not (self.staging / "window_nll.npy").is_file():
             (self.staging / "progress.json").unlink()  # staged by a version without per-window sums: start afresh
         if reuse_staging(self.staging, self.identity, self._allocate):
-            logger.info("Resuming datastore %s: %d of %d windows already written",
-                        self.staging, int(np.load(self.staging / "done_windows.npy").sum()), self.identity["windows"])
+            done = load_array(self.staging / "done_windows.npy", f"{self.identity['windows']} done flags")
+            logger.info("Resuming datastore %s: %d of %d windows already written", self.staging, int(done.sum()),
+                        self.identity["windows"])
 
     def _allocate(self, staging: Path) -> None:
         """Pre-allocate the arrays, the per-window done flags and the per-window sums (NaN: never written)."""

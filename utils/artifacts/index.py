@@ -71,7 +71,12 @@ def read_index_file(index_path: Path, meta: dict, mmap: bool = True, verify: boo
     if verify:
         verify_files(index_path, meta, [INDEX_FILE])
     flags = faiss.IO_FLAG_MMAP_IFC if meta["index_type"] == "flat" else faiss.IO_FLAG_MMAP
-    index = faiss.read_index(str(index_path / INDEX_FILE), faiss.IO_FLAG_READ_ONLY | (flags if mmap else 0))
+    try:
+        index = faiss.read_index(str(index_path / INDEX_FILE), faiss.IO_FLAG_READ_ONLY | (flags if mmap else 0))
+    except RuntimeError as err:  # FAISS reports a missing, truncated or corrupt file as a RuntimeError
+        raise ArtifactError(f"{index_path / INDEX_FILE} is missing, truncated or corrupt (expected a {meta['index_type']} "
+                            f"index of {meta['rows']} keys): {str(err).splitlines()[0]}. Rebuild it with "
+                            "knn_utils.build_index") from None
     if index.ntotal != meta["rows"] or index.d != meta["dim"]:
         raise ArtifactError(f"{index_path / INDEX_FILE} holds {index.ntotal} keys of dimension {index.d}, "
                             f"meta.json says {meta['rows']} of dimension {meta['dim']}")

@@ -30,7 +30,7 @@ import numpy as np
 from utils.artifacts.datastore import Datastore
 from utils.checksums import record_checksums, verify_files
 from utils.cli import UsageError
-from utils.io import ArtifactError, chunk_ranges, read_meta
+from utils.io import ArtifactError, chunk_ranges, load_array, read_meta
 
 logger = logging.getLogger(__name__)
 
@@ -64,11 +64,11 @@ class KnnTargets:
         self.meta = read_meta(self.path, "knn_targets")
         if verify:
             verify_files(self.path, self.meta, list(DATA_FILES))
-        self.offsets = np.load(self.path / "offsets.npy", mmap_mode="r")  # int64 (N + 1,)
-        self.token_ids = np.load(self.path / "token_ids.npy", mmap_mode="r")  # int32 (nnz,)
-        self.probs = np.load(self.path / "probs.npy", mmap_mode="r")  # float16 (nnz,)
-        self.labels = np.load(self.path / "labels.npy", mmap_mode="r")  # int32 (N,)
         rows, nnz = self.meta["rows"], self.meta["nnz"]
+        self.offsets = load_array(self.path / "offsets.npy", f"{rows + 1} int64 row offsets", mmap_mode="r")  # (N + 1,)
+        self.token_ids = load_array(self.path / "token_ids.npy", f"{nnz} int32 token ids", mmap_mode="r")  # (nnz,)
+        self.probs = load_array(self.path / "probs.npy", f"{nnz} float16 probabilities", mmap_mode="r")  # (nnz,)
+        self.labels = load_array(self.path / "labels.npy", f"{rows} int32 gold tokens", mmap_mode="r")  # (N,)
         if self.offsets.shape != (rows + 1,) or self.labels.shape != (rows,) or len(self.token_ids) != nnz \
                 or len(self.probs) != nnz or int(self.offsets[-1]) != nnz:
             raise ArtifactError(f"kNN targets {self.path}: array sizes do not match meta.json ({rows} rows, {nnz} entries)")
@@ -134,7 +134,8 @@ def merge_chunks(staging: Path, queries: Datastore, chunk_rows: int) -> dict:
     num_chunks = len(chunk_ranges(queries.num_rows, chunk_rows))
     if missing := missing_chunks(staging, queries.num_rows, chunk_rows):
         raise ArtifactError(f"{staging}: chunks {missing[:5]} were never written")
-    counts = [np.load(chunk_dir(staging, c) / "counts.npy", mmap_mode="r") for c in range(num_chunks)]
+    counts = [load_array(chunk_dir(staging, c) / "counts.npy", "the entry count of each row of the chunk", mmap_mode="r")
+              for c in range(num_chunks)]
     nnz = int(sum(int(c.sum()) for c in counts))
     offsets = np.lib.format.open_memmap(staging / "offsets.npy", mode="w+", dtype=np.int64, shape=(queries.num_rows + 1,))
     token_ids = np.lib.format.open_memmap(staging / "token_ids.npy", mode="w+", dtype=ID_DTYPE, shape=(nnz,))
@@ -144,8 +145,8 @@ def merge_chunks(staging: Path, queries: Datastore, chunk_rows: int) -> dict:
         chunk_counts = np.asarray(counts[c])
         offsets[row + 1 : row + 1 + len(chunk_counts)] = entry + np.cumsum(chunk_counts)
         size = int(chunk_counts.sum())
-        token_ids[entry : entry + size] = np.load(chunk_dir(staging, c) / "token_ids.npy")
-        probs[entry : entry + size] = np.load(chunk_dir(staging, c) / "probs.npy")
+        token_ids[entry : entry + size] = load_array(chunk_dir(staging, c) / "token_ids.npy", f"{size} int32 token ids")
+        probs[entry : entry + size] = load_array(chunk_dir(staging, c) / "probs.npy", f"{size} float16 probabilities")
         row, entry = row + len(chunk_counts), entry + size
     for array in (offsets, token_ids, probs):
         array.flush()

@@ -28,6 +28,7 @@ from utils.embedded_corpus.prose import _backlinks, eval_paragraph, plan_entity,
 from utils.embedded_corpus.questions import QA_PROMPT, _qa_drills, qa_pair
 from utils.embedded_corpus.world import CorpusSizes, Entity, Fact, build_world
 from utils.io import atomic_directory, read_json, timed, write_json
+from utils.locking import artifact_lock
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -227,22 +228,23 @@ def write_corpus(output_dir: str | os.PathLike, seed: int = 0, vocab_size: int =
 
     Files: ``train.txt``, ``validation.txt``, ``test.txt`` (one article per line), ``qa_validation.jsonl``,
     ``qa_test.jsonl``, ``tokenizer/`` and ``meta.json``. Everything is written into ``<output_dir>.partial`` first and
-    renamed when complete. An existing ``output_dir`` with the same settings is returned as is.
+    renamed when complete, holding the lock of ``output_dir`` (`utils.locking`). An existing ``output_dir`` with the
+    same settings is returned as is.
     """
     output_dir = Path(output_dir)
     sizes = CorpusSizes(**size_kwargs)
     if vocab_size < 300:
         raise UsageError(f"--vocab_size must be >= 300 (256 bytes + merges), got {vocab_size}")
     settings = _settings(seed, vocab_size, sizes)
-    if output_dir.exists():
-        return _existing_meta(output_dir, settings)
-
-    with timed("Generating the corpus", logger):
-        corpus = generate_corpus(seed, **dataclasses.asdict(sizes))
-    with timed("Training the tokenizer", logger):
-        tokenizer = train_tokenizer(corpus.train.splitlines(), vocab_size)
-    with atomic_directory(output_dir) as staging:
-        meta = _write_files(staging, corpus, tokenizer, settings)
+    with artifact_lock(output_dir, "--output_dir"):
+        if output_dir.exists():
+            return _existing_meta(output_dir, settings)
+        with timed("Generating the corpus", logger):
+            corpus = generate_corpus(seed, **dataclasses.asdict(sizes))
+        with timed("Training the tokenizer", logger):
+            tokenizer = train_tokenizer(corpus.train.splitlines(), vocab_size)
+        with atomic_directory(output_dir) as staging:
+            meta = _write_files(staging, corpus, tokenizer, settings)
     return meta
 
 

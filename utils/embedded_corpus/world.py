@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from utils.cli import UsageError
+from utils.cli import UsageError, check_finite_floats
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,7 @@ class CorpusSizes:
     )
 
     def __post_init__(self) -> None:
+        check_finite_floats(self)
         for name in ("num_countries", "num_cities", "num_rivers", "num_organisations", "num_people"):
             if getattr(self, name) < 2:
                 raise UsageError(f"--{name} must be >= 2, got {getattr(self, name)}")
