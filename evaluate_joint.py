@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 
-from models.joint.perplexity import JointArguments, evaluate_joint, save_sweep
+from models.joint.perplexity import JointArguments, evaluate_joint, resolve_split, save_sweep
 from utils.arguments import BaseCheckArguments, DataArguments, ModelArguments
 from utils.cli import command, parse_args, setup_logging
 from utils.distributed import process_state
@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> dict:
     setup_logging(state.is_main_process)
     model_args, data_args, args, checks = parse_args((ModelArguments, DataArguments, JointArguments, BaseCheckArguments),
                                                      argv)
+    data_args.eval_subset = resolve_split(data_args, args)  # --dataset_split_name / --do_test win: log what runs
     logger.info("Arguments: %s %s %s %s", model_args, data_args, args, checks)
     with artifact_lock(args.output_dir, "--output_dir", state):
         metrics = evaluate_joint(model_args, data_args, args, state, checks.allow_base_mismatch)

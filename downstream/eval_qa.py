@@ -4,10 +4,12 @@
     python -m downstream.eval_qa ... --use_neural_knn --knn_generator_path MEMORY --lmbda 0.5 --knn_temp 1
 
 Zero-shot, greedy, batched with left padding. The prompt is ``--prompt_template`` with ``{question}``
-replaced (default: the released ``"Answer these questions:\\nQuestion: {question}\\nAnswer:"``; a
-literal ``\\n`` typed on the command line means a newline). The answer is the first line of the
-continuation once leading whitespace is stripped; generation of a row stops at the newline that ends
-that line (``--stop_at_newline``, on by default: the answer is the same, only faster).
+replaced (a literal ``\\n`` typed on the command line means a newline). By default it is the
+``qa_prompt`` recorded in the ``meta.json`` beside ``--data_file`` (the quickstart's corpus records the
+form of its training QA lines), else the released ``"Answer these questions:\\nQuestion: {question}\\nAnswer:"``.
+The answer is the first line of the continuation once leading whitespace is stripped; generation of a
+row stops at the newline that ends that line (``--stop_at_newline``, on by default: the answer is the
+same, only faster).
 Scores (`downstream.qa_metrics`): exact match, token F1 and "contains a gold answer" after SQuAD
 normalisation, each the max over the gold answers, means x100.
 
@@ -58,7 +60,10 @@ class QAArguments:
     answer_field: str | None = field(
         default=None, metadata={"help": "Gold answer field (default: detected: answer, answers, possible_answers, right_answer, ...)."})
     max_samples: int | None = field(default=None, metadata={"help": "Evaluate only the first N questions."})
-    prompt_template: str = field(default=DEFAULT_PROMPT, metadata={"help": "Prompt with a {question} placeholder."})
+    prompt_template: str | None = field(default=None, metadata={
+        "help": "Prompt with a {question} placeholder. Default: the qa_prompt that the meta.json beside --data_file "
+                "records (the quickstart's corpus does), else the released "
+                "'Answer these questions:\\nQuestion: {question}\\nAnswer:'."})
     per_device_eval_batch_size: int = field(default=8, metadata={"help": "Questions per generate call."})
     max_new_tokens: int = field(default=16, metadata={"help": "Tokens generated per question at most."})
     stop_at_newline: bool = field(default=True, metadata={"help": "Stop a row once its answer line is complete."})
@@ -69,9 +74,10 @@ class QAArguments:
 
     def __post_init__(self):
         check_finite_floats(self)
-        self.prompt_template = self.prompt_template.replace("\\n", "\n")
-        if PLACEHOLDER not in self.prompt_template:
-            raise UsageError(f"--prompt_template must contain {PLACEHOLDER}, got {self.prompt_template!r}")
+        if self.prompt_template is not None:
+            self.prompt_template = self.prompt_template.replace("\\n", "\n")
+            if PLACEHOLDER not in self.prompt_template:
+                raise UsageError(f"--prompt_template must contain {PLACEHOLDER}, got {self.prompt_template!r}")
         for flag in ("max_samples", "per_device_eval_batch_size", "max_new_tokens"):
             value = getattr(self, flag)
             if value is not None and value < 1:
@@ -83,6 +89,21 @@ class QAArguments:
         from models.joint import check_joint_settings
 
         check_joint_settings(self.lmbda, self.knn_temp)
+
+
+def resolve_prompt(args: QAArguments) -> tuple[str, str]:
+    """The prompt template and where it came from: --prompt_template, the ``qa_prompt`` of the ``meta.json``
+    beside --data_file (a QA set that brings its own prompt), or the released default."""
+    if args.prompt_template is not None:
+        return args.prompt_template, "--prompt_template"
+    if args.data_file:
+        meta_file = os.path.join(os.path.dirname(os.path.abspath(args.data_file)), "meta.json")
+        if os.path.isfile(meta_file):
+            with open(meta_file) as f:
+                template = json.load(f).get("qa_prompt")
+            if isinstance(template, str) and PLACEHOLDER in template:
+                return template, meta_file
+    return DEFAULT_PROMPT, "the released default"
 
 
 def make_prompt(template: str, question: str) -> str:
@@ -167,7 +188,9 @@ def answer_questions(model_args: ModelArguments, args: QAArguments, checks: Base
                         tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
                         allow_base_mismatch=checks.allow_base_mismatch)
 
-    prompts = [make_prompt(args.prompt_template, ex["question"]) for ex in examples]
+    template, template_source = resolve_prompt(args)
+    logger.info("Prompt %r (from %s)", template, template_source)
+    prompts = [make_prompt(template, ex["question"]) for ex in examples]
     start = time.perf_counter()
     continuations = generate_answers(model, tokenizer, prompts, args.per_device_eval_batch_size, args.max_new_tokens,
                                      args.stop_at_newline, joint)
@@ -193,6 +216,7 @@ def answer_questions(model_args: ModelArguments, args: QAArguments, checks: Base
         "model": describe_model(model_args),
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "data": data_info,
+        "prompt_template": template, "prompt_source": template_source,
         "settings": {k: v for k, v in asdict(args).items() if k not in ("output_dir",)},
         "device": str(next(model.parameters()).device),
     }

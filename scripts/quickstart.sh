@@ -54,13 +54,12 @@ env -u KNN_TARGETS -u GGUF_FILE -u TOKENIZER -u EVAL_WINDOWS \
     bash scripts/pipeline.sh
 
 # Closed-book QA: choose lmbda on the validation entities' questions, report the test questions. The
-# prompt is the form of the QA lines in the corpus's train split, as its meta.json records it.
-QA_PROMPT=$(python -c "import json, sys; print(json.load(open(sys.argv[1]))['qa_prompt'])" "$OUT/corpus/meta.json")
+# prompt is the form of the QA lines in the corpus's train split: eval_qa reads it from corpus/meta.json.
 qa() {  # qa OUTPUT_DIR QA_FILE [eval_qa flags...]
     local dir="$1" data="$2"; shift 2
     stage "QA: $dir" "$dir/qa_results.json" \
         python -m downstream.eval_qa --model_name_or_path "$OUT/base" --data_file "$data" \
-            --prompt_template "$QA_PROMPT" --per_device_eval_batch_size 64 --output_dir "$dir" "$@"
+            --per_device_eval_batch_size 64 --output_dir "$dir" "$@"
 }
 for lmbda in $QA_LMBDAS; do
     qa "$OUT/qa_validation/lmbda_$lmbda" "$OUT/corpus/qa_validation.jsonl" \

@@ -150,6 +150,7 @@ def test_end_to_end(qa_setup):
     assert all(r["prediction"] for r in base_rows)
     results = json.loads((out / "qa_results.json").read_text())
     assert results["use_neural_knn"] is False and results["lmbda"] is None
+    assert (results["prompt_template"], results["prompt_source"]) == ("the {question}", "--prompt_template")
     assert results["exact_match"] == pytest.approx(100 * sum(r["em"] for r in base_rows) / len(base_rows))
     assert results["questions_per_second"] > 0
 
@@ -165,3 +166,18 @@ def test_end_to_end(qa_setup):
     joint, joint_rows, _ = run_qa(qa_setup, "lmbda09", "--per_device_eval_batch_size", "3", "--use_neural_knn", "true",
                                   "--knn_generator_path", qa_setup["memory"], "--lmbda", "0.9")
     assert [r["continuation"] for r in joint_rows] != [r["continuation"] for r in base_rows]
+
+
+def test_a_qa_set_that_brings_its_prompt_uses_it_by_default(tmp_path):
+    from downstream.eval_qa import DEFAULT_PROMPT, QAArguments, resolve_prompt
+
+    data = tmp_path / "qa_test.jsonl"
+    data.write_text('{"question": "q", "answer": "a"}\n')
+    args = QAArguments(output_dir=str(tmp_path / "out"), data_file=str(data))
+    assert resolve_prompt(args) == (DEFAULT_PROMPT, "the released default")
+    (tmp_path / "meta.json").write_text(json.dumps({"kind": "embedded_corpus", "qa_prompt": "Q: {question} A:"}))
+    assert resolve_prompt(args) == ("Q: {question} A:", str(tmp_path / "meta.json"))
+    explicit = QAArguments(output_dir=str(tmp_path / "out"), data_file=str(data), prompt_template="{question}?")
+    assert resolve_prompt(explicit) == ("{question}?", "--prompt_template")
+    (tmp_path / "meta.json").write_text(json.dumps({"qa_prompt": "no placeholder"}))
+    assert resolve_prompt(args)[1] == "the released default"

@@ -135,3 +135,11 @@ def test_cli_without_memory_exits_2_without_traceback(setup, tmp_path):
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "--knn_generator_path" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_logged_arguments_name_the_split_that_runs(tmp_path, capfd):
+    with pytest.raises(UsageError):  # no such dataset: the arguments are logged before that is found out
+        evaluate_joint.main(["--model_name_or_path", str(tmp_path / "m"), "--dataset_name", str(tmp_path / "d"),
+                             "--do_test", "--output_dir", str(tmp_path / "o"), "--knn_generator_path", "g"])
+    logged = capfd.readouterr().err
+    assert "eval_subset='test'" in logged and "eval_subset='validation'" not in logged
