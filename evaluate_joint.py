@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 
 from models.joint.perplexity import JointArguments, evaluate_joint, resolve_split, save_sweep
-from utils.arguments import BaseCheckArguments, DataArguments, ModelArguments
+from utils.arguments import BaseCheckArguments, DataArguments, PretrainedModelArguments
 from utils.cli import command, parse_args, setup_logging
 from utils.distributed import process_state
 from utils.io import save_metrics
@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 def main(argv: list[str] | None = None) -> dict:
     state = process_state()
     setup_logging(state.is_main_process)
-    model_args, data_args, args, checks = parse_args((ModelArguments, DataArguments, JointArguments, BaseCheckArguments),
+    model_args, data_args, args, checks = parse_args((PretrainedModelArguments, DataArguments, JointArguments, BaseCheckArguments),
                                                      argv)
     data_args.eval_subset = resolve_split(data_args, args)  # --dataset_split_name / --do_test win: log what runs
     logger.info("Arguments: %s %s %s %s", model_args, data_args, args, checks)

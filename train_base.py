@@ -24,7 +24,7 @@ from accelerate import PartialState
 from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator, set_seed
 
 from utils.architectures import normalize_layer
-from utils.arguments import DataArguments, DstoreArguments, ModelArguments
+from utils.arguments import DstoreArguments, ModelArguments, TrainingDataArguments
 from utils.artifacts.dataset import TokenizedSplit, load_split
 from utils.artifacts.datastore import DatastoreWriter
 from utils.cli import UsageError, check_finite_floats, command, parse_args, setup_logging
@@ -75,7 +75,8 @@ class ProgressLog(TrainerCallback):
                     100 * state.global_step / state.max_steps, elapsed, left)
 
 
-def train(model, tokenizer, split: TokenizedSplit, data_args: DataArguments, training_args: TrainingArguments) -> dict:
+def train(model, tokenizer, split: TokenizedSplit, data_args: TrainingDataArguments,
+          training_args: TrainingArguments) -> dict:
     """Fine-tune (or train from scratch) on non-overlapping blocks; save the model to --output_dir."""
     dataset = BlockDataset(split.tokens, split.meta["block_size"], data_args.max_train_samples)
     trainer = Trainer(model=model, args=training_args, train_dataset=dataset, data_collator=default_data_collator,
@@ -104,7 +105,7 @@ def written_batches_nll(writer: DatastoreWriter, num_windows: int, batch_size: i
 
 
 def evaluate(model, split: TokenizedSplit, batch_size: int, state: PartialState, model_args: ModelArguments,
-             data_args: DataArguments, dstore_args: DstoreArguments) -> dict:
+             data_args: TrainingDataArguments, dstore_args: DstoreArguments) -> dict:
     """Perplexity over the scored rows of the first windows of a split; optionally write the datastore."""
     windows = split.windows[: data_args.max_eval_samples]
     num_rows = int(windows[-1, ROW_END] - windows[0, ROW_BEGIN])
@@ -168,7 +169,7 @@ def check_training_args(training_args: TrainingArguments, dstore_args: DstoreArg
         raise UsageError(f"--learning_rate must be > 0, got {training_args.learning_rate}")
 
 
-def run_stage(model_args: ModelArguments, data_args: DataArguments, dstore_args: DstoreArguments,
+def run_stage(model_args: ModelArguments, data_args: TrainingDataArguments, dstore_args: DstoreArguments,
               training_args: TrainingArguments, state: PartialState) -> dict:
     """Train and/or evaluate (and save the datastore), holding the locks of what is written."""
     eval_split = load_split(data_args.dataset_name, data_args.eval_subset) if training_args.do_eval else None
@@ -199,7 +200,7 @@ def run_stage(model_args: ModelArguments, data_args: DataArguments, dstore_args:
 
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, dstore_args, training_args = parse_args(
-        (ModelArguments, DataArguments, DstoreArguments, TrainingArguments), with_cpu_flag(argv)
+        (ModelArguments, TrainingDataArguments, DstoreArguments, TrainingArguments), with_cpu_flag(argv)
     )
     state = process_state()
     setup_logging(state.is_main_process)

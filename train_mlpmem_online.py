@@ -15,13 +15,13 @@ from __future__ import annotations
 
 from models.training.arguments import MemoryArguments, MemoryTrainingArguments, OnlineArguments
 from models.training.modes import run_online
-from utils.arguments import BaseCheckArguments, ModelArguments
+from utils.arguments import BaseCheckArguments, PretrainedModelArguments
 from utils.cli import command, parse_args, setup_logging
 
 
 def main(argv: list[str] | None = None, stop_after_steps: int | None = None) -> dict | None:
     online, model_args, memory_args, training_args, checks = parse_args(
-        (OnlineArguments, ModelArguments, MemoryArguments, MemoryTrainingArguments, BaseCheckArguments), argv
+        (OnlineArguments, PretrainedModelArguments, MemoryArguments, MemoryTrainingArguments, BaseCheckArguments), argv
     )
     setup_logging()
     return run_online(online, model_args, memory_args, training_args, stop_after_steps, checks.allow_base_mismatch)

@@ -30,7 +30,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from downstream.qa_data import load_qa
 from downstream.qa_metrics import aggregate, score
-from utils.arguments import BaseCheckArguments, ModelArguments
+from utils.arguments import BaseCheckArguments, PretrainedModelArguments
 from utils.cli import UsageError, check_finite_floats, command, parse_args, setup_logging
 from utils.io import save_metrics
 from utils.locking import artifact_lock
@@ -167,7 +167,7 @@ def write_jsonl(path: str, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-def answer_questions(model_args: ModelArguments, args: QAArguments, checks: BaseCheckArguments) -> dict:
+def answer_questions(model_args: PretrainedModelArguments, args: QAArguments, checks: BaseCheckArguments) -> dict:
     """Answer, score and write the results, holding the lock of --output_dir."""
     examples, data_info = load_qa(args.data_file, args.dataset_name, args.dataset_config_name, args.dataset_split,
                                   args.question_field, args.answer_field, args.max_samples)
@@ -233,7 +233,7 @@ def answer_questions(model_args: ModelArguments, args: QAArguments, checks: Base
 
 def main(argv: list[str] | None = None) -> dict:
     setup_logging()
-    model_args, args, checks = parse_args((ModelArguments, QAArguments, BaseCheckArguments), argv)
+    model_args, args, checks = parse_args((PretrainedModelArguments, QAArguments, BaseCheckArguments), argv)
     if model_args.model_name_or_path is None:
         raise UsageError("--model_name_or_path is required (a pretrained base model)")
     with artifact_lock(args.output_dir, "--output_dir"):

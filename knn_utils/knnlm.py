@@ -33,7 +33,7 @@ from accelerate import PartialState
 
 from knn_utils.index import KNN_GPU_HELP, KnnIndex, check_gpu_k, configure_threads, load_index
 from models.joint.interpolation import ROWS_PER_SLICE, check_lmbdas, interpolate_log_probs
-from utils.arguments import DataArguments, ModelArguments
+from utils.arguments import DataArguments, PretrainedModelArguments
 from utils.artifacts.dataset import TokenizedSplit, load_split
 from utils.artifacts.datastore import Datastore, open_datastore
 from utils.artifacts.index import default_index_path
@@ -119,7 +119,7 @@ def knnlm_log_probs_sweep(lm_logits: torch.Tensor, dists: torch.Tensor, neighbou
 # Evaluation
 
 
-def check_datastore_fits(datastore: Datastore, split: TokenizedSplit, model, model_args: ModelArguments) -> None:
+def check_datastore_fits(datastore: Datastore, split: TokenizedSplit, model, model_args: PretrainedModelArguments) -> None:
     """The datastore must hold keys of this model's architecture and width, over ids of this tokenizer."""
     meta, where = datastore.meta, f"--dstore_dir {datastore.path}"
     if meta.get("tokenizer_fingerprint") != split.meta["tokenizer"]["fingerprint"]:
@@ -161,7 +161,7 @@ def knnlm_nll(batch: ScoredBatch, index: KnnIndex, vals: np.ndarray, args: KnnLM
     return torch.cat(nll, dim=1)
 
 
-def evaluate_knnlm(model_args: ModelArguments, data_args: DataArguments, args: KnnLMArguments,
+def evaluate_knnlm(model_args: PretrainedModelArguments, data_args: DataArguments, args: KnnLMArguments,
                    state: PartialState | None = None) -> dict:
     """kNN-LM and base perplexity over the scored rows of ``data_args.eval_subset``; returns the metrics."""
     state = state or process_state()
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     state = process_state()
     setup_logging(state.is_main_process)
-    model_args, data_args, args = parse_args((ModelArguments, DataArguments, KnnLMArguments), argv)
+    model_args, data_args, args = parse_args((PretrainedModelArguments, DataArguments, KnnLMArguments), argv)
     logger.info("Arguments: %s %s %s", model_args, data_args, args)
     with artifact_lock(args.output_dir, "--output_dir", state):
         metrics = evaluate_knnlm(model_args, data_args, args, state)

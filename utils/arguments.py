@@ -10,23 +10,14 @@ SPLITS = ("train", "validation", "test")
 
 
 @dataclass
-class ModelArguments:
-    """Which base causal LM to load, or how to build one from scratch."""
+class PretrainedModelArguments:
+    """Which pretrained base causal LM to load (the stages that evaluate or read a model)."""
 
-    model_name_or_path: str | None = field(
-        default=None,
-        metadata={"help": "Hub name or local directory of the base model (the directory of a GGUF file with --gguf_file). "
-                  "Leave unset to train from scratch with --model_type."},
+    model_name_or_path: str = field(
+        metadata={"help": "Hub name or local directory of the base model (the directory of a GGUF file with --gguf_file)."}
     )
     gguf_file: str | None = field(
         default=None, metadata={"help": "GGUF file name inside --model_name_or_path (dequantised to float on load)."}
-    )
-    model_type: str | None = field(
-        default=None, metadata={"help": "Architecture of a model built from scratch, e.g. gpt2 or llama."}
-    )
-    config_overrides: str | None = field(
-        default=None,
-        metadata={"help": "Comma-separated config overrides for a from-scratch model, e.g. n_layer=2,n_embd=128,n_head=4."},
     )
     tokenizer_name: str | None = field(
         default=None, metadata={"help": "Tokenizer directory or hub name, if not the model's own."}
@@ -34,6 +25,24 @@ class ModelArguments:
     torch_dtype: str = field(
         default="float32",
         metadata={"help": "Dtype to load the base model in: float32, bfloat16 or float16.", "choices": ["float32", "bfloat16", "float16"]},
+    )
+
+
+@dataclass
+class ModelArguments(PretrainedModelArguments):
+    """Which base causal LM to load, or how to build one from scratch (train_base)."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Hub name or local directory of the base model (the directory of a GGUF file with --gguf_file). "
+                  "Leave unset to train from scratch with --model_type."},
+    )
+    model_type: str | None = field(
+        default=None, metadata={"help": "Architecture of a model built from scratch, e.g. gpt2 or llama."}
+    )
+    config_overrides: str | None = field(
+        default=None,
+        metadata={"help": "Comma-separated config overrides for a from-scratch model, e.g. n_layer=2,n_embd=128,n_head=4."},
     )
 
     def __post_init__(self):
@@ -51,16 +60,30 @@ class DataArguments:
 
     dataset_name: str = field(metadata={"help": "Directory written by utils/preprocess_dataset.py."})
     eval_subset: str = field(default="validation", metadata={"help": "Split to evaluate.", "choices": list(SPLITS)})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Train on at most this many blocks."})
     max_eval_samples: int | None = field(
         default=None, metadata={"help": "Evaluate (and build the datastore over) only the first N windows of --eval_subset."}
     )
 
     def __post_init__(self):
-        for flag in ("max_train_samples", "max_eval_samples"):
-            value = getattr(self, flag)
-            if value is not None and value < 1:
-                raise UsageError(f"--{flag} must be >= 1, got {value}")
+        check_positive(self, "max_eval_samples")
+
+
+@dataclass
+class TrainingDataArguments(DataArguments):
+    """DataArguments plus what fine-tuning reads (train_base)."""
+
+    max_train_samples: int | None = field(default=None, metadata={"help": "Train on at most this many blocks."})
+
+    def __post_init__(self):
+        check_positive(self, "max_eval_samples", "max_train_samples")
+
+
+def check_positive(args, *flags: str) -> None:
+    """Each of ``flags`` that is set must be >= 1."""
+    for flag in flags:
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UsageError(f"--{flag} must be >= 1, got {value}")
 
 
 @dataclass

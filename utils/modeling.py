@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM, AutoTokenizer, GPT2TokenizerFast, PreTrainedTokenizerBase
 
 from utils.architectures import arch_spec, submodule, transformer_blocks
-from utils.arguments import ModelArguments
+from utils.arguments import PretrainedModelArguments
 from utils.cli import UsageError
 from utils.io import ArtifactError, timed
 
@@ -199,7 +199,7 @@ def check_model_fingerprint(actual: str, recorded: str | None, subject: str, mod
     return record
 
 
-def load_causal_lm(args: ModelArguments, vocab_size: int | None = None) -> torch.nn.Module:
+def load_causal_lm(args: PretrainedModelArguments, vocab_size: int | None = None) -> torch.nn.Module:
     """The base model described by ``args``; a from-scratch model gets ``vocab_size`` unless overridden."""
     dtype = getattr(torch, args.torch_dtype)
     if args.model_name_or_path is not None:
@@ -240,20 +240,20 @@ def forget_gguf_quantization(model: torch.nn.Module) -> None:
         del model.config.quantization_config
 
 
-def model_tokenizer_path(args: ModelArguments) -> tuple[str, str | None]:
+def model_tokenizer_path(args: PretrainedModelArguments) -> tuple[str, str | None]:
     """Where the tokenizer of ``args`` comes from: (path, gguf file or None)."""
     if args.tokenizer_name is not None:
         return args.tokenizer_name, None
     return args.model_name_or_path, args.gguf_file
 
 
-def describe_model(args: ModelArguments) -> dict:
+def describe_model(args: PretrainedModelArguments) -> dict:
     """How to load this model again, for ``meta.json``."""
     return {"model_name_or_path": local_path_or_name(args.model_name_or_path), "gguf_file": args.gguf_file,
-            "model_type": args.model_type, "config_overrides": args.config_overrides}
+            "model_type": getattr(args, "model_type", None), "config_overrides": getattr(args, "config_overrides", None)}
 
 
-def check_tokenizer(model_args: ModelArguments, dataset_meta: dict, dataset_dir: str):
+def check_tokenizer(model_args: PretrainedModelArguments, dataset_meta: dict, dataset_dir: str):
     """Load the model's tokenizer and make sure the dataset was tokenized with the same one."""
     path, gguf_file = model_tokenizer_path(model_args)
     flag = "--tokenizer_name" if model_args.tokenizer_name else "--model_name_or_path"
@@ -282,7 +282,7 @@ def check_vocab(model: torch.nn.Module, dataset_meta: dict, dataset_dir: str) ->
         raise UsageError(f"--dataset_name {dataset_dir} has token id {max_id}, but the model's vocabulary has only {vocab} entries")
 
 
-def load_model_for_dataset(model_args: ModelArguments, dataset_meta: dict, dataset_dir: str):
+def load_model_for_dataset(model_args: PretrainedModelArguments, dataset_meta: dict, dataset_dir: str):
     """The base model and its tokenizer, checked against the tokenizer a preprocessed dataset was made with."""
     tokenizer = check_tokenizer(model_args, dataset_meta, dataset_dir)
     model = load_causal_lm(model_args, vocab_size=dataset_meta["tokenizer"]["vocab_size"])

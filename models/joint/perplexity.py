@@ -25,7 +25,7 @@ from accelerate import PartialState
 
 from models.joint.hooks import load_checked_memory
 from models.joint.interpolation import ROWS_PER_SLICE, check_lmbdas, interpolate_log_probs, memory_log_probs
-from utils.arguments import SPLITS, DataArguments, ModelArguments
+from utils.arguments import SPLITS, DataArguments, PretrainedModelArguments
 from utils.artifacts.dataset import load_split
 from utils.cli import UsageError, check_finite_floats
 from utils.distributed import process_state, synchronize
@@ -118,7 +118,7 @@ def joint_nll(batch: ScoredBatch, memory: torch.nn.Module, lmbdas: list[float], 
     return JointNll(torch.cat(memory_parts), [torch.cat(p) for p in joint_parts], memory_seconds, interpolation_seconds)
 
 
-def evaluate_joint(model_args: ModelArguments, data_args: DataArguments, args: JointArguments,
+def evaluate_joint(model_args: PretrainedModelArguments, data_args: DataArguments, args: JointArguments,
                    state: PartialState | None = None, allow_base_mismatch: bool = False) -> dict:
     """Base, memory-alone and joint perplexity (for every lmbda) over the scored rows of one split.
 

@@ -152,7 +152,7 @@ class OfflineArguments:
 
 @dataclass
 class OnlineArguments:
-    """Online training: the frozen base model (ModelArguments) computes the inputs from the preprocessed windows."""
+    """Online training: the frozen base model (PretrainedModelArguments) computes the inputs from the preprocessed windows."""
 
     dataset_name: str = field(metadata={"help": "Directory written by utils/preprocess_dataset.py."})
     dataset_split_name: str = field(default="train", metadata={"help": "Split whose rows the kNN targets describe."})

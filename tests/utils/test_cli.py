@@ -35,7 +35,7 @@ def test_values_without_a_flag_and_bad_values_are_usage_errors():
         evaluate_joint.main([*REQUIRED, "0.3"])
     with pytest.raises(UsageError, match="argument --lmbda: invalid float value: 'abc'"):
         evaluate_joint.main([*REQUIRED, "--lmbda", "abc"])
-    with pytest.raises(UsageError, match="required: --dataset_name"):
+    with pytest.raises(UsageError, match="required: --model_name_or_path.*, --dataset_name"):
         evaluate_joint.main(["--lmbda", "0.5"])
 
 
