@@ -78,5 +78,8 @@ stage "a test question the memory corrects" "$OUT/correction.json" \
 
 python -m downstream.summary --output_dir "$OUT"
 # CPU time of every stage (this shell's children), as well as the wall time: on a busy machine the two differ.
-cpu=$(times | tail -n 1 | awk '{ split($1, u, /[ms]/); split($2, s, /[ms]/); printf "%d", u[1] * 60 + u[2] + s[1] * 60 + s[2] }')
+times_file=$(mktemp)
+times > "$times_file"  # `times` in a pipe or $(...) would run in a subshell, which has no children
+cpu=$(tail -n 1 "$times_file" | awk '{ split($1, u, /[ms]/); split($2, s, /[ms]/); printf "%d", u[1] * 60 + u[2] + s[1] * 60 + s[2] }')
+rm -f "$times_file"
 echo "Quickstart finished in $(( $(date +%s) - start )) s wall time, ${cpu} s CPU time; everything is under $OUT"
