@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -57,8 +58,10 @@ class QAArguments:
     dataset_config_name: str | None = field(default=None, metadata={"help": "Hub config, e.g. rc.nocontext for trivia_qa."})
     dataset_split: str = field(default="validation", metadata={"help": "Hub split to evaluate."})
     question_field: str | None = field(default=None, metadata={"help": "Question field (default: detected)."})
-    answer_field: str | None = field(
-        default=None, metadata={"help": "Gold answer field (default: detected: answer, answers, possible_answers, right_answer, ...)."})
+    answer_field: list[str] | None = field(default=None, metadata={
+        "help": "Gold answer field(s); several are pooled, e.g. --answer_field answer aliases (default: detected: "
+                "answer, answers, possible_answers, right_answer, ..., plus aliases fields when present).",
+        "nargs": "+"})
     max_samples: int | None = field(default=None, metadata={"help": "Evaluate only the first N questions."})
     prompt_template: str | None = field(default=None, metadata={
         "help": "Prompt with a {question} placeholder. Default: the qa_prompt that the meta.json beside --data_file "
@@ -106,7 +109,17 @@ def resolve_prompt(args: QAArguments) -> tuple[str, str]:
     return DEFAULT_PROMPT, "the released default"
 
 
+# A question field that already holds "Question: ... Answer:" (TriviaQA's released subset) is unwrapped first,
+# so that the template does not add its labels twice.
+_QUESTION_LABEL = re.compile(r"^\s*(?:question|q)\s*:\s*", re.IGNORECASE)
+_ANSWER_LABEL = re.compile(r"\s*(?:answer|a)\s*:\s*$", re.IGNORECASE)
+
+
 def make_prompt(template: str, question: str) -> str:
+    """``template`` with ``question`` in place of ``{question}``, after removing any ``Question:`` / ``Answer:``
+    labels the question already carries."""
+    if _QUESTION_LABEL.match(question):
+        question = _ANSWER_LABEL.sub("", _QUESTION_LABEL.sub("", question, count=1))
     return template.replace(PLACEHOLDER, question)
 
 
@@ -197,11 +210,11 @@ def answer_questions(model_args: PretrainedModelArguments, args: QAArguments, ch
     seconds = time.perf_counter() - start
 
     rows, scores = [], []
-    for ex, continuation in zip(examples, continuations):
+    for ex, prompt, continuation in zip(examples, prompts, continuations):
         prediction = first_line(continuation)
         s = score(prediction, ex["golds"])
         scores.append(s)
-        rows.append({"question": ex["question"], "golds": ex["golds"], "prediction": prediction,
+        rows.append({"question": ex["question"], "prompt": prompt, "golds": ex["golds"], "prediction": prediction,
                      "continuation": continuation, **s})
     summary = aggregate(scores)
     metrics = {

@@ -1,7 +1,8 @@
 """Loading closed-book QA sets as ``[{"question": str, "golds": [str, ...]}, ...]``.
 
-Sources: a local ``.json`` (a list of records, or an object holding one under ``data``) or ``.jsonl``
-file, or a datasets-hub dataset. Field names are given or detected from the common layouts:
+Sources: a local file holding a JSON list of records, an object holding one under ``data`` or
+``examples`` (BIG-bench), or JSON lines (whatever the suffix: HaluEval's release names them ``.json``);
+or a datasets-hub dataset. Field names are given or detected from the common layouts:
 
 ===============  ==========  ===========================================================================
 set              question    answer field (normalised to a list of gold strings)
@@ -30,6 +31,9 @@ QUESTION_FIELDS = ("question", "query", "input")
 ANSWER_FIELDS = ("answer", "answers", "possible_answers", "right_answer", "golds", "gold_answers", "target")
 # Keys of an answer dict that hold gold strings, in the order they are collected.
 ANSWER_DICT_KEYS = ("value", "aliases", "normalized_value", "normalized_aliases", "text")
+# Record-level fields of more gold strings, used beside the detected answer field when present (TriviaQA subsets).
+ALIAS_FIELDS = ("aliases", "normalized_aliases", "answer_aliases")
+RECORD_LISTS = ("data", "examples")  # keys of an object that holds the records
 
 
 def gold_list(value: Any) -> list[str]:
@@ -75,35 +79,37 @@ def detect_field(record: dict, candidates: Iterable[str], what: str, flag: str, 
     raise UsageError(f"{source}: cannot detect the {what} field among {sorted(record)}; name it with {flag}")
 
 
+def json_lines(path: str, text: str) -> list:
+    """The records of JSON-lines ``text`` (errors name the line)."""
+    records = []
+    for number, line in enumerate(text.split("\n"), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise UsageError(f"--data_file {path}, line {number}: not JSON ({err})") from None
+    return records
+
+
 def read_local(path: str) -> list[dict]:
-    """Records of a local ``.json`` / ``.jsonl`` file (errors name ``--data_file``)."""
+    """Records of a local JSON or JSON-lines file, whatever its suffix (errors name ``--data_file``)."""
     if not os.path.isfile(path):
         raise UsageError(f"--data_file {path}: no such file")
-    if not path.endswith((".json", ".jsonl")):
-        raise UsageError(f"--data_file {path}: expected a .json or .jsonl file")
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except UnicodeDecodeError as err:
         raise UsageError(f"--data_file {path} is not UTF-8 text (byte {err.start}: {err.reason})") from None
-    records: list = []
-    if path.endswith(".jsonl"):
-        for number, line in enumerate(text.split("\n"), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise UsageError(f"--data_file {path}, line {number}: not JSON ({err})") from None
-    else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise UsageError(f"--data_file {path}: not JSON ({err}); JSON lines need the .jsonl suffix") from None
-        if isinstance(data, dict) and isinstance(data.get("data"), list):
-            data = data["data"]
-        if not isinstance(data, list):
-            raise UsageError(f"--data_file {path}: expected a list of records (or an object with a 'data' list)")
-        records = data
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        data = json_lines(path, text)  # one record per line
+    if isinstance(data, dict):  # an object holding the records, or the one record of a one-line JSON-lines file
+        data = next((data[key] for key in RECORD_LISTS if isinstance(data.get(key), list)), [data])
+    if not isinstance(data, list):
+        raise UsageError(f"--data_file {path}: expected a list of records, JSON lines, or an object with a "
+                         f"{' or '.join(repr(k) for k in RECORD_LISTS)} list")
+    records = data
     if records and not all(isinstance(r, dict) for r in records):
         raise UsageError(f"--data_file {path}: every record must be a JSON object")
     return records
@@ -121,12 +127,13 @@ def read_hub(name: str, config: str | None, split: str) -> list[dict]:
 
 
 def load_qa(data_file: str | None = None, dataset_name: str | None = None, dataset_config_name: str | None = None,
-            dataset_split: str = "validation", question_field: str | None = None, answer_field: str | None = None,
-            max_samples: int | None = None) -> tuple[list[dict], dict]:
+            dataset_split: str = "validation", question_field: str | None = None,
+            answer_field: str | list[str] | None = None, max_samples: int | None = None) -> tuple[list[dict], dict]:
     """Questions with their gold answers, and a description of what was read (source, fields, counts).
 
-    Records without any gold answer are skipped (with a warning); ``max_samples`` keeps the first N
-    usable records.
+    ``answer_field`` may name several fields, whose gold strings are pooled; when it is not given, the
+    detected field is joined by the alias fields (`ALIAS_FIELDS`) the records hold. Records without any
+    gold answer are skipped (with a warning); ``max_samples`` keeps the first N usable records.
     """
     if (data_file is None) == (dataset_name is None):
         raise UsageError("Give exactly one of --data_file (a local .json/.jsonl) or --dataset_name (a datasets-hub name)")
@@ -138,16 +145,22 @@ def load_qa(data_file: str | None = None, dataset_name: str | None = None, datas
         raise UsageError(f"{source}: no records")
     first = records[0]
     q_field = question_field or detect_field(first, QUESTION_FIELDS, "question", "--question_field", source)
-    a_field = answer_field or detect_field(first, ANSWER_FIELDS, "answer", "--answer_field", source)
+    if answer_field:
+        a_fields = [answer_field] if isinstance(answer_field, str) else list(answer_field)
+    else:
+        a_fields = [detect_field(first, ANSWER_FIELDS, "answer", "--answer_field", source)]
+        a_fields += [name for name in ALIAS_FIELDS if name in first and name not in a_fields]
+        if len(a_fields) > 1:
+            logger.info("%s: gold answers from %s", source, ", ".join(a_fields))
     examples, skipped = [], 0
     for index, record in enumerate(records):
-        for field_name, flag in ((q_field, "--question_field"), (a_field, "--answer_field")):
+        for field_name, flag in ((q_field, "--question_field"), *((a, "--answer_field") for a in a_fields)):
             if field_name not in record:
                 raise UsageError(f"{source}: record {index} has no field {field_name!r} ({flag}); it has {sorted(record)}")
         question = record[q_field]
         if not isinstance(question, str) or not question.strip():
             raise UsageError(f"{source}: record {index} has no question text in {q_field!r}")
-        golds = gold_list(record[a_field])
+        golds = gold_list([record[a] for a in a_fields])
         if not golds:
             skipped += 1
             continue
@@ -155,10 +168,11 @@ def load_qa(data_file: str | None = None, dataset_name: str | None = None, datas
         if max_samples is not None and len(examples) >= max_samples:
             break
     if skipped:
-        logger.warning("%s: skipped %d record(s) without a gold answer in %r", source, skipped, a_field)
+        logger.warning("%s: skipped %d record(s) without a gold answer in %s", source, skipped, a_fields)
     if not examples:
-        raise UsageError(f"{source}: no record has a gold answer in {a_field!r}")
+        raise UsageError(f"{source}: no record has a gold answer in {a_fields}")
     info = {"source": data_file or dataset_name, "dataset_config_name": dataset_config_name,
-            "dataset_split": None if data_file else dataset_split, "question_field": q_field, "answer_field": a_field,
+            "dataset_split": None if data_file else dataset_split, "question_field": q_field,
+            "answer_field": a_fields[0] if len(a_fields) == 1 else a_fields,
             "records_read": len(records), "skipped_without_gold": skipped}
     return examples, info

@@ -44,9 +44,10 @@ def token_f1(prediction: str, gold: str) -> float:
 
 
 def contains_answer(prediction: str, gold: str) -> float:
-    """1 if the normalised gold answer is a substring of the normalised prediction (an empty gold never counts)."""
+    """1 if the normalised gold answer appears in the normalised prediction as whole words ("us" is not in "usa",
+    "new york" is in "in new york city"); an empty gold never counts."""
     gold_norm = normalize_answer(gold)
-    return float(bool(gold_norm) and gold_norm in normalize_answer(prediction))
+    return float(bool(gold_norm) and f" {gold_norm} " in f" {normalize_answer(prediction)} ")
 
 
 def score(prediction: str, golds: Iterable[str]) -> dict[str, float]:

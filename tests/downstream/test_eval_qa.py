@@ -38,6 +38,10 @@ def test_contains_and_multiple_golds():
     assert contains_answer("It was built in Paris, France", "paris") == 1.0
     assert contains_answer("Par", "Paris") == 0.0
     assert contains_answer("anything", "the") == 0.0  # an empty normalised gold never counts
+    # whole words only, not substrings of words
+    assert contains_answer("USA", "us") == 0.0 and contains_answer("that one", "hat") == 0.0
+    assert contains_answer("He lived in New York City.", "new york") == 1.0
+    assert contains_answer("Us, of course", "US") == 1.0
     s = score("Barack Obama Jr.", ["George Bush", "Barack Obama", "Obama"])
     assert s == {"em": 0.0, "f1": pytest.approx(0.8), "contains": 1.0}
     assert score("obama", ["George Bush", "Obama"])["em"] == 1.0
@@ -83,9 +87,42 @@ def test_formats(tmp_path):
                                           "hallucinated_answer": "No"}]}))
     assert load_qa(str(halu))[0][0]["golds"] == ["Yes"]
 
+    halu_lines = tmp_path / "qa_data.json"  # HaluEval's release: JSON lines under a .json name
+    halu_lines.write_text("".join(json.dumps({"question": f"q{i}", "right_answer": f"r{i}"}) + "\n" for i in range(3)))
+    assert [e["golds"] for e in load_qa(str(halu_lines))[0]] == [["r0"], ["r1"], ["r2"]]
+
+    bigbench = tmp_path / "task.json"  # BIG-bench: the records under "examples"
+    bigbench.write_text(json.dumps({"name": "t", "examples": [{"input": "Is it?", "target": "Yes"}]}))
+    assert load_qa(str(bigbench))[0] == [{"question": "Is it?", "golds": ["Yes"]}]
+
+    text = tmp_path / "qa.txt"  # any suffix, JSON lines inside
+    text.write_text(json.dumps({"question": "q", "answers": ["a"]}) + "\n")
+    assert load_qa(str(text))[0] == [{"question": "q", "golds": ["a"]}]
+
     custom = write_jsonl(tmp_path / "custom.jsonl", [{"prompt": "p", "gold": "g"}] * 5)
     examples, _ = load_qa(custom, question_field="prompt", answer_field="gold", max_samples=3)
     assert examples == [{"question": "p", "golds": ["g"]}] * 3
+
+
+def test_alias_fields_are_gold_answers_too(tmp_path):
+    # TriviaQA's released subset: a plain answer with its aliases in a field of their own
+    trivia = write_jsonl(tmp_path / "trivia.jsonl", [{"question": "q", "answer": "Sun", "aliases": ["Sol", "the Sun"]}])
+    examples, info = load_qa(trivia)
+    assert examples[0]["golds"] == ["Sun", "Sol", "the Sun"] and info["answer_field"] == ["answer", "aliases"]
+    assert load_qa(trivia, answer_field="answer")[0][0]["golds"] == ["Sun"]  # named: only that field
+    both = load_qa(trivia, answer_field=["answer", "aliases"])[0][0]["golds"]
+    assert both == ["Sun", "Sol", "the Sun"]
+    with pytest.raises(UsageError, match="record 0 has no field 'other' \\(--answer_field\\)"):
+        load_qa(trivia, answer_field=["answer", "other"])
+
+
+def test_a_question_that_carries_the_template_is_not_wrapped_again():
+    template = "Answer these questions:\nQuestion: {question}\nAnswer:"
+    plain = make_prompt(template, "Who wrote Hamlet?")
+    assert plain == "Answer these questions:\nQuestion: Who wrote Hamlet?\nAnswer:"
+    assert make_prompt(template, "Question: Who wrote Hamlet?\nAnswer:") == plain
+    assert make_prompt(template, "Q: Who wrote Hamlet? A:") == plain
+    assert make_prompt(template, "What is a question: or not?") == template.replace("{question}", "What is a question: or not?")
 
 
 def test_gold_list_normalises():
@@ -146,7 +183,8 @@ def run_qa(setup, name, *extra):
 def test_end_to_end(qa_setup):
     base, base_rows, out = run_qa(qa_setup, "base", "--per_device_eval_batch_size", "3")
     assert len(base_rows) == len(QUESTIONS) and base["count"] == len(QUESTIONS)
-    assert set(base_rows[0]) == {"question", "golds", "prediction", "continuation", "em", "f1", "contains"}
+    assert set(base_rows[0]) == {"question", "prompt", "golds", "prediction", "continuation", "em", "f1", "contains"}
+    assert base_rows[0]["prompt"] == f"the {QUESTIONS[0]}"
     assert all(r["prediction"] for r in base_rows)
     results = json.loads((out / "qa_results.json").read_text())
     assert results["use_neural_knn"] is False and results["lmbda"] is None
