@@ -29,6 +29,7 @@ import sys
 import torch
 from transformers import HfArgumentParser
 
+from downstream.qa_data import recorded_prompt
 from models import load_memory
 from models.joint import JointLM, check_joint_settings
 from utils.arguments import BaseCheckArguments, ModelArguments
@@ -95,11 +96,7 @@ def quickstart_path(args, *parts: str) -> str:
 def load_qa(args) -> tuple[list[dict], str]:
     """The quickstart's test questions and its prompt format."""
     qa_file = quickstart_path(args, "corpus", "qa_test.jsonl")
-    qa_prompt = DEFAULT_QA_PROMPT
-    meta_file = os.path.join(args.quickstart_dir, "corpus", "meta.json")
-    if os.path.isfile(meta_file):
-        with open(meta_file) as f:
-            qa_prompt = json.load(f).get("qa_prompt", qa_prompt)
+    qa_prompt = (recorded_prompt(qa_file) or (DEFAULT_QA_PROMPT, None))[0]
     with open(qa_file) as f:
         pairs = [json.loads(line) for line in f if line.strip()]
     for pair in pairs:

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from downstream.qa_data import load_qa
+from downstream.qa_data import load_qa, recorded_prompt
 from downstream.qa_metrics import aggregate, score
 from utils.arguments import BaseCheckArguments, PretrainedModelArguments
 from utils.cli import UsageError, check_finite_floats, command, parse_args, setup_logging
@@ -99,14 +99,7 @@ def resolve_prompt(args: QAArguments) -> tuple[str, str]:
     beside --data_file (a QA set that brings its own prompt), or the released default."""
     if args.prompt_template is not None:
         return args.prompt_template, "--prompt_template"
-    if args.data_file:
-        meta_file = os.path.join(os.path.dirname(os.path.abspath(args.data_file)), "meta.json")
-        if os.path.isfile(meta_file):
-            with open(meta_file) as f:
-                template = json.load(f).get("qa_prompt")
-            if isinstance(template, str) and PLACEHOLDER in template:
-                return template, meta_file
-    return DEFAULT_PROMPT, "the released default"
+    return (args.data_file and recorded_prompt(args.data_file)) or (DEFAULT_PROMPT, "the released default")
 
 
 # A question field that already holds "Question: ... Answer:" (TriviaQA's released subset) is unwrapped first,

@@ -72,6 +72,17 @@ def gold_list(value: Any) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+def recorded_prompt(data_file: str) -> tuple[str, str] | None:
+    """The prompt a QA file brings: the ``qa_prompt`` (with a ``{question}`` placeholder) of the ``meta.json``
+    beside it, and that file's path; None when there is none (the quickstart's corpus records one)."""
+    meta_file = os.path.join(os.path.dirname(os.path.abspath(data_file)), "meta.json")
+    if not os.path.isfile(meta_file):
+        return None
+    with open(meta_file) as f:
+        template = json.load(f).get("qa_prompt")
+    return (template, meta_file) if isinstance(template, str) and "{question}" in template else None
+
+
 def detect_field(record: dict, candidates: Iterable[str], what: str, flag: str, source: str) -> str:
     for name in candidates:
         if name in record:

@@ -148,15 +148,6 @@ def reuse_staging(staging: Path, identity: dict, initialise: Callable[[Path], No
     return False
 
 
-def file_sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 24) -> str:
-    """SHA-256 of a file's bytes, read in chunks (datastores may be far larger than memory)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def array_sha256(array: np.ndarray, chunk_rows: int = 1 << 16) -> str:
     """SHA-256 of an array's contents, row chunk by row chunk (works on memory maps)."""
     digest = hashlib.sha256()
