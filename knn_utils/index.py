@@ -30,10 +30,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from knn_utils.sharded import GatheredQueries, ShardExchange, distributed_world, merge_neighbours, shards_of_process
 from knn_utils.torch_search import TorchExactSearch, exact_nearest
 from utils.artifacts.datastore import Datastore, datastore_summary, open_datastore
-from utils.artifacts.index import (FORMAT_VERSION, INDEX_FILE, chunk_file, default_index_path, read_index_file,
-                                   read_index_meta, write_index_atomically)
+from utils.artifacts.index import (FORMAT_VERSION, INDEX_FILE, chunk_file, default_index_path, index_parts,
+                                   read_index_file, read_index_meta, shard_file, shard_ranges, write_index_atomically)
 from utils.checksums import record_checksums
 from utils.cli import UsageError
 from utils.io import ArtifactError, atomic_directory, chunk_ranges, reuse_staging, timed, write_json
@@ -43,10 +44,12 @@ logger = logging.getLogger(__name__)
 
 INDEX_TYPES = ("auto", "ivfpq", "flat")
 MIN_POINTS_PER_CENTROID = 39  # below this FAISS warns that k-means is under-trained
-GPU_MAX_K = 2048  # GPU FAISS returns at most this many neighbours
+GPU_MAX_K = 2048  # FAISS-GPU's largest k and nprobe (GPU_MAX_SELECTION_K, faiss/gpu/utils/DeviceDefs.cuh, CUDA builds)
+FLOAT32_LOOKUP_LIMIT = 16384  # FAISS-GPU IVFPQ needs float16 lookup tables above code_size x 2^nbits = this (GpuIndexIVFPQConfig)
 RERANK_BYTES = 1 << 22  # the exact ranking on the CPU works in blocks of this size, which stay in the caches (4x faster than 64 MB)
-KNN_GPU_HELP = ("Search on the GPU: with faiss-gpu, FAISS's GPU index on GPU 0; with faiss-cpu and an exact (flat) "
-                "index, an exact torch search on the CUDA device; otherwise (an IVFPQ index, or no GPU) the CPU.")
+KNN_GPU_HELP = ("Search on the GPU: with faiss-gpu, FAISS's GPU index on this process's GPU (one process and several "
+                "GPUs: sharded over all of them); with faiss-cpu and an exact (flat) index, an exact torch search on the "
+                "CUDA device; otherwise (an IVFPQ index, or no GPU) the CPU.")
 
 
 @dataclass
@@ -70,9 +73,15 @@ class IndexSettings:
     )
     probe: int = field(default=32, metadata={"help": "Default nprobe (IVF lists visited per query) recorded for searches."})
     seed: int = field(default=1, metadata={"help": "Seed of the training sample and of FAISS's k-means."})
+    index_shards: int = field(
+        default=1,
+        metadata={"help": "Build one index per contiguous range of datastore rows (ids stay the global row numbers), to be "
+                  "searched by as many processes, each holding one shard, or by one process shard after shard; the "
+                  "neighbours are the same (docs/distributed.md). --ncentroids and --train_size apply to each shard."},
+    )
 
     def __post_init__(self):
-        for flag in ("ncentroids", "code_size", "train_size", "num_keys_to_add_at_a_time", "probe"):
+        for flag in ("ncentroids", "code_size", "train_size", "num_keys_to_add_at_a_time", "probe", "index_shards"):
             if getattr(self, flag) < 1:
                 raise UsageError(f"--{flag} must be >= 1, got {getattr(self, flag)}")
         if not 1 <= self.nbits <= 16:
@@ -82,13 +91,19 @@ class IndexSettings:
 
 
 def resolve_settings(settings: IndexSettings, rows: int, dim: int) -> tuple[IndexSettings, list[str]]:
-    """Settings that fit a datastore of ``rows`` keys of dimension ``dim``, and the adjustments made.
+    """Settings that fit a datastore of ``rows`` keys of dimension ``dim`` (of each of its shards, with
+    ``--index_shards``), and the adjustments made.
 
     Impossible settings raise a `UsageError` that names the flag; harmless ones (a training sample
     larger than the datastore, nprobe above the number of lists) are adjusted and explained.
     """
     notes: list[str] = []
     resolved = IndexSettings(**asdict(settings))
+    if resolved.index_shards > rows:
+        raise UsageError(f"--index_shards {resolved.index_shards} is more than the datastore's {rows} keys")
+    if resolved.index_shards > 1:  # every shard is built with the same settings, resolved for the smallest one
+        rows = min(end - begin for begin, end in shard_ranges(rows, resolved.index_shards))
+        notes.append(f"--index_shards {resolved.index_shards}: the settings are resolved for the smallest shard, {rows} keys")
     if resolved.index_type == "auto":
         enough = rows >= MIN_POINTS_PER_CENTROID * resolved.ncentroids
         resolved.index_type = "ivfpq" if enough else "flat"
@@ -139,22 +154,50 @@ def faiss_gpu_available() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
-def to_device(index: faiss.Index, use_gpu: bool) -> faiss.Index:
-    """``index`` on GPU 0 when asked and possible, else unchanged (with a warning if a GPU was asked for)."""
+def needs_float16_lookup_tables(index: faiss.Index) -> bool:
+    """Whether FAISS-GPU can search this IVFPQ index only with float16 lookup tables (more than
+    `FLOAT32_LOOKUP_LIMIT` = code_size x 2^nbits entries per table); float32 tables are used below that."""
+    return isinstance(index, faiss.IndexIVFPQ) and index.pq.M * index.pq.ksub > FLOAT32_LOOKUP_LIMIT
+
+
+def gpu_options(index: faiss.Index, all_gpus: bool = False):
+    """FAISS's options to clone ``index`` to one GPU (or, ``all_gpus``, sharded over all of them)."""
+    options = faiss.GpuMultipleClonerOptions() if all_gpus else faiss.GpuClonerOptions()
+    options.useFloat16 = needs_float16_lookup_tables(index)  # for an IVFPQ index: useFloat16LookupTables
+    if all_gpus:
+        options.shard = True  # each GPU holds a part of the rows (faiss.IndexShards), not a copy
+    return options
+
+
+def process_gpu() -> int:
+    """The GPU of this process: torch's current CUDA device (accelerate sets it to the local rank), else 0."""
+    return torch.cuda.current_device() if torch.cuda.is_available() else 0
+
+
+def to_device(index: faiss.Index, use_gpu: bool, gpu: int | None = None, all_gpus: bool = False) -> faiss.Index:
+    """``index`` on a GPU when asked and possible, else unchanged (with a warning if a GPU was asked for).
+
+    The GPU is ``gpu``, by default this process's (`process_gpu`). ``all_gpus`` (one process driving every
+    GPU of its machine) shards the index's rows over all the GPUs FAISS sees, through
+    ``faiss.index_cpu_to_all_gpus``: an index too large for one GPU's memory is searched by all of them.
+    """
     if not use_gpu:
         return index
     if not faiss_gpu_available():
         logger.warning("A GPU was asked for (--knn_gpu/--use_gpu) but FAISS sees none (faiss-cpu or no device): using the CPU")
         return index
-    resources = faiss.StandardGpuResources()
-    options = faiss.GpuClonerOptions()
-    options.useFloat16 = True  # IVFPQ lookup tables in float16: needed for large code sizes on GPU
+    all_gpus = all_gpus and faiss.get_num_gpus() > 1
     try:
-        gpu_index = faiss.index_cpu_to_gpu(resources, 0, index, options)
+        if all_gpus:
+            gpu_index = faiss.index_cpu_to_all_gpus(index, gpu_options(index, all_gpus=True))
+            logger.info("The index is sharded over %d GPUs", faiss.get_num_gpus())
+        else:
+            resources = faiss.StandardGpuResources()
+            gpu_index = faiss.index_cpu_to_gpu(resources, process_gpu() if gpu is None else gpu, index, gpu_options(index))
+            gpu_index.referenced_objects = [resources]
     except RuntimeError as err:
         logger.warning("FAISS could not move the index to the GPU (%s); using the CPU", str(err).splitlines()[0])
         return index
-    gpu_index.referenced_objects = [resources]
     return gpu_index
 
 
@@ -168,15 +211,18 @@ def read_keys(datastore: Datastore, begin: int, end: int) -> np.ndarray:
     return np.ascontiguousarray(datastore.keys[begin:end], dtype=np.float32)
 
 
-def training_sample(datastore: Datastore, size: int, seed: int, chunk_rows: int = 65536) -> np.ndarray:
-    """``size`` keys drawn without replacement (all keys if ``size`` is the row count), float32 (size, d)."""
-    if size >= datastore.num_rows:
-        rows = np.arange(datastore.num_rows)
+def training_sample(datastore: Datastore, size: int, seed: int, chunk_rows: int = 65536,
+                    rows: tuple[int, int] | None = None) -> np.ndarray:
+    """``size`` keys of the row range ``rows`` (default: all) drawn without replacement (all of them if ``size`` is
+    the range's length), float32 (size, d)."""
+    begin, end = rows or (0, datastore.num_rows)
+    if size >= end - begin:
+        picked = np.arange(begin, end)
     else:
-        rows = np.sort(np.random.default_rng(seed).choice(datastore.num_rows, size=size, replace=False))
-    sample = np.empty((len(rows), datastore.dim), dtype=np.float32)
-    for start in range(0, len(rows), chunk_rows):
-        sample[start : start + chunk_rows] = datastore.keys[rows[start : start + chunk_rows]]
+        picked = begin + np.sort(np.random.default_rng(seed).choice(end - begin, size=size, replace=False))
+    sample = np.empty((len(picked), datastore.dim), dtype=np.float32)
+    for start in range(0, len(picked), chunk_rows):
+        sample[start : start + chunk_rows] = datastore.keys[picked[start : start + chunk_rows]]
     return sample
 
 
@@ -187,13 +233,14 @@ def train_coarse_quantizer(index: faiss.IndexIVFPQ, sample: np.ndarray, use_gpu:
     index.quantizer.add(faiss.vector_to_array(clustering.centroids).reshape(index.nlist, index.d))  # (nlist, d)
 
 
-def train(settings: IndexSettings, datastore: Datastore, use_gpu: bool, show_progress: bool) -> faiss.Index:
-    """A trained, empty index (flat indexes need no training)."""
+def train(settings: IndexSettings, datastore: Datastore, use_gpu: bool, show_progress: bool,
+          rows: tuple[int, int] | None = None) -> faiss.Index:
+    """A trained, empty index (flat indexes need no training) for the row range ``rows`` (default: all)."""
     index = new_index(settings, datastore.dim)
     if settings.index_type == "flat":
         return index
     with timed(f"Reading {settings.train_size} training keys", logger):
-        sample = training_sample(datastore, settings.train_size, settings.seed)
+        sample = training_sample(datastore, settings.train_size, settings.seed, rows=rows)
     with tqdm(total=2, desc="Training", unit="stage", disable=not show_progress) as progress:
         with timed(f"Coarse k-means ({settings.ncentroids} centroids, {len(sample)} keys)", logger):
             train_coarse_quantizer(index, sample, use_gpu)
@@ -210,22 +257,24 @@ def encode_chunk(trained: faiss.Index, keys: np.ndarray, first_id: int, use_gpu:
     """A copy of ``trained`` holding only ``keys``, with ids ``first_id, first_id + 1, ...``."""
     index = to_device(faiss.clone_index(trained), use_gpu)
     if isinstance(trained, faiss.IndexFlat):
-        index.add(keys)  # flat ids are positions; merging the chunks in order makes them global
+        index.add(keys)  # flat ids are positions in the (shard's) index; its meta records the offset to the rows
     else:
         index.add_with_ids(keys, np.arange(first_id, first_id + len(keys), dtype=np.int64))
     return to_cpu(index)
 
 
 def add_chunks(staging: Path, trained: faiss.Index, datastore: Datastore, chunk_rows: int, use_gpu: bool,
-               show_progress: bool) -> int:
-    """Encode every chunk that is not on disk yet; return the number of chunks."""
-    ranges = chunk_ranges(datastore.num_rows, chunk_rows)
+               show_progress: bool, rows: tuple[int, int] | None = None) -> int:
+    """Encode every chunk of the row range ``rows`` (default: all) that is not on disk yet; return the number of chunks."""
+    begin_rows, end_rows = rows or (0, datastore.num_rows)
+    ranges = [(begin_rows + b, begin_rows + e) for b, e in chunk_ranges(end_rows - begin_rows, chunk_rows)]
     (staging / "chunks").mkdir(exist_ok=True)
     todo = [c for c in range(len(ranges)) if not chunk_file(staging, c).exists()]
     if len(todo) < len(ranges):
         logger.info("Resuming: %d of %d chunks already added", len(ranges) - len(todo), len(ranges))
-    with timed(f"Adding {datastore.num_rows} keys in {len(ranges)} chunks", logger), \
-            tqdm(total=datastore.num_rows, initial=datastore.num_rows - sum(ranges[c][1] - ranges[c][0] for c in todo),
+    total = end_rows - begin_rows
+    with timed(f"Adding {total} keys in {len(ranges)} chunks", logger), \
+            tqdm(total=total, initial=total - sum(ranges[c][1] - ranges[c][0] for c in todo),
                  desc="Adding keys", unit="key", unit_scale=True, disable=not show_progress) as progress:
         for c in todo:
             begin, end = ranges[c]
@@ -258,9 +307,35 @@ def build_index(dstore_path: str, index_path: str | None = None, settings: Index
         return build_locked(datastore, index_path, settings, use_gpu, show_progress)
 
 
+def build_part(work: Path, settings: IndexSettings, datastore: Datastore, rows: tuple[int, int], use_gpu: bool,
+               show_progress: bool) -> tuple[faiss.Index, dict]:
+    """The index of the rows ``rows`` (the whole datastore, or one shard), built resumably in ``work``: its trained
+    index, then its chunks; returns it with the seconds spent training and adding."""
+    work.mkdir(exist_ok=True)
+    trained_file = work / "trained.faiss"
+    with timed("Training", logger) as train_time:
+        if trained_file.exists():
+            trained = faiss.read_index(str(trained_file))
+            logger.info("Reusing the trained index %s", trained_file)
+        else:
+            trained = train(settings, datastore, use_gpu, show_progress, rows)
+            write_index_atomically(trained, trained_file)
+    with timed("Adding", logger) as add_time:
+        num_chunks = add_chunks(work, trained, datastore, settings.num_keys_to_add_at_a_time, use_gpu, show_progress, rows)
+        index = merge_chunks(work, trained, num_chunks)
+    if index.ntotal != rows[1] - rows[0]:
+        raise ArtifactError(f"{work}: the merged index holds {index.ntotal} keys, expected {rows[1] - rows[0]}")
+    return index, {"train": train_time["seconds"], "add": add_time["seconds"]}
+
+
 def build_locked(datastore: Datastore, index_path: Path, settings: IndexSettings | None, use_gpu: bool,
                  show_progress: bool) -> dict:
-    """`build_index` once its lock is held."""
+    """`build_index` once its lock is held.
+
+    Unsharded, the index is built in the staging directory itself (the layout of utils/artifacts/index.py);
+    with ``--index_shards N``, shard ``s`` is built in ``shard_00s.partial/`` and written to ``shard_00s.faiss``
+    when complete, so a rerun skips the finished shards and resumes the unfinished one after its last chunk.
+    """
     if index_path.exists():
         raise ArtifactError(f"--index_path {index_path} already exists; delete it or choose another path")
     resolved, notes = resolve_settings(settings or IndexSettings(), datastore.num_rows, datastore.dim)
@@ -270,36 +345,43 @@ def build_locked(datastore: Datastore, index_path: Path, settings: IndexSettings
                 resolved.index_type, datastore.path, datastore.num_rows, datastore.dim, resolved,
                 faiss.__version__, faiss.omp_get_max_threads())
     identity = {"datastore": datastore_summary(datastore), "settings": asdict(resolved)}
+    sharded = resolved.index_shards > 1
+    ranges = shard_ranges(datastore.num_rows, resolved.index_shards)
+    seconds = {"train": 0.0, "add": 0.0}
     with atomic_directory(index_path, resume=True) as staging:
         if reuse_staging(staging, identity):
             logger.info("Resuming the interrupted build in %s", staging)
-        trained_file = staging / "trained.faiss"
-        with timed("Training", logger) as train_time:
-            if trained_file.exists():
-                trained = faiss.read_index(str(trained_file))
-                logger.info("Reusing the trained index %s", trained_file)
+        files = [shard_file(s) if sharded else INDEX_FILE for s in range(len(ranges))]
+        for s, (begin, end) in enumerate(ranges):
+            if (staging / files[s]).exists():
+                logger.info("Shard %d (rows %d-%d) is built already", s, begin, end)
+                continue
+            if sharded:
+                logger.info("Shard %d of %d: rows %d-%d", s, len(ranges), begin, end)
+            work = staging / (files[s].removesuffix(".faiss") + ".partial") if sharded else staging
+            index, part_seconds = build_part(work, resolved, datastore, (begin, end), use_gpu, show_progress)
+            with timed(f"Writing {index_path / files[s]}", logger):
+                write_index_atomically(index, staging / files[s])
+            seconds = {name: seconds[name] + part_seconds[name] for name in seconds}
+            if sharded:
+                shutil.rmtree(work)
             else:
-                trained = train(resolved, datastore, use_gpu, show_progress)
-                write_index_atomically(trained, trained_file)
-        with timed("Adding", logger) as add_time:
-            num_chunks = add_chunks(staging, trained, datastore, resolved.num_keys_to_add_at_a_time, use_gpu, show_progress)
-            index = merge_chunks(staging, trained, num_chunks)
-        if index.ntotal != datastore.num_rows:
-            raise ArtifactError(f"{staging}: the merged index holds {index.ntotal} keys, expected {datastore.num_rows}")
-        with timed(f"Writing {index_path / INDEX_FILE}", logger):
-            faiss.write_index(index, str(staging / INDEX_FILE))
+                shutil.rmtree(staging / "chunks")
+                (staging / "trained.faiss").unlink()
         meta = {
-            "kind": "index", "format_version": FORMAT_VERSION, "metric": "l2", "rows": int(index.ntotal),
+            "kind": "index", "format_version": FORMAT_VERSION, "metric": "l2", "rows": datastore.num_rows,
             "dim": datastore.dim, **identity, "index_type": resolved.index_type, "probe": resolved.probe,
             "adjustments": notes, "faiss_version": faiss.__version__,
             "built_on": "gpu" if use_gpu and faiss_gpu_available() else "cpu",
-            "seconds": {"train": round(train_time["seconds"], 3), "add": round(add_time["seconds"], 3)},
-            "index_bytes": (staging / INDEX_FILE).stat().st_size,
-            "checksums": record_checksums(staging, [INDEX_FILE]),
+            "seconds": {name: round(value, 3) for name, value in seconds.items()},
+            "index_bytes": sum((staging / name).stat().st_size for name in files),
+            "checksums": record_checksums(staging, files),
         }
-        shutil.rmtree(staging / "chunks")
-        for name in ("trained.faiss", "progress.json"):
-            (staging / name).unlink()
+        if sharded:  # flat shards number their rows from 0, IVFPQ shards hold the global row ids
+            meta["shards"] = [{"file": name, "begin": begin, "end": end,
+                               "id_offset": begin if resolved.index_type == "flat" else 0}
+                              for name, (begin, end) in zip(files, ranges)]
+        (staging / "progress.json").unlink()
         write_json(staging / "meta.json", meta)
     logger.info("Index written to %s (%.1f MB)", index_path, meta["index_bytes"] / 1e6)
     return meta
@@ -350,22 +432,57 @@ def nearest_exact(keys: torch.Tensor, queries: np.ndarray, ids: np.ndarray, k: i
 
 
 @dataclass
-class KnnIndex:
-    """An opened index, its meta, and the datastore keys it indexes (for the exact ranking)."""
+class Shard:
+    """One searchable part of an index: a FAISS index (or `TorchExactSearch`) over the datastore rows
+    ``[begin, end)``, whose result id ``i`` is the row ``i + id_offset``."""
 
-    index: faiss.Index | TorchExactSearch
+    searcher: faiss.Index | TorchExactSearch
+    begin: int
+    end: int
+    id_offset: int = 0
+
+    def search(self, keys: torch.Tensor, queries: np.ndarray, k: int, exclude_rows: np.ndarray | None,
+               exact: bool) -> Neighbours:
+        """The ``k`` nearest rows of this shard to each query (global row ids): see `KnnIndex.search`."""
+        rerank = exact and not isinstance(self.searcher, TorchExactSearch)
+        wanted = candidate_count(k) if rerank else k
+        asked = min(wanted + (exclude_rows is not None), self.end - self.begin)
+        dists, ids = self.searcher.search(queries, asked)  # (n, asked) each
+        if self.id_offset:
+            ids = np.where(ids >= 0, ids + self.id_offset, -1)
+        if asked < wanted:  # a datastore (shard) smaller than k: pad with "no neighbour"
+            pad = ((0, 0), (0, wanted - asked))
+            dists, ids = np.pad(dists, pad, constant_values=np.inf), np.pad(ids, pad, constant_values=-1)
+        candidates = select_neighbours(dists, ids, wanted, exclude_rows)
+        return nearest_exact(keys, queries, candidates.ids, k) if rerank else candidates
+
+
+@dataclass
+class KnnIndex:
+    """An opened index, its meta, and the datastore keys it indexes (for the exact ranking).
+
+    ``shards`` are the parts this process searches: the whole index, or, for an index built with
+    ``--index_shards``, the shards this process holds (all of them in a single process). ``collective``: the
+    shards are spread over the processes of a ``torch.distributed`` group, so every search is a collective
+    step that every process must take (knn_utils/sharded.py), and a process out of queries calls `finish`.
+    """
+
+    shards: list[Shard]
     meta: dict
     path: Path
     keys: torch.Tensor  # (N, d) in the stored dtype: a view of the memory-mapped datastore, nothing is loaded
+    nprobe: int | None = None  # IVF lists visited per query; None for an exact index
+    collective: bool = False
+    exchange: ShardExchange | None = field(default=None, repr=False)
 
     @property
     def rows(self) -> int:
         return int(self.meta["rows"])
 
     @property
-    def nprobe(self) -> int | None:
-        """IVF lists visited per query; None for an exact index."""
-        return int(self.index.nprobe) if hasattr(self.index, "nprobe") else None
+    def index(self) -> faiss.Index | TorchExactSearch:
+        """The searcher of the (first) shard this process holds."""
+        return self.shards[0].searcher
 
     def search(self, queries: np.ndarray, k: int, exclude_rows: np.ndarray | None = None, exact: bool = True) -> Neighbours:
         """The ``k`` nearest rows of each query (n, d), leaving out ``exclude_rows`` (see `select_neighbours`).
@@ -380,17 +497,40 @@ class KnnIndex:
         `TorchExactSearch` ranks this way already and is not re-ranked.
         ``exact=False``: the index's own ``k`` nearest and its distances (PQ approximations for IVFPQ), whose
         rounding and near-ties change with the number of queries per call; no keys are read.
+
+        A sharded index does this in every shard and merges the shards' lists by distance, equal distances to
+        the lower row (`knn_utils.sharded.merge_neighbours`), across processes when ``collective``.
         """
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        rerank = exact and not isinstance(self.index, TorchExactSearch)
-        wanted = candidate_count(k) if rerank else k
-        asked = min(wanted + (exclude_rows is not None), self.rows)
-        dists, ids = self.index.search(queries, asked)  # (n, asked) each
-        if asked < wanted:  # a datastore smaller than k: pad with "no neighbour"
-            pad = ((0, 0), (0, wanted - asked))
-            dists, ids = np.pad(dists, pad, constant_values=np.inf), np.pad(ids, pad, constant_values=-1)
-        candidates = select_neighbours(dists, ids, wanted, exclude_rows)
-        return nearest_exact(self.keys, queries, candidates.ids, k) if rerank else candidates
+        if not self.collective:
+            return self.search_local(queries, k, exclude_rows, exact)
+        step = self.exchange.gather_queries(queries, exclude_rows, k, exact)
+        return self.answer(step, k)
+
+    def search_local(self, queries: np.ndarray, k: int, exclude_rows: np.ndarray | None, exact: bool) -> Neighbours:
+        """`search` over the shards this process holds, one after another, merged."""
+        found = [shard.search(self.keys, queries, k, exclude_rows, exact) for shard in self.shards]
+        if len(found) == 1:
+            return found[0]
+        if not found:  # a process of a group with more processes than shards
+            return Neighbours(ids=np.full((len(queries), k), -1, dtype=np.int64),
+                              dists=np.full((len(queries), k), np.inf, dtype=np.float32))
+        dists, ids = merge_neighbours([f.dists for f in found], [f.ids for f in found], k)
+        return Neighbours(ids=ids, dists=dists)
+
+    def answer(self, step: GatheredQueries, k: int) -> Neighbours:
+        """Search this process's shards for every process's queries of ``step``, and merge everyone's lists of ours."""
+        found = self.search_local(step.queries, step.k, step.exclude_rows, step.exact)  # (N, step.k)
+        dists, ids = self.exchange.merge_results(found.dists, found.ids, step.mine, k)
+        return Neighbours(ids=ids, dists=dists)
+
+    def finish(self) -> None:
+        """A collective index: answer the other processes' searches until every process has called this."""
+        if not self.collective:
+            return
+        empty = np.zeros((0, self.meta["dim"]), dtype=np.float32)
+        while not (step := self.exchange.gather_queries(empty, None, 0, False, done=True)).all_done:
+            self.answer(step, 0)
 
 
 def key_tensor(datastore: Datastore) -> torch.Tensor:
@@ -415,37 +555,75 @@ def load_index(index_path: str | os.PathLike, datastore: Datastore, probe: int |
     An exact index asked for on a GPU (``use_gpu``) that FAISS cannot use is searched by `TorchExactSearch`
     on CUDA over the datastore's keys; ``torch_device`` ("cpu", "cuda:1" ...) forces that backend (the index
     file is not read then). With ``verify``, the index file is checked against its block checksums first.
+
+    A sharded index (``--index_shards``) under a ``torch.distributed`` group of several processes: this process
+    opens only its shards (`knn_utils.sharded.shards_of_process`) and searches collectively; in one process,
+    all the shards. With faiss-gpu and one process, the index is spread over all the GPUs FAISS sees (an
+    unsharded one through FAISS's own sharding, shard ``s`` of a sharded one on GPU ``s`` mod their number).
     """
     index_path = Path(index_path)
     meta = read_index_meta(index_path, datastore)
     if meta["index_type"] == "flat" and probe is not None:
         logger.info("--probe %d does not apply: %s is an exact (flat) index", probe, index_path)
+    rank, world_size = distributed_world()
+    parts = index_parts(meta)
+    sharded = len(parts) > 1
+    held = [parts[s] for s in shards_of_process(len(parts), rank, world_size)] if sharded else parts
+    if sharded:
+        logger.info("%s has %d shards; process %d of %d searches %s", index_path, len(parts), rank, world_size,
+                    ", ".join(part["file"] for part in held) or "none (more processes than shards)")
     device = torch_device or torch_search_device(meta["index_type"], use_gpu)
+    common = {"meta": meta, "path": index_path, "collective": sharded and world_size > 1}
+    if common["collective"]:
+        common["exchange"] = ShardExchange()
     if device is not None:
         if meta["index_type"] != "flat":
             raise ValueError(f"torch_device {device!r}: the torch search is exact, but {index_path} is an "
                              f"{meta['index_type']} index")
         logger.info("Exact search of %s runs in torch on %s, over the datastore's keys%s", index_path, device,
                     "" if torch_device else " (FAISS has no GPU here: faiss-cpu)")
-        with timed(f"Loading {datastore.num_rows} keys onto {device}", logger):
-            index = TorchExactSearch(datastore.keys, device)
-        return KnnIndex(index=index, meta=meta, path=index_path, keys=index.keys)
-    index = read_index_file(index_path, meta, mmap=not use_gpu, verify=verify)
-    if meta["index_type"] == "ivfpq":
-        if probe is not None and not 1 <= probe <= index.nlist:
-            raise UsageError(f"--probe must be between 1 and the index's {index.nlist} lists, got {probe}")
-        index.nprobe = probe or meta["probe"]
-    index = to_device(index, use_gpu)
-    return KnnIndex(index=index, meta=meta, path=index_path, keys=key_tensor(datastore))
+        with timed(f"Loading {sum(p['end'] - p['begin'] for p in held)} keys onto {device}", logger):
+            shards = [Shard(TorchExactSearch(datastore.keys[p["begin"] : p["end"]], device), p["begin"], p["end"], p["begin"])
+                      for p in held]
+        keys = shards[0].searcher.keys if not sharded else key_tensor(datastore)
+        return KnnIndex(shards=shards, keys=keys, **common)
+    nprobe, num_gpus = None, faiss.get_num_gpus() if use_gpu and faiss_gpu_available() else 0
+    shards = []
+    for position, part in enumerate(held):
+        index = read_index_file(index_path, meta, mmap=not use_gpu, verify=verify, part=part)
+        if meta["index_type"] == "ivfpq":
+            if probe is not None and not 1 <= probe <= index.nlist:
+                raise UsageError(f"--probe must be between 1 and the index's {index.nlist} lists, got {probe}")
+            index.nprobe = nprobe = probe or meta["probe"]
+            check_gpu_probe(nprobe, use_gpu)
+        if num_gpus > 1 and world_size == 1:  # one process drives every GPU
+            index = to_device(index, use_gpu, all_gpus=True) if not sharded else to_device(index, use_gpu, position % num_gpus)
+        else:
+            index = to_device(index, use_gpu)
+        shards.append(Shard(index, part["begin"], part["end"], part["id_offset"]))
+    return KnnIndex(shards=shards, keys=key_tensor(datastore), nprobe=nprobe, **common)
 
 
 def check_gpu_k(k: int, use_gpu: bool, exact: bool = True) -> None:
-    """GPU FAISS returns at most `GPU_MAX_K` rows per query: the ``k`` neighbours (with the margin of an exact
+    """FAISS-GPU returns at most `GPU_MAX_K` rows per query: the ``k`` neighbours (with the margin of an exact
     ranking, `candidate_count`) and the query's own row."""
     asked = candidate_count(k) if exact else k
     if use_gpu and faiss_gpu_available() and asked + 1 > GPU_MAX_K:
-        raise UsageError(f"--k {k}: GPU FAISS returns at most {GPU_MAX_K} rows per query, and --k {k} asks for {asked + 1} "
-                         f"({k} neighbours, a margin of {asked - k} for the exact ranking, the query's own row)")
+        raise UsageError(f"--k {k}: FAISS-GPU returns at most {GPU_MAX_K} rows per query, and --k {k} asks for {asked + 1} "
+                         f"({k} neighbours, a margin of {asked - k} for the exact ranking, the query's own row); "
+                         f"use --k {max_gpu_k(exact)} or less, or search on the CPU")
+
+
+def max_gpu_k(exact: bool = True) -> int:
+    """The largest ``--k`` `check_gpu_k` lets through."""
+    return max(k for k in range(1, GPU_MAX_K) if (candidate_count(k) if exact else k) + 1 <= GPU_MAX_K)
+
+
+def check_gpu_probe(probe: int, use_gpu: bool) -> None:
+    """FAISS-GPU visits at most `GPU_MAX_K` IVF lists per query."""
+    if use_gpu and faiss_gpu_available() and probe > GPU_MAX_K:
+        raise UsageError(f"--probe {probe}: FAISS-GPU visits at most {GPU_MAX_K} lists per query; use --probe "
+                         f"{GPU_MAX_K} or less, or search on the CPU")
 
 
 def configure_threads(num_processes: int) -> int:

@@ -16,7 +16,9 @@ The result is stored sparsely (CSR): utils/artifacts/knn_targets.py holds the la
 The rows are cut into chunks of ``chunk_rows``, each searched in fixed batches of ``batch_size``
 queries; under ``accelerate launch`` each process takes a contiguous range of chunks and writes each
 chunk atomically into ``<output>.partial/chunks/``, so any number of processes gives the same bytes
-and a killed run resumes after its last finished chunk. The main process then merges the chunks in
+and a killed run resumes after its last finished chunk. With an index sharded over the processes
+(``build_index --index_shards``), each search is a collective step in which every process searches its
+shard for all processes' queries (knn_utils/sharded.py); the chunks are split and written as above. The main process then merges the chunks in
 row order and renames the directory.
 """
 
@@ -195,6 +197,7 @@ def run_chunks(job: SearchJob, staging: Path, state, max_new_chunks: int | None)
             begin, end = ranges[c]
             write_chunk(staging, c, search_rows(job, begin, end))
             progress.update(end - begin)
+    job.index.finish()  # a sharded index searched by several processes: answer theirs until all are done
 
 
 def check_queries(queries: Datastore, datastore: Datastore) -> None:

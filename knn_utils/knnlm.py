@@ -193,6 +193,7 @@ def evaluate_knnlm(model_args: PretrainedModelArguments, data_args: DataArgument
         for totals, nll in zip(knn_totals, knnlm_nll(batch, index, datastore.vals, args, exclude_self)):
             totals.update(window_sums(nll, batch, windows))
         knn_seconds += time.perf_counter() - knn_start
+    index.finish()  # a sharded index searched by several processes: answer theirs until all are done
     seconds = time.perf_counter() - start
     num_rows = int(windows[-1, ROW_END] - windows[0, ROW_BEGIN])
     base_loss = check_finite_loss(float(gather_window_totals(base_totals, len(windows), state).sum() / num_rows),

@@ -8,8 +8,17 @@ Layout of an index directory (by default ``<dstore_dir>/index``)::
                   (path, rows, dim, keys/vals checksums), the adjustments made to the settings, timings,
                   the block checksums of index.faiss (utils/checksums.py: checked when it is read)
 
+A sharded index (``build_index --index_shards N``) holds, instead of ``index.faiss``, one index per contiguous
+range of datastore rows::
+
+    shard_000.faiss ...   shard s indexes rows [begin_s, end_s) (the ranges of `shard_ranges`)
+    meta.json             as above, plus "shards": [{"file", "begin", "end", "id_offset"}, ...]; a search result
+                          id i of a shard is the datastore row i + id_offset (flat shards number their rows from 0,
+                          IVFPQ shards store the global row ids: offset 0); block checksums of every shard file
+
 While it is built (knn_utils/index.py), ``<index>.partial`` holds ``trained.faiss`` and one small index per
-chunk of keys, ``chunks/chunk_000012.faiss``; each file is written under a temporary name and renamed.
+chunk of keys, ``chunks/chunk_000012.faiss`` (sharded: the same inside ``shard_000.partial/`` until
+``shard_000.faiss`` is written); each file is written under a temporary name and renamed.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import os
 from pathlib import Path
 
 import faiss
+import numpy as np
 
 from utils.artifacts.datastore import Datastore
 from utils.checksums import verify_files
@@ -31,6 +41,23 @@ DEFAULT_INDEX_NAME = "index"
 def default_index_path(dstore_path: str | os.PathLike) -> Path:
     """Where build_index puts the index of a datastore when --index_path is not given."""
     return Path(dstore_path) / DEFAULT_INDEX_NAME
+
+
+def shard_ranges(rows: int, num_shards: int) -> list[tuple[int, int]]:
+    """The contiguous row ranges ``[begin, end)`` of ``num_shards`` shards of a datastore of ``rows`` rows, sizes
+    within one of each other."""
+    bounds = np.linspace(0, rows, num_shards + 1).round().astype(int)
+    return [(int(bounds[s]), int(bounds[s + 1])) for s in range(num_shards)]
+
+
+def shard_file(shard: int) -> str:
+    return f"shard_{shard:03d}.faiss"
+
+
+def index_parts(meta: dict) -> list[dict]:
+    """The index files of an index and the rows each holds: ``{"file", "begin", "end", "id_offset"}``, one for an
+    unsharded index."""
+    return meta.get("shards") or [{"file": INDEX_FILE, "begin": 0, "end": meta["rows"], "id_offset": 0}]
 
 
 def chunk_file(staging: Path, chunk: int) -> Path:
@@ -65,19 +92,23 @@ def read_index_meta(index_path: Path, datastore: Datastore) -> dict:
     return meta
 
 
-def read_index_file(index_path: Path, meta: dict, mmap: bool = True, verify: bool = True) -> faiss.Index:
-    """The FAISS index of ``index_path``, read-only; memory-mapped (shared between processes) when ``mmap``;
-    with ``verify``, checked against its block checksums first."""
+def read_index_file(index_path: Path, meta: dict, mmap: bool = True, verify: bool = True,
+                    part: dict | None = None) -> faiss.Index:
+    """The FAISS index of ``index_path`` (of a sharded index: the shard ``part``, one of `index_parts`), read-only;
+    memory-mapped (shared between processes) when ``mmap``; with ``verify``, checked against its block checksums
+    first."""
+    part = part or index_parts(meta)[0]
+    path, rows = index_path / part["file"], part["end"] - part["begin"]
     if verify:
-        verify_files(index_path, meta, [INDEX_FILE])
+        verify_files(index_path, meta, [part["file"]])
     flags = faiss.IO_FLAG_MMAP_IFC if meta["index_type"] == "flat" else faiss.IO_FLAG_MMAP
     try:
-        index = faiss.read_index(str(index_path / INDEX_FILE), faiss.IO_FLAG_READ_ONLY | (flags if mmap else 0))
+        index = faiss.read_index(str(path), faiss.IO_FLAG_READ_ONLY | (flags if mmap else 0))
     except RuntimeError as err:  # FAISS reports a missing, truncated or corrupt file as a RuntimeError
-        raise ArtifactError(f"{index_path / INDEX_FILE} is missing, truncated or corrupt (expected a {meta['index_type']} "
-                            f"index of {meta['rows']} keys): {str(err).splitlines()[0]}. Rebuild it with "
+        raise ArtifactError(f"{path} is missing, truncated or corrupt (expected a {meta['index_type']} "
+                            f"index of {rows} keys): {str(err).splitlines()[0]}. Rebuild it with "
                             "knn_utils.build_index") from None
-    if index.ntotal != meta["rows"] or index.d != meta["dim"]:
-        raise ArtifactError(f"{index_path / INDEX_FILE} holds {index.ntotal} keys of dimension {index.d}, "
-                            f"meta.json says {meta['rows']} of dimension {meta['dim']}")
+    if index.ntotal != rows or index.d != meta["dim"]:
+        raise ArtifactError(f"{path} holds {index.ntotal} keys of dimension {index.d}, "
+                            f"meta.json says {rows} of dimension {meta['dim']}")
     return index
