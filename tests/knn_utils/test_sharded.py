@@ -7,6 +7,7 @@ import json
 import socket
 import subprocess
 import sys
+import time
 
 import faiss
 import numpy as np
@@ -176,55 +177,53 @@ def two_node_torchrun(module: str, args: list[str], port: int) -> list[str]:
 
 
 def run_nodes(commands: list[list[str]]) -> None:
+    """Run the launches at once; all must succeed within `LAUNCH_TIMEOUT` seconds together (then every one is killed)."""
     nodes = [subprocess.Popen(command, cwd=REPO, env=cpu_launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True) for command in commands]
+    deadline = time.monotonic() + LAUNCH_TIMEOUT
     try:
-        outputs = [node.communicate(timeout=LAUNCH_TIMEOUT)[0] for node in nodes]
+        outputs = [node.communicate(timeout=max(1.0, deadline - time.monotonic()))[0] for node in nodes]
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the launches did not finish within {LAUNCH_TIMEOUT} s (a hung rendezvous or collective)")
     finally:
         for node in nodes:
             if node.poll() is None:
                 node.kill()
+                node.wait()
     for node, output in zip(nodes, outputs):
         assert node.returncode == 0, output[-4000:]
 
 
-def test_two_processes_over_gloo_give_the_targets_and_perplexity_of_one_index(tie_dstore, tiny_lm, tmp_path):
-    compute_knn_targets(str(tie_dstore), str(tmp_path / "one"), settings=target_settings())
-    accelerate_launch("knn_utils.saveKNNMulti", [
-        "--dstore_path", str(tie_dstore), "--index_path", str(tie_dstore / "sharded"), "--output_path", str(tmp_path / "two"),
-        "--k", "6", "--knn_temp", str(20 * 2.0**-20), "--batch_size", "30", "--chunk_rows", "90"])
-    assert same_bytes(tmp_path / "one", tmp_path / "two")
-    assert json.loads((tmp_path / "two" / "meta.json").read_text())["num_processes"] == 2
-
+def test_two_processes_over_gloo_give_the_perplexity_of_one_index(tiny_lm, tmp_path):
     dstore = tiny_lm["dstore"]
     build_index(str(dstore), str(tmp_path / "flat"), IndexSettings(index_type="flat"), show_progress=False)
     build_index(str(dstore), str(tmp_path / "flat2"), IndexSettings(index_type="flat", index_shards=2), show_progress=False)
     flags = ["--model_name_or_path", str(tiny_lm["model"]), "--dataset_name", str(tiny_lm["data"]), "--eval_subset", "train",
              "--dstore_dir", str(dstore), "--k", "8", "--lmbda", "0.25", "--knn_temp", "1",
-             "--per_device_eval_batch_size", "3"]
-    one = knnlm.main([*flags, "--index_path", str(tmp_path / "flat"), "--output_dir", str(tmp_path / "ppl_one")])
-    one_sharded = knnlm.main([*flags, "--index_path", str(tmp_path / "flat2"), "--output_dir", str(tmp_path / "ppl_1s")])
-    accelerate_launch("knn_utils.knnlm", [*flags, "--index_path", str(tmp_path / "flat2"), "--output_dir", str(tmp_path / "ppl_two")])
-    two = json.loads((tmp_path / "ppl_two" / "knnlm_results.json").read_text())
+             "--per_device_eval_batch_size", "3"]  # an uneven split: one process has a batch more to search
+    one = knnlm.main([*flags, "--index_path", str(tmp_path / "flat"), "--output_dir", str(tmp_path / "one")])
+    one_sharded = knnlm.main([*flags, "--index_path", str(tmp_path / "flat2"), "--output_dir", str(tmp_path / "one_sharded")])
+    accelerate_launch("knn_utils.knnlm", [*flags, "--index_path", str(tmp_path / "flat2"), "--output_dir", str(tmp_path / "two")])
+    two = json.loads((tmp_path / "two" / "knnlm_results.json").read_text())
     assert one["exclude_self"] and two["num_processes"] == 2 and one["perplexity"] != one["base_perplexity"]
     assert one_sharded["perplexity"] == one["perplexity"]
     assert two["perplexity"] == pytest.approx(one["perplexity"], rel=1e-12)  # as for an unsharded index (test_knnlm)
 
 
-def test_two_nodes_write_the_datastore_and_targets_of_one_process(tiny_lm, tmp_path):
-    data, model = tiny_lm["data"], tiny_lm["model"]
+def test_two_nodes_write_the_datastore_and_targets_of_one_process(tiny_lm, tie_dstore, tmp_path):
+    """The datastore (train_base) and the kNN targets searched over a sharded index (saveKNNMulti), each process
+    holding one of the shards, by two torchrun "nodes" over gloo: the bytes of one process with one index."""
     run_nodes(two_node_torchrun("train_base", [
-        "--model_name_or_path", str(model), "--dataset_name", str(data), "--do_eval", "--eval_subset", "train",
-        "--save_knnlm_dstore", "--dstore_dir", str(tmp_path / "dstore"), "--output_dir", str(tmp_path / "base_eval"),
-        "--per_device_eval_batch_size", "4", "--report_to", "none"], free_port()))
+        "--model_name_or_path", str(tiny_lm["model"]), "--dataset_name", str(tiny_lm["data"]), "--do_eval",
+        "--eval_subset", "train", "--save_knnlm_dstore", "--dstore_dir", str(tmp_path / "dstore"),
+        "--output_dir", str(tmp_path / "base_eval"), "--per_device_eval_batch_size", "4", "--report_to", "none"], free_port()))
     assert same_bytes(tmp_path / "dstore", tiny_lm["dstore"], ("keys.npy", "vals.npy"))
 
-    dstore = str(tiny_lm["dstore"])
-    build_index(dstore, str(tmp_path / "flat"), IndexSettings(index_type="flat"), show_progress=False)
-    build_index(dstore, str(tmp_path / "flat2"), IndexSettings(index_type="flat", index_shards=2), show_progress=False)
-    settings = {"k": 8, "knn_temp": 1.0, "batch_size": 64, "chunk_rows": 256}
-    compute_knn_targets(dstore, str(tmp_path / "one"), str(tmp_path / "flat"), settings=TargetSettings(**settings))
+    build_index(str(tie_dstore), str(tmp_path / "two_shards"), IndexSettings(index_type="flat", index_shards=2),
+                show_progress=False)
+    compute_knn_targets(str(tie_dstore), str(tmp_path / "one"), settings=target_settings())
     run_nodes(two_node_torchrun("knn_utils.saveKNNMulti", [
-        "--dstore_path", dstore, "--index_path", str(tmp_path / "flat2"), "--output_path", str(tmp_path / "two"),
-        *[arg for name, value in settings.items() for arg in (f"--{name}", str(value))]], free_port()))
+        "--dstore_path", str(tie_dstore), "--index_path", str(tmp_path / "two_shards"), "--output_path", str(tmp_path / "two"),
+        "--k", "6", "--knn_temp", str(20 * 2.0**-20), "--batch_size", "30", "--chunk_rows", "90"], free_port()))
     assert same_bytes(tmp_path / "one", tmp_path / "two")
+    assert json.loads((tmp_path / "two" / "meta.json").read_text())["num_processes"] == 2
