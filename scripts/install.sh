@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Install the project's dependencies with pip (CPU, faiss-cpu) into ./.venv, unless a virtual or conda
-# environment is already active. For GPUs and faiss-gpu, use environment.yml with conda instead.
+# Install the project's dependencies with pip into ./.venv, unless a virtual or conda environment is already
+# active: FAISS on the CPU (faiss-cpu), or, with GPU=1, FAISS on CUDA 12 GPUs (faiss-gpu-cu12) instead.
+# Conda users can use environment.yml (faiss-gpu from conda-forge) instead.
+#   GPU=1        install faiss-gpu-cu12 (FAISS_GPU_SPEC, default faiss-gpu-cu12==1.14.1.post1: CUDA 12, numpy 2,
+#                Python 3.10-3.13) in place of faiss-cpu; torch should then be a CUDA build (TORCH_SPEC)
 #   TORCH_SPEC   which torch to install when none is present (default: torch==2.13.0)
 #   PINNED=0     install the loose ranges of requirements.txt only, not the exact versions of requirements-lock.txt
 #                (the versions the README's quickstart numbers come from)
@@ -18,7 +21,7 @@ fi
 
 # Skip pip when this environment was already installed from the same requirement files and settings.
 stamp="$(python -c 'import sys; print(sys.prefix)')/.mlp-memory-install"
-wanted="$(cat requirements.txt requirements-lock.txt | sha256sum | cut -d' ' -f1) PINNED=${PINNED:-1} ${TORCH_SPEC:-}"
+wanted="$(cat requirements.txt requirements-lock.txt | sha256sum | cut -d' ' -f1) PINNED=${PINNED:-1} GPU=${GPU:-0} ${TORCH_SPEC:-}"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$wanted" ] \
         && python -c "import importlib.util as u, sys; sys.exit(not all(map(u.find_spec, ('torch', 'transformers', 'faiss'))))"; then
     exit 0
@@ -28,10 +31,21 @@ if ! python -c "import torch" 2>/dev/null; then
     echo "[install] installing ${TORCH_SPEC:-torch==2.13.0}"
     pip install --quiet "${TORCH_SPEC:-torch==2.13.0}"
 fi
-if [ "${PINNED:-1}" = 0 ]; then
-    pip install --quiet -r requirements.txt
-else
-    pip install --quiet -r requirements.txt -c requirements-lock.txt
+requirements=requirements.txt
+if [ "${GPU:-0}" = 1 ]; then  # the same requirements, with FAISS for CUDA 12 GPUs in place of faiss-cpu
+    requirements="$(mktemp)"
+    trap 'rm -f "$requirements"' EXIT
+    grep -v '^faiss-cpu' requirements.txt > "$requirements"
+    echo "${FAISS_GPU_SPEC:-faiss-gpu-cu12==1.14.1.post1}" >> "$requirements"
+    if pip show faiss-cpu >/dev/null 2>&1; then
+        echo "[install] removing faiss-cpu (both install the module faiss)"
+        pip uninstall --quiet --yes faiss-cpu
+    fi
 fi
-python -c "import torch, transformers, faiss, accelerate; print(f'[install] torch {torch.__version__}, transformers {transformers.__version__}, faiss {faiss.__version__}, accelerate {accelerate.__version__}')"
+if [ "${PINNED:-1}" = 0 ]; then
+    pip install --quiet -r "$requirements"
+else
+    pip install --quiet -r "$requirements" -c requirements-lock.txt
+fi
+python -c "import torch, transformers, faiss, accelerate; print(f'[install] torch {torch.__version__}, transformers {transformers.__version__}, faiss {faiss.__version__} ({faiss.get_num_gpus()} GPUs seen), accelerate {accelerate.__version__}')"
 echo "$wanted" > "$stamp"

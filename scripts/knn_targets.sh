@@ -4,7 +4,8 @@
 #   INDEX       index directory (default: $DSTORE/index)
 #   VAL         optional second datastore whose keys are the queries instead (no self-exclusion)
 #   NPROC       processes (default 1). On a machine without CUDA, N CPU processes are started with
-#               `accelerate launch --multi_gpu` (torchrun); `--cpu` would start only one.
+#               `accelerate launch --multi_gpu` (torchrun); `--cpu` would start only one. With an index
+#               built with SHARDS=N (scripts/build_index.sh), NPROC=N gives each process one shard.
 #   K (1024)  KNN_TEMP (16)  PROBE (the index's own)  BATCH_SIZE (16000)
 # Extra arguments go to knn_utils.saveKNNMulti (e.g. --knn_gpu, --max_targets 256). Rerun to resume.
 set -euo pipefail
