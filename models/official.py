@@ -423,6 +423,8 @@ class ConvertArguments:
         "help": "Hub name or local directory of the base model. --from official: required, recorded with its "
                 "fingerprint and tokenizer fingerprint. --to official: its config becomes the root config.json "
                 "(default: the base model the memory records)."})
+    gguf_file: str | None = field(default=None, metadata={
+        "help": "GGUF file inside --base_model, when the base model is one (dequantised to float on load)."})
     layer: int | None = field(default=None, metadata={
         "help": "--from official: the base block whose feed-forward input the memory reads (default: the "
                 "layer_position of mlp_memory_config.json if present, else -1, the last block, as the released code)."})
@@ -437,6 +439,8 @@ class ConvertArguments:
                              "which this project's format records and checks")
         if self.layer is not None and self.to_layout:
             raise UsageError("--layer applies to --from official (--to official writes the layer the memory records)")
+        if self.gguf_file and not self.base_model:
+            raise UsageError("--gguf_file names a file inside --base_model; give --base_model too")
         if os.path.abspath(self.input) == os.path.abspath(self.output):
             raise UsageError(f"--output {self.output} is --input: write the conversion to another directory")
 
@@ -454,7 +458,7 @@ def from_official(args: ConvertArguments) -> dict:
                          ("it is in this project's format already: use --to official to export it" if
                           os.path.isfile(os.path.join(args.input, "meta.json")) else known_layouts()) + ")")
     memory = load_released(args.input, "--input")
-    base_args = PretrainedModelArguments(model_name_or_path=args.base_model)
+    base_args = PretrainedModelArguments(model_name_or_path=args.base_model, gguf_file=args.gguf_file)
     with timed("Loading the base model", logger):
         base = load_causal_lm(base_args).eval()
     style = arch_spec(base.config.model_type).memory_style
@@ -472,7 +476,7 @@ def from_official(args: ConvertArguments) -> dict:
         raise UsageError(f"{flag} {layer} is out of range for --base_model {args.base_model} ({num_blocks} blocks)")
     layer %= num_blocks
     try:
-        fingerprint = tokenizer_fingerprint(load_tokenizer(args.base_model, flag="--base_model"))
+        fingerprint = tokenizer_fingerprint(load_tokenizer(args.base_model, args.gguf_file, "--base_model"))
     except (OSError, ValueError):
         fingerprint = None
         logger.warning("No tokenizer beside --base_model %s: the memory records no tokenizer fingerprint", args.base_model)
@@ -505,7 +509,8 @@ def to_official(args: ConvertArguments) -> Path:
         raise UsageError(f"--input {args.input} records no base model: give --base_model, whose config the released "
                          "layout's config.json is")
     check_exists(base, flag)
-    gguf = {} if args.base_model or not recorded.get("gguf_file") else {"gguf_file": recorded["gguf_file"]}
+    gguf_file = args.gguf_file if args.base_model else recorded.get("gguf_file")
+    gguf = {"gguf_file": gguf_file} if gguf_file else {}
     with loading(base, flag):
         base_config = AutoConfig.from_pretrained(base, **gguf)
     arch_spec(base_config.model_type)
