@@ -393,12 +393,13 @@ def released_config(memory_config: MemoryConfig, base_config):
     return config
 
 
-def write_released(memory: MLPMemoryPreTrainedModel, base_config, directory: Path, layer_position: int) -> None:
-    """``config.json`` (`released_config`), ``model.safetensors`` and ``mlp_memory_config.json`` into ``directory``."""
+def write_released(config, state: dict[str, torch.Tensor], directory: Path, layer_position: int) -> None:
+    """``config.json`` (`released_config`), ``model.safetensors`` (`released_state_dict`) and ``mlp_memory_config.json``
+    into ``directory``."""
     from safetensors.torch import save_file
 
-    released_config(memory.config, base_config).to_json_file(directory / CONFIG)
-    save_file(released_state_dict(memory), directory / SAFETENSORS, metadata={"format": "pt"})
+    config.to_json_file(directory / CONFIG)
+    save_file(state, directory / SAFETENSORS, metadata={"format": "pt"})
     write_json(directory / LAYER_FILE, {"layer_position": layer_position, "is_train": False})
 
 
@@ -496,7 +497,6 @@ def to_official(args: ConvertArguments) -> Path:
     from transformers import AutoConfig
 
     from models.memory_directory import load_memory
-    from utils.architectures import arch_spec
     from utils.modeling import check_exists, loading
 
     if released_directory(args.input) is not None:
@@ -513,8 +513,8 @@ def to_official(args: ConvertArguments) -> Path:
     gguf = {"gguf_file": gguf_file} if gguf_file else {}
     with loading(base, flag):
         base_config = AutoConfig.from_pretrained(base, **gguf)
-    arch_spec(base_config.model_type)
-    num_blocks = getattr(base_config, LAYOUTS.get(base_config.model_type, LAYOUTS["llama"]).depth_field)
+    config = released_config(memory.config, base_config)  # refuses what the released classes cannot express
+    num_blocks = getattr(base_config, LAYOUTS[base_config.model_type].depth_field)
     layer = memory.config.layer
     layer_position = -1 if layer is None or layer == num_blocks - 1 else layer
     if layer_position != -1:
@@ -522,7 +522,7 @@ def to_official(args: ConvertArguments) -> Path:
                        "%s records layer_position %d, which MLPMemory(..., layer_position=%d) takes", layer,
                        num_blocks, LAYER_FILE, layer, layer)
     with staged_output(args) as staging:
-        write_released(memory, base_config, staging, layer_position)
+        write_released(config, released_state_dict(memory), staging, layer_position)
     logger.info("Wrote %s in the released %s layout (%d blocks, base config from %s)", args.output,
                 memory.config.memory_style, memory.config.num_layers, base)
     return Path(args.output)
@@ -541,7 +541,11 @@ def staged_output(args: ConvertArguments) -> Iterator[Path]:
         if staging.exists():
             shutil.rmtree(staging)
         staging.mkdir(parents=True)
-        yield staging
+        try:
+            yield staging
+        except BaseException:  # nothing to resume: a conversion is redone from the start
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         if output.exists():
             shutil.rmtree(output)
         os.replace(staging, output)

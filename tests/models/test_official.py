@@ -304,3 +304,34 @@ def test_evaluate_joint_takes_a_released_directory(bases, tmp_path, tiny_gpt2_di
     assert joint and all(results["released"][key] == results["ours"][key] for key in joint)
     assert results["ours"]["base_check"]["matches"] is True and results["released"]["base_check"]["matches"] is None
 
+
+
+def test_the_released_save_pretrained_layout_and_its_layer_position(bases, tmp_path):
+    """MLPMemory.save_pretrained(DIR) writes DIR/knn_generator/ (a .bin) and DIR/mlp_memory_config.json."""
+    config, state = released_for(bases, "mistral", tmp_path / "saved" / "knn_generator", weights="bin")
+    (tmp_path / "saved" / "mlp_memory_config.json").write_text(json.dumps({"layer_position": 0, "is_train": False}))
+    memory = load_memory(tmp_path / "saved")
+    assert memory.config.layer == 0
+    convert(["--from", "official", "--input", str(tmp_path / "saved"), "--output", str(tmp_path / "ours"),
+             "--base_model", str(bases["mistral"])])
+    assert load_memory(tmp_path / "ours").config.layer == 0
+    x = torch.randn(2, memory.config.hidden_size)
+    with torch.no_grad():
+        torch.testing.assert_close(memory(x), released_forward(config, state, x), rtol=1e-5, atol=1e-5)
+
+
+def test_inconsistent_shapes_and_a_mismatched_base_are_refused(bases, tmp_path):
+    _, state = released_for(bases, "gpt2", tmp_path / "released")
+    save_file({**state, "h.1.mlp.c_fc.weight": state["h.1.mlp.c_fc.weight"][:, :-1].contiguous()},
+              tmp_path / "released" / "model.safetensors")
+    with pytest.raises(ArtifactError, match="consistent shapes"):
+        load_memory(tmp_path / "released")
+    released_for(bases, "llama", tmp_path / "llama")
+    convert(["--from", "official", "--input", str(tmp_path / "llama"), "--output", str(tmp_path / "ours"),
+             "--base_model", str(bases["llama"])])
+    with pytest.raises(UsageError, match="llama-style memory cannot be written as a released GPT2MLPModel"):
+        convert(["--to", "official", "--input", str(tmp_path / "ours"), "--output", str(tmp_path / "official"),
+                 "--base_model", str(bases["gpt2"])])
+    with pytest.raises(UsageError, match="in the released layout already"):
+        convert(["--to", "official", "--input", str(tmp_path / "llama"), "--output", str(tmp_path / "official")])
+    assert not (tmp_path / "official").exists() and not (tmp_path / "official.partial").exists()
