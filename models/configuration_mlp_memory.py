@@ -69,6 +69,9 @@ class MemoryConfig(PreTrainedConfig):
     # utils.modeling.model_fingerprint of the base model whose hidden states were the memory's inputs (None: a
     # memory saved before fingerprints were recorded)
     base_model_fingerprint: str | None = None
+    # The released implementation's layout the weights were read from (models/official.py: gpt2, llama, mistral);
+    # None for a memory trained here. A released memory records no base model until converted with --base_model.
+    released_layout: str | None = None
 
     def __post_init__(self, **kwargs):
         if self.intermediate_size is None:
@@ -238,7 +241,9 @@ def check_memory_matches(memory_config: MemoryConfig, base, tokenizer_fingerprin
     distributions are mixed token by token), tokenizer fingerprint and key layer (when both sides
     know them) and, given ``base_fingerprint`` (the base's `model_fingerprint` at the memory's layer),
     that the base is the model whose hidden states the memory was trained on: another one of the same
-    shape is refused unless ``allow_base_mismatch``. Returns that last check's record
+    shape is refused unless ``allow_base_mismatch``. A memory that records no base fingerprint (made before
+    they were recorded, or a released checkpoint read from the official layout, `models.official`) is
+    accepted with one warning saying which, and its ``matches`` is None. Returns that last check's record
     (`utils.modeling.check_model_fingerprint`), None when no ``base_fingerprint`` is given.
     """
     base_config = getattr(base, "config", base)
@@ -259,6 +264,10 @@ def check_memory_matches(memory_config: MemoryConfig, base, tokenizer_fingerprin
         raise UsageError(f"{where} reads the feed-forward input of block {memory_config.layer}, not block {layer}")
     if base_fingerprint is None:
         return None
+    unrecorded = None
+    if memory_config.released_layout and memory_config.base_model_fingerprint is None:
+        unrecorded = (f"a released {memory_config.released_layout} memory read from the official layout; "
+                      "`python -m models.convert --from official --base_model BASE` records one")
     return check_model_fingerprint(base_fingerprint, memory_config.base_model_fingerprint, f"{where}{trained_for}",
                                    f"the base model {getattr(base_config, '_name_or_path', '') or ''}".rstrip(),
-                                   allow_base_mismatch)
+                                   allow_base_mismatch, unrecorded)

@@ -5,7 +5,9 @@
     python -m models.convert --joint --base_model BASE --memory DIR --output DIR --lmbda 0.25
 
 The first two convert between the released implementation's memory layout and ours
-(`models.official`); the third writes one Hugging Face causal LM holding the base model and the
+(`models.official`: ``--from official`` records the base model, its fingerprint and the layer, which the
+released files lack; ``--to official`` writes the base model's config with the memory's depth and the
+released weight names); the third writes one Hugging Face causal LM holding the base model and the
 memory (`models.joint.build`), which ``AutoModelForCausalLM.from_pretrained`` loads after ``import models``.
 """
 

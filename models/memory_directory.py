@@ -16,7 +16,8 @@ Layout::
 meta.json holds a finished memory (models.training refuses to train over it without
 --overwrite_output_dir). The network alone is an ordinary Hugging Face model directory: `load_memory`
 reads it (from safetensors only: a pickled ``pytorch_model.bin`` is never loaded) with a clear error for
-anything else, after checking the files against meta.json's block checksums.
+anything else, after checking the files against meta.json's block checksums. It also recognises the
+released implementation's layout (`models.official`) and reads it into our classes.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch
 
 from models.configuration_mlp_memory import MemoryConfig
 from models.modeling_mlp_memory import MEMORY_MODELS, MLPMemoryPreTrainedModel
+from models.official import known_layouts, load_released, released_directory
 from utils.checksums import model_files, record_checksums, verify_files
 from utils.cli import UsageError
 from utils.io import META_NAME, ArtifactError, read_json, timed, write_json
@@ -65,22 +67,30 @@ def save_memory(output_dir: str | os.PathLike, memory: MLPMemoryPreTrainedModel,
 
 def load_memory(path: str | os.PathLike, flag: str = "--knn_generator_path", verify: bool = True,
                 **kwargs) -> MLPMemoryPreTrainedModel:
-    """A memory saved with ``save_pretrained``; a clear error naming ``flag`` for anything else.
+    """A memory saved with ``save_pretrained``, or a released checkpoint; a clear error naming ``flag`` for anything else.
 
     With ``verify``, its files are first checked against the block checksums in its meta.json (a directory
-    without them, e.g. written by ``save_pretrained`` alone, is read after a warning).
+    without them, e.g. written by ``save_pretrained`` alone, is read after a warning). A directory in the
+    released implementation's layout (a base model's config.json with the memory's depth, `models.official`)
+    is recognised and read into our classes (its ``pytorch_model.bin`` with ``weights_only=True`` only); it
+    carries no checksums and records no base model.
     """
     from transformers import AutoConfig
 
+    if released_directory(path) is not None:
+        memory = load_released(path, flag, dtype=kwargs.get("dtype"))
+        check_finite_weights(memory, path, flag)
+        return memory
     if not os.path.isfile(os.path.join(path, CONFIG)):
-        raise UsageError(f"{flag} {path}: no config.json there (expected a directory saved by train_mlpmem_*)")
+        raise UsageError(f"{flag} {path}: no config.json there (expected a directory saved by train_mlpmem_*, "
+                         f"or a released memory: {known_layouts()})")
     if verify:
         meta_file = Path(path) / META
         verify_files(path, read_json(meta_file) if meta_file.is_file() else {})
     with loading(str(path), flag):
         config = AutoConfig.from_pretrained(path)
     if not isinstance(config, MemoryConfig):
-        raise UsageError(f"{flag} {path} holds a {config.model_type!r} model, not an MLP memory")
+        raise UsageError(f"{flag} {path} holds a {config.model_type!r} model, not an MLP memory; {known_layouts()}")
     with loading(str(path), flag):  # a truncated or corrupt safetensors file
         try:
             memory = MEMORY_MODELS[config.memory_style].from_pretrained(path, use_safetensors=True, **kwargs)

@@ -171,11 +171,12 @@ _WARNED: set = set()  # what check_model_fingerprint has already warned about (o
 
 
 def check_model_fingerprint(actual: str, recorded: str | None, subject: str, model: str,
-                            allow_base_mismatch: bool = False) -> dict:
+                            allow_base_mismatch: bool = False, unrecorded: str | None = None) -> dict:
     """Compare a base model's `model_fingerprint` with the one recorded by ``subject`` (a memory, a datastore ...).
 
     A mismatch is a `UsageError` unless ``allow_base_mismatch`` (--allow_base_mismatch), then a warning.
-    An artifact made before fingerprints were recorded (``recorded`` None) is accepted with one warning.
+    An artifact without a recorded fingerprint (``recorded`` None) is accepted with one warning, which says
+    why it has none: ``unrecorded``, by default that it was made before fingerprints were recorded.
     Returns what results and meta.json record about the check.
     """
     record = {"model_fingerprint": actual, "recorded_fingerprint": recorded,
@@ -183,8 +184,8 @@ def check_model_fingerprint(actual: str, recorded: str | None, subject: str, mod
     if recorded is None:
         if subject not in _WARNED:
             _WARNED.add(subject)
-            logger.warning("%s records no base model fingerprint (made before they were recorded): cannot check that "
-                           "%s is the model it belongs to", subject, model)
+            logger.warning("%s records no base model fingerprint (%s): cannot check that %s is the model it belongs to",
+                           subject, unrecorded or "made before they were recorded", model)
         return record
     if actual != recorded:
         message = (f"{subject} belongs to the base model with fingerprint {recorded}, but {model} has fingerprint "
