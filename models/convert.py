@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import sys
 
+from utils.cli import run, setup_logging
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -26,4 +28,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    setup_logging()
+    run(main)

@@ -1,0 +1,508 @@
+"""The capacity plan: every stage of the pipeline timed on datastores of growing size, and extrapolated.
+
+    python -m benchmarks.bench_scale                                  # 0.2M, 2M and 20M rows (about 1 h 30 on 2 cores)
+    python -m benchmarks.bench_scale --sizes 50000 200000 --name bench_scale_small   # a few minutes
+
+1. **Seed** (once, cached in --work_dir): SmolLM2-135M (``../shared/data``) writes a real datastore over the
+   first --seed_chars characters of WikiText-2 train through the pipeline's own commands
+   (``utils.preprocess_dataset``, ``train_base --save_knnlm_dstore``), and exact kNN targets of its rows
+   (``knn_utils.build_index --index_type flat``, ``knn_utils.saveKNNMulti``).
+2. For each size N, each stage runs in its own process, so that its peak memory is its own:
+
+   - ``write``: a datastore of N rows through `DatastoreWriter` (the class train_base writes with), window by
+     window. Row r is seed row ``r % S`` plus Gaussian noise of --noise times each dimension's standard
+     deviation, at the real width 576; its value is the seed row's. The writer's rows/s exclude generating the
+     noise (reported separately) and include the checksums and the rename.
+   - ``index``: ``knn_utils.index.build_index``, IVFPQ with the same settings at every size
+     (--ncentroids lists, --code_size bytes, a --train_size training sample), so training time stays flat and
+     adding grows with N.
+   - ``search``: `KnnIndex.search` of --num_queries datastore rows, k --k at nprobe --probe, leaving out each
+     query's own row, with the exact re-ranking the kNN targets use (the default): queries/s.
+   - ``targets``: kNN targets for all N rows, made by repeating the seed's real targets (row r gets seed row
+     ``r % S``'s), written through the same chunk files and merge as ``saveKNNMulti``. Searching 20M rows at
+     k 1024 would take this machine days; the search stage measures its rate instead.
+   - ``train``: ``train_mlpmem_offline`` for --train_steps steps (batch --train_batch) of the real run's memory
+     (2 SwiGLU blocks, 33M parameters): rows/s from its own log, over the whole datastore's row order.
+   - ``knnlm`` and ``memory``: ``knn_utils.knnlm`` (k --k, nprobe --probe, the IVFPQ index of this size) and
+     ``evaluate_joint`` (the memory just trained) on the same first --eval_windows test windows: tokens/s.
+
+   Every stage records its wall time, its peak anonymous memory (RssAnon: what the process itself holds) and
+   its peak file-backed resident memory (RssFile: pages of memory-mapped files, which the kernel reclaims
+   under pressure), sampled every 50 ms.
+3. Power laws fitted to the rates (rate = a N^b) extrapolate to WikiText-103 (103M rows) at SmolLM2's width
+   (576) and GPT2-large's (1280), and to a 500M-token datastore: disk, RAM and hours per stage on this CPU and,
+   for the stages the H100 run of docs/results.md measured, on one GPU and on 8; and the memory's speed-up
+   over the kNN-LM there.
+
+Writes NAME.json, NAME.md and NAME.png to --output_dir with the machine recorded. The work directory holds
+up to 2 bytes x 576 x N of keys (23 GB at 20M rows); each size's files are deleted once measured unless
+--keep.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch/FAISS load: see knn_utils/index.configure_threads
+
+import json
+import logging
+import math
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from utils.cli import parse_args, run, setup_logging
+from utils.environment import machine
+from utils.io import read_json, write_json
+
+logger = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared" / "data"
+MODEL = SHARED / "smollm2-135m-instruct"
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+STAGES = ("write", "index", "search", "targets", "train", "knnlm", "memory")
+WINDOW_ROWS = 65_536  # rows per DatastoreWriter window in the write stage
+# docs/results.md, all of WikiText-2 train (2,581,967 rows) on one H100 (SmolLM2-135M, width 576)
+H100 = {"rows": 2_581_967, "write_seconds": 87.0, "exact_targets_seconds": 161.0, "train_rows_per_second": 4993 * 512 / 43.0,
+        "memory_tokens_per_second": 67_798.0, "knnlm_exact_gpu_tokens_per_second": 16_607.0}
+TARGETS = {"WikiText-103, SmolLM2-135M (d 576)": (103_000_000, 576),
+           "WikiText-103, GPT2-large (d 1280)": (103_000_000, 1280),
+           "500M tokens, GPT2-large (d 1280)": (500_000_000, 1280)}
+
+
+@dataclass
+class ScaleArguments:
+    """Sizes, settings and where the results go."""
+
+    sizes: list[int] = field(default_factory=lambda: [200_000, 2_000_000, 20_000_000],
+                             metadata={"help": "Datastore rows to measure, ascending."})
+    output_dir: str = field(default="benchmarks/results", metadata={"help": "Where NAME.json/.md/.png go."})
+    name: str = field(default="bench_scale", metadata={"help": "Base name of the result files."})
+    work_dir: str = field(default="outputs/bench_scale", metadata={"help": "Seed, datastores, indexes (large)."})
+    seed_chars: int = field(default=100_000, metadata={"help": "Characters of WikiText-2 train the seed datastore covers."})
+    noise: float = field(default=0.05, metadata={"help": "Noise added to the repeated seed keys, times each dimension's std."})
+    ncentroids: int = field(default=1024, metadata={"help": "IVF lists of every index."})
+    code_size: int = field(default=32, metadata={"help": "PQ bytes per key."})
+    train_size: int = field(default=65_536, metadata={"help": "Keys sampled to train every index."})
+    probe: int = field(default=32, metadata={"help": "nprobe of the search, kNN-LM and target rates."})
+    k: int = field(default=1024, metadata={"help": "Neighbours per query (the paper's)."})
+    num_queries: int = field(default=2000, metadata={"help": "Queries of the search stage."})
+    train_steps: int = field(default=40, metadata={"help": "Optimizer steps of the train stage."})
+    train_batch: int = field(default=512, metadata={"help": "Rows per training step (the real run's)."})
+    eval_windows: int = field(default=2, metadata={"help": "Test windows (512 tokens) of the knnlm and memory stages."})
+    keep: bool = field(default=False, metadata={"help": "Keep each size's datastore, index and targets."})
+    stages: list[str] = field(default_factory=lambda: list(STAGES), metadata={"help": "Stages to run (all by default)."})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Peak memory of a stage
+
+
+class PeakMemory:
+    """Peak RssAnon and RssFile of this process (bytes), sampled from /proc/self/status in a thread."""
+
+    def __init__(self, interval: float = 0.05):
+        self.interval, self.peak = interval, {"RssAnon": 0, "RssFile": 0}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _sample(self) -> None:
+        with open("/proc/self/status") as f:
+            for line in f:
+                name = line.split(":", 1)[0]
+                if name in self.peak:
+                    self.peak[name] = max(self.peak[name], int(line.split()[1]) * 1024)
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self) -> "PeakMemory":
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The seed: a real SmolLM2 datastore and its exact kNN targets
+
+
+def sh(*cmd: str) -> None:
+    logger.info("$ %s", " ".join(cmd))
+    subprocess.run([sys.executable, "-m", *cmd], cwd=REPO, check=True,
+                   env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+
+
+def make_seed(args: ScaleArguments, work: Path) -> Path:
+    """The seed directory: dataset/, dstore/ (real keys) and knn_targets/ (exact, k 64 as the real run)."""
+    seed = work / "seed"
+    text = SHARED / "wikitext-2"
+    if not (seed / "dataset" / "meta.json").is_file():
+        sh("utils.preprocess_dataset", "--tokenizer_path", str(MODEL), "--gguf_file", GGUF,
+           "--train_file", str(text / "wiki.train.tokens"), "--validation_file", str(text / "wiki.valid.tokens"),
+           "--test_file", str(text / "wiki.test.tokens"), "--max_chars", str(args.seed_chars),
+           "--block_size", "512", "--stride", "512", "--output_dir", str(seed / "dataset"))
+    if not (seed / "dstore" / "meta.json").is_file():
+        sh("train_base", "--model_name_or_path", str(MODEL), "--gguf_file", GGUF, "--dataset_name", str(seed / "dataset"),
+           "--do_eval", "--eval_subset", "train", "--per_device_eval_batch_size", "4", "--report_to", "none",
+           "--output_dir", str(seed / "eval_train"), "--save_knnlm_dstore", "--dstore_dir", str(seed / "dstore"))
+    if not (seed / "knn_targets" / "meta.json").is_file():
+        if not (seed / "dstore" / "index" / "meta.json").is_file():
+            sh("knn_utils.build_index", "--dstore_path", str(seed / "dstore"), "--index_type", "flat")
+        sh("knn_utils.saveKNNMulti", "--dstore_path", str(seed / "dstore"), "--output_path", str(seed / "knn_targets"),
+           "--k", "64", "--knn_temp", "4", "--ignore_first", "True")
+    return seed
+
+
+# ---------------------------------------------------------------------------------------------------
+# The stages (each runs in its own process: python -m benchmarks.bench_scale --stage NAME ...)
+
+
+def stage_write(args: ScaleArguments, seed: Path, size_dir: Path, rows: int) -> dict:
+    from utils.artifacts.datastore import DatastoreWriter, load_datastore
+    from utils.distributed import process_state
+
+    source = load_datastore(str(seed / "dstore"))
+    seed_keys = np.asarray(source.keys, dtype=np.float32)  # (S, d): small
+    seed_vals = np.asarray(source.vals)
+    sigma = (args.noise * seed_keys.std(axis=0)).astype(np.float32)  # (d,)
+    dropped = {"kind", "format_version", "rows", "dim", "windows", "keys_sha256", "vals_sha256", "checksums",
+               "key_dtype", "val_dtype", "seconds"}
+    identity = {k: v for k, v in source.meta.items() if k not in dropped}
+    identity["synthetic"] = {"seed_rows": source.num_rows, "noise": args.noise, "seed_dstore": str(source.path)}
+    num_windows = math.ceil(rows / WINDOW_ROWS)
+    writer = DatastoreWriter(str(size_dir / "dstore"), rows, source.dim, num_windows, identity, process_state())
+    rng = np.random.default_rng(0)
+    generate_seconds = write_seconds = 0.0
+    for w in range(num_windows):
+        start = time.perf_counter()
+        block = np.arange(w * WINDOW_ROWS, min((w + 1) * WINDOW_ROWS, rows))
+        keys = seed_keys[block % len(seed_keys)] + sigma * rng.standard_normal((len(block), source.dim), dtype=np.float32)
+        vals = seed_vals[block % len(seed_vals)]
+        middle = time.perf_counter()
+        writer.write(block, keys, vals, np.array([w]))
+        generate_seconds += middle - start
+        write_seconds += time.perf_counter() - middle
+    start = time.perf_counter()
+    writer.finish()
+    finish_seconds = time.perf_counter() - start
+    return {"generate_seconds": generate_seconds, "write_seconds": write_seconds, "finish_seconds": finish_seconds,
+            "rows_per_second": rows / (write_seconds + finish_seconds),
+            "disk_bytes": sum(f.stat().st_size for f in (size_dir / "dstore").iterdir())}
+
+
+def stage_index(args: ScaleArguments, seed: Path, size_dir: Path, rows: int) -> dict:
+    from knn_utils.index import IndexSettings, build_index
+
+    settings = IndexSettings(index_type="ivfpq", ncentroids=args.ncentroids, code_size=args.code_size,
+                             train_size=args.train_size, probe=args.probe)
+    start = time.perf_counter()
+    meta = build_index(str(size_dir / "dstore"), settings=settings, show_progress=False)
+    return {"seconds": time.perf_counter() - start, "train_seconds": meta["seconds"]["train"],
+            "add_seconds": meta["seconds"]["add"], "add_rows_per_second": rows / meta["seconds"]["add"],
+            "index_bytes": meta["index_bytes"]}
+
+
+def stage_search(args: ScaleArguments, seed: Path, size_dir: Path, rows: int) -> dict:
+    from knn_utils.index import load_index
+    from utils.artifacts.datastore import load_datastore
+
+    datastore = load_datastore(str(size_dir / "dstore"), verify=False)
+    index = load_index(size_dir / "dstore" / "index", datastore, probe=args.probe, verify=False)
+    query_rows = np.sort(np.random.default_rng(1).choice(rows, size=min(args.num_queries, rows), replace=False))
+    queries = np.asarray(datastore.keys[query_rows], dtype=np.float32)
+    timings = {}
+    for exact in (True, False):
+        start = time.perf_counter()
+        for b in range(0, len(queries), 500):
+            index.search(queries[b : b + 500], args.k, query_rows[b : b + 500], exact=exact)
+        timings["exact_ranking" if exact else "faiss_ranking"] = len(queries) / (time.perf_counter() - start)
+    return {"queries_per_second": timings["exact_ranking"], "queries_per_second_faiss_ranking": timings["faiss_ranking"],
+            "num_queries": len(queries)}
+
+
+def stage_targets(args: ScaleArguments, seed: Path, size_dir: Path, rows: int) -> dict:
+    """Real seed targets repeated over N rows, through the chunk files and merge of saveKNNMulti."""
+    from utils.artifacts.datastore import datastore_summary, load_datastore
+    from utils.artifacts.knn_targets import FORMAT_VERSION, SparseRows, load_knn_targets, merge_chunks, write_chunk
+    from utils.io import chunk_ranges
+
+    datastore = load_datastore(str(size_dir / "dstore"), verify=False)
+    source = load_knn_targets(seed / "knn_targets")
+    offsets = np.asarray(source.offsets)
+    token_ids, probs = np.asarray(source.token_ids), np.asarray(source.probs)
+    staging = size_dir / "knn_targets.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    chunk_rows = 1 << 20
+    start = time.perf_counter()
+    for c, (begin, end) in enumerate(chunk_ranges(rows, chunk_rows)):
+        seed_rows = np.arange(begin, end) % source.num_rows
+        counts = offsets[seed_rows + 1] - offsets[seed_rows]  # (n,)
+        first = np.repeat(offsets[seed_rows] - (np.cumsum(counts) - counts), counts)
+        positions = first + np.arange(int(counts.sum()))
+        write_chunk(staging, c, SparseRows(counts=counts, token_ids=token_ids[positions], probs=probs[positions]))
+    counts = merge_chunks(staging, datastore, chunk_rows)
+    summary = datastore_summary(datastore)
+    meta = {"kind": "knn_targets", "format_version": FORMAT_VERSION, "datastore": summary, "queries": summary,
+            **counts, "k": source.meta["k"], "knn_temp": source.meta["knn_temp"], "threshold": source.meta["threshold"],
+            "synthetic": f"seed targets {source.path} repeated"}
+    shutil.rmtree(staging / "chunks")
+    write_json(staging / "meta.json", meta)
+    os.replace(staging, size_dir / "knn_targets")
+    return {"seconds": time.perf_counter() - start, "nnz": counts["nnz"],
+            "disk_bytes": sum(f.stat().st_size for f in (size_dir / "knn_targets").iterdir())}
+
+
+def stage_train(args: ScaleArguments, seed: Path, size_dir: Path, rows: int) -> dict:
+    import train_mlpmem_offline
+
+    out = size_dir / "memory"
+    start = time.perf_counter()
+    train_mlpmem_offline.main([
+        "--knn_dstore_path", str(size_dir / "dstore"), "--knn_save_path", str(size_dir / "knn_targets"),
+        "--output_dir", str(out), "--num_layers", "2", "--init_lm_head", "False", "--max_train_steps", str(args.train_steps),
+        "--per_device_train_batch_size", str(args.train_batch), "--validation_rows", "0", "--checkpointing_steps", "no",
+        "--logging_steps", "10", "--disable_tqdm", "True", "--overwrite_output_dir", "True"])
+    seconds = time.perf_counter() - start
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["rows_per_second"] for r in logged if "rows_per_second" in r][1:]  # the first interval holds the warm-up
+    if not rates:  # too few steps for two logging intervals: the whole run, start-up included
+        rates = [args.train_steps * args.train_batch / seconds]
+    return {"seconds": seconds, "rows_per_second": float(np.median(rates)), "steps": args.train_steps}
+
+
+def eval_flags(seed: Path, args: ScaleArguments, out: Path) -> list[str]:
+    return ["--model_name_or_path", str(MODEL), "--gguf_file", GGUF, "--dataset_name", str(seed / "dataset"),
+            "--eval_subset", "test", "--max_eval_samples", str(args.eval_windows), "--per_device_eval_batch_size", "2",
+            "--output_dir", str(out)]
+
+
+def stage_knnlm(args: ScaleArguments, seed: Path, size_dir: Path, rows: int) -> dict:
+    from knn_utils import knnlm
+
+    metrics = knnlm.main([*eval_flags(seed, args, size_dir / "eval_knnlm"), "--dstore_dir", str(size_dir / "dstore"),
+                          "--k", str(args.k), "--knn_temp", "16", "--lmbda", "0.25", "--probe", str(args.probe)])
+    return {"tokens_per_second": metrics["eval_tokens_per_second"], "perplexity": metrics["perplexity"],
+            "knn_seconds": metrics.get("knn_seconds")}
+
+
+def stage_memory(args: ScaleArguments, seed: Path, size_dir: Path, rows: int) -> dict:
+    import evaluate_joint
+
+    metrics = evaluate_joint.main([*eval_flags(seed, args, size_dir / "eval_joint"),
+                                   "--knn_generator_path", str(size_dir / "memory"), "--lmbda", "0.25"])
+    return {"tokens_per_second": metrics["joint_tokens_per_second"], "base_tokens_per_second": metrics["base_tokens_per_second"]}
+
+
+STAGE_FUNCTIONS = {"write": stage_write, "index": stage_index, "search": stage_search, "targets": stage_targets,
+                   "train": stage_train, "knnlm": stage_knnlm, "memory": stage_memory}
+
+
+def run_stage(name: str, args: ScaleArguments, seed: Path, size_dir: Path, rows: int) -> dict:
+    """Run one stage here (in the stage's own process) and return its numbers with its peak memory."""
+    start = time.perf_counter()
+    with PeakMemory() as peak:
+        result = STAGE_FUNCTIONS[name](args, seed, size_dir, rows)
+    return {**result, "wall_seconds": time.perf_counter() - start, "peak_anon_bytes": peak.peak["RssAnon"],
+            "peak_file_bytes": peak.peak["RssFile"]}
+
+
+def launch_stage(name: str, args: ScaleArguments, seed: Path, size_dir: Path, rows: int) -> dict:
+    """`run_stage` in a new process (its peak memory is the stage's alone); returns its JSON."""
+    result_file = size_dir / f"stage_{name}.json"
+    if result_file.is_file():
+        return read_json(result_file)
+    settings = json.dumps(asdict(args))
+    subprocess.run([sys.executable, "-m", "benchmarks.bench_scale", "--_stage", name, "--_settings", settings,
+                    "--_seed", str(seed), "--_size_dir", str(size_dir), "--_rows", str(rows)], cwd=REPO, check=True,
+                   env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    return read_json(result_file)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fits and the plan
+
+
+def power_fit(sizes: list[int], values: list[float]) -> tuple[float, float]:
+    """(a, b) of value = a * size^b, least squares in log-log (b = 0 with one size)."""
+    if len(sizes) < 2:
+        return float(values[0]), 0.0
+    b, log_a = np.polyfit(np.log(sizes), np.log(values), 1)
+    return float(math.exp(log_a)), float(b)
+
+
+def predict(fit: tuple[float, float], size: float) -> float:
+    return fit[0] * size ** fit[1]
+
+
+def plan(results: dict, args: ScaleArguments) -> dict:
+    """Disk, RAM and hours per stage at the TARGETS sizes, from the fitted curves."""
+    sizes = [r["rows"] for r in results["sizes"]]
+    by = lambda stage, key: [r["stages"][stage][key] for r in results["sizes"]]  # noqa: E731
+    fits = {"write_rows_per_second": power_fit(sizes, by("write", "rows_per_second")),
+            "add_rows_per_second": power_fit(sizes, by("index", "add_rows_per_second")),
+            "search_queries_per_second": power_fit(sizes, by("search", "queries_per_second")),
+            "train_rows_per_second": power_fit(sizes, by("train", "rows_per_second")),
+            "knnlm_tokens_per_second": power_fit(sizes, by("knnlm", "tokens_per_second")),
+            "memory_tokens_per_second": power_fit(sizes, by("memory", "tokens_per_second"))}
+    last = results["sizes"][-1]
+    nnz_per_row = last["stages"]["targets"]["nnz"] / last["rows"]
+    train_seconds = last["stages"]["index"]["train_seconds"]
+    peak_anon = {stage: max(r["stages"][stage]["peak_anon_bytes"] for r in results["sizes"]) for stage in STAGES}
+    out = {"fits": {k: {"a": a, "b": b} for k, (a, b) in fits.items()}, "targets": {}}
+    for label, (rows, dim) in TARGETS.items():
+        width = dim / 576  # CPU rates measured at 576; per-row costs of writing, adding and searching grow with d
+        index_bytes = rows * (args.code_size + 8) + args.ncentroids * dim * 4
+        disk = {"keys_and_vals": rows * (2 * dim + 4), "index": index_bytes, "knn_targets": rows * (8 + 4 + nnz_per_row * 6)}
+        cpu_hours = {
+            "write (keys only, no forward)": rows / predict(fits["write_rows_per_second"], rows) * width / 3600,
+            "index train + add": (train_seconds * width + rows / predict(fits["add_rows_per_second"], rows) * width) / 3600,
+            f"kNN targets, IVFPQ k {args.k} nprobe {args.probe}": rows / predict(fits["search_queries_per_second"], rows) * width / 3600,
+            "memory training, 1 epoch (SmolLM2-size memory)": rows / predict(fits["train_rows_per_second"], rows) / 3600,
+        }
+        scale = rows / H100["rows"]
+        gpu_hours = {  # one H100, from docs/results.md; exact search cost grows with rows^2
+            "datastore (forward + write)": H100["write_seconds"] * scale * width / 3600,
+            "exact kNN targets (torch, GPU)": H100["exact_targets_seconds"] * scale ** 2 * width / 3600,
+            "memory training, 1 epoch (SmolLM2-size memory)": rows / H100["train_rows_per_second"] / 3600,
+        }
+        knnlm = predict(fits["knnlm_tokens_per_second"], rows)
+        memory = predict(fits["memory_tokens_per_second"], rows)
+        out["targets"][label] = {
+            "rows": rows, "dim": dim, "disk_gb": {k: v / 1e9 for k, v in disk.items()},
+            "ram_gb": {"index in RAM for search (codes + ids)": index_bytes / 1e9,
+                       **{f"{stage} (peak anonymous, measured max)": b / 1e9 for stage, b in peak_anon.items()}},
+            "cpu_hours_2_cores": cpu_hours, "h100_hours_1": gpu_hours,
+            "h100_hours_8": {k: v / 8 for k, v in gpu_hours.items()},
+            "knnlm_tokens_per_second_cpu": knnlm, "memory_tokens_per_second_cpu": memory,
+            "memory_speedup_over_knnlm_cpu": memory / knnlm,
+        }
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Report
+
+
+def gib(n: float) -> str:
+    return f"{n / 2 ** 30:.2f}"
+
+
+def markdown(results: dict) -> str:
+    m = results["machine"]
+    lines = [f"# Capacity plan ({m['cpu']}, {m['cores']} cores, load average at start {results['load_average_at_start']})", "",
+             f"Seed: {results['seed_rows']:,} real SmolLM2-135M keys (width 576) of WikiText-2 train, repeated with noise "
+             f"{results['settings']['noise']} x std. IVFPQ: {results['settings']['ncentroids']} lists, "
+             f"{results['settings']['code_size']}-byte codes, nprobe {results['settings']['probe']}, k {results['settings']['k']}.", "",
+             "| rows | write rows/s | index train s | add rows/s | search queries/s | train rows/s | kNN-LM tok/s | memory tok/s |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results["sizes"]:
+        s = r["stages"]
+        lines.append(f"| {r['rows']:,} | {s['write']['rows_per_second']:,.0f} | {s['index']['train_seconds']:.1f} | "
+                     f"{s['index']['add_rows_per_second']:,.0f} | {s['search']['queries_per_second']:,.1f} | "
+                     f"{s['train']['rows_per_second']:,.0f} | {s['knnlm']['tokens_per_second']:,.1f} | "
+                     f"{s['memory']['tokens_per_second']:,.1f} |")
+    lines += ["", "Peak anonymous memory of each stage, GiB (file-backed pages of memory maps in brackets):", "",
+              "| rows | " + " | ".join(STAGES) + " |", "|---:|" + "---:|" * len(STAGES)]
+    for r in results["sizes"]:
+        lines.append(f"| {r['rows']:,} | " + " | ".join(
+            f"{gib(r['stages'][s]['peak_anon_bytes'])} ({gib(r['stages'][s]['peak_file_bytes'])})" for s in STAGES) + " |")
+    for label, t in results["plan"]["targets"].items():
+        lines += ["", f"## {label}: {t['rows']:,} rows", "",
+                  "Disk: " + ", ".join(f"{k} {v:,.1f} GB" for k, v in t["disk_gb"].items()) + ".", "",
+                  "| stage | this CPU, hours | one H100, hours | 8 H100, hours |", "|---|---:|---:|---:|"]
+        for k, v in t["cpu_hours_2_cores"].items():
+            lines.append(f"| {k} | {v:,.1f} | | |")
+        for k, v in t["h100_hours_1"].items():
+            lines.append(f"| {k} | | {v:,.2f} | {t['h100_hours_8'][k]:,.2f} |")
+        lines += ["", f"Memory vs kNN-LM (IVFPQ, this CPU, fitted): {t['memory_tokens_per_second_cpu']:,.0f} vs "
+                      f"{t['knnlm_tokens_per_second_cpu']:,.1f} tokens/s, **{t['memory_speedup_over_knnlm_cpu']:,.1f}x**."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = [r["rows"] for r in results["sizes"]]
+    fig, (rates, memory) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for stage, key, label in (("write", "rows_per_second", "datastore write rows/s"),
+                              ("index", "add_rows_per_second", "index add rows/s"),
+                              ("search", "queries_per_second", "kNN search queries/s"),
+                              ("train", "rows_per_second", "memory training rows/s"),
+                              ("knnlm", "tokens_per_second", "kNN-LM tokens/s"),
+                              ("memory", "tokens_per_second", "base + memory tokens/s")):
+        rates.plot(sizes, [r["stages"][stage][key] for r in results["sizes"]], "o-", label=label)
+    rates.set(xscale="log", yscale="log", xlabel="datastore rows", ylabel="rate", title="Rates as the datastore grows")
+    rates.legend(fontsize=8)
+    for stage in STAGES:
+        memory.plot(sizes, [r["stages"][stage]["peak_anon_bytes"] / 2 ** 30 for r in results["sizes"]], "o-", label=stage)
+    memory.set(xscale="log", xlabel="datastore rows", ylabel="GiB", title="Peak anonymous memory per stage")
+    memory.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    (args,) = parse_args((ScaleArguments,), argv)
+    if not (MODEL / GGUF).is_file():
+        raise SystemExit(f"{MODEL / GGUF} not found: this benchmark needs ../shared/data (see its README)")
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    results = {"machine": machine(), "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+               "settings": asdict(args), "sizes": []}
+    seed = make_seed(args, work)
+    from utils.artifacts.datastore import load_datastore
+    results["seed_rows"] = load_datastore(str(seed / "dstore"), verify=False).num_rows
+    for rows in sorted(args.sizes):
+        size_dir = work / f"rows_{rows}"
+        size_dir.mkdir(exist_ok=True)
+        stages = {}
+        for name in STAGES:
+            start = time.perf_counter()
+            stages[name] = launch_stage(name, args, seed, size_dir, rows)
+            logger.info("%d rows, %s: %.1f s, peak anonymous %s GiB, file-backed %s GiB", rows, name,
+                        time.perf_counter() - start, gib(stages[name]["peak_anon_bytes"]), gib(stages[name]["peak_file_bytes"]))
+        results["sizes"].append({"rows": rows, "stages": stages})
+        if not args.keep:
+            for name in ("dstore", "knn_targets", "memory"):
+                shutil.rmtree(size_dir / name, ignore_errors=True)
+    results["plan"] = plan(results, args)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / f"{args.name}.json", results)
+    (out / f"{args.name}.md").write_text(markdown(results))
+    plot(results, out / f"{args.name}.png")
+    print(markdown(results))
+    return results
+
+
+def stage_main(argv: list[str]) -> None:
+    """``--_stage NAME --_settings JSON --_seed DIR --_size_dir DIR --_rows N``: one stage, its JSON beside the size."""
+    opts = dict(zip(argv[::2], argv[1::2]))
+    args = ScaleArguments(**json.loads(opts["--_settings"]))
+    size_dir = Path(opts["--_size_dir"])
+    result = run_stage(opts["--_stage"], args, Path(opts["--_seed"]), size_dir, int(opts["--_rows"]))
+    write_json(size_dir / f"stage_{opts['--_stage']}.json", result)
+
+
+if __name__ == "__main__":
+    setup_logging()
+    if "--_stage" in sys.argv:
+        stage_main(sys.argv[1:])
+    else:
+        run(main)
