@@ -24,4 +24,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from utils.cli import run
+
+    run(lambda argv: sys.exit(main(argv)))  # a UsageError is a one-line message and exit status 2
