@@ -62,6 +62,9 @@ def build_joint(args: JointBuildArguments, checks: BaseCheckArguments) -> dict:
     output = Path(args.output)
     if output.exists() and not args.overwrite_output_dir:
         raise UsageError(f"--output {output} already exists; pass --overwrite_output_dir to replace it")
+    if not os.path.isfile(os.path.join(args.memory, "config.json")):
+        raise UsageError(f"--memory {args.memory}: no config.json there (expected an MLP memory or a Memory Decoder "
+                         "directory)")
     model_args = PretrainedModelArguments(model_name_or_path=args.base_model, torch_dtype=args.torch_dtype)
     tokenizer_path, gguf_file = model_tokenizer_path(model_args)
     tokenizer = load_tokenizer(tokenizer_path, gguf_file, "--base_model")
