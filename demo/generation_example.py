@@ -5,6 +5,7 @@
     python -m demo.generation_example --find_correction --scan 200   # first questions the memory fixes
     python -m demo.generation_example --prompt "Question: Who was the mentor of Jordor Kasidor? Answer:"
     python -m demo.generation_example --model_name_or_path MODEL --knn_generator_path MEMORY --prompt "..."
+    python -m demo.generation_example --model_name_or_path JOINT_DIR --prompt "..."   # python -m models.convert --joint
 
 With no model flags, the base model (``base/``), its memory (``memory/``) and the test questions
 (``corpus/qa_test.jsonl``, prompts in the corpus's ``qa_prompt`` format from ``corpus/meta.json``)
@@ -30,8 +31,8 @@ import torch
 from transformers import HfArgumentParser
 
 from downstream.qa_data import recorded_prompt
-from models import load_memory
 from models.joint import JointLM, check_joint_settings
+from models.joint.causal_lm import is_joint_directory, load_base_and_memory
 from utils.arguments import BaseCheckArguments, ModelArguments
 from utils.cli import UsageError, check_finite_floats, run, setup_logging
 from utils.embedded_corpus import QA_PROMPT
@@ -52,14 +53,18 @@ def build_parser() -> argparse.ArgumentParser:
                          description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quickstart_dir", default=DEFAULT_QUICKSTART,
                    help="Outputs of scripts/quickstart.sh (base/, memory/, corpus/) used for what is not given.")
-    p.add_argument("--model_name_or_path", help="Base causal LM (default: QUICKSTART_DIR/base).")
+    p.add_argument("--model_name_or_path", help="Base causal LM (default: QUICKSTART_DIR/base), or a joint model "
+                   "directory (python -m models.convert --joint), which holds its memory and settings.")
     p.add_argument("--gguf_file", help="GGUF file name inside --model_name_or_path.")
     p.add_argument("--tokenizer_name", help="Tokenizer, if not the model's own.")
-    p.add_argument("--knn_generator_path", help="MLP memory directory (default: QUICKSTART_DIR/memory).")
+    p.add_argument("--knn_generator_path", help="Memory directory, an MLP memory or a Memory Decoder "
+                   "(default: QUICKSTART_DIR/memory; none with a joint model).")
     p.add_argument("--torch_dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--prompt", action="append", default=[], help="A free-text prompt (repeatable); replaces the QA.")
-    p.add_argument("--lmbda", type=float, default=0.5, help="Weight of the memory in the interpolation.")
-    p.add_argument("--knn_temp", type=float, default=1.0, help="Temperature of the memory's distribution.")
+    p.add_argument("--lmbda", type=float, help="Weight of the memory in the interpolation (default: a joint model's "
+                   "own, else 0.5).")
+    p.add_argument("--knn_temp", type=float, help="Temperature of the memory's distribution (default: a joint "
+                   "model's own, else 1).")
     p.add_argument("--max_new_tokens", type=int, default=12)
     p.add_argument("--num_examples", type=int, default=5, help="QA examples to show.")
     p.add_argument("--find_correction", action="store_true",
@@ -122,9 +127,10 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
 
 
 def load_pair(args):
-    """(model, tokenizer, memory) from the flags, the quickstart's outputs for what is not given."""
+    """(model, tokenizer, memory) from the flags, the quickstart's outputs for what is not given; a joint model
+    directory as --model_name_or_path gives both, and --lmbda / --knn_temp unless given."""
     model_path = args.model_name_or_path or quickstart_path(args, "base")
-    memory_path = args.knn_generator_path or quickstart_path(args, "memory")
+    memory_path = None if is_joint_directory(model_path) else args.knn_generator_path or quickstart_path(args, "memory")
     model_args = ModelArguments(model_name_or_path=model_path, gguf_file=args.gguf_file,
                                 tokenizer_name=args.tokenizer_name, torch_dtype=args.torch_dtype)
     tok_path, gguf = model_tokenizer_path(model_args)
@@ -135,9 +141,11 @@ def load_pair(args):
             raise UsageError(f"{tok_path}: the tokenizer has neither a pad nor an eos token to pad prompts with")
         tokenizer.pad_token = tokenizer.eos_token
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_causal_lm(model_args).to(device).eval()
-    memory = load_memory(memory_path, flag="--knn_generator_path").to(device).eval()
-    return model, tokenizer, memory
+    loaded = load_base_and_memory(model_args, memory_path, lambda: load_causal_lm(model_args), args.lmbda,
+                                  args.knn_temp, tokenizer_fingerprint(tokenizer), args.allow_base_mismatch,
+                                  default_lmbda=0.5)
+    args.lmbda, args.knn_temp = loaded.lmbda, loaded.knn_temp
+    return loaded.model.to(device).eval(), tokenizer, loaded.memory.to(device).eval()
 
 
 def show(examples: list[dict]) -> None:
@@ -209,7 +217,7 @@ def run_demo(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     check_finite_floats(args)
-    check_joint_settings(args.lmbda, args.knn_temp)
+    check_joint_settings(0.5 if args.lmbda is None else args.lmbda, 1.0 if args.knn_temp is None else args.knn_temp)
     for name in ("max_new_tokens", "num_examples", "scan", "batch_size"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")

@@ -70,10 +70,14 @@ class QAArguments:
     per_device_eval_batch_size: int = field(default=8, metadata={"help": "Questions per generate call."})
     max_new_tokens: int = field(default=16, metadata={"help": "Tokens generated per question at most."})
     stop_at_newline: bool = field(default=True, metadata={"help": "Stop a row once its answer line is complete."})
-    use_neural_knn: bool = field(default=False, metadata={"help": "Interpolate the base model with the MLP memory."})
-    knn_generator_path: str | None = field(default=None, metadata={"help": "MLP memory directory (with --use_neural_knn)."})
-    lmbda: float = field(default=0.5, metadata={"help": "Weight of the memory in the interpolation."})
-    knn_temp: float = field(default=1.0, metadata={"help": "Temperature of the memory's logits."})
+    use_neural_knn: bool = field(default=False, metadata={
+        "help": "Interpolate the base model with the memory (implied when --model_name_or_path is a joint model)."})
+    knn_generator_path: str | None = field(default=None, metadata={
+        "help": "Memory directory (with --use_neural_knn): an MLP memory or a Memory Decoder."})
+    lmbda: float | None = field(default=None, metadata={
+        "help": "Weight of the memory in the interpolation (default: a joint model's own, else 0.5)."})
+    knn_temp: float | None = field(default=None, metadata={
+        "help": "Temperature of the memory's logits (default: a joint model's own, else 1)."})
 
     def __post_init__(self):
         check_finite_floats(self)
@@ -91,7 +95,7 @@ class QAArguments:
             raise UsageError("--knn_generator_path is only used with --use_neural_knn; add it or drop the path")
         from models.joint import check_joint_settings
 
-        check_joint_settings(self.lmbda, self.knn_temp)
+        check_joint_settings(0.5 if self.lmbda is None else self.lmbda, 1.0 if self.knn_temp is None else self.knn_temp)
 
 
 def resolve_prompt(args: QAArguments) -> tuple[str, str]:
@@ -179,18 +183,22 @@ def answer_questions(model_args: PretrainedModelArguments, args: QAArguments, ch
                                   args.question_field, args.answer_field, args.max_samples)
     tok_path, tok_gguf = model_tokenizer_path(model_args)
     tokenizer = load_tokenizer(tok_path, tok_gguf, "--tokenizer_name" if model_args.tokenizer_name else "--model_name_or_path")
-    model = load_causal_lm(model_args).eval()
+    from models.joint import JointLM
+    from models.joint.causal_lm import load_base_and_memory
+
+    loaded = load_base_and_memory(model_args, args.knn_generator_path, lambda: load_causal_lm(model_args), args.lmbda,
+                                  args.knn_temp, tokenizer_fingerprint(tokenizer), checks.allow_base_mismatch,
+                                  default_lmbda=0.5)  # --model_name_or_path may be a joint model (base + memory)
+    args.lmbda, args.knn_temp = loaded.lmbda, loaded.knn_temp
+    model = loaded.model.eval()
     if torch.cuda.is_available():
         model.to("cuda")
     prepare_tokenizer(tokenizer, model)
 
     joint = None
-    if args.use_neural_knn:
-        from models import load_memory
-        from models.joint import JointLM
-
-        memory = load_memory(args.knn_generator_path, flag="--knn_generator_path")
-        joint = JointLM(model, memory, lmbda=args.lmbda, knn_temp=args.knn_temp,
+    if loaded.memory is not None:
+        args.use_neural_knn, args.knn_generator_path = True, loaded.memory_path
+        joint = JointLM(model, loaded.memory, lmbda=args.lmbda, knn_temp=args.knn_temp,
                         tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
                         allow_base_mismatch=checks.allow_base_mismatch)
 

@@ -1,10 +1,12 @@
 """The MLP memory: configuration, networks for GPT-2 / Llama / Mistral style blocks, loading and checks.
 
 Importing this package registers the memory configs and networks with `AutoConfig` / `AutoModel`, so
-``AutoModel.from_pretrained(memory_dir)`` works without ``trust_remote_code``.
+``AutoModel.from_pretrained(memory_dir)`` works without ``trust_remote_code``, and the joint model
+(`models.joint.causal_lm`) with `AutoConfig` / `AutoModelForCausalLM`, so
+``AutoModelForCausalLM.from_pretrained(joint_dir)`` and ``pipeline("text-generation", model=joint_dir)`` do.
 """
 
-from transformers import AutoConfig, AutoModel
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from models.configuration_mlp_memory import (PRESETS, GPT2MemoryConfig, LlamaMemoryConfig, MemoryConfig,
                                              MistralMemoryConfig, check_memory_matches, parameter_count)
@@ -16,8 +18,14 @@ for _style, _model in MEMORY_MODELS.items():
     AutoConfig.register(_model.config_class.model_type, _model.config_class, exist_ok=True)
     AutoModel.register(_model.config_class, _model, exist_ok=True)
 
+from models.joint.causal_lm import MLPMemoryForCausalLM, MLPMemoryJointConfig  # after the memory configs it needs
+
+AutoConfig.register(MLPMemoryJointConfig.model_type, MLPMemoryJointConfig, exist_ok=True)
+AutoModelForCausalLM.register(MLPMemoryJointConfig, MLPMemoryForCausalLM, exist_ok=True)
+
 __all__ = [
     "PRESETS", "MemoryConfig", "GPT2MemoryConfig", "LlamaMemoryConfig", "MistralMemoryConfig", "check_memory_matches",
     "parameter_count", "MEMORY_MODELS", "MLPMemoryPreTrainedModel", "GPT2MemoryModel", "LlamaMemoryModel",
-    "MistralMemoryModel", "build_memory", "init_lm_head_from_base", "load_memory",
+    "MistralMemoryModel", "build_memory", "init_lm_head_from_base", "load_memory", "MLPMemoryJointConfig",
+    "MLPMemoryForCausalLM",
 ]

@@ -3,6 +3,9 @@
     interpolation   the formula (also the kNN-LM's) and the memory's log-probabilities
     hooks           the memory attached to an unmodified HF model by hooks: `attach_memory`, `JointLM`
     perplexity      base, memory-alone and joint perplexity over a preprocessed split (evaluate_joint.py)
+    token_memory    Memory Decoder memories (a causal LM over tokens) beside the MLP memory
+    causal_lm       the joint model as one HF causal LM (MLPMemoryForCausalLM), and a joint directory for the entry points
+    build           python -m models.convert --joint: build a joint model directory
 """
 
 from models.joint.hooks import JointLM, attach_memory, check_memory_fits, load_checked_memory, memory_layer

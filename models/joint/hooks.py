@@ -16,6 +16,12 @@ batched left-padded prompts, KV cache, stopping criteria, logits processors) wor
   head may see only the last positions (``logits_to_keep``): a pre-hook on the model reads that
   argument and the hidden states are sliced the same way.
 
+A Memory Decoder memory (`models.joint.token_memory`: a small causal LM over tokens) takes the place of
+``memory(h)``: its logits come from running it on the input ids. During ``generate`` the base model
+receives only the new tokens, so ``prepare_inputs_for_generation`` is wrapped within the context to hand
+the whole prefix (rows reordered by beam search included) to the memory, which recomputes it each step.
+Outside ``generate``, a forward that continues a filled KV cache is refused for such a memory.
+
 Because the "logits" are normalised log-probabilities, softmax / log_softmax of them (sampling, beam
 scores) give the joint distribution itself, and ``model(..., labels=...)`` returns the joint loss.
 Only the LM head's output is post-processed: architectures that transform logits after the head
@@ -39,7 +45,8 @@ import torch
 
 from models.configuration_mlp_memory import check_memory_matches
 from models.joint.interpolation import check_joint_settings, interpolate_log_probs, memory_log_probs
-from models.memory_directory import load_memory
+from models.joint.token_memory import (check_token_memory_fits, is_token_memory, load_any_memory,
+                                       token_memory_log_probs)
 from utils.architectures import normalize_layer
 from utils.cli import UsageError
 from utils.hidden_state import HiddenStateHook
@@ -60,9 +67,12 @@ def memory_layer(model: torch.nn.Module, memory: torch.nn.Module) -> int:
 
 
 def check_memory_fits(model: torch.nn.Module, memory: torch.nn.Module, tokenizer_fingerprint: str | None = None,
-                      allow_base_mismatch: bool = False, memory_path: str | None = None) -> tuple[int, dict]:
+                      allow_base_mismatch: bool = False, memory_path: str | None = None) -> tuple[int | None, dict]:
     """`check_memory_matches` against ``model`` itself, its weights included; returns the layer and the record
-    of the base model check (`utils.modeling.check_model_fingerprint`) that results carry."""
+    of the base model check (`utils.modeling.check_model_fingerprint`) that results carry. A Memory Decoder
+    reads no layer (None) and is checked for the vocabulary and tokenizer only (`check_token_memory_fits`)."""
+    if is_token_memory(memory):
+        return None, check_token_memory_fits(model, memory, tokenizer_fingerprint, memory_path)
     layer = memory_layer(model, memory)
     memory_path = memory_path or getattr(memory.config, "_name_or_path", None) or None  # set by from_pretrained
     base_check = check_memory_matches(memory.config, model, tokenizer_fingerprint, layer=layer, memory_path=memory_path,
@@ -72,10 +82,11 @@ def check_memory_fits(model: torch.nn.Module, memory: torch.nn.Module, tokenizer
 
 
 def load_checked_memory(path: str, model: torch.nn.Module, tokenizer_fingerprint: str,
-                        allow_base_mismatch: bool = False) -> tuple[torch.nn.Module, int, dict]:
-    """The memory at ``path``, the (non-negative) base block it reads and the record of the base model check;
-    a `UsageError` if it does not fit ``model`` (`check_memory_fits`)."""
-    memory = load_memory(path, "--knn_generator_path").eval()
+                        allow_base_mismatch: bool = False) -> tuple[torch.nn.Module, int | None, dict]:
+    """The memory at ``path`` (an MLP memory or a Memory Decoder, `load_any_memory`), the (non-negative) base block
+    it reads (None for a Memory Decoder) and the record of the base model check; a `UsageError` if it does not fit
+    ``model`` (`check_memory_fits`)."""
+    memory = load_any_memory(path, "--knn_generator_path").eval()
     layer, base_check = check_memory_fits(model, memory, tokenizer_fingerprint, allow_base_mismatch, memory_path=path)
     return memory, layer, base_check
 
@@ -89,6 +100,105 @@ def _kept_positions(logits_to_keep) -> slice | torch.Tensor | None:
     return logits_to_keep
 
 
+class PrefixStage:
+    """The whole input of the next forward, for a Memory Decoder while the base model sees only the new tokens."""
+
+    def __init__(self):
+        self.prefix: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    def stage(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        self.prefix = (input_ids, attention_mask)
+
+    def take(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        prefix, self.prefix = self.prefix, None
+        return prefix
+
+
+@contextmanager
+def mixing_hooks(model: torch.nn.Module, memory: torch.nn.Module, layer: int | None, lmbda: float, knn_temp: float,
+                 stage: PrefixStage | None = None) -> Iterator[torch.nn.Module]:
+    """The hooks alone (no checks, no device moves): within the context ``model``'s LM head returns the joint
+    log-probabilities. For a Memory Decoder, ``stage`` may hold the whole prefix of the next forward."""
+    head = model.get_output_embeddings()
+    if head is None:
+        raise UsageError(f"{type(model).__name__} has no LM head (get_output_embeddings() is None)")
+    token_memory = is_token_memory(memory)
+    capture = None if token_memory else HiddenStateHook(model, layer)
+    seen: dict[str, object] = {"positions": None, "tokens": None}
+
+    def read_inputs(module, args, kwargs):
+        seen["positions"] = _kept_positions(kwargs.get("logits_to_keep"))
+        if not token_memory:
+            return
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        prefix = stage.take() if stage is not None else None
+        if prefix is None:
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
+                raise UsageError("A Memory Decoder memory reads the whole prefix: continue a KV cache through "
+                                 "generate(), or call the model on the whole sequence without a cache")
+            prefix = (input_ids, kwargs.get("attention_mask"))
+        if prefix[0] is None:
+            raise UsageError("A Memory Decoder memory reads token ids: give input_ids, not inputs_embeds")
+        seen["tokens"] = (prefix[0], prefix[1], input_ids.shape[-1] if input_ids is not None else prefix[0].shape[-1])
+
+    def memory_side(num: int, positions) -> torch.Tensor:
+        """The memory's log-probabilities (B, num, V) for the positions the head received."""
+        if token_memory:
+            tokens, seen["tokens"] = seen["tokens"], None
+            if tokens is None:
+                raise RuntimeError("The LM head ran without a forward of the model: the memory has no input")
+            input_ids, attention_mask, current = tokens
+            if positions is None or isinstance(positions, slice):  # the head received the last positions
+                return token_memory_log_probs(memory, input_ids, attention_mask, knn_temp, last=num)
+            return token_memory_log_probs(memory, input_ids, attention_mask, knn_temp, last=current)[:, positions]
+        hidden, capture.hidden = capture.hidden, None  # never reuse the states of an earlier forward
+        if hidden is None:
+            raise RuntimeError("The LM head ran without a forward of the base model's blocks: the memory has no input")
+        hidden = hidden[:, positions] if positions is not None else hidden
+        if hidden.shape[-2] != num:  # unknown slicing: the head received the last positions
+            if hidden.shape[-2] < num:
+                raise RuntimeError(f"The LM head produced {num} positions but the memory's input has "
+                                   f"{hidden.shape[-2]}")
+            hidden = hidden[:, -num:]
+        return memory_log_probs(memory, hidden, knn_temp)
+
+    def mix(module, args, lm_logits):
+        positions, seen["positions"] = seen["positions"], None
+        return interpolate_log_probs(torch.log_softmax(lm_logits.float(), dim=-1),
+                                     memory_side(lm_logits.shape[-2], positions), lmbda)
+
+    handles = []
+    try:
+        if capture is not None:
+            capture.__enter__()
+        handles.append(model.register_forward_pre_hook(read_inputs, with_kwargs=True))
+        handles.append(head.register_forward_hook(mix))
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+        if capture is not None:
+            capture.__exit__(None, None, None)
+
+
+@contextmanager
+def staging_prefixes(model: torch.nn.Module, stage: PrefixStage) -> Iterator[None]:
+    """Within the context, ``model.generate`` hands each step's whole prefix to ``stage`` (its
+    ``prepare_inputs_for_generation`` is wrapped on the instance, and restored on exit)."""
+    prepare = model.prepare_inputs_for_generation
+
+    def staged_prepare(input_ids, *args, **kwargs):
+        stage.stage(input_ids, kwargs.get("attention_mask"))
+        return prepare(input_ids, *args, **kwargs)
+
+    model.prepare_inputs_for_generation = staged_prepare
+    try:
+        yield
+    finally:
+        del model.prepare_inputs_for_generation  # the class's method again
+
+
 @contextmanager
 def attach_memory(model: torch.nn.Module, memory: torch.nn.Module, lmbda: float = 0.25, knn_temp: float = 1.0,
                   tokenizer_fingerprint: str | None = None, allow_base_mismatch: bool = False) -> Iterator[torch.nn.Module]:
@@ -99,13 +209,10 @@ def attach_memory(model: torch.nn.Module, memory: torch.nn.Module, lmbda: float 
     the memory was trained on unless ``allow_base_mismatch``; `UsageError` otherwise; the fingerprint is
     cached on the model, so a check per ``generate`` call costs nothing), moves the memory to the
     model's device and dtype and puts it in eval mode (its mode is restored on exit), registers the
-    hooks and yields ``model``; the hooks are removed on exit, even on error.
+    hooks (`mixing_hooks`) and yields ``model``; the hooks are removed on exit, even on error.
     """
     check_joint_settings(lmbda, knn_temp)
     layer, _ = check_memory_fits(model, memory, tokenizer_fingerprint, allow_base_mismatch)
-    head = model.get_output_embeddings()
-    if head is None:
-        raise UsageError(f"{type(model).__name__} has no LM head (get_output_embeddings() is None)")
     if getattr(model, _ATTACHED, False):
         raise UsageError("A memory is already attached to this model; leave that attach_memory context first")
 
@@ -113,43 +220,23 @@ def attach_memory(model: torch.nn.Module, memory: torch.nn.Module, lmbda: float 
     memory.to(device=param.device, dtype=param.dtype)
     was_training = memory.training
     memory.eval()
-    capture = HiddenStateHook(model, layer)
-    kept: dict[str, object] = {"positions": None}
-
-    def read_logits_to_keep(module, args, kwargs):
-        kept["positions"] = _kept_positions(kwargs.get("logits_to_keep"))
-
-    def mix(module, args, lm_logits):
-        hidden, capture.hidden = capture.hidden, None  # never reuse the states of an earlier forward
-        positions, kept["positions"] = kept["positions"], None
-        if hidden is None:
-            raise RuntimeError("The LM head ran without a forward of the base model's blocks: the memory has no input")
-        num = lm_logits.shape[-2]
-        hidden = hidden[:, positions] if positions is not None else hidden
-        if hidden.shape[-2] != num:  # unknown slicing: the head received the last positions
-            if hidden.shape[-2] < num:
-                raise RuntimeError(f"The LM head produced {num} positions but the memory's input has "
-                                   f"{hidden.shape[-2]}")
-            hidden = hidden[:, -num:]
-        return interpolate_log_probs(torch.log_softmax(lm_logits.float(), dim=-1),
-                                     memory_log_probs(memory, hidden, knn_temp), lmbda)
-
-    handles = []
+    stage = PrefixStage() if is_token_memory(memory) else None
     setattr(model, _ATTACHED, True)
     try:
-        with capture:
-            handles.append(model.register_forward_pre_hook(read_logits_to_keep, with_kwargs=True))
-            handles.append(head.register_forward_hook(mix))
-            yield model
+        with mixing_hooks(model, memory, layer, lmbda, knn_temp, stage):
+            if stage is None:
+                yield model
+            else:
+                with staging_prefixes(model, stage):
+                    yield model
     finally:
-        for handle in handles:
-            handle.remove()
         setattr(model, _ATTACHED, False)
         memory.train(was_training)
 
 
 class JointLM:
-    """A base causal LM and an MLP memory, interpolated with weight ``lmbda`` on the memory.
+    """A base causal LM and a memory (an MLP memory or a Memory Decoder), interpolated with weight ``lmbda`` on the
+    memory.
 
     The memory must fit the model (`check_memory_fits`; give ``tokenizer_fingerprint`` to check the
     tokenizer too). ``base_check`` records the base model check, for results.

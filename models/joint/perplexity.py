@@ -23,13 +23,14 @@ from dataclasses import dataclass, field
 import torch
 from accelerate import PartialState
 
-from models.joint.hooks import load_checked_memory
+from models.joint.causal_lm import load_base_and_memory
 from models.joint.interpolation import ROWS_PER_SLICE, check_lmbdas, interpolate_log_probs, memory_log_probs
+from models.joint.token_memory import is_token_memory, with_token_memory_logits
 from utils.arguments import SPLITS, DataArguments, PretrainedModelArguments
 from utils.artifacts.dataset import load_split
 from utils.cli import UsageError, check_finite_floats
 from utils.distributed import process_state, synchronize
-from utils.modeling import load_model_for_dataset
+from utils.modeling import check_tokenizer, check_vocab, load_model_for_dataset
 from utils.scoring import ScoredBatch, check_finite_loss, gather_window_totals, score_batches, token_nll, window_sums
 from utils.windows import ROW_BEGIN, ROW_END
 
@@ -40,13 +41,18 @@ logger = logging.getLogger(__name__)
 class JointArguments:
     """The memory, the interpolation settings and the released script's compatibility flags."""
 
-    knn_generator_path: str = field(metadata={"help": "Directory of the trained MLP memory (train_mlpmem_*)."})
     output_dir: str = field(metadata={"help": "Directory for joint_results.json (merged into all_results.json) "
                                               "and, for several --lmbda, lmbda_sweep.md / lmbda_sweep.png."})
-    lmbda: list[float] = field(default_factory=lambda: [0.25], metadata={
+    knn_generator_path: str | None = field(default=None, metadata={
+        "help": "The memory: an MLP memory directory (train_mlpmem_*) or a Memory Decoder (a causal LM directory "
+                "sharing the base's tokenizer). Not given when --model_name_or_path is a joint model directory "
+                "(python -m models.convert --joint), which holds its memory."})
+    lmbda: list[float] | None = field(default=None, metadata={
         "help": "Weight(s) of the memory in the interpolation (0: the base LM alone). Several values, e.g. "
-                "--lmbda 0.25 0.5 0.75, are all scored in the same pass.", "nargs": "+"})
-    knn_temp: float = field(default=1.0, metadata={"help": "Temperature T of softmax(memory_logits / T)."})
+                "--lmbda 0.25 0.5 0.75, are all scored in the same pass. Default: a joint model's own, else 0.25.",
+        "nargs": "+"})
+    knn_temp: float | None = field(default=None, metadata={
+        "help": "Temperature T of softmax(memory_logits / T). Default: a joint model's own, else 1."})
     per_device_eval_batch_size: int = field(default=8, metadata={"help": "Windows per forward pass and process."})
     dataset_split_name: str | None = field(default=None, metadata={
         "help": "Split to evaluate (the released name of --eval_subset; takes precedence over it).",
@@ -60,8 +66,9 @@ class JointArguments:
 
     def __post_init__(self):
         check_finite_floats(self)
-        check_lmbdas(self.lmbda)
-        if self.knn_temp <= 0:
+        if self.lmbda is not None:
+            check_lmbdas(self.lmbda)
+        if self.knn_temp is not None and self.knn_temp <= 0:
             raise UsageError(f"--knn_temp must be > 0, got {self.knn_temp}")
         if self.per_device_eval_batch_size < 1:
             raise UsageError(f"--per_device_eval_batch_size must be >= 1, got {self.per_device_eval_batch_size}")
@@ -127,12 +134,21 @@ def evaluate_joint(model_args: PretrainedModelArguments, data_args: DataArgument
     """
     state = state or process_state()
     split = load_split(data_args.dataset_name, resolve_split(data_args, args))
-    model, _ = load_model_for_dataset(model_args, split.meta, data_args.dataset_name)
-    memory, layer, base_check = load_checked_memory(args.knn_generator_path, model, split.meta["tokenizer"]["fingerprint"],
-                                                    allow_base_mismatch)
+    loaded = load_base_and_memory(model_args, args.knn_generator_path,
+                                  lambda: load_model_for_dataset(model_args, split.meta, data_args.dataset_name)[0],
+                                  args.lmbda[0] if args.lmbda else None, args.knn_temp,
+                                  split.meta["tokenizer"]["fingerprint"], allow_base_mismatch)
+    if loaded.memory is None:
+        raise UsageError("Give --knn_generator_path (a memory), or a joint model directory as --model_name_or_path")
+    if loaded.joint_dir is not None:  # the base inside a joint directory, checked against the dataset as a base is
+        check_tokenizer(model_args, split.meta, data_args.dataset_name)
+        check_vocab(loaded.model, split.meta, data_args.dataset_name)
+    model, memory, layer, base_check = loaded.model, loaded.memory, loaded.layer, loaded.base_check
+    args.lmbda, args.knn_temp, args.knn_generator_path = args.lmbda or [loaded.lmbda], loaded.knn_temp, loaded.memory_path
     windows = split.windows[: data_args.max_eval_samples]
-    logger.info("Joint model over %d windows of %s: memory %s (block %d), lmbda %s, knn_temp %g",
-                len(windows), split.split, args.knn_generator_path, layer, args.lmbda, args.knn_temp)
+    logger.info("Joint model over %d windows of %s: memory %s (%s), lmbda %s, knn_temp %g",
+                len(windows), split.split, args.knn_generator_path,
+                "a Memory Decoder" if layer is None else f"block {layer}", args.lmbda, args.knn_temp)
 
     model.to(state.device)
     memory.to(state.device)
@@ -141,7 +157,10 @@ def evaluate_joint(model_args: PretrainedModelArguments, data_args: DataArgument
     joint_totals: list[dict[int, float]] = [{} for _ in args.lmbda]
     base_seconds = memory_seconds = interpolation_seconds = 0.0
     batches = score_batches(model, split.tokens, windows, args.per_device_eval_batch_size, state.process_index,
-                            state.num_processes, layer=layer, show_progress=state.is_main_process)
+                            state.num_processes, layer=-1 if layer is None else layer, show_progress=state.is_main_process)
+    if is_token_memory(memory):  # its logits over the same windows take the place of the hidden states
+        batches, memory = with_token_memory_logits(batches, memory, split.tokens, windows,
+                                                   args.per_device_eval_batch_size, state)
     with torch.no_grad():
         while True:
             start = time.perf_counter()
@@ -158,6 +177,8 @@ def evaluate_joint(model_args: PretrainedModelArguments, data_args: DataArgument
             for totals, joint in zip(joint_totals, nll.joint):
                 totals.update(window_sums(joint, batch, windows))
 
+    if hasattr(memory, "seconds"):  # a Memory Decoder ran beside the base (with_token_memory_logits): its time
+        base_seconds, memory_seconds = base_seconds - memory.seconds, memory_seconds + memory.seconds
     num_rows = int(windows[-1, ROW_END] - windows[0, ROW_BEGIN])
 
     def loss(totals: dict[int, float], whose: str, cause: str) -> float:
