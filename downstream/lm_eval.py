@@ -1,0 +1,167 @@
+"""Any lm-evaluation-harness task on base + MLP memory: the joint model registered with lm-eval as ``mlp_memory``.
+
+    python -m downstream.lm_eval --model_args base=MODEL,memory=MEMORY,lmbda=0.5 --tasks arc_easy \\
+        --output_path OUT [any other lm-eval flag: --num_fewshot, --limit, --log_samples, --include_path, ...]
+
+The command is lm-eval's own CLI (``lm-eval run``) with ``--model mlp_memory`` filled in; the model class
+is registered by importing this module. Model arguments (``--model_args key=value,...``):
+
+    base                 hub name or local directory of the base model (required)
+    memory               MLP memory directory; leave it out to evaluate the base model alone
+    lmbda                the memory's weight in [0, 1] (required with memory)
+    knn_temp             temperature of the memory's logits (default 1)
+    gguf_file            GGUF file inside ``base`` (dequantised to float on load)
+    tokenizer            tokenizer directory or hub name, if not the base model's own
+    dtype                float32 (default), bfloat16 or float16
+    allow_base_mismatch  accept a base model other than the one the memory was trained on
+    batch_size, device, max_length, add_bos_token, ...   as for lm-eval's ``hf`` model
+
+`MLPMemoryLM` subclasses lm-eval's `HFLM` and changes only where logits come from: the base model is
+loaded by `utils.modeling` (GGUF included) and the memory by `models.load_memory`, checked against the base
+(`models.joint.JointLM`), and every forward of HFLM (``_model_call``: ``loglikelihood``,
+``loglikelihood_rolling``) and every ``generate`` (``_model_generate``: ``generate_until``) runs with the memory
+attached by hooks (`models.joint.attach_memory`). The attached model's "logits" are the joint
+log-probabilities, already normalised, so HFLM's ``log_softmax`` of them gives them back (to float32 rounding)
+and its sampling and greedy decoding draw from the joint distribution. Subclassing keeps lm-eval's request
+handling (batching, context truncation, rolling windows, the one-token logits cache, stop sequences, chat
+templates) as lm-eval defines it, instead of a second copy of it here.
+
+Single process (no ``accelerate launch`` data parallelism): HFLM does not distribute a model it is handed.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import torch
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+
+from models import load_memory
+from models.joint import JointLM
+from utils.arguments import PretrainedModelArguments
+from utils.cli import UsageError, command
+from utils.modeling import (
+    load_causal_lm,
+    load_tokenizer,
+    local_path_or_name,
+    model_tokenizer_path,
+    tokenizer_fingerprint,
+)
+
+logger = logging.getLogger(__name__)
+
+MODEL_NAME = "mlp_memory"
+DTYPES = ("float32", "bfloat16", "float16")
+# HFLM's arguments that still apply to a model handed to it already loaded (the others load or place a model).
+HFLM_ARGUMENTS = ("batch_size", "max_batch_size", "max_length", "truncation", "logits_cache", "add_bos_token",
+                  "prefix_token_id", "softmax_dtype", "mixed_precision_dtype", "think_end_token", "enable_thinking",
+                  "chat_template_args")
+OWN_ARGUMENTS = ("base", "memory", "lmbda", "knn_temp", "gguf_file", "tokenizer", "dtype", "allow_base_mismatch",
+                 "device")
+
+
+def model_arg_error(message: str) -> UsageError:
+    return UsageError(f"--model_args: {message}")
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """``device`` (lm-eval's CLI passes ``cuda:0`` by default), or the CPU when no GPU is there."""
+    if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise model_arg_error(f"device={device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+
+
+@register_model(MODEL_NAME)
+class MLPMemoryLM(HFLM):
+    """lm-eval's Hugging Face model with an MLP memory attached: every request scored by the joint model."""
+
+    def __init__(self, base: str | None = None, memory: str | None = None, lmbda: float | None = None,
+                 knn_temp: float = 1.0, gguf_file: str | None = None, tokenizer: str | None = None,
+                 dtype: str = "float32", allow_base_mismatch: bool = False, device: str | None = None,
+                 **hflm_kwargs):
+        unknown = sorted(set(hflm_kwargs) - set(HFLM_ARGUMENTS))
+        if unknown:
+            raise model_arg_error(f"unknown model argument(s) {', '.join(unknown)}; {MODEL_NAME} takes "
+                                  f"{', '.join(OWN_ARGUMENTS + HFLM_ARGUMENTS)}")
+        if not base:
+            raise model_arg_error(f"{MODEL_NAME} needs base=MODEL (a hub name or local directory)")
+        if dtype not in DTYPES:
+            raise model_arg_error(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        if memory and lmbda is None:
+            raise model_arg_error("memory=... needs lmbda=... (the memory's weight, in [0, 1])")
+        if lmbda is not None and not memory:
+            raise model_arg_error("lmbda is only used with memory=MEMORY; add the memory or drop lmbda")
+        if not isinstance(allow_base_mismatch, bool):
+            raise model_arg_error(f"allow_base_mismatch must be true or false, got {allow_base_mismatch!r}")
+
+        model_args = PretrainedModelArguments(model_name_or_path=str(base), gguf_file=gguf_file,
+                                              tokenizer_name=tokenizer, torch_dtype=dtype)
+        tok_path, tok_gguf = model_tokenizer_path(model_args)
+        hf_tokenizer = load_tokenizer(tok_path, tok_gguf, "--model_args tokenizer" if tokenizer else "--model_args base")
+        model = load_causal_lm(model_args).eval().to(resolve_device(device))
+
+        self.joint = None
+        self.record = {"base": local_path_or_name(str(base)), "gguf_file": gguf_file, "memory": None, "lmbda": None,
+                       "knn_temp": None, "base_check": None, "tokenizer_fingerprint": tokenizer_fingerprint(hf_tokenizer)}
+        if memory:
+            self.joint = JointLM(model, load_memory(str(memory), "--model_args memory"), lmbda=float(lmbda),
+                                 knn_temp=float(knn_temp), tokenizer_fingerprint=self.record["tokenizer_fingerprint"],
+                                 allow_base_mismatch=allow_base_mismatch)
+            self.record.update(memory=local_path_or_name(str(memory)), lmbda=float(lmbda), knn_temp=float(knn_temp),
+                               base_check=self.joint.base_check)
+        logger.info("lm-eval model %s: %s", MODEL_NAME, self.record)
+        super().__init__(pretrained=model, tokenizer=hf_tokenizer, backend="causal", **hflm_kwargs)
+
+    def _model_call(self, inps, attn_mask=None, labels=None):
+        """HFLM's forward; with a memory, the joint log-probabilities (B, T, V) stand in for its logits."""
+        if self.joint is None:
+            return super()._model_call(inps, attn_mask, labels)
+        with self.joint.attached():
+            return super()._model_call(inps, attn_mask, labels)
+
+    def _model_generate(self, context, max_length, stop, **generation_kwargs):
+        """HFLM's ``generate`` (its stop sequences and generation settings), decoding from the joint model."""
+        if self.joint is None:
+            return super()._model_generate(context, max_length, stop, **generation_kwargs)
+        with self.joint.attached():
+            return super()._model_generate(context, max_length, stop, **generation_kwargs)
+
+    def get_model_info(self) -> dict:
+        """What results record about the model: sizes and dtype, and the joint settings (no hub look-up)."""
+        return {"model_num_parameters": self._model.num_parameters(), "model_dtype": str(self._model.dtype),
+                MODEL_NAME: self.record}
+
+
+def lm_eval_argv(argv: list[str]) -> list[str]:
+    """``argv`` as lm-eval's CLI reads it: the ``run`` command, and ``--model mlp_memory`` unless a model is named."""
+    if argv and argv[0] in ("run", "ls", "validate"):
+        command, argv = argv[0], argv[1:]
+    else:
+        command = "run"
+    if command == "run" and not any(a in ("--model", "-M") or a.startswith("--model=") for a in argv):
+        argv = ["--model", MODEL_NAME, *argv]
+    return [command, *argv]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run lm-eval's CLI (``lm-eval run``) with the ``mlp_memory`` model registered; it writes its own results."""
+    from lm_eval.__main__ import cli_evaluate
+
+    argv = sys.argv[1:] if argv is None else argv
+    saved = sys.argv
+    sys.argv = ["lm-eval", *lm_eval_argv(list(argv))]
+    try:
+        cli_evaluate()
+    finally:
+        sys.argv = saved
+
+
+cli = command(main)  # the console script of pyproject.toml
+
+if __name__ == "__main__":
+    cli()
