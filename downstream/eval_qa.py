@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -412,10 +413,12 @@ def merge_shards(directories: list[str], output_dir: str) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     setup_logging()
-    model_args, args, checks = parse_args((PretrainedModelArguments, QAArguments, BaseCheckArguments), argv)
-    if args.merge:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--merge" in argv:  # no model: only the QA flags
+        (args,) = parse_args((QAArguments,), argv)
         with artifact_lock(args.output_dir, "--output_dir"):
             return merge_shards(args.merge, args.output_dir)
+    model_args, args, checks = parse_args((PretrainedModelArguments, QAArguments, BaseCheckArguments), argv)
     if model_args.model_name_or_path is None:
         raise UsageError("--model_name_or_path is required (a pretrained base model)")
     with artifact_lock(args.output_dir, "--output_dir"):

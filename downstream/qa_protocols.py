@@ -72,7 +72,8 @@ class Protocol:
         return replace(self, **values, overridden=tuple(sorted(values)))
 
     def describe(self) -> dict:
-        return asdict(self)
+        """The protocol as JSON values (tuples as lists), for results files."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
 PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (
