@@ -1,20 +1,23 @@
 """Closed-book QA with the base model alone or base + MLP memory (the paper's QA evaluation).
 
-    python -m downstream.eval_qa --model_name_or_path MODEL --data_file NQ-open.dev.jsonl --output_dir OUT
-    python -m downstream.eval_qa ... --use_neural_knn --knn_generator_path MEMORY --lmbda 0.5 --knn_temp 1
+    python -m downstream.eval_qa --model_name_or_path MODEL --data_file NQ-open.dev.jsonl --output_dir OUT \
+        --protocol released [--use_neural_knn --knn_generator_path MEMORY --lmbda 0.5 --knn_temp 1]
+    python -m downstream.eval_qa ... --num_shards 4 --shard_index 0 --output_dir OUT/shard0   # ... up to 3, then
+    python -m downstream.eval_qa --merge OUT/shard0 OUT/shard1 OUT/shard2 OUT/shard3 --output_dir OUT/all
 
-Zero-shot, greedy, batched with left padding. The prompt is ``--prompt_template`` with ``{question}``
-replaced (a literal ``\\n`` typed on the command line means a newline). By default it is the
-``qa_prompt`` recorded in the ``meta.json`` beside ``--data_file`` (the quickstart's corpus records the
-form of its training QA lines), else the released ``"Answer these questions:\\nQuestion: {question}\\nAnswer:"``.
-The answer is the first line of the continuation once leading whitespace is stripped; generation of a
-row stops at the newline that ends that line (``--stop_at_newline``, on by default: the answer is the
-same, only faster).
-Scores (`downstream.qa_metrics`): exact match, token F1 and "contains a gold answer" after SQuAD
-normalisation, each the max over the gold answers, means x100.
+Zero-shot by default (``--num_fewshot`` examples from ``--fewshot_file``), greedy, batched with left
+padding. ``--protocol`` (`downstream.qa_protocols`) fixes the prompt template and how the question is
+written in it, the number of new tokens, the stop strings, which part of the continuation is the answer
+and the scoring rules: ``released`` (NQ-open, HotpotQA as the released code), ``webqa`` (the authors'
+WebQuestions / TriviaQA evaluator) or ``default`` (this project's: the ``qa_prompt`` recorded in the
+``meta.json`` beside ``--data_file``, else ``"Answer these questions:\\nQuestion: {question}\\nAnswer:"``;
+16 tokens; the first non-blank line). ``--prompt_template``, ``--max_new_tokens``, ``--stop`` and
+``--stop_at_newline`` override the protocol's values (a literal ``\\n`` typed on the command line means a
+newline). Scores (`downstream.qa_metrics`): exact match, token F1 and "contains a gold answer" after SQuAD
+normalisation (and ``has_answer`` under ``webqa``), each the max over the gold answers, means x100.
 
-Writes ``OUT/predictions.jsonl`` (one line per question) and ``OUT/qa_results.json`` (also merged into
-``OUT/all_results.json``). Data loading is `downstream.qa_data`.
+Writes ``OUT/predictions.jsonl`` (one line per question, with its prompt) and ``OUT/qa_results.json`` (also
+merged into ``OUT/all_results.json``) with the resolved protocol. Data loading is `downstream.qa_data`.
 """
 
 from __future__ import annotations
@@ -22,18 +25,30 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
+import sys
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from downstream.qa_data import load_qa, recorded_prompt
-from downstream.qa_metrics import aggregate, score
+from downstream.qa_data import load_qa, recorded_prompt, select
+from downstream.qa_metrics import SCORE_KEYS, aggregate, score
+from downstream.qa_protocols import (
+    DEFAULT_PROMPT,
+    PLACEHOLDER,
+    PROTOCOLS,
+    Protocol,
+    build_prompt,
+    choose_shots,
+    extract_answer,
+    first_line,  # noqa: F401 - part of this module's interface (tests, callers)
+    get_protocol,
+)
 from utils.arguments import BaseCheckArguments, PretrainedModelArguments
 from utils.cli import UsageError, check_finite_floats, command, parse_args, setup_logging
-from utils.io import save_metrics
+from utils.io import read_json, save_metrics
 from utils.locking import artifact_lock
 from utils.modeling import (
     describe_model,
@@ -46,30 +61,61 @@ from utils.modeling import (
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_PROMPT = "Answer these questions:\nQuestion: {question}\nAnswer:"
-PLACEHOLDER = "{question}"
-
 
 @dataclass
 class QAArguments:
     output_dir: str = field(metadata={"help": "Directory for predictions.jsonl and qa_results.json."})
-    data_file: str | None = field(default=None, metadata={"help": "Local .json (list of records) or .jsonl QA file."})
+    data_file: str | None = field(default=None, metadata={
+        "help": "Local QA file: a JSON list, JSON lines (whatever the suffix), or an object with a 'data' or "
+                "'examples' list."})
     dataset_name: str | None = field(default=None, metadata={"help": "datasets-hub name, e.g. nq_open or trivia_qa."})
     dataset_config_name: str | None = field(default=None, metadata={"help": "Hub config, e.g. rc.nocontext for trivia_qa."})
     dataset_split: str = field(default="validation", metadata={"help": "Hub split to evaluate."})
     question_field: str | None = field(default=None, metadata={"help": "Question field (default: detected)."})
     answer_field: list[str] | None = field(default=None, metadata={
         "help": "Gold answer field(s); several are pooled, e.g. --answer_field answer aliases (default: detected: "
-                "answer, answers, possible_answers, right_answer, ..., plus aliases fields when present).",
+                "answer, answers, possible_answers, right_answer, ..., plus aliases fields when present; a TriviaQA "
+                "answer dict gives its value and all its aliases).",
         "nargs": "+"})
-    max_samples: int | None = field(default=None, metadata={"help": "Evaluate only the first N questions."})
+    protocol: str = field(default="default", metadata={
+        "help": "Evaluation protocol (downstream/qa_protocols.py): 'released' (NQ-open / HotpotQA as the released "
+                "eval_qa.py: 'Answer these questions:\\nQuestion: {q}?\\nAnswer:', 15 tokens, first line, F1 with "
+                "the yes/no rule, NQ's ')' answers dropped), 'webqa' (the authors' WebQuestions / TriviaQA "
+                "evaluator: 'Answer the questions:\\n\\nQuestion: {q}? The answer is:', stop at newline . or "
+                ",, 100 tokens, has_answer) or 'default' (this project's).",
+        "choices": list(PROTOCOLS)})
+    max_samples: int | None = field(default=None, metadata={
+        "help": "Evaluate only N questions (the first N, or N from --start)."})
+    start: int = field(default=0, metadata={"help": "Skip the first N questions (with --max_samples: a window)."})
+    num_shards: int = field(default=1, metadata={
+        "help": "Split the questions into this many contiguous shards and evaluate one (--shard_index); merge the "
+                "shards' output directories with --merge."})
+    shard_index: int = field(default=0, metadata={"help": "Which shard to evaluate, 0 .. --num_shards - 1."})
+    merge: list[str] | None = field(default=None, metadata={
+        "help": "Merge the output directories of the shards of one run into --output_dir (no model is loaded): "
+                "the metrics equal those of the unsharded run.", "nargs": "+"})
     prompt_template: str | None = field(default=None, metadata={
-        "help": "Prompt with a {question} placeholder. Default: the qa_prompt that the meta.json beside --data_file "
-                "records (the quickstart's corpus does), else the released "
+        "help": "Prompt with a {question} placeholder; overrides the protocol's. Under the default protocol: the "
+                "qa_prompt that the meta.json beside --data_file records (the quickstart's corpus does), else "
                 "'Answer these questions:\\nQuestion: {question}\\nAnswer:'."})
+    num_fewshot: int = field(default=0, metadata={
+        "help": "Put N solved examples from --fewshot_file before each question, in the template's format (never "
+                "the question itself)."})
+    fewshot_file: str | None = field(default=None, metadata={
+        "help": "QA file of few-shot examples (same formats and fields as --data_file; the first gold answer is "
+                "shown)."})
+    fewshot_seed: int = field(default=0, metadata={"help": "Seed of the few-shot choice (deterministic per question)."})
+    chat_template: bool = field(default=False, metadata={
+        "help": "Send each prompt as a user message through the tokenizer's chat template."})
     per_device_eval_batch_size: int = field(default=8, metadata={"help": "Questions per generate call."})
-    max_new_tokens: int = field(default=16, metadata={"help": "Tokens generated per question at most."})
-    stop_at_newline: bool = field(default=True, metadata={"help": "Stop a row once its answer line is complete."})
+    max_new_tokens: int | None = field(default=None, metadata={
+        "help": "Tokens generated per question at most (default: the protocol's: 16, released 15, webqa 100)."})
+    stop: list[str] | None = field(default=None, metadata={
+        "help": "Stop strings: a row stops at the first of them and its continuation is cut there (default: the "
+                "protocol's: released '\\n', webqa '\\n' '.' ','; a typed \\n is a newline).", "nargs": "+"})
+    stop_at_newline: bool | None = field(default=None, metadata={
+        "help": "Stop a row once its answer line is complete (a newline after its first non-blank character); "
+                "default: on under the default protocol.", "nargs": "?", "const": True})
     use_neural_knn: bool = field(default=False, metadata={
         "help": "Interpolate the base model with the memory (implied when --model_name_or_path is a joint model)."})
     knn_generator_path: str | None = field(default=None, metadata={
@@ -81,14 +127,28 @@ class QAArguments:
 
     def __post_init__(self):
         check_finite_floats(self)
+        get_protocol(self.protocol)
         if self.prompt_template is not None:
             self.prompt_template = self.prompt_template.replace("\\n", "\n")
             if PLACEHOLDER not in self.prompt_template:
                 raise UsageError(f"--prompt_template must contain {PLACEHOLDER}, got {self.prompt_template!r}")
-        for flag in ("max_samples", "per_device_eval_batch_size", "max_new_tokens"):
+        if self.stop is not None:
+            self.stop = [s.replace("\\n", "\n") for s in self.stop]
+            if not all(self.stop):
+                raise UsageError("--stop strings must not be empty")
+        for flag in ("max_samples", "per_device_eval_batch_size", "max_new_tokens", "num_shards"):
             value = getattr(self, flag)
             if value is not None and value < 1:
                 raise UsageError(f"--{flag} must be >= 1, got {value}")
+        for flag in ("start", "num_fewshot", "shard_index"):
+            if getattr(self, flag) < 0:
+                raise UsageError(f"--{flag} must be >= 0, got {getattr(self, flag)}")
+        if self.shard_index >= self.num_shards:
+            raise UsageError(f"--shard_index must be below --num_shards ({self.num_shards}), got {self.shard_index}")
+        if self.num_fewshot and not self.fewshot_file:
+            raise UsageError("--num_fewshot needs --fewshot_file (a QA file of solved examples)")
+        if self.fewshot_file and not self.num_fewshot:
+            raise UsageError("--fewshot_file is only used with --num_fewshot N (N >= 1)")
         if self.use_neural_knn and not self.knn_generator_path:
             raise UsageError("--use_neural_knn needs --knn_generator_path (an MLP memory directory)")
         if self.knn_generator_path and not self.use_neural_knn:
@@ -99,30 +159,31 @@ class QAArguments:
 
 
 def resolve_prompt(args: QAArguments) -> tuple[str, str]:
-    """The prompt template and where it came from: --prompt_template, the ``qa_prompt`` of the ``meta.json``
-    beside --data_file (a QA set that brings its own prompt), or the released default."""
+    """The prompt template and where it came from: --prompt_template, the protocol's template, or (default
+    protocol) the ``qa_prompt`` of the ``meta.json`` beside --data_file (a QA set that brings its own prompt),
+    else the released template."""
     if args.prompt_template is not None:
         return args.prompt_template, "--prompt_template"
+    protocol = get_protocol(args.protocol)
+    if protocol.template is not None:
+        return protocol.template, f"--protocol {protocol.name}"
     return (args.data_file and recorded_prompt(args.data_file)) or (DEFAULT_PROMPT, "the released default")
 
 
-# A question field that already holds "Question: ... Answer:" (TriviaQA's released subset) is unwrapped first,
-# so that the template does not add its labels twice.
-_QUESTION_LABEL = re.compile(r"^\s*(?:question|q)\s*:\s*", re.IGNORECASE)
-_ANSWER_LABEL = re.compile(r"\s*(?:answer|a)\s*:\s*$", re.IGNORECASE)
+def resolve_protocol(args: QAArguments) -> tuple[Protocol, str]:
+    """The protocol of --protocol with its template resolved (`resolve_prompt`) and the values that flags set, and
+    where the template came from."""
+    template, template_source = resolve_prompt(args)
+    protocol = get_protocol(args.protocol).override(max_new_tokens=args.max_new_tokens, stop=args.stop,
+                                                    stop_at_newline=args.stop_at_newline,
+                                                    template=args.prompt_template)
+    return replace(protocol, template=template), template_source
 
 
 def make_prompt(template: str, question: str) -> str:
     """``template`` with ``question`` in place of ``{question}``, after removing any ``Question:`` / ``Answer:``
-    labels the question already carries."""
-    if _QUESTION_LABEL.match(question):
-        question = _ANSWER_LABEL.sub("", _QUESTION_LABEL.sub("", question, count=1))
-    return template.replace(PLACEHOLDER, question)
-
-
-def first_line(continuation: str) -> str:
-    """The answer: the first line of the continuation, leading whitespace (newlines included) skipped."""
-    return continuation.strip().split("\n", 1)[0].strip()
+    labels the question already carries (the default protocol's prompt)."""
+    return build_prompt(template, question)
 
 
 class AnswerLineComplete(StoppingCriteria):
@@ -134,6 +195,17 @@ class AnswerLineComplete(StoppingCriteria):
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
         texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_width:], skip_special_tokens=True)
         return torch.tensor(["\n" in t.lstrip() for t in texts], dtype=torch.bool, device=input_ids.device)
+
+
+class StopStrings(StoppingCriteria):
+    """Per row: stop once the generated text contains any of ``stop``."""
+
+    def __init__(self, tokenizer, prompt_width: int, stop: Sequence[str]):
+        self.tokenizer, self.prompt_width, self.stop = tokenizer, prompt_width, tuple(stop)
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_width:], skip_special_tokens=True)
+        return torch.tensor([any(s in t for s in self.stop) for t in texts], dtype=torch.bool, device=input_ids.device)
 
 
 def prepare_tokenizer(tokenizer, model) -> None:
@@ -150,39 +222,81 @@ def prepare_tokenizer(tokenizer, model) -> None:
 
 @torch.no_grad()
 def generate_answers(model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int,
-                     stop_at_newline: bool = True, joint=None) -> list[str]:
-    """Greedy continuations (decoded, special tokens dropped) of each prompt, ``batch_size`` at a time."""
+                     stop_at_newline: bool = True, joint=None, stop: Sequence[str] = (),
+                     add_special_tokens: bool = True) -> list[str]:
+    """Greedy continuations (decoded, special tokens dropped) of each prompt, ``batch_size`` at a time; a row stops
+    at any of ``stop`` and, with ``stop_at_newline``, once its answer line is complete (the continuations are
+    returned as generated, not cut)."""
     device = next(model.parameters()).device
     generate = joint.generate if joint is not None else model.generate
     continuations = []
     for start in range(0, len(prompts), batch_size):
-        batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True).to(device)
+        batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True,
+                          add_special_tokens=add_special_tokens).to(device)
         width = batch["input_ids"].shape[1]
-        stopping = StoppingCriteriaList([AnswerLineComplete(tokenizer, width)]) if stop_at_newline else None
+        criteria = [AnswerLineComplete(tokenizer, width)] if stop_at_newline else []
+        criteria += [StopStrings(tokenizer, width, stop)] if stop else []
         out = generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                       stopping_criteria=stopping)
+                       stopping_criteria=StoppingCriteriaList(criteria) if criteria else None)
         continuations += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
         logger.info("Answered %d/%d questions", len(continuations), len(prompts))
     return continuations
+
+
+def apply_chat_template(tokenizer, prompts: list[str], model_flag: str) -> list[str]:
+    """Each prompt as the one user message of a chat, through the tokenizer's chat template, ready for the reply."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise UsageError(f"--chat_template: the tokenizer of {model_flag} has no chat template (drop the flag, or "
+                         "use --tokenizer_name with a chat tokenizer)")
+    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                          add_generation_prompt=True) for p in prompts]
 
 
 def write_jsonl(path: str, rows: list[dict]) -> None:
     """Write JSON lines atomically (temporary file, fsync, rename)."""
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
+def read_questions(args: QAArguments, protocol: Protocol) -> tuple[list[dict], dict, dict]:
+    """The questions this run evaluates (after the protocol's drops, --start / --max_samples and the shard), what
+    was read, and where the questions lie (`downstream.qa_data.select`)."""
+    count = None if args.max_samples is None else args.start + args.max_samples  # read no further than needed
+    examples, data_info = load_qa(args.data_file, args.dataset_name, args.dataset_config_name, args.dataset_split,
+                                  args.question_field, args.answer_field, count, drop_golds=protocol.drop_golds)
+    examples, where = select(examples, args.start, args.max_samples, args.num_shards, args.shard_index)
+    return examples, data_info, where
+
+
+def make_prompts(examples: list[dict], protocol: Protocol, args: QAArguments) -> list[str]:
+    """The protocol's prompt of each question, with --num_fewshot examples from --fewshot_file."""
+    if not args.num_fewshot:
+        return [build_prompt(protocol.template, ex["question"], protocol.question_style) for ex in examples]
+    pool, _ = load_qa(args.fewshot_file, question_field=args.question_field, answer_field=args.answer_field,
+                      flag="--fewshot_file")
+    return [build_prompt(protocol.template, ex["question"], protocol.question_style,
+                         choose_shots(pool, ex["question"], args.num_fewshot, args.fewshot_seed)) for ex in examples]
+
+
 def answer_questions(model_args: PretrainedModelArguments, args: QAArguments, checks: BaseCheckArguments) -> dict:
     """Answer, score and write the results, holding the lock of --output_dir."""
-    examples, data_info = load_qa(args.data_file, args.dataset_name, args.dataset_config_name, args.dataset_split,
-                                  args.question_field, args.answer_field, args.max_samples)
+    protocol, template_source = resolve_protocol(args)
+    logger.info("Protocol %s (%s); prompt from %s; settings %s", protocol.name, protocol.source, template_source,
+                json.dumps(protocol.describe()))
+    examples, data_info, where = read_questions(args, protocol)
+    if args.num_shards > 1 or args.start or args.max_samples:
+        logger.info("Questions %d to %d (shard %d of %d)", where["start"], where["end"] - 1, args.shard_index,
+                    args.num_shards)
     tok_path, tok_gguf = model_tokenizer_path(model_args)
-    tokenizer = load_tokenizer(tok_path, tok_gguf, "--tokenizer_name" if model_args.tokenizer_name else "--model_name_or_path")
+    model_flag = "--tokenizer_name" if model_args.tokenizer_name else "--model_name_or_path"
+    tokenizer = load_tokenizer(tok_path, tok_gguf, model_flag)
+    prompts = make_prompts(examples, protocol, args)
+    if args.chat_template:
+        prompts = apply_chat_template(tokenizer, prompts, model_flag)
     from models.joint import JointLM
     from models.joint.causal_lm import load_base_and_memory
 
@@ -202,24 +316,21 @@ def answer_questions(model_args: PretrainedModelArguments, args: QAArguments, ch
                         tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
                         allow_base_mismatch=checks.allow_base_mismatch)
 
-    template, template_source = resolve_prompt(args)
-    logger.info("Prompt %r (from %s)", template, template_source)
-    prompts = [make_prompt(template, ex["question"]) for ex in examples]
     start = time.perf_counter()
-    continuations = generate_answers(model, tokenizer, prompts, args.per_device_eval_batch_size, args.max_new_tokens,
-                                     args.stop_at_newline, joint)
+    continuations = generate_answers(model, tokenizer, prompts, args.per_device_eval_batch_size,
+                                     protocol.max_new_tokens, protocol.stop_at_newline, joint, protocol.stop,
+                                     add_special_tokens=not args.chat_template)  # the chat template has its own
     seconds = time.perf_counter() - start
 
     rows, scores = [], []
     for ex, prompt, continuation in zip(examples, prompts, continuations):
-        prediction = first_line(continuation)
-        s = score(prediction, ex["golds"])
+        prediction = extract_answer(continuation, protocol)
+        s = score(prediction, ex["golds"], protocol.scoring)
         scores.append(s)
         rows.append({"question": ex["question"], "prompt": prompt, "golds": ex["golds"], "prediction": prediction,
                      "continuation": continuation, **s})
-    summary = aggregate(scores)
     metrics = {
-        **summary,
+        **aggregate(scores),
         "seconds": seconds,
         "questions_per_second": len(examples) / seconds if seconds > 0 else None,
         "use_neural_knn": args.use_neural_knn,
@@ -230,23 +341,91 @@ def answer_questions(model_args: PretrainedModelArguments, args: QAArguments, ch
         "model": describe_model(model_args),
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "data": data_info,
-        "prompt_template": template, "prompt_source": template_source,
-        "settings": {k: v for k, v in asdict(args).items() if k not in ("output_dir",)},
+        "questions": where,
+        "protocol": protocol.describe(),
+        "prompt_template": protocol.template, "prompt_source": template_source,
+        "settings": {k: v for k, v in asdict(args).items() if k not in ("output_dir", "merge")},
         "device": str(next(model.parameters()).device),
     }
-    os.makedirs(args.output_dir, exist_ok=True)
-    write_jsonl(os.path.join(args.output_dir, "predictions.jsonl"), rows)
-    save_metrics(args.output_dir, "qa", metrics)
-    setting = (f"base + memory (lmbda {args.lmbda:g}, knn_temp {args.knn_temp:g})" if args.use_neural_knn
-               else "base model alone")
-    logger.info("QA %s, %s: %d questions, EM %.2f F1 %.2f contains %.2f, %.2f questions/s (%.1f s)",
-                data_info["source"], setting, summary["count"], summary["exact_match"], summary["f1"],
-                summary["contains"], metrics["questions_per_second"] or 0.0, seconds)
+    write_results(args.output_dir, rows, metrics)
     return metrics
+
+
+def write_results(output_dir: str, rows: list[dict], metrics: dict) -> None:
+    """``predictions.jsonl``, ``qa_results.json`` (merged into ``all_results.json``) and the summary line."""
+    os.makedirs(output_dir, exist_ok=True)
+    write_jsonl(os.path.join(output_dir, "predictions.jsonl"), rows)
+    save_metrics(output_dir, "qa", metrics)
+    setting = (f"base + memory (lmbda {metrics['lmbda']:g}, knn_temp {metrics['knn_temp']:g})"
+               if metrics["use_neural_knn"] else "base model alone")
+    extra = f" has_answer {metrics['has_answer']:.2f}" if "has_answer" in metrics else ""
+    logger.info("QA %s (%s protocol), %s: %d questions, EM %.2f F1 %.2f contains %.2f%s, %.2f questions/s (%.1f s)",
+                metrics["data"]["source"], metrics["protocol"]["name"], setting, metrics["count"],
+                metrics["exact_match"], metrics["f1"], metrics["contains"], extra,
+                metrics["questions_per_second"] or 0.0, metrics["seconds"])
+
+
+# Results that differ between the shards of one run; everything else must agree for them to merge.
+PER_SHARD = {"count", *SCORE_KEYS.values(), "seconds", "questions_per_second", "questions", "device"}
+
+
+def merge_shards(directories: list[str], output_dir: str) -> dict:
+    """One result from the output directories of the shards 0..K-1 of one run: the predictions in order and the
+    metrics recomputed from them, which equal those of the unsharded run."""
+    shards = []
+    for directory in directories:
+        results_file = os.path.join(directory, "qa_results.json")
+        if not os.path.isfile(results_file):
+            raise UsageError(f"--merge {directory}: no qa_results.json (run downstream.eval_qa there first)")
+        metrics = read_json(results_file)
+        if "questions" not in metrics:
+            raise UsageError(f"--merge {directory}: written before sharding existed; run it again")
+        with open(os.path.join(directory, "predictions.jsonl"), encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        if len(rows) != metrics["count"]:
+            raise UsageError(f"--merge {directory}: predictions.jsonl has {len(rows)} rows, qa_results.json counts "
+                             f"{metrics['count']}")
+        shards.append((metrics, rows, directory))
+    shards.sort(key=lambda shard: shard[0]["questions"]["shard_index"])
+    first = shards[0][0]
+
+    def common(metrics: dict) -> dict:
+        settings = {k: v for k, v in metrics["settings"].items() if k != "shard_index"}
+        return {**{k: v for k, v in metrics.items() if k not in PER_SHARD}, "settings": settings}
+
+    for metrics, _, directory in shards[1:]:
+        differing = sorted(k for k in {**common(first), **common(metrics)}
+                           if common(first).get(k) != common(metrics).get(k))
+        if differing:
+            raise UsageError(f"--merge {directory}: not a shard of the same run as {shards[0][2]} (differs in "
+                             f"{', '.join(differing)})")
+    num_shards = first["questions"]["num_shards"]
+    indices = [metrics["questions"]["shard_index"] for metrics, _, _ in shards]
+    if indices != list(range(num_shards)):
+        raise UsageError(f"--merge: expected the shards 0..{num_shards - 1} of --num_shards {num_shards} once each, "
+                         f"got {indices}")
+    rows = [row for _, shard_rows, _ in shards for row in shard_rows]
+    seconds = sum(metrics["seconds"] for metrics, _, _ in shards)
+    merged = {
+        **{k: v for k, v in first.items() if k not in PER_SHARD},
+        **aggregate([{k: row[k] for k in SCORE_KEYS if k in row} for row in rows]),
+        "seconds": seconds, "questions_per_second": len(rows) / seconds if seconds > 0 else None,
+        "questions": {"start": first["questions"]["start"], "end": shards[-1][0]["questions"]["end"],
+                      "num_shards": num_shards, "shard_index": None},
+        "device": sorted({metrics["device"] for metrics, _, _ in shards}),
+        "merged_from": [os.path.abspath(directory) for _, _, directory in shards],
+    }
+    write_results(output_dir, rows, merged)
+    return merged
 
 
 def main(argv: list[str] | None = None) -> dict:
     setup_logging()
+    argv = sys.argv[1:] if argv is None else argv
+    if "--merge" in argv:  # no model: only the QA flags
+        (args,) = parse_args((QAArguments,), argv)
+        with artifact_lock(args.output_dir, "--output_dir"):
+            return merge_shards(args.merge, args.output_dir)
     model_args, args, checks = parse_args((PretrainedModelArguments, QAArguments, BaseCheckArguments), argv)
     if model_args.model_name_or_path is None:
         raise UsageError("--model_name_or_path is required (a pretrained base model)")

@@ -21,7 +21,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from utils.cli import UsageError
 
@@ -90,7 +91,7 @@ def detect_field(record: dict, candidates: Iterable[str], what: str, flag: str, 
     raise UsageError(f"{source}: cannot detect the {what} field among {sorted(record)}; name it with {flag}")
 
 
-def json_lines(path: str, text: str) -> list:
+def json_lines(path: str, text: str, flag: str = "--data_file") -> list:
     """The records of JSON-lines ``text`` (errors name the line)."""
     records = []
     for number, line in enumerate(text.split("\n"), 1):
@@ -98,31 +99,31 @@ def json_lines(path: str, text: str) -> list:
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as err:
-                raise UsageError(f"--data_file {path}, line {number}: not JSON ({err})") from None
+                raise UsageError(f"{flag} {path}, line {number}: not JSON ({err})") from None
     return records
 
 
-def read_local(path: str) -> list[dict]:
-    """Records of a local JSON or JSON-lines file, whatever its suffix (errors name ``--data_file``)."""
+def read_local(path: str, flag: str = "--data_file") -> list[dict]:
+    """Records of a local JSON or JSON-lines file, whatever its suffix (errors name ``flag``)."""
     if not os.path.isfile(path):
-        raise UsageError(f"--data_file {path}: no such file")
+        raise UsageError(f"{flag} {path}: no such file")
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except UnicodeDecodeError as err:
-        raise UsageError(f"--data_file {path} is not UTF-8 text (byte {err.start}: {err.reason})") from None
+        raise UsageError(f"{flag} {path} is not UTF-8 text (byte {err.start}: {err.reason})") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
-        data = json_lines(path, text)  # one record per line
+        data = json_lines(path, text, flag)  # one record per line
     if isinstance(data, dict):  # an object holding the records, or the one record of a one-line JSON-lines file
         data = next((data[key] for key in RECORD_LISTS if isinstance(data.get(key), list)), [data])
     if not isinstance(data, list):
-        raise UsageError(f"--data_file {path}: expected a list of records, JSON lines, or an object with a "
+        raise UsageError(f"{flag} {path}: expected a list of records, JSON lines, or an object with a "
                          f"{' or '.join(repr(k) for k in RECORD_LISTS)} list")
     records = data
     if records and not all(isinstance(r, dict) for r in records):
-        raise UsageError(f"--data_file {path}: every record must be a JSON object")
+        raise UsageError(f"{flag} {path}: every record must be a JSON object")
     return records
 
 
@@ -139,17 +140,20 @@ def read_hub(name: str, config: str | None, split: str) -> list[dict]:
 
 def load_qa(data_file: str | None = None, dataset_name: str | None = None, dataset_config_name: str | None = None,
             dataset_split: str = "validation", question_field: str | None = None,
-            answer_field: str | list[str] | None = None, max_samples: int | None = None) -> tuple[list[dict], dict]:
+            answer_field: str | list[str] | None = None, max_samples: int | None = None,
+            drop_golds: Iterable[str] = (), flag: str = "--data_file") -> tuple[list[dict], dict]:
     """Questions with their gold answers, and a description of what was read (source, fields, counts).
 
     ``answer_field`` may name several fields, whose gold strings are pooled; when it is not given, the
     detected field is joined by the alias fields (`ALIAS_FIELDS`) the records hold. Records without any
-    gold answer are skipped (with a warning); ``max_samples`` keeps the first N usable records.
+    gold answer are skipped (with a warning), so are those with a gold answer in ``drop_golds`` (the released
+    NQ-open evaluation drops the answer ``)``); ``max_samples`` keeps the first N usable records. ``flag``
+    names ``data_file`` in errors. Warns when the gold answers look like sentences (`sentence_like_share`).
     """
     if (data_file is None) == (dataset_name is None):
-        raise UsageError("Give exactly one of --data_file (a local .json/.jsonl) or --dataset_name (a datasets-hub name)")
+        raise UsageError(f"Give exactly one of {flag} (a local .json/.jsonl) or --dataset_name (a datasets-hub name)")
     if data_file is not None:
-        records, source = read_local(data_file), f"--data_file {data_file}"
+        records, source = read_local(data_file, flag), f"{flag} {data_file}"
     else:
         records, source = read_hub(dataset_name, dataset_config_name, dataset_split), f"--dataset_name {dataset_name}"
     if not records:
@@ -161,13 +165,17 @@ def load_qa(data_file: str | None = None, dataset_name: str | None = None, datas
     else:
         a_fields = [detect_field(first, ANSWER_FIELDS, "answer", "--answer_field", source)]
         a_fields += [name for name in ALIAS_FIELDS if name in first and name not in a_fields]
-        if len(a_fields) > 1:
-            logger.info("%s: gold answers from %s", source, ", ".join(a_fields))
-    examples, skipped = [], 0
+    if any(isinstance(first.get(a), dict) and "aliases" in first[a] for a in a_fields):
+        logger.info("%s: TriviaQA answers (%s): the value and every alias are gold answers", source,
+                    ", ".join(k for k in ANSWER_DICT_KEYS if any(k in first.get(a, {}) for a in a_fields)))
+    elif len(a_fields) > 1:
+        logger.info("%s: gold answers from %s", source, ", ".join(a_fields))
+    drop_golds = set(drop_golds)
+    examples, skipped, dropped = [], 0, 0
     for index, record in enumerate(records):
-        for field_name, flag in ((q_field, "--question_field"), *((a, "--answer_field") for a in a_fields)):
+        for field_name, fl in ((q_field, "--question_field"), *((a, "--answer_field") for a in a_fields)):
             if field_name not in record:
-                raise UsageError(f"{source}: record {index} has no field {field_name!r} ({flag}); it has {sorted(record)}")
+                raise UsageError(f"{source}: record {index} has no field {field_name!r} ({fl}); it has {sorted(record)}")
         question = record[q_field]
         if not isinstance(question, str) or not question.strip():
             raise UsageError(f"{source}: record {index} has no question text in {q_field!r}")
@@ -175,15 +183,52 @@ def load_qa(data_file: str | None = None, dataset_name: str | None = None, datas
         if not golds:
             skipped += 1
             continue
+        if drop_golds.intersection(golds):
+            dropped += 1
+            continue
         examples.append({"question": question.strip(), "golds": golds})
         if max_samples is not None and len(examples) >= max_samples:
             break
     if skipped:
         logger.warning("%s: skipped %d record(s) without a gold answer in %s", source, skipped, a_fields)
+    if dropped:
+        logger.info("%s: dropped %d question(s) with a gold answer in %s", source, dropped, sorted(drop_golds))
     if not examples:
         raise UsageError(f"{source}: no record has a gold answer in {a_fields}")
+    sentences = sentence_like_share(examples)
+    if sentences >= 0.5:
+        logger.warning("%s: the gold answers of %.0f%% of the questions look like sentences (the shortest has %d+ "
+                       "words): exact match and F1 then mean little; 'contains' or a judgment benchmark fits better",
+                       source, 100 * sentences, SENTENCE_WORDS)
     info = {"source": data_file or dataset_name, "dataset_config_name": dataset_config_name,
             "dataset_split": None if data_file else dataset_split, "question_field": q_field,
             "answer_field": a_fields[0] if len(a_fields) == 1 else a_fields,
             "records_read": len(records), "skipped_without_gold": skipped}
+    if drop_golds:
+        info["dropped_for_gold"] = {"golds": sorted(drop_golds), "count": dropped}
+    if sentences:
+        info["sentence_like_golds"] = sentences
     return examples, info
+
+
+SENTENCE_WORDS = 6  # a question whose shortest gold answer has this many words has a sentence for an answer
+
+
+def sentence_like_share(examples: list[dict]) -> float:
+    """The share of questions whose shortest gold answer has `SENTENCE_WORDS` words or more."""
+    long = sum(min(len(g.split()) for g in ex["golds"]) >= SENTENCE_WORDS for ex in examples)
+    return long / len(examples) if examples else 0.0
+
+
+def select(examples: list, start: int = 0, count: int | None = None, num_shards: int = 1,
+           shard_index: int = 0) -> tuple[list, dict]:
+    """The questions ``[start, start + count)``, then the ``shard_index``-th of ``num_shards`` contiguous, nearly
+    equal blocks of them, and where they lie: ``{"start", "end", "num_shards", "shard_index"}`` (positions in
+    ``examples``). Shards 0..K-1 concatenated in order are the unsharded selection."""
+    window = examples[start:] if count is None else examples[start:start + count]
+    if start and not window:
+        raise UsageError(f"--start {start} is past the last of the {len(examples)} questions")
+    begin = len(window) * shard_index // num_shards
+    end = len(window) * (shard_index + 1) // num_shards
+    where = {"start": start + begin, "end": start + end, "num_shards": num_shards, "shard_index": shard_index}
+    return window[begin:end], where

@@ -197,12 +197,12 @@ def test_end_to_end(qa_setup):
     assert [r["continuation"] for r in single_rows] == [r["continuation"] for r in base_rows]
 
     # the memory with weight 0 changes nothing; with weight 0.9 it changes something
-    zero, zero_rows, zero_out = run_qa(qa_setup, "lmbda0", "--per_device_eval_batch_size", "3", "--use_neural_knn",
-                                       "--knn_generator_path", qa_setup["memory"], "--lmbda", "0")
+    zero, zero_rows, _ = run_qa(qa_setup, "lmbda0", "--per_device_eval_batch_size", "3", "--use_neural_knn",
+                                "--knn_generator_path", qa_setup["memory"], "--lmbda", "0")
     assert [r["continuation"] for r in zero_rows] == [r["continuation"] for r in base_rows]
     assert zero["use_neural_knn"] is True and zero["lmbda"] == 0
-    joint, joint_rows, _ = run_qa(qa_setup, "lmbda09", "--per_device_eval_batch_size", "3", "--use_neural_knn", "true",
-                                  "--knn_generator_path", qa_setup["memory"], "--lmbda", "0.9")
+    _, joint_rows, _ = run_qa(qa_setup, "lmbda09", "--per_device_eval_batch_size", "3", "--use_neural_knn", "true",
+                              "--knn_generator_path", qa_setup["memory"], "--lmbda", "0.9")
     assert [r["continuation"] for r in joint_rows] != [r["continuation"] for r in base_rows]
 
 
