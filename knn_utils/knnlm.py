@@ -11,8 +11,10 @@
 For every scored row the query is the hooked key of the frozen LM (the same hidden state the datastore
 holds), ``p_knn`` comes from the values of its ``k`` nearest rows weighted by ``softmax(-d / knn_temp)``
 (nearest by exact distance, ties to the lower row, as for the kNN targets: `knn_utils.index.KnnIndex.search`),
-and ``log p = logaddexp(log p_lm + log(1 - lmbda), log p_knn + log lmbda)`` over the full vocabulary.
-The base perplexity comes from the same pass; both go to ``OUT/knnlm_results.json``. When the evaluated
+and ``log p = logaddexp(log p_lm + log(1 - lmbda), log p_knn + log lmbda)``. Perplexity needs only the
+gold token: ``p_knn(gold)`` is the summed weight of the neighbours whose value is the gold token
+(`knn_gold_log_probs`), and ``log p_lm(gold)`` the one the base perplexity uses, so no (rows x vocab)
+``p_knn`` or interpolation is built (`knnlm_log_probs` keeps the full distribution). The base perplexity comes from the same pass; both go to ``OUT/knnlm_results.json``. When the evaluated
 split is the one the datastore was built from, each row's own datastore entry is left out.
 """
 
@@ -32,7 +34,7 @@ import torch
 from accelerate import PartialState
 
 from knn_utils.index import KNN_GPU_HELP, KnnIndex, check_gpu_k, configure_threads, load_index
-from models.joint.interpolation import ROWS_PER_SLICE, check_lmbdas, interpolate_log_probs
+from models.joint.interpolation import check_lmbdas, interpolate_log_probs
 from utils.arguments import DataArguments, PretrainedModelArguments
 from utils.artifacts.dataset import TokenizedSplit, load_split
 from utils.artifacts.datastore import Datastore, open_datastore
@@ -80,19 +82,31 @@ class KnnLMArguments:
 # p_knn from the neighbours, interpolated with the LM by models.joint's formula
 
 
+def neighbour_weights(dists: torch.Tensor, knn_temp: float) -> torch.Tensor:
+    """``softmax(-d / knn_temp)`` over each row's neighbours in float32, (n, k) -> (n, k); 0 where d = inf."""
+    logits = -dists.float() / knn_temp  # (n, k)
+    top = logits.amax(dim=-1, keepdim=True)
+    weights = torch.exp(logits - torch.where(torch.isfinite(top), top, 0.0))  # (n, k), 0 where d = inf
+    return weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+
+
 def knn_log_probs(dists: torch.Tensor, neighbour_vals: torch.Tensor, vocab_size: int, knn_temp: float) -> torch.Tensor:
     """``log p_knn`` over the vocabulary, (n, k), (n, k) -> (n, V).
 
     Each neighbour weighs ``softmax(-d / knn_temp)``; weights of equal tokens add up. Tokens no
     neighbour holds get ``-inf``. A neighbour with distance ``inf`` (none found) weighs 0.
     """
-    logits = -dists.float() / knn_temp  # (n, k)
-    top = logits.amax(dim=-1, keepdim=True)
-    weights = torch.exp(logits - torch.where(torch.isfinite(top), top, 0.0))  # (n, k), 0 where d = inf
-    weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
     probs = torch.zeros(len(dists), vocab_size, dtype=torch.float32, device=dists.device)
-    probs.scatter_add_(1, neighbour_vals.long().clamp_min(0), weights)  # (n, V)
+    probs.scatter_add_(1, neighbour_vals.long().clamp_min(0), neighbour_weights(dists, knn_temp))  # (n, V)
     return probs.log()
+
+
+def knn_gold_log_probs(dists: torch.Tensor, neighbour_vals: torch.Tensor, labels: torch.Tensor,
+                       knn_temp: float) -> torch.Tensor:
+    """``knn_log_probs(...)[label]`` of each row from its ``k`` neighbours alone, (n, k), (n, k), (n,) -> (n,):
+    the log of the summed weight of the neighbours whose value is the label (``-inf`` when none is)."""
+    holds_gold = neighbour_vals.long() == labels[:, None].long()  # (n, k)
+    return (neighbour_weights(dists, knn_temp) * holds_gold).sum(dim=-1).log()
 
 
 def knnlm_log_probs(lm_logits: torch.Tensor, dists: torch.Tensor, neighbour_vals: torch.Tensor, lmbda: float,
@@ -113,6 +127,16 @@ def knnlm_log_probs_sweep(lm_logits: torch.Tensor, dists: torch.Tensor, neighbou
     has_neighbours = torch.isfinite(dists).any(dim=-1, keepdim=True)  # (n, 1)
     return [torch.where(has_neighbours, interpolate_log_probs(lm_log_probs, knn, lmbda), lm_log_probs)
             for lmbda in lmbdas]
+
+
+def knnlm_gold_log_probs_sweep(lm_gold: torch.Tensor, dists: torch.Tensor, neighbour_vals: torch.Tensor,
+                               labels: torch.Tensor, lmbdas: list[float], knn_temp: float) -> torch.Tensor:
+    """`knnlm_log_probs_sweep`'s entries at the labels, (len(lmbdas), n), from ``lm_gold`` (n,) = ``log p_lm`` of
+    each label and the ``k`` neighbours: no (n, V) tensor."""
+    knn_gold = knn_gold_log_probs(dists, neighbour_vals, labels, knn_temp)  # (n,)
+    has_neighbours = torch.isfinite(dists).any(dim=-1)  # (n,)
+    return torch.stack([torch.where(has_neighbours, interpolate_log_probs(lm_gold, knn_gold, lmbda), lm_gold)
+                        for lmbda in lmbdas])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -145,20 +169,17 @@ def same_rows(datastore: Datastore, split: TokenizedSplit) -> bool:
     return datastore.meta["dataset"]["tokens_sha256"] == split.meta["splits"][split.split]["tokens_sha256"]
 
 
-def knnlm_nll(batch: ScoredBatch, index: KnnIndex, vals: np.ndarray, args: KnnLMArguments,
+def knnlm_nll(batch: ScoredBatch, lm_gold: torch.Tensor, index: KnnIndex, vals: np.ndarray, args: KnnLMArguments,
               exclude_self: bool) -> torch.Tensor:
-    """Negative log-likelihood of each row's label under the kNN-LM at each ``--lmbda``, (len(lmbda), n)."""
+    """Negative log-likelihood of each row's label under the kNN-LM at each ``--lmbda``, (len(lmbda), n).
+
+    ``lm_gold`` (n,) is the base's ``log p_lm`` of each label (the negated NLL its perplexity sums).
+    """
     neighbours = index.search(batch.hidden.float().cpu().numpy(), args.k, batch.rows if exclude_self else None)
-    device = batch.logits.device
+    device = batch.labels.device
     dists = torch.from_numpy(neighbours.dists).to(device)  # (n, k)
     neighbour_vals = torch.from_numpy(np.asarray(vals[np.where(neighbours.valid, neighbours.ids, 0)], dtype=np.int64)).to(device)
-    nll = []
-    for s in range(0, len(batch.rows), ROWS_PER_SLICE):
-        part = slice(s, s + ROWS_PER_SLICE)
-        gold = batch.labels[part, None]
-        sweep = knnlm_log_probs_sweep(batch.logits[part], dists[part], neighbour_vals[part], args.lmbda, args.knn_temp)
-        nll.append(torch.stack([-log_probs.gather(-1, gold).squeeze(-1) for log_probs in sweep]))
-    return torch.cat(nll, dim=1)
+    return -knnlm_gold_log_probs_sweep(lm_gold, dists, neighbour_vals, batch.labels, args.lmbda, args.knn_temp)
 
 
 def evaluate_knnlm(model_args: PretrainedModelArguments, data_args: DataArguments, args: KnnLMArguments,
@@ -188,9 +209,10 @@ def evaluate_knnlm(model_args: PretrainedModelArguments, data_args: DataArgument
     knn_seconds, start = 0.0, time.perf_counter()
     for batch in score_batches(model, split.tokens, windows, args.per_device_eval_batch_size, state.process_index,
                                state.num_processes, layer=datastore.meta["layer"], show_progress=state.is_main_process):
-        base_totals.update(window_sums(token_nll(batch.logits, batch.labels), batch, windows))
+        base_nll = token_nll(batch.logits, batch.labels)  # (n,)
+        base_totals.update(window_sums(base_nll, batch, windows))
         knn_start = time.perf_counter()
-        for totals, nll in zip(knn_totals, knnlm_nll(batch, index, datastore.vals, args, exclude_self)):
+        for totals, nll in zip(knn_totals, knnlm_nll(batch, -base_nll, index, datastore.vals, args, exclude_self)):
             totals.update(window_sums(nll, batch, windows))
         knn_seconds += time.perf_counter() - knn_start
     index.finish()  # a sharded index searched by several processes: answer theirs until all are done

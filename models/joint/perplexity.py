@@ -8,8 +8,11 @@ For every scored row, one pass of the base LM gives its logits and the hidden st
     log p     = logaddexp(log p_lm + log(1 - lmbda), log q + log lmbda)      for each lmbda
 
 (`models.joint.interpolation`'s formula), so the base alone, the memory alone and the joint model for
-every ``lmbda`` are scored on the same tokens. Tokens/s of the base alone and of base + memory come from
-the same run: the memory forward and the interpolation are timed apart from the base forward.
+every ``lmbda`` are scored on the same tokens. Perplexity needs only the gold token's probability, so each
+distribution costs one log-sum-exp per row (`gold_log_probs`: the base's is the one its own perplexity
+uses) and the formula is applied to (rows,) vectors, one per ``lmbda``: no (rows x vocab) interpolation is
+built. Tokens/s of the base alone and of base + memory come from the same run: the memory forward (with
+its log-sum-exp) and the interpolation are timed apart from the base forward.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch
 from accelerate import PartialState
 
 from models.joint.causal_lm import load_base_and_memory
-from models.joint.interpolation import ROWS_PER_SLICE, check_lmbdas, interpolate_log_probs, memory_log_probs
+from models.joint.interpolation import ROWS_PER_SLICE, check_lmbdas, interpolate_log_probs, memory_gold_log_probs
 from models.joint.token_memory import is_token_memory, with_token_memory_logits
 from utils.arguments import SPLITS, DataArguments, PretrainedModelArguments
 from utils.artifacts.dataset import load_split
@@ -86,43 +89,33 @@ def resolve_split(data_args: DataArguments, args: JointArguments) -> str:
     return args.dataset_split_name or data_args.eval_subset
 
 
-def gold(log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Negative log-probability of each label, (n, V), (n,) -> (n,)."""
-    return -log_probs.gather(-1, labels[:, None]).squeeze(-1)
-
-
 @dataclass
 class JointNll:
     """Per-row negative log-likelihoods of one batch, and the seconds the memory side took."""
 
     memory: torch.Tensor  # (n,)
     joint: list[torch.Tensor]  # one (n,) per lmbda
-    memory_seconds: float  # memory forward + log_softmax
+    memory_seconds: float  # memory forward + its log-sum-exp
     interpolation_seconds: float  # all lmbdas together
 
 
-def joint_nll(batch: ScoredBatch, memory: torch.nn.Module, lmbdas: list[float], knn_temp: float) -> JointNll:
-    """Memory-alone and joint NLL of each row of ``batch``, ``ROWS_PER_SLICE`` rows at a time."""
-    device = batch.logits.device
-    memory_parts, joint_parts = [], [[] for _ in lmbdas]
-    memory_seconds = interpolation_seconds = 0.0
-    for s in range(0, len(batch.rows), ROWS_PER_SLICE):
-        part = slice(s, s + ROWS_PER_SLICE)
-        labels = batch.labels[part]
-        lm_log_probs = torch.log_softmax(batch.logits[part].float(), dim=-1)  # (n, V)
-        synchronize(device)
-        start = time.perf_counter()
-        mem_log_probs = memory_log_probs(memory, batch.hidden[part], knn_temp)  # (n, V)
-        synchronize(device)
-        middle = time.perf_counter()
-        mixed = [gold(interpolate_log_probs(lm_log_probs, mem_log_probs, lmbda), labels) for lmbda in lmbdas]
-        synchronize(device)
-        memory_seconds += middle - start
-        interpolation_seconds += time.perf_counter() - middle
-        memory_parts.append(gold(mem_log_probs, labels))
-        for parts, nll in zip(joint_parts, mixed):
-            parts.append(nll)
-    return JointNll(torch.cat(memory_parts), [torch.cat(p) for p in joint_parts], memory_seconds, interpolation_seconds)
+def joint_nll(batch: ScoredBatch, lm_gold: torch.Tensor, memory: torch.nn.Module, lmbdas: list[float],
+              knn_temp: float) -> JointNll:
+    """Memory-alone and joint NLL of each row of ``batch``, ``ROWS_PER_SLICE`` rows at a time.
+
+    ``lm_gold`` (n,) is the base's ``log p_lm`` of each row's label (the negated NLL its perplexity sums).
+    """
+    device = batch.labels.device
+    synchronize(device)
+    start = time.perf_counter()
+    mem_gold = torch.cat([memory_gold_log_probs(memory, batch.hidden[s : s + ROWS_PER_SLICE],
+                                                batch.labels[s : s + ROWS_PER_SLICE], knn_temp)
+                          for s in range(0, len(batch.rows), ROWS_PER_SLICE)])  # (n,)
+    synchronize(device)
+    middle = time.perf_counter()
+    joint = [-interpolate_log_probs(lm_gold, mem_gold, lmbda) for lmbda in lmbdas]  # each (n,)
+    synchronize(device)
+    return JointNll(-mem_gold, joint, middle - start, time.perf_counter() - middle)
 
 
 def evaluate_joint(model_args: PretrainedModelArguments, data_args: DataArguments, args: JointArguments,
@@ -167,10 +160,11 @@ def evaluate_joint(model_args: PretrainedModelArguments, data_args: DataArgument
             batch = next(batches, None)
             if batch is None:
                 break
-            base_totals.update(window_sums(token_nll(batch.logits, batch.labels), batch, windows))
+            base_nll = token_nll(batch.logits, batch.labels)  # (n,)
+            base_totals.update(window_sums(base_nll, batch, windows))
             synchronize(state.device)
             base_seconds += time.perf_counter() - start
-            nll = joint_nll(batch, memory, args.lmbda, args.knn_temp)
+            nll = joint_nll(batch, -base_nll, memory, args.lmbda, args.knn_temp)
             memory_seconds += nll.memory_seconds
             interpolation_seconds += nll.interpolation_seconds
             memory_totals.update(window_sums(nll.memory, batch, windows))

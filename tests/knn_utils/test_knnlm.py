@@ -130,3 +130,61 @@ def test_knn_targets_check_the_model_tokenizer(indexed_lm, tmp_path):
     with pytest.raises(UsageError, match="--model_path"):
         save_knn_main(["--model_path", str(other_tokenizer), "--dstore_path", str(indexed_lm["dstore"]),
                        "--output_path", str(tmp_path / "never")])
+
+
+@pytest.mark.parametrize("knn_temp", [0.5, 1.0, 7.0])
+def test_gold_p_knn_from_the_neighbours_equals_the_dense_p_knn(knn_temp):
+    generator = torch.Generator().manual_seed(0)
+    n, k, vocab = 200, 16, 50
+    lm_logits = torch.randn(n, vocab, generator=generator) * 3
+    dists = torch.rand(n, k, generator=generator) * 20
+    vals = torch.randint(0, 12, (n, k), generator=generator)  # few values: neighbours share tokens
+    dists[5:15, 10:] = math.inf  # some neighbours missing
+    dists[50:53] = math.inf  # rows without any neighbour keep the LM
+    labels = torch.randint(0, 14, (n,), generator=generator)  # some gold tokens no neighbour holds
+    labels[:40] = vals[:40, 3]
+    gold = knnlm.knn_gold_log_probs(dists, vals, labels, knn_temp)
+    torch.testing.assert_close(gold, knnlm.knn_log_probs(dists, vals, vocab, knn_temp).gather(-1, labels[:, None])[:, 0],
+                               rtol=1e-6, atol=1e-6)
+    assert torch.isinf(gold).any() and torch.isfinite(gold[:40]).all()
+
+    lmbdas = [0.0, 0.25, 0.5, 1.0]
+    lm_gold = torch.log_softmax(lm_logits, -1).gather(-1, labels[:, None])[:, 0]
+    got = knnlm.knnlm_gold_log_probs_sweep(lm_gold, dists, vals, labels, lmbdas, knn_temp)  # (len(lmbdas), n)
+    full = knnlm.knnlm_log_probs_sweep(lm_logits, dists, vals, lmbdas, knn_temp)
+    torch.testing.assert_close(got, torch.stack([f.gather(-1, labels[:, None])[:, 0] for f in full]),
+                               rtol=1e-6, atol=1e-6)
+    assert torch.equal(got[0], lm_gold) and torch.equal(got[:, 50:53], lm_gold[50:53].expand(4, 3))
+
+
+def test_perplexity_equals_the_full_distribution_formula(indexed_lm, tmp_path):
+    """End to end: evaluate_knnlm's perplexity is the one of p = (1 - l) p_lm + l p_knn built over the whole
+    vocabulary in float64 from the same neighbours (searched here through the same index)."""
+    from knn_utils.index import load_index
+    from utils.artifacts.dataset import load_split
+    from utils.artifacts.datastore import open_datastore
+    from utils.modeling import load_model_for_dataset
+    from utils.scoring import score_batches
+
+    lmbdas, knn_temp, k = [0.3, 0.8], 3.0, 8
+    metrics = run_knnlm(indexed_lm, tmp_path, lmbda=lmbdas, knn_temp=knn_temp, k=k)
+    split = load_split(str(indexed_lm["data"]), "test")
+    datastore = open_datastore(indexed_lm["dstore"], "--dstore_dir")
+    index = load_index(str(indexed_lm["dstore"] / "index"), datastore, None, False)
+    model, _ = load_model_for_dataset(ModelArguments(model_name_or_path=str(indexed_lm["model"])), split.meta,
+                                      str(indexed_lm["data"]))
+    nll, rows = np.zeros(len(lmbdas)), 0
+    for batch in score_batches(model, split.tokens, split.windows, 4, layer=datastore.meta["layer"], show_progress=False):
+        found = index.search(batch.hidden.float().numpy(), k)
+        p_lm = torch.softmax(batch.logits.double(), -1).numpy()  # (n, V)
+        w = np.exp(-found.dists.astype(np.float64) / knn_temp)  # (n, k), 0 for missing neighbours
+        w /= w.sum(-1, keepdims=True)
+        p_knn = np.zeros_like(p_lm)
+        np.add.at(p_knn, (np.arange(len(w))[:, None], np.asarray(datastore.vals)[np.where(found.valid, found.ids, 0)]), w)
+        labels = batch.labels.numpy()
+        for i, lmbda in enumerate(lmbdas):
+            p = (1 - lmbda) * p_lm + lmbda * p_knn
+            nll[i] -= np.log(p[np.arange(len(labels)), labels]).sum()
+        rows += len(labels)
+    for entry, expected in zip(metrics["lmbda_sweep"], np.exp(nll / rows)):
+        assert entry["perplexity"] == pytest.approx(expected, rel=1e-6)
