@@ -145,9 +145,14 @@ class OfflineArguments:
     per_device_train_batch_size: int = field(default=1024, metadata={"help": "Rows per device per micro-batch."})
     per_device_eval_batch_size: int = field(default=4096, metadata={"help": "Rows per device per validation batch."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Train on the first N rows only (debugging)."})
+    dataloader_num_workers: int = field(default=1, metadata={
+        "help": "Processes that gather the next batches' keys and targets from the memory maps while one batch trains "
+                "(0: gather in the training process). The batches, and the trained memory, do not depend on it."})
 
     def __post_init__(self):
         check_batch_flags(self)
+        if self.dataloader_num_workers < 0:
+            raise UsageError(f"--dataloader_num_workers must be >= 0, got {self.dataloader_num_workers}")
 
 
 @dataclass
@@ -176,7 +181,7 @@ class OnlineArguments:
 # -- is a setting of the run: a checkpoint resumes only a run with the same values (checkpoints.check_identity).
 NOT_RESULT_SETTINGS = frozenset({
     "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "checkpointing_steps", "save_total_limit",
-    "logging_steps", "eval_steps", "per_device_eval_batch_size", "disable_tqdm", "report_to",
+    "logging_steps", "eval_steps", "per_device_eval_batch_size", "disable_tqdm", "report_to", "dataloader_num_workers",
 })
 
 

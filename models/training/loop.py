@@ -34,11 +34,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import multiprocessing
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -48,7 +51,7 @@ from models.training.arguments import (RELEASED_WARMUP_STEPS, WARMUP_FRACTION, M
                                        warmup_steps)
 from models.training.checkpoints import (Schedule, check_identity, checkpoint_to_resume, load_checkpoint,
                                          save_checkpoint, truncate_metrics)
-from models.training.rows import RowSource
+from models.training.rows import MemoryBatch, RowSource
 from utils.cli import UsageError
 from utils.io import read_json, timed
 from utils.losses import kl_and_gold_nll, memory_loss, rows_with_targets, sparse_argmax
@@ -131,12 +134,46 @@ class Running:
                 "rows_per_second": round(rows / max(seconds, 1e-9), 1)}
 
 
-def train_step(model, optimizer, source: RowSource, schedule: Schedule, args: MemoryTrainingArguments, step: int,
+class SourceBatches(torch.utils.data.Dataset):
+    """A row source as a map-style dataset whose index is a batch of units: ``self[units]`` is its `MemoryBatch`."""
+
+    def __init__(self, source: RowSource):
+        self.source = source
+
+    def __getitem__(self, units: np.ndarray) -> MemoryBatch:
+        return self.source.train_batch(units)
+
+
+def as_is(batch: MemoryBatch) -> MemoryBatch:
+    """The DataLoader's collate function: a `MemoryBatch` is already a batch."""
+    return batch
+
+
+def train_batches(source: RowSource, schedule: Schedule, seed: int, first_step: int, rank: int,
+                  pin_memory: bool) -> Iterator[MemoryBatch]:
+    """This process's micro-batches of steps ``first_step, ...``, in order, ``source.loader_workers`` of them being
+    prepared ahead by worker processes while one trains (pinned for an asynchronous copy to the GPU).
+
+    The units of each micro-batch are `Schedule.units` (computed here, in order), so the batches do not depend on
+    the number of workers, and a resumed run gets the batches of an uninterrupted one. The loader has its own
+    generator: it draws nothing from the global RNG that dropout uses.
+    """
+    units = (schedule.units(seed, step, micro, rank)
+             for step in range(first_step, schedule.total_steps) for micro in range(schedule.accumulation))
+    workers = source.loader_workers
+    context = "fork" if workers and "fork" in multiprocessing.get_all_start_methods() else None  # memory maps shared
+    loader = torch.utils.data.DataLoader(SourceBatches(source), sampler=units, batch_size=None, collate_fn=as_is,
+                                         num_workers=workers, prefetch_factor=2 if workers else None,
+                                         pin_memory=pin_memory, generator=torch.Generator(),
+                                         multiprocessing_context=context)
+    return iter(loader)
+
+
+def train_step(model, optimizer, batches: Iterator[MemoryBatch], schedule: Schedule, args: MemoryTrainingArguments,
                accelerator, running: Running) -> float:
-    """One optimizer step over ``gradient_accumulation_steps`` micro-batches; returns the gradient norm."""
+    """One optimizer step over the next ``gradient_accumulation_steps`` micro-batches; returns the gradient norm."""
     for micro in range(schedule.accumulation):
-        units = schedule.units(args.seed, step, micro, accelerator.process_index)
-        batch = source.train_batch(units).to(accelerator.device)
+        batch = next(batches).to(accelerator.device)
         last = micro == schedule.accumulation - 1
         with accelerator.no_sync(model) if not last else nullcontext():
             logits = model(batch.inputs)  # (n, V)
@@ -276,10 +313,12 @@ def train_memory(memory: MLPMemoryPreTrainedModel, source: RowSource, args: Memo
                 schedule.num_processes, schedule.accumulation, schedule.total_steps)
     run.model.train()
     running = Running(accelerator.device)
+    batches = train_batches(source, schedule, args.seed, step, accelerator.process_index,
+                            pin_memory=accelerator.device.type == "cuda")
     with tqdm(total=schedule.total_steps, initial=step, desc="Training the memory", unit="step",
               disable=not accelerator.is_main_process or args.disable_tqdm) as progress:
         while step < schedule.total_steps:
-            grad_norm = train_step(run.model, run.optimizer, source, schedule, args, step, accelerator, running)
+            grad_norm = train_step(run.model, run.optimizer, batches, schedule, args, accelerator, running)
             run.scheduler.step()
             step += 1
             progress.update(1)

@@ -158,7 +158,7 @@ def run_offline(offline: OfflineArguments, memory_args: MemoryArguments, args: M
         boundary = datastore.num_rows - args.held_out_rows(datastore.num_rows)
         source = DatastoreRows(datastore, targets, boundary, memory.config.vocab_size,
                                offline.per_device_train_batch_size, offline.per_device_eval_batch_size,
-                               offline.max_train_samples)
+                               offline.max_train_samples, offline.dataloader_num_workers)
         provenance = {"mode": "offline", **record, "datastore": datastore_summary(datastore),
                       "knn_targets": targets_summary(targets)}
         return train_memory(memory, source, args, accelerator, provenance, stop_after_steps,

@@ -35,6 +35,15 @@ class MemoryBatch:
         return MemoryBatch(self.inputs.to(device, non_blocking=True), self.targets.to(device),
                            self.labels.to(device, non_blocking=True))
 
+    def pin_memory(self) -> MemoryBatch:
+        """A copy in page-locked memory (what a ``DataLoader(pin_memory=True)`` calls), so that ``to(cuda)`` is
+        asynchronous."""
+        targets = self.targets
+        return MemoryBatch(self.inputs.pin_memory(), SparseTargets(targets.entry_row.pin_memory(),
+                                                                   targets.token_ids.pin_memory(),
+                                                                   targets.probs.pin_memory(), targets.num_rows),
+                           self.labels.pin_memory())
+
 
 def make_batch(inputs: torch.Tensor, rows: np.ndarray, targets: KnnTargets, vocab_size: int) -> MemoryBatch:
     """Pair the inputs of ``rows`` (n, d) with their sparse kNN targets and gold tokens."""
@@ -53,6 +62,7 @@ class RowSource(Protocol):
     num_train_units: int
     train_batch_size: int  # units per device per micro-batch
     eval_batch_size: int
+    loader_workers: int  # processes that prepare the next batches while one trains (0: in the training process)
 
     def train_batch(self, units: np.ndarray) -> MemoryBatch: ...
 
@@ -62,15 +72,23 @@ class RowSource(Protocol):
 
 
 class DatastoreRows:
-    """Offline: the input of row r is the datastore key r; units are rows ``[0, boundary)``."""
+    """Offline: the input of row r is the datastore key r; units are rows ``[0, boundary)``.
+
+    A batch reads only its own rows from the memory-mapped keys and targets, in ascending row order (the
+    rows are sorted first, and the targets and labels follow the same order, so the loss is the same), so
+    a datastore far larger than RAM trains from what the page cache and read-ahead give; ``loader_workers``
+    processes gather the next batches while the current one trains (`models.training.loop.train_batches`).
+    """
 
     unit = "row"
 
     def __init__(self, datastore: Datastore, targets: KnnTargets, boundary: int, vocab_size: int,
-                 train_batch_size: int, eval_batch_size: int, max_train_samples: int | None = None):
+                 train_batch_size: int, eval_batch_size: int, max_train_samples: int | None = None,
+                 loader_workers: int = 0):
         self.datastore, self.targets, self.boundary, self.vocab_size = datastore, targets, boundary, vocab_size
         self.num_train_units = min(boundary, max_train_samples or boundary)
         self.train_batch_size, self.eval_batch_size = train_batch_size, eval_batch_size
+        self.loader_workers = loader_workers
 
     def rows_batch(self, rows: np.ndarray) -> MemoryBatch:
         rows = np.sort(rows)  # sequential reads of the memory-mapped keys
@@ -107,6 +125,7 @@ class OnTheFlyRows:
     """Online: the frozen base model computes the inputs from the windows; units are windows."""
 
     unit = "window"
+    loader_workers = 0  # the base model runs in the training process, on its device
 
     def __init__(self, model: torch.nn.Module, tokens: np.ndarray, windows: np.ndarray, layer: int,
                  targets: KnnTargets, boundary: int, vocab_size: int, train_batch_size: int, eval_batch_size: int,

@@ -235,3 +235,41 @@ def test_default_warm_up_is_a_fraction_of_a_short_run(pipeline, tmp_path):
     lrs = [r["lr"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["type"] == "train"]
     assert lrs[0] == pytest.approx(5e-4)  # the warm-up is over after one step (with 2,000 it would be 5e-4 / 2000)
     assert lrs == sorted(lrs, reverse=True) and lrs[-1] == pytest.approx(0)
+
+
+def test_prefetched_batches_are_the_schedule_batches_from_any_step(pipeline):
+    """train_batches with worker processes yields, from a step in the middle of an epoch (a resume), exactly the
+    batches the schedule gives those steps, in order, and draws nothing from the global RNG (dropout's)."""
+    from models.training.checkpoints import Schedule
+    from models.training.loop import train_batches
+
+    datastore, targets = load_datastore(str(pipeline["dstore"])), load_knn_targets(pipeline["targets"])
+    boundary = datastore.num_rows - 64
+    schedule = Schedule(boundary, 50, 1, 2, 3, None)  # 50 rows per micro-batch, 2 micro-batches per step, 3 epochs
+    first_step = schedule.steps_per_epoch + 1  # mid-epoch 2
+    expected = [DatastoreRows(datastore, targets, boundary, 42, 50, 64).train_batch(schedule.units(7, step, micro, 0))
+                for step in range(first_step, schedule.total_steps) for micro in range(2)]
+    for workers in (0, 2):
+        source = DatastoreRows(datastore, targets, boundary, 42, 50, 64, loader_workers=workers)
+        rng = torch.get_rng_state()
+        got = list(train_batches(source, schedule, 7, first_step, 0, pin_memory=False))
+        assert torch.equal(torch.get_rng_state(), rng)
+        assert len(got) == len(expected) > 2
+        for a, b in zip(got, expected):
+            assert torch.equal(a.inputs, b.inputs) and torch.equal(a.labels, b.labels)
+            assert all(torch.equal(getattr(a.targets, n), getattr(b.targets, n)) for n in ("entry_row", "token_ids", "probs"))
+    rows = np.sort(schedule.units(7, first_step, 0, 0))
+    assert torch.equal(got[0].inputs, torch.from_numpy(np.asarray(datastore.keys[rows], dtype=np.float32)))
+
+
+def test_loader_workers_do_not_change_the_trained_memory(pipeline, tmp_path):
+    """The same run gathering in the training process (0 workers) and in 2 prefetching workers: the same weights."""
+    args = ["--max_train_steps", "6", "--per_device_train_batch_size", "96", "--gradient_accumulation_steps", "2",
+            "--checkpointing_steps", "no", "--validation_rows", "64"]
+    plain, prefetched = tmp_path / "plain", tmp_path / "prefetched"
+    train_mlpmem_offline.main(offline_args(pipeline, plain, *args, "--dataloader_num_workers", "0"))
+    train_mlpmem_offline.main(offline_args(pipeline, prefetched, *args, "--dataloader_num_workers", "2"))
+    a, b = final_weights(plain), final_weights(prefetched)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(UsageError, match="--dataloader_num_workers must be >= 0"):
+        train_mlpmem_offline.main(offline_args(pipeline, tmp_path / "bad", "--dataloader_num_workers", "-1"))
