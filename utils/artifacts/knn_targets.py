@@ -38,6 +38,7 @@ FORMAT_VERSION = 1
 ID_DTYPE = np.int32
 PROB_DTYPE = np.float16
 DATA_FILES = ("offsets.npy", "token_ids.npy", "probs.npy", "labels.npy")
+MERGE_ROWS = 1 << 22  # rows of labels and offsets merge_chunks handles at a time
 
 
 @dataclass
@@ -148,12 +149,17 @@ def merge_chunks(staging: Path, queries: Datastore, chunk_rows: int) -> dict:
         token_ids[entry : entry + size] = load_array(chunk_dir(staging, c) / "token_ids.npy", f"{size} int32 token ids")
         probs[entry : entry + size] = load_array(chunk_dir(staging, c) / "probs.npy", f"{size} float16 probabilities")
         row, entry = row + len(chunk_counts), entry + size
-    for array in (offsets, token_ids, probs):
+    labels = np.lib.format.open_memmap(staging / "labels.npy", mode="w+", dtype=ID_DTYPE, shape=(queries.num_rows,))
+    empty_rows = max_row = 0
+    for begin, end in chunk_ranges(queries.num_rows, MERGE_ROWS):  # streamed: no (N,) array is held in RAM
+        labels[begin:end] = queries.vals[begin:end]
+        row_sizes = np.diff(offsets[begin : end + 1])
+        empty_rows, max_row = empty_rows + int((row_sizes == 0).sum()), max(max_row, int(row_sizes.max(initial=0)))
+    for array in (offsets, token_ids, probs, labels):
         array.flush()
-    np.save(staging / "labels.npy", np.asarray(queries.vals, dtype=ID_DTYPE))
-    row_sizes = np.diff(offsets)
-    return {"rows": queries.num_rows, "nnz": nnz, "empty_rows": int((row_sizes == 0).sum()),
-            "mean_targets_per_row": round(nnz / max(queries.num_rows, 1), 3), "max_targets_in_a_row": int(row_sizes.max(initial=0)),
+    del labels
+    return {"rows": queries.num_rows, "nnz": nnz, "empty_rows": empty_rows,
+            "mean_targets_per_row": round(nnz / max(queries.num_rows, 1), 3), "max_targets_in_a_row": max_row,
             "checksums": record_checksums(staging, list(DATA_FILES))}
 
 
