@@ -12,5 +12,5 @@ from models.joint.hooks import JointLM, attach_memory, check_memory_fits, load_c
 from models.joint.interpolation import (check_joint_settings, check_lmbdas, gold_log_probs, interpolate_log_probs,
                                         memory_gold_log_probs, memory_log_probs)
 
-__all__ = ["JointLM", "attach_memory", "check_memory_fits", "load_checked_memory", "memory_layer", "check_joint_settings",
-           "check_lmbdas", "gold_log_probs", "interpolate_log_probs", "memory_gold_log_probs", "memory_log_probs"]
+__all__ = ["JointLM", "attach_memory", "check_joint_settings", "check_lmbdas", "check_memory_fits", "gold_log_probs",
+           "interpolate_log_probs", "load_checked_memory", "memory_gold_log_probs", "memory_layer", "memory_log_probs"]
