@@ -151,8 +151,9 @@ def as_is(batch: MemoryBatch) -> MemoryBatch:
 
 def train_batches(source: RowSource, schedule: Schedule, seed: int, first_step: int, rank: int,
                   pin_memory: bool) -> Iterator[MemoryBatch]:
-    """This process's micro-batches of steps ``first_step, ...``, in order, ``source.loader_workers`` of them being
-    prepared ahead by worker processes while one trains (pinned for an asynchronous copy to the GPU).
+    """This process's micro-batches of steps ``first_step, ...``, in order, prepared ahead by
+    ``source.loader_workers`` worker processes while one trains (pinned, with ``pin_memory``, for an asynchronous
+    copy to the GPU); with no workers, each is made in this process when it is needed, as before.
 
     The units of each micro-batch are `Schedule.units` (computed here, in order), so the batches do not depend on
     the number of workers, and a resumed run gets the batches of an uninterrupted one. The loader has its own
@@ -162,9 +163,10 @@ def train_batches(source: RowSource, schedule: Schedule, seed: int, first_step: 
              for step in range(first_step, schedule.total_steps) for micro in range(schedule.accumulation))
     workers = source.loader_workers
     context = "fork" if workers and "fork" in multiprocessing.get_all_start_methods() else None  # memory maps shared
+    # Pinning pays only for batches made ahead on the host (an online batch is already on the device).
     loader = torch.utils.data.DataLoader(SourceBatches(source), sampler=units, batch_size=None, collate_fn=as_is,
                                          num_workers=workers, prefetch_factor=2 if workers else None,
-                                         pin_memory=pin_memory, generator=torch.Generator(),
+                                         pin_memory=pin_memory and workers > 0, generator=torch.Generator(),
                                          multiprocessing_context=context)
     return iter(loader)
 
