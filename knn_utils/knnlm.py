@@ -14,8 +14,9 @@ holds), ``p_knn`` comes from the values of its ``k`` nearest rows weighted by ``
 and ``log p = logaddexp(log p_lm + log(1 - lmbda), log p_knn + log lmbda)``. Perplexity needs only the
 gold token: ``p_knn(gold)`` is the summed weight of the neighbours whose value is the gold token
 (`knn_gold_log_probs`), and ``log p_lm(gold)`` the one the base perplexity uses, so no (rows x vocab)
-``p_knn`` or interpolation is built (`knnlm_log_probs` keeps the full distribution). The base perplexity comes from the same pass; both go to ``OUT/knnlm_results.json``. When the evaluated
-split is the one the datastore was built from, each row's own datastore entry is left out.
+``p_knn`` or interpolation is built (`knnlm_log_probs` keeps the full distribution). The base perplexity
+comes from the same pass; both go to ``OUT/knnlm_results.json``. When the evaluated split is the one the
+datastore was built from, each row's own datastore entry is left out.
 """
 
 from __future__ import annotations
