@@ -28,7 +28,7 @@
 
    Every stage records its wall time, its peak anonymous memory (RssAnon: what the process itself holds) and
    its peak file-backed resident memory (RssFile: pages of memory-mapped files, which the kernel reclaims
-   under pressure), sampled every 50 ms.
+   under pressure), sampled every 50 ms; the anonymous memory includes child processes (DataLoader workers).
 3. Power laws fitted to the rates (rate = a N^b) extrapolate to WikiText-103 (103M rows) at SmolLM2's width
    (576) and GPT2-large's (1280), and to a 500M-token datastore: disk, RAM and hours per stage on this CPU and,
    for the stages the H100 run of docs/results.md measured, on one GPU and on 8; and the memory's speed-up
@@ -107,19 +107,42 @@ class ScaleArguments:
 
 
 class PeakMemory:
-    """Peak RssAnon and RssFile of this process (bytes), sampled from /proc/self/status in a thread."""
+    """Peak RssAnon of this process and its children (e.g. DataLoader workers) and peak RssFile of this process
+    (bytes), sampled from /proc in a thread."""
 
     def __init__(self, interval: float = 0.05):
         self.interval, self.peak = interval, {"RssAnon": 0, "RssFile": 0}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
+    @staticmethod
+    def _status(pid: int | str) -> dict[str, int]:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                return {line.split(":", 1)[0]: int(line.split()[1]) * 1024 for line in f
+                        if line.startswith(("RssAnon:", "RssFile:"))}
+        except (OSError, ValueError):  # the process ended meanwhile
+            return {}
+
+    @staticmethod
+    def _descendants(pid: int) -> list[int]:
+        found, todo = [], [pid]
+        while todo:
+            parent = todo.pop()
+            for children in Path(f"/proc/{parent}/task").glob("*/children"):
+                try:
+                    kids = [int(k) for k in children.read_text().split()]
+                except OSError:
+                    continue
+                found += kids
+                todo += kids
+        return found
+
     def _sample(self) -> None:
-        with open("/proc/self/status") as f:
-            for line in f:
-                name = line.split(":", 1)[0]
-                if name in self.peak:
-                    self.peak[name] = max(self.peak[name], int(line.split()[1]) * 1024)
+        own = self._status("self")
+        anon = own.get("RssAnon", 0) + sum(self._status(pid).get("RssAnon", 0) for pid in self._descendants(os.getpid()))
+        self.peak["RssAnon"] = max(self.peak["RssAnon"], anon)
+        self.peak["RssFile"] = max(self.peak["RssFile"], own.get("RssFile", 0))
 
     def _poll(self) -> None:
         while not self._stop.wait(self.interval):
