@@ -306,7 +306,7 @@ def _judgment_names() -> list[str]:
     return [f"{kind}_{split}" for kind in ("yes_no", "halueval") for split in SPLITS[1:]]
 
 
-def _judgment_texts(corpus: "EmbeddedCorpus") -> dict[str, tuple[str, str, dict]]:
+def _judgment_texts(corpus: EmbeddedCorpus) -> dict[str, tuple[str, str, dict]]:
     """Per meta key: the file name, its text and what meta.json records beside it.
 
     ``yes_no_<split>.json`` is a BIG-bench task (`downstream.strategyqa` reads it); ``halueval_<split>.json`` is
@@ -323,7 +323,7 @@ def _judgment_texts(corpus: "EmbeddedCorpus") -> dict[str, tuple[str, str, dict]
     return texts
 
 
-def _write_judgments(directory: Path, corpus: "EmbeddedCorpus") -> dict:
+def _write_judgments(directory: Path, corpus: EmbeddedCorpus) -> dict:
     """Write the judgment files into ``directory`` (each to a temporary name, then renamed); their meta entries."""
     entries = {}
     for name, (file_name, text, record) in _judgment_texts(corpus).items():
@@ -334,7 +334,7 @@ def _write_judgments(directory: Path, corpus: "EmbeddedCorpus") -> dict:
     return entries
 
 
-def _add_judgments(output_dir: Path, meta: dict, corpus: "EmbeddedCorpus") -> dict:
+def _add_judgments(output_dir: Path, meta: dict, corpus: EmbeddedCorpus) -> dict:
     """Add the judgment files to a corpus written before they existed (its other files are the same); the new meta."""
     logger.info("%s predates the yes/no and hallucination items: adding them", output_dir)
     meta = {**meta, **_write_judgments(output_dir, corpus)}

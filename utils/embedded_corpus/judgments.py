@@ -92,7 +92,7 @@ def judgment_items(seed: int, facts: dict[str, list[Fact]], qa: dict[str, list[d
     by_name = {e.name: e for group in entities.values() for e in group}
     values = relation_values(entities)
     items: dict[str, dict[str, list]] = {"yes_no": {}, "hallucination": {}}
-    for split in qa:
+    for split, pairs in qa.items():
         items["yes_no"][split] = yes_no_examples(rng, facts[split], by_name, plans, values)
-        items["hallucination"][split] = hallucination_samples(rng, facts[split], qa[split], values)
+        items["hallucination"][split] = hallucination_samples(rng, facts[split], pairs, values)
     return items
