@@ -82,7 +82,8 @@ class Item:
 
     def __post_init__(self):
         if len(self.choices) != len(self.labels) or len(self.choices) < 2 or 1 not in self.labels:
-            raise ValueError(f"An item needs >= 2 choices, one label each and a right one: {self.choices} {self.labels}")
+            raise UsageError(f"An item needs >= 2 choices, one label each and a right one; got choices {self.choices} "
+                             f"with labels {self.labels}")
 
 
 def read_records(args: ChoiceEvalArguments) -> tuple[list[dict], str]:

@@ -92,6 +92,14 @@ def test_logliks_match_a_plain_forward(setup, batch_size):
         assert result.tokens >= 1
 
 
+@pytest.mark.parametrize("model_type", ["gpt2", "mistral"])
+def test_logliks_of_other_architectures(setup, model_type):
+    other = {**setup, "model": tiny_model(model_type, len(setup["tokenizer"]), seed=2)}
+    scored = continuation_logliks(other["model"], setup["tokenizer"], REQUESTS, batch_size=4)
+    for (context, continuation), result in zip(REQUESTS, scored):
+        assert result.loglik == pytest.approx(reference_loglik(other, context, continuation), abs=1e-4)
+
+
 def test_logliks_under_the_memory_match_the_joint_model(setup):
     joint = joint_model(setup, 0.5)
     scored = continuation_logliks(setup["model"], setup["tokenizer"], REQUESTS, batch_size=4, joint=joint)
