@@ -12,7 +12,10 @@ numbers are on the test split, with every choice made on validation:
 * QA exact match and F1 of the base alone (``qa_test/base``) and of base + memory
   (``qa_test/lmbda_<l>``) at the ``lmbda`` chosen on the validation questions (``qa_validation/lmbda_*``,
   `downstream.choose_lmbda`);
-* one question whose answer the memory corrects (``correction.json``, `demo.generation_example`).
+* one question whose answer the memory corrects (``correction.json``, `demo.generation_example`);
+* accuracy on the corpus's yes/no questions (``yes_no_test``, `downstream.strategyqa`, beside always "No") and
+  hallucination judgments (``halueval_test``, `downstream.halueval`) about the test facts, with and without the
+  memory (at the QA ``lmbda``).
 """
 
 from __future__ import annotations
@@ -135,6 +138,19 @@ def _question_answering(out: Path, summary: dict) -> None:
         summary["qa_test"] = qa_test
 
 
+def _judgments(out: Path, summary: dict) -> None:
+    """Accuracy on the yes/no questions and the hallucination judgments, base and base + memory."""
+    if found := _read(out / "yes_no_test" / "strategyqa_results.json"):
+        summary["yes_no_test"] = {"questions": found["count"], "always_no": found["always_no_accuracy"],
+                                  "lmbda": found["lmbda"],
+                                  **{key: found[key]["accuracy"] for key in ("base", "base_plus_memory") if key in found}}
+    if found := _read(out / "halueval_test" / "halueval_results.json"):
+        summary["hallucination_test"] = {
+            "items": found["count"], "lmbda": found["lmbda"],
+            **{key: {"accuracy": found[key]["accuracy"], "yes_rate": found[key]["yes_rate"]}
+               for key in ("base", "base_plus_memory") if key in found}}
+
+
 def _correction(out: Path, summary: dict) -> None:
     """The first test question whose answer the memory corrects, from `demo.generation_example`'s JSON."""
     if (found := _read(out / "correction.json")) is None:
@@ -173,6 +189,7 @@ def collect(out: Path) -> dict:
                                       "validation_kl_to_knn": memory["val_kl"],
                                       "validation_top1_agreement_with_knn": memory["val_top1_agreement"]}
     _question_answering(out, summary)
+    _judgments(out, summary)
     _correction(out, summary)
     summary["environment"] = machine()  # the digits above depend on these versions (and on the CPU)
     return summary
@@ -203,7 +220,23 @@ def headline_table(summary: dict) -> str:
             base, joint = qa.get("base", {}).get(key), qa.get("base_plus_memory", {}).get(key)
             lines.append(f"| QA {name}, {qa['questions']} questions | {_number(base)} | - "
                          f"| {_number(joint)}{qa_note if key == 'exact_match' else ''} |")
+    lines += _judgment_rows(summary)
     return "\n".join(lines)
+
+
+def _judgment_rows(summary: dict) -> list[str]:
+    """Table rows of the yes/no and hallucination-judgment accuracies (memory at the QA lmbda)."""
+    rows = []
+    if yes_no := summary.get("yes_no_test"):
+        note = f" (lmbda {yes_no['lmbda']:g})" if yes_no.get("lmbda") is not None else ""
+        rows.append(f"| yes/no accuracy, {yes_no['questions']} questions (always \"No\": {_number(yes_no['always_no'])}) "
+                    f"| {_number(yes_no.get('base'))} | - | {_number(yes_no.get('base_plus_memory'))}{note} |")
+    if judged := summary.get("hallucination_test"):
+        note = f" (lmbda {judged['lmbda']:g})" if judged.get("lmbda") is not None else ""
+        accuracy = {key: judged.get(key, {}).get("accuracy") for key in ("base", "base_plus_memory")}
+        rows.append(f"| hallucination judgment accuracy, {judged['items']} answers "
+                    f"| {_number(accuracy['base'])} | - | {_number(accuracy['base_plus_memory'])}{note} |")
+    return rows
 
 
 def correction_text(correction: dict | None) -> str:

@@ -222,3 +222,20 @@ def test_summary_of_real_artifacts(tmp_path, tiny_dataset, tiny_gpt2_dir, capsys
     printed = capsys.readouterr().out
     assert printed.startswith("| test split | base | kNN-LM | base + memory |")
     assert f"(lmbda {best:g}, best on validation)" in printed
+
+
+def test_yes_no_and_hallucination_accuracy(constructed, capsys):
+    """The rows of the corpus's yes/no questions and hallucination judgments, from the files their stages write."""
+    write_json(constructed / "yes_no_test" / "strategyqa_results.json",
+               {"count": 245, "always_no_accuracy": 45.3, "lmbda": 0.75, "base": {"accuracy": 51.0},
+                "base_plus_memory": {"accuracy": 54.5}})
+    write_json(constructed / "halueval_test" / "halueval_results.json",
+               {"count": 490, "lmbda": 0.75, "base": {"accuracy": 50.0, "yes_rate": 100.0},
+                "base_plus_memory": {"accuracy": 52.25, "yes_rate": 90.0}})
+    summary = summary_module.main(["--output_dir", str(constructed)])
+    assert summary["yes_no_test"] == {"questions": 245, "always_no": 45.3, "lmbda": 0.75, "base": 51.0,
+                                      "base_plus_memory": 54.5}
+    assert summary["hallucination_test"]["base_plus_memory"] == {"accuracy": 52.25, "yes_rate": 90.0}
+    printed = capsys.readouterr().out
+    assert '| yes/no accuracy, 245 questions (always "No": 45.3) | 51.0 | - | 54.5 (lmbda 0.75) |' in printed
+    assert "| hallucination judgment accuracy, 490 answers | 50.0 | - | 52.2 (lmbda 0.75) |" in printed

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from utils.cli import UsageError, setup_logging
+from utils.embedded_corpus.judgments import judgment_items, yes_no_task
 from utils.embedded_corpus.prose import _backlinks, eval_paragraph, plan_entity, train_article
 from utils.embedded_corpus.questions import QA_PROMPT, _qa_drills, qa_pair
 from utils.embedded_corpus.world import CorpusSizes, Entity, Fact, build_world
@@ -52,7 +53,9 @@ class EmbeddedCorpus:
 
     ``facts[split]`` lists, without repeats and in order of first mention, the facts the split states;
     ``qa["validation"]`` and ``qa["test"]`` ask for the facts of that split, one question each, in the
-    wording held out of train for that fact; ``entities`` is the whole world by type.
+    wording held out of train for that fact; ``entities`` is the whole world by type. ``judgments`` holds the
+    yes/no questions and hallucination-judgment items about the same facts (`utils.embedded_corpus.judgments`):
+    ``judgments["yes_no"][split]`` and ``judgments["hallucination"][split]``.
     """
 
     train: str
@@ -63,6 +66,7 @@ class EmbeddedCorpus:
     entities: dict[str, list[Entity]]
     sizes: CorpusSizes
     seed: int
+    judgments: dict[str, dict[str, list[dict]]] = dataclasses.field(default_factory=dict)
 
 
 def _eval_samples(
@@ -117,15 +121,18 @@ def generate_corpus(seed: int = 0, **size_kwargs) -> EmbeddedCorpus:
         texts[split] = [text for text, _ in paragraphs]
         facts[split] = _unique(f for _, stated in paragraphs for f in stated)
 
+    qa = {split: [qa_pair(by_name[f.subject], f, held_out_questions[f]) for f in facts[split]] for split in samples}
+    by_fact = {plan.fact: plan for entity_plans in plans.values() for plan in entity_plans}
     return EmbeddedCorpus(
         train="".join(line + "\n" for line in texts["train"]),
         validation="".join(line + "\n" for line in texts["validation"]),
         test="".join(line + "\n" for line in texts["test"]),
-        qa={split: [qa_pair(by_name[f.subject], f, held_out_questions[f]) for f in facts[split]] for split in samples},
+        qa=qa,
         facts=facts,
         entities=world,
         sizes=sizes,
         seed=seed,
+        judgments=judgment_items(seed, facts, qa, world, by_fact),
     )
 
 
@@ -227,9 +234,10 @@ def write_corpus(output_dir: str | os.PathLike, seed: int = 0, vocab_size: int =
     """Generate the corpus and its tokenizer into ``output_dir`` (atomically) and return its meta.
 
     Files: ``train.txt``, ``validation.txt``, ``test.txt`` (one article per line), ``qa_validation.jsonl``,
-    ``qa_test.jsonl``, ``tokenizer/`` and ``meta.json``. Everything is written into ``<output_dir>.partial`` first and
-    renamed when complete, holding the lock of ``output_dir`` (`utils.locking`). An existing ``output_dir`` with the
-    same settings is returned as is.
+    ``qa_test.jsonl``, the judgment items (``yes_no_<split>.json``, ``halueval_<split>.json``), ``tokenizer/`` and
+    ``meta.json``. Everything is written into ``<output_dir>.partial`` first and renamed when complete, holding the
+    lock of ``output_dir`` (`utils.locking`). An existing ``output_dir`` with the same settings is returned as is,
+    once the judgment items are added if it predates them.
     """
     output_dir = Path(output_dir)
     sizes = CorpusSizes(**size_kwargs)
@@ -238,7 +246,10 @@ def write_corpus(output_dir: str | os.PathLike, seed: int = 0, vocab_size: int =
     settings = _settings(seed, vocab_size, sizes)
     with artifact_lock(output_dir, "--output_dir"):
         if output_dir.exists():
-            return _existing_meta(output_dir, settings)
+            meta = _existing_meta(output_dir, settings)
+            if not all(name in meta for name in _judgment_names()):  # written before the judgment items existed
+                meta = _add_judgments(output_dir, meta, generate_corpus(seed, **dataclasses.asdict(sizes)))
+            return meta
         with timed("Generating the corpus", logger):
             corpus = generate_corpus(seed, **dataclasses.asdict(sizes))
         with timed("Training the tokenizer", logger):
@@ -265,6 +276,7 @@ def _write_files(staging: Path, corpus: "EmbeddedCorpus", tokenizer: "PreTrained
             "count": len(pairs),
             "sha256": hashlib.sha256(qa_text.encode("utf-8")).hexdigest(),
         }
+    judgment_files = _write_judgments(staging, corpus)
     _write_tokenizer(tokenizer, staging / "tokenizer")
 
     meta = {
@@ -272,6 +284,7 @@ def _write_files(staging: Path, corpus: "EmbeddedCorpus", tokenizer: "PreTrained
         **settings,
         "splits": splits,
         **qa_files,
+        **judgment_files,
         "facts": {split: len(corpus.facts[split]) for split in SPLITS},
         "qa_prompt": QA_PROMPT,
         "train_qa_lines": sum(line.startswith("Question: ") for line in corpus.train.splitlines()),
@@ -285,6 +298,47 @@ def _write_files(staging: Path, corpus: "EmbeddedCorpus", tokenizer: "PreTrained
         },
     }
     write_json(staging / "meta.json", meta)
+    return meta
+
+
+def _judgment_names() -> list[str]:
+    """The meta.json keys (and file stems) of the judgment items: yes/no and HaluEval-style, per eval split."""
+    return [f"{kind}_{split}" for kind in ("yes_no", "halueval") for split in SPLITS[1:]]
+
+
+def _judgment_texts(corpus: EmbeddedCorpus) -> dict[str, tuple[str, str, dict]]:
+    """Per meta key: the file name, its text and what meta.json records beside it.
+
+    ``yes_no_<split>.json`` is a BIG-bench task (`downstream.strategyqa` reads it); ``halueval_<split>.json`` is
+    JSON lines, as HaluEval releases its "qa" data (`downstream.halueval`).
+    """
+    texts = {}
+    for split, examples in corpus.judgments["yes_no"].items():
+        text = json.dumps(yes_no_task(examples), indent=1) + "\n"
+        yes = sum(example["target_scores"]["Yes"] for example in examples)
+        texts[f"yes_no_{split}"] = (f"yes_no_{split}.json", text, {"count": len(examples), "yes": yes})
+    for split, samples in corpus.judgments["hallucination"].items():
+        text = "".join(json.dumps(sample, sort_keys=True) + "\n" for sample in samples)
+        texts[f"halueval_{split}"] = (f"halueval_{split}.json", text, {"count": len(samples), "task": "qa"})
+    return texts
+
+
+def _write_judgments(directory: Path, corpus: EmbeddedCorpus) -> dict:
+    """Write the judgment files into ``directory`` (each to a temporary name, then renamed); their meta entries."""
+    entries = {}
+    for name, (file_name, text, record) in _judgment_texts(corpus).items():
+        tmp = directory / (file_name + ".tmp")
+        _write_text(tmp, text)
+        os.replace(tmp, directory / file_name)
+        entries[name] = {"file": file_name, **record, "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
+    return entries
+
+
+def _add_judgments(output_dir: Path, meta: dict, corpus: EmbeddedCorpus) -> dict:
+    """Add the judgment files to a corpus written before they existed (its other files are the same); the new meta."""
+    logger.info("%s predates the yes/no and hallucination items: adding them", output_dir)
+    meta = {**meta, **_write_judgments(output_dir, corpus)}
+    write_json(output_dir / "meta.json", meta)
     return meta
 
 
@@ -314,6 +368,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     meta = write_corpus(args.output_dir, seed=args.seed, vocab_size=args.vocab_size, **size_kwargs)
     stats = meta["splits"]
     splits = ", ".join(f"{name} {stats[name]['chars']} chars / {stats[name]['tokens']} tokens" for name in SPLITS)
-    qa = f"{meta['qa_validation']['count']} / {meta['qa_test']['count']} QA pairs (validation / test)"
+    qa = (f"{meta['qa_validation']['count']} / {meta['qa_test']['count']} QA pairs, "
+          f"{meta['yes_no_validation']['count']} / {meta['yes_no_test']['count']} yes/no questions and "
+          f"{meta['halueval_validation']['count']} / {meta['halueval_test']['count']} hallucination samples "
+          "(validation / test)")
     print(f"{args.output_dir}: {splits}; {qa}; vocab {meta['tokenizer']['vocab_size']}")
     return meta

@@ -1,0 +1,150 @@
+"""StrategyQA: yes/no accuracy from the log-likelihoods of the answers, with and without the memory.
+
+    python -m downstream.strategyqa --model_name_or_path MODEL --data_file task.json --output_dir OUT \
+        [--knn_generator_path MEMORY --lmbda 0.5 --knn_temp 1]
+
+BIG-bench's multiple choice: each choice is scored as a continuation of the prompt
+(`downstream.loglik`) and the prediction is the most likely one; the gold answer is the choice with the
+highest ``target_scores``, or the record's boolean ``answer``, never the explanation text (BIG-bench's
+``target``). The always-"No" baseline (the share of questions whose answer is "No") is reported beside it.
+
+Record formats (`downstream.choice_eval.read_records`: local files or a datasets-hub name):
+
+* BIG-bench's task file ``{"examples": [{"input": ..., "target_scores": {"Yes": 1, "No": 0}}, ...]}``; the
+  prompt is BIG-bench's: ``task_prefix + example_input_prefix + input`` (+ each choice after
+  ``choice_prefix`` when ``append_choices_to_input``) ``+ example_output_prefix``, with the file's settings or
+  BIG-bench's defaults (``"\\nQ: "``, ``"\\nA: "``, ``"\\n  choice: "``, true), leading whitespace removed;
+* the original StrategyQA JSON (``question`` and a boolean ``answer``): choices "Yes" and "No", prompted
+  the same way;
+* the hub's BIG-bench export (``inputs`` already prompted, ``multiple_choice_targets``,
+  ``multiple_choice_scores``), e.g. ``--dataset_name tasksource/bigbench --dataset_config_name strategyqa``.
+
+``--input_prefix``, ``--output_prefix`` and ``--append_choices`` override the file's prompt settings.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from downstream.choice_eval import (
+    JOINT,
+    ChoiceEvalArguments,
+    Item,
+    load_model,
+    mean_percent,
+    read_object,
+    read_records,
+    run_record,
+    run_settings,
+    setting_label,
+    write_results,
+)
+from utils.arguments import BaseCheckArguments, PretrainedModelArguments
+from utils.cli import UsageError, command, parse_args, setup_logging
+from utils.locking import artifact_lock
+
+logger = logging.getLogger(__name__)
+
+# BIG-bench's JSON task defaults (bigbench/api/json_task.py).
+BIGBENCH_DEFAULTS = {"task_prefix": "", "example_input_prefix": "\nQ: ", "example_output_prefix": "\nA: ",
+                     "choice_prefix": "\n  choice: ", "append_choices_to_input": True}
+
+
+@dataclass
+class StrategyQAArguments:
+    """How StrategyQA prompts are written, where the file does not say."""
+
+    input_prefix: str | None = field(default=None, metadata={
+        "help": "Text before the question (default: the file's example_input_prefix, else BIG-bench's '\\nQ: ')."})
+    output_prefix: str | None = field(default=None, metadata={
+        "help": "Text after the question (default: the file's example_output_prefix, else BIG-bench's '\\nA: ')."})
+    append_choices: bool | None = field(default=None, metadata={
+        "help": "List the choices in the prompt (default: the file's append_choices_to_input, else BIG-bench's true)."})
+
+    def __post_init__(self):
+        for name in ("input_prefix", "output_prefix"):  # a literal \n typed on the command line is a newline
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).replace("\\n", "\n"))
+
+
+def prompt_settings(task: dict, args: StrategyQAArguments) -> dict:
+    """BIG-bench's prompt settings: the flags, else the task file's, else BIG-bench's defaults."""
+    found = {key: task.get(key, default) for key, default in BIGBENCH_DEFAULTS.items()}
+    overrides = {"example_input_prefix": args.input_prefix, "example_output_prefix": args.output_prefix,
+                 "append_choices_to_input": args.append_choices}
+    return {**found, **{key: value for key, value in overrides.items() if value is not None}}
+
+
+def bigbench_prompt(question: str, choices: list[str], prompt: dict) -> str:
+    """BIG-bench's zero-shot prompt of one multiple-choice example, leading whitespace removed."""
+    text = prompt["example_input_prefix"] + question
+    if prompt["append_choices_to_input"]:
+        text += "".join(prompt["choice_prefix"] + choice for choice in choices)
+    return (prompt["task_prefix"] + text + prompt["example_output_prefix"]).lstrip()
+
+
+def record_item(record: dict, index: int, prompt: dict, source: str) -> Item:
+    """One record as an `Item` whose labels mark the gold answer (the highest target score, or the boolean)."""
+    if "target_scores" in record:  # BIG-bench
+        scores = record["target_scores"]
+        if not isinstance(scores, dict) or len(scores) < 2 or "input" not in record:
+            raise UsageError(f"{source}: record {index} needs 'input' and a 'target_scores' object of >= 2 choices")
+        choices, best = list(scores), max(scores.values())
+        labels = [int(scores[c] == best and best > 0) for c in choices]
+        question = record["input"]
+    elif "multiple_choice_targets" in record and "inputs" in record:  # the hub's BIG-bench export: already prompted
+        choices, scores = list(record["multiple_choice_targets"]), list(record["multiple_choice_scores"])
+        return Item(record["inputs"], choices, [int(s == max(scores) and max(scores) > 0) for s in scores],
+                    {"input": record["inputs"]})
+    elif isinstance(record.get("answer"), bool) and "question" in record:  # the original StrategyQA JSON
+        choices, labels, question = ["Yes", "No"], [int(record["answer"]), int(not record["answer"])], record["question"]
+    else:
+        raise UsageError(f"{source}: record {index} is neither BIG-bench ('input', 'target_scores') nor StrategyQA "
+                         f"('question', a boolean 'answer'); it has {sorted(record)}")
+    if 1 not in labels:
+        raise UsageError(f"{source}: record {index} has no choice with a positive target score")
+    return Item(bigbench_prompt(question, choices, prompt), choices, labels, {"input": question})
+
+
+def is_no(choice: str) -> bool:
+    return choice.strip().rstrip(".").lower() == "no"
+
+
+def evaluate(model_args: PretrainedModelArguments, args: ChoiceEvalArguments, task_args: StrategyQAArguments,
+             checks: BaseCheckArguments) -> dict:
+    records, source = read_records(args)
+    prompt = prompt_settings(read_object(args.data_file) if args.data_file else {}, task_args)
+    items = [record_item(record, i, prompt, source) for i, record in enumerate(records[:args.max_samples])]
+    model, tokenizer, joint = load_model(model_args, args, checks)
+    outcomes, speeds = run_settings(model, tokenizer, items, args, joint)
+
+    no_gold = [any(is_no(c) and label for c, label in zip(item.choices, item.labels)) for item in items]
+    metrics = {"count": len(items), "always_no_accuracy": mean_percent(no_gold),
+               **{name: {"accuracy": mean_percent(o["correct"] for o in results), **speeds[name]}
+                  for name, results in outcomes.items()},
+               "prompt_settings": prompt, **run_record(model_args, args, model, tokenizer, joint, source)}
+    if JOINT in metrics:
+        metrics["memory_minus_base"] = metrics[JOINT]["accuracy"] - metrics["base"]["accuracy"]
+    rows = [{**item.info, "prompt": item.prompt, "choices": item.choices, "labels": item.labels,
+             **{name: results[i] for name, results in outcomes.items()}} for i, item in enumerate(items)]
+    write_results(args.output_dir, "strategyqa", rows, metrics)
+    for name in outcomes:
+        logger.info("StrategyQA %s, %s: %d questions, accuracy %.2f (always 'No' %.2f), %.1f questions/s",
+                    source, setting_label(name, args), len(items), metrics[name]["accuracy"],
+                    metrics["always_no_accuracy"], metrics[name]["items_per_second"] or 0.0)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> dict:
+    setup_logging()
+    model_args, args, task_args, checks = parse_args(
+        (PretrainedModelArguments, ChoiceEvalArguments, StrategyQAArguments, BaseCheckArguments), argv)
+    with artifact_lock(args.output_dir, "--output_dir"):
+        return evaluate(model_args, args, task_args, checks)
+
+
+cli = command(main)
+
+if __name__ == "__main__":
+    cli()
