@@ -29,8 +29,9 @@
    Every stage records its wall time, its peak anonymous memory (RssAnon: what the process itself holds) and
    its peak file-backed resident memory (RssFile: pages of memory-mapped files, which the kernel reclaims
    under pressure), sampled every 50 ms; the anonymous memory includes child processes (DataLoader workers).
-3. Power laws fitted to the rates (rate = a N^b) extrapolate to WikiText-103 (103M rows) at SmolLM2's width
-   (576) and GPT2-large's (1280), and to a 500M-token datastore: disk, RAM and hours per stage on this CPU and,
+3. Fitted rates (writing, adding and training: the median over the sizes, their work per row does not depend
+   on N; searching: power laws, rate = a N^b) extrapolate to WikiText-103 (103M rows) at SmolLM2's width (576)
+   and GPT2-large's (1280), and to a 500M-token datastore: disk, RAM and hours per stage on this CPU and,
    for the stages the H100 run of docs/results.md measured, on one GPU and on 8; and the memory's speed-up
    over the kNN-LM there.
 
@@ -330,6 +331,18 @@ def stage_memory(args: ScaleArguments, seed: Path, size_dir: Path, rows: int) ->
     return {"tokens_per_second": metrics["joint_tokens_per_second"], "base_tokens_per_second": metrics["base_tokens_per_second"]}
 
 
+def per_token_costs(size_dir: Path) -> dict:
+    """Seconds per scored token of the base forward, the kNN search and the memory (its forward and the
+    interpolation), from the knnlm and evaluate_joint results of one size: the same tokens, so the memory's
+    speed-up over the kNN-LM can be compared at one base cost, whatever the machine's load did to each run."""
+    knnlm = read_json(size_dir / "eval_knnlm" / "knnlm_results.json")
+    joint = read_json(size_dir / "eval_joint" / "joint_results.json")
+    return {"tokens": knnlm["eval_tokens"], "knn_search": knnlm["knn_seconds"] / knnlm["eval_tokens"],
+            "base_in_knnlm": (knnlm["eval_seconds"] - knnlm["knn_seconds"]) / knnlm["eval_tokens"],
+            "base_in_joint": joint["base_seconds"] / joint["eval_tokens"],
+            "memory": (joint["memory_seconds"] + joint["interpolation_seconds"]) / joint["eval_tokens"]}
+
+
 STAGE_FUNCTIONS = {"write": stage_write, "index": stage_index, "search": stage_search, "targets": stage_targets,
                    "train": stage_train, "knnlm": stage_knnlm, "memory": stage_memory}
 
@@ -375,17 +388,26 @@ def plan(results: dict, args: ScaleArguments) -> dict:
     """Disk, RAM and hours per stage at the TARGETS sizes, from the fitted curves."""
     sizes = [r["rows"] for r in results["sizes"]]
     by = lambda stage, key: [r["stages"][stage][key] for r in results["sizes"]]  # noqa: E731
-    fits = {"write_rows_per_second": power_fit(sizes, by("write", "rows_per_second")),
-            "add_rows_per_second": power_fit(sizes, by("index", "add_rows_per_second")),
+    # Writing, adding and training cost the same per row at any size (their work per row does not depend on N: the
+    # IVF assignment scans --ncentroids lists, a training step one batch), so their rate is the median of the sizes
+    # (b = 0), which keeps the load of a shared machine out of the extrapolation. A search scans lists that grow with
+    # N at a fixed --ncentroids: its rate gets a power law.
+    flat = lambda values: (float(np.median(values)), 0.0)  # noqa: E731
+    fits = {"write_rows_per_second": flat(by("write", "rows_per_second")),
+            "add_rows_per_second": flat(by("index", "add_rows_per_second")),
             "search_queries_per_second": power_fit(sizes, by("search", "queries_per_second")),
-            "train_rows_per_second": power_fit(sizes, by("train", "rows_per_second")),
-            "knnlm_tokens_per_second": power_fit(sizes, by("knnlm", "tokens_per_second")),
-            "memory_tokens_per_second": power_fit(sizes, by("memory", "tokens_per_second"))}
+            "train_rows_per_second": flat(by("train", "rows_per_second")),
+            "knn_search_seconds_per_token": power_fit(sizes, [r["per_token"]["knn_search"] for r in results["sizes"]])}
+    base = float(np.median([r["per_token"][k] for r in results["sizes"] for k in ("base_in_knnlm", "base_in_joint")]))
+    memory_cost = float(np.median([r["per_token"]["memory"] for r in results["sizes"]]))  # flat: no datastore
     last = results["sizes"][-1]
     nnz_per_row = last["stages"]["targets"]["nnz"] / last["rows"]
     train_seconds = last["stages"]["index"]["train_seconds"]
     peak_anon = {stage: max(r["stages"][stage]["peak_anon_bytes"] for r in results["sizes"]) for stage in STAGES}
-    out = {"fits": {k: {"a": a, "b": b} for k, (a, b) in fits.items()}, "targets": {}}
+    out = {"fits": {k: {"a": a, "b": b} for k, (a, b) in fits.items()}, "targets": {},
+           "base_seconds_per_token": base, "memory_seconds_per_token": memory_cost,
+           "measured_speedup": {r["rows"]: (base + r["per_token"]["knn_search"]) / (base + memory_cost)
+                                for r in results["sizes"]}}
     for label, (rows, dim) in TARGETS.items():
         width = dim / 576  # CPU rates measured at 576; per-row costs of writing, adding and searching grow with d
         index_bytes = rows * (args.code_size + 8) + args.ncentroids * dim * 4
@@ -402,8 +424,8 @@ def plan(results: dict, args: ScaleArguments) -> dict:
             "exact kNN targets (torch, GPU)": H100["exact_targets_seconds"] * scale ** 2 * width / 3600,
             "memory training, 1 epoch (SmolLM2-size memory)": rows / H100["train_rows_per_second"] / 3600,
         }
-        knnlm = predict(fits["knnlm_tokens_per_second"], rows)
-        memory = predict(fits["memory_tokens_per_second"], rows)
+        knnlm = 1 / (base + predict(fits["knn_search_seconds_per_token"], rows))
+        memory = 1 / (base + memory_cost)
         out["targets"][label] = {
             "rows": rows, "dim": dim, "disk_gb": {k: v / 1e9 for k, v in disk.items()},
             "ram_gb": {"index in RAM for search (codes + ids)": index_bytes / 1e9,
@@ -430,14 +452,18 @@ def markdown(results: dict) -> str:
              f"Seed: {results['seed_rows']:,} real SmolLM2-135M keys (width 576) of WikiText-2 train, repeated with noise "
              f"{results['settings']['noise']} x std. IVFPQ: {results['settings']['ncentroids']} lists, "
              f"{results['settings']['code_size']}-byte codes, nprobe {results['settings']['probe']}, k {results['settings']['k']}.", "",
-             "| rows | write rows/s | index train s | add rows/s | search queries/s | train rows/s | kNN-LM tok/s | memory tok/s |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| rows | write rows/s | index train s | add rows/s | search queries/s | train rows/s | "
+             "kNN search ms/token | memory ms/token | memory vs kNN-LM |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results["sizes"]:
-        s = r["stages"]
+        s, t = r["stages"], r["per_token"]
         lines.append(f"| {r['rows']:,} | {s['write']['rows_per_second']:,.0f} | {s['index']['train_seconds']:.1f} | "
                      f"{s['index']['add_rows_per_second']:,.0f} | {s['search']['queries_per_second']:,.1f} | "
-                     f"{s['train']['rows_per_second']:,.0f} | {s['knnlm']['tokens_per_second']:,.1f} | "
-                     f"{s['memory']['tokens_per_second']:,.1f} |")
+                     f"{s['train']['rows_per_second']:,.0f} | {1e3 * t['knn_search']:.2f} | {1e3 * t['memory']:.2f} | "
+                     f"{results['plan']['measured_speedup'][r['rows']]:.2f}x |")
+    lines += ["", f"The last column is (base + kNN search) / (base + memory) per token, at the median base forward cost "
+                  f"of all runs ({1e3 * results['plan']['base_seconds_per_token']:.1f} ms/token, SmolLM2-135M on this CPU): "
+                  "the two evaluations ran at different times on a shared machine, so their own tokens/s are not compared."]
     lines += ["", "Peak anonymous memory of each stage, GiB (file-backed pages of memory maps in brackets):", "",
               "| rows | " + " | ".join(STAGES) + " |", "|---:|" + "---:|" * len(STAGES)]
     for r in results["sizes"]:
@@ -451,8 +477,9 @@ def markdown(results: dict) -> str:
             lines.append(f"| {k} | {v:,.1f} | | |")
         for k, v in t["h100_hours_1"].items():
             lines.append(f"| {k} | | {v:,.2f} | {t['h100_hours_8'][k]:,.2f} |")
-        lines += ["", f"Memory vs kNN-LM (IVFPQ, this CPU, fitted): {t['memory_tokens_per_second_cpu']:,.0f} vs "
-                      f"{t['knnlm_tokens_per_second_cpu']:,.1f} tokens/s, **{t['memory_speedup_over_knnlm_cpu']:,.1f}x**."]
+        lines += ["", f"Base + memory vs kNN-LM (IVFPQ, nprobe {results['settings']['probe']}, this CPU, fitted): "
+                      f"{t['memory_tokens_per_second_cpu']:,.1f} vs {t['knnlm_tokens_per_second_cpu']:,.2f} tokens/s, "
+                      f"**{t['memory_speedup_over_knnlm_cpu']:,.1f}x**."]
     return "\n".join(lines) + "\n"
 
 
@@ -467,9 +494,11 @@ def plot(results: dict, path: Path) -> None:
                               ("index", "add_rows_per_second", "index add rows/s"),
                               ("search", "queries_per_second", "kNN search queries/s"),
                               ("train", "rows_per_second", "memory training rows/s"),
-                              ("knnlm", "tokens_per_second", "kNN-LM tokens/s"),
-                              ("memory", "tokens_per_second", "base + memory tokens/s")):
+                              ):
         rates.plot(sizes, [r["stages"][stage][key] for r in results["sizes"]], "o-", label=label)
+    base = results["plan"]["base_seconds_per_token"]
+    rates.plot(sizes, [1 / (base + r["per_token"]["knn_search"]) for r in results["sizes"]], "o--", label="kNN-LM tokens/s")
+    rates.plot(sizes, [1 / (base + r["per_token"]["memory"]) for r in results["sizes"]], "o--", label="base + memory tokens/s")
     rates.set(xscale="log", yscale="log", xlabel="datastore rows", ylabel="rate", title="Rates as the datastore grows")
     rates.legend(fontsize=8)
     for stage in STAGES:
@@ -500,7 +529,7 @@ def main(argv: list[str] | None = None) -> dict:
             stages[name] = launch_stage(name, args, seed, size_dir, rows)
             logger.info("%d rows, %s: %.1f s, peak anonymous %s GiB, file-backed %s GiB", rows, name,
                         time.perf_counter() - start, gib(stages[name]["peak_anon_bytes"]), gib(stages[name]["peak_file_bytes"]))
-        results["sizes"].append({"rows": rows, "stages": stages})
+        results["sizes"].append({"rows": rows, "stages": stages, "per_token": per_token_costs(size_dir)})
         if not args.keep:
             for name in ("dstore", "knn_targets", "memory"):
                 shutil.rmtree(size_dir / name, ignore_errors=True)
