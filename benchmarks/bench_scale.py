@@ -424,12 +424,12 @@ def plan(results: dict, args: ScaleArguments) -> dict:
             "exact kNN targets (torch, GPU)": H100["exact_targets_seconds"] * scale ** 2 * width / 3600,
             "memory training, 1 epoch (SmolLM2-size memory)": rows / H100["train_rows_per_second"] / 3600,
         }
-        knnlm = 1 / (base + predict(fits["knn_search_seconds_per_token"], rows))
+        knnlm = 1 / (base + predict(fits["knn_search_seconds_per_token"], rows) * width)  # SmolLM2's base and memory
         memory = 1 / (base + memory_cost)
         out["targets"][label] = {
             "rows": rows, "dim": dim, "disk_gb": {k: v / 1e9 for k, v in disk.items()},
-            "ram_gb": {"index in RAM for search (codes + ids)": index_bytes / 1e9,
-                       **{f"{stage} (peak anonymous, measured max)": b / 1e9 for stage, b in peak_anon.items()}},
+            "ram_gb": {"the index in RAM to search it (codes + ids)": index_bytes / 1e9,
+                       **{f"{stage} (measured peak)": b / 1e9 for stage, b in peak_anon.items()}},
             "cpu_hours_2_cores": cpu_hours, "h100_hours_1": gpu_hours,
             "h100_hours_8": {k: v / 8 for k, v in gpu_hours.items()},
             "knnlm_tokens_per_second_cpu": knnlm, "memory_tokens_per_second_cpu": memory,
@@ -472,12 +472,14 @@ def markdown(results: dict) -> str:
     for label, t in results["plan"]["targets"].items():
         lines += ["", f"## {label}: {t['rows']:,} rows", "",
                   "Disk: " + ", ".join(f"{k} {v:,.1f} GB" for k, v in t["disk_gb"].items()) + ".", "",
+                  "RAM: " + ", ".join(f"{k} {v:,.1f} GB" for k, v in t["ram_gb"].items()) + ".", "",
                   "| stage | this CPU, hours | one H100, hours | 8 H100, hours |", "|---|---:|---:|---:|"]
         for k, v in t["cpu_hours_2_cores"].items():
             lines.append(f"| {k} | {v:,.1f} | | |")
         for k, v in t["h100_hours_1"].items():
             lines.append(f"| {k} | | {v:,.2f} | {t['h100_hours_8'][k]:,.2f} |")
-        lines += ["", f"Base + memory vs kNN-LM (IVFPQ, nprobe {results['settings']['probe']}, this CPU, fitted): "
+        lines += ["", f"Base + memory vs kNN-LM (IVFPQ, nprobe {results['settings']['probe']}, this CPU, fitted; "
+                      "SmolLM2-135M's base and memory cost per token, the search's scaled to this width): "
                       f"{t['memory_tokens_per_second_cpu']:,.1f} vs {t['knnlm_tokens_per_second_cpu']:,.2f} tokens/s, "
                       f"**{t['memory_speedup_over_knnlm_cpu']:,.1f}x**."]
     return "\n".join(lines) + "\n"
