@@ -101,6 +101,7 @@ class ScaleArguments:
     eval_windows: int = field(default=2, metadata={"help": "Test windows (512 tokens) of the knnlm and memory stages."})
     keep: bool = field(default=False, metadata={"help": "Keep each size's datastore, index and targets."})
     stages: list[str] = field(default_factory=lambda: list(STAGES), metadata={"help": "Stages to run (all by default)."})
+    note: str | None = field(default=None, metadata={"help": "Free text printed with the results (e.g. the machine's load)."})
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -352,7 +353,8 @@ def run_stage(name: str, args: ScaleArguments, seed: Path, size_dir: Path, rows:
     start = time.perf_counter()
     with PeakMemory() as peak:
         result = STAGE_FUNCTIONS[name](args, seed, size_dir, rows)
-    return {**result, "wall_seconds": time.perf_counter() - start, "peak_anon_bytes": peak.peak["RssAnon"],
+    return {**result, "wall_seconds": time.perf_counter() - start, "load_average": os.getloadavg(),
+            "peak_anon_bytes": peak.peak["RssAnon"],
             "peak_file_bytes": peak.peak["RssFile"]}
 
 
@@ -448,7 +450,8 @@ def gib(n: float) -> str:
 
 def markdown(results: dict) -> str:
     m = results["machine"]
-    lines = [f"# Capacity plan ({m['cpu']}, {m['cores']} cores, load average at start {results['load_average_at_start']})", "",
+    lines = [f"# Capacity plan ({m['cpu']}, {m['cores']} cores)", "",
+             *([results["settings"]["note"], ""] if results["settings"].get("note") else []),
              f"Seed: {results['seed_rows']:,} real SmolLM2-135M keys (width 576) of WikiText-2 train, repeated with noise "
              f"{results['settings']['noise']} x std. IVFPQ: {results['settings']['ncentroids']} lists, "
              f"{results['settings']['code_size']}-byte codes, nprobe {results['settings']['probe']}, k {results['settings']['k']}.", "",
