@@ -57,7 +57,8 @@ class ChoiceEvalArguments:
     max_length: int | None = field(default=None, metadata={
         "help": "Longest sequence scored; longer ones are cut on the left (default: the model's position limit)."})
     knn_generator_path: str | None = field(default=None, metadata={
-        "help": "MLP memory directory: also score under base + memory, beside the base model alone."})
+        "help": "Memory directory (an MLP memory or a Memory Decoder): also score under base + memory, beside the "
+                "base model alone."})
     lmbda: float = field(default=0.5, metadata={"help": "Weight of the memory in the interpolation."})
     knn_temp: float = field(default=1.0, metadata={"help": "Temperature of the memory's logits."})
 
@@ -118,10 +119,10 @@ def load_model(model_args: PretrainedModelArguments, args: ChoiceEvalArguments, 
     prepare_tokenizer(tokenizer, model)
     joint = None
     if args.knn_generator_path:
-        from models import load_memory
         from models.joint import JointLM
+        from models.joint.token_memory import load_any_memory
 
-        joint = JointLM(model, load_memory(args.knn_generator_path, flag="--knn_generator_path"), lmbda=args.lmbda,
+        joint = JointLM(model, load_any_memory(args.knn_generator_path, "--knn_generator_path"), lmbda=args.lmbda,
                         knn_temp=args.knn_temp, tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
                         allow_base_mismatch=checks.allow_base_mismatch)
     return model, tokenizer, joint

@@ -17,8 +17,8 @@ is registered by importing this module. Model arguments (``--model_args key=valu
     batch_size, device, max_length, add_bos_token, ...   as for lm-eval's ``hf`` model
 
 `MLPMemoryLM` subclasses lm-eval's `HFLM` and changes only where logits come from: the base model is
-loaded by `utils.modeling` (GGUF included) and the memory by `models.load_memory`, checked against the base
-(`models.joint.JointLM`), and every forward of HFLM (``_model_call``: ``loglikelihood``,
+loaded by `utils.modeling` (GGUF included) and the memory by `load_any_memory` (an MLP memory or a Memory
+Decoder), checked against the base (`models.joint.JointLM`), and every forward of HFLM (``_model_call``: ``loglikelihood``,
 ``loglikelihood_rolling``) and every ``generate`` (``_model_generate``: ``generate_until``) runs with the memory
 attached by hooks (`models.joint.attach_memory`). The attached model's "logits" are the joint
 log-probabilities, already normalised, so HFLM's ``log_softmax`` of them gives them back (to float32 rounding)
@@ -38,8 +38,8 @@ import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from models import load_memory
 from models.joint import JointLM
+from models.joint.token_memory import load_any_memory
 from utils.arguments import PretrainedModelArguments
 from utils.cli import UsageError, command
 from utils.modeling import (
@@ -109,7 +109,7 @@ class MLPMemoryLM(HFLM):
         self.record = {"base": local_path_or_name(str(base)), "gguf_file": gguf_file, "memory": None, "lmbda": None,
                        "knn_temp": None, "base_check": None, "tokenizer_fingerprint": tokenizer_fingerprint(hf_tokenizer)}
         if memory:
-            self.joint = JointLM(model, load_memory(str(memory), "--model_args memory"), lmbda=float(lmbda),
+            self.joint = JointLM(model, load_any_memory(str(memory), "--model_args memory"), lmbda=float(lmbda),
                                  knn_temp=float(knn_temp), tokenizer_fingerprint=self.record["tokenizer_fingerprint"],
                                  allow_base_mismatch=allow_base_mismatch)
             self.record.update(memory=local_path_or_name(str(memory)), lmbda=float(lmbda), knn_temp=float(knn_temp),
