@@ -9,7 +9,9 @@
 
 With no model flags, the base model (``base/``), its memory (``memory/``) and the test questions
 (``corpus/qa_test.jsonl``, prompts in the corpus's ``qa_prompt`` format from ``corpus/meta.json``)
-come from ``--quickstart_dir``. The test questions ask for facts the training split states, in prose
+come from ``--quickstart_dir`` (a run of the quickstart recipe; its paths are `utils.run_layout`'s), and so
+does ``lmbda`` when not given: the one the run chose on the validation questions
+(``qa_validation/lmbda_choice.json``), else 0.5. The test questions ask for facts the training split states, in prose
 and as QA lines, but each in a question wording that train never uses for that fact.
 
 For a question, the answer is the first line of the greedy continuation; it is right when, lowercased
@@ -36,13 +38,17 @@ from models.joint.causal_lm import is_joint_directory, load_base_and_memory
 from utils.arguments import BaseCheckArguments, ModelArguments
 from utils.cli import UsageError, check_finite_floats, run, setup_logging
 from utils.embedded_corpus import QA_PROMPT
-from utils.io import write_json
+from utils.io import read_json, write_json
 from utils.locking import artifact_lock
 from utils.modeling import load_causal_lm, load_tokenizer, model_tokenizer_path, tokenizer_fingerprint
+from utils.recipes import read_recipe
+from utils.run_layout import RunLayout
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_QUICKSTART = os.path.join("outputs", "quickstart")
+QUICKSTART_RECIPE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "recipes",
+                                 "quickstart.yaml")
+DEFAULT_QUICKSTART = read_recipe(QUICKSTART_RECIPE).out  # where scripts/quickstart.sh writes
 DEFAULT_QA_PROMPT = QA_PROMPT  # corpora written before meta.json recorded their prompt
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 
@@ -88,19 +94,26 @@ def is_right(continuation: str, gold: list[str]) -> bool:
     return bool(answer) and answer in {normalize_answer(g) for g in gold}
 
 
-def quickstart_path(args, *parts: str) -> str:
-    """A path inside --quickstart_dir, or a UsageError saying to run the quickstart first."""
-    path = os.path.join(args.quickstart_dir, *parts)
+def quickstart_path(args, path: os.PathLike) -> str:
+    """``path`` (of --quickstart_dir's layout) when it exists, else a UsageError saying to run the quickstart first."""
     if not os.path.exists(path):
-        raise UsageError(f"--quickstart_dir {args.quickstart_dir}: {os.path.join(*parts)} not found; run "
-                         f"`bash scripts/quickstart.sh` first (or give --model_name_or_path, --knn_generator_path "
-                         f"and --prompt)")
-    return path
+        raise UsageError(f"--quickstart_dir {args.quickstart_dir}: {os.path.relpath(path, args.quickstart_dir)} not "
+                         f"found; run `bash scripts/quickstart.sh` first (or give --model_name_or_path, "
+                         f"--knn_generator_path and --prompt)")
+    return str(path)
+
+
+def recorded_lmbda(args) -> None:
+    """Without --lmbda, the QA lmbda the quickstart run chose on its validation questions (when it recorded one)."""
+    choice = RunLayout(args.quickstart_dir).qa_choice
+    if args.lmbda is None and args.model_name_or_path is None and choice.is_file():
+        args.lmbda = read_json(choice)["lmbda"]
+        logger.info("lmbda %g: chosen on the validation questions (%s)", args.lmbda, choice)
 
 
 def load_qa(args) -> tuple[list[dict], str]:
     """The quickstart's test questions and its prompt format."""
-    qa_file = quickstart_path(args, "corpus", "qa_test.jsonl")
+    qa_file = quickstart_path(args, RunLayout(args.quickstart_dir).qa_file("test"))
     qa_prompt = (recorded_prompt(qa_file) or (DEFAULT_QA_PROMPT, None))[0]
     with open(qa_file) as f:
         pairs = [json.loads(line) for line in f if line.strip()]
@@ -129,8 +142,9 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
 def load_pair(args):
     """(model, tokenizer, memory) from the flags, the quickstart's outputs for what is not given; a joint model
     directory as --model_name_or_path gives both, and --lmbda / --knn_temp unless given."""
-    model_path = args.model_name_or_path or quickstart_path(args, "base")
-    memory_path = None if is_joint_directory(model_path) else args.knn_generator_path or quickstart_path(args, "memory")
+    layout = RunLayout(args.quickstart_dir)
+    model_path = args.model_name_or_path or quickstart_path(args, layout.base)
+    memory_path = None if is_joint_directory(model_path) else args.knn_generator_path or quickstart_path(args, layout.memory)
     model_args = ModelArguments(model_name_or_path=model_path, gguf_file=args.gguf_file,
                                 tokenizer_name=args.tokenizer_name, torch_dtype=args.torch_dtype)
     tok_path, gguf = model_tokenizer_path(model_args)
@@ -221,6 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name in ("max_new_tokens", "num_examples", "scan", "batch_size"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    recorded_lmbda(args)
     with artifact_lock(args.output_file, "--output_file"):  # no lock without --output_file: nothing is written
         return run_demo(args)
 

@@ -3,11 +3,13 @@
     for l in 0.25 0.5 0.75; do
         python -m downstream.eval_qa ... --use_neural_knn --lmbda $l --output_dir OUT/qa_validation/lmbda_$l
     done
-    LMBDA=$(python -m downstream.choose_lmbda OUT/qa_validation/lmbda_*)
+    python -m downstream.choose_lmbda OUT/qa_validation/lmbda_* --output_file OUT/qa_validation/lmbda_choice.json
 
 Each directory holds the ``qa_results.json`` of one run with ``--use_neural_knn``. The best run has the
 highest exact match, then the highest token F1, then the smallest ``lmbda`` (the one closest to the base
-model). Its ``lmbda`` is printed alone on stdout, for scripts; the table of all runs goes to the log.
+model). Its ``lmbda`` is printed alone on stdout; the table of all runs goes to the log. ``--output_file``
+records the choice, the rule and the table it was made from: the stages after it (QA on test, the
+judgments, the demo) and `downstream.summary` read the choice there and never choose again.
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ import os
 import sys
 
 from utils.cli import UsageError, run, setup_logging
-from utils.io import read_json
+from utils.io import read_json, write_json
 
 logger = logging.getLogger(__name__)
 
 RESULTS_FILE = "qa_results.json"
+RULE = "highest exact match, then highest F1, then the smallest lmbda"
 
 
 def read_sweep(directories: list[str]) -> list[dict]:
@@ -35,7 +38,7 @@ def read_sweep(directories: list[str]) -> list[dict]:
         results = read_json(path)
         if not results.get("use_neural_knn"):
             raise UsageError(f"{path} is a run of the base model alone: only runs with --use_neural_knn have a lmbda")
-        runs.append(results)
+        runs.append({**results, "directory": directory})
     if not runs:
         raise UsageError("give at least one eval_qa output directory")
     lmbdas = [r["lmbda"] for r in runs]
@@ -49,15 +52,39 @@ def best_run(runs: list[dict]) -> dict:
     return max(runs, key=lambda r: (r["exact_match"], r["f1"], -r["lmbda"]))
 
 
-def main(argv: list[str] | None = None) -> float:
+def choice_record(runs: list[dict]) -> dict:
+    """The chosen lmbda, the rule and the table it was chosen from (what ``--output_file`` holds)."""
+    best = best_run(runs)
+    return {"lmbda": best["lmbda"], "chosen_on": "validation questions (exact match)", "rule": RULE,
+            "questions": best["count"],
+            "table": [{"lmbda": r["lmbda"], "exact_match": r["exact_match"], "f1": r["f1"], "count": r["count"],
+                       "directory": r["directory"]} for r in runs]}
+
+
+def read_choice(path: str | os.PathLike) -> dict:
+    """A choice recorded by ``--output_file``; a `UsageError` saying how to make it when it is missing."""
+    if not os.path.isfile(path):
+        raise UsageError(f"{path} is missing: the QA lmbda is chosen once, on the validation questions, and recorded "
+                         "there (python -m downstream.choose_lmbda QA_VALIDATION_DIRS... --output_file " f"{path})")
+    return read_json(path)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m downstream.choose_lmbda", description=__doc__.split("\n\n")[0])
     parser.add_argument("directories", nargs="+", help="eval_qa output directories, one per lmbda.")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    parser.add_argument("--output_file", help="Record the choice and the table it was made from in this JSON file.")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> float:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     runs = read_sweep(args.directories)
     best = best_run(runs)
     for r in runs:
         logger.info("lmbda %g: EM %.2f F1 %.2f over %d questions%s", r["lmbda"], r["exact_match"], r["f1"], r["count"],
                     "  <- chosen" if r is best else "")
+    if args.output_file:
+        write_json(args.output_file, choice_record(runs))
     print(f"{best['lmbda']:g}")
     return best["lmbda"]
 

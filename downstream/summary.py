@@ -2,16 +2,17 @@
 
     python -m downstream.summary --output_dir outputs/quickstart
 
-Each entry reads a file some stage wrote; entries whose stage has not run are left out. The headline
-numbers are on the test split, with every choice made on validation:
+Each entry reads a file some stage wrote; entries whose stage has not run are left out. The paths are the run
+layout's (`utils.run_layout`). The headline numbers are on the test split, at the choices the stages
+recorded on validation; the summary reads each choice and never makes one:
 
-* base + memory perplexity at the ``lmbda`` with the lowest validation perplexity
-  (``eval_joint_validation``), reported on test (``eval_joint_test``);
-* the kNN-LM at the ``lmbda`` best on validation when it ran there with a sweep (``eval_knnlm_validation``),
-  else at its fixed ``lmbda`` (``eval_knnlm_test``);
-* QA exact match and F1 of the base alone (``qa_test/base``) and of base + memory
-  (``qa_test/lmbda_<l>``) at the ``lmbda`` chosen on the validation questions (``qa_validation/lmbda_*``,
-  `downstream.choose_lmbda`);
+* base + memory perplexity at the ``lmbda`` that ``eval_joint_validation`` recorded (``lmbda_choice``: the
+  lowest validation perplexity), reported on test (``eval_joint_test``); with no validation sweep, at the
+  one ``lmbda`` of the test run (fixed);
+* the kNN-LM at the ``lmbda`` that ``eval_knnlm_validation`` recorded when it ran there with a sweep, else
+  at its fixed ``lmbda`` (``eval_knnlm_test``);
+* QA exact match and F1 of the base alone (``qa_test/base``) and of base + memory (``qa_test/lmbda_<l>``)
+  at the ``lmbda`` recorded in ``qa_validation/lmbda_choice.json`` (`downstream.choose_lmbda --output_file`);
 * one question whose answer the memory corrects (``correction.json``, `demo.generation_example`);
 * accuracy on the corpus's yes/no questions (``yes_no_test``, `downstream.strategyqa`, beside always "No") and
   hallucination judgments (``halueval_test``, `downstream.halueval`) about the test facts, with and without the
@@ -22,14 +23,17 @@ from __future__ import annotations
 
 import argparse
 import glob
+import os
 import sys
 from pathlib import Path
 
-from downstream.choose_lmbda import best_run, read_sweep
+from downstream.choose_lmbda import read_choice, read_sweep
 from models.memory_directory import TRAINING_RESULTS
 from utils.cli import UsageError, run
 from utils.environment import machine
 from utils.io import read_json, write_json
+from utils.run_layout import (EVAL_RESULTS, HALUEVAL_RESULTS, JOINT_RESULTS, KNNLM_RESULTS, META, QA_RESULTS,
+                              YES_NO_RESULTS, RunLayout)
 
 QA_METRICS = ("exact_match", "f1", "contains")
 
@@ -38,17 +42,21 @@ def _read(path: Path) -> dict | None:
     return read_json(path) if path.is_file() else None
 
 
-def best_lmbda(joint_results: dict) -> dict:
-    """The entry of a joint evaluation's ``lmbda_sweep`` with the lowest perplexity."""
-    return min(joint_results["lmbda_sweep"], key=lambda entry: (entry["perplexity"], entry["lmbda"]))
+def recorded_choice(validation: dict, path: Path) -> float:
+    """The lmbda a validation sweep recorded as its choice (``lmbda_choice``); an error when it recorded none."""
+    choice = validation.get("lmbda_choice")
+    if not choice:
+        raise UsageError(f"{path} records no lmbda_choice (a sweep written before choices were recorded, or a single "
+                         "lmbda): rerun that evaluation on validation with several --lmbda")
+    return choice["lmbda"]
 
 
-def chosen_on_validation(validation: dict, test: dict) -> tuple[float, float]:
-    """The lmbda best on validation and the test perplexity at that lmbda; both sweeps must hold it."""
-    chosen = best_lmbda(validation)["lmbda"]
+def chosen_on_validation(validation: dict, test: dict, path: Path) -> tuple[float, float]:
+    """The lmbda recorded on validation and the test perplexity at that lmbda; the test sweep must hold it."""
+    chosen = recorded_choice(validation, path)
     on_test = {entry["lmbda"]: entry["perplexity"] for entry in test["lmbda_sweep"]}
     if chosen not in on_test:
-        raise UsageError(f"lmbda {chosen:g}, best on validation, is not in the test sweep "
+        raise UsageError(f"lmbda {chosen:g}, chosen on validation ({path}), is not in the test sweep "
                          f"({sorted(on_test)}): run both sweeps with the same lmbdas")
     return chosen, on_test[chosen]
 
@@ -61,24 +69,30 @@ def _qa(results: dict) -> dict:
     return {key: results[key] for key in QA_METRICS}
 
 
-def _perplexity(out: Path, summary: dict) -> None:
-    """Test perplexities (base, kNN-LM, memory alone, base + memory at the lmbda best on validation), tokens/s."""
+def _sweeps(validation: dict | None, test: dict | None) -> bool:
+    """Whether a validation run swept lmbda (so a choice was made there) for a test run to report."""
+    return bool(validation and test and len(validation.get("lmbda_sweep", [])) > 1 and "lmbda_sweep" in test)
+
+
+def _perplexity(layout: RunLayout, summary: dict) -> None:
+    """Test perplexities (base, kNN-LM, memory alone, base + memory at the lmbda recorded on validation), tokens/s."""
     perplexity, speed, lmbda = {}, {}, {}
-    if base := _read(out / "eval_base_test" / "eval_results.json"):
+    if base := _read(layout.eval_base("test") / EVAL_RESULTS):
         perplexity["base"] = base["perplexity"]
         speed["base"] = base["eval_tokens_per_second"]
         summary["test_tokens"] = base["eval_tokens"]
-    if knnlm := _read(out / "eval_knnlm_test" / "knnlm_results.json"):
+    if knnlm := _read(layout.knnlm("test") / KNNLM_RESULTS):
         perplexity["knn_lm"], lmbda["knn_lm"], chosen_on = knnlm["perplexity"], knnlm["lmbda"], "fixed"
-        knn_validation = _read(out / "eval_knnlm_validation" / "knnlm_results.json")
-        if knn_validation and "lmbda_sweep" in knn_validation and "lmbda_sweep" in knnlm:
-            lmbda["knn_lm"], perplexity["knn_lm"] = chosen_on_validation(knn_validation, knnlm)
+        knn_validation = _read(layout.knnlm("validation") / KNNLM_RESULTS)
+        if _sweeps(knn_validation, knnlm):
+            lmbda["knn_lm"], perplexity["knn_lm"] = chosen_on_validation(
+                knn_validation, knnlm, layout.knnlm("validation") / KNNLM_RESULTS)
             chosen_on = "validation perplexity"
         speed["knn_lm"] = knnlm["eval_tokens_per_second"]
         summary["knn_lm_settings"] = {"k": knnlm["k"], "lmbda": lmbda["knn_lm"], "knn_temp": knnlm["knn_temp"],
                                       "index": knnlm["index_type"], "lmbda_chosen_on": chosen_on}
-    validation = _read(out / "eval_joint_validation" / "joint_results.json")
-    test = _read(out / "eval_joint_test" / "joint_results.json")
+    validation = _read(layout.eval_joint("validation") / JOINT_RESULTS)
+    test = _read(layout.eval_joint("test") / JOINT_RESULTS)
     if test:
         perplexity["memory_alone"] = test["memory_perplexity"]
         speed["base_plus_memory"] = test["joint_tokens_per_second"]
@@ -86,9 +100,13 @@ def _perplexity(out: Path, summary: dict) -> None:
         summary["test_perplexity_by_lmbda"] = _sweep(test)
     if validation:
         summary["validation_perplexity"] = {"base": validation["base_perplexity"], **_sweep(validation)}
-    if validation and test:
-        lmbda["base_plus_memory"], perplexity["base_plus_memory"] = chosen_on_validation(validation, test)
+    if _sweeps(validation, test):
+        lmbda["base_plus_memory"], perplexity["base_plus_memory"] = chosen_on_validation(
+            validation, test, layout.eval_joint("validation") / JOINT_RESULTS)
         lmbda["base_plus_memory_chosen_on"] = "validation perplexity"
+    elif test and len(test["lmbda_sweep"]) == 1:  # one lmbda given (the released evaluation's 0.25): nothing chosen
+        lmbda["base_plus_memory"], perplexity["base_plus_memory"] = test["lmbda"], test["perplexity"]
+        lmbda["base_plus_memory_chosen_on"] = "fixed"
     if perplexity:
         summary["test_perplexity"] = perplexity
     if speed:
@@ -99,38 +117,39 @@ def _perplexity(out: Path, summary: dict) -> None:
 
 def _memory_runs(directory: Path) -> list[dict]:
     """The eval_qa runs with the memory under ``directory/lmbda_*``, sorted by lmbda."""
-    found = sorted(glob.glob(str(directory / "lmbda_*")))
+    found = sorted(path for path in glob.glob(str(directory / "lmbda_*")) if os.path.isdir(path))
     return read_sweep(found) if found else []
 
 
-def _question_answering(out: Path, summary: dict) -> None:
+def _question_answering(layout: RunLayout, summary: dict) -> None:
     """QA on the test questions with and without the memory; the lmbda sweep on the validation questions.
 
-    The test run with the memory is the one (of ``qa_test/lmbda_*``) at the lmbda best on the validation
-    questions; without a validation sweep, the only test run there is, at a fixed lmbda.
+    The test run with the memory is the one (of ``qa_test/lmbda_*``) at the lmbda recorded in
+    ``qa_validation/lmbda_choice.json``; without a validation sweep, the only test run there is, at a fixed lmbda.
     """
-    sweep = _memory_runs(out / "qa_validation")
+    sweep = _memory_runs(layout.qa_dir("validation"))
     if sweep:
         validation = {"questions": sweep[0]["count"],
                       "base_plus_memory_by_lmbda": {f"{r['lmbda']:g}": _qa(r) for r in sweep}}
-        if base := _read(out / "qa_validation" / "base" / "qa_results.json"):
+        if base := _read(layout.qa("validation", None) / QA_RESULTS):
             validation["base"] = _qa(base)
         summary["qa_validation"] = validation
     qa_test = {}
-    if base := _read(out / "qa_test" / "base" / "qa_results.json"):
+    if base := _read(layout.qa("test", None) / QA_RESULTS):
         qa_test.update(questions=base["count"], base=_qa(base))
-    if test_runs := _memory_runs(out / "qa_test"):
+    if test_runs := _memory_runs(layout.qa_dir("test")):
         if sweep:
-            chosen = best_run(sweep)["lmbda"]
+            chosen = read_choice(layout.qa_choice)["lmbda"]
             joint = next((r for r in test_runs if r["lmbda"] == chosen), None)
             if joint is None:
-                raise UsageError(f"{out / 'qa_test'} has no run at lmbda {chosen:g}, the best on the validation "
-                                 f"questions (runs: {[r['lmbda'] for r in test_runs]}): run downstream.eval_qa there")
+                raise UsageError(f"{layout.qa_dir('test')} has no run at lmbda {chosen:g}, the one chosen on the "
+                                 f"validation questions (runs: {[r['lmbda'] for r in test_runs]}): run "
+                                 "downstream.eval_qa there")
             chosen_on = "validation questions (exact match)"
         elif len(test_runs) == 1:
             joint, chosen_on = test_runs[0], "fixed"
         else:
-            raise UsageError(f"{out / 'qa_test'} has runs at several lmbdas and {out / 'qa_validation'} has no "
+            raise UsageError(f"{layout.qa_dir('test')} has runs at several lmbdas and {layout.qa_dir('validation')} has no "
                              "sweep to choose one: run the sweep on the validation questions")
         qa_test.update(questions=joint["count"], base_plus_memory=_qa(joint), lmbda=joint["lmbda"],
                        lmbda_chosen_on=chosen_on)
@@ -138,22 +157,22 @@ def _question_answering(out: Path, summary: dict) -> None:
         summary["qa_test"] = qa_test
 
 
-def _judgments(out: Path, summary: dict) -> None:
+def _judgments(layout: RunLayout, summary: dict) -> None:
     """Accuracy on the yes/no questions and the hallucination judgments, base and base + memory."""
-    if found := _read(out / "yes_no_test" / "strategyqa_results.json"):
+    if found := _read(layout.yes_no / YES_NO_RESULTS):
         summary["yes_no_test"] = {"questions": found["count"], "always_no": found["always_no_accuracy"],
                                   "lmbda": found["lmbda"],
                                   **{key: found[key]["accuracy"] for key in ("base", "base_plus_memory") if key in found}}
-    if found := _read(out / "halueval_test" / "halueval_results.json"):
+    if found := _read(layout.halueval / HALUEVAL_RESULTS):
         summary["hallucination_test"] = {
             "items": found["count"], "lmbda": found["lmbda"],
             **{key: {"accuracy": found[key]["accuracy"], "yes_rate": found[key]["yes_rate"]}
                for key in ("base", "base_plus_memory") if key in found}}
 
 
-def _correction(out: Path, summary: dict) -> None:
+def _correction(layout: RunLayout, summary: dict) -> None:
     """The first test question whose answer the memory corrects, from `demo.generation_example`'s JSON."""
-    if (found := _read(out / "correction.json")) is None:
+    if (found := _read(layout.correction)) is None:
         return
     if not found["examples"]:
         summary["correction"] = None
@@ -165,32 +184,33 @@ def _correction(out: Path, summary: dict) -> None:
 
 
 def collect(out: Path) -> dict:
-    """The quickstart's numbers, keyed by what they measure."""
+    """The run's numbers, keyed by what they measure."""
+    layout = RunLayout(out)
     summary: dict = {}
-    if dataset := _read(out / "dataset" / "meta.json"):
+    if dataset := _read(layout.dataset / META):
         summary["tokens"] = {split: s["tokens"] for split, s in dataset["splits"].items()}
         summary["block_size"], summary["stride"] = dataset["block_size"], dataset["stride"]
-    if config := _read(out / "base" / "config.json"):
+    if config := _read(layout.base / "config.json"):
         summary["base_model"] = {"model_type": config["model_type"],
                                  "layers": config.get("num_hidden_layers", config.get("n_layer")),
                                  "hidden_size": config.get("hidden_size", config.get("n_embd"))}
-    if train := _read(out / "base" / "train_results.json"):
+    if train := _read(layout.base / "train_results.json"):
         summary["base_training"] = {"seconds": train.get("train_runtime"), "loss": train.get("train_loss"),
                                     "epochs": train.get("train_epoch", train.get("epoch"))}
-    _perplexity(out, summary)
-    if dstore := _read(out / "dstore" / "meta.json"):
+    _perplexity(layout, summary)
+    if dstore := _read(layout.dstore / META):
         summary["datastore"] = {"rows": dstore["rows"], "dim": dstore["dim"], "seconds": dstore["seconds"],
                                 "rows_per_second": round(dstore["rows"] / max(dstore["seconds"], 1e-9), 1)}
-    if targets := _read(out / "knn_targets" / "meta.json"):
+    if targets := _read(layout.knn_targets / META):
         summary["knn_targets"] = {"rows": targets["rows"], "k": targets["k"], "knn_temp": targets["knn_temp"],
                                   "entries_per_row": round(targets["nnz"] / max(targets["rows"], 1), 2)}
-    if memory := _read(out / "memory" / TRAINING_RESULTS):
+    if memory := _read(layout.memory / TRAINING_RESULTS):
         summary["memory_training"] = {"seconds": memory["train_seconds"], "steps": memory["train_steps"],
                                       "validation_kl_to_knn": memory["val_kl"],
                                       "validation_top1_agreement_with_knn": memory["val_top1_agreement"]}
-    _question_answering(out, summary)
-    _judgments(out, summary)
-    _correction(out, summary)
+    _question_answering(layout, summary)
+    _judgments(layout, summary)
+    _correction(layout, summary)
     summary["environment"] = machine()  # the digits above depend on these versions (and on the CPU)
     return summary
 
@@ -279,15 +299,19 @@ def format_summary(summary: dict) -> str:
     return "\n\n".join(parts)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m downstream.summary", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output_dir", required=True, help="The quickstart's output directory.")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    parser.add_argument("--output_dir", required=True, help="A run's output directory (the quickstart's, or a recipe's).")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     out = Path(args.output_dir)
     if not out.is_dir():
         raise UsageError(f"--output_dir {out} is not a directory: run scripts/quickstart.sh first")
     summary = collect(out)
-    write_json(out / "summary.json", summary)
+    write_json(RunLayout(out).summary, summary)
     print(format_summary(summary))
     return summary
 

@@ -35,7 +35,7 @@ import torch
 from accelerate import PartialState
 
 from knn_utils.index import KNN_GPU_HELP, KnnIndex, check_gpu_k, configure_threads, load_index
-from models.joint.interpolation import check_lmbdas, interpolate_log_probs
+from models.joint.interpolation import check_lmbdas, interpolate_log_probs, lmbda_choice
 from utils.arguments import DataArguments, PretrainedModelArguments
 from utils.artifacts.dataset import TokenizedSplit, load_split
 from utils.artifacts.datastore import Datastore, open_datastore
@@ -230,6 +230,7 @@ def evaluate_knnlm(model_args: PretrainedModelArguments, data_args: DataArgument
              for lmbda, loss in zip(args.lmbda, losses)]
     return {
         "eval_subset": split.split, "perplexity": sweep[0]["perplexity"], "eval_loss": losses[0], "lmbda_sweep": sweep,
+        "lmbda_choice": lmbda_choice(sweep, split.split),
         "base_perplexity": math.exp(base_loss), "base_eval_loss": base_loss, "eval_tokens": num_rows,
         "eval_windows": len(windows), "k": args.k, "lmbda": args.lmbda[0], "knn_temp": args.knn_temp,
         "probe": index.nprobe, "index_type": index.meta["index_type"], "dstore_rows": datastore.num_rows,

@@ -3,6 +3,7 @@
 Layout::
 
     config.json, model.safetensors   the memory (save_pretrained; models.load_memory / AutoModel)
+    README.md                        its model card (models/model_card.py): front matter, how it was made and loaded
     meta.json                        kind "mlp_memory": what it was trained from, sizes, settings, results,
                                      the block checksums of config.json and the weights (utils/checksums.py)
     training_results.json            final metrics
@@ -29,11 +30,12 @@ from pathlib import Path
 import torch
 
 from models.configuration_mlp_memory import MemoryConfig
+from models.model_card import memory_card, write_card
 from models.modeling_mlp_memory import MEMORY_MODELS, MLPMemoryPreTrainedModel
 from models.official import known_layouts, load_released, released_directory
 from utils.checksums import model_files, record_checksums, verify_files
 from utils.cli import UsageError
-from utils.io import META_NAME, ArtifactError, read_json, timed, write_json
+from utils.io import META_NAME, PARTIAL_SUFFIX, ArtifactError, read_json, timed, write_json
 from utils.modeling import loading, weight_files
 
 logger = logging.getLogger(__name__)
@@ -61,6 +63,8 @@ def save_memory(output_dir: str | os.PathLike, memory: MLPMemoryPreTrainedModel,
     write_json(Path(output_dir) / TRAINING_RESULTS, results)
     meta = {"kind": KIND, "format_version": FORMAT_VERSION, "memory": memory.config.describe(), **record,
             "results": results, "checksums": record_checksums(output_dir, model_files(output_dir))}
+    name = Path(output_dir).name.removesuffix(PARTIAL_SUFFIX)
+    write_card(output_dir, memory_card(meta, name))
     write_json(Path(output_dir) / META, meta)
     return meta
 

@@ -497,6 +497,7 @@ def to_official(args: ConvertArguments) -> Path:
     from transformers import AutoConfig
 
     from models.memory_directory import load_memory
+    from models.model_card import released_card, write_card
     from utils.modeling import check_exists, loading
 
     if released_directory(args.input) is not None:
@@ -523,6 +524,9 @@ def to_official(args: ConvertArguments) -> Path:
                        num_blocks, LAYER_FILE, layer, layer)
     with staged_output(args) as staging:
         write_released(config, released_state_dict(memory), staging, layer_position)
+        source_meta = Path(args.input) / "meta.json"
+        write_card(staging, released_card(read_json(source_meta) if source_meta.is_file() else {},
+                                          Path(args.output).name, base, layer_position))
     logger.info("Wrote %s in the released %s layout (%d blocks, base config from %s)", args.output,
                 memory.config.memory_style, memory.config.num_layers, base)
     return Path(args.output)

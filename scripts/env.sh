@@ -9,15 +9,3 @@ fi
 export TOKENIZERS_PARALLELISM=false
 cd "$_repo"
 
-# Run a pipeline stage unless the file that marks it complete exists: stage NAME DONE_FILE COMMAND...
-stage() {
-    local name="$1" done_file="$2"; shift 2
-    if [ -e "$done_file" ]; then
-        echo "== $name: already done ($done_file)"
-        return
-    fi
-    echo "== $name"
-    local t0; t0=$(date +%s)
-    "$@"
-    echo "== $name took $(( $(date +%s) - t0 )) s"
-}

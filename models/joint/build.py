@@ -4,7 +4,7 @@
 
 ``MEMORY`` is an MLP memory (train_mlpmem_*) or a Memory Decoder (a causal LM over the base's tokens).
 ``JOINT_DIR`` holds config.json, model.safetensors (base and memory), generation_config.json, the base's
-tokenizer, and meta.json (kind "mlp_memory_joint": what it was built from, the settings, the base model
+tokenizer, README.md (its model card, `models.model_card`), and meta.json (kind "mlp_memory_joint": what it was built from, the settings, the base model
 check and the block checksums of the model files). It is written under a temporary name and renamed
 when complete; an existing ``JOINT_DIR`` is replaced only with ``--overwrite_output_dir``.
 """
@@ -20,6 +20,7 @@ from pathlib import Path
 from models.joint.causal_lm import DEFAULT_KNN_TEMP, DEFAULT_LMBDA, MLPMemoryForCausalLM
 from models.joint.hooks import load_checked_memory
 from models.joint.token_memory import memory_kind
+from models.model_card import joint_card, write_card
 from utils.arguments import BaseCheckArguments, PretrainedModelArguments
 from utils.checksums import model_files, record_checksums
 from utils.cli import UsageError, check_finite_floats, parse_args, setup_logging
@@ -85,6 +86,7 @@ def build_joint(args: JointBuildArguments, checks: BaseCheckArguments) -> dict:
             "tokenizer_fingerprint": fingerprint, "base_check": base_check,
             "parameters": {"base": base.num_parameters(), "memory": sum(p.numel() for p in memory.parameters())},
             "checksums": record_checksums(staging, model_files(staging))}
+    write_card(staging, joint_card(meta, output.name))
     write_json(staging / META_NAME, meta)
     if output.exists():
         shutil.rmtree(output)

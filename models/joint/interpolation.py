@@ -35,6 +35,20 @@ def check_lmbdas(lmbdas: list[float]) -> None:
             raise UsageError(f"--lmbda values must be in [0, 1], got {lmbda}")
 
 
+PERPLEXITY_RULE = "lowest perplexity, then the smallest lmbda"
+
+
+def lmbda_choice(sweep: list[dict], split: str) -> dict | None:
+    """The choice a perplexity sweep makes on a held-out split (``lmbda_choice`` in the results file): the entry of
+    ``sweep`` ({lmbda, perplexity}) with the lowest perplexity, ties to the smaller lmbda. None for one lmbda or
+    for the test split, on which nothing is chosen; later stages and the summary read this record."""
+    if len(sweep) < 2 or split == "test":
+        return None
+    best = min(sweep, key=lambda entry: (entry["perplexity"], entry["lmbda"]))
+    return {"lmbda": best["lmbda"], "perplexity": best["perplexity"], "chosen_on": f"{split} perplexity",
+            "rule": PERPLEXITY_RULE}
+
+
 def check_joint_settings(lmbda: float, knn_temp: float) -> None:
     """One ``lmbda`` in [0, 1] and a finite ``knn_temp`` > 0 (written so that NaN fails both)."""
     if not 0 <= lmbda <= 1:

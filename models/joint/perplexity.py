@@ -27,7 +27,8 @@ import torch
 from accelerate import PartialState
 
 from models.joint.causal_lm import load_base_and_memory
-from models.joint.interpolation import ROWS_PER_SLICE, check_lmbdas, interpolate_log_probs, memory_gold_log_probs
+from models.joint.interpolation import (ROWS_PER_SLICE, check_lmbdas, interpolate_log_probs, lmbda_choice,
+                                       memory_gold_log_probs)
 from models.joint.token_memory import is_token_memory, with_token_memory_logits
 from utils.arguments import SPLITS, DataArguments, PretrainedModelArguments
 from utils.artifacts.dataset import load_split
@@ -192,7 +193,7 @@ def evaluate_joint(model_args: PretrainedModelArguments, data_args: DataArgument
         "eval_subset": split.split, "perplexity": sweep[0]["perplexity"], "eval_loss": sweep[0]["eval_loss"],
         "lmbda": args.lmbda[0], "base_perplexity": math.exp(base_loss), "base_eval_loss": base_loss,
         "memory_perplexity": math.exp(memory_loss), "memory_eval_loss": memory_loss, "lmbda_sweep": sweep,
-        "knn_temp": args.knn_temp, "memory_layer": layer,
+        "lmbda_choice": lmbda_choice(sweep, split.split), "knn_temp": args.knn_temp, "memory_layer": layer,
         "knn_generator_path": os.path.abspath(args.knn_generator_path), "base_check": base_check,
         "eval_tokens": num_rows, "eval_windows": len(windows), "num_processes": state.num_processes,
         "base_seconds": round(base_seconds, 3), "memory_seconds": round(memory_seconds, 3),

@@ -1,0 +1,508 @@
+"""The pipeline's stages: the entry point each one runs, the flags it gets, the artifacts it reads and writes.
+
+A recipe section's keys are the flags of its stage's entry point (its argument dataclasses, or its argparse
+parser), plus a few runner keys (`RUNNER_KEYS`). The runner owns the flags that name the run's own
+artifacts (`Stage.owned`: output directories, the dataset, the datastore ...), which come from
+`utils.run_layout`. The values of ``shared`` flow to the stages that take them (`ROUTES`), unless a stage's
+section sets the flag itself. Each stage makes one `Run` per entry-point call (one per split, per lmbda).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Callable
+
+from utils.cli import UsageError
+from utils.io import read_json
+from utils.recipes import Recipe, RecipeSchema, expand
+from utils.run_layout import (EVAL_RESULTS, HALUEVAL_RESULTS, JOINT_RESULTS, KNNLM_RESULTS, META, QA_RESULTS,
+                              TRAIN_RESULTS, YES_NO_RESULTS, RunLayout)
+
+CHOSEN = "<chosen on validation>"  # a value read from a recorded choice that is not made yet
+DEFAULT_LMBDAS = [0.25, 0.5, 0.75]  # the lmbda sweeps chosen on validation (perplexity and QA)
+RUNNER_KEYS = {  # keys of a stage section that are not its entry point's flags (Stage.runner_keys: which stage)
+    "splits": "the splits to evaluate, one run each (eval_base, knnlm, eval_joint)",
+    "nproc": "processes (accelerate launch) of this stage",
+    "lmbdas": "the lmbdas tried on the validation questions (qa)",
+    "validation_file": "QA file of the validation questions (qa; default: the corpus's)",
+    "test_file": "QA file of the test questions (qa; default: the corpus's)",
+    "base_model": "hub repository of a base model to download (download)",
+    "memory": "hub repository of a released memory to download (download)",
+}
+SHARED = {
+    "model": "the base model: hub name, directory, or directory of gguf_file (default: the run's base/ when "
+             "train_base runs, the downloaded base_model when download names one)",
+    "gguf_file": "GGUF file inside the model's directory",
+    "tokenizer": "tokenizer to preprocess with (default: the corpus's when the corpus stage runs, else the model)",
+    "dataset": "an existing preprocessed dataset: preprocess is not run",
+    "knn_targets": "existing kNN targets of the datastore's rows (another retriever sharing the tokenizer): index, "
+                   "knn_targets and knnlm are not run",
+    "k": "neighbours of the kNN targets and the kNN-LM",
+    "knn_temp": "temperature of the kNN distribution (targets and kNN-LM)",
+    "memory_temp": "temperature of the memory's logits in the interpolation",
+    "lmbdas": "lmbda sweep of base + memory and the kNN-LM, chosen on validation",
+    "eval_windows": "evaluate only the first N windows of each split",
+    "eval_batch": "windows per forward pass in the evaluations and the datastore",
+    "nproc": "processes for the datastore, the kNN search and memory training",
+    "knn_gpu": "index build, kNN search and kNN-LM search on the GPU",
+}
+MODEL_STAGES = ("eval_base", "datastore", "knnlm", "eval_joint", "qa", "yes_no", "halueval", "correction")
+ROUTES: dict[str, dict[str, str]] = {  # shared key -> {stage: flag}
+    "model": {**{stage: "model_name_or_path" for stage in MODEL_STAGES}, "convert": "base_model"},
+    "gguf_file": {**{stage: "gguf_file" for stage in MODEL_STAGES}, "convert": "gguf_file", "preprocess": "gguf_file"},
+    "tokenizer": {"preprocess": "tokenizer_path"},
+    "k": {"knn_targets": "k", "knnlm": "k"},
+    "knn_temp": {"knn_targets": "knn_temp", "knnlm": "knn_temp"},
+    "memory_temp": {stage: "knn_temp" for stage in ("eval_joint", "qa", "yes_no", "halueval", "correction")},
+    "lmbdas": {"eval_joint": "lmbda", "knnlm": "lmbda"},
+    "eval_windows": {stage: "max_eval_samples" for stage in ("eval_base", "knnlm", "eval_joint")},
+    "eval_batch": {stage: "per_device_eval_batch_size" for stage in ("eval_base", "datastore", "knnlm", "eval_joint")},
+    "knn_gpu": {"index": "knn_gpu", "knn_targets": "knn_gpu", "knnlm": "knn_gpu"},
+}
+PLAN_KEYS = {
+    "train_tokens": "tokens of the train split (the datastore's rows)",
+    "validation_tokens": "tokens of the validation split", "test_tokens": "tokens of the test split",
+    "parameters": "the base model's parameters", "hidden_size": "the base model's width (the keys' dimension)",
+    "memory_parameters": "the memory's parameters (default: as many as the base model's)",
+}
+
+
+@dataclass
+class Run:
+    """One call of an entry point: its settings (flag -> value, the argv), what marks it complete, what it reads."""
+
+    name: str
+    stage: str
+    module: str
+    settings: dict
+    done: Path
+    outputs: dict[str, Path]
+    inputs: dict[str, str | Path] = field(default_factory=dict)
+    results: Path | None = None
+    positional: list[str] = field(default_factory=list)
+    nproc: int = 1
+    always: bool = False  # rerun every time (the summary only reads)
+
+    @property
+    def pending(self) -> bool:
+        """Whether a setting waits for a choice recorded by an earlier run."""
+        return CHOSEN in (self.settings.values()) or CHOSEN in self.positional
+
+    def argv(self) -> list[str]:
+        argv = list(self.positional)
+        for flag, value in self.settings.items():
+            if value is None:
+                continue
+            values = value if isinstance(value, list) else [value]
+            argv += [f"--{flag}", *(str(v).lower() if isinstance(v, bool) else str(v) for v in values)]
+        return argv
+
+    def command(self) -> str:
+        launcher = (f"accelerate launch --multi_gpu --num_processes {self.nproc} -m" if self.nproc > 1
+                    else "python -m")
+        return f"{launcher} {self.module} {shlex.join(self.argv())}"
+
+
+@dataclass
+class Stage:
+    """A stage: its entry point, its flags, the flags the runner sets, and how it makes its runs."""
+
+    name: str
+    module: str
+    parser: Callable[[], argparse.ArgumentParser]
+    build: Callable[["Context", dict], list[Run]]
+    owned: frozenset[str] = frozenset()
+    runner_keys: frozenset[str] = frozenset()
+
+    def flags(self) -> frozenset[str]:
+        return _flags(self.name)
+
+
+@cache
+def _flags(stage: str) -> frozenset[str]:
+    parser = STAGES[stage].parser()
+    return frozenset(option[2:] for action in parser._actions for option in action.option_strings
+                     if option.startswith("--") and "-" not in option[2:] and option != "--help")
+
+
+def hf_parser(*dataclass_paths: str) -> Callable[[], argparse.ArgumentParser]:
+    """A factory of the HfArgumentParser over the dataclasses named ``module:Class`` (imported when called)."""
+
+    def make() -> argparse.ArgumentParser:
+        import importlib
+
+        from transformers import HfArgumentParser
+
+        classes = []
+        for path in dataclass_paths:
+            module, name = path.split(":")
+            classes.append(getattr(importlib.import_module(module), name))
+        return HfArgumentParser(tuple(classes))
+
+    return make
+
+
+def function_parser(path: str) -> Callable[[], argparse.ArgumentParser]:
+    def make() -> argparse.ArgumentParser:
+        import importlib
+
+        module, name = path.split(":")
+        return getattr(importlib.import_module(module), name)()
+
+    return make
+
+
+# ---------------------------------------------------------------------------------------------------
+# The context every builder reads: the recipe, the layout, the shared values
+
+
+class Context:
+    """The recipe resolved against the run's layout: shared values with their defaults, sections expanded."""
+
+    def __init__(self, recipe: Recipe, repo: Path):
+        self.recipe = recipe
+        self.variables = {"repo": str(repo)}
+        self.variables["out"] = str(expand(recipe.out, self.variables))
+        self.layout = RunLayout(self.variables["out"])
+        chosen = recipe.stages(schema())
+        shared = {key: None for key in SHARED}
+        shared.update(k=_default("knn_utils.knn_targets:TargetSettings", "k"), nproc=1, knn_gpu=False,
+                      knn_temp=_default("knn_utils.knn_targets:TargetSettings", "knn_temp"), lmbdas=DEFAULT_LMBDAS)
+        shared.update(expand(recipe.section("shared"), self.variables))
+        downloaded = self.expanded("download").get("base_model") if "download" in chosen else None
+        if "train_base" in chosen:
+            if recipe.section("shared").get("model"):
+                raise UsageError(f"recipe {recipe.path}: shared.model is the run's own base/ when train_base runs; "
+                                 "name the model train_base starts from in its section (model_name_or_path)")
+            shared["model"], shared["gguf_file"] = str(self.layout.base), None
+        elif downloaded and not shared["model"]:
+            shared["model"] = str(self.layout.download(downloaded))
+        if shared["tokenizer"] is None:
+            shared["tokenizer"] = str(self.layout.corpus / "tokenizer") if "corpus" in chosen else shared["model"]
+        self.shared = shared
+        skipped = {"preprocess"} if shared["dataset"] else set()
+        skipped |= {"index", "knn_targets", "knnlm"} if shared["knn_targets"] else set()
+        self.skipped = [stage for stage in chosen if stage in skipped]
+        self.stages = [stage for stage in chosen if stage not in skipped]
+
+    def expanded(self, stage: str) -> dict:
+        return expand(self.recipe.section(stage), self.variables)
+
+    @property
+    def dataset(self) -> str:
+        return str(self.shared["dataset"] or self.layout.dataset)
+
+    @property
+    def knn_targets(self) -> str:
+        return str(self.shared["knn_targets"] or self.layout.knn_targets)
+
+    def model_input(self) -> dict:
+        return {"model": self.shared["model"]} if self.shared["model"] else {}
+
+    def settings(self, stage: str, owned: dict) -> dict:
+        """The flags of one run of ``stage``: the runner's own (``owned``), the shared values routed to the stage,
+        then the stage's section, which wins over shared values (runner keys left out)."""
+        section = {k: v for k, v in self.expanded(stage).items() if k not in STAGES[stage].runner_keys}
+        for flag in section:
+            if flag in STAGES[stage].owned:
+                raise UsageError(f"recipe {self.recipe.path}: stage {stage}: {flag} is set by the runner from the run's "
+                                 f"layout (utils/run_layout.py); remove it")
+        routed = {flag: self.shared[key] for key, stages in ROUTES.items() for s, flag in stages.items()
+                  if s == stage and self.shared.get(key) is not None}
+        if routed.get("model_name_or_path") is None and stage in MODEL_STAGES:
+            raise UsageError(f"recipe {self.recipe.path}: stage {stage} needs a base model: set shared.model")
+        return {**owned, **routed, **section}
+
+    def nproc(self, stage: str, shared: bool = True) -> int:
+        value = self.expanded(stage).get("nproc", self.shared["nproc"] if shared else 1)
+        if not isinstance(value, int) or value < 1:
+            raise UsageError(f"recipe {self.recipe.path}: {stage}.nproc must be a whole number >= 1, got {value!r}")
+        return value
+
+    def splits(self, stage: str, default: list[str]) -> list[str]:
+        splits = self.expanded(stage).get("splits", default)
+        if not isinstance(splits, list) or not set(splits) <= {"train", "validation", "test"}:
+            raise UsageError(f"recipe {self.recipe.path}: {stage}.splits must be a list of train, validation, test; "
+                             f"got {splits!r}")
+        return splits
+
+    def recorded(self, path: Path, key: str):
+        """A value a finished run recorded (a choice), or `CHOSEN` while that run has not finished."""
+        return read_json(path)[key] if path.is_file() else CHOSEN
+
+
+@cache
+def _default(path: str, name: str):
+    import dataclasses
+    import importlib
+
+    module, cls = path.split(":")
+    return next(f.default for f in dataclasses.fields(getattr(importlib.import_module(module), cls)) if f.name == name)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The stages' runs
+
+
+def _download(ctx: Context, section: dict) -> list[Run]:
+    repos = [section[key] for key in ("base_model", "memory") if section.get(key)]
+    if not repos:
+        raise UsageError(f"recipe {ctx.recipe.path}: download needs base_model and/or memory (hub repositories)")
+    return [Run(f"download_{repo.replace('/', '--')}", "download", "scripts.download",
+                {"repo_id": repo, "local_dir": str(ctx.layout.download(repo)), "revision": section.get("revision")},
+                ctx.layout.download(repo) / "config.json", {f"download:{repo}": ctx.layout.download(repo)})
+            for repo in repos]
+
+
+def _corpus(ctx: Context, section: dict) -> list[Run]:
+    out = ctx.layout.corpus
+    return [Run("corpus", "corpus", "utils.embedded_corpus", ctx.settings("corpus", {"output_dir": str(out)}),
+                out / META, {"corpus": out}, results=out / META)]
+
+
+def _preprocess(ctx: Context, section: dict) -> list[Run]:
+    owned, inputs = {"output_dir": ctx.dataset}, {}
+    if "corpus" in ctx.stages:
+        owned.update({f"{split}_file": str(ctx.layout.corpus_file(f"{split}.txt"))
+                      for split in ("train", "validation", "test")})
+        inputs["corpus"] = ctx.layout.corpus
+    settings = {**ctx.settings("preprocess", {}), **owned}
+    for split in ("train", "validation", "test"):
+        if settings.get(f"{split}_file") and "corpus" not in ctx.stages:
+            inputs[f"{split}_file"] = settings[f"{split}_file"]
+    return [Run("preprocess", "preprocess", "utils.preprocess_dataset", settings, Path(ctx.dataset) / META,
+                {"dataset": Path(ctx.dataset)}, inputs, results=Path(ctx.dataset) / META)]
+
+
+def _train_base(ctx: Context, section: dict) -> list[Run]:
+    out = ctx.layout.base
+    owned = {"dataset_name": ctx.dataset, "output_dir": str(out), "do_train": True}
+    if "corpus" in ctx.stages and not section.get("model_name_or_path"):
+        owned["tokenizer_name"] = str(ctx.layout.corpus / "tokenizer")
+    return [Run("train_base", "train_base", "train_base", {**owned, **ctx.settings("train_base", {})},
+                out / TRAIN_RESULTS, {"base": out}, {"dataset": Path(ctx.dataset)}, results=out / TRAIN_RESULTS)]
+
+
+def _convert(ctx: Context, section: dict) -> list[Run]:
+    released = ctx.expanded("download").get("memory") if "download" in ctx.stages else None
+    source = section.get("input") or (ctx.layout.download(released) if released else None)
+    if source is None:
+        raise UsageError(f"recipe {ctx.recipe.path}: convert needs input (a released memory directory), or a download "
+                         "stage naming memory")
+    out = ctx.layout.memory
+    settings = {"from_layout": "official", **ctx.settings("convert", {"output": str(out)}), "input": str(source)}
+    return [Run("convert", "convert", "models.convert", settings, out / META, {"memory": out},
+                {"released_memory": source, **ctx.model_input()}, results=out / META)]
+
+
+def _eval_base(ctx: Context, section: dict) -> list[Run]:
+    runs = []
+    for split in ctx.splits("eval_base", ["test"]):
+        out = ctx.layout.eval_base(split)
+        owned = {"dataset_name": ctx.dataset, "do_eval": True, "eval_subset": split, "output_dir": str(out),
+                 "report_to": "none"}
+        runs.append(Run(f"eval_base_{split}", "eval_base", "train_base", ctx.settings("eval_base", owned),
+                        out / EVAL_RESULTS, {f"eval_base_{split}": out},
+                        {"dataset": Path(ctx.dataset), **ctx.model_input()}, results=out / EVAL_RESULTS,
+                        nproc=ctx.nproc("eval_base", shared=False)))
+    return runs
+
+
+def _datastore(ctx: Context, section: dict) -> list[Run]:
+    dstore, out = ctx.layout.dstore, ctx.layout.eval_base("train")
+    owned = {"dataset_name": ctx.dataset, "do_eval": True, "eval_subset": "train", "output_dir": str(out),
+             "report_to": "none", "save_knnlm_dstore": True, "dstore_dir": str(dstore)}
+    return [Run("datastore", "datastore", "train_base", ctx.settings("datastore", owned), dstore / META,
+                {"dstore": dstore, "eval_base_train": out}, {"dataset": Path(ctx.dataset), **ctx.model_input()},
+                results=dstore / META, nproc=ctx.nproc("datastore"))]
+
+
+def _index(ctx: Context, section: dict) -> list[Run]:
+    index = ctx.layout.index
+    settings = ctx.settings("index", {"dstore_path": str(ctx.layout.dstore), "index_path": str(index)})
+    return [Run("index", "index", "knn_utils.build_index", settings, index / META, {"index": index},
+                {"dstore": ctx.layout.dstore}, results=index / META)]
+
+
+def _knn_targets(ctx: Context, section: dict) -> list[Run]:
+    out = ctx.layout.knn_targets
+    owned = {"dstore_path": str(ctx.layout.dstore), "index_path": str(ctx.layout.index), "output_path": str(out)}
+    return [Run("knn_targets", "knn_targets", "knn_utils.saveKNNMulti", ctx.settings("knn_targets", owned),
+                out / META, {"knn_targets": out}, {"dstore": ctx.layout.dstore, "index": ctx.layout.index},
+                results=out / META, nproc=ctx.nproc("knn_targets"))]
+
+
+def _knnlm(ctx: Context, section: dict) -> list[Run]:
+    runs = []
+    for split in ctx.splits("knnlm", ["validation", "test"]):
+        out = ctx.layout.knnlm(split)
+        owned = {"dataset_name": ctx.dataset, "eval_subset": split, "dstore_dir": str(ctx.layout.dstore),
+                 "index_path": str(ctx.layout.index), "output_dir": str(out)}
+        runs.append(Run(f"knnlm_{split}", "knnlm", "knn_utils.knnlm", ctx.settings("knnlm", owned),
+                        out / KNNLM_RESULTS, {f"knnlm_{split}": out},
+                        {"dataset": Path(ctx.dataset), "dstore": ctx.layout.dstore, "index": ctx.layout.index,
+                         **ctx.model_input()}, results=out / KNNLM_RESULTS, nproc=ctx.nproc("knnlm", shared=False)))
+    return runs
+
+
+def _memory(ctx: Context, section: dict) -> list[Run]:
+    out = ctx.layout.memory
+    owned = {"knn_dstore_path": str(ctx.layout.dstore), "knn_save_path": ctx.knn_targets, "output_dir": str(out)}
+    return [Run("memory", "memory", "train_mlpmem_offline", ctx.settings("memory", owned), out / META,
+                {"memory": out}, {"dstore": ctx.layout.dstore, "knn_targets": Path(ctx.knn_targets)},
+                results=out / "training_results.json", nproc=ctx.nproc("memory"))]
+
+
+def _eval_joint(ctx: Context, section: dict) -> list[Run]:
+    runs = []
+    for split in ctx.splits("eval_joint", ["validation", "test"]):
+        out = ctx.layout.eval_joint(split)
+        owned = {"dataset_name": ctx.dataset, "dataset_split_name": split, "output_dir": str(out),
+                 "knn_generator_path": str(ctx.layout.memory), "report_to": "none"}
+        runs.append(Run(f"eval_joint_{split}", "eval_joint", "evaluate_joint", ctx.settings("eval_joint", owned),
+                        out / JOINT_RESULTS, {f"eval_joint_{split}": out},
+                        {"dataset": Path(ctx.dataset), "memory": ctx.layout.memory, **ctx.model_input()},
+                        results=out / JOINT_RESULTS, nproc=ctx.nproc("eval_joint", shared=False)))
+    return runs
+
+
+def _qa(ctx: Context, section: dict) -> list[Run]:
+    layout = ctx.layout
+    files = {split: section.get(f"{split}_file") or (str(layout.qa_file(split)) if "corpus" in ctx.stages else None)
+             for split in ("validation", "test")}
+    if not all(files.values()):
+        raise UsageError(f"recipe {ctx.recipe.path}: qa needs validation_file and test_file (QA files), or the corpus "
+                         "stage")
+    memory = {"use_neural_knn": True, "knn_generator_path": str(layout.memory)}
+    inputs = {**ctx.model_input(), "memory": layout.memory}
+
+    def qa_run(name: str, split: str, lmbda, extra: dict, more_inputs: dict) -> Run:
+        out = layout.qa_dir(split) / f"lmbda_{CHOSEN}" if lmbda == CHOSEN else layout.qa(split, lmbda)
+        owned = {"data_file": files[split], "output_dir": str(out), **extra}
+        return Run(name, "qa", "downstream.eval_qa", ctx.settings("qa", owned), out / QA_RESULTS, {name: out},
+                   {**inputs, f"qa_{split}_file": files[split], **more_inputs}, results=out / QA_RESULTS)
+
+    lmbdas = section.get("lmbdas", DEFAULT_LMBDAS)
+    sweep = [qa_run(f"qa_validation_lmbda_{lmbda:g}", "validation", lmbda, {**memory, "lmbda": lmbda}, {})
+             for lmbda in lmbdas]
+    choice = Run("qa_choice", "qa", "downstream.choose_lmbda", {"output_file": str(layout.qa_choice)},
+                 layout.qa_choice, {"qa_choice": layout.qa_choice}, {run.name: run.outputs[run.name] for run in sweep},
+                 results=layout.qa_choice, positional=[str(run.outputs[run.name]) for run in sweep])
+    chosen = ctx.recorded(layout.qa_choice, "lmbda")
+    return [*sweep, choice, qa_run("qa_validation_base", "validation", None, {}, {}),
+            qa_run("qa_test_base", "test", None, {}, {}),
+            qa_run("qa_test_memory", "test", chosen, {**memory, "lmbda": chosen}, {"qa_choice": layout.qa_choice})]
+
+
+def _qa_lmbda(ctx: Context, section: dict) -> dict:
+    """The QA lmbda for the judgment stages and the demo: the recorded QA choice when the qa stage runs."""
+    if "qa" in ctx.stages and "lmbda" not in section:
+        return {"lmbda": ctx.recorded(ctx.layout.qa_choice, "lmbda")}
+    return {}
+
+
+def _judgment(stage: str, module: str, out: Path, data: str, results: str) -> Callable[[Context, dict], list[Run]]:
+    def build(ctx: Context, section: dict) -> list[Run]:
+        owned = {"output_dir": str(out(ctx.layout)), "knn_generator_path": str(ctx.layout.memory),
+                 **_qa_lmbda(ctx, section)}
+        settings = ctx.settings(stage, owned)
+        if not settings.get("data_file") and not settings.get("dataset_name"):
+            settings["data_file"] = str(ctx.layout.corpus_file(data))
+        inputs = {**ctx.model_input(), "memory": ctx.layout.memory, "data": settings.get("data_file") or ""}
+        if "lmbda" in owned:
+            inputs["qa_choice"] = ctx.layout.qa_choice
+        return [Run(stage, stage, module, settings, out(ctx.layout) / results, {stage: out(ctx.layout)}, inputs,
+                    results=out(ctx.layout) / results)]
+
+    return build
+
+
+def _correction(ctx: Context, section: dict) -> list[Run]:
+    out = ctx.layout.correction
+    owned = {"quickstart_dir": str(ctx.layout.out), "knn_generator_path": str(ctx.layout.memory),
+             "output_file": str(out), **_qa_lmbda(ctx, section)}
+    inputs = {**ctx.model_input(), "memory": ctx.layout.memory, "qa_test_file": ctx.layout.qa_file("test")}
+    return [Run("correction", "correction", "demo.generation_example", ctx.settings("correction", owned), out,
+                {"correction": out}, inputs, results=out)]
+
+
+def _summary(ctx: Context, section: dict) -> list[Run]:
+    return [Run("summary", "summary", "downstream.summary", {"output_dir": str(ctx.layout.out)}, ctx.layout.summary,
+                {"summary": ctx.layout.summary}, results=ctx.layout.summary, always=True)]
+
+
+MODEL = "utils.arguments:PretrainedModelArguments"
+CHECKS = "utils.arguments:BaseCheckArguments"
+TRAIN_BASE = hf_parser("utils.arguments:ModelArguments", "utils.arguments:TrainingDataArguments",
+                       "utils.arguments:DstoreArguments", "transformers:TrainingArguments")
+EVAL_OWNED = frozenset({"dataset_name", "do_eval", "do_train", "eval_subset", "output_dir", "save_knnlm_dstore",
+                        "dstore_dir"})
+STAGE_LIST = [
+    Stage("download", "scripts.download", function_parser("scripts.download:build_parser"), _download,
+          frozenset({"repo_id", "local_dir"}), frozenset({"base_model", "memory"})),
+    Stage("corpus", "utils.embedded_corpus", function_parser("utils.embedded_corpus.corpus:_parser"), _corpus,
+          frozenset({"output_dir"})),
+    Stage("preprocess", "utils.preprocess_dataset", hf_parser("utils.preprocess_dataset:PreprocessArguments"),
+          _preprocess, frozenset({"output_dir"})),
+    Stage("train_base", "train_base", TRAIN_BASE, _train_base, EVAL_OWNED),
+    Stage("convert", "models.convert", hf_parser("models.official:ConvertArguments"), _convert,
+          frozenset({"output", "from_layout", "to_layout"})),
+    Stage("eval_base", "train_base", TRAIN_BASE, _eval_base, EVAL_OWNED, frozenset({"splits", "nproc"})),
+    Stage("datastore", "train_base", TRAIN_BASE, _datastore, EVAL_OWNED, frozenset({"nproc"})),
+    Stage("index", "knn_utils.build_index", hf_parser("knn_utils.build_index:BuildIndexArguments",
+                                                      "knn_utils.index:IndexSettings"), _index,
+          frozenset({"dstore_path", "index_path"})),
+    Stage("knn_targets", "knn_utils.saveKNNMulti", hf_parser("knn_utils.saveKNNMulti:SaveKnnArguments",
+                                                             "knn_utils.knn_targets:TargetSettings"), _knn_targets,
+          frozenset({"dstore_path", "index_path", "output_path"}), frozenset({"nproc"})),
+    Stage("knnlm", "knn_utils.knnlm", hf_parser(MODEL, "utils.arguments:DataArguments", "knn_utils.knnlm:KnnLMArguments"),
+          _knnlm, frozenset({"dataset_name", "eval_subset", "dstore_dir", "index_path", "output_dir"}),
+          frozenset({"splits", "nproc"})),
+    Stage("memory", "train_mlpmem_offline", hf_parser("models.training.arguments:OfflineArguments",
+                                                      "models.training.arguments:MemoryArguments",
+                                                      "models.training.arguments:MemoryTrainingArguments", CHECKS),
+          _memory, frozenset({"knn_dstore_path", "knn_save_path", "output_dir"}), frozenset({"nproc"})),
+    Stage("eval_joint", "evaluate_joint", hf_parser(MODEL, "utils.arguments:DataArguments",
+                                                    "models.joint.perplexity:JointArguments", CHECKS), _eval_joint,
+          frozenset({"dataset_name", "dataset_split_name", "eval_subset", "output_dir", "knn_generator_path", "do_test",
+                     "do_eval"}), frozenset({"splits", "nproc"})),
+    Stage("qa", "downstream.eval_qa", hf_parser(MODEL, "downstream.eval_qa:QAArguments", CHECKS), _qa,
+          frozenset({"data_file", "output_dir", "use_neural_knn", "knn_generator_path", "merge"}),
+          frozenset({"lmbdas", "validation_file", "test_file"})),
+    Stage("yes_no", "downstream.strategyqa",
+          hf_parser(MODEL, "downstream.choice_eval:ChoiceEvalArguments", "downstream.strategyqa:StrategyQAArguments",
+                    CHECKS),
+          _judgment("yes_no", "downstream.strategyqa", lambda layout: layout.yes_no, "yes_no_test.json", YES_NO_RESULTS),
+          frozenset({"output_dir", "knn_generator_path"})),
+    Stage("halueval", "downstream.halueval",
+          hf_parser(MODEL, "downstream.choice_eval:ChoiceEvalArguments", "downstream.halueval:HaluEvalArguments",
+                    CHECKS),
+          _judgment("halueval", "downstream.halueval", lambda layout: layout.halueval, "halueval_test.json",
+                    HALUEVAL_RESULTS),
+          frozenset({"output_dir", "knn_generator_path"})),
+    Stage("correction", "demo.generation_example", function_parser("demo.generation_example:build_parser"),
+          _correction, frozenset({"quickstart_dir", "knn_generator_path", "output_file"})),
+    Stage("summary", "downstream.summary", function_parser("downstream.summary:build_parser"), _summary,
+          frozenset({"output_dir"})),
+]
+STAGES = {stage.name: stage for stage in STAGE_LIST}
+# The standard pipeline (a recipe without `stages`): SPEC.md's steps with both baselines and the summary.
+DEFAULT_STAGES = ("preprocess", "eval_base", "datastore", "index", "knn_targets", "knnlm", "memory", "eval_joint",
+                  "summary")
+
+
+@cache
+def schema() -> RecipeSchema:
+    """What a recipe may name (`utils.recipes.check_recipe`)."""
+    keys = {name: frozenset((stage.flags() | stage.runner_keys) - stage.owned) for name, stage in STAGES.items()}
+    return RecipeSchema(stage_keys=keys, shared_keys=frozenset(SHARED), plan_keys=frozenset(PLAN_KEYS),
+                        default_stages=DEFAULT_STAGES)
+
+
+def build_runs(ctx: Context, stage: str) -> list[Run]:
+    """The runs of ``stage`` as far as they can be resolved now (a value from a choice not yet made is `CHOSEN`)."""
+    return STAGES[stage].build(ctx, ctx.expanded(stage))
