@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from scripts.stages import CHOSEN, Context, Run, build_runs, schema
+from scripts.runs import CHOSEN, Run
+from scripts.stages import Context, build_runs, schema
 from utils.cli import UsageError, run, setup_logging
 from utils.environment import machine
 from utils.io import partial_path, read_json, write_json

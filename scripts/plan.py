@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Iterable
 
 from benchmarks.bench_scale import H100, predict
-from scripts.stages import CHOSEN, Context, Run, _default
+from scripts.runs import CHOSEN, Run, field_default
+from scripts.stages import Context
 from utils.environment import machine
 from utils.io import read_json
 
@@ -86,7 +87,7 @@ def _eval_tokens(ctx: Context, sz: Sizes, split: str) -> int | None:
     windows = ctx.shared["eval_windows"]
     if tokens is None or windows is None:
         return tokens
-    stride = ctx.expanded("preprocess").get("stride", _default("utils.preprocess_dataset:PreprocessArguments", "stride"))
+    stride = ctx.expanded("preprocess").get("stride", field_default("utils.preprocess_dataset:PreprocessArguments", "stride"))
     return min(tokens, windows * stride)
 
 
@@ -183,8 +184,8 @@ def run_cost(run: Run, ctx: Context, sz: Sizes, costs: Costs) -> tuple[str, floa
         if kind == "flat":
             return f"{rows:,} rows, flat", rows * d * 4, costs.write(rows), None
         index = ctx.expanded("index")
-        code = index.get("code_size", _default("knn_utils.index:IndexSettings", "code_size"))
-        lists = index.get("ncentroids", _default("knn_utils.index:IndexSettings", "ncentroids"))
+        code = index.get("code_size", field_default("knn_utils.index:IndexSettings", "code_size"))
+        lists = index.get("ncentroids", field_default("knn_utils.index:IndexSettings", "ncentroids"))
         train = costs.last["stages"]["index"]["train_seconds"] * costs.width
         cpu = train + rows / predict(costs.fits["add_rows_per_second"], rows) * costs.width
         return f"{rows:,} rows, IVFPQ {lists} lists x {code} B", rows * (code + 8) + lists * d * 4, cpu, None
@@ -194,7 +195,7 @@ def run_cost(run: Run, ctx: Context, sz: Sizes, costs: Costs) -> tuple[str, floa
         cpu, gpu = costs.search(rows, rows, _index_type(ctx, rows))
         return f"{rows:,} queries, k {k}", rows * (12 + nnz * 6), cpu, gpu
     if stage == "memory":
-        epochs = float(settings.get("num_train_epochs", _default("models.training.arguments:MemoryTrainingArguments",
+        epochs = float(settings.get("num_train_epochs", field_default("models.training.arguments:MemoryTrainingArguments",
                                                                  "num_train_epochs")))
         cpu, gpu = costs.train_memory(rows * epochs)
         return f"{rows:,} rows x {epochs:g} epochs", 16 * (sz.memory_parameters or 0) or None, cpu, gpu

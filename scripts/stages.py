@@ -9,20 +9,17 @@ section sets the flag itself. Each stage makes one `Run` per entry-point call (o
 
 from __future__ import annotations
 
-import argparse
-import shlex
-from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Callable
 
+from scripts.runs import CHOSEN, Run, Stage, field_default, function_parser, hf_parser
 from utils.cli import UsageError
 from utils.io import read_json
 from utils.recipes import Recipe, RecipeSchema, expand
 from utils.run_layout import (EVAL_RESULTS, HALUEVAL_RESULTS, JOINT_RESULTS, KNNLM_RESULTS, META, QA_RESULTS,
                               TRAIN_RESULTS, YES_NO_RESULTS, RunLayout)
 
-CHOSEN = "<chosen on validation>"  # a value read from a recorded choice that is not made yet
 DEFAULT_LMBDAS = [0.25, 0.5, 0.75]  # the lmbda sweeps chosen on validation (perplexity and QA)
 RUNNER_KEYS = {  # keys of a stage section that are not its entry point's flags (Stage.runner_keys: which stage)
     "splits": "the splits to evaluate, one run each (eval_base, knnlm, eval_joint)",
@@ -71,91 +68,6 @@ PLAN_KEYS = {
 }
 
 
-@dataclass
-class Run:
-    """One call of an entry point: its settings (flag -> value, the argv), what marks it complete, what it reads."""
-
-    name: str
-    stage: str
-    module: str
-    settings: dict
-    done: Path
-    outputs: dict[str, Path]
-    inputs: dict[str, str | Path] = field(default_factory=dict)
-    results: Path | None = None
-    positional: list[str] = field(default_factory=list)
-    nproc: int = 1
-    always: bool = False  # rerun every time (the summary only reads)
-
-    @property
-    def pending(self) -> bool:
-        """Whether a setting waits for a choice recorded by an earlier run."""
-        return CHOSEN in (self.settings.values()) or CHOSEN in self.positional
-
-    def argv(self) -> list[str]:
-        argv = list(self.positional)
-        for flag, value in self.settings.items():
-            if value is None:
-                continue
-            values = value if isinstance(value, list) else [value]
-            argv += [f"--{flag}", *(str(v).lower() if isinstance(v, bool) else str(v) for v in values)]
-        return argv
-
-    def command(self) -> str:
-        launcher = (f"accelerate launch --multi_gpu --num_processes {self.nproc} -m" if self.nproc > 1
-                    else "python -m")
-        return f"{launcher} {self.module} {shlex.join(self.argv())}"
-
-
-@dataclass
-class Stage:
-    """A stage: its entry point, its flags, the flags the runner sets, and how it makes its runs."""
-
-    name: str
-    module: str
-    parser: Callable[[], argparse.ArgumentParser]
-    build: Callable[["Context", dict], list[Run]]
-    owned: frozenset[str] = frozenset()
-    runner_keys: frozenset[str] = frozenset()
-
-    def flags(self) -> frozenset[str]:
-        return _flags(self.name)
-
-
-@cache
-def _flags(stage: str) -> frozenset[str]:
-    parser = STAGES[stage].parser()
-    return frozenset(option[2:] for action in parser._actions for option in action.option_strings
-                     if option.startswith("--") and "-" not in option[2:] and option != "--help")
-
-
-def hf_parser(*dataclass_paths: str) -> Callable[[], argparse.ArgumentParser]:
-    """A factory of the HfArgumentParser over the dataclasses named ``module:Class`` (imported when called)."""
-
-    def make() -> argparse.ArgumentParser:
-        import importlib
-
-        from transformers import HfArgumentParser
-
-        classes = []
-        for path in dataclass_paths:
-            module, name = path.split(":")
-            classes.append(getattr(importlib.import_module(module), name))
-        return HfArgumentParser(tuple(classes))
-
-    return make
-
-
-def function_parser(path: str) -> Callable[[], argparse.ArgumentParser]:
-    def make() -> argparse.ArgumentParser:
-        import importlib
-
-        module, name = path.split(":")
-        return getattr(importlib.import_module(module), name)()
-
-    return make
-
-
 # ---------------------------------------------------------------------------------------------------
 # The context every builder reads: the recipe, the layout, the shared values
 
@@ -170,8 +82,8 @@ class Context:
         self.layout = RunLayout(self.variables["out"])
         chosen = recipe.stages(schema())
         shared = {key: None for key in SHARED}
-        shared.update(k=_default("knn_utils.knn_targets:TargetSettings", "k"), nproc=1, knn_gpu=False,
-                      knn_temp=_default("knn_utils.knn_targets:TargetSettings", "knn_temp"), lmbdas=DEFAULT_LMBDAS)
+        shared.update(k=field_default("knn_utils.knn_targets:TargetSettings", "k"), nproc=1, knn_gpu=False,
+                      knn_temp=field_default("knn_utils.knn_targets:TargetSettings", "knn_temp"), lmbdas=DEFAULT_LMBDAS)
         shared.update(expand(recipe.section("shared"), self.variables))
         downloaded = self.expanded("download").get("base_model") if "download" in chosen else None
         if "train_base" in chosen:
@@ -233,15 +145,6 @@ class Context:
     def recorded(self, path: Path, key: str):
         """A value a finished run recorded (a choice), or `CHOSEN` while that run has not finished."""
         return read_json(path)[key] if path.is_file() else CHOSEN
-
-
-@cache
-def _default(path: str, name: str):
-    import dataclasses
-    import importlib
-
-    module, cls = path.split(":")
-    return next(f.default for f in dataclasses.fields(getattr(importlib.import_module(module), cls)) if f.name == name)
 
 
 # ---------------------------------------------------------------------------------------------------

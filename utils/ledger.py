@@ -92,12 +92,15 @@ def is_timing(key: str) -> bool:
 
 def flat_metrics(results: dict, prefix: str = "") -> dict[str, float]:
     """The numbers of a results file as ``{"a/b": value}``, without timings (seconds, tokens/s, ...), which
-    move from run to run and are recorded as the stage's wall time instead."""
+    move from run to run and are recorded as the stage's wall time instead. A list of entries with a ``lmbda``
+    (a sweep) is keyed by it: ``lmbda_sweep/lmbda=0.5/perplexity``."""
     flat = {}
     for key, value in results.items():
         name = f"{prefix}{key}"
         if is_timing(str(key)):
             continue
+        if isinstance(value, list) and value and all(isinstance(v, dict) and "lmbda" in v for v in value):
+            value = {f"lmbda={entry['lmbda']:g}": {k: v for k, v in entry.items() if k != "lmbda"} for entry in value}
         if isinstance(value, dict):
             flat.update(flat_metrics(value, name + "/"))
         elif isinstance(value, bool):

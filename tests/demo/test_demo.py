@@ -10,6 +10,7 @@ import pytest
 from demo.generation_example import is_right, main, normalize_answer
 from tests.models.test_joint_hooks import tiny_memory
 from utils.cli import UsageError
+from utils.run_layout import RunLayout
 
 PROMPTS = ["the river city of", "a king was born near the old tower", "many people"]
 
@@ -51,21 +52,26 @@ def test_prompts_give_base_and_joint_continuations(tmp_path, tiny_pair, capsys):
 
 
 def test_qa_from_a_quickstart_dir(tmp_path, tiny_pair):
-    """Questions from corpus/qa_test.jsonl in the corpus's qa_prompt format; correction counts add up."""
+    """Questions from corpus/qa_test.jsonl in the corpus's qa_prompt format, at the lmbda the run recorded on its
+    validation questions; correction counts add up."""
     model_dir, memory_dir = tiny_pair
-    quick = tmp_path / "quickstart"
-    shutil.copytree(model_dir, quick / "base")
-    shutil.copytree(memory_dir, quick / "memory")
-    (quick / "corpus").mkdir()
-    (quick / "corpus" / "meta.json").write_text(json.dumps({"qa_prompt": "the {question} was"}))
+    quick = RunLayout(tmp_path / "quickstart")
+    shutil.copytree(model_dir, quick.base)
+    shutil.copytree(memory_dir, quick.memory)
+    quick.corpus.mkdir()
+    (quick.corpus / "meta.json").write_text(json.dumps({"qa_prompt": "the {question} was"}))
     qa = [{"question": q, "answer": a} for q, a in
           (("king", ["born"]), ("queen", ["the old tower"]), ("city", "river"), ("bridge", ["stone"]))]
-    (quick / "corpus" / "qa_test.jsonl").write_text("".join(json.dumps(x) + "\n" for x in qa))
+    quick.qa_file("test").write_text("".join(json.dumps(x) + "\n" for x in qa))
+    quick.qa_dir("validation").mkdir()
+    quick.qa_choice.write_text(json.dumps({"lmbda": 0.75}))
     out = tmp_path / "qa.json"
-    result = main(["--quickstart_dir", str(quick), "--num_examples", "2", "--max_new_tokens", "4",
+    result = main(["--quickstart_dir", str(quick.out), "--num_examples", "2", "--max_new_tokens", "4",
                    "--output_file", str(out)])
     assert [e["prompt"] for e in result["examples"]] == ["the king was", "the queen was"]
     assert result["examples"][1]["gold"] == ["the old tower"]
+    assert result["summary"]["lmbda"] == 0.75  # recorded, not chosen again
+    quick = quick.out
     scanned = main(["--quickstart_dir", str(quick), "--find_correction", "--scan", "3", "--max_new_tokens", "4"])
     summary = scanned["summary"]
     assert summary["num_prompts"] == 3

@@ -2,7 +2,8 @@
 
 The end-to-end test writes the artifacts with the real entry points on the tiny dataset (base
 evaluation, base + memory sweeps on validation and test, QA runs with and without a memory); the other
-tests build the result files by hand to pin down the choices (lmbda chosen on validation, not on test).
+tests write the result files at the run layout's paths (utils/run_layout.py) to pin down the choices: each is
+made on validation by the stage that ran there, recorded in its results, and only read by the summary.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ import train_base
 from downstream import choose_lmbda, eval_qa
 from downstream import summary as summary_module
 from models import MemoryConfig, build_memory
+from models.joint.interpolation import lmbda_choice
 from utils.artifacts.dataset import load_split
 from utils.cli import UsageError
+from utils.run_layout import RunLayout
 
 QUESTIONS = ["the river of the city", "who built the old bridge", "the king was born near", "many people and"]
 
@@ -33,9 +36,11 @@ def write_json(path: Path, obj) -> Path:
 
 
 def joint_results(split: str, base: float, sweep: dict[float, float]) -> dict:
-    """The fields of evaluate_joint's joint_results.json that the summary reads."""
-    return {"eval_subset": split, "base_perplexity": base, "memory_perplexity": 150.0,
-            "lmbda_sweep": [{"lmbda": lmbda, "perplexity": ppl} for lmbda, ppl in sweep.items()],
+    """The fields of evaluate_joint's joint_results.json that the summary reads, with the choice it records."""
+    entries = [{"lmbda": lmbda, "perplexity": ppl} for lmbda, ppl in sweep.items()]
+    return {"eval_subset": split, "base_perplexity": base, "memory_perplexity": 150.0, "lmbda_sweep": entries,
+            "lmbda": entries[0]["lmbda"], "perplexity": entries[0]["perplexity"],
+            "lmbda_choice": lmbda_choice(entries, split),
             "base_tokens_per_second": 900.0, "joint_tokens_per_second": 600.0, "eval_tokens": 100}
 
 
@@ -59,24 +64,26 @@ def constructed(tmp_path) -> Path:
     Validation prefers lmbda 0.5 for perplexity, test would prefer 0.75; the validation questions
     prefer 0.75 for QA (0.5 and 0.75 tie on exact match, 0.75 wins on F1).
     """
-    out = tmp_path / "qs"
-    write_json(out / "eval_base_test" / "eval_results.json",
+    layout = RunLayout(tmp_path / "qs")
+    write_json(layout.eval_base("test") / "eval_results.json",
                {"perplexity": 80.0, "eval_tokens": 100, "eval_tokens_per_second": 1000.0})
-    write_json(out / "eval_knnlm_test" / "knnlm_results.json",
+    write_json(layout.knnlm("test") / "knnlm_results.json",
                {"perplexity": 75.0, "eval_tokens_per_second": 300.0, "lmbda": 0.25, "k": 64, "knn_temp": 10.0,
                 "index_type": "flat"})
-    write_json(out / "eval_joint_validation" / "joint_results.json",
+    write_json(layout.eval_joint("validation") / "joint_results.json",
                joint_results("validation", 90.0, {0.25: 85.0, 0.5: 84.0, 0.75: 86.0}))
-    write_json(out / "eval_joint_test" / "joint_results.json",
+    write_json(layout.eval_joint("test") / "joint_results.json",
                joint_results("test", 80.0, {0.25: 74.0, 0.5: 73.0, 0.75: 72.0}))
     for lmbda, em, f1 in ((0.25, 10.0, 12.0), (0.5, 20.0, 21.0), (0.75, 20.0, 23.0)):
-        write_json(out / "qa_validation" / f"lmbda_{lmbda}" / "qa_results.json", qa_results(em, f1, lmbda))
-    write_json(out / "qa_validation" / "base" / "qa_results.json", qa_results(5.0, 6.0, None))
-    write_json(out / "qa_test" / "base" / "qa_results.json", qa_results(4.0, 5.0, None))
-    write_json(out / "qa_test" / "lmbda_0.75" / "qa_results.json", qa_results(15.0, 17.0, 0.75))
-    write_json(out / "qa_test" / "lmbda_0.25" / "qa_results.json", qa_results(12.0, 13.0, 0.25))
-    write_json(out / "correction.json", CORRECTION)
-    return out
+        write_json(layout.qa("validation", lmbda) / "qa_results.json", qa_results(em, f1, lmbda))
+    choose_lmbda.main([str(layout.qa("validation", lmbda)) for lmbda in (0.25, 0.5, 0.75)] +
+                      ["--output_file", str(layout.qa_choice)])  # the choice, recorded as the QA stage records it
+    write_json(layout.qa("validation", None) / "qa_results.json", qa_results(5.0, 6.0, None))
+    write_json(layout.qa("test", None) / "qa_results.json", qa_results(4.0, 5.0, None))
+    write_json(layout.qa("test", 0.75) / "qa_results.json", qa_results(15.0, 17.0, 0.75))
+    write_json(layout.qa("test", 0.25) / "qa_results.json", qa_results(12.0, 13.0, 0.25))
+    write_json(layout.correction, CORRECTION)
+    return layout.out
 
 
 def test_choices_are_made_on_validation(constructed, capsys):
@@ -106,37 +113,59 @@ def test_choices_are_made_on_validation(constructed, capsys):
     assert "base          : Perannel Rinzek" in printed and "base + memory : Sellan Galquist" in printed
 
 
-def test_mismatched_choices_are_errors(constructed):
-    shutil.rmtree(constructed / "qa_test" / "lmbda_0.75")
-    with pytest.raises(UsageError, match=r"no run at lmbda 0.75, the best on the validation questions"):
+def test_the_summary_reads_recorded_choices_and_never_makes_one(constructed):
+    """The recorded choice wins over what the table would give now, and a missing record is an error."""
+    layout = RunLayout(constructed)
+    choice = json.loads(layout.qa_choice.read_text())
+    assert choice["lmbda"] == 0.75 and [row["lmbda"] for row in choice["table"]] == [0.25, 0.5, 0.75]
+    write_json(layout.qa_choice, {**choice, "lmbda": 0.25})  # e.g. chosen by another rule, recorded
+    assert summary_module.collect(constructed)["qa_test"]["lmbda"] == 0.25
+    layout.qa_choice.unlink()
+    with pytest.raises(UsageError, match=r"lmbda_choice.json is missing: the QA lmbda is chosen once"):
         summary_module.collect(constructed)
-    shutil.rmtree(constructed / "qa_validation")
-    write_json(constructed / "qa_test" / "lmbda_0.5" / "qa_results.json", qa_results(15.0, 17.0, 0.5))
+    write_json(layout.qa_choice, choice)
+    validation = json.loads((layout.eval_joint("validation") / "joint_results.json").read_text())
+    write_json(layout.eval_joint("validation") / "joint_results.json", {**validation, "lmbda_choice": None})
+    with pytest.raises(UsageError, match=r"eval_joint_validation/joint_results.json records no lmbda_choice"):
+        summary_module.collect(constructed)
+
+
+def test_mismatched_choices_are_errors(constructed):
+    layout = RunLayout(constructed)
+    shutil.rmtree(layout.qa("test", 0.75))
+    with pytest.raises(UsageError, match=r"no run at lmbda 0.75, the one chosen on the validation questions"):
+        summary_module.collect(constructed)
+    shutil.rmtree(layout.qa_dir("validation"))
+    write_json(layout.qa("test", 0.5) / "qa_results.json", qa_results(15.0, 17.0, 0.5))
     with pytest.raises(UsageError, match=r"runs at several lmbdas .* no sweep to choose one"):
         summary_module.collect(constructed)
-    shutil.rmtree(constructed / "qa_test" / "lmbda_0.5")
+    shutil.rmtree(layout.qa("test", 0.5))
     assert summary_module.collect(constructed)["qa_test"]["lmbda_chosen_on"] == "fixed"  # one run: a fixed lmbda
-    write_json(constructed / "eval_joint_test" / "joint_results.json", joint_results("test", 80.0, {0.25: 74.0}))
-    with pytest.raises(UsageError, match=r"lmbda 0.5, best on validation, is not in the test sweep"):
+    write_json(layout.eval_joint("test") / "joint_results.json", joint_results("test", 80.0, {0.25: 74.0}))
+    with pytest.raises(UsageError, match=r"lmbda 0.5, chosen on validation .*, is not in the test sweep"):
         summary_module.collect(constructed)
+    shutil.rmtree(layout.eval_joint("validation"))  # one lmbda on test and nothing to choose from: fixed
+    summary = summary_module.collect(constructed)
+    assert summary["lmbda"]["base_plus_memory"] == 0.25 and summary["lmbda"]["base_plus_memory_chosen_on"] == "fixed"
 
 
-def knnlm_results(sweep: dict[float, float]) -> dict:
+def knnlm_results(sweep: dict[float, float], split: str) -> dict:
     """The fields of knn_utils.knnlm's knnlm_results.json that the summary reads; the first lmbda is the headline."""
     first = next(iter(sweep))
+    entries = [{"lmbda": l, "perplexity": p} for l, p in sweep.items()]
     return {"perplexity": sweep[first], "eval_tokens_per_second": 300.0, "lmbda": first, "k": 64, "knn_temp": 10.0,
-            "index_type": "flat", "lmbda_sweep": [{"lmbda": l, "perplexity": p} for l, p in sweep.items()]}
+            "index_type": "flat", "lmbda_sweep": entries, "lmbda_choice": lmbda_choice(entries, split)}
 
 
 def test_knn_lm_lmbda_is_chosen_on_validation_when_it_ran_there(constructed, capsys):
-    write_json(constructed / "eval_knnlm_validation" / "knnlm_results.json", knnlm_results({0.25: 86.0, 0.5: 85.0}))
-    write_json(constructed / "eval_knnlm_test" / "knnlm_results.json", knnlm_results({0.25: 75.0, 0.5: 76.0}))
+    write_json(constructed / "eval_knnlm_validation" / "knnlm_results.json", knnlm_results({0.25: 86.0, 0.5: 85.0}, "validation"))
+    write_json(constructed / "eval_knnlm_test" / "knnlm_results.json", knnlm_results({0.25: 75.0, 0.5: 76.0}, "test"))
     summary = summary_module.main(["--output_dir", str(constructed)])
     assert summary["test_perplexity"]["knn_lm"] == 76.0 and summary["lmbda"]["knn_lm"] == 0.5  # not 75.0 at 0.25
     assert summary["knn_lm_settings"]["lmbda_chosen_on"] == "validation perplexity"
     assert "| 80.0 | 76.0 (lmbda 0.5, best on validation) |" in capsys.readouterr().out
-    write_json(constructed / "eval_knnlm_test" / "knnlm_results.json", knnlm_results({0.25: 75.0}))
-    with pytest.raises(UsageError, match=r"lmbda 0.5, best on validation, is not in the test sweep"):
+    write_json(constructed / "eval_knnlm_test" / "knnlm_results.json", knnlm_results({0.25: 75.0}, "test"))
+    with pytest.raises(UsageError, match=r"lmbda 0.5, chosen on validation .*, is not in the test sweep"):
         summary_module.collect(constructed)
 
 
@@ -160,7 +189,7 @@ def test_no_correction_found(constructed, capsys):
 
 
 def test_choose_lmbda(constructed, capsys):
-    sweep = sorted(str(p) for p in (constructed / "qa_validation").glob("lmbda_*"))
+    sweep = sorted(str(p) for p in (constructed / "qa_validation").glob("lmbda_*") if p.is_dir())
     assert choose_lmbda.main(sweep) == 0.75  # EM ties with 0.5, F1 decides
     assert capsys.readouterr().out == "0.75\n"
     write_json(constructed / "qa_validation" / "lmbda_0.75" / "qa_results.json", qa_results(20.0, 21.0, 0.75))
@@ -202,7 +231,7 @@ def test_summary_of_real_artifacts(tmp_path, tiny_dataset, tiny_gpt2_dir, capsys
     sweep = [str(out / "qa_validation" / f"lmbda_{lmbda}") for lmbda in ("0", "0.9")]
     for directory, lmbda in zip(sweep, ("0", "0.9")):
         eval_qa.main([*qa, "--output_dir", directory, *memory_flags, "--lmbda", lmbda])
-    chosen = choose_lmbda.main(sweep)
+    chosen = choose_lmbda.main([*sweep, "--output_file", str(RunLayout(out).qa_choice)])
     base = eval_qa.main([*qa, "--output_dir", str(out / "qa_test" / "base")])
     joint = eval_qa.main([*qa, "--output_dir", str(out / "qa_test" / f"lmbda_{chosen:g}"), *memory_flags,
                           "--lmbda", str(chosen)])
@@ -212,6 +241,7 @@ def test_summary_of_real_artifacts(tmp_path, tiny_dataset, tiny_gpt2_dir, capsys
     validation = json.loads((out / "eval_joint_validation" / "joint_results.json").read_text())
     test = json.loads((out / "eval_joint_test" / "joint_results.json").read_text())
     best = min(validation["lmbda_sweep"], key=lambda entry: entry["perplexity"])["lmbda"]
+    assert validation["lmbda_choice"]["lmbda"] == best and test["lmbda_choice"] is None  # recorded where it was made
     assert summary["lmbda"]["base_plus_memory"] == best
     assert summary["test_perplexity"]["base_plus_memory"] == next(
         e["perplexity"] for e in test["lmbda_sweep"] if e["lmbda"] == best)
