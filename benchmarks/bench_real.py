@@ -5,19 +5,17 @@
     python -m benchmarks.bench_real --curve_only         # only the cost curve (needs the base artifacts)
 
 All of WikiText-2 train on one GPU (2,581,967 datastore rows; about 20 min on an H100 with faiss-cpu,
-exact search in torch on the GPU; settings the config reads come from the environment):
+exact search in torch on the GPU), from the recipe of that run:
 
-    MAX_CHARS= EVAL_BATCH=16 KNN_GPU=1 python -m benchmarks.bench_real --out outputs/smollm2_wikitext2_full \
-        --name real_smollm2_wikitext2_full_h100 --finetune_blocks 0 --knn_gpu --batch_size 16 \
-        --qa_questions 0 --curve_full 0
+    python -m benchmarks.bench_real --recipe scripts/recipes/smollm2_wikitext2_full_gpu.yaml \
+        --out outputs/smollm2_wikitext2_full --name real_smollm2_wikitext2_full_h100 --finetune_blocks 0 --knn_gpu \
+        --batch_size 16 --qa_questions 0 --curve_full 0
 
-Artifacts (each stage is skipped when its output is complete, so an interrupted run resumes):
-1. ``scripts/pipeline.sh scripts/configs/smollm2_wikitext2.sh``: preprocess, datastore over train, exact
-   index, kNN targets, MLP memory of the base model (under ``--out``).
-2. The base model fine-tuned on the same training text (``train_base --do_train``, ``OUT/finetuned``),
-   and its own memory: ``scripts/pipeline.sh`` again with the fine-tuned model, whose datastore keys are
-   the memory's inputs and whose targets are the base retriever's kNN targets (``KNN_TARGETS``; the
-   tokens and rows are the same, as SPEC.md allows for a retriever that shares the tokenizer).
+Artifacts (a complete stage with the same settings is skipped: an interrupted run resumes):
+1. ``scripts/pipeline.sh RECIPE out=OUT`` (default: the tenth-of-WikiText-2 CPU recipe): the base model's memory.
+2. The base model fine-tuned on the same training text (``train_base --do_train``, ``OUT/finetuned``), and its
+   own memory (``scripts/pipeline.sh`` again, ``out=OUT/ft``), trained on the base retriever's kNN targets
+   (``shared.knn_targets``: the same tokens and rows, as SPEC.md allows for a retriever sharing the tokenizer).
 
 Measurements (one process, one machine, the same scored tokens for every method):
 - For validation and test (first ``--eval_windows`` windows each), one forward pass per model keeps, per
@@ -59,16 +57,16 @@ from models.joint import interpolate_log_probs, load_checked_memory, memory_log_
 from utils.arguments import ModelArguments  # noqa: E402
 from utils.artifacts.dataset import load_split  # noqa: E402
 from utils.artifacts.datastore import open_datastore  # noqa: E402
-from utils.artifacts.index import default_index_path  # noqa: E402
 from utils.cli import check_finite_floats, run  # noqa: E402
 from utils.distributed import synchronize  # noqa: E402
 from utils.environment import machine  # noqa: E402
 from utils.io import read_json, write_json  # noqa: E402
 from utils.modeling import load_model_for_dataset  # noqa: E402
+from utils.run_layout import RunLayout  # noqa: E402
 from utils.scoring import check_finite_loss, score_batches  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
-CONFIG = "scripts/configs/smollm2_wikitext2.sh"
+RECIPE = "scripts/recipes/smollm2_wikitext2_tenth_cpu.yaml"
 RESULTS = REPO / "benchmarks" / "results"
 
 
@@ -84,23 +82,24 @@ def sh(cmd: list[str], env: dict | None = None) -> None:
 
 def build_artifacts(args) -> None:
     out = Path(args.out)
-    sh(["bash", "scripts/pipeline.sh", CONFIG], {"OUT": str(out)})
+    layout = RunLayout(out)
+    sh(["bash", "scripts/pipeline.sh", args.recipe, f"out={out}"])
     if args.skip_finetune:
         return
     finetuned = out / "finetuned"
     if not (finetuned / "train_results.json").exists():
         start = time.perf_counter()
         sh([sys.executable, "-m", "train_base", "--model_name_or_path", args.model_dir, "--gguf_file", args.gguf_file,
-            "--dataset_name", str(out / "dataset"), "--do_train", "--num_train_epochs", str(args.finetune_epochs),
+            "--dataset_name", str(layout.dataset), "--do_train", "--num_train_epochs", str(args.finetune_epochs),
             *(["--max_train_samples", str(args.finetune_blocks)] if args.finetune_blocks else []),
             "--per_device_train_batch_size", str(args.finetune_batch), "--gradient_accumulation_steps", "2",
             "--learning_rate", str(args.finetune_lr), "--warmup_steps", "5", "--lr_scheduler_type", "cosine",
             "--weight_decay", "0.0", "--save_strategy", "no", "--logging_steps", "5", "--seed", "0",
             "--report_to", "none", "--disable_tqdm", "true", "--output_dir", str(finetuned)])
         print(f"fine-tuning took {time.perf_counter() - start:.0f} s", flush=True)
-    sh(["bash", "scripts/pipeline.sh", CONFIG],
-       {"OUT": str(out / "ft"), "MODEL": str(finetuned), "GGUF_FILE": "", "DATASET": str(out / "dataset"),
-        "KNN_TARGETS": str(out / "knn_targets"), "JOINT_SPLITS": "test"})
+    sh(["bash", "scripts/pipeline.sh", args.recipe, f"out={out / 'ft'}", f"shared.model={finetuned}",
+        "shared.gguf_file=null", f"shared.dataset={layout.dataset}", f"shared.knn_targets={layout.knn_targets}",
+        "eval_joint.splits=[test]"])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -195,15 +194,16 @@ def choose(val_lm: np.ndarray, val_other: np.ndarray, temps: list[float], lmbdas
 
 def curve(args, out: Path) -> list[dict]:
     """kNN-LM and base + memory tokens/s over the first test windows as the datastore grows."""
-    dataset = out / "dataset"
+    layout = RunLayout(out)
+    dataset = layout.dataset
     split = load_split(str(dataset), "test")
     model, _ = load_model_for_dataset(ModelArguments(model_name_or_path=args.model_dir, gguf_file=args.gguf_file),
                                       split.meta, str(dataset))
-    memory, layer, _ = load_checked_memory(str(out / "memory"), model, split.meta["tokenizer"]["fingerprint"])
+    memory, layer, _ = load_checked_memory(str(layout.memory), model, split.meta["tokenizer"]["fingerprint"])
     device = torch.device(args.device)
     model.to(device)
     memory.to(device)
-    datastore = open_datastore(out / "dstore", "--dstore_dir")
+    datastore = open_datastore(layout.dstore, "--dstore_dir")
     keys = np.asarray(datastore.keys, dtype=np.float32)
     vals = np.asarray(datastore.vals)
     start = time.perf_counter()
@@ -299,7 +299,8 @@ def full_train_rows(args) -> int:
 def nq_open(args, out: Path) -> dict:
     results = {}
     for name, extra in (("base", []), ("base + memory", ["--use_neural_knn", "true", "--knn_generator_path",
-                                                         str(out / "memory"), "--lmbda", str(args.qa_lmbda)])):
+                                                         str(RunLayout(out).memory), "--lmbda",
+                                                         str(args.qa_lmbda)])):
         target = out / ("nq_open_memory" if extra else "nq_open_base")
         if not (target / "qa_results.json").exists():
             sh([sys.executable, "-m", "downstream.eval_qa", "--model_name_or_path", args.model_dir, "--gguf_file",
@@ -387,7 +388,8 @@ def plots(results: dict, stem: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="outputs/smollm2_wikitext2", help="OUT of the pipeline (artifacts).")
+    parser.add_argument("--recipe", default=RECIPE, help="The recipe of the pipeline run (scripts/recipes/).")
+    parser.add_argument("--out", default="outputs/smollm2_wikitext2", help="Its output directory (the artifacts).")
     parser.add_argument("--model_dir", default=str(SHARED / "smollm2-135m-instruct"))
     parser.add_argument("--gguf_file", default="SmolLM2-135M-Instruct.Q4_1.gguf")
     parser.add_argument("--eval_windows", type=int, default=50, help="First N windows of validation and of test.")
@@ -427,23 +429,25 @@ def main(argv: list[str] | None = None) -> dict:
 
     if not args.curve_only:
         build_artifacts(args)
-        datastore = open_datastore(out / "dstore", "--dstore_dir")
-        index = load_index(default_index_path(out / "dstore"), datastore, use_gpu=args.knn_gpu)
+        layout = RunLayout(out)
+        datastore = open_datastore(layout.dstore, "--dstore_dir")
+        index = load_index(layout.index, datastore, use_gpu=args.knn_gpu)
         knn = {"index": index, "vals": np.asarray(datastore.vals), "k": args.k}
         splits = ["validation", "test"]
-        common = dict(dataset=out / "dataset", splits=splits, windows=args.eval_windows, batch=args.batch_size,
+        common = dict(dataset=layout.dataset, splits=splits, windows=args.eval_windows, batch=args.batch_size,
                       memory_temps=args.memory_temps, knn_temps=args.knn_temps, timing_lmbda=args.timing_lmbda,
                       device=torch.device(args.device))
-        base = measure_model(args.model_dir, args.gguf_file, out / "memory", knn=knn, **common)
+        base = measure_model(args.model_dir, args.gguf_file, layout.memory, knn=knn, **common)
         models = {"base": base}
         if not args.skip_finetune:
-            models["fine-tuned"] = measure_model(str(out / "finetuned"), None, out / "ft" / "memory", knn=None, **common)
-        dataset_meta = read_json(out / "dataset" / "meta.json")
+            models["fine-tuned"] = measure_model(str(out / "finetuned"), None, RunLayout(out / "ft").memory, knn=None,
+                                                 **common)
+        dataset_meta = read_json(layout.dataset / "meta.json")
         results["setup"] = {"datastore_rows": datastore.num_rows, "k": args.k, "index": index.meta["index_type"],
                             "knn_search": type(index.index).__name__, "device": args.device,
                             "max_chars": dataset_meta["source"]["max_chars"], "block_size": dataset_meta["block_size"],
                             "knn_temps": args.knn_temps, "memory_temps": args.memory_temps, "lmbdas": args.lmbdas,
-                            "memory": read_json(out / "memory" / "config.json")}
+                            "memory": read_json(layout.memory / "config.json")}
         rows, sweeps = [], {}
         val, test = base["validation"], base["test"]
         t = test["seconds"]

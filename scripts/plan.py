@@ -271,5 +271,5 @@ def dry_run(ctx: Context, decisions: Iterable[tuple[Run, str, list[str]]]) -> st
               "(downloads, QA and judgments, the demo).", "Shared values: " + ", ".join(
                   f"{k}={v}" for k, v in ctx.shared.items() if v is not None and k not in ("model", "tokenizer")) + "."]
     if pending:
-        lines.append(f"'{CHOSEN}': a lmbda that an earlier stage records when it runs.")
+        lines.append("'after the choice it reads': its lmbda is the one an earlier run chooses on validation and records.")
     return "\n".join(lines)
