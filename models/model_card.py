@@ -116,10 +116,11 @@ def _provenance(meta: dict) -> list[str]:
 
 
 def memory_card(meta: dict, name: str, metrics: list[dict] = (), made_by: str | None = None,
-                ledger: str | None = None) -> str:
-    """The card of a memory directory (train_mlpmem_* or ``models.convert --from official``) from its meta.json."""
+                ledger: str | None = None, datasets: list[str] = (), base_model: str | None = None) -> str:
+    """The card of a memory directory (train_mlpmem_* or ``models.convert --from official``) from its meta.json;
+    ``base_model`` names the base on the hub when the recorded one is a local copy of it."""
     memory = meta.get("memory", {})
-    base = (meta.get("base_model") or {}).get("model_name_or_path")
+    base = base_model or (meta.get("base_model") or {}).get("model_name_or_path")
     lines = [f"# {name}", "",
              f"An [MLP Memory]({PAPER}) for the base model `{base}`: a {memory.get('memory_style')}-style network of "
              f"{memory.get('num_layers')} feed-forward blocks ({memory.get('parameters', 0):,} parameters) that reads "
@@ -136,7 +137,7 @@ def memory_card(meta: dict, name: str, metrics: list[dict] = (), made_by: str | 
               'joint = JointLM(base, load_memory("THIS_DIRECTORY"), lmbda=0.25)  # checks the memory fits the base',
               "```", "", "`python -m models.convert --joint` makes one `AutoModelForCausalLM` directory of base + memory.",
               ""]
-    return _front_matter(base, [], list(metrics), name) + "\n" + "\n".join(lines)
+    return _front_matter(base, list(datasets), list(metrics), name) + "\n" + "\n".join(lines)
 
 
 def joint_card(meta: dict, name: str, metrics: list[dict] = ()) -> str:
@@ -184,8 +185,8 @@ def write_card(directory: str | os.PathLike, text: str) -> Path:
 
 
 def write_memory_card(directory: str | os.PathLike, metrics: list[dict] = (), made_by: str | None = None,
-                      ledger: str | None = None) -> Path:
+                      ledger: str | None = None, datasets: list[str] = (), base_model: str | None = None) -> Path:
     """(Re)write a memory directory's card from its meta.json, with ``metrics`` when given."""
     directory = Path(directory)
     meta = read_json(directory / META_NAME)
-    return write_card(directory, memory_card(meta, directory.name, metrics, made_by, ledger))
+    return write_card(directory, memory_card(meta, directory.name, metrics, made_by, ledger, datasets, base_model))

@@ -248,7 +248,14 @@ def write_model_card(ctx: Context, ledger: Ledger) -> None:
         return
     summary = read_json(ctx.layout.summary) if ctx.layout.summary.is_file() else {}
     made_by = f"bash scripts/pipeline.sh {ctx.recipe.path} {' '.join(ctx.recipe.overrides)}".strip()
-    write_memory_card(ctx.layout.memory, card_metrics(summary), made_by=made_by, ledger=str(ctx.layout.ledger))
+    preprocess = ctx.expanded("preprocess") if "preprocess" in ctx.stages else {}
+    hub_dataset = preprocess.get("dataset_name")
+    dataset = " ".join(filter(None, (hub_dataset, preprocess.get("dataset_config_name")))) or f"{ctx.recipe.name} text"
+    downloaded = ctx.expanded("download").get("base_model") if "download" in ctx.stages else None
+    write_memory_card(ctx.layout.memory, card_metrics(summary, dataset, hub_dataset or "local"), made_by=made_by,
+                      ledger=str(ctx.layout.ledger), datasets=[hub_dataset] if hub_dataset else [],
+                      base_model=downloaded if downloaded and ctx.shared["model"] == str(ctx.layout.download(downloaded))
+                      else None)
 
 
 def run_recipe(recipe_path: str, overrides: list[str], dry_run: bool = False, rebuild: list[str] | None = None) -> dict:

@@ -125,9 +125,10 @@ class Context:
                                  f"layout (utils/run_layout.py); remove it")
         routed = {flag: self.shared[key] for key, stages in ROUTES.items() for s, flag in stages.items()
                   if s == stage and self.shared.get(key) is not None}
-        if routed.get("model_name_or_path") is None and stage in MODEL_STAGES:
+        settings = {**owned, **routed, **section}
+        if stage in MODEL_STAGES and settings.get("model_name_or_path") is None:
             raise UsageError(f"recipe {self.recipe.path}: stage {stage} needs a base model: set shared.model")
-        return {**owned, **routed, **section}
+        return settings
 
     def nproc(self, stage: str, shared: bool = True) -> int:
         value = self.expanded(stage).get("nproc", self.shared["nproc"] if shared else 1)
@@ -157,7 +158,7 @@ def _download(ctx: Context, section: dict) -> list[Run]:
         raise UsageError(f"recipe {ctx.recipe.path}: download needs base_model and/or memory (hub repositories)")
     return [Run(f"download_{repo.replace('/', '--')}", "download", "scripts.download",
                 {"repo_id": repo, "local_dir": str(ctx.layout.download(repo)), "revision": section.get("revision")},
-                ctx.layout.download(repo) / "config.json", {f"download:{repo}": ctx.layout.download(repo)})
+                ctx.layout.download(repo), {f"download:{repo}": ctx.layout.download(repo)})  # renamed in when complete
             for repo in repos]
 
 

@@ -48,14 +48,17 @@ def test_a_saved_memory_carries_a_card_whose_front_matter_parses(tmp_path, tiny_
 
 
 def test_the_runner_writes_the_runs_metrics_into_the_card(tmp_path, tiny_gpt2_dir):
-    memory = saved_memory(tmp_path / "memory", tiny_gpt2_dir, "gpt2")
-    write_memory_card(memory, card_metrics(SUMMARY, "wikitext"), made_by="bash scripts/pipeline.sh r.yaml",
-                      ledger="outputs/r/ledger.json")
+    memory = saved_memory(tmp_path / "memory", tiny_gpt2_dir, str(tiny_gpt2_dir))  # a local copy of a hub model
+    write_memory_card(memory, card_metrics(SUMMARY, "wikitext", "wikitext"), made_by="bash scripts/pipeline.sh r.yaml",
+                      ledger="outputs/r/ledger.json", datasets=["wikitext"], base_model="openai-community/gpt2")
     text = (memory / CARD).read_text()
-    index = read_front_matter(text)["model-index"]
+    front = read_front_matter(text)
+    assert front["base_model"] == "openai-community/gpt2" and front["datasets"] == ["wikitext"]
+    index = front["model-index"]
     assert index[0]["name"] == "memory"
     perplexity, qa = index[0]["results"]
-    assert perplexity["task"]["type"] == "text-generation" and perplexity["dataset"]["name"] == "wikitext"
+    assert perplexity["task"]["type"] == "text-generation" and perplexity["dataset"] == {
+        "name": "wikitext", "type": "wikitext", "split": "test"}
     assert [m["value"] for m in perplexity["metrics"]] == [43.7, 36.9, 37.1]
     assert "lmbda 0.25, validation perplexity" in perplexity["metrics"][1]["name"]
     assert [m["value"] for m in qa["metrics"]] == [19.6, 33.9]
