@@ -48,7 +48,11 @@ logger = logging.getLogger(__name__)
 
 QUICKSTART_RECIPE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "recipes",
                                  "quickstart.yaml")
-DEFAULT_QUICKSTART = read_recipe(QUICKSTART_RECIPE).out  # where scripts/quickstart.sh writes
+
+
+def default_quickstart_dir() -> str:
+    """Where ``scripts/quickstart.sh`` writes: the quickstart recipe's ``out``."""
+    return read_recipe(QUICKSTART_RECIPE).out
 DEFAULT_QA_PROMPT = QA_PROMPT  # corpora written before meta.json recorded their prompt
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 
@@ -57,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The demo's flags; --allow_base_mismatch comes from its one definition (utils.arguments.BaseCheckArguments)."""
     p = HfArgumentParser(BaseCheckArguments, prog="python -m demo.generation_example",
                          description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quickstart_dir", default=DEFAULT_QUICKSTART,
+    p.add_argument("--quickstart_dir", default=default_quickstart_dir(),
                    help="Outputs of scripts/quickstart.sh (base/, memory/, corpus/) used for what is not given.")
     p.add_argument("--model_name_or_path", help="Base causal LM (default: QUICKSTART_DIR/base), or a joint model "
                    "directory (python -m models.convert --joint), which holds its memory and settings.")
@@ -144,7 +148,8 @@ def load_pair(args):
     directory as --model_name_or_path gives both, and --lmbda / --knn_temp unless given."""
     layout = RunLayout(args.quickstart_dir)
     model_path = args.model_name_or_path or quickstart_path(args, layout.base)
-    memory_path = None if is_joint_directory(model_path) else args.knn_generator_path or quickstart_path(args, layout.memory)
+    memory_path = (None if is_joint_directory(model_path)
+                   else args.knn_generator_path or quickstart_path(args, layout.memory))
     model_args = ModelArguments(model_name_or_path=model_path, gguf_file=args.gguf_file,
                                 tokenizer_name=args.tokenizer_name, torch_dtype=args.torch_dtype)
     tok_path, gguf = model_tokenizer_path(model_args)

@@ -149,7 +149,8 @@ def _question_answering(layout: RunLayout, summary: dict) -> None:
         elif len(test_runs) == 1:
             joint, chosen_on = test_runs[0], "fixed"
         else:
-            raise UsageError(f"{layout.qa_dir('test')} has runs at several lmbdas and {layout.qa_dir('validation')} has no "
+            raise UsageError(f"{layout.qa_dir('test')} has runs at several lmbdas and {layout.qa_dir('validation')} has "
+                             "no "
                              "sweep to choose one: run the sweep on the validation questions")
         qa_test.update(questions=joint["count"], base_plus_memory=_qa(joint), lmbda=joint["lmbda"],
                        lmbda_chosen_on=chosen_on)

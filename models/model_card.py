@@ -135,7 +135,8 @@ def memory_card(meta: dict, name: str, metrics: list[dict] = (), made_by: str | 
               "from models.joint import JointLM", "",
               f"base = AutoModelForCausalLM.from_pretrained({base!r})",
               'joint = JointLM(base, load_memory("THIS_DIRECTORY"), lmbda=0.25)  # checks the memory fits the base',
-              "```", "", "`python -m models.convert --joint` makes one `AutoModelForCausalLM` directory of base + memory.",
+              "```", "",
+              "`python -m models.convert --joint` makes one `AutoModelForCausalLM` directory of base + memory.",
               ""]
     return _front_matter(base, list(datasets), list(metrics), name) + "\n" + "\n".join(lines)
 

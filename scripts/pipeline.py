@@ -196,7 +196,8 @@ class Runner:
                    if action == "refused"]
         if refused:
             raise UsageError(f"{self.layout.out} holds complete runs made otherwise: {', '.join(refused)}. Pass "
-                             "--rebuild to remake them and what reads them (or --rebuild STAGE ...), or give another out=")
+                             "--rebuild to remake them and what reads them (or --rebuild STAGE ...), or give another "
+                             "out=")
 
     def execute(self, ledger: Ledger) -> None:
         for stage in self.ctx.skipped:
@@ -252,10 +253,9 @@ def write_model_card(ctx: Context, ledger: Ledger) -> None:
     hub_dataset = preprocess.get("dataset_name")
     dataset = " ".join(filter(None, (hub_dataset, preprocess.get("dataset_config_name")))) or f"{ctx.recipe.name} text"
     downloaded = ctx.expanded("download").get("base_model") if "download" in ctx.stages else None
+    on_hub = downloaded if downloaded and ctx.shared["model"] == str(ctx.layout.download(downloaded)) else None
     write_memory_card(ctx.layout.memory, card_metrics(summary, dataset, hub_dataset or "local"), made_by=made_by,
-                      ledger=str(ctx.layout.ledger), datasets=[hub_dataset] if hub_dataset else [],
-                      base_model=downloaded if downloaded and ctx.shared["model"] == str(ctx.layout.download(downloaded))
-                      else None)
+                      ledger=str(ctx.layout.ledger), datasets=[hub_dataset] if hub_dataset else [], base_model=on_hub)
 
 
 def run_recipe(recipe_path: str, overrides: list[str], dry_run: bool = False, rebuild: list[str] | None = None) -> dict:
@@ -287,7 +287,8 @@ def run_recipe(recipe_path: str, overrides: list[str], dry_run: bool = False, re
 
 def compare_runs(argv: list[str]) -> dict:
     parser = argparse.ArgumentParser(prog="python -m scripts.pipeline compare",
-                                     description="What differs between two runs: settings, versions, artifacts, results.")
+                                     description="What differs between two runs: settings, versions, artifacts, "
+                                                 "results.")
     parser.add_argument("run_a", help="A run directory (or its ledger.json).")
     parser.add_argument("run_b", help="Another run directory (or its ledger.json).")
     args = parser.parse_args(argv)

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from benchmarks.bench_scale import H100, predict
-from scripts.runs import CHOSEN, Run, field_default
+from scripts.runs import Run, field_default
 from scripts.stages import Context
+from utils.cli import UsageError
 from utils.environment import machine
 from utils.io import read_json
 
@@ -77,7 +77,8 @@ def sizes(ctx: Context) -> Sizes:
     model_from = "the recipe's plan"
     if parameters is None or width is None:
         parameters, width = _local_model_size(ctx.shared["model"])
-        model_from = f"{ctx.shared['model']}/config.json" if parameters else "nowhere (set plan.parameters, plan.hidden_size)"
+        model_from = (f"{ctx.shared['model']}/config.json" if parameters
+                      else "nowhere (set plan.parameters, plan.hidden_size)")
     memory = plan.get("memory_parameters") or (parameters if not ctx.expanded("memory").get("num_layers") else None)
     return Sizes(tokens, tokens_from, parameters, width, memory, model_from)
 
@@ -87,15 +88,28 @@ def _eval_tokens(ctx: Context, sz: Sizes, split: str) -> int | None:
     windows = ctx.shared["eval_windows"]
     if tokens is None or windows is None:
         return tokens
-    stride = ctx.expanded("preprocess").get("stride", field_default("utils.preprocess_dataset:PreprocessArguments", "stride"))
+    stride = ctx.expanded("preprocess").get("stride",
+                                            field_default("utils.preprocess_dataset:PreprocessArguments", "stride"))
     return min(tokens, windows * stride)
+
+
+def predict(fit: tuple[float, float], size: float) -> float:
+    from benchmarks.bench_scale import predict as bench_predict  # the extrapolation bench_scale itself uses
+
+    return bench_predict(fit, size)
 
 
 class Costs:
     """Seconds per unit of work on bench_scale's CPU and on one H100, for one recipe's sizes."""
 
     def __init__(self, sz: Sizes):
+        if not BENCH_SCALE.is_file() or not BENCH_REAL.is_file():
+            raise UsageError(f"--dry_run reads the measured costs in {BENCH_SCALE.parent} (bench_scale.json, "
+                             "real_smollm2_wikitext2.json): run it from a checkout of the repository")
+        from benchmarks.bench_scale import H100  # the H100 run's figures, as bench_scale extrapolates them
+
         scale = read_json(BENCH_SCALE)
+        self.h100 = H100
         self.plan, self.last = scale["plan"], scale["sizes"][-1]
         self.fits = {name: (fit["a"], fit["b"]) for name, fit in self.plan["fits"].items()}
         self.machine = scale["machine"]
@@ -108,14 +122,15 @@ class Costs:
 
     def forward(self, tokens: float) -> tuple[float, float]:
         return (tokens * self.plan["base_seconds_per_token"] * self.params,
-                tokens * H100["write_seconds"] / H100["rows"] * self.params)
+                tokens * self.h100["write_seconds"] / self.h100["rows"] * self.params)
 
     def write(self, rows: float) -> float:
         return rows / predict(self.fits["write_rows_per_second"], rows) * self.width
 
     def search(self, queries: float, rows: float, index: str) -> tuple[float, float | None]:
         """kNN targets: every datastore row searched (CPU: IVFPQ fit or exact; H100: exact torch, an upper bound)."""
-        gpu = H100["exact_targets_seconds"] * (queries / H100["rows"]) * (rows / H100["rows"]) * self.width
+        h100 = self.h100
+        gpu = h100["exact_targets_seconds"] * (queries / h100["rows"]) * (rows / h100["rows"]) * self.width
         if index == "flat":
             return queries * rows * (self.sz.width or SMOL_WIDTH) * self.flat_cpu, gpu
         return queries / predict(self.fits["search_queries_per_second"], rows) * self.width, gpu
@@ -123,19 +138,20 @@ class Costs:
     def knnlm(self, tokens: float, rows: float, index: str) -> tuple[float, float | None]:
         per_token = (rows * (self.sz.width or SMOL_WIDTH) * self.flat_cpu if index == "flat"
                      else predict(self.fits["knn_search_seconds_per_token"], rows) * self.width)
-        gpu = (tokens / H100["knnlm_exact_gpu_tokens_per_second"] * rows / H100["rows"] * self.width
+        gpu = (tokens / self.h100["knnlm_exact_gpu_tokens_per_second"] * rows / self.h100["rows"] * self.width
                if index == "flat" else None)
         return self.forward(tokens)[0] + tokens * per_token, gpu
 
     def train_memory(self, rows: float) -> tuple[float, float]:
         return (rows / predict(self.fits["train_rows_per_second"], rows) * self.memory,
-                rows / H100["train_rows_per_second"] * self.memory)
+                rows / self.h100["train_rows_per_second"] * self.memory)
 
     def joint(self, tokens: float) -> tuple[float, float]:
-        cpu = tokens * (self.plan["base_seconds_per_token"] * self.params + self.plan["memory_seconds_per_token"] * self.memory)
+        cpu = tokens * (self.plan["base_seconds_per_token"] * self.params +
+                        self.plan["memory_seconds_per_token"] * self.memory)
         both = ((self.sz.parameters or SMOL_PARAMETERS) + (self.sz.memory_parameters or SMOL_MEMORY)) / \
             (SMOL_PARAMETERS + SMOL_MEMORY)
-        return cpu, tokens / H100["memory_tokens_per_second"] * both
+        return cpu, tokens / self.h100["memory_tokens_per_second"] * both
 
 
 def _index_type(ctx: Context, rows: int) -> str:
@@ -164,7 +180,8 @@ def run_cost(run: Run, ctx: Context, sz: Sizes, costs: Costs) -> tuple[str, floa
             return f"{tokens:,} tokens", 0, *costs.knnlm(tokens, rows or 0, _index_type(ctx, rows or 0))
         return f"{tokens:,} tokens", 0, *costs.joint(tokens)
     if stage == "download":  # float32 weights
-        count = sz.parameters if settings["repo_id"] == ctx.expanded("download").get("base_model") else sz.memory_parameters
+        is_base = settings["repo_id"] == ctx.expanded("download").get("base_model")
+        count = sz.parameters if is_base else sz.memory_parameters
         return "-", 4 * count if count else None, None, None
     if stage == "convert":
         return "-", 4 * (sz.memory_parameters or 0) or None, None, None
@@ -173,7 +190,8 @@ def run_cost(run: Run, ctx: Context, sz: Sizes, costs: Costs) -> tuple[str, floa
     if stage == "preprocess":
         return f"{sum(sz.tokens.values()):,} tokens", 4 * sum(sz.tokens.values()), None, None
     if stage == "train_base":
-        epochs = float(settings.get("num_train_epochs", 3.0))
+        epochs = float(settings.get("num_train_epochs", field_default("transformers:TrainingArguments",
+                                                                      "num_train_epochs")))
         cpu, gpu = costs.forward(rows * epochs * TRAINING_FLOPS)
         return f"{rows:,} tokens x {epochs:g} epochs", 4 * (sz.parameters or 0) or None, cpu, gpu
     if stage == "datastore":
@@ -195,8 +213,8 @@ def run_cost(run: Run, ctx: Context, sz: Sizes, costs: Costs) -> tuple[str, floa
         cpu, gpu = costs.search(rows, rows, _index_type(ctx, rows))
         return f"{rows:,} queries, k {k}", rows * (12 + nnz * 6), cpu, gpu
     if stage == "memory":
-        epochs = float(settings.get("num_train_epochs", field_default("models.training.arguments:MemoryTrainingArguments",
-                                                                 "num_train_epochs")))
+        default = field_default("models.training.arguments:MemoryTrainingArguments", "num_train_epochs")
+        epochs = float(settings.get("num_train_epochs", default))
         cpu, gpu = costs.train_memory(rows * epochs)
         return f"{rows:,} rows x {epochs:g} epochs", 16 * (sz.memory_parameters or 0) or None, cpu, gpu
     return "-", None, None, None
@@ -261,7 +279,8 @@ def dry_run(ctx: Context, decisions: Iterable[tuple[Run, str, list[str]]]) -> st
     total = ["total still to run", "", "", human_bytes(totals[0]), human_seconds(totals[1]), human_seconds(totals[2])]
     lines.append("| " + " | ".join(total + ([human_seconds(totals[3])] if nproc > 1 else [])) + " |")
     here = machine()
-    lines += ["", f"Tokens: {', '.join(f'{s} {n:,}' for s, n in sz.tokens.items()) or 'unknown'} (from {sz.tokens_from}).",
+    counts = ", ".join(f"{split} {n:,}" for split, n in sz.tokens.items()) or "unknown"
+    lines += ["", f"Tokens: {counts} (from {sz.tokens_from}).",
               f"Base model: {_count(sz.parameters)} parameters, width {sz.width or '?'} (from {sz.model_from}); "
               f"memory: {_count(sz.memory_parameters)} parameters.",
               f"CPU costs: bench_scale's {costs.machine['cores']}-core {costs.machine['cpu']} "
@@ -271,5 +290,6 @@ def dry_run(ctx: Context, decisions: Iterable[tuple[Run, str, list[str]]]) -> st
               "(downloads, QA and judgments, the demo).", "Shared values: " + ", ".join(
                   f"{k}={v}" for k, v in ctx.shared.items() if v is not None and k not in ("model", "tokenizer")) + "."]
     if pending:
-        lines.append("'after the choice it reads': its lmbda is the one an earlier run chooses on validation and records.")
+        lines.append("'after the choice it reads': its lmbda is the one an earlier run chooses on validation and "
+                     "records.")
     return "\n".join(lines)

@@ -121,8 +121,8 @@ class Context:
         section = {k: v for k, v in self.expanded(stage).items() if k not in STAGES[stage].runner_keys}
         for flag in section:
             if flag in STAGES[stage].owned:
-                raise UsageError(f"recipe {self.recipe.path}: stage {stage}: {flag} is set by the runner from the run's "
-                                 f"layout (utils/run_layout.py); remove it")
+                raise UsageError(f"recipe {self.recipe.path}: stage {stage}: {flag} is set by the runner from the "
+                                 "run's layout (utils/run_layout.py); remove it")
         routed = {flag: self.shared[key] for key, stages in ROUTES.items() for s, flag in stages.items()
                   if s == stage and self.shared.get(key) is not None}
         settings = {**owned, **routed, **section}
@@ -363,7 +363,8 @@ STAGE_LIST = [
     Stage("knn_targets", "knn_utils.saveKNNMulti", hf_parser("knn_utils.saveKNNMulti:SaveKnnArguments",
                                                              "knn_utils.knn_targets:TargetSettings"), _knn_targets,
           frozenset({"dstore_path", "index_path", "output_path"}), frozenset({"nproc"})),
-    Stage("knnlm", "knn_utils.knnlm", hf_parser(MODEL, "utils.arguments:DataArguments", "knn_utils.knnlm:KnnLMArguments"),
+    Stage("knnlm", "knn_utils.knnlm",
+          hf_parser(MODEL, "utils.arguments:DataArguments", "knn_utils.knnlm:KnnLMArguments"),
           _knnlm, frozenset({"dataset_name", "eval_subset", "dstore_dir", "index_path", "output_dir"}),
           frozenset({"splits", "nproc"})),
     Stage("memory", "train_mlpmem_offline", hf_parser("models.training.arguments:OfflineArguments",
@@ -380,7 +381,8 @@ STAGE_LIST = [
     Stage("yes_no", "downstream.strategyqa",
           hf_parser(MODEL, "downstream.choice_eval:ChoiceEvalArguments", "downstream.strategyqa:StrategyQAArguments",
                     CHECKS),
-          _judgment("yes_no", "downstream.strategyqa", lambda layout: layout.yes_no, "yes_no_test.json", YES_NO_RESULTS),
+          _judgment("yes_no", "downstream.strategyqa", lambda layout: layout.yes_no, "yes_no_test.json",
+                    YES_NO_RESULTS),
           frozenset({"output_dir", "knn_generator_path"})),
     Stage("halueval", "downstream.halueval",
           hf_parser(MODEL, "downstream.choice_eval:ChoiceEvalArguments", "downstream.halueval:HaluEvalArguments",

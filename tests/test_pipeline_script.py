@@ -22,7 +22,8 @@ def tiny_recipe(model, corpus: dict) -> dict:
     return {
         "description": "the tiny test pipeline",
         "shared": {"model": str(model), "k": 8, "knn_temp": 4, "eval_batch": 8, "lmbdas": [0, 0.5]},
-        "preprocess": {**{f"{split}_file": str(path) for split, path in corpus.items()}, "block_size": 32, "stride": 16},
+        "preprocess": {**{f"{split}_file": str(path) for split, path in corpus.items()}, "block_size": 32,
+                       "stride": 16},
         "index": {"index_type": "flat"},
         "memory": {"num_layers": 1, "num_train_epochs": 1, "num_warmup_steps": 0, "per_device_train_batch_size": 64,
                    "disable_tqdm": True},

@@ -71,7 +71,8 @@ def test_rebuild_remakes_the_stage_and_what_reads_it(complete, capsys):
     after = results_mtimes(layout)
     assert after[layout.dstore / "meta.json"] == before[layout.dstore / "meta.json"]  # upstream kept
     assert after[layout.memory / "meta.json"] != before[layout.memory / "meta.json"]  # its targets were remade
-    assert after[layout.eval_joint("test") / "joint_results.json"] != before[layout.eval_joint("test") / "joint_results.json"]
+    joint = layout.eval_joint("test") / "joint_results.json"
+    assert after[joint] != before[joint]
     assert "== datastore: already done" in printed and "== memory\n" in printed
     pipeline.main([str(recipe), "shared.knn_temp=2"])  # and now it is complete with these settings
     assert all("already done" in line for line in capsys.readouterr().out.splitlines()

@@ -21,9 +21,9 @@ SUMMARY = {"test_perplexity": {"base": 43.7, "knn_lm": 37.1, "memory_alone": 60.
 
 def saved_memory(directory, base_dir, base_name: str, intermediate_size: int | None = 48):
     base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    fingerprint = tokenizer_fingerprint(AutoTokenizer.from_pretrained(base_dir))
     config = MemoryConfig.from_base(base.config, num_layers=1, intermediate_size=intermediate_size, layer=LAYER,
-                                    base_model={"model_name_or_path": base_name},
-                                    tokenizer_fingerprint=tokenizer_fingerprint(AutoTokenizer.from_pretrained(base_dir)),
+                                    base_model={"model_name_or_path": base_name}, tokenizer_fingerprint=fingerprint,
                                     base_model_fingerprint=model_fingerprint(base, LAYER))
     torch.manual_seed(0)
     memory = build_memory(config).eval()

@@ -3,9 +3,6 @@ table against the entry points' own flags, and the dry run of every shipped reci
 
 from __future__ import annotations
 
-import contextlib
-import io
-import re
 from pathlib import Path
 
 import pytest

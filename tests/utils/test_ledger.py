@@ -13,7 +13,8 @@ def test_fingerprint_follows_the_recorded_checksums_not_timings(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     for directory, seconds in ((a, 1.5), (b, 7.25)):
         directory.mkdir()
-        (directory / "meta.json").write_text(json.dumps({"kind": "datastore", "seconds": seconds, "path": str(directory),
+        (directory / "meta.json").write_text(json.dumps({"kind": "datastore", "seconds": seconds,
+                                                          "path": str(directory),
                                                           "checksums": {"keys.npy": {"blocks": ["ab12"]}}}))
     assert fingerprint(a) == fingerprint(b)  # the same bytes, written at other speeds into other places
     (b / "meta.json").write_text(json.dumps({"kind": "datastore", "checksums": {"keys.npy": {"blocks": ["ff00"]}}}))
