@@ -203,10 +203,15 @@ class Runner:
         for stage in self.ctx.skipped:
             print(f"== {stage}: not run (shared.{'dataset' if stage == 'preprocess' else 'knn_targets'} is given)")
         for stage in self.ctx.stages:
-            for run in build_runs(self.ctx, stage):
+            finished: set[str] = set()
+            while True:  # a run's settings may come from a choice the run before it records: build them anew
+                run = next((r for r in build_runs(self.ctx, stage) if r.name not in finished), None)
+                if run is None:
+                    break
                 if run.pending:
                     raise UsageError(f"stage {run.name}: {CHOSEN} was not recorded by the run before it")
                 self.one(run, ledger)
+                finished.add(run.name)
 
     def one(self, run: Run, ledger: Ledger) -> None:
         action, status, reasons = self.decide(run, self.built)

@@ -4,6 +4,7 @@ existing kNN targets."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 
@@ -15,6 +16,8 @@ from scripts import pipeline
 from tests.conftest import REPO
 from utils.io import read_json
 from utils.run_layout import RunLayout
+
+QUESTIONS = ["the river of the city", "who built the old bridge", "the king was born near", "many people and"]
 
 
 def tiny_recipe(model, corpus: dict) -> dict:
@@ -134,3 +137,20 @@ def test_memory_on_existing_targets_skips_the_search(recipe, first_run, tmp_path
     assert (second.eval_joint("test") / "joint_results.json").exists()
     assert not second.eval_joint("validation").exists()
     assert "base_plus_memory" not in read_json(second.summary)["test_perplexity"]  # a test sweep alone chooses nothing
+
+
+def test_the_qa_stage_records_its_choice_and_the_runs_after_it_read_it(recipe, first_run, tmp_path):
+    """QA on the validation questions at each lmbda, the choice recorded with its table, the test run at it."""
+    questions = tmp_path / "qa.jsonl"
+    questions.write_text("".join(json.dumps({"question": q, "answer": [q.split()[-1]]}) + "\n" for q in QUESTIONS))
+    pipeline.main([str(recipe), "stages=[qa, summary]", f"qa.validation_file={questions}",
+                   f"qa.test_file={questions}", "qa.lmbdas=[0, 0.9]", "qa.prompt_template=the {question}",
+                   "qa.max_new_tokens=3"])
+    choice = read_json(first_run.qa_choice)
+    assert [row["lmbda"] for row in choice["table"]] == [0, 0.9] and choice["lmbda"] in (0, 0.9)
+    assert choice["rule"].startswith("highest exact match")
+    tested = read_json(first_run.qa("test", choice["lmbda"]) / "qa_results.json")
+    assert tested["lmbda"] == choice["lmbda"] and tested["use_neural_knn"]
+    assert read_json(first_run.summary)["qa_test"]["lmbda"] == choice["lmbda"]
+    recorded = read_json(first_run.stage_record("qa_test_memory"))
+    assert recorded["settings"]["lmbda"] == choice["lmbda"] and "qa_choice" in recorded["inputs"]

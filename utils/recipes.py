@@ -26,6 +26,7 @@ stages: the runner (`scripts.stages`) passes the `RecipeSchema` the keys are che
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,8 @@ from pathlib import Path
 import yaml
 
 from utils.cli import UsageError
+
+logger = logging.getLogger(__name__)
 
 TOP_LEVEL = ("description", "out", "stages", "shared", "plan")
 PLACEHOLDERS = ("out", "repo")
@@ -153,11 +156,11 @@ def check_recipe(recipe: Recipe, schema: RecipeSchema) -> None:
     chosen = recipe.stages(schema)
     for stage in schema.stage_keys:
         if stage in recipe.data and stage not in chosen:
-            raise UsageError(f"{where}: section {stage!r} is given but {stage!r} is not one of the stages run "
-                             f"({', '.join(chosen)}): add it to stages, or remove the section")
+            logger.warning("%s: section %r is given but %r is not one of the stages run (%s): it is not used",
+                           where, stage, stage, ", ".join(chosen))
     _check_keys(where, "shared", recipe.section("shared"), schema.shared_keys)
     _check_keys(where, "plan", recipe.section("plan"), schema.plan_keys)
-    for stage in chosen:
+    for stage in schema.stage_keys:
         _check_keys(where, f"stage {stage}", recipe.section(stage), schema.stage_keys[stage])
 
 

@@ -50,8 +50,8 @@ def test_unknown_keys_are_one_line_errors_naming_key_section_and_closest(tmp_pat
     assert "shared has no key 'kk'" in error_of(write_recipe(tmp_path, {**TINY, "shared": {"kk": 1}}))
     assert "unknown stage 'memroy' (did you mean memory" in error_of(
         write_recipe(tmp_path, {**TINY, "stages": ["preprocess", "memroy"]}))
-    assert "section 'qa' is given but 'qa' is not one of the stages run" in error_of(
-        write_recipe(tmp_path, {**TINY, "qa": {"per_device_eval_batch_size": 8}}))
+    assert "stage qa has no key 'batch_size'" in error_of(  # checked even where the stage is not run
+        write_recipe(tmp_path, {**TINY, "qa": {"batch_size": 8}}))
     assert "override 'knn_targets.kk=3'" not in error_of(write_recipe(tmp_path, TINY), "knn_targets.kk=3")
     assert "stage knn_targets has no key 'kk'" in error_of(write_recipe(tmp_path, TINY), "knn_targets.kk=3")
 
