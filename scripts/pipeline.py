@@ -220,6 +220,8 @@ class Runner:
             print(f"== {run.name}: already done ({run.done}){note}")
             if status.kind == "adopted" or run.name not in ledger.runs:
                 self.finish(run, ledger, {}, "adopted" if status.kind == "adopted" else "reused")
+            else:  # the numbers as the results file holds them now (the ledger's entry may predate a format)
+                ledger.record(run.name, {**ledger.runs[run.name], "metrics": metrics_of(run)})
             return
         if action == "refused":
             raise UsageError(f"stage {run.name}: {'; '.join(reasons)}; pass --rebuild {run.stage} to remake it")
