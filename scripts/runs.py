@@ -33,6 +33,7 @@ class Run:
     positional: list[str] = field(default_factory=list)
     nproc: int = 1
     always: bool = False  # rerun every time (the summary only reads)
+    switches: frozenset[str] = frozenset()  # flags that take no value (argparse's store_true), set by the stage
 
     @property
     def pending(self) -> bool:
@@ -40,13 +41,13 @@ class Run:
         return CHOSEN in (self.settings.values()) or CHOSEN in self.positional
 
     def argv(self) -> list[str]:
-        """The command line: ``--flag value`` (lists as several values; True as the bare ``--flag``, which both
-        argparse's store_true and HfArgumentParser's booleans take; False as ``--flag false``)."""
+        """The command line: ``--flag value`` (lists as several values, booleans as ``true`` / ``false``, which
+        HfArgumentParser reads for ``bool`` and ``bool | None`` fields alike), a switch alone when it is on."""
         argv = list(self.positional)
         for flag, value in self.settings.items():
-            if value is None:
+            if value is None or (flag in self.switches and value is False):
                 continue
-            if value is True:
+            if flag in self.switches:
                 argv.append(f"--{flag}")
                 continue
             values = value if isinstance(value, list) else [value]
@@ -73,6 +74,9 @@ class Stage:
     def flags(self) -> frozenset[str]:
         return parser_flags(self.parser)
 
+    def switches(self) -> frozenset[str]:
+        return parser_switches(self.parser)
+
 
 @cache
 def parser_flags(make_parser: Callable[[], argparse.ArgumentParser]) -> frozenset[str]:
@@ -80,6 +84,13 @@ def parser_flags(make_parser: Callable[[], argparse.ArgumentParser]) -> frozense
     parser = make_parser()
     return frozenset(option[2:] for action in parser._actions for option in action.option_strings
                      if option.startswith("--") and "-" not in option[2:] and option != "--help")
+
+
+@cache
+def parser_switches(make_parser: Callable[[], argparse.ArgumentParser]) -> frozenset[str]:
+    """The long flags of a parser that take no value (store_true / store_false)."""
+    return frozenset(option[2:] for action in make_parser()._actions if action.nargs == 0
+                     for option in action.option_strings if option.startswith("--"))
 
 
 def hf_parser(*dataclass_paths: str) -> Callable[[], argparse.ArgumentParser]:

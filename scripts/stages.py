@@ -411,4 +411,7 @@ def schema() -> RecipeSchema:
 
 def build_runs(ctx: Context, stage: str) -> list[Run]:
     """The runs of ``stage`` as far as they can be resolved now (a value from a choice not yet made is `CHOSEN`)."""
-    return STAGES[stage].build(ctx, ctx.expanded(stage))
+    runs = STAGES[stage].build(ctx, ctx.expanded(stage))
+    for run in runs:
+        run.switches = STAGES[stage].switches()
+    return runs

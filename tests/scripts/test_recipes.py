@@ -113,11 +113,20 @@ def test_stage_keys_are_the_entry_points_flags(stage, monkeypatch):
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
-def test_shipped_recipes_are_valid(path):
+def test_shipped_recipes_are_valid_and_every_command_line_parses(path):
+    """Each run's argv is read by its entry point's own parser with nothing left over (e.g. a boolean written the
+    way that parser takes it: --disable_tqdm true for TrainingArguments' bool | None, --find_correction alone)."""
     ctx = load(path)
     assert ctx.recipe.description and ctx.stages
     runs = [run for stage in ctx.stages for run in build_runs(ctx, stage)]
     assert runs and len({run.name for run in runs}) == len(runs)
+    for run in runs:
+        if run.pending or run.stage == "qa" and run.positional:  # choose_lmbda: positional directories
+            continue
+        parser = STAGES[run.stage].parser()
+        parser.error = lambda message: pytest.fail(f"{run.name}: {message}")
+        parsed, left = parser.parse_known_args(run.argv())
+        assert not left, (run.name, left)
 
 
 @pytest.mark.parametrize("name", ["gpt2_wikitext103_paper", "gpt2large_released_wikitext103_eval"])
