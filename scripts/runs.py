@@ -80,10 +80,11 @@ class Stage:
 
 @cache
 def parser_flags(make_parser: Callable[[], argparse.ArgumentParser]) -> frozenset[str]:
-    """The long flags of a parser (without HF's dashed aliases)."""
+    """The long flags of a parser (without HF's dashed aliases and the ``--no_X`` negations of its booleans)."""
     parser = make_parser()
-    return frozenset(option[2:] for action in parser._actions for option in action.option_strings
-                     if option.startswith("--") and "-" not in option[2:] and option != "--help")
+    flags = {option[2:] for action in parser._actions for option in action.option_strings
+             if option.startswith("--") and "-" not in option[2:] and option != "--help"}
+    return frozenset(flag for flag in flags if not (flag.startswith("no_") and flag[3:] in flags))
 
 
 @cache

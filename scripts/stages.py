@@ -404,7 +404,7 @@ DEFAULT_STAGES = ("preprocess", "eval_base", "datastore", "index", "knn_targets"
 @cache
 def schema() -> RecipeSchema:
     """What a recipe may name (`utils.recipes.check_recipe`)."""
-    keys = {name: frozenset((stage.flags() | stage.runner_keys) - stage.owned) for name, stage in STAGES.items()}
+    keys = {name: stage.flags() | stage.runner_keys for name, stage in STAGES.items()}  # owned ones: refused later
     return RecipeSchema(stage_keys=keys, shared_keys=frozenset(SHARED), plan_keys=frozenset(PLAN_KEYS),
                         default_stages=DEFAULT_STAGES)
 
