@@ -276,6 +276,8 @@ def run_recipe(recipe_path: str, overrides: list[str], dry_run: bool = False, re
         print(text)
         return {"dry_run": text}
     runner = Runner(ctx, rebuild)
+    logger.info("Recipe %s into %s: stages %s; shared %s", recipe.path, ctx.layout.out, ", ".join(ctx.stages),
+                {k: v for k, v in ctx.shared.items() if v is not None})
     runner.check()
     ctx.layout.out.mkdir(parents=True, exist_ok=True)
     with artifact_lock(ctx.layout.ledger, "out"):

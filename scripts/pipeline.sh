@@ -13,6 +13,13 @@
 # is refused, naming them. OUT/ledger.json records everything. docs/pipeline.md has the recipe reference.
 # (The environment variables OUT, MODEL, K, ... of earlier versions are now recipe keys: docs/pipeline.md.)
 set -euo pipefail
+# Paths given here (the recipe, compare's run directories) are read from where the command is typed; env.sh moves to
+# the repository root, which relative paths inside a recipe (out, files) are read from.
+args=()
+for arg in "$@"; do
+    if [ -e "$arg" ]; then args+=("$(cd "$(dirname "$arg")" && pwd)/$(basename "$arg")"); else args+=("$arg"); fi
+done
+set -- ${args[@]+"${args[@]}"}
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 
 if [ $# -eq 0 ]; then
