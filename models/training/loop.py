@@ -3,7 +3,7 @@
 ``train_mlpmem_offline`` reads each row's input from the saved datastore keys; ``train_mlpmem_online``
 computes it with the frozen base model from the preprocessed windows. Both hand this module a *row
 source* -- `DatastoreRows` or `OnTheFlyRows` -- and everything else is shared: the targets (sparse
-kNN rows, `utils.losses`), the held-out rows, the optimiser and schedule, data parallelism with
+kNN rows, `models.training.losses`), the held-out rows, the optimiser and schedule, data parallelism with
 `accelerate`, checkpoints that resume exactly, validation, logs and the saved memory.
 
 This module holds validation, the loop (`train_memory`: `start_run`, `resume`, `train_step`,
@@ -51,10 +51,10 @@ from models.training.arguments import (RELEASED_WARMUP_STEPS, WARMUP_FRACTION, M
                                        warmup_steps)
 from models.training.checkpoints import (Schedule, check_identity, checkpoint_to_resume, load_checkpoint,
                                          save_checkpoint, truncate_metrics)
+from models.training.losses import kl_and_gold_nll, memory_loss, rows_with_targets, sparse_argmax
 from models.training.rows import MemoryBatch, RowSource
 from utils.cli import UsageError
 from utils.io import read_json, timed
-from utils.losses import kl_and_gold_nll, memory_loss, rows_with_targets, sparse_argmax
 from utils.modeling import local_path_or_name
 
 logger = logging.getLogger(__name__)

@@ -16,6 +16,7 @@ from knn_utils.index import IndexSettings, build_index
 from knn_utils.knn_targets import TargetSettings, compute_knn_targets
 from models import MemoryConfig, build_memory, load_memory
 from models.training.arguments import warmup_steps
+from models.training.losses import memory_loss
 from models.training.rows import DatastoreRows, OnTheFlyRows, window_hidden_states
 from tests.conftest import tiny_model
 from tests.knn_fixtures import accelerate_launch, tiny_lm, write_datastore  # noqa: F401  (tiny_lm is a fixture)
@@ -24,7 +25,6 @@ from utils.artifacts.dataset import load_split
 from utils.artifacts.datastore import load_datastore
 from utils.artifacts.knn_targets import load_knn_targets
 from utils.cli import UsageError
-from utils.losses import memory_loss
 from utils.modeling import load_causal_lm
 
 FAST = ["--num_warmup_steps", "2", "--logging_steps", "1", "--disable_tqdm", "--base_model_name", "tiny"]
