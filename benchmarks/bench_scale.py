@@ -13,7 +13,7 @@
      window. Row r is seed row ``r % S`` plus Gaussian noise of --noise times each dimension's standard
      deviation, at the real width 576; its value is the seed row's. The writer's rows/s exclude generating the
      noise (reported separately) and include the checksums and the rename.
-   - ``index``: ``knn_utils.index.build_index``, IVFPQ with the same settings at every size
+   - ``index``: ``knn_utils.index_build.build_index``, IVFPQ with the same settings at every size
      (--ncentroids lists, --code_size bytes, a --train_size training sample), so training time stays flat and
      adding grows with N.
    - ``search``: `KnnIndex.search` of --num_queries datastore rows, k --k at nprobe --probe, leaving out each
@@ -42,13 +42,14 @@ up to 2 bytes x 576 x N of keys (23 GB at 20M rows); each size's files are delet
 
 from __future__ import annotations
 
-import os
+import utils.openmp  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch and FAISS load)
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch/FAISS load: see knn_utils/index.configure_threads
+# isort: split
 
 import json
 import logging
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -230,7 +231,7 @@ def stage_write(args: ScaleArguments, seed: Path, size_dir: Path, rows: int) -> 
 
 
 def stage_index(args: ScaleArguments, seed: Path, size_dir: Path, rows: int) -> dict:
-    from knn_utils.index import IndexSettings, build_index
+    from knn_utils.index_build import IndexSettings, build_index
 
     settings = IndexSettings(index_type="ivfpq", ncentroids=args.ncentroids, code_size=args.code_size,
                              train_size=args.train_size, probe=args.probe)
@@ -242,7 +243,7 @@ def stage_index(args: ScaleArguments, seed: Path, size_dir: Path, rows: int) -> 
 
 
 def stage_search(args: ScaleArguments, seed: Path, size_dir: Path, rows: int) -> dict:
-    from knn_utils.index import load_index
+    from knn_utils.index_search import load_index
     from utils.artifacts.datastore import load_datastore
 
     datastore = load_datastore(str(size_dir / "dstore"), verify=False)

@@ -5,19 +5,15 @@
 
 The index goes to ``DSTORE_PATH/index`` unless ``--index_path`` says otherwise; its ``meta.json`` ties it
 to the datastore. Rerunning the same command after an interruption resumes it. The format and the
-meaning of every setting are in knn_utils/index.py.
+meaning of every setting are in knn_utils/index_build.py.
 """
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch/FAISS load: see index.configure_threads
-
 import logging
 from dataclasses import dataclass, field
 
-from knn_utils.index import IndexSettings, build_index
+from knn_utils.index_build import IndexSettings, build_index
 from utils.cli import command, parse_args, setup_logging
 
 logger = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ neighbours' value tokens. Tokens with probability above ``threshold`` (and, opti
 
 By default (``recompute_dists``) the neighbours are the ``k`` nearest of the index's candidates by exact
 float32 distance to the stored keys, equal distances to the lower row, and are weighted by those
-distances (`knn_utils.index.KnnIndex.search`): a row's target depends on that row alone, not on
+distances (`knn_utils.index_search.KnnIndex.search`): a row's target depends on that row alone, not on
 ``batch_size`` or the number of processes.
 
 The result is stored sparsely (CSR): utils/artifacts/knn_targets.py holds the layout and reads it.
@@ -34,7 +34,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from knn_utils.index import KnnIndex, Neighbours, check_gpu_k, configure_threads, load_index
+from knn_utils.faiss_devices import configure_threads
+from knn_utils.index_search import KnnIndex, Neighbours, check_gpu_k, load_index
 from utils.artifacts.datastore import Datastore, datastore_summary, open_datastore
 from utils.artifacts.index import default_index_path
 from utils.artifacts.knn_targets import (FORMAT_VERSION, ID_DTYPE, PROB_DTYPE, SparseRows, chunk_dir, merge_chunks,
@@ -66,7 +67,7 @@ class TargetSettings:
         default=True,
         metadata={"help": "Rank the index's candidates (k plus a margin) by exact float32 distances recomputed from the stored "
                   "keys, ties to the lower row, and weight the neighbours by those: the targets are then the same for any "
-                  "--batch_size and number of processes (see knn_utils/index.py KnnIndex.search). Takes True/False; False "
+                  "--batch_size and number of processes (see knn_utils/index_search.py KnnIndex.search). Takes True/False; False "
                   "(the released default) uses the index's own k nearest and distances, reads no keys, and lets near-ties "
                   "and rounding depend on --batch_size."},
     )

@@ -10,7 +10,7 @@
 
 For every scored row the query is the hooked key of the frozen LM (the same hidden state the datastore
 holds), ``p_knn`` comes from the values of its ``k`` nearest rows weighted by ``softmax(-d / knn_temp)``
-(nearest by exact distance, ties to the lower row, as for the kNN targets: `knn_utils.index.KnnIndex.search`),
+(nearest by exact distance, ties to the lower row, as for the kNN targets: `knn_utils.index_search.KnnIndex.search`),
 and ``log p = logaddexp(log p_lm + log(1 - lmbda), log p_knn + log lmbda)``. Perplexity needs only the
 gold token: ``p_knn(gold)`` is the summed weight of the neighbours whose value is the gold token
 (`knn_gold_log_probs`), and ``log p_lm(gold)`` the one the base perplexity uses, so no (rows x vocab)
@@ -21,10 +21,6 @@ datastore was built from, each row's own datastore entry is left out.
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch/FAISS load: see index.configure_threads
-
 import logging
 import math
 import time
@@ -34,7 +30,8 @@ import numpy as np
 import torch
 from accelerate import PartialState
 
-from knn_utils.index import KNN_GPU_HELP, KnnIndex, check_gpu_k, configure_threads, load_index
+from knn_utils.faiss_devices import configure_threads
+from knn_utils.index_search import KNN_GPU_HELP, KnnIndex, check_gpu_k, load_index
 from models.joint.interpolation import check_lmbdas, interpolate_log_probs
 from utils.arguments import DataArguments, PretrainedModelArguments
 from utils.artifacts.dataset import TokenizedSplit, load_split

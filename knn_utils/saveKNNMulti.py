@@ -14,14 +14,10 @@ knn_utils/knn_targets.py; ``load_knn_targets(OUT)`` reads it.
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch/FAISS load: see index.configure_threads
-
 import logging
 from dataclasses import dataclass, field
 
-from knn_utils.index import KNN_GPU_HELP
+from knn_utils.index_search import KNN_GPU_HELP
 from knn_utils.knn_targets import TargetSettings, compute_knn_targets
 from utils.cli import UsageError, command, parse_args, setup_logging
 from utils.distributed import process_state

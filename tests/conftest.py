@@ -99,6 +99,16 @@ def tiny_gpt2_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
     return directory
 
 
+@pytest.fixture
+def one_faiss_thread():
+    """One FAISS (OpenMP) thread: the tests' indexes are small, and on a busy 2-core machine more threads
+    only spin-wait for each other. Modules that search ask for it with
+    ``pytestmark = pytest.mark.usefixtures("one_faiss_thread")``."""
+    import faiss
+
+    faiss.omp_set_num_threads(1)
+
+
 def shared_data(*parts: str) -> Path:
     """A path under ../shared/data, or skip the test with the reason."""
     path = SHARED_DATA.joinpath(*parts)

@@ -10,12 +10,11 @@ import logging
 import subprocess
 import sys
 
-import faiss
 import numpy as np
 import pytest
 
 import train_mlpmem_offline
-from knn_utils.index import IndexSettings, build_index
+from knn_utils.index_build import IndexSettings, build_index
 from knn_utils.knn_targets import TargetSettings, compute_knn_targets
 from models import MemoryConfig, build_memory, load_memory
 from models.memory_directory import save_memory
@@ -28,6 +27,8 @@ from utils.artifacts.knn_targets import check_targets_for_datastore, load_knn_ta
 from utils.cli import UsageError
 from utils.io import ArtifactError, array_sha256, read_json, write_json
 
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
+
 ROWS, DIM, VOCAB = 1200, 8, 40
 FLAT = IndexSettings(index_type="flat")
 TARGETS = TargetSettings(k=8, knn_temp=1.0)
@@ -37,7 +38,6 @@ TARGETS = TargetSettings(k=8, knn_temp=1.0)
 def small_blocks(monkeypatch):
     """4 KiB blocks, so that the tiny files have several and the error can name which one."""
     monkeypatch.setattr(checksums, "BLOCK_BYTES", 4096)
-    faiss.omp_set_num_threads(1)
 
 
 @pytest.fixture

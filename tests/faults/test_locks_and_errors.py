@@ -29,7 +29,7 @@ import train_mlpmem_offline
 from demo import generation_example
 from downstream import eval_qa
 from knn_utils import build_index, knnlm, saveKNNMulti
-from knn_utils.index import load_index
+from knn_utils.index_search import load_index
 from models import MemoryConfig, build_memory
 from tests.conftest import REPO
 from tests.knn_fixtures import cpu_launch_env, random_datastore, tiny_lm  # noqa: F401  (tiny_lm is a fixture)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import faiss
 import numpy as np
 import pytest
 import torch
@@ -12,7 +11,7 @@ from safetensors.torch import load_file
 
 import train_mlpmem_offline
 import train_mlpmem_online
-from knn_utils.index import IndexSettings, build_index
+from knn_utils.index_build import IndexSettings, build_index
 from knn_utils.knn_targets import TargetSettings, compute_knn_targets
 from models import MemoryConfig, build_memory, load_memory
 from models.training.arguments import warmup_steps
@@ -27,12 +26,9 @@ from utils.artifacts.knn_targets import load_knn_targets
 from utils.cli import UsageError
 from utils.modeling import load_causal_lm
 
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
+
 FAST = ["--num_warmup_steps", "2", "--logging_steps", "1", "--disable_tqdm", "--base_model_name", "tiny"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    faiss.omp_set_num_threads(1)
 
 
 def knn_targets_of(dstore, out, k: int = 8):

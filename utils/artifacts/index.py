@@ -16,7 +16,7 @@ range of datastore rows::
                           id i of a shard is the datastore row i + id_offset (flat shards number their rows from 0,
                           IVFPQ shards store the global row ids: offset 0); block checksums of every shard file
 
-While it is built (knn_utils/index.py), ``<index>.partial`` holds ``trained.faiss`` and one small index per
+While it is built (knn_utils/index_build.py), ``<index>.partial`` holds ``trained.faiss`` and one small index per
 chunk of keys, ``chunks/chunk_000012.faiss`` (sharded: the same inside ``shard_000.partial/`` until
 ``shard_000.faiss`` is written); each file is written under a temporary name and renamed.
 """
