@@ -148,7 +148,8 @@ def style_config_class(style: MemoryStyle) -> type[MemoryConfig]:
         "norm_eps": style.norm_eps, "dropout": style.dropout, "ffn_bias": style.ffn_bias})
 
 
-STYLE_CONFIGS: dict[str, type[MemoryConfig]] = {name: style_config_class(style) for name, style in MEMORY_STYLES.items()}
+STYLE_CONFIGS: dict[str, type[MemoryConfig]] = {
+    name: style_config_class(style) for name, style in MEMORY_STYLES.items()}
 # Importable by name (pickling finds a class by its module and name).
 GPT2MemoryConfig, LlamaMemoryConfig = STYLE_CONFIGS["gpt2"], STYLE_CONFIGS["llama"]
 MistralMemoryConfig, GemmaMemoryConfig = STYLE_CONFIGS["mistral"], STYLE_CONFIGS["gemma"]

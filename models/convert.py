@@ -41,15 +41,6 @@ from utils.modeling import (check_exists, describe_model, load_causal_lm, load_t
 logger = logging.getLogger(__name__)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--joint" in argv:
-        from models.joint.build import main as build_joint
-        return build_joint([arg for arg in argv if arg != "--joint"])
-    setup_logging()
-    return convert_layouts(argv)
-
-
 @dataclass
 class ConvertArguments:
     """``python -m models.convert --from official`` / ``--to official``."""
@@ -214,6 +205,15 @@ def convert_layouts(argv: list[str]) -> int:
         to_official(args)
         print(f"Wrote {args.output} in the released layout")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--joint" in argv:
+        from models.joint.build import main as build_joint
+        return build_joint([arg for arg in argv if arg != "--joint"])
+    setup_logging()
+    return convert_layouts(argv)
 
 
 if __name__ == "__main__":

@@ -4,14 +4,14 @@ A memory is a stack of pre-norm residual FFN blocks, ``x = x + FFN(Norm(x))``, a
 (`models.modeling_mlp_memory`). Its *style* says which norm and which FFN, mirroring the base model's
 blocks (`utils.architectures.ArchSpec.memory_style`):
 
-==========  ===========  ===========================================  =======  ==========================  ===============
-style       norm         FFN                                          dropout  FFN bias                    released layout
-==========  ===========  ===========================================  =======  ==========================  ===============
-gpt2        LayerNorm    ``proj(gelu_tanh(fc(x)))``, d -> 4d -> d     0.1      always                      GPT2MLPModel
-llama       RMSNorm      ``down(silu(gate(x)) * up(x))``              0        the base's ``mlp_bias``     LlamaMLPModel
-mistral     RMSNorm      ``down(silu(gate(x)) * up(x))``              0        never                       MistralMLPModel
-gemma       RMSNorm      ``down(gelu_tanh(gate(x)) * up(x))``         0        no                          none
-==========  ===========  ===========================================  =======  ==========================  ===============
+=======  =========  ========================================  =======  ========================  ===============
+style    norm       FFN                                       dropout  FFN bias                  released layout
+=======  =========  ========================================  =======  ========================  ===============
+gpt2     LayerNorm  ``proj(gelu_tanh(fc(x)))``, d -> 4d -> d  0.1      always                    GPT2MLPModel
+llama    RMSNorm    ``down(silu(gate(x)) * up(x))``           0        the base's ``mlp_bias``   LlamaMLPModel
+mistral  RMSNorm    ``down(silu(gate(x)) * up(x))``           0        never                     MistralMLPModel
+gemma    RMSNorm    ``down(gelu_tanh(gate(x)) * up(x))``      0        no                        none
+=======  =========  ========================================  =======  ========================  ===============
 
 A `MemoryStyle` record holds all of it: the norm and FFN classes (each counts its own parameters), the
 defaults of a config of the style, how `MemoryConfig.from_base` reads a base model's config, the named
@@ -166,7 +166,8 @@ _LLAMA_FIELDS = dict(blocks="layers", depth_field="num_hidden_layers", hidden_fi
 
 GPT2_LAYOUT = ReleasedLayout(
     model_type="gpt2", memory_class="GPT2MLPModel", blocks="h", depth_field="n_layer", hidden_field="n_embd",
-    eps_field="layer_norm_epsilon", activation_field="activation_function", activations=("gelu_new", "gelu_pytorch_tanh"),
+    eps_field="layer_norm_epsilon", activation_field="activation_function",
+    activations=("gelu_new", "gelu_pytorch_tanh"),
     block={"ln_1.weight": ("norm.weight", False), "ln_1.bias": ("norm.bias", False),
            "mlp.c_fc.weight": ("ffn.fc.weight", True), "mlp.c_proj.weight": ("ffn.proj.weight", True)},
     biases={"mlp.c_fc.bias": ("ffn.fc.bias", False), "mlp.c_proj.bias": ("ffn.proj.bias", False)}, bias="always",

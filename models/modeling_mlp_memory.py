@@ -49,7 +49,7 @@ class MemoryBlock(nn.Module):
 
 
 class MLPMemoryPreTrainedModel(PreTrainedModel):
-    """The shared network, of the norm and FFN classes of ``config.style``; a style's subclass declares its ``config_class``."""
+    """The shared network, of ``config.style``'s norm and FFN; a style's subclass declares its ``config_class``."""
 
     config_class = MemoryConfig
     base_model_prefix = "memory"

@@ -36,7 +36,9 @@ Which hidden state the released memory reads: ``MLPMemory`` registers a forward 
 ``layer_position`` -- the output of ``ln_2`` / ``post_attention_layernorm`` -- which is exactly our
 ``layer`` (`utils.architectures`). ``layer_position`` is -1 (the last block) in every released script
 (train_mlpmem_online, evaluate_joint), so the last block is the default here; a
-``mlp_memory_config.json`` beside the memory may record another ``layer_position``.
+``mlp_memory_config.json`` beside the memory may record another ``layer_position``, which the released
+scripts never pass on (their evaluate_joint builds ``MLPMemory`` without it): ``--to official`` warns
+when it writes a memory of another block.
 
 The weight names of each layout and how they map to ours are part of the memory style's record
 (`models.memory_styles.MemoryStyle.released`, a `ReleasedLayout`); a style without one (Gemma) and a base
