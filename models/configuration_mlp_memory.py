@@ -178,7 +178,7 @@ def norm_parameters(config: MemoryConfig) -> int:
 
 
 def block_parameters(config: MemoryConfig) -> int:
-    """Parameters of one block: its norm and its FFN (8d^2 + 5d for GPT-2, 3*d*I for a gated FFN, + biases)."""
+    """Parameters of one block, its norm and its FFN (`MemoryStyle.block_parameters`)."""
     return config.style.block_parameters(config.hidden_size, config.intermediate_size, config.ffn_bias)
 
 

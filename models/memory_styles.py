@@ -221,7 +221,7 @@ class MemoryStyle:
         return self.norm.parameters_for(d)
 
     def block_parameters(self, d: int, inner: int, bias: bool) -> int:
-        """One block: its norm and its FFN (8d^2 + 5d for GPT-2 with I = 4d, 3 d I for a gated FFN, + biases)."""
+        """One block: its norm and its FFN (8d^2 + 7d for GPT-2 with I = 4d; 3dI + d for a gated FFN, + biases)."""
         return self.norm.parameters_for(d) + self.ffn.parameters_for(d, inner, bias)
 
 
