@@ -69,8 +69,8 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 # Model types refused with a reason more useful than the list of supported ones.
 REFUSED: dict[str, str] = {
     "gemma3": "it is the multimodal Gemma 3 (Gemma3ForConditionalGeneration, image + text), whose text decoder sits "
-              "inside it with a composite config; use a text-only checkpoint (model_type gemma3_text: Gemma 3 1B, or "
-              "the language model saved on its own with Gemma3ForCausalLM)",
+              "inside it with a composite config; use a text-only checkpoint (model_type gemma3_text, such as "
+              "Gemma 3 1B)",
 }
 
 
