@@ -24,8 +24,9 @@ Outside ``generate``, a forward that continues a filled KV cache is refused for 
 
 Because the "logits" are normalised log-probabilities, softmax / log_softmax of them (sampling, beam
 scores) give the joint distribution itself, and ``model(..., labels=...)`` returns the joint loss.
-Only the LM head's output is post-processed: architectures that transform logits after the head
-(e.g. final soft-capping) are not supported by `utils.architectures` anyway.
+A transform the model applies after its head (Gemma 2's final soft-capping) is taken over while the
+hooks are attached (`utils.architectures.logits_transform_taken`): the mix applies it to the base's
+logits, and the model does not apply it again to the joint log-probabilities.
 
     with attach_memory(model, memory, lmbda=0.25):
         out = model.generate(**batch, max_new_tokens=32)
@@ -47,7 +48,7 @@ from models.configuration_mlp_memory import check_memory_matches
 from models.joint.interpolation import check_joint_settings, interpolate_log_probs, memory_log_probs
 from models.joint.token_memory import (check_token_memory_fits, is_token_memory, load_any_memory,
                                        token_memory_log_probs)
-from utils.architectures import normalize_layer
+from utils.architectures import logits_transform_taken, normalize_layer
 from utils.cli import UsageError
 from utils.hidden_state import HiddenStateHook
 from utils.modeling import model_fingerprint
@@ -165,10 +166,12 @@ def mixing_hooks(model: torch.nn.Module, memory: torch.nn.Module, layer: int | N
 
     def mix(module, args, lm_logits):
         positions, seen["positions"] = seen["positions"], None
-        return interpolate_log_probs(torch.log_softmax(lm_logits.float(), dim=-1),
+        return interpolate_log_probs(torch.log_softmax(head_transform(lm_logits).float(), dim=-1),
                                      memory_side(lm_logits.shape[-2], positions), lmbda)
 
     handles = []
+    taken = logits_transform_taken(model)
+    head_transform = taken.__enter__()
     try:
         if capture is not None:
             capture.__enter__()
@@ -180,6 +183,7 @@ def mixing_hooks(model: torch.nn.Module, memory: torch.nn.Module, layer: int | N
             handle.remove()
         if capture is not None:
             capture.__exit__(None, None, None)
+        taken.__exit__(None, None, None)
 
 
 @contextmanager
