@@ -397,7 +397,8 @@ def full_inputs(model: str, gguf_file: str, data: str) -> tuple[dict[str, str], 
 def report(found: dict) -> str:
     """The plan against what each stage took, and the headline numbers, as Markdown."""
     plan = found["plan"]["stages"]
-    lines = [f"# {found['name']}: {'dry run (CPU, tiny slice)' if found['dry_run'] else 'full run'}", "",
+    kind = "plan" if not found["seconds"] else "dry run (CPU, tiny slice)" if found["dry_run"] else "full run"
+    lines = [f"# {found['name']}: {kind}", "",
              f"Device: {found['device']} ({found.get('gpu') or 'no GPU'}); plan for the full run "
              f"{found['plan']['seconds']:.0f} s of {BUDGET_SECONDS} s.", "",
              "| stage | planned (full size) | seconds planned | seconds taken (this run) |", "|---|---|---:|---:|"]
@@ -446,6 +447,7 @@ def main(argv: list[str] | None = None) -> dict:
     logger.info("Plan (full size): %s", json.dumps(plan["stages"]))
     logger.info("Planned: %.0f s of a %d s budget", plan["seconds"], BUDGET_SECONDS)
     if args.plan_only:
+        print(report({"name": "gpu_run", "dry_run": False, "device": "-", "plan": plan, "seconds": {}, "stages": {}}))
         return {"plan": plan}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
