@@ -268,9 +268,11 @@ def run_datastore(r: Run) -> dict:
 def index_type(r: Run) -> str:
     """IVFPQ where FAISS can search it on the GPU (and on a dry run's CPU); else exact, which `knn_utils.index`
     searches on the GPU with torch when FAISS has no GPU (faiss-cpu)."""
+    from knn_utils.index import faiss_gpu_available
+
     if r.search != "auto":
         return r.search
-    return "ivfpq" if r.dry_run or r.results["environment"]["faiss_gpu"] else "flat"
+    return "ivfpq" if r.dry_run or faiss_gpu_available() else "flat"
 
 
 def run_index(r: Run) -> dict:
