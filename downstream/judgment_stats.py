@@ -2,7 +2,9 @@
 
 `downstream.strategyqa` and `downstream.halueval` score the same items under the base model alone and under
 base + memory in one run, and write one line per item to ``predictions.jsonl``. `judgment_report` reads those
-lines and gives, per setting, the accuracy with its 95% Wilson interval and the share of "Yes" answers; beside
+lines and gives, per setting, the accuracy with its 95% Wilson interval, the share of "Yes" answers and the AUC of
+the margin ``log p(" Yes") - log p(" No")`` against the right answer (does the model's leaning track the truth,
+whatever its bias towards one answer; 50 is chance); beside
 them the always-"No" and majority-answer baselines; and, for the two settings on the same items, the
 difference of accuracy with a paired bootstrap interval and McNemar's exact test (a two-sided binomial test on
 the items exactly one of the two settings gets right). Statistics come from scipy.
@@ -11,7 +13,7 @@ the items exactly one of the two settings gets right). Statistics come from scip
 from __future__ import annotations
 
 import numpy as np
-from scipy.stats import binomtest, bootstrap
+from scipy.stats import binomtest, bootstrap, mannwhitneyu
 
 BASE, JOINT = "base", "base_plus_memory"  # the settings, as downstream.choice_eval names them
 CONFIDENCE = 0.95
@@ -54,6 +56,24 @@ def said_yes(row: dict, setting: str) -> bool:
     return choices[outcome["prediction"]].strip().rstrip(".").lower() == "yes"
 
 
+def yes_margin(row: dict, setting: str) -> float | None:
+    """``log p(" Yes") - log p(" No")`` of a log-likelihood judgment (None for generated ones)."""
+    outcome = row[setting]
+    if "logliks" not in outcome:
+        return None
+    choices = [c.strip().rstrip(".").lower() for c in row.get("choices", [" Yes", " No"])]
+    return outcome["logliks"][choices.index("yes")] - outcome["logliks"][choices.index("no")]
+
+
+def margin_auc(margins: list[float], gold: np.ndarray) -> float | None:
+    """The chance (in percent) that an item whose answer is "Yes" has a larger margin than one whose answer is
+    "No" (ties count half): the Mann-Whitney U over the product of the two counts."""
+    yes, no = [m for m, g in zip(margins, gold) if g], [m for m, g in zip(margins, gold) if not g]
+    if not yes or not no:
+        return None
+    return 100.0 * float(mannwhitneyu(yes, no).statistic) / (len(yes) * len(no))
+
+
 def gold_yes(row: dict) -> bool:
     """Whether the right answer of this line is "Yes"."""
     if "gold" in row:  # halueval
@@ -72,9 +92,11 @@ def judgment_report(rows: list[dict]) -> dict:
     for setting in (BASE, JOINT):
         if rows and setting in rows[0]:
             correct[setting] = np.array([bool(row[setting]["correct"]) for row in rows])
+            margins = [yes_margin(row, setting) for row in rows]
             report[setting] = {"accuracy": 100.0 * float(correct[setting].mean()),
                                "interval": wilson_interval(int(correct[setting].sum()), count),
-                               "yes_rate": 100.0 * float(np.mean([said_yes(row, setting) for row in rows]))}
+                               "yes_rate": 100.0 * float(np.mean([said_yes(row, setting) for row in rows])),
+                               "margin_auc": None if None in margins else margin_auc(margins, gold)}
     if len(correct) == 2:
         report["memory_minus_base"] = paired_difference(correct[BASE], correct[JOINT])
     return report

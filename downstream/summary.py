@@ -16,7 +16,8 @@ numbers are on the test split, with every choice made on validation:
 * accuracy on the corpus's yes/no questions (``yes_no_fewshot_test``, `downstream.strategyqa`) and hallucination
   judgments (``halueval_fewshot_test``, `downstream.halueval`) about the test facts, each after its fixed few-shot
   prompt of train-only facts, with and without the memory (at the QA ``lmbda``): accuracy with its 95% Wilson
-  interval, the share of "Yes" answers, the always-"No" and majority-answer baselines, and the paired
+  interval, the share of "Yes" answers, the AUC of the " Yes" - " No" margin against the right answer, the
+  always-"No" and majority-answer baselines, and the paired
   difference (bootstrap interval, McNemar's exact test), from the runs' ``predictions.jsonl``
   (`downstream.judgment_stats`).
 """
@@ -266,18 +267,19 @@ def _judgment_rows(summary: dict) -> list[str]:
 def judgment_table(summary: dict) -> str:
     """What the memory does to each judgment: baselines, "Yes" rates and the paired difference on the same items."""
     lines = ["| test judgments | always \"No\" | majority answer | \"Yes\" rate, base / base + memory "
-             "| base + memory - base (paired 95% CI) | items right under one only: base / memory (McNemar p) |",
-             "|---|---|---|---|---|---|"]
+             "| margin AUC, base / base + memory | base + memory - base (paired 95% CI) "
+             "| items right under one only: base / memory (McNemar p) |", "|---|---|---|---|---|---|---|"]
     for key, name in JUDGMENT_NAMES.items():
         if not (found := summary.get(key)):
             continue
-        yes = " / ".join(_number(found.get(s, {}).get("yes_rate")) for s in ("base", "base_plus_memory"))
+        yes, auc = (" / ".join(_number(found.get(setting, {}).get(measure)) for setting in ("base", "base_plus_memory"))
+                    for measure in ("yes_rate", "margin_auc"))
         paired = found.get("memory_minus_base")
         difference = (f"{paired['points']:+.1f} [{paired['interval'][0]:+.1f}, {paired['interval'][1]:+.1f}]"
                       if paired else "-")
         split = f"{paired['base_only']} / {paired['memory_only']} (p {paired['mcnemar_p']:.2f})" if paired else "-"
         lines.append(f"| {name.format(items=found['items'])} | {_number(found['always_no'])} "
-                     f"| {_number(found['majority'])} | {yes} | {difference} | {split} |")
+                     f"| {_number(found['majority'])} | {yes} | {auc} | {difference} | {split} |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
 

@@ -33,23 +33,26 @@ def test_paired_difference():
 
 
 def test_report_of_strategyqa_and_halueval_lines():
-    def outcome(prediction, right):
-        return {"prediction": prediction, "correct": right}
+    def outcome(prediction, right, yes_margin=0.0):
+        return {"prediction": prediction, "correct": right, "logliks": [yes_margin, 0.0]}
 
-    strategyqa_rows = [  # choices recorded; gold from the labels
-        {"choices": ["Yes", "No"], "labels": [1, 0], "base": outcome(1, False), "base_plus_memory": outcome(0, True)},
-        {"choices": ["Yes", "No"], "labels": [0, 1], "base": outcome(1, True), "base_plus_memory": outcome(1, True)},
-        {"choices": ["Yes", "No"], "labels": [0, 1], "base": outcome(1, True), "base_plus_memory": outcome(0, False)},
-        {"choices": ["Yes", "No"], "labels": [1, 0], "base": outcome(0, True), "base_plus_memory": outcome(0, True)},
+    strategyqa_rows = [  # choices recorded; gold from the labels; base margins: gold Yes -1 and 3, gold No -2 and -2
+        {"choices": ["Yes", "No"], "labels": [1, 0], "base": outcome(1, False, -1.0), "base_plus_memory": outcome(0, True)},
+        {"choices": ["Yes", "No"], "labels": [0, 1], "base": outcome(1, True, -2.0), "base_plus_memory": outcome(1, True)},
+        {"choices": ["Yes", "No"], "labels": [0, 1], "base": outcome(1, True, -2.0), "base_plus_memory": outcome(0, False)},
+        {"choices": ["Yes", "No"], "labels": [1, 0], "base": outcome(0, True, 3.0), "base_plus_memory": outcome(0, True)},
     ]
     found = judgment_report(strategyqa_rows)
     assert found["items"] == 4 and found["always_no"] == found["always_yes"] == found["majority"] == 50.0
     assert found["base"]["accuracy"] == 75.0 and found["base"]["yes_rate"] == 25.0
     assert found["base_plus_memory"]["accuracy"] == 75.0 and found["base_plus_memory"]["yes_rate"] == 75.0
     assert found["base"]["interval"] == pytest.approx(wilson_interval(3, 4))
+    assert found["base"]["margin_auc"] == 100.0  # every gold-Yes margin above every gold-No one
+    assert found["base_plus_memory"]["margin_auc"] == 50.0  # all margins equal
     assert found["memory_minus_base"]["base_only"] == found["memory_minus_base"]["memory_only"] == 1
     halueval_rows = [{"gold": "Yes", "base": outcome(0, True)}, {"gold": "No", "base": outcome(0, False)},
-                     {"gold": "No", "base": {"judgment": "No", "correct": True}}]  # --judge generate
+                     {"gold": "No", "base": {"judgment": "No", "correct": True}}]  # --judge generate: no margin
     found = judgment_report(halueval_rows)
     assert found["always_no"] == pytest.approx(200 / 3) and found["majority"] == pytest.approx(200 / 3)
     assert found["base"]["yes_rate"] == pytest.approx(200 / 3) and "memory_minus_base" not in found
+    assert found["base"]["margin_auc"] is None

@@ -248,7 +248,7 @@ def test_yes_no_and_hallucination_accuracy(constructed, capsys):
     assert (found["items"], found["shots"], found["lmbda"], found["majority"]) == (10, 8, 0.75, 60.0)
     assert found["base"]["accuracy"] == 50.0 and found["base"]["yes_rate"] == 50.0
     assert found["base_plus_memory"] == {"accuracy": 100.0, "interval": found["base_plus_memory"]["interval"],
-                                         "yes_rate": 60.0}
+                                         "yes_rate": 60.0, "margin_auc": None}  # no log-likelihoods in these lines
     assert found["memory_minus_base"]["points"] == 50.0 and found["memory_minus_base"]["memory_only"] == 5
     judged_summary = summary["hallucination_test"]
     assert judged_summary["base"]["yes_rate"] == 100.0 and judged_summary["memory_minus_base"]["points"] == 0.0
@@ -257,5 +257,5 @@ def test_yes_no_and_hallucination_accuracy(constructed, capsys):
     assert (f'| yes/no accuracy, 10 questions, 8-shot (majority answer: 60.0) | 50.0 [{low:.1f}, {high:.1f}] | - '
             f'| 100.0 [') in printed
     assert "| hallucination judgment accuracy, 8 answers, 4-shot (majority answer: 50.0) | 50.0 [" in printed
-    assert "| yes/no accuracy, 10 questions | 40.0 | 60.0 | 50.0 / 60.0 | +50.0 [" in printed
+    assert "| yes/no accuracy, 10 questions | 40.0 | 60.0 | 50.0 / 60.0 | - / - | +50.0 [" in printed
     assert "| 0 / 5 (p 0.06) |" in printed
