@@ -92,18 +92,24 @@ class Shard:
     end: int
     id_offset: int = 0
 
-    def search(self, keys: torch.Tensor, queries: np.ndarray, k: int, exclude_rows: np.ndarray | None,
-               exact: bool) -> Neighbours:
-        """The ``k`` nearest rows of this shard to each query (global row ids): see `KnnIndex.search`."""
-        rerank = exact and not isinstance(self.searcher, TorchExactSearch)
-        wanted = candidate_count(k) if rerank else k
-        asked = min(wanted + (exclude_rows is not None), self.end - self.begin)
+    def raw(self, queries: np.ndarray, wanted: int) -> tuple[np.ndarray, np.ndarray]:
+        """The searcher's own ``wanted`` results per query (n, wanted), global row ids, padded with id -1 (distance
+        inf) where the shard has fewer rows; not sorted or filtered."""
+        asked = min(wanted, self.end - self.begin)
         dists, ids = self.searcher.search(queries, asked)  # (n, asked) each
         if self.id_offset:
             ids = np.where(ids >= 0, ids + self.id_offset, -1)
         if asked < wanted:  # a datastore (shard) smaller than k: pad with "no neighbour"
             pad = ((0, 0), (0, wanted - asked))
             dists, ids = np.pad(dists, pad, constant_values=np.inf), np.pad(ids, pad, constant_values=-1)
+        return dists, ids
+
+    def search(self, keys: torch.Tensor, queries: np.ndarray, k: int, exclude_rows: np.ndarray | None,
+               exact: bool) -> Neighbours:
+        """The ``k`` nearest rows of this shard to each query (global row ids): see `KnnIndex.search`."""
+        rerank = exact and not isinstance(self.searcher, TorchExactSearch)
+        wanted = candidate_count(k) if rerank else k
+        dists, ids = self.raw(queries, wanted + (exclude_rows is not None))
         candidates = select_neighbours(dists, ids, wanted, exclude_rows)
         return nearest_exact(keys, queries, candidates.ids, k) if rerank else candidates
 

@@ -20,6 +20,11 @@ and a killed run resumes after its last finished chunk. With an index sharded ov
 (``build_index --index_shards``), each search is a collective step in which every process searches its
 shard for all processes' queries (knn_utils/sharded.py); the chunks are split and written as above. The main process then merges the chunks in
 row order and renames the directory.
+
+On a GPU (``--knn_gpu``, one unsharded index, the index's own distances or an exact torch search), the work after
+each search -- ordering the neighbours, leaving out the query's row, the weights and the sums -- runs there too
+(`knn_utils.torch_targets`, the same targets): at k 1024 it costs more than the search on a CPU core. An exact
+torch search (``torch_device``) builds its targets on its own device.
 """
 
 from __future__ import annotations
@@ -32,10 +37,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from knn_utils.faiss_devices import configure_threads
 from knn_utils.index_search import KnnIndex, Neighbours, check_gpu_k, load_index
+from knn_utils.torch_search import TorchExactSearch
+from knn_utils.torch_targets import torch_sparse_targets
 from utils.artifacts.datastore import Datastore, datastore_summary, open_datastore
 from utils.artifacts.index import default_index_path
 from utils.artifacts.knn_targets import (FORMAT_VERSION, ID_DTYPE, PROB_DTYPE, SparseRows, chunk_dir, merge_chunks,
@@ -166,19 +174,40 @@ class SearchJob:
     queries: Datastore  # the rows that get a target (the datastore itself, or --val_path)
     settings: TargetSettings
     exclude_self: bool
+    device_vals: torch.Tensor | None = None  # the datastore's next tokens on the GPU that builds the targets, if any
 
 
 def search_rows(job: SearchJob, begin: int, end: int) -> SparseRows:
-    """The sparse targets of query rows ``[begin, end)``, one fixed batch after another."""
+    """The sparse targets of query rows ``[begin, end)``, one fixed batch after another (the work after each search
+    on the GPU when `targets_device` gives one)."""
     settings, parts = job.settings, []
     for start in range(begin, end, settings.batch_size):
         stop = min(start + settings.batch_size, end)
         queries = np.asarray(job.queries.keys[start:stop], dtype=np.float32)  # (b, d)
-        neighbours = job.index.search(queries, settings.k, np.arange(start, stop) if job.exclude_self else None,
-                                      exact=settings.recompute_dists)
+        exclude = np.arange(start, stop) if job.exclude_self else None
+        if job.device_vals is not None:
+            dists, ids = job.index.shards[0].raw(queries, settings.k + (exclude is not None))  # one shard: targets_device
+            parts.append(torch_sparse_targets(dists, ids, settings.k, job.device_vals, settings.knn_temp, exclude,
+                                              settings.threshold, settings.max_targets))
+            continue
+        neighbours = job.index.search(queries, settings.k, exclude, exact=settings.recompute_dists)
         parts.append(sparse_targets(neighbours, job.datastore.vals, settings.knn_temp, settings.threshold,
                                     settings.max_targets))
     return SparseRows.concatenate(parts)
+
+
+def targets_device(index: KnnIndex, settings: TargetSettings, use_gpu: bool,
+                   torch_device: str | None = None) -> torch.device | None:
+    """Where the neighbours are ordered and the targets built in torch (`knn_utils.torch_targets`): the device of an
+    exact torch search (``torch_device``), else the GPU when one is asked for and visible; only for an index of one
+    shard searched by this process, with its own distances (no exact re-ranking, or an exact torch search). None:
+    NumPy on the CPU."""
+    exact_torch = isinstance(index.index, TorchExactSearch)
+    if index.collective or len(index.shards) != 1 or (settings.recompute_dists and not exact_torch):
+        return None
+    if torch_device is not None and exact_torch:
+        return torch.device(torch_device)
+    return torch.device("cuda", torch.cuda.current_device()) if use_gpu and torch.cuda.is_available() else None
 
 
 def my_chunks(num_chunks: int, rank: int, world_size: int) -> range:
@@ -234,8 +263,12 @@ def open_inputs(dstore_path: str, index_path: str | None, val_path: str | None, 
                        verify)
     if settings.k > datastore.num_rows - (val_path is None and settings.ignore_first):
         logger.warning("--k %d is more neighbours than the datastore can give; rows get fewer", settings.k)
+    device = targets_device(index, settings, use_gpu, torch_device)
+    if device is not None:
+        logger.info("Neighbours ordered and targets built on %s (knn_utils.torch_targets)", device)
     return SearchJob(index=index, datastore=datastore, queries=queries, settings=settings,
-                     exclude_self=val_path is None and settings.ignore_first)
+                     exclude_self=val_path is None and settings.ignore_first,
+                     device_vals=None if device is None else torch.from_numpy(np.asarray(datastore.vals)).to(device))
 
 
 def compute_knn_targets(dstore_path: str, output_path: str, index_path: str | None = None, val_path: str | None = None,
