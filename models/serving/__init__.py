@@ -25,6 +25,11 @@ ARCHITECTURE = "MLPMemoryForCausalLM"  # config.json's architectures, as models.
 MODEL_CLASS = "models.serving.vllm_model:MLPMemoryJointForCausalLM"
 
 
+class JointModelRefused(RuntimeError):
+    """A joint directory vLLM must not serve, with the one-line reason (`models.serving.checks`). Not a ValueError,
+    so that vLLM's config validation (pydantic) passes it on as it is instead of wrapping it."""
+
+
 class JointDirectoryCheck:
     """vLLM's per-architecture config hook (its ``MODELS_CONFIG_MAP``), run once in the front end."""
 
@@ -35,10 +40,14 @@ class JointDirectoryCheck:
     @staticmethod
     def verify_and_update_config(vllm_config) -> None:
         from models.serving.checks import check_joint_directory
+        from utils.cli import UsageError
 
         model_config = vllm_config.model_config
         allow = bool(getattr(model_config.hf_config, "allow_base_mismatch", False))
-        check_joint_directory(resolve_local(model_config.model, model_config.revision), allow)
+        try:
+            check_joint_directory(resolve_local(model_config.model, model_config.revision), allow)
+        except UsageError as error:  # ArtifactError too
+            raise JointModelRefused(str(error)) from None
 
 
 def resolve_local(model: str, revision: str | None = None) -> str:
