@@ -1,4 +1,4 @@
-"""Serving speed in vLLM (issue 22): the base against base + memory, side by side in one run, with HF ``generate`` beside.
+"""Serving speed in vLLM (issue 22): the base against base + memory side by side in one run, HF ``generate`` beside.
 
     python -m benchmarks.bench_serve                      # CPU, in the serving environment (.venv-serve)
     python -m benchmarks.bench_serve --device cuda        # a GPU with pip's vllm (benchmarks/bench_serve_gpu.sh)
@@ -61,7 +61,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--work_dir", default=str(REPO / "outputs" / "bench_serve"),
                         help="Where the base, memory and joint directories are built (kept for reruns).")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--dtype", default=None, help="vLLM's and HF's dtype (default: float32 on cpu, bfloat16 on cuda).")
+    parser.add_argument("--dtype", default=None,
+                        help="vLLM's and HF's dtype (default: float32 on cpu, bfloat16 on cuda).")
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--prompt_tokens", type=int, default=64)
     parser.add_argument("--new_tokens", type=int, default=64)
@@ -156,7 +157,8 @@ def timed_runs(run, batch_sizes: list[int], repeats: int, new_tokens: int) -> di
         firsts = [run(batch, 1) for _ in range(repeats)]
         results[batch] = {"tokens_per_second": round(batch * new_tokens / statistics.median(walls), 2),
                           "ttft_seconds": round(statistics.median(firsts), 4),
-                          "wall_seconds": [round(w, 4) for w in walls], "first_token_seconds": [round(f, 4) for f in firsts]}
+                          "wall_seconds": [round(w, 4) for w in walls],
+                          "first_token_seconds": [round(f, 4) for f in firsts]}
         print(f"  batch {batch}: {results[batch]['tokens_per_second']} tokens/s, time to first token "
               f"{results[batch]['ttft_seconds']} s", flush=True)
     return results
@@ -168,9 +170,10 @@ def vllm_speed(model_dir: str, args: argparse.Namespace, prompts: list[list[int]
     from vllm.inputs import TokensPrompt
 
     engine_start = time.perf_counter()
+    on_cpu = {"kv_cache_memory_bytes": 1 << 30, "distributed_executor_backend": "uni"}  # the engine in this process
     llm = LLM(model=model_dir, dtype=args.dtype, enforce_eager=bool(args.enforce_eager), seed=0,
               max_model_len=args.prompt_tokens + args.new_tokens + 8, max_num_seqs=max(args.batch_sizes),
-              **({"kv_cache_memory_bytes": 1 << 30, "distributed_executor_backend": "uni"} if args.device == "cpu" else {}))
+              **(on_cpu if args.device == "cpu" else {}))
     startup = time.perf_counter() - engine_start
 
     def run(batch: int, new: int) -> float:

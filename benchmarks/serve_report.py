@@ -31,8 +31,9 @@ def table(results: dict) -> list[str]:
                 cells += ["", "", ""] if stage == "hf" else ["", "", "", "", ""]
                 continue
             base, joint = runs["base"]["batches"][batch], runs["joint"]["batches"][batch]
+            value = f"{ratio(results, stage, batch):.2f}x"
             cells += [f"{base['tokens_per_second']:.1f}", f"{joint['tokens_per_second']:.1f}",
-                      f"**{ratio(results, stage, batch):.2f}x**" if stage == "vllm" else f"{ratio(results, stage, batch):.2f}x"]
+                      f"**{value}**" if stage == "vllm" else value]
             if stage == "vllm":
                 cells += [f"{base['ttft_seconds'] * 1000:.0f} ms", f"{joint['ttft_seconds'] * 1000:.0f} ms"]
         cells.append(f"{bound:.2f}x")
@@ -53,13 +54,15 @@ def write_outputs(results: dict, out_dir: Path, name: str) -> None:
              f"Machine: {m['cpu']}, {m['cores']} cores, GPU: {m['gpu']}; torch {m['torch']}, {results['threads']} "
              f"threads; load average {', '.join(f'{x:.1f}' for x in m['load_average_at_start'])} at the start, "
              f"{', '.join(f'{x:.1f}' for x in m['load_average_at_end'])} at the end. {m['note']}".rstrip(),
-             f"Base: {'a tiny random Llama' if s['tiny'] else s['model_dir'] + '/' + s['gguf_file'] + ' (dequantised)'}, "
+             f"Base: {'a tiny random Llama' if s['tiny'] else s['model_dir'] + '/' + s['gguf_file'] + ' (dequantised)'}"
+             ", "
              f"{results['base_parameters'] / 1e6:.1f}M parameters. Memory: {mem['num_layers']} {mem['memory_style']} "
              f"blocks of width {mem['hidden_size']} (intermediate {mem['intermediate_size']}) reading block "
              f"{mem['layer']}, {mem['parameters'] / 1e6:.1f}M parameters, random weights (the speed depends on the "
              f"shape only), lmbda {s['lmbda']}.",
-             f"Device {s['device']}, {s['dtype']}, vLLM {'eager' if s['enforce_eager'] else 'compiled'} (one engine at a "
-             f"time, in the benchmark's process); prompts of {s['prompt_tokens']} tokens, greedy, {s['new_tokens']} new "
+             f"Device {s['device']}, {s['dtype']}, vLLM {'eager' if s['enforce_eager'] else 'compiled'} (one engine "
+             f"at a time, in the benchmark's process); prompts of {s['prompt_tokens']} tokens, greedy, "
+             f"{s['new_tokens']} new "
              f"tokens each (ignore_eos); medians of {s['repeats']} repeats after a warm-up. TTFT: the wall time of the "
              "same batch with one new token. FLOP bound: F_base / (F_base + F_memory) = "
              f"{flops['base'] / 1e6:.1f}M / ({flops['base'] / 1e6:.1f}M + {flops['memory'] / 1e6:.1f}M) per token at "

@@ -1,4 +1,4 @@
-"""benchmarks/bench_serve_gpu.sh's dry mode on the CPU: the GPU run's stages and sizes, the joint directory it serves."""
+"""benchmarks/bench_serve_gpu.sh's dry mode on the CPU: the GPU run's stages and sizes, the joint directory it reads."""
 
 from __future__ import annotations
 

@@ -43,7 +43,8 @@ def serving_settings(config: MLPMemoryJointConfig) -> ServingSettings:
     an MLP memory (a Memory Decoder is refused), a base family of `utils.architectures`, settings in range."""
     if config.memory_kind != MLP_MEMORY:
         raise UsageError(f"The joint model holds a {config.memory_kind} memory: vLLM serving takes an MLP memory only "
-                         "(a Memory Decoder runs a transformer with its own KV cache); use JointLM or the HF joint model")
+                         "(a Memory Decoder runs a transformer with its own KV cache); use JointLM or the HF joint "
+                         "model")
     arch_spec(config.text_config.model_type)  # a one-line error for a family without a known key module
     temp = getattr(config, "memory_temp", None)
     temp = config.knn_temp if temp is None else temp

@@ -1,4 +1,4 @@
-"""The joint model (base + MLP memory) as a vLLM model: one forward, the base's paged KV cache, mixing in compute_logits.
+"""The joint model (base + MLP memory) as a vLLM model: one forward, the base's KV cache, mixing in compute_logits.
 
 vLLM builds `MLPMemoryJointForCausalLM` for a joint directory (``architectures: ["MLPMemoryForCausalLM"]``, the
 plugin in `models.serving` registers it). It holds

@@ -1,4 +1,4 @@
-"""Fixtures of the vLLM serving tests: a tiny random Llama base, memories for it and for another base, joint directories.
+"""Fixtures of the vLLM serving tests: a tiny random Llama, memories for it and for another base, joint directories.
 
 The tests need vLLM and this project installed in one environment (`SERVE=1 bash scripts/install.sh` builds
 ``.venv-serve``; `bash scripts/test.sh` runs them there) and skip with that reason elsewhere. vLLM runs in the test

@@ -55,7 +55,7 @@ def test_prompt_log_probs_equal_joint_lm(joint_llm, reference):
 def test_greedy_generation_equals_joint_lm_in_a_batch(joint_llm, reference):
     served = greedy(joint_llm, PROMPTS)  # one batch: prompts of different lengths decoded together
     for ids, tokens in zip(PROMPTS, served):
-        expected = reference.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        expected = reference.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids)).long(),
                                       max_new_tokens=NEW, do_sample=False, pad_token_id=0, eos_token_id=None)
         assert tokens == expected[0, len(ids):].tolist()
 

@@ -78,7 +78,7 @@ def test_completions_answer_with_the_joint_model(tiny, server):
                                               "logprobs": 1})
     choice = reply["choices"][0]
     joint = JointLM(tiny["base"], load_memory(str(tiny["memory_dir"])), lmbda=LMBDA, knn_temp=MEMORY_TEMP)
-    expected = joint.generate(input_ids=torch.tensor([PROMPT]), attention_mask=torch.ones(1, len(PROMPT), dtype=torch.long),
+    expected = joint.generate(input_ids=torch.tensor([PROMPT]), attention_mask=torch.ones(1, len(PROMPT)).long(),
                               max_new_tokens=NEW, do_sample=False, pad_token_id=0, eos_token_id=None)[0, len(PROMPT):]
     assert choice["token_ids"] == expected.tolist()
     assert choice["text"].strip() == tiny["tokenizer"].decode(expected).strip()  # vLLM decodes after the prompt
