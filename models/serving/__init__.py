@@ -39,13 +39,14 @@ class JointDirectoryCheck:
 
     @staticmethod
     def verify_and_update_config(vllm_config) -> None:
-        from models.serving.checks import check_joint_directory
+        from models.serving.checks import check_joint_directory, serving_settings
         from utils.cli import UsageError
 
         model_config = vllm_config.model_config
         allow = bool(getattr(model_config.hf_config, "allow_base_mismatch", False))
         try:
             check_joint_directory(resolve_local(model_config.model, model_config.revision), allow)
+            serving_settings(model_config.hf_config)  # with hf_overrides applied (lmbda, memory_temp)
         except UsageError as error:  # ArtifactError too
             raise JointModelRefused(str(error)) from None
 

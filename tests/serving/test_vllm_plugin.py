@@ -110,3 +110,8 @@ def test_corrupt_weights_are_refused(tiny, tmp_path):
         f.write(b"\xff" * 8)
     with pytest.raises(JointModelRefused, match="model.safetensors"):
         engine(copy)
+
+
+def test_an_lmbda_override_out_of_range_is_refused(tiny):
+    with pytest.raises(JointModelRefused, match=r"lmbda must be in \[0, 1\], got 1.5"):
+        engine(tiny["joint_dir"], hf_overrides={"lmbda": 1.5})
