@@ -6,7 +6,7 @@ plugin in `models.serving` registers it). It holds
 * ``base``: vLLM's own model of the base family (``text_config``), built by vLLM, with vLLM's attention, batching
   and paged KV cache; it is not modified. Only the ``forward`` of its key module (the feed-forward layer of block
   ``memory_layer``, named by `utils.architectures`) is wrapped to copy its input (the memory's input, the same
-  hidden state as `utils.hidden_state.HiddenStateHook` captures in HF) into a buffer of this model: a copy into a
+  hidden state as `utils.hidden_state.HiddenStateHook` captures in HF) into a buffer of that module: a copy into a
   fixed buffer, so the forward stays traceable by torch.compile and replayable in CUDA graphs;
 * ``memory``: the MLP memory network of `models.modeling_mlp_memory` (no attention, no cache).
 
@@ -43,13 +43,18 @@ from utils.cli import UsageError
 logger = logging.getLogger(__name__)
 
 
-def tap_input(module: nn.Module, buffer: torch.Tensor) -> None:
-    """Wrap ``module.forward`` (on the instance: parameter names do not change) so that it first copies its input
-    (T, d) into ``buffer[:T]``."""
+TAP = "memory_input"  # the buffer of the key module that receives its input
+
+
+def tap_input(module: nn.Module, rows: int, width: int, dtype: torch.dtype) -> None:
+    """Give ``module`` a buffer ``memory_input`` (rows, width), not saved, and wrap its ``forward`` (on the instance:
+    parameter names do not change) so that it first copies its input (T, width) into ``memory_input[:T]``. The
+    buffer belongs to the module, so it moves with it (``.to()``) and the wrapper always finds the current one."""
+    module.register_buffer(TAP, torch.zeros(rows, width, dtype=dtype), persistent=False)
     forward = module.forward
 
     def forward_and_copy(x: torch.Tensor, *args, **kwargs):
-        buffer[: x.shape[0]].copy_(x)
+        getattr(module, TAP)[: x.shape[0]].copy_(x)
         return forward(x, *args, **kwargs)
 
     module.forward = forward_and_copy
@@ -73,9 +78,8 @@ class MLPMemoryJointForCausalLM(nn.Module):
         blocks = submodule(self.base, spec.layers)
         rows = max(vllm_config.scheduler_config.max_num_batched_tokens,
                    max(vllm_config.compilation_config.cudagraph_capture_sizes or [0]))
-        dtype = vllm_config.model_config.dtype
-        self.register_buffer("keys", torch.zeros(rows, self.hidden_size, dtype=dtype), persistent=False)  # (rows, d)
-        tap_input(getattr(blocks[self.settings.memory_layer], spec.ffn), self.keys)
+        self.key_module = (getattr(blocks[self.settings.memory_layer], spec.ffn),)  # a tuple: not a second parent
+        tap_input(self.key_module[0], rows, self.hidden_size, vllm_config.model_config.dtype)
         logger.info("Joint model: %s base, %s memory reading block %d, lmbda %g, memory temperature %g",
                     text_config.model_type, config.memory_config.memory_style, self.settings.memory_layer,
                     self.settings.lmbda, self.settings.memory_temp)
@@ -87,7 +91,8 @@ class MLPMemoryJointForCausalLM(nn.Module):
                 inputs_embeds: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         """The base's final hidden states and the memory's input side by side, (T, 2d)."""
         hidden = self.base(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)  # (T, d)
-        return torch.cat([hidden, self.keys[: hidden.shape[0]].to(hidden.dtype)], dim=-1)  # (T, 2d)
+        keys = getattr(self.key_module[0], TAP)[: hidden.shape[0]]  # (T, d), written during the base's forward
+        return torch.cat([hidden, keys.to(hidden.dtype)], dim=-1)  # (T, 2d)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         """Joint log-probabilities (n, V) in float32 for the rows vLLM selected, (n, 2d) -> (n, V)."""

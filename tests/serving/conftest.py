@@ -16,6 +16,7 @@ import pytest
 import torch
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: no spawned engine core
+os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # vLLM's binding is for a worker process of its own
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 vllm = pytest.importorskip("vllm", reason="vLLM is not installed here: SERVE=1 bash scripts/install.sh builds "
                                           ".venv-serve, where bash scripts/test.sh runs these tests")
