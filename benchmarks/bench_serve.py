@@ -10,11 +10,12 @@ blocks reading the last block, 33.6M parameters) and **random weights**: its spe
 are joined by ``python -m models.convert --joint`` (``lmbda`` 0.25). Stages, each timed:
 
 1. ``prepare``: the base directory, the memory and the joint directory (under ``--work_dir``; kept for reruns);
-2. ``vllm``: one vLLM engine for the base, then one for the joint directory (the plugin of `models.serving`), each
-   in this process with the same settings; for every batch size, ``--repeats`` times: a batch of that many prompts
-   of ``--prompt_tokens`` tokens, greedy, ``--new_tokens`` new tokens each (output tokens/s = batch x new tokens /
-   wall time), and the same batch with one new token (time to first token: prefill and the first step, the batch
-   arriving at once). Medians of the repeats after one warm-up;
+2. ``vllm``: one vLLM engine for the base and one for the joint directory (the plugin of `models.serving`), both
+   in this process with the same settings; for every batch size, ``--repeats`` times, the two taking turns (so that
+   a change in the machine's load hits both alike): a batch of that many prompts of ``--prompt_tokens`` tokens,
+   greedy, ``--new_tokens`` new tokens each (output tokens/s = batch x new tokens / wall time), and the same batch
+   with one new token (time to first token: prefill and the first step, the batch arriving at once). Medians of
+   the repeats after one warm-up;
 3. ``hf``: the same with Hugging Face ``generate``, the base alone and `JointLM` (hooks), for the figures beside.
 
 The FLOP bound is ``F_base / (F_base + F_memory)`` per generated token at the mean context of the generation
@@ -148,73 +149,83 @@ def make_prompts(args: argparse.Namespace, tokenizer, count: int) -> list[list[i
 # Stages 2 and 3: timing
 
 
-def timed_runs(run, batch_sizes: list[int], repeats: int, new_tokens: int) -> dict:
-    """``run(batch, new)`` timed: output tokens/s with ``new_tokens`` and time to first token (one new token)."""
-    results = {}
+def timed_runs(runs: dict, batch_sizes: list[int], repeats: int, new_tokens: int) -> dict:
+    """Each ``runs[label](batch, new)`` timed, the labels taking turns in every repeat (so that a change in the
+    machine's load hits all alike): output tokens/s with ``new_tokens`` and time to first token (one new token)."""
+    results: dict = {label: {} for label in runs}
     for batch in batch_sizes:
-        run(batch, 2)  # warm-up
-        walls = [run(batch, new_tokens) for _ in range(repeats)]
-        firsts = [run(batch, 1) for _ in range(repeats)]
-        results[batch] = {"tokens_per_second": round(batch * new_tokens / statistics.median(walls), 2),
-                          "ttft_seconds": round(statistics.median(firsts), 4),
-                          "wall_seconds": [round(w, 4) for w in walls],
-                          "first_token_seconds": [round(f, 4) for f in firsts]}
-        print(f"  batch {batch}: {results[batch]['tokens_per_second']} tokens/s, time to first token "
-              f"{results[batch]['ttft_seconds']} s", flush=True)
+        walls: dict = {label: [] for label in runs}
+        firsts: dict = {label: [] for label in runs}
+        for run in runs.values():
+            run(batch, 2)  # warm-up
+        for _ in range(repeats):
+            for label, run in runs.items():
+                walls[label].append(run(batch, new_tokens))
+                firsts[label].append(run(batch, 1))
+        for label in runs:
+            results[label][batch] = {
+                "tokens_per_second": round(batch * new_tokens / statistics.median(walls[label]), 2),
+                "ttft_seconds": round(statistics.median(firsts[label]), 4),
+                "wall_seconds": [round(w, 4) for w in walls[label]],
+                "first_token_seconds": [round(f, 4) for f in firsts[label]]}
+            print(f"  {label} batch {batch}: {results[label][batch]['tokens_per_second']} tokens/s, time to first "
+                  f"token {results[label][batch]['ttft_seconds']} s", flush=True)
     return results
 
 
-def vllm_speed(model_dir: str, args: argparse.Namespace, prompts: list[list[int]]) -> dict:
-    """One engine in this process (the same settings for the base and the joint model), timed per batch size."""
+def vllm_runners(targets: dict, args: argparse.Namespace, prompts: list[list[int]]) -> tuple[dict, dict]:
+    """One engine per target directory, all in this process with the same settings; their ``run(batch, new)`` and
+    start-up seconds."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    engine_start = time.perf_counter()
-    on_cpu = {"kv_cache_memory_bytes": 1 << 30, "distributed_executor_backend": "uni"}  # the engine in this process
-    llm = LLM(model=model_dir, dtype=args.dtype, enforce_eager=bool(args.enforce_eager), seed=0,
-              max_model_len=args.prompt_tokens + args.new_tokens + 8, max_num_seqs=max(args.batch_sizes),
-              **(on_cpu if args.device == "cpu" else {}))
-    startup = time.perf_counter() - engine_start
-
-    def run(batch: int, new: int) -> float:
-        params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
+    placement = ({"kv_cache_memory_bytes": 1 << 30, "distributed_executor_backend": "uni"} if args.device == "cpu"
+                 else {"gpu_memory_utilization": 0.9 / len(targets)})  # the engines share the device
+    runs, starts = {}, {}
+    for label, model_dir in targets.items():
         start = time.perf_counter()
-        outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompts[:batch]], params, use_tqdm=False)
-        wall = time.perf_counter() - start
-        assert all(len(out.outputs[0].token_ids) == new for out in outputs)
-        return wall
+        llm = LLM(model=model_dir, dtype=args.dtype, enforce_eager=bool(args.enforce_eager), seed=0,
+                  max_model_len=args.prompt_tokens + args.new_tokens + 8, max_num_seqs=max(args.batch_sizes),
+                  **placement)
+        starts[label] = round(time.perf_counter() - start, 1)
 
-    results = {"engine_start_seconds": round(startup, 1),
-               "batches": timed_runs(run, args.batch_sizes, args.repeats, args.new_tokens)}
-    del llm
-    gc.collect()
-    return results
+        def run(batch: int, new: int, llm=llm) -> float:
+            params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
+            begin = time.perf_counter()
+            outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompts[:batch]], params,
+                                   use_tqdm=False)
+            wall = time.perf_counter() - begin
+            assert all(len(out.outputs[0].token_ids) == new for out in outputs)
+            return wall
+
+        runs[label] = run
+    return runs, starts
 
 
-def hf_speed(model, memory_dir: str | None, args: argparse.Namespace, prompts: list[list[int]]) -> dict:
-    """HF ``generate`` (the base alone, or `JointLM` with the memory), greedy, timed per batch size."""
+def hf_runners(model, memory_dir: str, args: argparse.Namespace, prompts: list[list[int]]) -> dict:
+    """HF ``generate`` of the base alone and of `JointLM` (hooks), greedy: their ``run(batch, new)``."""
     from models import load_memory
     from models.joint import JointLM
 
     model = model.to(device=args.device, dtype=getattr(torch, args.dtype))
-    generate = model.generate
-    if memory_dir is not None:
-        generate = JointLM(model, load_memory(memory_dir), lmbda=args.lmbda).generate
+    generators = {"base": model.generate, "joint": JointLM(model, load_memory(memory_dir), lmbda=args.lmbda).generate}
 
-    def run(batch: int, new: int) -> float:
-        ids = torch.tensor(prompts[:batch], device=args.device)  # equal lengths: no padding
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        with torch.no_grad():
-            out = generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
-                           do_sample=False, pad_token_id=0)
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-        assert out.shape[1] == ids.shape[1] + new
-        return time.perf_counter() - start
+    def runner(generate):
+        def run(batch: int, new: int) -> float:
+            ids = torch.tensor(prompts[:batch], device=args.device)  # equal lengths: no padding
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            begin = time.perf_counter()
+            with torch.no_grad():
+                out = generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                               min_new_tokens=new, do_sample=False, pad_token_id=0)
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            assert out.shape[1] == ids.shape[1] + new
+            return time.perf_counter() - begin
+        return run
 
-    return {"batches": timed_runs(run, args.batch_sizes, args.repeats, args.new_tokens)}
+    return {label: runner(generate) for label, generate in generators.items()}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -237,17 +248,23 @@ def main(argv: list[str] | None = None) -> dict:
                            "generated_tokens_per_engine": (args.repeats * args.new_tokens + args.repeats + 2)
                            * sum(args.batch_sizes)}
     else:
-        for stage, runs in (("vllm", (("base", prepared["base_dir"]), ("joint", prepared["joint_dir"]))),
-                            ("hf", (("base", None), ("joint", str(Path(args.work_dir) / "memory"))))):
+        for stage in ("vllm", "hf"):
             if stage not in args.stages:
                 continue
-            start = time.perf_counter()
-            results[stage] = {}
-            for label, target in runs:
-                print(f"{stage} {label}:", flush=True)
-                results[stage][label] = (vllm_speed(target, args, prompts) if stage == "vllm"
-                                         else hf_speed(model, target, args, prompts))
-            stage_seconds[stage] = round(time.perf_counter() - start, 1)
+            print(f"{stage}:", flush=True)
+            begin = time.perf_counter()
+            starts = {}
+            if stage == "vllm":
+                targets = {"base": prepared["base_dir"], "joint": prepared["joint_dir"]}
+                runs, starts = vllm_runners(targets, args, prompts)
+            else:
+                runs = hf_runners(model, str(Path(args.work_dir) / "memory"), args, prompts)
+            timed = timed_runs(runs, args.batch_sizes, args.repeats, args.new_tokens)
+            results[stage] = {label: {"batches": timed[label], "engine_start_seconds": starts.get(label)}
+                              for label in runs}
+            del runs
+            gc.collect()
+            stage_seconds[stage] = round(time.perf_counter() - begin, 1)
     results["stage_seconds"] = stage_seconds
     results["machine"]["load_average_at_end"] = os.getloadavg()
     from benchmarks.serve_report import write_outputs

@@ -60,8 +60,8 @@ def write_outputs(results: dict, out_dir: Path, name: str) -> None:
              f"blocks of width {mem['hidden_size']} (intermediate {mem['intermediate_size']}) reading block "
              f"{mem['layer']}, {mem['parameters'] / 1e6:.1f}M parameters, random weights (the speed depends on the "
              f"shape only), lmbda {s['lmbda']}.",
-             f"Device {s['device']}, {s['dtype']}, vLLM {'eager' if s['enforce_eager'] else 'compiled'} (one engine "
-             f"at a time, in the benchmark's process); prompts of {s['prompt_tokens']} tokens, greedy, "
+             f"Device {s['device']}, {s['dtype']}, vLLM {'eager' if s['enforce_eager'] else 'compiled'} (both engines "
+             f"in the benchmark's process, taking turns); prompts of {s['prompt_tokens']} tokens, greedy, "
              f"{s['new_tokens']} new "
              f"tokens each (ignore_eos); medians of {s['repeats']} repeats after a warm-up. TTFT: the wall time of the "
              "same batch with one new token. FLOP bound: F_base / (F_base + F_memory) = "
