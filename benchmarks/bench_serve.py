@@ -265,10 +265,16 @@ def main(argv: list[str] | None = None) -> dict:
             del runs
             gc.collect()
             stage_seconds[stage] = round(time.perf_counter() - begin, 1)
-    results["stage_seconds"] = stage_seconds
-    results["machine"]["load_average_at_end"] = os.getloadavg()
+            finish(results, stage_seconds, args)  # a stage's results are kept even if a later one is cut short
+    return finish(results, stage_seconds, args)
+
+
+def finish(results: dict, stage_seconds: dict, args: argparse.Namespace) -> dict:
+    """Record the stage times and the load, write the JSON, the table and the plot."""
     from benchmarks.serve_report import write_outputs
 
+    results["stage_seconds"] = stage_seconds
+    results["machine"]["load_average_at_end"] = os.getloadavg()
     write_outputs(results, Path(args.out_dir), args.name)
     return results
 
