@@ -1,0 +1,79 @@
+"""Read and check a joint directory before vLLM serves it: the one function a shared loader can replace.
+
+`check_joint_directory` runs in vLLM's front-end process (the API server, or the process that builds ``LLM(...)``)
+before any engine starts, so a directory that cannot be served is refused in one line there. It reuses the checks
+every other entry point makes: the block checksums of ``meta.json`` (`utils.checksums.verify_files`), and
+`MLPMemoryForCausalLM.check_fits` on the loaded joint model (hidden size, vocabulary, key layer, the tokenizer, and
+the base model's fingerprint, so a memory of another base is refused unless ``allow_base_mismatch``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+from models.joint.causal_lm import MLPMemoryForCausalLM, MLPMemoryJointConfig, is_joint_directory
+from models.joint.interpolation import check_joint_settings
+from models.joint.token_memory import MLP_MEMORY
+from utils.architectures import arch_spec
+from utils.checksums import model_files, verify_files
+from utils.cli import UsageError
+from utils.io import META_NAME, read_json, timed
+from utils.modeling import load_tokenizer, loading, tokenizer_fingerprint
+
+logger = logging.getLogger(__name__)
+
+JOINT_KIND = "mlp_memory_joint"
+
+
+@dataclass(frozen=True)
+class ServingSettings:
+    """What the vLLM model needs from a joint config: the key layer, the memory's weight and temperature."""
+
+    memory_layer: int
+    lmbda: float
+    memory_temp: float
+
+
+def serving_settings(config: MLPMemoryJointConfig) -> ServingSettings:
+    """The settings of a joint config (``lmbda``, ``memory_temp`` or the older ``knn_temp``), checked without weights:
+    an MLP memory (a Memory Decoder is refused), a base family of `utils.architectures`, settings in range."""
+    if config.memory_kind != MLP_MEMORY:
+        raise UsageError(f"The joint model holds a {config.memory_kind} memory: vLLM serving takes an MLP memory only "
+                         "(a Memory Decoder runs a transformer with its own KV cache); use JointLM or the HF joint "
+                         "model")
+    arch_spec(config.text_config.model_type)  # a one-line error for a family without a known key module
+    temp = getattr(config, "memory_temp", None)
+    temp = config.knn_temp if temp is None else temp
+    check_joint_settings(config.lmbda, temp)
+    if config.memory_layer is None:
+        raise UsageError("The joint config records no memory_layer: rebuild it with python -m models.convert --joint")
+    return ServingSettings(memory_layer=int(config.memory_layer), lmbda=float(config.lmbda), memory_temp=float(temp))
+
+
+def check_joint_directory(path: str, allow_base_mismatch: bool = False) -> dict:
+    """Refuse a joint directory vLLM must not serve (`UsageError` / `ArtifactError`, one line); returns the base
+    model check's record. Config-only checks come first, then the checksums, then a load of the weights (in
+    bfloat16, which the fingerprint does not see) for `MLPMemoryForCausalLM.check_fits`."""
+    if not is_joint_directory(path):
+        raise UsageError(f"{path}: not a joint model directory (a config.json of model_type {JOINT_KIND}); build one "
+                         "with python -m models.convert --joint")
+    with loading(path, "--model"):
+        config = MLPMemoryJointConfig.from_pretrained(path)
+    serving_settings(config)
+    meta_file = os.path.join(path, META_NAME)
+    if os.path.isfile(meta_file):
+        verify_files(path, read_json(meta_file), model_files(path))
+    else:
+        logger.warning("%s has no %s: its files cannot be checked against their checksums", path, META_NAME)
+    with timed(f"Checking that the memory of {path} fits its base model", logger):
+        with loading(path, "--model"):
+            joint = MLPMemoryForCausalLM.from_pretrained(path, dtype=torch.bfloat16,
+                                                         allow_base_mismatch=allow_base_mismatch)
+        fingerprint = tokenizer_fingerprint(load_tokenizer(path, flag="--model"))
+        record = joint.check_fits(fingerprint, allow_base_mismatch)
+    del joint
+    return record
