@@ -1,0 +1,118 @@
+"""The authors' evaluators as they ran (issue 24): the WebQuestions / TriviaQA batch rule, the per-dataset
+presets, TruthfulQA's CSV and the authors' MC1 / MC2 / MC3, and public files read as they come."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from downstream.eval_qa import main as eval_qa
+from downstream.qa_protocols import PROTOCOLS
+from tests.downstream.table_model import save_table_model
+from utils.cli import UsageError
+
+# ---- the WebQuestions / TriviaQA evaluator's batch rule ---------------------------------------------------------
+
+# After "city" the model says "tower", then ".", then "bridge", "." ...; after "king" it says "queen", "king", ...
+# forever, never a stop string. So a batch holding the "king" row never stops under the authors' rule.
+WORDS = "who built the city tower bridge king queen oak Yes No answer is".split()
+TABLE = {"city": "tower", "tower": ".", ".": "bridge", "bridge": ".", "king": "queen", "queen": "king",
+         "oak": ",", ",": "oak"}
+QUESTIONS = [("who built the city", "bridge"), ("the tower", "bridge"), ("the king", "queen"), ("the bridge", "tower")]
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("table")
+    model = save_table_model(directory / "model", WORDS, TABLE, default="king")
+    data = directory / "qa.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "answer": [a]}) + "\n" for q, a in QUESTIONS))
+    return {"dir": directory, "model": str(model), "data": str(data)}
+
+
+def run_qa(table, name, *flags):
+    out = table["dir"] / name
+    metrics = eval_qa(["--model_name_or_path", table["model"], "--data_file", table["data"], "--output_dir", str(out),
+                       "--prompt_template", "{question}", "--max_new_tokens", "8", *flags])
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    return metrics, [row["prediction"] for row in rows]
+
+
+def test_batch_stop_depends_on_the_batch_size_and_the_default_does_not(table):
+    _, one = run_qa(table, "batch1", "--protocol", "webqa", "--batch_stop", "--per_device_eval_batch_size", "1")
+    metrics, four = run_qa(table, "batch4", "--protocol", "webqa", "--batch_stop", "--per_device_eval_batch_size", "4")
+    # alone, a row stops at its own first stop string and keeps all it generated (the stop string included)
+    assert one == ["tower.", ".", "queen king queen king queen king queen king", "."]
+    # in one batch with the "king" row no stop string is ever common to all rows: every row runs to 8 tokens
+    assert four == ["tower. bridge. bridge. bridge.", ". bridge. bridge. bridge. bridge", one[2],
+                    ". bridge. bridge. bridge. bridge"]
+    assert metrics["has_answer"] == 75.0 and metrics["protocol"]["batch_stop"]
+    assert metrics["protocol"]["answer"] == "all_generated"
+    _, default_one = run_qa(table, "row1", "--protocol", "webqa", "--per_device_eval_batch_size", "1")
+    default_metrics, default_four = run_qa(table, "row4", "--protocol", "webqa", "--per_device_eval_batch_size", "4")
+    assert default_one == default_four == ["tower", "", one[2], ""]
+    assert default_metrics["has_answer"] == 25.0 and not default_metrics["protocol"]["batch_stop"]
+
+
+def test_batch_stop_needs_the_same_stop_string_in_every_row(table, tmp_path):
+    data = tmp_path / "qa.jsonl"  # "the oak" goes on with "," and "the tower" with "."
+    data.write_text(json.dumps({"question": "the oak", "answer": ["oak"]}) + "\n" +
+                    json.dumps({"question": "the tower", "answer": ["bridge"]}) + "\n")
+    _, predictions = run_qa({**table, "data": str(data)}, "mixed", "--protocol", "webqa", "--batch_stop",
+                            "--per_device_eval_batch_size", "2")
+    assert predictions == [", oak, oak, oak, oak", ". bridge. bridge. bridge. bridge"]
+    data.write_text(json.dumps({"question": "who built the city", "answer": ["x"]}) + "\n" +
+                    json.dumps({"question": "the tower", "answer": ["x"]}) + "\n")
+    _, predictions = run_qa({**table, "data": str(data)}, "both", "--protocol", "webqa", "--batch_stop",
+                            "--per_device_eval_batch_size", "2")
+    assert predictions == ["tower.", ". bridge"]  # both rows have a "." after 2 tokens: the batch stops there
+
+
+def test_batch_stop_is_the_webqa_evaluators(table):
+    with pytest.raises(UsageError, match="--batch_stop is the rule of the authors' WebQuestions / TriviaQA evaluator"):
+        run_qa(table, "bad", "--protocol", "released", "--batch_stop")
+
+
+# ---- per-dataset presets: the authors' lmbda, dtype and batch size ------------------------------------------------
+
+@pytest.mark.parametrize("name, base, lmbda, dtype, batch", [
+    ("nq", "released", 0.5, "float16", 1), ("hotpotqa", "released", 0.5, "float16", 1),
+    ("webquestions", "webqa", 0.75, "bfloat16", 4), ("triviaqa", "webqa", 0.6, "bfloat16", 4)])
+def test_dataset_presets_are_their_protocol_with_the_authors_settings(name, base, lmbda, dtype, batch):
+    preset, protocol = PROTOCOLS[name], PROTOCOLS[base]
+    assert (preset.lmbda, preset.torch_dtype, preset.batch_size) == (lmbda, dtype, batch)
+    same = ("template", "question_style", "max_new_tokens", "stop", "answer", "scoring", "add_special_tokens")
+    assert {k: getattr(preset, k) for k in same} == {k: getattr(protocol, k) for k in same}
+    assert not preset.batch_stop  # the per-row stop stays the default
+    assert preset.drop_golds == ((")",) if name == "nq" else ())  # the released code drops ")" for NQ-open only
+
+
+def save_memory(model_dir, out):
+    import torch
+    from transformers import AutoConfig
+
+    from models import MemoryConfig, build_memory
+
+    torch.manual_seed(0)
+    memory = build_memory(MemoryConfig.from_base(AutoConfig.from_pretrained(model_dir), num_layers=1,
+                                                 intermediate_size=16, layer=0))
+    memory.save_pretrained(out)
+    return str(out)
+
+
+def test_a_preset_applies_the_authors_settings_unless_a_flag_says_otherwise(table):
+    memory = save_memory(table["model"], table["dir"] / "memory")
+    with_memory = ("--use_neural_knn", "--knn_generator_path", memory)
+    metrics, predictions = run_qa(table, "triviaqa", "--protocol", "triviaqa", "--batch_stop", *with_memory)
+    assert metrics["protocol_settings_applied"] == {"lmbda": 0.6, "torch_dtype": "bfloat16",
+                                                    "per_device_eval_batch_size": 4}
+    assert metrics["lmbda"] == 0.6 and metrics["torch_dtype"] == "bfloat16"
+    assert metrics["settings"]["per_device_eval_batch_size"] == 4
+    _, four = run_qa(table, "four", "--protocol", "webqa", "--batch_stop", "--per_device_eval_batch_size", "4")
+    assert predictions == four  # the authors' batch of 4 (the memory does not move this model's one-hot argmax)
+    mine, _ = run_qa(table, "mine", "--protocol", "webquestions", "--lmbda", "0.3", "--torch_dtype", "float32",
+                     "--per_device_eval_batch_size", "2", *with_memory)
+    assert mine["protocol_settings_applied"] == {} and mine["lmbda"] == 0.3 and mine["torch_dtype"] == "float32"
+    base, _ = run_qa(table, "nq", "--protocol", "nq")
+    assert base["protocol_settings_applied"] == {"lmbda": 0.5, "torch_dtype": "float16", "per_device_eval_batch_size": 1}
