@@ -1,8 +1,8 @@
 """Loading closed-book QA sets as ``[{"question": str, "golds": [str, ...]}, ...]``.
 
 Sources: a local file holding a JSON list of records, an object holding one under ``data`` or
-``examples`` (BIG-bench), or JSON lines (whatever the suffix: HaluEval's release names them ``.json``);
-or a datasets-hub dataset. Field names are given or detected from the common layouts:
+``examples`` (BIG-bench), JSON lines (whatever the suffix: HaluEval's release names them ``.json``) or
+a ``.csv`` with a header line (TruthfulQA's); or a datasets-hub dataset. Field names are given or detected from the common layouts:
 
 ===============  ==========  ===========================================================================
 set              question    answer field (normalised to a list of gold strings)
@@ -18,6 +18,8 @@ SQuAD style      question    ``answers``: dict with a ``text`` list
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
 import os
@@ -103,15 +105,31 @@ def json_lines(path: str, text: str, flag: str = "--data_file") -> list:
     return records
 
 
+def csv_records(path: str, text: str, flag: str = "--data_file") -> list[dict]:
+    """The rows of CSV ``text`` with a header line (TruthfulQA's ``TruthfulQA.csv``), as records keyed by column."""
+    try:
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        records = [dict(row) for row in reader]
+    except csv.Error as err:
+        raise UsageError(f"{flag} {path}: not CSV ({err})") from None
+    if any(None in row for row in records):
+        raise UsageError(f"{flag} {path}: a row has more fields than the header ({', '.join(reader.fieldnames)})")
+    return records
+
+
 def read_local(path: str, flag: str = "--data_file") -> list[dict]:
-    """Records of a local JSON or JSON-lines file, whatever its suffix (errors name ``flag``)."""
+    """Records of a local JSON or JSON-lines file, whatever its suffix, or of a ``.csv`` file with a header line
+    (errors name ``flag``)."""
     if not os.path.isfile(path):
         raise UsageError(f"{flag} {path}: no such file")
-    try:
-        with open(path, encoding="utf-8") as f:
+    is_csv = path.lower().endswith(".csv")
+    try:  # CSV: a byte-order mark is not part of the first column's name; quoted fields keep their line ends
+        with open(path, encoding="utf-8-sig" if is_csv else "utf-8", newline="" if is_csv else None) as f:
             text = f.read()
     except UnicodeDecodeError as err:
         raise UsageError(f"{flag} {path} is not UTF-8 text (byte {err.start}: {err.reason})") from None
+    if is_csv:
+        return csv_records(path, text, flag)
     try:
         data = json.loads(text)
     except json.JSONDecodeError:

@@ -116,3 +116,134 @@ def test_a_preset_applies_the_authors_settings_unless_a_flag_says_otherwise(tabl
     assert mine["protocol_settings_applied"] == {} and mine["lmbda"] == 0.3 and mine["torch_dtype"] == "float32"
     base, _ = run_qa(table, "nq", "--protocol", "nq")
     assert base["protocol_settings_applied"] == {"lmbda": 0.5, "torch_dtype": "float16", "per_device_eval_batch_size": 1}
+
+
+# ---- TruthfulQA as the authors ran it -----------------------------------------------------------------------------
+
+TQA_ROWS = [  # TruthfulQA.csv's columns; answers without and with the final period, as the file has them
+    {"Type": "Adversarial", "Category": "Misconceptions", "Question": "Who built the old bridge?",
+     "Best Answer": "The old king built the bridge", "Correct Answers": "The old king built the bridge; A king",
+     "Incorrect Answers": "The queen built it; Many people built the bridge.", "Source": "x"},
+    {"Type": "Non-Adversarial", "Category": "Fiction", "Question": "Is the river long?",
+     "Best Answer": "I have no comment.", "Correct Answers": "I have no comment.; The river is long",
+     "Incorrect Answers": "No, it is short", "Source": "y"},
+]
+
+
+@pytest.fixture(scope="module")
+def tqa(tmp_path_factory):
+    """A byte-level BPE tokenizer that puts a BOS first (as Llama's and Mistral's do), a tiny Llama and a memory."""
+    import csv
+
+    import torch
+    from tokenizers import processors
+    from transformers import AutoConfig, PreTrainedTokenizerFast
+
+    from models import MemoryConfig, build_memory
+    from tests.conftest import tiny_model
+    from utils.embedded_corpus import train_tokenizer
+
+    directory = tmp_path_factory.mktemp("tqa")
+    texts = [f"Q: {r['Question']}\nA: {r['Correct Answers']} {r['Incorrect Answers']}" for r in TQA_ROWS] * 20
+    trained = train_tokenizer(texts, vocab_size=300)
+    backend = trained.backend_tokenizer
+    bos = backend.add_special_tokens(["<s>"]) and backend.token_to_id("<s>")
+    backend.post_processor = processors.Sequence([processors.ByteLevel(trim_offsets=False),
+                                                  processors.TemplateProcessing(single="<s> $A",
+                                                                                special_tokens=[("<s>", bos)])])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="<|endoftext|>")
+    tokenizer.save_pretrained(directory / "model")
+    model = tiny_model("llama", len(tokenizer), seed=3, max_position_embeddings=1024)
+    model.save_pretrained(directory / "model")
+    torch.manual_seed(0)
+    memory = build_memory(MemoryConfig.from_base(AutoConfig.from_pretrained(directory / "model"), num_layers=1,
+                                                 intermediate_size=48, layer=1))
+    with torch.no_grad():
+        for p in memory.parameters():
+            p.normal_(0, 0.5)
+    memory.save_pretrained(directory / "memory")
+    data = directory / "TruthfulQA.csv"
+    with open(data, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(TQA_ROWS[0]))
+        writer.writeheader()
+        writer.writerows(TQA_ROWS)
+    return {"dir": directory, "model_dir": str(directory / "model"), "memory": str(directory / "memory"),
+            "data": str(data), "model": model, "tokenizer": tokenizer, "bos": bos}
+
+
+def authors_loglik(tqa, prompt: str, answer: str, joint=None) -> float:
+    """The authors' scoring, written out: tokenizer(prompt + answer) with its BOS, split at tokenizer(prompt)'s length."""
+    import torch
+
+    tokenizer = tqa["tokenizer"]
+    ids = tokenizer(prompt + answer)["input_ids"]
+    n_prompt = len(tokenizer(prompt)["input_ids"])
+    assert ids[0] == tqa["bos"]
+    with torch.no_grad():
+        batch = torch.tensor([ids])
+        log_probs = joint.log_probs(batch)[0] if joint is not None else torch.log_softmax(tqa["model"](batch).logits[0], -1)
+    return sum(log_probs[i - 1, ids[i]].item() for i in range(n_prompt, len(ids)))
+
+
+def closed(answer: str) -> str:
+    return answer.strip() if answer.strip().endswith(".") else answer.strip() + "."
+
+
+def test_truthfulqa_csv_under_the_authors_protocol(tqa):
+    import math
+
+    from downstream import truthfulqa
+    from models import load_memory
+    from models.joint import JointLM
+
+    out = tqa["dir"] / "authors"
+    metrics = truthfulqa.main(["--model_name_or_path", tqa["model_dir"], "--data_file", tqa["data"], "--output_dir",
+                               str(out), "--protocol", "authors", "--knn_generator_path", tqa["memory"],
+                               "--torch_dtype", "float32"])
+    assert metrics["protocol_settings_applied"] == {"lmbda": 0.75} and metrics["lmbda"] == 0.75
+    joint = JointLM(tqa["model"], load_memory(tqa["memory"]), lmbda=0.75)
+    for setting, scorer in (("base", None), ("base_plus_memory", joint)):
+        mc1, mc2, mc3 = [], [], []
+        for row in TQA_ROWS:
+            prompt = truthfulqa.INSTRUCTION + "\n\n" + truthfulqa.QA_PRIMER + f"\n\nQ: {row['Question']}\nA:"
+            trues = [closed(a) for a in row["Correct Answers"].split(";")]
+            falses = [closed(a) for a in row["Incorrect Answers"].split(";")]
+            true_ll = [authors_loglik(tqa, prompt, " " + a, scorer) for a in trues]
+            false_ll = [authors_loglik(tqa, prompt, " " + a, scorer) for a in falses]
+            best = true_ll[trues.index(closed(row["Best Answer"]))]
+            mc1.append(best > max(false_ll))
+            mc2.append(sum(map(math.exp, true_ll)) / (sum(map(math.exp, true_ll)) + sum(map(math.exp, false_ll))))
+            mc3.append(sum(t > max(false_ll) for t in true_ll) / len(true_ll))
+        assert metrics[setting]["mc1"] == pytest.approx(100 * sum(mc1) / 2)
+        assert metrics[setting]["mc2"] == pytest.approx(100 * sum(mc2) / 2, abs=1e-3)
+        assert metrics[setting]["mc3"] == pytest.approx(100 * sum(mc3) / 2)
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert rows[0]["mc2"]["choices"] == [" The old king built the bridge.", " A king.", " The queen built it.",
+                                         " Many people built the bridge."]
+    assert rows[1]["mc1"]["choices"] == [" I have no comment.", " No, it is short."]
+
+    lm_eval = truthfulqa.main(["--model_name_or_path", tqa["model_dir"], "--data_file", tqa["data"],
+                               "--output_dir", str(tqa["dir"] / "lm_eval"), "--max_samples", "1"])
+    assert lm_eval["protocol"]["name"] == "lm_eval" and lm_eval["protocol_settings_applied"] == {}
+    assert lm_eval["prompt"] == truthfulqa.QA_PRIMER + "\n\nQ: {question}\nA:" and "mc3" in lm_eval["base"]
+
+
+def test_truthfulqa_authors_protocol_runs_in_float16_by_default(tqa):
+    from downstream import truthfulqa
+
+    metrics = truthfulqa.main(["--model_name_or_path", tqa["model_dir"], "--data_file", tqa["data"], "--output_dir",
+                               str(tqa["dir"] / "fp16"), "--protocol", "authors", "--max_samples", "1"])
+    assert metrics["protocol_settings_applied"] == {"lmbda": 0.75, "torch_dtype": "float16"}
+    assert metrics["torch_dtype"] == "float16" and 0 <= metrics["base"]["mc2"] <= 100
+
+
+def test_truthfulqa_mc2_as_truthfulqa_computes_it():
+    import math
+
+    from downstream.truthfulqa import truthfulqa_mc2
+
+    assert truthfulqa_mc2([-1.0, -2.0], [-3.0]) == pytest.approx((math.exp(-1) + math.exp(-2)) /
+                                                                  (math.exp(-1) + math.exp(-2) + math.exp(-3)))
+    # every exp underflows on one side: that side's log-likelihoods are halved until they do not (TruthfulQA's code)
+    assert truthfulqa_mc2([-2000.0], [-1.0]) == pytest.approx(math.exp(-500) / (math.exp(-500) + math.exp(-1)))
+    assert truthfulqa_mc2([-math.inf], [-math.inf]) == 0.0
