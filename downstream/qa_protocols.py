@@ -151,14 +151,14 @@ def get_protocol(name: str) -> Protocol:
 
 # A question field that already holds "Question: ... Answer:" (TriviaQA's released subset) is unwrapped first,
 # so that the template does not add its labels twice.
-_QUESTION_LABEL = re.compile(r"^\s*(?:question|q)\s*:\s*", re.IGNORECASE)
+QUESTION_LABEL = re.compile(r"^\s*(?:question|q)\s*:\s*", re.IGNORECASE)
 _ANSWER_LABEL = re.compile(r"\s*(?:answer|a)\s*:\s*$", re.IGNORECASE)
 
 
 def unwrap_question(question: str) -> str:
     """``question`` without the ``Question:`` / ``Answer:`` labels it may already carry."""
-    if _QUESTION_LABEL.match(question):
-        question = _ANSWER_LABEL.sub("", _QUESTION_LABEL.sub("", question, count=1))
+    if QUESTION_LABEL.match(question):
+        question = _ANSWER_LABEL.sub("", QUESTION_LABEL.sub("", question, count=1))
     return question
 
 

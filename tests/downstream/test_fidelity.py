@@ -247,3 +247,89 @@ def test_truthfulqa_mc2_as_truthfulqa_computes_it():
     # every exp underflows on one side: that side's log-likelihoods are halved until they do not (TruthfulQA's code)
     assert truthfulqa_mc2([-2000.0], [-1.0]) == pytest.approx(math.exp(-500) / (math.exp(-500) + math.exp(-1)))
     assert truthfulqa_mc2([-math.inf], [-math.inf]) == 0.0
+
+
+# ---- public files as they come ------------------------------------------------------------------------------------
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_webquestions_and_triviaqa_files_as_released(tmp_path):
+    from downstream.qa_data import load_qa
+
+    webq = write_jsonl(tmp_path / "webquestions.json", [  # the qId / qText release
+        {"qId": "wqr000001", "qText": "what character did natalie portman play in star wars?",
+         "answers": ["Padm Amidala"]}])
+    examples, info = load_qa(webq)
+    assert examples == [{"question": "what character did natalie portman play in star wars?", "golds": ["Padm Amidala"]}]
+    assert info["question_field"] == "qText"
+    berant = tmp_path / "webquestions.examples.test.json"  # the original release: utterance and targetValue
+    berant.write_text(json.dumps([{"url": "http://www.freebase.com/view/en/jamaica", "utterance":
+                                   "what does jamaican people speak?", "targetValue":
+                                   '(list (description "Jamaican English") (description Creole))'}]))
+    assert load_qa(str(berant))[0] == [{"question": "what does jamaican people speak?",
+                                        "golds": ["Jamaican English", "Creole"]}]
+    foundry = write_jsonl(tmp_path / "triviaqa_sm_sub.jsonl", [  # llm-foundry's TriviaQA subset
+        {"context": "Question: What type of animal is a dik-dik?\nAnswer:", "answer": "Antelope",
+         "aliases": ["Botswanan Antelopes", "Antelope", "Antelopes"]}])
+    examples, info = load_qa(foundry)
+    assert examples == [{"question": "What type of animal is a dik-dik?",
+                         "golds": ["Antelope", "Botswanan Antelopes", "Antelopes"]}]
+    assert info["question_field"] == "context" and info["answer_field"] == ["answer", "aliases"]
+    squad = write_jsonl(tmp_path / "squad.jsonl", [{"context": "A passage.", "question": "q?", "answers": ["a"]}])
+    assert load_qa(squad)[1]["question_field"] == "question"  # a passage is never taken for the question
+
+
+def test_triviaqa_subset_through_the_cli(table, tmp_path):
+    foundry = write_jsonl(tmp_path / "triviaqa_sm_sub.jsonl", [
+        {"context": "Question: who built the city?\nAnswer:", "answer": "tower", "aliases": ["the tower"]}])
+    out = tmp_path / "out"
+    metrics = eval_qa(["--model_name_or_path", table["model"], "--data_file", foundry, "--output_dir", str(out),
+                       "--protocol", "webqa", "--max_new_tokens", "2"])
+    row = json.loads((out / "predictions.jsonl").read_text())
+    assert row["prompt"] == "Answer the questions:\n\nQuestion: who built the city?? The answer is:"
+    assert row["golds"] == ["tower", "the tower"] and metrics["count"] == 1
+
+
+def test_strategyqa_gets_one_prompt_from_either_file(tqa, tmp_path):
+    from downstream import strategyqa
+
+    questions = [("Is the river long?", True), ("Did the old king build the bridge?", False),
+                 ("Is the queen old?", True), ("Was the bridge built by many people?", False)]
+    task = tmp_path / "task.json"  # BIG-bench's StrategyQA task, which turns the appended choices off
+    task.write_text(json.dumps({"name": "strategyqa", "append_choices_to_input": False, "examples": [
+        {"input": q, "target_scores": {"Yes": int(a), "No": int(not a)}, "target": "Yes." if a else "No."}
+        for q, a in questions]}))
+    original = tmp_path / "strategyqa_train.json"  # the original release: a boolean answer, facts, decomposition
+    original.write_text(json.dumps([{"qid": str(i), "term": "t", "description": "d", "question": q, "answer": a,
+                                     "facts": ["f"], "decomposition": ["d"]} for i, (q, a) in enumerate(questions)]))
+    results = {}
+    for name, path in (("task", task), ("original", original)):
+        results[name] = strategyqa.main(["--model_name_or_path", tqa["model_dir"], "--data_file", str(path),
+                                         "--output_dir", str(tmp_path / name)])
+    rows = {name: [json.loads(line) for line in (tmp_path / name / "predictions.jsonl").read_text().splitlines()]
+            for name in results}
+    assert [r["prompt"] for r in rows["task"]] == [r["prompt"] for r in rows["original"]] == \
+        [f"Q: {q}\nA: " for q, _ in questions]
+    assert [r["base"]["logliks"] for r in rows["task"]] == [r["base"]["logliks"] for r in rows["original"]]
+    assert results["task"]["base"]["accuracy"] == results["original"]["base"]["accuracy"]
+    assert results["original"]["prompt_settings"]["append_choices_to_input"] is False
+
+
+def test_halueval_generate_reads_the_whole_response(tmp_path):
+    from downstream import halueval
+
+    # after "#Your Judgement#:" the model says "No", then a newline, then "Yes": a first-line reading would say "No"
+    model = save_table_model(tmp_path / "model", ["Yes", "No"], {":": "No", "No": "\n", "\n": "Yes", "Yes": "."},
+                             default=".")
+    data = tmp_path / "qa_data.json"
+    data.write_text(json.dumps({"knowledge": "k", "question": "Who built the bridge?", "right_answer": "the king",
+                                "hallucinated_answer": "the queen"}) + "\n")
+    metrics = halueval.main(["--model_name_or_path", str(model), "--data_file", str(data), "--output_dir",
+                             str(tmp_path / "out"), "--judge", "generate", "--max_new_tokens", "4"])
+    rows = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert [row["base"]["generated"] for row in rows] == ["No \n Yes."] * 2
+    assert [row["base"]["judgment"] for row in rows] == ["failed", "failed"]  # "Yes" and "No" both occur
+    assert metrics["base"]["failed"] == 100.0 and metrics["base"]["accuracy"] == 0.0
