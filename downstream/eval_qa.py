@@ -12,11 +12,12 @@ and the scoring rules: ``released`` (NQ-open, HotpotQA as the released code), ``
 WebQuestions / TriviaQA evaluator) or ``default`` (this project's: the ``qa_prompt`` recorded in the
 ``meta.json`` beside ``--data_file``, else ``"Answer these questions:\\nQuestion: {question}\\nAnswer:"``;
 16 tokens; the first non-blank line). The per-dataset presets ``nq``, ``hotpotqa``, ``webquestions`` and
-``triviaqa`` add the memory weight, dtype and batch size the authors ran each with (`apply_protocol_settings`;
-flags win), and ``--batch_stop`` runs the WebQuestions / TriviaQA evaluator's batch rule. ``--prompt_template``, ``--max_new_tokens``, ``--stop`` and
-``--stop_at_newline`` override the protocol's values (a literal ``\\n`` typed on the command line means a
-newline). Scores (`downstream.qa_metrics`): exact match, token F1 and "contains a gold answer" after SQuAD
-normalisation (and ``has_answer`` under ``webqa``), each the max over the gold answers, means x100.
+``triviaqa`` add the memory weight, dtype and batch size the authors ran each with
+(`apply_protocol_settings`; flags win), and ``--batch_stop`` runs the WebQuestions / TriviaQA evaluator's
+batch rule. ``--prompt_template``, ``--max_new_tokens``, ``--stop`` and ``--stop_at_newline`` override the
+protocol's values (a literal ``\\n`` typed on the command line means a newline). Scores
+(`downstream.qa_metrics`): exact match, token F1 and "contains a gold answer" after SQuAD normalisation (and
+``has_answer`` under ``webqa``), each the max over the gold answers, means x100.
 
 Writes ``OUT/predictions.jsonl`` (one line per question, with its prompt) and ``OUT/qa_results.json`` (also
 merged into ``OUT/all_results.json``) with the resolved protocol. Data loading is `downstream.qa_data`.

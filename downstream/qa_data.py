@@ -2,7 +2,8 @@
 
 Sources: a local file holding a JSON list of records, an object holding one under ``data`` or
 ``examples`` (BIG-bench), JSON lines (whatever the suffix: HaluEval's release names them ``.json``) or
-a ``.csv`` with a header line (TruthfulQA's); or a datasets-hub dataset. Field names are given or detected from the common layouts:
+a ``.csv`` with a header line (TruthfulQA's); or a datasets-hub dataset. Field names are given or detected
+from the common layouts:
 
 =====================  ==========  =====================================================================
 set                    question    answer field (normalised to a list of gold strings)

@@ -115,7 +115,8 @@ def test_a_preset_applies_the_authors_settings_unless_a_flag_says_otherwise(tabl
                      "--per_device_eval_batch_size", "2", *with_memory)
     assert mine["protocol_settings_applied"] == {} and mine["lmbda"] == 0.3 and mine["torch_dtype"] == "float32"
     base, _ = run_qa(table, "nq", "--protocol", "nq")
-    assert base["protocol_settings_applied"] == {"lmbda": 0.5, "torch_dtype": "float16", "per_device_eval_batch_size": 1}
+    assert base["protocol_settings_applied"] == {"lmbda": 0.5, "torch_dtype": "float16",
+                                                 "per_device_eval_batch_size": 1}
 
 
 # ---- TruthfulQA as the authors ran it -----------------------------------------------------------------------------
@@ -172,7 +173,7 @@ def tqa(tmp_path_factory):
 
 
 def authors_loglik(tqa, prompt: str, answer: str, joint=None) -> float:
-    """The authors' scoring, written out: tokenizer(prompt + answer) with its BOS, split at tokenizer(prompt)'s length."""
+    """The authors' scoring written out: tokenizer(prompt + answer), BOS first, split at len(tokenizer(prompt))."""
     import torch
 
     tokenizer = tqa["tokenizer"]
@@ -181,7 +182,8 @@ def authors_loglik(tqa, prompt: str, answer: str, joint=None) -> float:
     assert ids[0] == tqa["bos"]
     with torch.no_grad():
         batch = torch.tensor([ids])
-        log_probs = joint.log_probs(batch)[0] if joint is not None else torch.log_softmax(tqa["model"](batch).logits[0], -1)
+        log_probs = (joint.log_probs(batch)[0] if joint is not None
+                     else torch.log_softmax(tqa["model"](batch).logits[0], -1))
     return sum(log_probs[i - 1, ids[i]].item() for i in range(n_prompt, len(ids)))
 
 
@@ -263,7 +265,8 @@ def test_webquestions_and_triviaqa_files_as_released(tmp_path):
         {"qId": "wqr000001", "qText": "what character did natalie portman play in star wars?",
          "answers": ["Padm Amidala"]}])
     examples, info = load_qa(webq)
-    assert examples == [{"question": "what character did natalie portman play in star wars?", "golds": ["Padm Amidala"]}]
+    assert examples == [{"question": "what character did natalie portman play in star wars?",
+                         "golds": ["Padm Amidala"]}]
     assert info["question_field"] == "qText"
     berant = tmp_path / "webquestions.examples.test.json"  # the original release: utterance and targetValue
     berant.write_text(json.dumps([{"url": "http://www.freebase.com/view/en/jamaica", "utterance":
