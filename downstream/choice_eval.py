@@ -133,12 +133,14 @@ def settings(joint) -> list[tuple[str, object]]:
     return [(BASE, None)] + ([(JOINT, joint)] if joint is not None else [])
 
 
-def score_items(model, tokenizer, items: list[Item], batch_size: int, joint=None,
-                max_length: int | None = None) -> tuple[list[list[float]], float]:
-    """The log-likelihood of every choice of every item, and the seconds it took."""
+def score_items(model, tokenizer, items: list[Item], batch_size: int, joint=None, max_length: int | None = None,
+                add_special_tokens: bool = False) -> tuple[list[list[float]], float]:
+    """The log-likelihood of every choice of every item, and the seconds it took (``add_special_tokens``: the
+    tokenizer's BOS before each prompt, `downstream.loglik.encode_pair`)."""
     requests = list(dict.fromkeys((item.prompt, choice) for item in items for choice in item.choices))  # once each
     start = time.perf_counter()
-    scored = dict(zip(requests, continuation_logliks(model, tokenizer, requests, batch_size, joint, max_length)))
+    scored = dict(zip(requests, continuation_logliks(model, tokenizer, requests, batch_size, joint, max_length,
+                                                     add_special_tokens)))
     seconds = time.perf_counter() - start
     return [[scored[item.prompt, choice].loglik for choice in item.choices] for item in items], seconds
 
@@ -157,12 +159,13 @@ def speed(count: int, seconds: float) -> dict:
     return {"seconds": seconds, "items_per_second": count / seconds if seconds > 0 else None}
 
 
-def run_settings(model, tokenizer, items: list[Item], args: ChoiceEvalArguments, joint) -> tuple[dict, dict]:
+def run_settings(model, tokenizer, items: list[Item], args: ChoiceEvalArguments, joint,
+                 add_special_tokens: bool = False) -> tuple[dict, dict]:
     """Each setting's outcomes per item ({setting: [choice_outcome, ...]}) and its speed ({setting: speed})."""
     outcomes, speeds = {}, {}
     for name, scorer in settings(joint):
         logliks, seconds = score_items(model, tokenizer, items, args.per_device_eval_batch_size, scorer,
-                                       args.max_length)
+                                       args.max_length, add_special_tokens)
         outcomes[name] = [choice_outcome(ll, item.labels) for ll, item in zip(logliks, items)]
         speeds[name] = speed(len(items), seconds)
         logger.info("Scored %d items (%d choices) under %s in %.1f s", len(items),

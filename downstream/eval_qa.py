@@ -11,10 +11,13 @@ written in it, the number of new tokens, the stop strings, which part of the con
 and the scoring rules: ``released`` (NQ-open, HotpotQA as the released code), ``webqa`` (the authors'
 WebQuestions / TriviaQA evaluator) or ``default`` (this project's: the ``qa_prompt`` recorded in the
 ``meta.json`` beside ``--data_file``, else ``"Answer these questions:\\nQuestion: {question}\\nAnswer:"``;
-16 tokens; the first non-blank line). ``--prompt_template``, ``--max_new_tokens``, ``--stop`` and
-``--stop_at_newline`` override the protocol's values (a literal ``\\n`` typed on the command line means a
-newline). Scores (`downstream.qa_metrics`): exact match, token F1 and "contains a gold answer" after SQuAD
-normalisation (and ``has_answer`` under ``webqa``), each the max over the gold answers, means x100.
+16 tokens; the first non-blank line). The per-dataset presets ``nq``, ``hotpotqa``, ``webquestions`` and
+``triviaqa`` add the memory weight, dtype and batch size the authors ran each with
+(`apply_protocol_settings`; flags win), and ``--batch_stop`` runs the WebQuestions / TriviaQA evaluator's
+batch rule. ``--prompt_template``, ``--max_new_tokens``, ``--stop`` and ``--stop_at_newline`` override the
+protocol's values (a literal ``\\n`` typed on the command line means a newline). Scores
+(`downstream.qa_metrics`): exact match, token F1 and "contains a gold answer" after SQuAD normalisation (and
+``has_answer`` under ``webqa``), each the max over the gold answers, means x100.
 
 Writes ``OUT/predictions.jsonl`` (one line per question, with its prompt) and ``OUT/qa_results.json`` (also
 merged into ``OUT/all_results.json``) with the resolved protocol. Data loading is `downstream.qa_data`.
@@ -31,7 +34,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import StoppingCriteriaList
 
 from downstream.qa_data import load_qa, recorded_prompt, select
 from downstream.qa_metrics import SCORE_KEYS, aggregate, score
@@ -40,14 +43,16 @@ from downstream.qa_protocols import (
     PLACEHOLDER,
     PROTOCOLS,
     Protocol,
+    batch_stop_protocol,
     build_prompt,
     choose_shots,
     extract_answer,
     first_line,  # noqa: F401 - part of this module's interface (tests, callers)
     get_protocol,
 )
+from downstream.stopping import AnswerLineComplete, BatchStopStrings, StopStrings
 from utils.arguments import BaseCheckArguments, PretrainedModelArguments
-from utils.cli import UsageError, check_finite_floats, command, parse_args, setup_logging
+from utils.cli import UsageError, check_finite_floats, command, flags_given, parse_args, setup_logging
 from utils.io import read_json, save_metrics
 from utils.locking import artifact_lock
 from utils.modeling import (
@@ -82,8 +87,16 @@ class QAArguments:
                 "eval_qa.py: 'Answer these questions:\\nQuestion: {q}?\\nAnswer:', 15 tokens, first line, F1 with "
                 "the yes/no rule, NQ's ')' answers dropped), 'webqa' (the authors' WebQuestions / TriviaQA "
                 "evaluator: 'Answer the questions:\\n\\nQuestion: {q}? The answer is:', stop at newline . or "
-                ",, 100 tokens, has_answer) or 'default' (this project's).",
+                ",, 100 tokens, has_answer) or 'default' (this project's). Per dataset, with the authors' run "
+                "settings where no flag sets them: 'nq' and 'hotpotqa' (released, lmbda 0.5, float16, batch 1), "
+                "'webquestions' (webqa, lmbda 0.75, bfloat16, batch 4), 'triviaqa' (webqa, lmbda 0.6, bfloat16, "
+                "batch 4).",
         "choices": list(PROTOCOLS)})
+    batch_stop: bool = field(default=False, metadata={
+        "help": "The authors' WebQuestions / TriviaQA batch rule (webqa, webquestions, triviaqa): a batch stops only "
+                "when every row has produced the same stop string, and the prediction is all the text generated, so "
+                "results depend on the batch size (theirs: 4, the webquestions / triviaqa presets' default). "
+                "Default: each row stops at its own first stop string.", "nargs": "?", "const": True})
     max_samples: int | None = field(default=None, metadata={
         "help": "Evaluate only N questions (the first N, or N from --start)."})
     start: int = field(default=0, metadata={"help": "Skip the first N questions (with --max_samples: a window)."})
@@ -177,6 +190,8 @@ def resolve_protocol(args: QAArguments) -> tuple[Protocol, str]:
     protocol = get_protocol(args.protocol).override(max_new_tokens=args.max_new_tokens, stop=args.stop,
                                                     stop_at_newline=args.stop_at_newline,
                                                     template=args.prompt_template)
+    if args.batch_stop:
+        protocol = batch_stop_protocol(protocol)
     return replace(protocol, template=template), template_source
 
 
@@ -184,28 +199,6 @@ def make_prompt(template: str, question: str) -> str:
     """``template`` with ``question`` in place of ``{question}``, after removing any ``Question:`` / ``Answer:``
     labels the question already carries (the default protocol's prompt)."""
     return build_prompt(template, question)
-
-
-class AnswerLineComplete(StoppingCriteria):
-    """Per row: stop once the generated text has a newline after its first non-blank character."""
-
-    def __init__(self, tokenizer, prompt_width: int):
-        self.tokenizer, self.prompt_width = tokenizer, prompt_width
-
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_width:], skip_special_tokens=True)
-        return torch.tensor(["\n" in t.lstrip() for t in texts], dtype=torch.bool, device=input_ids.device)
-
-
-class StopStrings(StoppingCriteria):
-    """Per row: stop once the generated text contains any of ``stop``."""
-
-    def __init__(self, tokenizer, prompt_width: int, stop: Sequence[str]):
-        self.tokenizer, self.prompt_width, self.stop = tokenizer, prompt_width, tuple(stop)
-
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_width:], skip_special_tokens=True)
-        return torch.tensor([any(s in t for s in self.stop) for t in texts], dtype=torch.bool, device=input_ids.device)
 
 
 def prepare_tokenizer(tokenizer, model) -> None:
@@ -223,10 +216,10 @@ def prepare_tokenizer(tokenizer, model) -> None:
 @torch.no_grad()
 def generate_answers(model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int,
                      stop_at_newline: bool = True, joint=None, stop: Sequence[str] = (),
-                     add_special_tokens: bool = True) -> list[str]:
+                     add_special_tokens: bool = True, batch_stop: bool = False) -> list[str]:
     """Greedy continuations (decoded, special tokens dropped) of each prompt, ``batch_size`` at a time; a row stops
     at any of ``stop`` and, with ``stop_at_newline``, once its answer line is complete (the continuations are
-    returned as generated, not cut)."""
+    returned as generated, not cut). With ``batch_stop`` the batch stops together (`BatchStopStrings`)."""
     device = next(model.parameters()).device
     generate = joint.generate if joint is not None else model.generate
     continuations = []
@@ -235,7 +228,7 @@ def generate_answers(model, tokenizer, prompts: list[str], batch_size: int, max_
                           add_special_tokens=add_special_tokens).to(device)
         width = batch["input_ids"].shape[1]
         criteria = [AnswerLineComplete(tokenizer, width)] if stop_at_newline else []
-        criteria += [StopStrings(tokenizer, width, stop)] if stop else []
+        criteria += [(BatchStopStrings if batch_stop else StopStrings)(tokenizer, width, stop)] if stop else []
         out = generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                        stopping_criteria=StoppingCriteriaList(criteria) if criteria else None)
         continuations += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
@@ -282,11 +275,32 @@ def make_prompts(examples: list[dict], protocol: Protocol, args: QAArguments) ->
                          choose_shots(pool, ex["question"], args.num_fewshot, args.fewshot_seed)) for ex in examples]
 
 
-def answer_questions(model_args: PretrainedModelArguments, args: QAArguments, checks: BaseCheckArguments) -> dict:
-    """Answer, score and write the results, holding the lock of --output_dir."""
+# ---- the authors' run settings of a preset: merge point with the memory settings group ------------------------
+
+def apply_protocol_settings(protocol: Protocol, args: QAArguments, model_args: PretrainedModelArguments,
+                            given: set[str]) -> dict:
+    """Give ``--lmbda``, ``--torch_dtype`` and ``--per_device_eval_batch_size`` the protocol's values (the authors' for
+    that dataset) where no flag in ``given`` set them; returns the values applied."""
+    applied = {}
+    if protocol.lmbda is not None and args.lmbda is None and "lmbda" not in given:
+        args.lmbda = applied["lmbda"] = protocol.lmbda
+    if protocol.torch_dtype is not None and "torch_dtype" not in given:
+        model_args.torch_dtype = applied["torch_dtype"] = protocol.torch_dtype
+    if protocol.batch_size is not None and "per_device_eval_batch_size" not in given:
+        args.per_device_eval_batch_size = applied["per_device_eval_batch_size"] = protocol.batch_size
+    if applied:
+        logger.info("--protocol %s: the authors' settings %s (flags override them)", protocol.name,
+                    ", ".join(f"--{k} {v}" for k, v in applied.items()))
+    return applied
+
+
+def answer_questions(model_args: PretrainedModelArguments, args: QAArguments, checks: BaseCheckArguments,
+                     given: set[str] = frozenset()) -> dict:
+    """Answer, score and write the results, holding the lock of --output_dir; ``given``: the flags typed."""
     protocol, template_source = resolve_protocol(args)
     logger.info("Protocol %s (%s); prompt from %s; settings %s", protocol.name, protocol.source, template_source,
                 json.dumps(protocol.describe()))
+    applied = apply_protocol_settings(protocol, args, model_args, given)
     examples, data_info, where = read_questions(args, protocol)
     if args.num_shards > 1 or args.start or args.max_samples:
         logger.info("Questions %d to %d (shard %d of %d)", where["start"], where["end"] - 1, args.shard_index,
@@ -319,7 +333,8 @@ def answer_questions(model_args: PretrainedModelArguments, args: QAArguments, ch
     start = time.perf_counter()
     continuations = generate_answers(model, tokenizer, prompts, args.per_device_eval_batch_size,
                                      protocol.max_new_tokens, protocol.stop_at_newline, joint, protocol.stop,
-                                     add_special_tokens=not args.chat_template)  # the chat template has its own
+                                     add_special_tokens=protocol.add_special_tokens and not args.chat_template,
+                                     batch_stop=protocol.batch_stop)  # the chat template has its own special tokens
     seconds = time.perf_counter() - start
 
     rows, scores = [], []
@@ -343,6 +358,7 @@ def answer_questions(model_args: PretrainedModelArguments, args: QAArguments, ch
         "data": data_info,
         "questions": where,
         "protocol": protocol.describe(),
+        "protocol_settings_applied": applied, "torch_dtype": model_args.torch_dtype,
         "prompt_template": protocol.template, "prompt_source": template_source,
         "settings": {k: v for k, v in asdict(args).items() if k not in ("output_dir", "merge")},
         "device": str(next(model.parameters()).device),
@@ -430,7 +446,7 @@ def main(argv: list[str] | None = None) -> dict:
     if model_args.model_name_or_path is None:
         raise UsageError("--model_name_or_path is required (a pretrained base model)")
     with artifact_lock(args.output_dir, "--output_dir"):
-        return answer_questions(model_args, args, checks)
+        return answer_questions(model_args, args, checks, flags_given(argv))
 
 
 cli = command(main)  # the console script of pyproject.toml

@@ -20,8 +20,9 @@ one of the two at random); a general sample gives one, labelled by its ``halluci
 The judgment is read (``--judge``):
 
 * ``loglik`` (default): the more likely continuation of " Yes" and " No" (`downstream.loglik`);
-* ``generate``: greedy text, its first line with "." removed; "Yes" or "No" when exactly one of them
-  occurs in it, else the judgment failed and counts as wrong (HaluEval's rule).
+* ``generate``: greedy text, ``--max_new_tokens`` of it (or up to the end of text), read as HaluEval's
+  ``evaluate.py`` reads the whole response: "." removed, "Yes" or "No" when exactly one of them occurs in
+  it, else the judgment failed and counts as wrong.
 
 Fields (HaluEval's released files, JSON lines named ``.json``, or the hub's ``pminervini/HaluEval``):
 qa ``knowledge``/``question``/``right_answer``/``hallucinated_answer``; dialogue ``knowledge``/
@@ -52,7 +53,7 @@ from downstream.choice_eval import (
     speed,
     write_results,
 )
-from downstream.eval_qa import first_line, generate_answers
+from downstream.eval_qa import generate_answers
 from downstream.halueval_instructions import INSTRUCTIONS
 from utils.arguments import BaseCheckArguments, PretrainedModelArguments
 from utils.cli import UsageError, command, parse_args, setup_logging
@@ -155,11 +156,11 @@ def generated_outcomes(model, tokenizer, items: list[Item], args: ChoiceEvalArgu
                        joint) -> tuple[list[dict], float]:
     start = time.perf_counter()
     texts = generate_answers(model, tokenizer, [item.prompt for item in items], args.per_device_eval_batch_size,
-                             max_new_tokens, True, joint)
+                             max_new_tokens, False, joint)  # the whole response, as HaluEval reads it
     seconds = time.perf_counter() - start
     outcomes = []
     for item, text in zip(items, texts):
-        judgment = parse_judgment(first_line(text))
+        judgment = parse_judgment(text)
         gold = "Yes" if item.labels[0] else "No"
         outcomes.append({"generated": text, "judgment": judgment, "correct": judgment == gold})
     return outcomes, seconds

@@ -12,10 +12,12 @@ Record formats (`downstream.choice_eval.read_records`: local files or a datasets
 
 * BIG-bench's task file ``{"examples": [{"input": ..., "target_scores": {"Yes": 1, "No": 0}}, ...]}``; the
   prompt is BIG-bench's: ``task_prefix + example_input_prefix + input`` (+ each choice after
-  ``choice_prefix`` when ``append_choices_to_input``) ``+ example_output_prefix``, with the file's settings or
-  BIG-bench's defaults (``"\\nQ: "``, ``"\\nA: "``, ``"\\n  choice: "``, true), leading whitespace removed;
+  ``choice_prefix`` when ``append_choices_to_input``) ``+ example_output_prefix``, with the file's settings or,
+  where it has none, those of BIG-bench's StrategyQA task (`STRATEGYQA_TASK`: BIG-bench's defaults
+  ``"\\nQ: "``, ``"\\nA: "``, ``"\\n  choice: "``, but the choices not appended), leading whitespace removed;
 * the original StrategyQA JSON (``question`` and a boolean ``answer``): choices "Yes" and "No", prompted
-  the same way;
+  as BIG-bench's StrategyQA task prompts them, so the same questions get the same prompt from either file
+  (BIG-bench's generic default would append the choices);
 * the hub's BIG-bench export (``inputs`` already prompted, ``multiple_choice_targets``,
   ``multiple_choice_scores``), e.g. ``--dataset_name tasksource/bigbench --dataset_config_name strategyqa``.
 
@@ -49,6 +51,9 @@ logger = logging.getLogger(__name__)
 # BIG-bench's JSON task defaults (bigbench/api/json_task.py).
 BIGBENCH_DEFAULTS = {"task_prefix": "", "example_input_prefix": "\nQ: ", "example_output_prefix": "\nA: ",
                      "choice_prefix": "\n  choice: ", "append_choices_to_input": True}
+# BIG-bench's StrategyQA task (benchmark_tasks/strategyqa/task.json) turns the appended choices off: the prompt of
+# every StrategyQA file that does not say otherwise, the original JSON's included.
+STRATEGYQA_TASK = {**BIGBENCH_DEFAULTS, "append_choices_to_input": False}
 
 
 @dataclass
@@ -60,7 +65,8 @@ class StrategyQAArguments:
     output_prefix: str | None = field(default=None, metadata={
         "help": "Text after the question (default: the file's example_output_prefix, else BIG-bench's '\\nA: ')."})
     append_choices: bool | None = field(default=None, metadata={
-        "help": "List the choices in the prompt (default: the file's append_choices_to_input, else BIG-bench's true)."})
+        "help": "List the choices in the prompt (default: the file's append_choices_to_input, else false, as "
+                "BIG-bench's StrategyQA task.json sets it)."})
 
     def __post_init__(self):
         for name in ("input_prefix", "output_prefix"):  # a literal \n typed on the command line is a newline
@@ -69,8 +75,8 @@ class StrategyQAArguments:
 
 
 def prompt_settings(task: dict, args: StrategyQAArguments) -> dict:
-    """BIG-bench's prompt settings: the flags, else the task file's, else BIG-bench's defaults."""
-    found = {key: task.get(key, default) for key, default in BIGBENCH_DEFAULTS.items()}
+    """BIG-bench's prompt settings: the flags, else the task file's, else BIG-bench's StrategyQA task's."""
+    found = {key: task.get(key, default) for key, default in STRATEGYQA_TASK.items()}
     overrides = {"example_input_prefix": args.input_prefix, "example_output_prefix": args.output_prefix,
                  "append_choices_to_input": args.append_choices}
     return {**found, **{key: value for key, value in overrides.items() if value is not None}}

@@ -192,7 +192,7 @@ def test_strategyqa_gold_comes_from_target_scores_not_the_explanation():
               "target": "Yes. The river is long, yes."}  # an explanation that says "Yes" although the answer is No
     item = strategyqa.record_item(record, 0, prompt, "f")
     assert item.choices == ["Yes", "No"] and item.labels == [0, 1]
-    assert item.prompt == "Q: Is the river long?\n  choice: Yes\n  choice: No\nA: "  # BIG-bench's defaults
+    assert item.prompt == "Q: Is the river long?\nA: "  # BIG-bench's StrategyQA task: no choices appended
     original = strategyqa.record_item({"question": "Is the river long?", "answer": True, "facts": ["no"]}, 1, prompt, "f")
     assert original.labels == [1, 0] and original.prompt == item.prompt
     hub = strategyqa.record_item({"inputs": "Q: x?\nA:", "multiple_choice_targets": ["Yes", "No"],
@@ -284,7 +284,7 @@ def test_halueval_cli(setup, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "gen" / "predictions.jsonl").read_text().splitlines()]
     assert generated["count"] == 2 and len(rows) == 2
     for row in rows:
-        assert row["base"]["judgment"] == halueval.parse_judgment(row["base"]["generated"].strip().split("\n")[0])
+        assert row["base"]["judgment"] == halueval.parse_judgment(row["base"]["generated"])  # the whole response
         assert row["base"]["correct"] == (row["base"]["judgment"] == row["gold"])
     assert 0 <= generated["base"]["failed"] <= 100
 

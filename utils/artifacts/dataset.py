@@ -7,7 +7,8 @@ of each token stream, and the block checksums of every file, utils/checksums.py)
     <dir>/<split>/windows.npy   int64 (W, 4)  (begin, end, row_begin, row_end) per window, see utils/windows.py
 
 Each row (``n - 1`` per split) is one scored prediction; every later stage numbers its rows the same way.
-utils/preprocess_dataset.py writes it.
+utils/preprocess_dataset.py writes it, and converts the released preprocessing's ``save_to_disk`` layout into
+it (utils/artifacts/released_dataset.py), which `load_split` does not read but names the command for.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from utils.artifacts.released_dataset import conversion_hint, is_released_dataset
 from utils.checksums import checksum_file, checksum_npy, verify_files
 from utils.io import ArtifactError, load_array, read_meta
 
@@ -64,6 +66,8 @@ def write_split(directory: Path, split: str, tokens: np.ndarray, windows: np.nda
 def load_split(dataset_dir: str, split: str, verify: bool = True) -> TokenizedSplit:
     """Open one split of a preprocessed dataset (memory-mapped); with ``verify``, check its files' block
     checksums first."""
+    if is_released_dataset(dataset_dir):
+        raise ArtifactError(conversion_hint(dataset_dir))
     meta = read_meta(dataset_dir, "dataset")
     if split not in meta["splits"]:
         raise ArtifactError(
