@@ -26,7 +26,7 @@ from utils.arguments import SPLITS
 from utils.artifacts.dataset import FORMAT_VERSION, write_split
 from utils.cli import UsageError, command, parse_args, setup_logging
 from utils.distributed import process_state
-from utils.io import ArtifactError, atomic_directory, read_meta, timed, write_json
+from utils.io import NPY_HEADER_BYTES, ArtifactError, atomic_directory, check_free_space, read_meta, timed, write_json
 from utils.locking import artifact_lock
 from utils.modeling import load_tokenizer, local_path_or_name, tokenizer_fingerprint
 from utils.windows import make_windows
@@ -169,7 +169,7 @@ def tokenize_corpus(corpus: dict[str, list[str]], tokenizer, args: PreprocessArg
 
 def preprocess(args: PreprocessArguments) -> dict:
     """Run step 1 and return the dataset's meta. The inputs are read and tokenized before --output_dir is touched."""
-    out = Path(args.output_dir)
+    out = Path(args.output_dir).resolve()  # through a link: the directory it names is replaced, not the link
     if out.exists() and not args.overwrite_output_dir:
         raise ArtifactError(f"--output_dir {out} already exists; pass --overwrite_output_dir to replace it.")
     tokenizer = load_tokenizer(args.tokenizer_path, args.gguf_file)
@@ -196,12 +196,14 @@ def preprocess(args: PreprocessArguments) -> dict:
         "splits": {},
         "checksums": {},
     }
+    windows = {split: make_windows(len(tokens), args.block_size, args.stride) for split, (_, tokens) in tokenized.items()}
+    check_free_space(out, sum(tokens.nbytes + windows[split].nbytes + 2 * NPY_HEADER_BYTES
+                              for split, (_, tokens) in tokenized.items()), f"--output_dir {args.output_dir}")
     if out.exists():
         shutil.rmtree(out)
     with atomic_directory(out) as staging:
         for split, (rows, tokens) in tokenized.items():
-            windows = make_windows(len(tokens), args.block_size, args.stride)
-            meta["splits"][split], checksums = write_split(staging, split, tokens, windows)
+            meta["splits"][split], checksums = write_split(staging, split, tokens, windows[split])
             meta["checksums"].update(checksums)
             meta["splits"][split]["characters"] = int(sum(len(r) for r in rows))
             logger.info("%s: %d tokens, %d rows, %d windows", split, len(tokens), len(tokens) - 1, len(windows))
