@@ -86,7 +86,10 @@ def load_memory(path: str | os.PathLike, flag: str = "--knn_generator_path", ver
     if not os.path.isfile(os.path.join(path, CONFIG)):
         raise UsageError(f"{flag} {path}: no config.json there (expected a directory saved by train_mlpmem_*, "
                          f"or a released memory: {known_layouts()})")
-    config_json = read_meta_file(Path(path) / CONFIG, "the JSON configuration of an MLP memory")
+    try:
+        config_json = read_meta_file(Path(path) / CONFIG, "the JSON configuration of an MLP memory")
+    except ArtifactError as err:
+        raise ArtifactError(f"{flag} {err}") from None
     is_memory = str(config_json.get("model_type", "")).startswith(KIND)  # another model is refused as such below
     if is_memory:
         check_fields(config_json, CONFIG_FIELDS, f"{flag} {Path(path) / CONFIG}")

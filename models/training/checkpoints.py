@@ -115,7 +115,7 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, output_dir: str, s
         if accelerator.is_main_process:
             shutil.rmtree(staging, ignore_errors=True)
             state, optimizer_state = accelerator.unwrap_model(model).state_dict(), optimizer.state_dict()
-            check_free_space(staging.parent, tensor_bytes(state) + tensor_bytes(optimizer_state["state"]) + (1 << 20),
+            check_free_space(staging.parent, tensor_bytes(state) + tensor_bytes(optimizer_state["state"]) + (64 << 10),
                              f"--output_dir {output_dir}: checkpoint {final.name}")
             staging.mkdir(parents=True)
         accelerator.wait_for_everyone()

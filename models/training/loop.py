@@ -360,7 +360,7 @@ def finish(run: Run, seconds: float, record: dict) -> dict:
                **{k: v for k, v in run.metrics_log.last_validation.items() if k.startswith("val_")}}
     check_finite_weights(memory, args.output_dir, "--output_dir")  # the last step may have overflowed
     if accelerator.is_main_process:
-        check_free_space(args.output_dir, tensor_bytes(memory.state_dict()) + (1 << 20), f"--output_dir {args.output_dir}")
+        check_free_space(args.output_dir, tensor_bytes(memory.state_dict()) + (64 << 10), f"--output_dir {args.output_dir}")
         paths = {flag: local_path_or_name(getattr(args, flag)) for flag in ("output_dir", "knn_save_path",
                                                                              "resume_from_checkpoint")}
         record = {**run.provenance, **record, "source": run.source.describe(), "training": {**asdict(args), **paths},

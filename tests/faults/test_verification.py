@@ -190,7 +190,7 @@ def test_a_meta_json_lacking_a_field_or_not_json_is_one_error_line(dstore, tmp_p
     assert verify.main([str(tmp_path)]) == 1  # before: a JSONDecodeError traceback
 
 
-def test_a_memory_config_that_is_not_json_or_lacks_a_field_is_one_error_line(joint, tmp_path):
+def test_a_memory_config_that_is_not_json_or_lacks_a_field_is_one_error_line(joint, tiny_dataset, tmp_path):
     memory = tmp_path / "memory"
     shutil.copytree(joint["memory"], memory)
     config = read_json(memory / "config.json")
@@ -200,6 +200,10 @@ def test_a_memory_config_that_is_not_json_or_lacks_a_field_is_one_error_line(joi
     (memory / "config.json").write_text("{not json")
     with pytest.raises(ArtifactError, match=r"config\.json is truncated or corrupt"):
         load_memory(memory, allow_unverified=True)
+    with pytest.raises(ArtifactError, match=r"--knn_generator_path .*config\.json is truncated or corrupt"):
+        evaluate_joint.main(["--model_name_or_path", str(joint["base"]), "--dataset_name", str(tiny_dataset),
+                             "--eval_subset", "test", "--knn_generator_path", str(memory), "--output_dir",
+                             str(tmp_path / "eval")])  # before: a JSONDecodeError traceback
 
 
 class Planted:

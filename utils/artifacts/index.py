@@ -125,9 +125,9 @@ def read_index_meta(index_path: Path, datastore: Datastore) -> dict:
     """The ``meta.json`` of the index at ``index_path``, checked to index ``datastore``."""
     try:
         meta = read_meta(index_path, "index", META_FIELDS)
+        check_parts(index_path, meta)
     except ArtifactError as err:
         raise ArtifactError(f"--index_path {index_path}: {err} Build it with knn_utils.build_index.") from None
-    check_parts(index_path, meta)
     check_index_matches(meta, datastore, index_path)
     return meta
 
