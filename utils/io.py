@@ -202,7 +202,7 @@ def existing_directory(path: str | os.PathLike) -> Path:
 
 
 def free_bytes(path: str | os.PathLike) -> int:
-    """Bytes this user may still write on the file system of ``path`` (which may not exist yet)."""
+    """Bytes free for ordinary users on the file system of ``path`` (which may not exist yet): `shutil.disk_usage`."""
     return shutil.disk_usage(existing_directory(path)).free
 
 
