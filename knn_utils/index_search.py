@@ -205,13 +205,15 @@ def torch_search_device(index_type: str, use_gpu: bool) -> str | None:
 
 
 def load_index(index_path: str | os.PathLike, datastore: Datastore, probe: int | None = None,
-               use_gpu: bool = False, torch_device: str | None = None, verify: bool = True) -> KnnIndex:
+               use_gpu: bool = False, torch_device: str | None = None, verify: bool = True,
+               allow_unverified: bool = False) -> KnnIndex:
     """Open the index of ``datastore`` for searching, with ``probe`` lists per query (default: the one it was built with).
 
     On the CPU the index file is memory-mapped read-only, so processes on one machine share one copy.
     An exact index asked for on a GPU (``use_gpu``) that FAISS cannot use is searched by `TorchExactSearch`
     on CUDA over the datastore's keys; ``torch_device`` ("cpu", "cuda:1" ...) forces that backend (the index
-    file is not read then). With ``verify``, the index file is checked against its block checksums first.
+    file is not read then). With ``verify``, the index file is checked against its block checksums first (an index
+    without them is refused unless ``allow_unverified``).
 
     A sharded index (``--index_shards``) under a ``torch.distributed`` group of several processes: this process
     opens only its shards (`knn_utils.sharded.shards_of_process`) and searches collectively; in one process,
@@ -247,7 +249,8 @@ def load_index(index_path: str | os.PathLike, datastore: Datastore, probe: int |
     nprobe, num_gpus = None, faiss.get_num_gpus() if use_gpu and faiss_gpu_available() else 0
     shards = []
     for position, part in enumerate(held):
-        index = read_index_file(index_path, meta, mmap=not use_gpu, verify=verify, part=part)
+        index = read_index_file(index_path, meta, mmap=not use_gpu, verify=verify, part=part,
+                                allow_unverified=allow_unverified)
         if meta["index_type"] == "ivfpq":
             if probe is not None and not 1 <= probe <= index.nlist:
                 raise UsageError(f"--probe must be between 1 and the index's {index.nlist} lists, got {probe}")

@@ -111,9 +111,14 @@ def key_module(model: torch.nn.Module, layer: int = -1) -> torch.nn.Module:
     return getattr(blocks[layer], arch_spec(model.config.model_type).ffn)
 
 
-def normalize_layer(model: torch.nn.Module, layer: int) -> int:
-    """``layer`` as a non-negative block index (so -1 and L-1 are recorded the same way)."""
-    return layer % len(transformer_blocks(model))
+def normalize_layer(model: torch.nn.Module, layer: int, what: str = "--dstore_layer") -> int:
+    """``layer`` as a non-negative block index (so -1 and L-1 are recorded the same way); a block the model does not
+    have is a `UsageError` naming ``what`` (it would otherwise wrap round to another block and be recorded as it)."""
+    blocks = len(transformer_blocks(model))
+    if not -blocks <= layer < blocks:
+        raise UsageError(f"{what} {layer} is out of range for a base model with {blocks} blocks "
+                         f"(0 to {blocks - 1}, or -{blocks} to -1 from the last)")
+    return layer % blocks
 
 
 @contextmanager

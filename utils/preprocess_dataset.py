@@ -30,7 +30,7 @@ from utils.artifacts.dataset import FORMAT_VERSION, write_split
 from utils.artifacts.released_dataset import is_released_dataset, released_streams
 from utils.cli import UsageError, command, flags_given, parse_args, setup_logging
 from utils.distributed import process_state
-from utils.io import ArtifactError, atomic_directory, read_meta, timed, write_json
+from utils.io import NPY_HEADER_BYTES, ArtifactError, atomic_directory, check_free_space, read_meta, timed, write_json
 from utils.locking import artifact_lock
 from utils.modeling import load_tokenizer, local_path_or_name, tokenizer_fingerprint
 from utils.windows import make_windows
@@ -213,7 +213,7 @@ def text_splits(args: PreprocessArguments, tokenizer) -> tuple[dict, dict]:
 def preprocess(args: PreprocessArguments, given: set[str] = frozenset()) -> dict:
     """Run step 1 and return the dataset's meta. The inputs are read and tokenized before --output_dir is touched;
     ``given``: the flags typed (a released dataset's block size and stride yield to them)."""
-    out = Path(args.output_dir)
+    out = Path(args.output_dir).resolve()  # through a link: the directory it names is replaced, not the link
     if out.exists() and not args.overwrite_output_dir:
         raise ArtifactError(f"--output_dir {out} already exists; pass --overwrite_output_dir to replace it.")
     tokenizer = load_tokenizer(args.tokenizer_path, args.gguf_file)
@@ -237,15 +237,17 @@ def preprocess(args: PreprocessArguments, given: set[str] = frozenset()) -> dict
         "splits": {},
         "checksums": {},
     }
+    windows = {split: make_windows(len(tokens), args.block_size, args.stride) for split, (tokens, _) in streams.items()}
+    check_free_space(out, sum(tokens.nbytes + windows[split].nbytes + 2 * NPY_HEADER_BYTES
+                              for split, (tokens, _) in streams.items()), f"--output_dir {args.output_dir}")
     if out.exists():
         shutil.rmtree(out)
     with atomic_directory(out) as staging:
         for split, (tokens, extra) in streams.items():
-            windows = make_windows(len(tokens), args.block_size, args.stride)
-            meta["splits"][split], checksums = write_split(staging, split, tokens, windows)
+            meta["splits"][split], checksums = write_split(staging, split, tokens, windows[split])
             meta["checksums"].update(checksums)
             meta["splits"][split].update(extra)
-            logger.info("%s: %d tokens, %d rows, %d windows", split, len(tokens), len(tokens) - 1, len(windows))
+            logger.info("%s: %d tokens, %d rows, %d windows", split, len(tokens), len(tokens) - 1, len(windows[split]))
         write_json(staging / "meta.json", meta)
     return meta
 

@@ -79,8 +79,11 @@ def reads_tokens(path: str | os.PathLike) -> bool:
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
         return False
-    with open(config_file) as f:
-        model_type = json.load(f).get("model_type")
+    try:
+        with open(config_file) as f:
+            model_type = json.load(f).get("model_type")
+    except (ValueError, AttributeError):  # not a JSON object: load_memory says so, naming the file
+        return False
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         return False
     config = AutoConfig.from_pretrained(path)

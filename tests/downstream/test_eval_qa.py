@@ -11,6 +11,7 @@ from downstream.eval_qa import DEFAULT_PROMPT, first_line, main, make_prompt
 from downstream.qa_data import gold_list, load_qa
 from downstream.qa_metrics import aggregate, contains_answer, exact_match, normalize_answer, score, token_f1
 from models import MemoryConfig, build_memory
+from models.memory_directory import save_memory
 from utils.cli import UsageError
 
 # ---- metrics -------------------------------------------------------------------------------------
@@ -168,7 +169,7 @@ def qa_setup(tmp_path_factory, tiny_gpt2_dir):
     with torch.no_grad():
         for p in memory.parameters():
             p.normal_(0, 0.5)
-    memory.save_pretrained(directory / "memory")
+    save_memory(directory / "memory", memory, results={}, record={})
     return {"dir": directory, "data": data, "model": str(tiny_gpt2_dir), "memory": str(directory / "memory")}
 
 

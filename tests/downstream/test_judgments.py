@@ -18,6 +18,7 @@ from downstream.choice_eval import choice_outcome
 from downstream.loglik import continuation_logliks, encode_pair
 from models import MemoryConfig, build_memory, load_memory
 from models.joint import JointLM
+from models.memory_directory import save_memory
 from tests.conftest import tiny_model
 from utils.cli import UsageError
 from utils.embedded_corpus import train_tokenizer
@@ -43,7 +44,7 @@ def setup(tmp_path_factory):
     with torch.no_grad():
         for p in memory.parameters():
             p.normal_(0, 0.5)
-    memory.save_pretrained(directory / "memory")
+    save_memory(directory / "memory", memory, results={}, record={})
     return {"dir": directory, "model_dir": str(directory / "model"), "memory": str(directory / "memory"),
             "tokenizer": load_tokenizer(str(directory / "model")), "model": model}
 

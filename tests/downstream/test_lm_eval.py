@@ -19,6 +19,7 @@ from lm_eval.tasks import TaskManager
 from downstream.lm_eval import MODEL_NAME, MLPMemoryLM, lm_eval_argv, main
 from models import MemoryConfig, build_memory
 from models.joint import interpolate_log_probs
+from models.memory_directory import save_memory
 from utils.cli import UsageError
 from utils.hidden_state import HiddenStateHook
 
@@ -88,7 +89,7 @@ def setup(tmp_path_factory, tiny_gpt2_dir):
     with torch.no_grad():
         for p in memory.parameters():
             p.normal_(0, 0.5)
-    memory.save_pretrained(directory / "memory")
+    save_memory(directory / "memory", memory, results={}, record={})
     (directory / "tasks").mkdir()
     write_tasks(directory / "tasks", directory / "datasets-cache")
     return {"dir": directory, "base": str(tiny_gpt2_dir), "memory": str(directory / "memory"),

@@ -20,6 +20,7 @@ import train_base
 from downstream import choose_lmbda, eval_qa
 from downstream import summary as summary_module
 from models import MemoryConfig, build_memory
+from models.memory_directory import save_memory
 from utils.artifacts.dataset import load_split
 from utils.cli import UsageError
 
@@ -194,7 +195,7 @@ def test_summary_of_real_artifacts(tmp_path, tiny_dataset, tiny_gpt2_dir, capsys
     with torch.no_grad():
         for p in memory.parameters():
             p.normal_(0, 0.3)
-    memory.save_pretrained(out / "memory")
+    save_memory(out / "memory", memory, results={}, record={})
     for split in ("validation", "test"):
         evaluate_joint.main(["--model_name_or_path", model, "--dataset_name", str(tiny_dataset),
                              "--dataset_split_name", split, "--per_device_eval_batch_size", "4", "--knn_temp", "1",

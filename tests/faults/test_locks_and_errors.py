@@ -31,12 +31,14 @@ from downstream import eval_qa
 from knn_utils import build_index, knnlm, saveKNNMulti
 from knn_utils.index_search import load_index
 from models import MemoryConfig, build_memory
+from models.memory_directory import save_memory
 from tests.conftest import REPO
 from tests.knn_fixtures import cpu_launch_env, random_datastore, tiny_lm  # noqa: F401  (tiny_lm is a fixture)
 from utils.artifacts.dataset import load_split
 from utils.artifacts.datastore import load_datastore
+from utils.checksums import model_files, record_checksums
 from utils.cli import UsageError
-from utils.io import ArtifactError
+from utils.io import ArtifactError, read_json, write_json
 from utils.locking import owner_file
 from utils.preprocess_dataset import main as preprocess
 
@@ -60,12 +62,13 @@ def memory_dir(tiny_lm, tmp_path_factory) -> Path:
     memory = build_memory(MemoryConfig.from_base(base_config, num_layers=1, intermediate_size=16, layer=1,
                                                  tokenizer_fingerprint=fingerprint))
     directory = tmp_path_factory.mktemp("memory") / "memory"
-    memory.save_pretrained(directory)
+    save_memory(directory, memory, results={}, record={})
     return directory
 
 
 def damaged_copy(source: Path, destination: Path, damage: str) -> Path:
-    """A copy of a model directory whose model.safetensors has a corrupt header or all its weights NaN."""
+    """A copy of a model directory whose model.safetensors has a corrupt header or all its weights NaN; a memory's
+    meta.json records the damaged file's checksums, as when a diverged run saved it (so the damage itself is met)."""
     shutil.copytree(source, destination)
     weights = destination / "model.safetensors"
     data = bytearray(weights.read_bytes())
@@ -75,6 +78,9 @@ def damaged_copy(source: Path, destination: Path, damage: str) -> Path:
     else:  # every weight byte 0xff: each float32 is a NaN
         data[8 + header:] = b"\xff" * (len(data) - 8 - header)
     weights.write_bytes(data)
+    if (destination / "meta.json").is_file():
+        meta = read_json(destination / "meta.json")
+        write_json(destination / "meta.json", {**meta, "checksums": record_checksums(destination, model_files(destination))})
     return destination
 
 
@@ -228,7 +234,8 @@ def test_nan_base_weights_give_an_error_not_a_perplexity(tiny_lm, tmp_path):
         build_index.main(["--dstore_path", str(tiny_lm["dstore"]), "--index_type", "flat"])
     with pytest.raises(ArtifactError, match="The base model's log-probabilities are NaN"):
         knnlm.main([*model_flags(tiny_lm, poisoned), "--dstore_dir", str(tiny_lm["dstore"]), "--eval_subset", "test",
-                    "--max_eval_samples", "2", "--k", "4", "--output_dir", str(tmp_path / "knnlm")])
+                    "--max_eval_samples", "2", "--k", "4", "--output_dir", str(tmp_path / "knnlm"),
+                    "--allow_base_mismatch"])  # NaN weights are another base: allowed, to reach the perplexity
     assert not (tmp_path / "knnlm" / "knnlm_results.json").exists()
 
 

@@ -18,6 +18,7 @@ from downstream.eval_qa import main as qa_main
 from models import MemoryConfig, MLPMemoryForCausalLM, build_memory
 from models.convert import main as convert_main
 from models.joint import JointLM
+from models.memory_directory import save_memory
 from tests.conftest import WORDS, tiny_model
 from utils.artifacts.dataset import load_split
 from utils.cli import UsageError
@@ -43,7 +44,7 @@ def parts(tmp_path_factory, tiny_gpt2_dir):
     with torch.no_grad():
         for p in memory.parameters():
             p.normal_(0, 0.3)  # far from the base, so the mixture matters
-    memory.eval().save_pretrained(root / "memory")
+    save_memory(root / "memory", memory.eval(), results={}, record={})
     decoder = tiny_model("llama", base.config.vocab_size, seed=2, num_hidden_layers=1)
     decoder.save_pretrained(root / "decoder")
     tokenizer.save_pretrained(root / "decoder")

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 
 import evaluate_joint
 from models import MemoryConfig, build_memory, load_memory
+from models.memory_directory import save_memory as write_memory
 from tests.conftest import REPO
 from utils.artifacts.dataset import load_split
 from utils.cli import UsageError
@@ -33,7 +34,7 @@ def save_memory(directory, base_config, fingerprint: str, seed: int = 0, **field
     with torch.no_grad():
         for p in memory.parameters():
             p.normal_(0, 0.3)  # far from the base model, so the mixture is not trivial
-    memory.save_pretrained(directory)
+    write_memory(directory, memory, results={}, record={})
     return directory
 
 
