@@ -2,7 +2,7 @@
 
     python -m downstream.truthfulqa --model_name_or_path MODEL --dataset_name truthful_qa \
         --dataset_config_name multiple_choice --dataset_split validation --output_dir OUT \
-        [--knn_generator_path MEMORY --lmbda 0.5 --knn_temp 1]
+        [--memory MEMORY --lmbda 0.5 --memory_temp 1]      # --model_name_or_path may be a joint directory
 
 As lm-evaluation-harness runs ``truthfulqa_mc1`` / ``truthfulqa_mc2``: the prompt is the benchmark's 6-shot
 QA primer (`QA_PRIMER`), then ``"\\n\\nQ: {question}\\nA:"``; each choice is scored as the continuation
@@ -22,18 +22,19 @@ from __future__ import annotations
 import logging
 
 from downstream.choice_eval import (
-    JOINT,
     ChoiceEvalArguments,
     Item,
     load_model,
     mean_percent,
+    memory_minus_base,
     read_records,
     run_record,
     run_settings,
     setting_label,
     write_results,
 )
-from utils.arguments import BaseCheckArguments, PretrainedModelArguments
+from models.joint.settings import MemoryArguments
+from utils.arguments import PretrainedModelArguments
 from utils.cli import UsageError, command, parse_args, setup_logging
 from utils.locking import artifact_lock
 
@@ -100,12 +101,12 @@ def metrics_of(results: dict[str, list[dict]]) -> dict:
             "mc2": mean_percent(o["true_mass"] for o in results["mc2"])}
 
 
-def evaluate(model_args: PretrainedModelArguments, args: ChoiceEvalArguments, checks: BaseCheckArguments) -> dict:
+def evaluate(model_args: PretrainedModelArguments, args: ChoiceEvalArguments, memory_args: MemoryArguments) -> dict:
     records, source = read_records(args)
     per_record = [record_items(record, i, source) for i, record in enumerate(records[:args.max_samples])]
     items = [r[task] for r in per_record for task in TASKS]  # mc1, mc2 of record 0, then of record 1, ...
-    model, tokenizer, joint = load_model(model_args, args, checks)
-    outcomes, speeds = run_settings(model, tokenizer, items, args, joint)
+    loaded = load_model(model_args, memory_args)
+    outcomes, speeds = run_settings(loaded, items, args)
 
     by_task = {name: {task: results[t::len(TASKS)] for t, task in enumerate(TASKS)} for name, results in outcomes.items()}
     metrics = {"count": len(per_record),
@@ -114,9 +115,9 @@ def evaluate(model_args: PretrainedModelArguments, args: ChoiceEvalArguments, ch
                          if speeds[name]["seconds"] > 0 else None}
                   for name, results in by_task.items()},
                "prompt": truthfulqa_prompt("{question}"),
-               **run_record(model_args, args, model, tokenizer, joint, source)}
-    if JOINT in metrics:
-        metrics["memory_minus_base"] = {task: metrics[JOINT][task] - metrics["base"][task] for task in TASKS}
+               **run_record(args, loaded, source)}
+    if (difference := memory_minus_base(metrics, TASKS)) is not None:
+        metrics["memory_minus_base"] = difference
     rows = [{"question": record["mc1"].info["question"],
              **{task: {"choices": record[task].choices, "labels": record[task].labels,
                        **{name: results[task][i] for name, results in by_task.items()}} for task in TASKS}}
@@ -124,16 +125,16 @@ def evaluate(model_args: PretrainedModelArguments, args: ChoiceEvalArguments, ch
     write_results(args.output_dir, "truthfulqa", rows, metrics)
     for name in by_task:
         logger.info("TruthfulQA %s, %s: %d questions, MC1 %.2f MC2 %.2f, %.2f questions/s", source,
-                    setting_label(name, args), len(per_record), metrics[name]["mc1"], metrics[name]["mc2"],
+                    setting_label(name, loaded), len(per_record), metrics[name]["mc1"], metrics[name]["mc2"],
                     metrics[name]["questions_per_second"] or 0.0)
     return metrics
 
 
 def main(argv: list[str] | None = None) -> dict:
     setup_logging()
-    model_args, args, checks = parse_args((PretrainedModelArguments, ChoiceEvalArguments, BaseCheckArguments), argv)
+    model_args, args, memory_args = parse_args((PretrainedModelArguments, ChoiceEvalArguments, MemoryArguments), argv)
     with artifact_lock(args.output_dir, "--output_dir"):
-        return evaluate(model_args, args, checks)
+        return evaluate(model_args, args, memory_args)
 
 
 cli = command(main)
