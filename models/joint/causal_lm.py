@@ -36,6 +36,7 @@ from models.configuration_mlp_memory import MemoryConfig
 from models.joint.hooks import mixing_hooks
 from models.joint.interpolation import check_joint_settings
 from models.joint.memories import MLP_MEMORY, JointMemory, PrefixStage, as_joint_memory
+from models.joint.settings import DEFAULT_LMBDA, DEFAULT_MEMORY_TEMP, PERPLEXITY
 from models.modeling_mlp_memory import MEMORY_MODELS
 from utils.cli import UsageError
 
@@ -53,8 +54,8 @@ class MLPMemoryJointConfig(PreTrainedConfig):
 
     text_config: dict | PreTrainedConfig | None = None
     memory_config: dict | PreTrainedConfig | None = None
-    lmbda: float = 0.25  # weight of the memory
-    memory_temp: float = 1.0  # temperature of the memory's logits
+    lmbda: float = DEFAULT_LMBDA[PERPLEXITY]  # weight of the memory
+    memory_temp: float = DEFAULT_MEMORY_TEMP  # temperature of the memory's logits
     memory_layer: int | None = None  # the base block whose feed-forward input an MLP memory reads (None: tokens)
     memory_kind: str = MLP_MEMORY  # "mlp_memory" or "memory_decoder"
     tie_word_embeddings: bool = False  # the joint model has no head of its own; the base ties its own
@@ -106,8 +107,8 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
         self.post_init()
 
     @classmethod
-    def from_parts(cls, base: PreTrainedModel, memory: torch.nn.Module | JointMemory, lmbda: float = 0.25,
-                   memory_temp: float = 1.0, tokenizer_fingerprint: str | None = None,
+    def from_parts(cls, base: PreTrainedModel, memory: torch.nn.Module | JointMemory,
+                   lmbda: float = DEFAULT_LMBDA[PERPLEXITY], memory_temp: float = DEFAULT_MEMORY_TEMP, tokenizer_fingerprint: str | None = None,
                    allow_base_mismatch: bool = False, *, checked: dict | None = None) -> MLPMemoryForCausalLM:
         """The joint model of loaded models (not copied), after `JointMemory.check_fits` (unless ``checked`` is the
         record of that check already made, by `models.joint.loading.load_joint`)."""

@@ -49,12 +49,14 @@ import torch
 
 from models.joint.interpolation import check_joint_settings, interpolate_log_probs
 from models.joint.memories import JointMemory, PrefixStage, as_joint_memory
+from models.joint.settings import DEFAULT_LMBDA, DEFAULT_MEMORY_TEMP, PERPLEXITY
 from models.joint.token_memory import load_any_memory
 from utils.cli import UsageError
 
 logger = logging.getLogger(__name__)
 
 _ATTACHED = "_mlp_memory_attached"
+DEFAULT_PYTHON_LMBDA = DEFAULT_LMBDA[PERPLEXITY]  # JointLM / attach_memory without lmbda: the paper's perplexity value
 
 
 def check_memory_fits(model: torch.nn.Module, memory: torch.nn.Module | JointMemory,
@@ -164,9 +166,10 @@ def _attached(model: torch.nn.Module, memory: JointMemory, lmbda: float,
 
 
 @contextmanager
-def attach_memory(model: torch.nn.Module, memory: torch.nn.Module | JointMemory, lmbda: float = 0.25,
-                  memory_temp: float = 1.0, tokenizer_fingerprint: str | None = None, allow_base_mismatch: bool = False,
-                  *, knn_temp: float | None = None) -> Iterator[torch.nn.Module]:
+def attach_memory(model: torch.nn.Module, memory: torch.nn.Module | JointMemory,
+                  lmbda: float = DEFAULT_PYTHON_LMBDA, memory_temp: float = DEFAULT_MEMORY_TEMP,
+                  tokenizer_fingerprint: str | None = None, allow_base_mismatch: bool = False, *,
+                  knn_temp: float | None = None) -> Iterator[torch.nn.Module]:
     """Within the context, ``model``'s logits are the joint log-probabilities of base + memory.
 
     Checks that the memory fits the model (`check_memory_fits`: hidden size, vocabulary, layer, the
@@ -194,9 +197,10 @@ class JointLM:
     ``base_check`` records the base model check, for results. ``knn_temp`` is the released name of ``memory_temp``.
     """
 
-    def __init__(self, model: torch.nn.Module, memory: torch.nn.Module | JointMemory, lmbda: float = 0.25,
-                 memory_temp: float = 1.0, tokenizer_fingerprint: str | None = None,
-                 allow_base_mismatch: bool = False, *, knn_temp: float | None = None, checked: dict | None = None):
+    def __init__(self, model: torch.nn.Module, memory: torch.nn.Module | JointMemory,
+                 lmbda: float = DEFAULT_PYTHON_LMBDA, memory_temp: float = DEFAULT_MEMORY_TEMP,
+                 tokenizer_fingerprint: str | None = None, allow_base_mismatch: bool = False, *,
+                 knn_temp: float | None = None, checked: dict | None = None):
         memory_temp = memory_temp if knn_temp is None else knn_temp
         check_joint_settings(lmbda, memory_temp)
         self.joint_memory = as_joint_memory(memory)
