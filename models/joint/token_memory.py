@@ -42,8 +42,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from models.configuration_mlp_memory import MemoryConfig
 from models.joint.interpolation import gold_log_probs
-from models.joint.memories import (MEMORY_DECODER, MLP_MEMORY, JointMemory, MemoryReader, PrefixStage,  # noqa: F401
-                                   ScoredInputs, as_joint_memory)
+from models.joint.memories import MEMORY_DECODER, JointMemory, MemoryReader, PrefixStage, ScoredInputs
 from models.memory_directory import check_finite_weights, load_memory
 from utils.cli import UsageError
 from utils.distributed import synchronize
@@ -54,11 +53,6 @@ from utils.scoring import score_batches
 logger = logging.getLogger(__name__)
 
 PICKLE = "pytorch_model.bin"
-
-
-def memory_kind(memory: torch.nn.Module) -> str:
-    """``"mlp_memory"`` or ``"memory_decoder"``."""
-    return as_joint_memory(memory).kind
 
 
 def _weight_names(path: str, flag: str) -> set[str]:
