@@ -152,7 +152,7 @@ class MLPMemoryLM(HFLM):
     def get_model_info(self) -> dict:
         """What results record about the model: sizes and dtype, and the joint settings (no hub look-up)."""
         return {"model_num_parameters": self._model.num_parameters(), "model_dtype": str(self._model.dtype),
-                MODEL_NAME: self.record}
+                "torch_threads": torch.get_num_threads(), MODEL_NAME: self.record}  # beside lm-eval's timing
 
 
 def lm_eval_argv(argv: list[str]) -> list[str]:
