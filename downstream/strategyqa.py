@@ -1,7 +1,7 @@
 """StrategyQA: yes/no accuracy from the log-likelihoods of the answers, with and without the memory.
 
     python -m downstream.strategyqa --model_name_or_path MODEL --data_file task.json --output_dir OUT \
-        [--knn_generator_path MEMORY --lmbda 0.5 --knn_temp 1]
+        [--memory MEMORY --lmbda 0.5 --memory_temp 1]      # --model_name_or_path may be a joint directory
 
 BIG-bench's multiple choice: each choice is scored as a continuation of the prompt
 (`downstream.loglik`) and the prediction is the most likely one; the gold answer is the choice with the
@@ -30,11 +30,11 @@ import logging
 from dataclasses import dataclass, field
 
 from downstream.choice_eval import (
-    JOINT,
     ChoiceEvalArguments,
     Item,
     load_model,
     mean_percent,
+    memory_minus_base,
     read_object,
     read_records,
     run_record,
@@ -42,7 +42,8 @@ from downstream.choice_eval import (
     setting_label,
     write_results,
 )
-from utils.arguments import BaseCheckArguments, PretrainedModelArguments
+from models.joint.settings import MemoryArguments
+from utils.arguments import PretrainedModelArguments
 from utils.cli import UsageError, command, parse_args, setup_logging
 from utils.locking import artifact_lock
 
@@ -118,36 +119,36 @@ def is_no(choice: str) -> bool:
 
 
 def evaluate(model_args: PretrainedModelArguments, args: ChoiceEvalArguments, task_args: StrategyQAArguments,
-             checks: BaseCheckArguments) -> dict:
+             memory_args: MemoryArguments) -> dict:
     records, source = read_records(args)
     prompt = prompt_settings(read_object(args.data_file) if args.data_file else {}, task_args)
     items = [record_item(record, i, prompt, source) for i, record in enumerate(records[:args.max_samples])]
-    model, tokenizer, joint = load_model(model_args, args, checks)
-    outcomes, speeds = run_settings(model, tokenizer, items, args, joint)
+    loaded = load_model(model_args, memory_args)
+    outcomes, speeds = run_settings(loaded, items, args)
 
     no_gold = [any(is_no(c) and label for c, label in zip(item.choices, item.labels)) for item in items]
     metrics = {"count": len(items), "always_no_accuracy": mean_percent(no_gold),
                **{name: {"accuracy": mean_percent(o["correct"] for o in results), **speeds[name]}
                   for name, results in outcomes.items()},
-               "prompt_settings": prompt, **run_record(model_args, args, model, tokenizer, joint, source)}
-    if JOINT in metrics:
-        metrics["memory_minus_base"] = metrics[JOINT]["accuracy"] - metrics["base"]["accuracy"]
+               "prompt_settings": prompt, **run_record(args, loaded, source)}
+    if (difference := memory_minus_base(metrics)) is not None:
+        metrics["memory_minus_base"] = difference
     rows = [{**item.info, "prompt": item.prompt, "choices": item.choices, "labels": item.labels,
              **{name: results[i] for name, results in outcomes.items()}} for i, item in enumerate(items)]
     write_results(args.output_dir, "strategyqa", rows, metrics)
     for name in outcomes:
         logger.info("StrategyQA %s, %s: %d questions, accuracy %.2f (always 'No' %.2f), %.1f questions/s",
-                    source, setting_label(name, args), len(items), metrics[name]["accuracy"],
+                    source, setting_label(name, loaded), len(items), metrics[name]["accuracy"],
                     metrics["always_no_accuracy"], metrics[name]["items_per_second"] or 0.0)
     return metrics
 
 
 def main(argv: list[str] | None = None) -> dict:
     setup_logging()
-    model_args, args, task_args, checks = parse_args(
-        (PretrainedModelArguments, ChoiceEvalArguments, StrategyQAArguments, BaseCheckArguments), argv)
+    model_args, args, task_args, memory_args = parse_args(
+        (PretrainedModelArguments, ChoiceEvalArguments, StrategyQAArguments, MemoryArguments), argv)
     with artifact_lock(args.output_dir, "--output_dir"):
-        return evaluate(model_args, args, task_args, checks)
+        return evaluate(model_args, args, task_args, memory_args)
 
 
 cli = command(main)

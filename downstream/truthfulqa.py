@@ -2,9 +2,9 @@
 
     python -m downstream.truthfulqa --model_name_or_path MODEL --dataset_name truthful_qa \
         --dataset_config_name multiple_choice --dataset_split validation --output_dir OUT \
-        [--knn_generator_path MEMORY --lmbda 0.5 --knn_temp 1]
+        [--memory MEMORY --lmbda 0.5 --memory_temp 1]      # --model_name_or_path may be a joint directory
     python -m downstream.truthfulqa --model_name_or_path MODEL --data_file TruthfulQA.csv --protocol authors \
-        --output_dir OUT [--knn_generator_path MEMORY]     # the authors' run: lmbda 0.75, float16
+        --output_dir OUT [--memory MEMORY]                 # the authors' run: lmbda 0.75, float16
 
 Each answer is scored as the continuation ``" " + answer`` of the prompt (`downstream.loglik`). Two
 protocols (``--protocol``, `PROTOCOLS`):
@@ -42,18 +42,19 @@ import math
 from dataclasses import dataclass, field
 
 from downstream.choice_eval import (
-    JOINT,
     ChoiceEvalArguments,
     Item,
     load_model,
     mean_percent,
+    memory_minus_base,
     read_records,
     run_record,
     run_settings,
     setting_label,
     write_results,
 )
-from utils.arguments import BaseCheckArguments, PretrainedModelArguments
+from models.joint.settings import MemoryArguments
+from utils.arguments import PretrainedModelArguments
 from utils.cli import UsageError, command, flags_given, parse_args, setup_logging
 from utils.locking import artifact_lock
 
@@ -218,32 +219,27 @@ def question_scores(mc1: dict, mc2: dict, items: dict[str, Item], protocol: Trut
             "mc3": sum(ll > top_false for ll in trues) / len(trues)}
 
 
-# ---- a protocol's run settings: merge point with the memory settings group ---------------------------------------
-
-def apply_protocol_settings(protocol: TruthfulQAProtocol, args: ChoiceEvalArguments,
-                            model_args: PretrainedModelArguments, given: set[str]) -> dict:
-    """Give ``--lmbda`` and ``--torch_dtype`` the protocol's values where no flag in ``given`` set them; returns the
-    values applied."""
+def apply_protocol_dtype(protocol: TruthfulQAProtocol, model_args: PretrainedModelArguments, given: set[str]) -> dict:
+    """Give ``--torch_dtype`` the protocol's value unless a flag in ``given`` set it (its ``lmbda`` is a preset of
+    the memory settings, `models.joint.settings.resolve_lmbdas`); returns what was applied."""
     applied = {}
-    if protocol.lmbda is not None and "lmbda" not in given:
-        args.lmbda = applied["lmbda"] = protocol.lmbda
     if protocol.torch_dtype is not None and "torch_dtype" not in given:
         model_args.torch_dtype = applied["torch_dtype"] = protocol.torch_dtype
-    if applied:
-        logger.info("--protocol %s: the authors' settings %s (flags override them)", protocol.name,
-                    ", ".join(f"--{k} {v}" for k, v in applied.items()))
+        logger.info("--protocol %s: --torch_dtype %s, as the source ran (the flag overrides it)", protocol.name,
+                    protocol.torch_dtype)
     return applied
 
 
 def evaluate(model_args: PretrainedModelArguments, args: ChoiceEvalArguments, task_args: TruthfulQAArguments,
-             checks: BaseCheckArguments, given: set[str] = frozenset()) -> dict:
+             memory_args: MemoryArguments, given: set[str] = frozenset()) -> dict:
     protocol = PROTOCOLS[task_args.protocol]
-    applied = apply_protocol_settings(protocol, args, model_args, given)
+    applied = apply_protocol_dtype(protocol, model_args, given)
     records, source = read_records(args)
     per_record = [record_items(record, i, source, protocol) for i, record in enumerate(records[:args.max_samples])]
     items = [r[task] for r in per_record for task in TASKS]  # mc1, mc2 of record 0, then of record 1, ...
-    model, tokenizer, joint = load_model(model_args, args, checks)
-    outcomes, speeds = run_settings(model, tokenizer, items, args, joint, protocol.add_special_tokens)
+    preset = (f"--protocol {protocol.name}", protocol.lmbda) if protocol.lmbda is not None else None
+    loaded = load_model(model_args, memory_args, preset)
+    outcomes, speeds = run_settings(loaded, items, args, protocol.add_special_tokens)
 
     scores = {name: [question_scores(results[2 * i], results[2 * i + 1], record, protocol)
                      for i, record in enumerate(per_record)] for name, results in outcomes.items()}
@@ -254,9 +250,9 @@ def evaluate(model_args: PretrainedModelArguments, args: ChoiceEvalArguments, ta
                   for name, per_question in scores.items()},
                "protocol": {**protocol.__dict__}, "protocol_settings_applied": applied,
                "torch_dtype": model_args.torch_dtype, "prompt": protocol.prompt("{question}"),
-               **run_record(model_args, args, model, tokenizer, joint, source)}
-    if JOINT in metrics:
-        metrics["memory_minus_base"] = {m: metrics[JOINT][m] - metrics["base"][m] for m in METRICS}
+               **run_record(args, loaded, source)}
+    if (difference := memory_minus_base(metrics, METRICS)) is not None:
+        metrics["memory_minus_base"] = difference
     rows = [{"question": record["mc1"].info["question"],
              **{task: {"choices": record[task].choices, "labels": record[task].labels,
                        **{name: results[2 * i + t] for name, results in outcomes.items()}}
@@ -266,17 +262,17 @@ def evaluate(model_args: PretrainedModelArguments, args: ChoiceEvalArguments, ta
     write_results(args.output_dir, "truthfulqa", rows, metrics)
     for name in scores:
         logger.info("TruthfulQA %s (%s protocol), %s: %d questions, MC1 %.2f MC2 %.2f MC3 %.2f, %.2f questions/s",
-                    source, protocol.name, setting_label(name, args), len(per_record), metrics[name]["mc1"],
+                    source, protocol.name, setting_label(name, loaded), len(per_record), metrics[name]["mc1"],
                     metrics[name]["mc2"], metrics[name]["mc3"], metrics[name]["questions_per_second"] or 0.0)
     return metrics
 
 
 def main(argv: list[str] | None = None) -> dict:
     setup_logging()
-    model_args, args, task_args, checks = parse_args(
-        (PretrainedModelArguments, ChoiceEvalArguments, TruthfulQAArguments, BaseCheckArguments), argv)
+    model_args, args, task_args, memory_args = parse_args(
+        (PretrainedModelArguments, ChoiceEvalArguments, TruthfulQAArguments, MemoryArguments), argv)
     with artifact_lock(args.output_dir, "--output_dir"):
-        return evaluate(model_args, args, task_args, checks, flags_given(argv))
+        return evaluate(model_args, args, task_args, memory_args, flags_given(argv))
 
 
 cli = command(main)

@@ -61,7 +61,9 @@ class TargetSettings:
     """How the kNN distribution of each row is computed and stored."""
 
     k: int = field(default=1024, metadata={"help": "Neighbours per query (after leaving out the query's own row)."})
-    knn_temp: float = field(default=16.0, metadata={"help": "Temperature T of the weights softmax(-d / T) over squared L2 distances."})
+    knn_temp: float = field(default=16.0, metadata={
+        "help": "Temperature T of the kNN distribution: neighbour weights softmax(-d / T) over squared L2 distances "
+                "(not the memory's logit temperature, --memory_temp of evaluate_joint and QA)."})
     probe: int | None = field(default=None, metadata={"help": "IVF lists visited per query (default: the index's own, from build_index --probe)."})
     batch_size: int = field(default=16000, metadata={"help": "Queries per FAISS search call."})
     ignore_first: bool = field(

@@ -37,6 +37,7 @@ from accelerate import PartialState
 from knn_utils.faiss_devices import configure_threads
 from knn_utils.index_search import KNN_GPU_HELP, KnnIndex, check_gpu_k, load_index
 from models.joint.interpolation import check_lmbdas, interpolate_log_probs
+from models.joint.settings import DEFAULT_LMBDA, PERPLEXITY
 from utils.arguments import BaseCheckArguments, DataArguments, PretrainedModelArguments
 from utils.artifacts.dataset import TokenizedSplit, load_split
 from utils.artifacts.datastore import Datastore, open_datastore
@@ -59,10 +60,12 @@ class KnnLMArguments:
     output_dir: str = field(metadata={"help": "Directory for knnlm_results.json (merged into all_results.json)."})
     index_path: str | None = field(default=None, metadata={"help": "Index directory (default: DSTORE_DIR/index)."})
     k: int = field(default=1024, metadata={"help": "Neighbours retrieved per token."})
-    lmbda: list[float] = field(default_factory=lambda: [0.25], metadata={
+    lmbda: list[float] = field(default_factory=lambda: [DEFAULT_LMBDA[PERPLEXITY]], metadata={
         "help": "Weight of p_knn in the interpolation (0: the base LM alone). Several values, e.g. --lmbda 0.1 0.25 "
                 "0.4, are all scored in the same pass (one search); the first is the headline.", "nargs": "+"})
-    knn_temp: float = field(default=1.0, metadata={"help": "Temperature T of softmax(-d / T) over squared L2 distances."})
+    knn_temp: float = field(default=1.0, metadata={
+        "help": "Temperature T of the kNN distribution, softmax(-d / T) over squared L2 distances (not the memory's "
+                "logit temperature, --memory_temp of evaluate_joint)."})
     probe: int | None = field(default=None, metadata={"help": "IVF lists visited per query (default: the index's own)."})
     knn_gpu: bool = field(default=False, metadata={"help": KNN_GPU_HELP})
     per_device_eval_batch_size: int = field(default=8, metadata={"help": "Windows per forward pass and process."})

@@ -59,22 +59,19 @@ env -u KNN_TARGETS -u GGUF_FILE -u TOKENIZER -u EVAL_WINDOWS \
 
 # Closed-book QA: choose lmbda on the validation entities' questions, report the test questions. The
 # prompt is the form of the QA lines in the corpus's train split: eval_qa reads it from corpus/meta.json.
+# One run per split answers under the base alone and under base + memory at each lmbda, into OUT/qa_<split>/base
+# and OUT/qa_<split>/lmbda_<l> (downstream.qa_results).
 qa() {  # qa OUTPUT_DIR QA_FILE [eval_qa flags...]
     local dir="$1" data="$2"; shift 2
     stage "QA: $dir" "$dir/qa_results.json" \
         python -m downstream.eval_qa --model_name_or_path "$OUT/base" --data_file "$data" \
             --per_device_eval_batch_size 64 --output_dir "$dir" "$@"
 }
-for lmbda in $QA_LMBDAS; do
-    qa "$OUT/qa_validation/lmbda_$lmbda" "$OUT/corpus/qa_validation.jsonl" \
-        --use_neural_knn --knn_generator_path "$OUT/memory" --lmbda "$lmbda"
-done
+# shellcheck disable=SC2086
+qa "$OUT/qa_validation" "$OUT/corpus/qa_validation.jsonl" --memory "$OUT/memory" --lmbda $QA_LMBDAS
 QA_LMBDA=$(python -m downstream.choose_lmbda "$OUT"/qa_validation/lmbda_*)
 echo "== QA lmbda chosen on the validation questions: $QA_LMBDA"
-qa "$OUT/qa_validation/base" "$OUT/corpus/qa_validation.jsonl"
-qa "$OUT/qa_test/base" "$OUT/corpus/qa_test.jsonl"
-qa "$OUT/qa_test/lmbda_$QA_LMBDA" "$OUT/corpus/qa_test.jsonl" \
-    --use_neural_knn --knn_generator_path "$OUT/memory" --lmbda "$QA_LMBDA"
+qa "$OUT/qa_test" "$OUT/corpus/qa_test.jsonl" --memory "$OUT/memory" --lmbda "$QA_LMBDA"
 
 # Yes/no questions (BIG-bench form, read as StrategyQA) and hallucination judgments (HaluEval "qa" form) about the
 # test facts, each answer read from the log-likelihoods of " Yes" and " No", with and without the memory at the QA
@@ -83,11 +80,11 @@ qa "$OUT/qa_test/lmbda_$QA_LMBDA" "$OUT/corpus/qa_test.jsonl" \
 # samples) in place of HaluEval's long instruction, which would not fit the base model's 256 positions.
 stage "yes/no questions" "$OUT/yes_no_fewshot_test/strategyqa_results.json" \
     python -m downstream.strategyqa --model_name_or_path "$OUT/base" --data_file "$OUT/corpus/yes_no_test.json" \
-        --knn_generator_path "$OUT/memory" --lmbda "$QA_LMBDA" --per_device_eval_batch_size 64 \
+        --memory "$OUT/memory" --lmbda "$QA_LMBDA" --per_device_eval_batch_size 64 \
         --output_dir "$OUT/yes_no_fewshot_test"
 stage "hallucination judgments" "$OUT/halueval_fewshot_test/halueval_results.json" \
     python -m downstream.halueval --model_name_or_path "$OUT/base" --data_file "$OUT/corpus/halueval_test.json" \
-        --instruction "$OUT/corpus/halueval_fewshot.txt" --knn_generator_path "$OUT/memory" --lmbda "$QA_LMBDA" \
+        --instruction "$OUT/corpus/halueval_fewshot.txt" --memory "$OUT/memory" --lmbda "$QA_LMBDA" \
         --per_device_eval_batch_size 64 --output_dir "$OUT/halueval_fewshot_test"
 
 stage "a test question the memory corrects" "$OUT/correction.json" \

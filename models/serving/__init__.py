@@ -8,7 +8,8 @@ models``), the architecture ``MLPMemoryForCausalLM`` with vLLM's model registry 
 `models.serving.vllm_model` only where it builds the model), and a config hook that vLLM's front end runs before any
 engine starts: `models.serving.checks.check_joint_directory` then refuses, in one line, a directory whose memory does
 not fit its base (``hf_overrides={"allow_base_mismatch": true}`` accepts it, as ``--allow_base_mismatch`` does
-elsewhere), a Memory Decoder memory, or a base family without a known key module. ``lmbda`` and the memory's
+elsewhere), files that fail their checksums or have none (``{"allow_unverified": true}`` reads the latter, as
+``--allow_unverified`` does), a Memory Decoder memory, or a base family without a known key module. ``lmbda`` and the memory's
 temperature come from the joint config; ``hf_overrides`` changes them (``{"lmbda": 0.25}``).
 
 vLLM is optional: nothing outside this package imports it, and `models/__init__.py` does not import this package.
@@ -44,8 +45,9 @@ class JointDirectoryCheck:
 
         model_config = vllm_config.model_config
         allow = bool(getattr(model_config.hf_config, "allow_base_mismatch", False))
+        unverified = bool(getattr(model_config.hf_config, "allow_unverified", False))
         try:
-            check_joint_directory(resolve_local(model_config.model, model_config.revision), allow)
+            check_joint_directory(resolve_local(model_config.model, model_config.revision), allow, unverified)
             serving_settings(model_config.hf_config)  # with hf_overrides applied (lmbda, memory_temp)
         except UsageError as error:  # ArtifactError too
             raise JointModelRefused(str(error)) from None

@@ -1,28 +1,28 @@
-"""Read and check a joint directory before vLLM serves it: the one function a shared loader can replace.
+"""Read and check a joint directory before vLLM serves it.
 
 `check_joint_directory` runs in vLLM's front-end process (the API server, or the process that builds ``LLM(...)``)
-before any engine starts, so a directory that cannot be served is refused in one line there. It reuses the checks
-every other entry point makes: the block checksums of ``meta.json`` (`utils.checksums.verify_files`), and
-`MLPMemoryForCausalLM.check_fits` on the loaded joint model (hidden size, vocabulary, key layer, the tokenizer, and
+before any engine starts, so a directory that cannot be served is refused in one line there. After the checks of
+the config alone (`serving_settings`), it loads the directory through the loader every other entry point uses,
+`models.joint.loading.load_joint`: the block checksums of ``meta.json`` (a directory without them is refused unless
+``allow_unverified``), and the memory's fit to its base (hidden size, vocabulary, key layer, the tokenizer, and
 the base model's fingerprint, so a memory of another base is refused unless ``allow_base_mismatch``).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
-import torch
-
-from models.joint.causal_lm import MLPMemoryForCausalLM, MLPMemoryJointConfig, is_joint_directory
+from models.joint.causal_lm import MLPMemoryJointConfig
 from models.joint.interpolation import check_joint_settings
-from models.joint.token_memory import MLP_MEMORY
+from models.joint.loading import is_joint_directory, load_joint
+from models.joint.memories import MLP_MEMORY
+from models.joint.settings import DOWNSTREAM, MemoryArguments
 from utils.architectures import arch_spec
-from utils.checksums import model_files, verify_files
+from utils.arguments import PretrainedModelArguments
 from utils.cli import UsageError
-from utils.io import META_NAME, read_json, timed
-from utils.modeling import load_tokenizer, loading, tokenizer_fingerprint
+from utils.io import timed
+from utils.modeling import loading
 
 logger = logging.getLogger(__name__)
 
@@ -54,26 +54,20 @@ def serving_settings(config: MLPMemoryJointConfig) -> ServingSettings:
     return ServingSettings(memory_layer=int(config.memory_layer), lmbda=float(config.lmbda), memory_temp=float(temp))
 
 
-def check_joint_directory(path: str, allow_base_mismatch: bool = False) -> dict:
+def check_joint_directory(path: str, allow_base_mismatch: bool = False, allow_unverified: bool = False) -> dict:
     """Refuse a joint directory vLLM must not serve (`UsageError` / `ArtifactError`, one line); returns the base
-    model check's record. Config-only checks come first, then the checksums, then a load of the weights (in
-    bfloat16, which the fingerprint does not see) for `MLPMemoryForCausalLM.check_fits`."""
+    model check's record. Config-only checks come first, then `load_joint` (checksums, and the memory's fit, on
+    weights loaded in bfloat16, which the fingerprint does not see)."""
     if not is_joint_directory(path):
         raise UsageError(f"{path}: not a joint model directory (a config.json of model_type {JOINT_KIND}); build one "
                          "with python -m models.convert --joint")
     with loading(path, "--model"):
         config = MLPMemoryJointConfig.from_pretrained(path)
     serving_settings(config)
-    meta_file = os.path.join(path, META_NAME)
-    if os.path.isfile(meta_file):
-        verify_files(path, read_json(meta_file), model_files(path))
-    else:
-        logger.warning("%s has no %s: its files cannot be checked against their checksums", path, META_NAME)
     with timed(f"Checking that the memory of {path} fits its base model", logger):
-        with loading(path, "--model"):
-            joint = MLPMemoryForCausalLM.from_pretrained(path, dtype=torch.bfloat16,
-                                                         allow_base_mismatch=allow_base_mismatch)
-        fingerprint = tokenizer_fingerprint(load_tokenizer(path, flag="--model"))
-        record = joint.check_fits(fingerprint, allow_base_mismatch)
-    del joint
+        loaded = load_joint(PretrainedModelArguments(model_name_or_path=path, torch_dtype="bfloat16"),
+                            MemoryArguments(allow_base_mismatch=allow_base_mismatch, allow_unverified=allow_unverified),
+                            DOWNSTREAM)
+    record = loaded.record["base_check"]
+    del loaded
     return record

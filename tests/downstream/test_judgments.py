@@ -299,3 +299,44 @@ def test_bad_flags(setup, tmp_path):
     with pytest.raises(UsageError, match="lmbda"):
         strategyqa.main(["--model_name_or_path", setup["model_dir"], "--data_file", "x.json",
                          "--output_dir", str(tmp_path / "x"), "--lmbda", "2"])
+
+
+# ---- one door: a joint directory, several lmbdas ----------------------------------------------------
+
+def test_a_joint_directory_gives_the_numbers_of_base_and_memory(setup, tmp_path):
+    """HaluEval, StrategyQA and TruthfulQA take a joint directory (python -m models.convert --joint) as the model, with
+    its lmbda, and score what the base and memory directories give; several --lmbda are scored in one run."""
+    from models.convert import main as convert_main
+
+    joint_dir = tmp_path / "joint"
+    assert convert_main(["--joint", "--base_model", setup["model_dir"], "--memory", setup["memory"],
+                         "--output", str(joint_dir), "--lmbda", "0.3"]) == 0
+    halu = tmp_path / "halu.json"
+    halu.write_text("".join(json.dumps(s) + "\n" for s in QA_SAMPLES))
+    yes_no = tmp_path / "task.json"
+    yes_no.write_text(json.dumps({"examples": [{"input": "Is the river long?", "target_scores": {"Yes": 1, "No": 0}},
+                                               {"input": "Is the bridge old?", "target_scores": {"Yes": 0, "No": 1}}]}))
+    tqa = tmp_path / "tqa.jsonl"
+    tqa.write_text("".join(json.dumps(r) + "\n" for r in HF_RECORDS))
+    runs = [(halueval, halu, ["--instruction", "none"]), (strategyqa, yes_no, []), (truthfulqa, tqa, [])]
+    for module, data, extra in runs:
+        common = ["--data_file", str(data), *extra]
+        flags = module.main(["--model_name_or_path", setup["model_dir"], "--knn_generator_path", setup["memory"],
+                             "--lmbda", "0.3", "--output_dir", str(tmp_path / module.__name__ / "flags"), *common])
+        joint = module.main(["--model_name_or_path", str(joint_dir), "--output_dir",
+                             str(tmp_path / module.__name__ / "joint"), *common])
+        assert joint["lmbda"] == 0.3 and joint["lmbda_source"] == f"the joint directory {joint_dir}"
+        assert joint["joint_dir"] == str(joint_dir) and flags["lmbda_source"] == "--lmbda"
+        for setting in ("base", "base_plus_memory"):
+            scores = {k: v for k, v in joint[setting].items() if k not in ("seconds", "items_per_second",
+                                                                             "questions_per_second")}
+            assert scores == {k: flags[setting][k] for k in scores}
+        assert joint["base_plus_memory"]["threads"] == torch.get_num_threads()
+        rows = [(tmp_path / module.__name__ / name / "predictions.jsonl").read_text() for name in ("flags", "joint")]
+        assert rows[0] == rows[1]
+    sweep = strategyqa.main(["--model_name_or_path", setup["model_dir"], "--memory", setup["memory"], "--lmbda", "0.3",
+                             "0.5", "--data_file", str(yes_no), "--output_dir", str(tmp_path / "sweep")])
+    assert {"base", "base_plus_memory@0.3", "base_plus_memory@0.5"} <= set(sweep) and sweep["lmbdas"] == [0.3, 0.5]
+    assert sweep["base_plus_memory@0.3"]["accuracy"] == strategyqa.main(
+        ["--model_name_or_path", str(joint_dir), "--data_file", str(yes_no),
+         "--output_dir", str(tmp_path / "sweep_joint")])["base_plus_memory"]["accuracy"]

@@ -193,11 +193,13 @@ def test_a_lock_left_by_a_killed_run_is_taken_over_with_a_warning(concurrent, ti
     (knnlm.main, ["--dstore_dir", "D", "--output_dir", "O", "--knn_temp", "nan"], "--knn_temp must be a finite number"),
     (knnlm.main, ["--dstore_dir", "D", "--output_dir", "O", "--lmbda", "0.25", "nan"], "--lmbda must be a finite number"),
     (evaluate_joint.main, ["--knn_generator_path", "M", "--output_dir", "O", "--knn_temp", "inf"],
-     "--knn_temp must be a finite number"),
+     r"--memory_temp \(--knn_temp\) must be a finite number"),
     (saveKNNMulti.main, ["--dstore_path", "D", "--output_path", "O", "--knn_temp", "nan"],
      "--knn_temp must be a finite number"),
-    (eval_qa.main, ["--data_file", "Q.jsonl", "--output_dir", "O", "--knn_temp", "nan"], "--knn_temp must be a finite number"),
-    (generation_example.main, ["--prompt", "a", "--knn_temp", "nan"], "--knn_temp must be a finite number"),
+    (eval_qa.main, ["--data_file", "Q.jsonl", "--output_dir", "O", "--knn_temp", "nan"],
+     r"--memory_temp \(--knn_temp\) must be a finite number"),
+    (generation_example.main, ["--prompt", "a", "--knn_temp", "nan"],
+     r"--memory_temp \(--knn_temp\) must be a finite number"),
     (train_mlpmem_offline.main, ["--knn_dstore_path", "D", "--knn_save_path", "T", "--output_dir", "O",
                                  "--max_grad_norm", "nan"], "--max_grad_norm must be a finite number"),
     (train_mlpmem_offline.main, ["--knn_dstore_path", "D", "--knn_save_path", "T", "--output_dir", "O",
@@ -216,7 +218,7 @@ def test_non_finite_and_negative_flags_are_refused(tiny_lm, entry, argv, message
 
 def test_a_memory_with_nan_weights_is_refused_at_load(tiny_lm, memory_dir, tmp_path):
     poisoned = damaged_copy(memory_dir, tmp_path / "memory", "nan")
-    with pytest.raises(ArtifactError, match=r"--knn_generator_path .*memory: the memory's weights hold NaN .*model.safetensors"):
+    with pytest.raises(ArtifactError, match=r"--memory .*memory: the memory's weights hold NaN .*model.safetensors"):
         evaluate_joint.main([*model_flags(tiny_lm), "--knn_generator_path", str(poisoned), "--output_dir",
                              str(tmp_path / "out"), "--eval_subset", "test"])
     assert not (tmp_path / "out").exists()
@@ -242,7 +244,7 @@ def test_nan_base_weights_give_an_error_not_a_perplexity(tiny_lm, tmp_path):
 def test_a_nan_memory_perplexity_is_an_error(tiny_lm, memory_dir, tmp_path):
     """A tiny --knn_temp makes the memory's logits overflow to NaN log-probabilities: an error, no joint_results.json."""
     with pytest.raises(ArtifactError, match=r"The memory's log-probabilities are NaN: its weights may be corrupt "
-                                            rf"\(--knn_generator_path {re.escape(str(memory_dir))}\), or --knn_temp "
+                                            rf"\(--memory {re.escape(str(memory_dir))}\), or --memory_temp "
                                             "1e-45 is too small"):
         evaluate_joint.main([*model_flags(tiny_lm), "--knn_generator_path", str(memory_dir), "--knn_temp", "1e-45",
                              "--eval_subset", "test", "--max_eval_samples", "2", "--output_dir", str(tmp_path / "out")])
@@ -316,7 +318,7 @@ def test_a_corrupt_safetensors_header_is_named(tiny_lm, memory_dir, tmp_path):
     memory = damaged_copy(memory_dir, tmp_path / "memory", "header")
     qa_file = tmp_path / "qa.jsonl"
     qa_file.write_text('{"question": "the river?", "answer": ["w1"]}\n')
-    with pytest.raises(ArtifactError, match=rf"--knn_generator_path {re.escape(str(memory))}: cannot read the weights in "
+    with pytest.raises(ArtifactError, match=rf"--memory {re.escape(str(memory))}: cannot read the weights in "
                                             rf"{re.escape(str(memory / 'model.safetensors'))}"):
         eval_qa.main(["--model_name_or_path", str(tiny_lm["model"]), "--data_file", str(qa_file),
                       "--output_dir", str(tmp_path / "qa"), "--use_neural_knn", "--knn_generator_path", str(memory)])

@@ -25,6 +25,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E
 
 from models import MemoryConfig, build_memory  # noqa: E402
 from models.convert import main as convert_main  # noqa: E402
+from models.memory_directory import save_memory  # noqa: E402
 from tests.conftest import save_word_tokenizer, tiny_model  # noqa: E402
 from utils.modeling import model_fingerprint, tokenizer_fingerprint  # noqa: E402
 
@@ -61,7 +62,7 @@ def fitted_memory(base, tokenizer, directory: Path, seed: int) -> Path:
     with torch.no_grad():
         for param in memory.parameters():
             param.normal_(0, 0.3)
-    memory.eval().save_pretrained(directory)
+    save_memory(directory, memory.eval(), {}, {})  # with meta.json's checksums, as train_mlpmem_* saves it
     return directory
 
 
