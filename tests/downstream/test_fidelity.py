@@ -93,11 +93,12 @@ def save_memory(model_dir, out):
     from transformers import AutoConfig
 
     from models import MemoryConfig, build_memory
+    from models.memory_directory import save_memory as save_with_checksums
 
     torch.manual_seed(0)
     memory = build_memory(MemoryConfig.from_base(AutoConfig.from_pretrained(model_dir), num_layers=1,
                                                  intermediate_size=16, layer=0))
-    memory.save_pretrained(out)
+    save_with_checksums(out, memory, {}, {})
     return str(out)
 
 
@@ -105,18 +106,19 @@ def test_a_preset_applies_the_authors_settings_unless_a_flag_says_otherwise(tabl
     memory = save_memory(table["model"], table["dir"] / "memory")
     with_memory = ("--use_neural_knn", "--knn_generator_path", memory)
     metrics, predictions = run_qa(table, "triviaqa", "--protocol", "triviaqa", "--batch_stop", *with_memory)
-    assert metrics["protocol_settings_applied"] == {"lmbda": 0.6, "torch_dtype": "bfloat16",
-                                                    "per_device_eval_batch_size": 4}
-    assert metrics["lmbda"] == 0.6 and metrics["torch_dtype"] == "bfloat16"
+    assert metrics["protocol_settings_applied"] == {"torch_dtype": "bfloat16", "per_device_eval_batch_size": 4}
+    assert metrics["lmbda"] == 0.6 and metrics["lmbda_source"] == "--protocol triviaqa"  # the lmbda policy's step 2
+    assert metrics["torch_dtype"] == "bfloat16"
     assert metrics["settings"]["per_device_eval_batch_size"] == 4
     _, four = run_qa(table, "four", "--protocol", "webqa", "--batch_stop", "--per_device_eval_batch_size", "4")
     assert predictions == four  # the authors' batch of 4 (the memory does not move this model's one-hot argmax)
     mine, _ = run_qa(table, "mine", "--protocol", "webquestions", "--lmbda", "0.3", "--torch_dtype", "float32",
                      "--per_device_eval_batch_size", "2", *with_memory)
     assert mine["protocol_settings_applied"] == {} and mine["lmbda"] == 0.3 and mine["torch_dtype"] == "float32"
+    assert mine["lmbda_source"] == "--lmbda"
     base, _ = run_qa(table, "nq", "--protocol", "nq")
-    assert base["protocol_settings_applied"] == {"lmbda": 0.5, "torch_dtype": "float16",
-                                                 "per_device_eval_batch_size": 1}
+    assert base["protocol_settings_applied"] == {"torch_dtype": "float16", "per_device_eval_batch_size": 1}
+    assert base["lmbda"] is None  # no memory, no lmbda
 
 
 # ---- TruthfulQA as the authors ran it -----------------------------------------------------------------------------
@@ -141,6 +143,7 @@ def tqa(tmp_path_factory):
     from transformers import AutoConfig, PreTrainedTokenizerFast
 
     from models import MemoryConfig, build_memory
+    from models.memory_directory import save_memory as save_with_checksums
     from tests.conftest import tiny_model
     from utils.embedded_corpus import train_tokenizer
 
@@ -162,7 +165,7 @@ def tqa(tmp_path_factory):
     with torch.no_grad():
         for p in memory.parameters():
             p.normal_(0, 0.5)
-    memory.save_pretrained(directory / "memory")
+    save_with_checksums(directory / "memory", memory, {}, {})
     data = directory / "TruthfulQA.csv"
     with open(data, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(TQA_ROWS[0]))
@@ -202,7 +205,8 @@ def test_truthfulqa_csv_under_the_authors_protocol(tqa):
     metrics = truthfulqa.main(["--model_name_or_path", tqa["model_dir"], "--data_file", tqa["data"], "--output_dir",
                                str(out), "--protocol", "authors", "--knn_generator_path", tqa["memory"],
                                "--torch_dtype", "float32"])
-    assert metrics["protocol_settings_applied"] == {"lmbda": 0.75} and metrics["lmbda"] == 0.75
+    assert metrics["protocol_settings_applied"] == {} and metrics["lmbda"] == 0.75
+    assert metrics["lmbda_source"] == "--protocol authors"  # the lmbda policy's step 2
     joint = JointLM(tqa["model"], load_memory(tqa["memory"]), lmbda=0.75)
     for setting, scorer in (("base", None), ("base_plus_memory", joint)):
         mc1, mc2, mc3 = [], [], []
@@ -235,7 +239,7 @@ def test_truthfulqa_authors_protocol_runs_in_float16_by_default(tqa):
 
     metrics = truthfulqa.main(["--model_name_or_path", tqa["model_dir"], "--data_file", tqa["data"], "--output_dir",
                                str(tqa["dir"] / "fp16"), "--protocol", "authors", "--max_samples", "1"])
-    assert metrics["protocol_settings_applied"] == {"lmbda": 0.75, "torch_dtype": "float16"}
+    assert metrics["protocol_settings_applied"] == {"torch_dtype": "float16"} and metrics["lmbda"] is None  # no memory
     assert metrics["torch_dtype"] == "float16" and 0 <= metrics["base"]["mc2"] <= 100
 
 

@@ -20,6 +20,7 @@ import evaluate_joint
 from downstream import eval_qa, strategyqa
 from models import MemoryConfig, build_memory
 from models.convert import main as convert_main
+from models.memory_directory import save_memory
 from tests.conftest import REPO
 from utils.artifacts.dataset import load_split
 from utils.io import ArtifactError
@@ -35,7 +36,7 @@ def joint_dir(tmp_path_factory, tiny_gpt2_dir, tiny_dataset):
         base.config, num_layers=1, intermediate_size=48, layer=1,
         tokenizer_fingerprint=load_split(str(tiny_dataset), "test").meta["tokenizer"]["fingerprint"],
         base_model_fingerprint=model_fingerprint(base, 1)))
-    memory.save_pretrained(root / "memory")
+    save_memory(root / "memory", memory, {}, {})  # with its checksums, as train_mlpmem_* saves it
     assert convert_main(["--joint", "--base_model", str(tiny_gpt2_dir), "--memory", str(root / "memory"),
                          "--output", str(root / "joint"), "--lmbda", "0.5"]) == 0
     return root / "joint"

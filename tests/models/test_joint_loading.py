@@ -18,6 +18,7 @@ from models.joint import JointLM
 from models.joint.loading import load_joint
 from models.joint.settings import DOWNSTREAM, MemoryArguments
 from models.joint.token_memory import load_any_memory
+from models.memory_directory import save_memory as save_with_checksums
 from tests.conftest import tiny_model
 from tests.models.test_joint_perplexity import save_memory
 from utils.arguments import PretrainedModelArguments
@@ -96,7 +97,7 @@ def test_a_bfloat16_memory_computes_the_same_in_evaluate_joint_and_jointlm(tmp_p
     base = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir).eval()
     split = load_split(str(tiny_dataset), "test")
     save_memory(tmp_path / "f32", base.config, split.meta["tokenizer"]["fingerprint"])
-    load_memory(str(tmp_path / "f32")).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    save_with_checksums(tmp_path / "bf16", load_memory(str(tmp_path / "f32")).to(torch.bfloat16), {}, {})
     assert load_memory(str(tmp_path / "bf16")).dtype == torch.bfloat16
     metrics = evaluate_joint.main(["--model_name_or_path", str(tiny_gpt2_dir), "--dataset_name", str(tiny_dataset),
                                    "--dataset_split_name", "test", "--per_device_eval_batch_size", "3",
