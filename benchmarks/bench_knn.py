@@ -18,11 +18,12 @@ Writes ``knn_search.json``, ``knn_search.md`` and ``knn_search.png`` (``--name``
 
 from __future__ import annotations
 
-import os
+import utils.openmp  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch and FAISS load)
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch/FAISS load: see knn_utils/index.configure_threads
+# isort: split
 
 import logging
+import os
 import platform
 import statistics
 import tempfile
@@ -33,7 +34,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from knn_utils.index import IndexSettings, build_index, candidate_count, load_index, nearest_exact
+from knn_utils.index_build import IndexSettings, build_index
+from knn_utils.index_search import candidate_count, load_index, nearest_exact
 from knn_utils.knn_targets import SearchJob, TargetSettings, search_rows
 from utils.artifacts.datastore import DatastoreWriter, load_datastore
 from utils.cli import parse_args, run, setup_logging
@@ -269,7 +271,7 @@ def markdown(results: dict) -> str:
         f"{search['index']['bytes'] / 1e6:.1f} MB (exact index {search['index']['flat_bytes'] / 1e6:.1f} MB).", "",
         "Each search ranks neighbours two ways: FAISS's own k nearest (`exact=False`, `--recompute_dists False`), or "
         "the exact ranking, the default (the index's k + margin candidates re-ranked by exact float32 distance to the "
-        "stored keys, ties to the lower row; `knn_utils.index.KnnIndex.search`). Recall is against the exact index with the "
+        "stored keys, ties to the lower row; `knn_utils.index_search.KnnIndex.search`). Recall is against the exact index with the "
         "exact ranking.", "",
         "| method | nprobe | k | queries/s, FAISS ranking | queries/s, exact ranking | time added | re-ranking alone, "
         "ms per 1000 queries | recall@k, FAISS ranking | recall@k, exact ranking |",

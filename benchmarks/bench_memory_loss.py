@@ -3,7 +3,7 @@
 Both variants train the same memory on the same batch (rows x d inputs, ~nnz sparse kNN entries per
 row, a realistic vocabulary) with ``alpha * KL + (1 - alpha) * CE``:
 
-- ``sparse`` (ours, utils/losses.py): log_softmax gathered at the stored ids; nothing of size rows x V
+- ``sparse`` (ours, models/training/losses.py): log_softmax gathered at the stored ids; nothing of size rows x V
   besides the logits and their gradient.
 - ``dense`` (the released implementation): the CSR targets are expanded on the host into a float32
   (rows x V) tensor, then ``F.kl_div(log_softmax(z), dense, reduction="batchmean")``.
@@ -69,7 +69,7 @@ def run_variant(args) -> dict:
     import torch.nn.functional as F
 
     from models import MemoryConfig, build_memory
-    from utils.losses import SparseTargets, memory_loss
+    from models.training.losses import SparseTargets, memory_loss
 
     torch.manual_seed(0)
     inputs, entry_row, token_ids, probs, labels = make_batch(args.rows, args.dim, args.vocab, args.per_row)
@@ -164,7 +164,7 @@ def write_results(results: list[dict], args) -> None:
     lines += ["", "`dense` builds a float32 (rows x vocab) target on the host every step, as the released code did "
               f"({args.rows} x 50257 x 4 bytes = {args.rows * 50257 * 4 / 2**20:.0f} MiB per batch; vectorised here, where "
               "the released collate filled it row by row in Python), then `kl_div` over the full vocabulary. `sparse` "
-              "(utils/losses.py) reads the logits at the stored ids and one logsumexp per row, and its backward pass "
+              "(models/training/losses.py) reads the logits at the stored ids and one logsumexp per row, and its backward pass "
               "writes one (rows x vocab) gradient: the loss alone peaks at about one such tensor.", ""]
     (RESULTS / "memory_loss.md").write_text("\n".join(lines))
     plot(results)

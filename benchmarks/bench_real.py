@@ -51,7 +51,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from knn_utils.index import load_index  # noqa: E402
+from knn_utils.index_search import load_index  # noqa: E402
 from knn_utils.knnlm import knnlm_log_probs  # noqa: E402
 from models.joint import interpolate_log_probs, load_checked_memory, memory_log_probs  # noqa: E402
 from utils.arguments import ModelArguments  # noqa: E402

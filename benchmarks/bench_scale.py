@@ -13,7 +13,7 @@
      window. Row r is seed row ``r % S`` plus Gaussian noise of --noise times each dimension's standard
      deviation, at the real width 576; its value is the seed row's. The writer's rows/s exclude generating the
      noise (reported separately) and include the checksums and the rename.
-   - ``index``: ``knn_utils.index.build_index``, IVFPQ with the same settings at every size
+   - ``index``: ``knn_utils.index_build.build_index``, IVFPQ with the same settings at every size
      (--ncentroids lists, --code_size bytes, a --train_size training sample), so training time stays flat and
      adding grows with N.
    - ``search``: `KnnIndex.search` of --num_queries datastore rows, k --k at nprobe --probe, leaving out each
@@ -29,11 +29,11 @@
    Every stage records its wall time, its peak anonymous memory (RssAnon: what the process itself holds) and
    its peak file-backed resident memory (RssFile: pages of memory-mapped files, which the kernel reclaims
    under pressure), sampled every 50 ms; the anonymous memory includes child processes (DataLoader workers).
-3. Fitted rates (writing, adding and training: the median over the sizes, their work per row does not depend
-   on N; searching: power laws, rate = a N^b) extrapolate to WikiText-103 (103M rows) at SmolLM2's width (576)
-   and GPT2-large's (1280), and to a 500M-token datastore: disk, RAM and hours per stage on this CPU and,
-   for the stages the H100 run of docs/results.md measured, on one GPU and on 8; and the memory's speed-up
-   over the kNN-LM there.
+3. Fitted rates (benchmarks/scale_plan.py; writing, adding and training: the median over the sizes, their
+   work per row does not depend on N; searching: power laws, rate = a N^b) extrapolate to WikiText-103 (103M
+   rows) at SmolLM2's width (576) and GPT2-large's (1280), and to a 500M-token datastore: disk, RAM and hours
+   per stage on this CPU and, for the stages the H100 run of docs/results.md measured, on one GPU and on 8;
+   and the memory's speed-up over the kNN-LM there.
 
 Writes NAME.json, NAME.md and NAME.png to --output_dir with the machine recorded. The work directory holds
 up to 2 bytes x 576 x N of keys (23 GB at 20M rows); each size's files are deleted once measured unless
@@ -42,13 +42,14 @@ up to 2 bytes x 576 x N of keys (23 GB at 20M rows); each size's files are delet
 
 from __future__ import annotations
 
-import os
+import utils.openmp  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch and FAISS load)
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch/FAISS load: see knn_utils/index.configure_threads
+# isort: split
 
 import json
 import logging
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -59,6 +60,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.scale_plan import STAGES, gib, markdown, plan, plot
 from utils.cli import parse_args, run, setup_logging
 from utils.environment import machine
 from utils.io import read_json, write_json
@@ -69,14 +71,7 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared" / "data"
 MODEL = SHARED / "smollm2-135m-instruct"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-STAGES = ("write", "index", "search", "targets", "train", "knnlm", "memory")
 WINDOW_ROWS = 65_536  # rows per DatastoreWriter window in the write stage
-# docs/results.md, all of WikiText-2 train (2,581,967 rows) on one H100 (SmolLM2-135M, width 576)
-H100 = {"rows": 2_581_967, "write_seconds": 87.0, "exact_targets_seconds": 161.0, "train_rows_per_second": 4993 * 512 / 43.0,
-        "memory_tokens_per_second": 67_798.0, "knnlm_exact_gpu_tokens_per_second": 16_607.0}
-TARGETS = {"WikiText-103, SmolLM2-135M (d 576)": (103_000_000, 576),
-           "WikiText-103, GPT2-large (d 1280)": (103_000_000, 1280),
-           "500M tokens, GPT2-large (d 1280)": (500_000_000, 1280)}
 
 
 @dataclass
@@ -230,7 +225,7 @@ def stage_write(args: ScaleArguments, seed: Path, size_dir: Path, rows: int) -> 
 
 
 def stage_index(args: ScaleArguments, seed: Path, size_dir: Path, rows: int) -> dict:
-    from knn_utils.index import IndexSettings, build_index
+    from knn_utils.index_build import IndexSettings, build_index
 
     settings = IndexSettings(index_type="ivfpq", ncentroids=args.ncentroids, code_size=args.code_size,
                              train_size=args.train_size, probe=args.probe)
@@ -242,7 +237,7 @@ def stage_index(args: ScaleArguments, seed: Path, size_dir: Path, rows: int) -> 
 
 
 def stage_search(args: ScaleArguments, seed: Path, size_dir: Path, rows: int) -> dict:
-    from knn_utils.index import load_index
+    from knn_utils.index_search import load_index
     from utils.artifacts.datastore import load_datastore
 
     datastore = load_datastore(str(size_dir / "dstore"), verify=False)
@@ -368,150 +363,6 @@ def launch_stage(name: str, args: ScaleArguments, seed: Path, size_dir: Path, ro
                     "--_seed", str(seed), "--_size_dir", str(size_dir), "--_rows", str(rows)], cwd=REPO, check=True,
                    env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
     return read_json(result_file)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Fits and the plan
-
-
-def power_fit(sizes: list[int], values: list[float]) -> tuple[float, float]:
-    """(a, b) of value = a * size^b, least squares in log-log (b = 0 with one size)."""
-    if len(sizes) < 2:
-        return float(values[0]), 0.0
-    b, log_a = np.polyfit(np.log(sizes), np.log(values), 1)
-    return float(math.exp(log_a)), float(b)
-
-
-def predict(fit: tuple[float, float], size: float) -> float:
-    return fit[0] * size ** fit[1]
-
-
-def plan(results: dict, args: ScaleArguments) -> dict:
-    """Disk, RAM and hours per stage at the TARGETS sizes, from the fitted curves."""
-    sizes = [r["rows"] for r in results["sizes"]]
-    by = lambda stage, key: [r["stages"][stage][key] for r in results["sizes"]]  # noqa: E731
-    # Writing, adding and training cost the same per row at any size (their work per row does not depend on N: the
-    # IVF assignment scans --ncentroids lists, a training step one batch), so their rate is the median of the sizes
-    # (b = 0), which keeps the load of a shared machine out of the extrapolation. A search scans lists that grow with
-    # N at a fixed --ncentroids: its rate gets a power law.
-    flat = lambda values: (float(np.median(values)), 0.0)  # noqa: E731
-    fits = {"write_rows_per_second": flat(by("write", "rows_per_second")),
-            "add_rows_per_second": flat(by("index", "add_rows_per_second")),
-            "search_queries_per_second": power_fit(sizes, by("search", "queries_per_second")),
-            "train_rows_per_second": flat(by("train", "rows_per_second")),
-            "knn_search_seconds_per_token": power_fit(sizes, [r["per_token"]["knn_search"] for r in results["sizes"]])}
-    base = float(np.median([r["per_token"][k] for r in results["sizes"] for k in ("base_in_knnlm", "base_in_joint")]))
-    memory_cost = float(np.median([r["per_token"]["memory"] for r in results["sizes"]]))  # flat: no datastore
-    last = results["sizes"][-1]
-    nnz_per_row = last["stages"]["targets"]["nnz"] / last["rows"]
-    train_seconds = last["stages"]["index"]["train_seconds"]
-    peak_anon = {stage: max(r["stages"][stage]["peak_anon_bytes"] for r in results["sizes"]) for stage in STAGES}
-    out = {"fits": {k: {"a": a, "b": b} for k, (a, b) in fits.items()}, "targets": {},
-           "base_seconds_per_token": base, "memory_seconds_per_token": memory_cost,
-           "measured_speedup": {r["rows"]: (base + r["per_token"]["knn_search"]) / (base + memory_cost)
-                                for r in results["sizes"]}}
-    for label, (rows, dim) in TARGETS.items():
-        width = dim / 576  # CPU rates measured at 576; per-row costs of writing, adding and searching grow with d
-        index_bytes = rows * (args.code_size + 8) + args.ncentroids * dim * 4
-        disk = {"keys_and_vals": rows * (2 * dim + 4), "index": index_bytes, "knn_targets": rows * (8 + 4 + nnz_per_row * 6)}
-        cpu_hours = {
-            "write (keys only, no forward)": rows / predict(fits["write_rows_per_second"], rows) * width / 3600,
-            "index train + add": (train_seconds * width + rows / predict(fits["add_rows_per_second"], rows) * width) / 3600,
-            f"kNN targets, IVFPQ k {args.k} nprobe {args.probe}": rows / predict(fits["search_queries_per_second"], rows) * width / 3600,
-            "memory training, 1 epoch (SmolLM2-size memory)": rows / predict(fits["train_rows_per_second"], rows) / 3600,
-        }
-        scale = rows / H100["rows"]
-        gpu_hours = {  # one H100, from docs/results.md; exact search cost grows with rows^2
-            "datastore (forward + write)": H100["write_seconds"] * scale * width / 3600,
-            "exact kNN targets (torch, GPU)": H100["exact_targets_seconds"] * scale ** 2 * width / 3600,
-            "memory training, 1 epoch (SmolLM2-size memory)": rows / H100["train_rows_per_second"] / 3600,
-        }
-        knnlm = 1 / (base + predict(fits["knn_search_seconds_per_token"], rows) * width)  # SmolLM2's base and memory
-        memory = 1 / (base + memory_cost)
-        out["targets"][label] = {
-            "rows": rows, "dim": dim, "disk_gb": {k: v / 1e9 for k, v in disk.items()},
-            "ram_gb": {"the index in RAM to search it (codes + ids)": index_bytes / 1e9,
-                       **{f"{stage} (measured peak)": b / 1e9 for stage, b in peak_anon.items()}},
-            "cpu_hours_2_cores": cpu_hours, "h100_hours_1": gpu_hours,
-            "h100_hours_8": {k: v / 8 for k, v in gpu_hours.items()},
-            "knnlm_tokens_per_second_cpu": knnlm, "memory_tokens_per_second_cpu": memory,
-            "memory_speedup_over_knnlm_cpu": memory / knnlm,
-        }
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------
-# Report
-
-
-def gib(n: float) -> str:
-    return f"{n / 2 ** 30:.2f}"
-
-
-def markdown(results: dict) -> str:
-    m = results["machine"]
-    lines = [f"# Capacity plan ({m['cpu']}, {m['cores']} cores)", "",
-             *([results["settings"]["note"], ""] if results["settings"].get("note") else []),
-             f"Seed: {results['seed_rows']:,} real SmolLM2-135M keys (width 576) of WikiText-2 train, repeated with noise "
-             f"{results['settings']['noise']} x std. IVFPQ: {results['settings']['ncentroids']} lists, "
-             f"{results['settings']['code_size']}-byte codes, nprobe {results['settings']['probe']}, k {results['settings']['k']}.", "",
-             "| rows | write rows/s | index train s | add rows/s | search queries/s | train rows/s | "
-             "kNN search ms/token | memory ms/token | memory vs kNN-LM |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in results["sizes"]:
-        s, t = r["stages"], r["per_token"]
-        lines.append(f"| {r['rows']:,} | {s['write']['rows_per_second']:,.0f} | {s['index']['train_seconds']:.1f} | "
-                     f"{s['index']['add_rows_per_second']:,.0f} | {s['search']['queries_per_second']:,.1f} | "
-                     f"{s['train']['rows_per_second']:,.0f} | {1e3 * t['knn_search']:.2f} | {1e3 * t['memory']:.2f} | "
-                     f"{results['plan']['measured_speedup'][r['rows']]:.2f}x |")
-    lines += ["", f"The last column is (base + kNN search) / (base + memory) per token, at the median base forward cost "
-                  f"of all runs ({1e3 * results['plan']['base_seconds_per_token']:.1f} ms/token, SmolLM2-135M on this CPU): "
-                  "the two evaluations ran at different times on a shared machine, so their own tokens/s are not compared."]
-    lines += ["", "Peak anonymous memory of each stage, GiB (file-backed pages of memory maps in brackets):", "",
-              "| rows | " + " | ".join(STAGES) + " |", "|---:|" + "---:|" * len(STAGES)]
-    for r in results["sizes"]:
-        lines.append(f"| {r['rows']:,} | " + " | ".join(
-            f"{gib(r['stages'][s]['peak_anon_bytes'])} ({gib(r['stages'][s]['peak_file_bytes'])})" for s in STAGES) + " |")
-    for label, t in results["plan"]["targets"].items():
-        lines += ["", f"## {label}: {t['rows']:,} rows", "",
-                  "Disk: " + ", ".join(f"{k} {v:,.1f} GB" for k, v in t["disk_gb"].items()) + ".", "",
-                  "RAM: " + ", ".join(f"{k} {v:,.1f} GB" for k, v in t["ram_gb"].items()) + ".", "",
-                  "| stage | this CPU, hours | one H100, hours | 8 H100, hours |", "|---|---:|---:|---:|"]
-        for k, v in t["cpu_hours_2_cores"].items():
-            lines.append(f"| {k} | {v:,.1f} | | |")
-        for k, v in t["h100_hours_1"].items():
-            lines.append(f"| {k} | | {v:,.2f} | {t['h100_hours_8'][k]:,.2f} |")
-        lines += ["", f"Base + memory vs kNN-LM (IVFPQ, nprobe {results['settings']['probe']}, this CPU, fitted; "
-                      "SmolLM2-135M's base and memory cost per token, the search's scaled to this width): "
-                      f"{t['memory_tokens_per_second_cpu']:,.1f} vs {t['knnlm_tokens_per_second_cpu']:,.2f} tokens/s, "
-                      f"**{t['memory_speedup_over_knnlm_cpu']:,.1f}x**."]
-    return "\n".join(lines) + "\n"
-
-
-def plot(results: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    sizes = [r["rows"] for r in results["sizes"]]
-    fig, (rates, memory) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for stage, key, label in (("write", "rows_per_second", "datastore write rows/s"),
-                              ("index", "add_rows_per_second", "index add rows/s"),
-                              ("search", "queries_per_second", "kNN search queries/s"),
-                              ("train", "rows_per_second", "memory training rows/s"),
-                              ):
-        rates.plot(sizes, [r["stages"][stage][key] for r in results["sizes"]], "o-", label=label)
-    base = results["plan"]["base_seconds_per_token"]
-    rates.plot(sizes, [1 / (base + r["per_token"]["knn_search"]) for r in results["sizes"]], "o--", label="kNN-LM tokens/s")
-    rates.plot(sizes, [1 / (base + r["per_token"]["memory"]) for r in results["sizes"]], "o--", label="base + memory tokens/s")
-    rates.set(xscale="log", yscale="log", xlabel="datastore rows", ylabel="rate", title="Rates as the datastore grows")
-    rates.legend(fontsize=8)
-    for stage in STAGES:
-        memory.plot(sizes, [r["stages"][stage]["peak_anon_bytes"] / 2 ** 30 for r in results["sizes"]], "o-", label=stage)
-    memory.set(xscale="log", xlabel="datastore rows", ylabel="GiB", title="Peak anonymous memory per stage")
-    memory.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -43,12 +43,12 @@ from transformers import LlamaConfig  # noqa: E402
 from models import MemoryConfig, build_memory  # noqa: E402
 from models.training.checkpoints import Schedule  # noqa: E402
 from models.training.loop import train_batches  # noqa: E402
+from models.training.losses import memory_loss  # noqa: E402
 from models.training.rows import DatastoreRows  # noqa: E402
 from utils.artifacts.datastore import Datastore  # noqa: E402
 from utils.artifacts.knn_targets import KnnTargets  # noqa: E402
 from utils.environment import machine  # noqa: E402
 from utils.io import write_json  # noqa: E402
-from utils.losses import memory_loss  # noqa: E402
 
 CHUNK_ROWS = 1 << 16
 

@@ -22,11 +22,12 @@ over the stage's own time. Writes ``verify.json`` and ``verify.md`` (``--name``)
 
 from __future__ import annotations
 
-import os
+import utils.openmp  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch and FAISS load)
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch/FAISS load: see knn_utils/index.configure_threads
+# isort: split
 
 import logging
+import os
 import shutil
 import statistics
 import tempfile
@@ -36,7 +37,8 @@ from pathlib import Path
 from typing import Callable
 
 from benchmarks.bench_knn import machine_info, write_synthetic_datastore
-from knn_utils.index import IndexSettings, build_index, load_index
+from knn_utils.index_build import IndexSettings, build_index
+from knn_utils.index_search import load_index
 from knn_utils.knn_targets import SearchJob, TargetSettings, search_rows
 from utils import checksums
 from utils.artifacts.datastore import DATA_FILES, load_datastore

@@ -1,11 +1,10 @@
 """Choose the memory weight ``lmbda`` for QA from `downstream.eval_qa` runs on a validation set.
 
-    for l in 0.25 0.5 0.75; do
-        python -m downstream.eval_qa ... --use_neural_knn --lmbda $l --output_dir OUT/qa_validation/lmbda_$l
-    done
+    python -m downstream.eval_qa ... --memory MEMORY --lmbda 0.25 0.5 0.75 --output_dir OUT/qa_validation
     python -m downstream.choose_lmbda OUT/qa_validation/lmbda_* --output_file OUT/qa_validation/lmbda_choice.json
 
-Each directory holds the ``qa_results.json`` of one run with ``--use_neural_knn``. The best run has the
+Each directory holds the ``qa_results.json`` of one setting with the memory (eval_qa writes one subdirectory
+``lmbda_<l>`` per value, `downstream.qa_results`; separate runs with one ``--lmbda`` each do as well). The best run has the
 highest exact match, then the highest token F1, then the smallest ``lmbda`` (the one closest to the base
 model). Its ``lmbda`` is printed alone on stdout; the table of all runs goes to the log. ``--output_file``
 records the choice, the rule and the table it was made from: the stages after it (QA on test, the

@@ -5,19 +5,16 @@
 
 The index goes to ``DSTORE_PATH/index`` unless ``--index_path`` says otherwise; its ``meta.json`` ties it
 to the datastore. Rerunning the same command after an interruption resumes it. The format and the
-meaning of every setting are in knn_utils/index.py.
+meaning of every setting are in knn_utils/index_build.py.
 """
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch/FAISS load: see index.configure_threads
-
 import logging
 from dataclasses import dataclass, field
 
-from knn_utils.index import IndexSettings, build_index
+from knn_utils.index_build import IndexSettings, build_index
+from utils.arguments import VerificationArguments
 from utils.cli import command, parse_args, setup_logging
 
 logger = logging.getLogger(__name__)
@@ -37,9 +34,10 @@ class BuildIndexArguments:
 
 def main(argv: list[str] | None = None) -> dict:
     setup_logging()
-    args, settings = parse_args((BuildIndexArguments, IndexSettings), argv)
+    args, settings, checks = parse_args((BuildIndexArguments, IndexSettings, VerificationArguments), argv)
     logger.info("Arguments: %s", args)
-    meta = build_index(args.dstore_path, args.index_path, settings, use_gpu=args.knn_gpu or args.use_gpu)
+    meta = build_index(args.dstore_path, args.index_path, settings, use_gpu=args.knn_gpu or args.use_gpu,
+                       allow_unverified=checks.allow_unverified)
     print(f"Wrote a {meta['index_type']} index of {meta['rows']} keys "
           f"(train {meta['seconds']['train']:.1f} s, add {meta['seconds']['add']:.1f} s)")
     return meta

@@ -6,7 +6,7 @@ only the shards of `shards_of_process` (with P = N: shard ``r``), and every sear
 
 1. every process's queries (and the rows to leave out) are all-gathered, so each process holds the whole
    batch of every process (`ShardExchange.gather_queries`);
-2. each process searches its shards for that whole batch (`knn_utils.index.KnnIndex.search_local`: per shard,
+2. each process searches its shards for that whole batch (`knn_utils.index_search.KnnIndex.search_local`: per shard,
    the candidates are re-ranked by exact distance to the stored keys, as for an unsharded index);
 3. the (rows, k) lists of every process are all-gathered and each process merges those of its own queries
    (`merge_neighbours`): nearest first by distance, equal distances to the lower global row.

@@ -1,6 +1,6 @@
 """Exact kNN search in torch: the GPU backend of an exact (flat) index for users of pip's faiss-cpu.
 
-`knn_utils.index.load_index` uses it when an exact index is asked for on a GPU that FAISS cannot use.
+`knn_utils.index_search.load_index` uses it when an exact index is asked for on a GPU that FAISS cannot use.
 """
 
 from __future__ import annotations

@@ -149,7 +149,8 @@ def joint_card(meta: dict, name: str, metrics: list[dict] = ()) -> str:
              f"The base model `{base}` and the {meta.get('memory_kind')} `{meta.get('memory')}` as one causal LM "
              f"(`MLPMemoryForCausalLM`, [MLP Memory]({PAPER})): its logits are the interpolation "
              f"`log((1 - lmbda) p_lm + lmbda q)` at lmbda {meta.get('lmbda')} and memory temperature "
-             f"{meta.get('knn_temp')}, with the memory reading block {meta.get('memory_layer')}. "
+             f"{meta.get('memory_temp', meta.get('knn_temp'))}, with the memory reading block "
+             f"{meta.get('memory_layer')}. "
              f"Parameters: base {parameters.get('base', 0):,}, memory {parameters.get('memory', 0):,}.", "",
              "## How it was made", "",
              f"`python -m models.convert --joint --base_model {base} --memory {meta.get('memory')} --lmbda "

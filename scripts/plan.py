@@ -5,7 +5,7 @@ else the recipe's ``plan`` section (WikiText-103's token counts, a hub model's s
 (about `CHARS_PER_TOKEN` characters a token); the base model's size from its local ``config.json`` (counted on
 the meta device) or ``plan``. Costs per row and per token come from what `benchmarks/bench_scale.py` measured
 (``benchmarks/results/bench_scale.json``: SmolLM2-135M keys of width 576 on its 2-core CPU, IVFPQ at k 1024) and
-the H100 run it quotes (`benchmarks.bench_scale.H100`, docs/results.md), scaled as bench_scale scales them: by the
+the H100 run it quotes (`benchmarks.scale_plan.H100`, docs/results.md), scaled as bench_scale scales them: by the
 key width for writing, indexing and searching, by parameters for the forward passes and memory training, by
 rows squared for an exact search. A dash is a cost nothing measured.
 """
@@ -94,7 +94,7 @@ def _eval_tokens(ctx: Context, sz: Sizes, split: str) -> int | None:
 
 
 def predict(fit: tuple[float, float], size: float) -> float:
-    from benchmarks.bench_scale import predict as bench_predict  # the extrapolation bench_scale itself uses
+    from benchmarks.scale_plan import predict as bench_predict  # the extrapolation bench_scale itself uses
 
     return bench_predict(fit, size)
 
@@ -106,7 +106,7 @@ class Costs:
         if not BENCH_SCALE.is_file() or not BENCH_REAL.is_file():
             raise UsageError(f"--dry_run reads the measured costs in {BENCH_SCALE.parent} (bench_scale.json, "
                              "real_smollm2_wikitext2.json): run it from a checkout of the repository")
-        from benchmarks.bench_scale import H100  # the H100 run's figures, as bench_scale extrapolates them
+        from benchmarks.scale_plan import H100  # the H100 run's figures, as bench_scale extrapolates them
 
         scale = read_json(BENCH_SCALE)
         self.h100 = H100
@@ -157,8 +157,8 @@ class Costs:
 def _index_type(ctx: Context, rows: int) -> str:
     index = ctx.expanded("index")
     kind = index.get("index_type", "auto")
-    if kind == "auto":  # knn_utils.index: flat below MIN_POINTS_PER_CENTROID keys per list
-        from knn_utils.index import MIN_POINTS_PER_CENTROID
+    if kind == "auto":  # knn_utils.index_build: flat below MIN_POINTS_PER_CENTROID keys per list
+        from knn_utils.index_build import MIN_POINTS_PER_CENTROID
 
         kind = "flat" if rows < MIN_POINTS_PER_CENTROID * index.get("ncentroids", 4096) else "ivfpq"
     return kind
@@ -202,8 +202,8 @@ def run_cost(run: Run, ctx: Context, sz: Sizes, costs: Costs) -> tuple[str, floa
         if kind == "flat":
             return f"{rows:,} rows, flat", rows * d * 4, costs.write(rows), None
         index = ctx.expanded("index")
-        code = index.get("code_size", field_default("knn_utils.index:IndexSettings", "code_size"))
-        lists = index.get("ncentroids", field_default("knn_utils.index:IndexSettings", "ncentroids"))
+        code = index.get("code_size", field_default("knn_utils.index_build:IndexSettings", "code_size"))
+        lists = index.get("ncentroids", field_default("knn_utils.index_build:IndexSettings", "ncentroids"))
         train = costs.last["stages"]["index"]["train_seconds"] * costs.width
         cpu = train + rows / predict(costs.fits["add_rows_per_second"], rows) * costs.width
         return f"{rows:,} rows, IVFPQ {lists} lists x {code} B", rows * (code + 8) + lists * d * 4, cpu, None

@@ -4,7 +4,8 @@ A recipe section's keys are the flags of its stage's entry point (its argument d
 parser), plus a few runner keys (`RUNNER_KEYS`). The runner owns the flags that name the run's own
 artifacts (`Stage.owned`: output directories, the dataset, the datastore ...), which come from
 `utils.run_layout`. The values of ``shared`` flow to the stages that take them (`ROUTES`), unless a stage's
-section sets the flag itself. Each stage makes one `Run` per entry-point call (one per split, per lmbda).
+section sets the flag itself. Each stage makes one `Run` per entry-point call (one per split; QA: one per split
+and the choice between them).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ DEFAULT_LMBDAS = [0.25, 0.5, 0.75]  # the lmbda sweeps chosen on validation (per
 RUNNER_KEYS = {  # keys of a stage section that are not its entry point's flags (Stage.runner_keys: which stage)
     "splits": "the splits to evaluate, one run each (eval_base, knnlm, eval_joint)",
     "nproc": "processes (accelerate launch) of this stage",
-    "lmbdas": "the lmbdas tried on the validation questions (qa)",
+    "lmbdas": "the lmbdas tried on the validation questions, all in one eval_qa run (qa)",
     "validation_file": "QA file of the validation questions (qa; default: the corpus's)",
     "test_file": "QA file of the test questions (qa; default: the corpus's)",
     "base_model": "hub repository of a base model to download (download)",
@@ -40,7 +41,7 @@ SHARED = {
                    "knn_targets and knnlm are not run",
     "k": "neighbours of the kNN targets and the kNN-LM",
     "knn_temp": "temperature of the kNN distribution (targets and kNN-LM)",
-    "memory_temp": "temperature of the memory's logits in the interpolation",
+    "memory_temp": "temperature of the memory's logits in the interpolation (--memory_temp, default 1)",
     "lmbdas": "lmbda sweep of base + memory and the kNN-LM, chosen on validation",
     "eval_windows": "evaluate only the first N windows of each split",
     "eval_batch": "windows per forward pass in the evaluations and the datastore",
@@ -54,7 +55,7 @@ ROUTES: dict[str, dict[str, str]] = {  # shared key -> {stage: flag}
     "tokenizer": {"preprocess": "tokenizer_path"},
     "k": {"knn_targets": "k", "knnlm": "k"},
     "knn_temp": {"knn_targets": "knn_temp", "knnlm": "knn_temp"},
-    "memory_temp": {stage: "knn_temp" for stage in ("eval_joint", "qa", "yes_no", "halueval", "correction")},
+    "memory_temp": {stage: "memory_temp" for stage in ("eval_joint", "qa", "yes_no", "halueval", "correction")},
     "lmbdas": {"eval_joint": "lmbda", "knnlm": "lmbda"},
     "eval_windows": {stage: "max_eval_samples" for stage in ("eval_base", "knnlm", "eval_joint")},
     "eval_batch": {stage: "per_device_eval_batch_size" for stage in ("eval_base", "datastore", "knnlm", "eval_joint")},
@@ -266,7 +267,7 @@ def _eval_joint(ctx: Context, section: dict) -> list[Run]:
     for split in ctx.splits("eval_joint", ["validation", "test"]):
         out = ctx.layout.eval_joint(split)
         owned = {"dataset_name": ctx.dataset, "dataset_split_name": split, "output_dir": str(out),
-                 "knn_generator_path": str(ctx.layout.memory), "report_to": "none"}
+                 "memory": str(ctx.layout.memory), "report_to": "none"}
         runs.append(Run(f"eval_joint_{split}", "eval_joint", "evaluate_joint", ctx.settings("eval_joint", owned),
                         out / JOINT_RESULTS, {f"eval_joint_{split}": out},
                         {"dataset": Path(ctx.dataset), "memory": ctx.layout.memory, **ctx.model_input()},
@@ -275,31 +276,35 @@ def _eval_joint(ctx: Context, section: dict) -> list[Run]:
 
 
 def _qa(ctx: Context, section: dict) -> list[Run]:
+    """One eval_qa run on the validation questions (the base alone and base + memory at each lmbda, one folder per
+    setting, `RunLayout.qa`), the choice recorded from its lmbda folders, one run on the test questions at it."""
     layout = ctx.layout
     files = {split: section.get(f"{split}_file") or (str(layout.qa_file(split)) if "corpus" in ctx.stages else None)
              for split in ("validation", "test")}
     if not all(files.values()):
         raise UsageError(f"recipe {ctx.recipe.path}: qa needs validation_file and test_file (QA files), or the corpus "
                          "stage")
-    memory = {"use_neural_knn": True, "knn_generator_path": str(layout.memory)}
     inputs = {**ctx.model_input(), "memory": layout.memory}
 
-    def qa_run(name: str, split: str, lmbda, extra: dict, more_inputs: dict) -> Run:
-        out = layout.qa_dir(split) / f"lmbda_{CHOSEN}" if lmbda == CHOSEN else layout.qa(split, lmbda)
-        owned = {"data_file": files[split], "output_dir": str(out), **extra}
-        return Run(name, "qa", "downstream.eval_qa", ctx.settings("qa", owned), out / QA_RESULTS, {name: out},
-                   {**inputs, f"qa_{split}_file": files[split], **more_inputs}, results=out / QA_RESULTS)
+    def qa_run(split: str, lmbdas, more_inputs: dict) -> Run:
+        # Its artifacts are its results file and one folder per setting, not qa_<split>/ as a whole, which also
+        # holds the choice recorded after it (qa_validation/lmbda_choice.json).
+        out, name = layout.qa_dir(split), f"qa_{split}"
+        owned = {"data_file": files[split], "output_dir": str(out), "memory": str(layout.memory), "lmbda": lmbdas}
+        folders = {f"{name}/{folder.name}": folder for folder in
+                   [layout.qa(split, None), *(out / f"lmbda_{CHOSEN}" if lmbda == CHOSEN else layout.qa(split, lmbda)
+                                              for lmbda in (lmbdas if isinstance(lmbdas, list) else [lmbdas]))]}
+        return Run(name, "qa", "downstream.eval_qa", ctx.settings("qa", owned), out / QA_RESULTS,
+                   {name: out / QA_RESULTS, **folders}, {**inputs, f"{name}_file": files[split], **more_inputs},
+                   results=out / QA_RESULTS)
 
     lmbdas = section.get("lmbdas", DEFAULT_LMBDAS)
-    sweep = [qa_run(f"qa_validation_lmbda_{lmbda:g}", "validation", lmbda, {**memory, "lmbda": lmbda}, {})
-             for lmbda in lmbdas]
+    sweep = {f"qa_validation/lmbda_{lmbda:g}": layout.qa("validation", lmbda) for lmbda in lmbdas}
     choice = Run("qa_choice", "qa", "downstream.choose_lmbda", {"output_file": str(layout.qa_choice)},
-                 layout.qa_choice, {"qa_choice": layout.qa_choice}, {run.name: run.outputs[run.name] for run in sweep},
-                 results=layout.qa_choice, positional=[str(run.outputs[run.name]) for run in sweep])
+                 layout.qa_choice, {"qa_choice": layout.qa_choice}, sweep, results=layout.qa_choice,
+                 positional=[str(path) for path in sweep.values()])
     chosen = ctx.recorded(layout.qa_choice, "lmbda")
-    return [*sweep, choice, qa_run("qa_validation_base", "validation", None, {}, {}),
-            qa_run("qa_test_base", "test", None, {}, {}),
-            qa_run("qa_test_memory", "test", chosen, {**memory, "lmbda": chosen}, {"qa_choice": layout.qa_choice})]
+    return [qa_run("validation", list(lmbdas), {}), choice, qa_run("test", chosen, {"qa_choice": layout.qa_choice})]
 
 
 def _qa_lmbda(ctx: Context, section: dict) -> dict:
@@ -311,11 +316,12 @@ def _qa_lmbda(ctx: Context, section: dict) -> dict:
 
 def _judgment(stage: str, module: str, out: Path, data: str, results: str) -> Callable[[Context, dict], list[Run]]:
     def build(ctx: Context, section: dict) -> list[Run]:
-        owned = {"output_dir": str(out(ctx.layout)), "knn_generator_path": str(ctx.layout.memory),
-                 **_qa_lmbda(ctx, section)}
+        owned = {"output_dir": str(out(ctx.layout)), "memory": str(ctx.layout.memory), **_qa_lmbda(ctx, section)}
         settings = ctx.settings(stage, owned)
         if not settings.get("data_file") and not settings.get("dataset_name"):
-            settings["data_file"] = str(ctx.layout.corpus_file(data))
+            settings["data_file"] = str(ctx.layout.corpus_file(data))  # the corpus's items, and its few-shot prompt
+            if stage == "halueval" and "instruction" not in settings:
+                settings["instruction"] = str(ctx.layout.halueval_fewshot)
         inputs = {**ctx.model_input(), "memory": ctx.layout.memory, "data": settings.get("data_file") or ""}
         if "lmbda" in owned:
             inputs["qa_choice"] = ctx.layout.qa_choice
@@ -327,7 +333,7 @@ def _judgment(stage: str, module: str, out: Path, data: str, results: str) -> Ca
 
 def _correction(ctx: Context, section: dict) -> list[Run]:
     out = ctx.layout.correction
-    owned = {"quickstart_dir": str(ctx.layout.out), "knn_generator_path": str(ctx.layout.memory),
+    owned = {"quickstart_dir": str(ctx.layout.out), "memory": str(ctx.layout.memory),
              "output_file": str(out), **_qa_lmbda(ctx, section)}
     inputs = {**ctx.model_input(), "memory": ctx.layout.memory, "qa_test_file": ctx.layout.qa_file("test")}
     return [Run("correction", "correction", "demo.generation_example", ctx.settings("correction", owned), out,
@@ -341,8 +347,11 @@ def _summary(ctx: Context, section: dict) -> list[Run]:
 
 MODEL = "utils.arguments:PretrainedModelArguments"
 CHECKS = "utils.arguments:BaseCheckArguments"
+VERIFY = "utils.arguments:VerificationArguments"
+MEMORY = "models.joint.settings:MemoryArguments"  # the front door: --memory, --lmbda, --memory_temp and checks
+MEMORY_OWNED = frozenset({"memory", "knn_generator_path", "use_neural_knn"})  # the run's memory/, released names too
 TRAIN_BASE = hf_parser("utils.arguments:ModelArguments", "utils.arguments:TrainingDataArguments",
-                       "utils.arguments:DstoreArguments", "transformers:TrainingArguments")
+                       "utils.arguments:DstoreArguments", "transformers:TrainingArguments", VERIFY)
 EVAL_OWNED = frozenset({"dataset_name", "do_eval", "do_train", "eval_subset", "output_dir", "save_knnlm_dstore",
                         "dstore_dir"})
 STAGE_LIST = [
@@ -353,18 +362,19 @@ STAGE_LIST = [
     Stage("preprocess", "utils.preprocess_dataset", hf_parser("utils.preprocess_dataset:PreprocessArguments"),
           _preprocess, frozenset({"output_dir"})),
     Stage("train_base", "train_base", TRAIN_BASE, _train_base, EVAL_OWNED),
-    Stage("convert", "models.convert", hf_parser("models.official:ConvertArguments"), _convert,
+    Stage("convert", "models.convert", hf_parser("models.convert:ConvertArguments"), _convert,
           frozenset({"output", "from_layout", "to_layout"})),
     Stage("eval_base", "train_base", TRAIN_BASE, _eval_base, EVAL_OWNED, frozenset({"splits", "nproc"})),
     Stage("datastore", "train_base", TRAIN_BASE, _datastore, EVAL_OWNED, frozenset({"nproc"})),
     Stage("index", "knn_utils.build_index", hf_parser("knn_utils.build_index:BuildIndexArguments",
-                                                      "knn_utils.index:IndexSettings"), _index,
+                                                      "knn_utils.index_build:IndexSettings", VERIFY), _index,
           frozenset({"dstore_path", "index_path"})),
     Stage("knn_targets", "knn_utils.saveKNNMulti", hf_parser("knn_utils.saveKNNMulti:SaveKnnArguments",
-                                                             "knn_utils.knn_targets:TargetSettings"), _knn_targets,
+                                                             "knn_utils.knn_targets:TargetSettings", VERIFY),
+          _knn_targets,
           frozenset({"dstore_path", "index_path", "output_path"}), frozenset({"nproc"})),
     Stage("knnlm", "knn_utils.knnlm",
-          hf_parser(MODEL, "utils.arguments:DataArguments", "knn_utils.knnlm:KnnLMArguments"),
+          hf_parser(MODEL, "utils.arguments:DataArguments", "knn_utils.knnlm:KnnLMArguments", CHECKS),
           _knnlm, frozenset({"dataset_name", "eval_subset", "dstore_dir", "index_path", "output_dir"}),
           frozenset({"splits", "nproc"})),
     Stage("memory", "train_mlpmem_offline", hf_parser("models.training.arguments:OfflineArguments",
@@ -372,26 +382,26 @@ STAGE_LIST = [
                                                       "models.training.arguments:MemoryTrainingArguments", CHECKS),
           _memory, frozenset({"knn_dstore_path", "knn_save_path", "output_dir"}), frozenset({"nproc"})),
     Stage("eval_joint", "evaluate_joint", hf_parser(MODEL, "utils.arguments:DataArguments",
-                                                    "models.joint.perplexity:JointArguments", CHECKS), _eval_joint,
-          frozenset({"dataset_name", "dataset_split_name", "eval_subset", "output_dir", "knn_generator_path", "do_test",
-                     "do_eval"}), frozenset({"splits", "nproc"})),
-    Stage("qa", "downstream.eval_qa", hf_parser(MODEL, "downstream.eval_qa:QAArguments", CHECKS), _qa,
-          frozenset({"data_file", "output_dir", "use_neural_knn", "knn_generator_path", "merge"}),
+                                                    "models.joint.perplexity:JointArguments", MEMORY), _eval_joint,
+          frozenset({"dataset_name", "dataset_split_name", "eval_subset", "output_dir", "do_test", "do_eval"}) |
+          MEMORY_OWNED, frozenset({"splits", "nproc"})),
+    Stage("qa", "downstream.eval_qa", hf_parser(MODEL, "downstream.eval_qa:QAArguments", MEMORY), _qa,
+          frozenset({"data_file", "output_dir", "merge", "lmbda"}) | MEMORY_OWNED,
           frozenset({"lmbdas", "validation_file", "test_file"})),
     Stage("yes_no", "downstream.strategyqa",
           hf_parser(MODEL, "downstream.choice_eval:ChoiceEvalArguments", "downstream.strategyqa:StrategyQAArguments",
-                    CHECKS),
+                    MEMORY),
           _judgment("yes_no", "downstream.strategyqa", lambda layout: layout.yes_no, "yes_no_test.json",
                     YES_NO_RESULTS),
-          frozenset({"output_dir", "knn_generator_path"})),
+          frozenset({"output_dir"}) | MEMORY_OWNED),
     Stage("halueval", "downstream.halueval",
           hf_parser(MODEL, "downstream.choice_eval:ChoiceEvalArguments", "downstream.halueval:HaluEvalArguments",
-                    CHECKS),
+                    MEMORY),
           _judgment("halueval", "downstream.halueval", lambda layout: layout.halueval, "halueval_test.json",
                     HALUEVAL_RESULTS),
-          frozenset({"output_dir", "knn_generator_path"})),
+          frozenset({"output_dir"}) | MEMORY_OWNED),
     Stage("correction", "demo.generation_example", function_parser("demo.generation_example:build_parser"),
-          _correction, frozenset({"quickstart_dir", "knn_generator_path", "output_file"})),
+          _correction, frozenset({"quickstart_dir", "output_file"}) | MEMORY_OWNED),
     Stage("summary", "downstream.summary", function_parser("downstream.summary:build_parser"), _summary,
           frozenset({"output_dir"})),
 ]

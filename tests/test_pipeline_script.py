@@ -152,5 +152,7 @@ def test_the_qa_stage_records_its_choice_and_the_runs_after_it_read_it(recipe, f
     tested = read_json(first_run.qa("test", choice["lmbda"]) / "qa_results.json")
     assert tested["lmbda"] == choice["lmbda"] and tested["use_neural_knn"]
     assert read_json(first_run.summary)["qa_test"]["lmbda"] == choice["lmbda"]
-    recorded = read_json(first_run.stage_record("qa_test_memory"))
+    assert not read_json(first_run.qa("test", None) / "qa_results.json")["use_neural_knn"]  # the base, same run
+    recorded = read_json(first_run.stage_record("qa_test"))
     assert recorded["settings"]["lmbda"] == choice["lmbda"] and "qa_choice" in recorded["inputs"]
+    assert recorded["settings"]["memory"] == "{out}/memory"  # through the front door (MemoryArguments)

@@ -99,11 +99,13 @@ class RunLayout:
         return self.out / f"eval_joint_{split}"
 
     def qa_dir(self, split: str) -> Path:
-        """``qa_validation`` / ``qa_test``: one eval_qa run per folder below it."""
+        """``qa_validation`` / ``qa_test``: one eval_qa run, which writes each setting it scores into a folder below
+        it (`qa`) and the first setting with the memory, with every setting's scores, at its top."""
         return self.out / f"qa_{split}"
 
     def qa(self, split: str, lmbda: float | None) -> Path:
-        """The eval_qa run on the ``split`` questions: ``base`` without the memory, ``lmbda_<l>`` with it."""
+        """One setting of the eval_qa run on the ``split`` questions: ``base`` without the memory, ``lmbda_<l>`` with
+        it (`downstream.qa_results`)."""
         return self.qa_dir(split) / ("base" if lmbda is None else f"lmbda_{lmbda_name(lmbda)}")
 
     @property
@@ -115,12 +117,19 @@ class RunLayout:
         return self.corpus_file(f"qa_{split}.jsonl")
 
     @property
+    def halueval_fewshot(self) -> Path:
+        """The corpus's few-shot prompt of judged train-only samples, given to HaluEval as ``--instruction``."""
+        return self.corpus_file("halueval_fewshot.txt")
+
+    @property
     def yes_no(self) -> Path:
-        return self.out / "yes_no_test"
+        """The yes/no questions about the test facts, after their file's few-shot prefix (`downstream.strategyqa`)."""
+        return self.out / "yes_no_fewshot_test"
 
     @property
     def halueval(self) -> Path:
-        return self.out / "halueval_test"
+        """The hallucination judgments about the test facts, after `halueval_fewshot` (`downstream.halueval`)."""
+        return self.out / "halueval_fewshot_test"
 
     @property
     def correction(self) -> Path:

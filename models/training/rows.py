@@ -10,11 +10,11 @@ from typing import Iterator, Protocol
 import numpy as np
 import torch
 
+from models.training.losses import SparseTargets
 from utils.artifacts.datastore import Datastore
 from utils.artifacts.knn_targets import KnnTargets
 from utils.cli import UsageError
 from utils.hidden_state import HiddenStateHook
-from utils.losses import SparseTargets
 from utils.scoring import score_windows
 from utils.windows import ROW_BEGIN, ROW_END
 

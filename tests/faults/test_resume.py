@@ -18,28 +18,25 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pytest
 
 import train_base
 from knn_utils import build_index as build_index_cli
-from knn_utils import index as index_lib
+from knn_utils import index_build
 from knn_utils import knn_targets as targets_lib
 from knn_utils import saveKNNMulti
-from knn_utils.index import IndexSettings, KnnIndex, build_index
+from knn_utils.index_build import IndexSettings, build_index
+from knn_utils.index_search import KnnIndex
 from tests.faults.instrumented import count_lm_windows
 from tests.knn_fixtures import REPO, accelerate_launch, cpu_launch_env, random_datastore
 from utils.artifacts.datastore import load_datastore
 from utils.io import chunk_ranges, partial_path, read_json
 from utils.windows import ROW_BEGIN, ROW_END
 
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
+
 PAUSE_SECONDS = "0.2"  # after each unit of work in the killed run: room to kill it part-way on a busy machine
-
-
-@pytest.fixture(autouse=True)
-def one_faiss_thread():
-    faiss.omp_set_num_threads(1)
 
 
 def run_until_killed(args: list[str], progress: Callable[[], int], at_least: int, timeout: float = 300) -> None:
@@ -157,13 +154,13 @@ def test_index_rerun_after_a_kill_encodes_only_the_chunks_left(tmp_path, monkeyp
              "--num_keys_to_add_at_a_time", "500"]
     build_index_cli.main([*flags, "--index_path", str(tmp_path / "ref")])
     chunks = partial_path(tmp_path / "index") / "chunks"
-    run_until_killed(["--pause_after", "knn_utils.index:write_index_atomically", PAUSE_SECONDS, "knn_utils.build_index",
+    run_until_killed(["--pause_after", "knn_utils.index_build:write_index_atomically", PAUSE_SECONDS, "knn_utils.build_index",
                       *flags, "--index_path", str(tmp_path / "index")], lambda: chunks_on_disk(chunks, "*.faiss"), at_least=2)
     done = chunks_on_disk(chunks, "*.faiss")
     assert 2 <= done < 6
 
-    encoded = record_calls(monkeypatch, index_lib, "encode_chunk", lambda trained_index, keys, first_id, use_gpu: first_id // 500)
-    trained = record_calls(monkeypatch, index_lib, "train", lambda *args: 1)
+    encoded = record_calls(monkeypatch, index_build, "encode_chunk", lambda trained_index, keys, first_id, use_gpu: first_id // 500)
+    trained = record_calls(monkeypatch, index_build, "train", lambda *args: 1)
     build_index_cli.main([*flags, "--index_path", str(tmp_path / "index")])
     assert encoded == list(range(done, 6)) and trained == []  # the trained index on disk is reused, not retrained
     assert same_files(tmp_path / "index", tmp_path / "ref", ("index.faiss",))

@@ -1,4 +1,4 @@
-"""knn_utils/index.py and knn_utils/build_index.py on seeded random datastores."""
+"""knn_utils/index_build.py, knn_utils/index_search.py and knn_utils/build_index.py on seeded random datastores."""
 
 from __future__ import annotations
 
@@ -10,20 +10,17 @@ import numpy as np
 import pytest
 
 from knn_utils import build_index as build_index_cli
-from knn_utils import index as index_lib
-from knn_utils.index import IndexSettings, build_index, load_index, select_neighbours
+from knn_utils import index_build, index_search
+from knn_utils.index_build import IndexSettings, build_index
+from knn_utils.index_search import load_index, select_neighbours
 from knn_utils.torch_search import TorchExactSearch
 from tests.knn_fixtures import REPO, clustered_keys, random_datastore
 from utils.artifacts.datastore import load_datastore
 from utils.cli import UsageError
 
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
+
 RECALL_BOUND = 0.8  # 10-recall@10 of IVFPQ (64 lists, nprobe 16, 16 x 8-bit codes) on clustered 32-d keys: 0.86 measured
-
-
-@pytest.fixture(autouse=True)
-def one_faiss_thread():
-    """Tests are small: one thread avoids OpenMP spin-waiting on a busy 2-core machine."""
-    faiss.omp_set_num_threads(1)
 
 
 def exact_neighbours(keys: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
@@ -64,7 +61,7 @@ def test_interrupted_build_resumes_to_the_same_index(tmp_path, monkeypatch):
     settings = IndexSettings(index_type="ivfpq", ncentroids=16, code_size=4, nbits=4, num_keys_to_add_at_a_time=700)
     build_index(str(dstore), str(tmp_path / "uninterrupted"), settings, show_progress=False)
 
-    real_encode, calls = index_lib.encode_chunk, []
+    real_encode, calls = index_build.encode_chunk, []
 
     def dies_at_third_chunk(*args):
         calls.append(1)
@@ -72,11 +69,11 @@ def test_interrupted_build_resumes_to_the_same_index(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real_encode(*args)
 
-    monkeypatch.setattr(index_lib, "encode_chunk", dies_at_third_chunk)
+    monkeypatch.setattr(index_build, "encode_chunk", dies_at_third_chunk)
     with pytest.raises(KeyboardInterrupt):
         build_index(str(dstore), str(tmp_path / "resumed"), settings, show_progress=False)
     assert len(list((tmp_path / "resumed.partial" / "chunks").glob("*.faiss"))) == 2
-    monkeypatch.setattr(index_lib, "encode_chunk", real_encode)
+    monkeypatch.setattr(index_build, "encode_chunk", real_encode)
     build_index(str(dstore), str(tmp_path / "resumed"), settings, show_progress=False)
 
     assert not (tmp_path / "resumed.partial").exists()
@@ -145,7 +142,7 @@ def test_torch_search_through_knn_index_matches_faiss_with_own_rows_left_out(tmp
     dstore = random_datastore(tmp_path / "ds", rows=250, dim=16, vocab=30, seed=8)
     build_index(str(dstore), settings=IndexSettings(index_type="flat"), show_progress=False)
     datastore = load_datastore(str(dstore))
-    with caplog.at_level("INFO", logger="knn_utils.index"):
+    with caplog.at_level("INFO", logger="knn_utils.index_search"):
         torch_index = load_index(dstore / "index", datastore, torch_device="cpu")
     assert isinstance(torch_index.index, TorchExactSearch) and torch_index.nprobe is None
     assert "runs in torch on cpu" in caplog.text
@@ -159,11 +156,11 @@ def test_torch_search_through_knn_index_matches_faiss_with_own_rows_left_out(tmp
 
 
 def test_torch_search_is_chosen_only_for_a_flat_index_without_faiss_gpu(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(index_lib.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(index_lib, "faiss_gpu_available", lambda: False)
-    assert index_lib.torch_search_device("flat", use_gpu=True) == "cuda"
-    assert index_lib.torch_search_device("flat", use_gpu=False) is None
-    assert index_lib.torch_search_device("ivfpq", use_gpu=True) is None
+    monkeypatch.setattr(index_search.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(index_search, "faiss_gpu_available", lambda: False)
+    assert index_search.torch_search_device("flat", use_gpu=True) == "cuda"
+    assert index_search.torch_search_device("flat", use_gpu=False) is None
+    assert index_search.torch_search_device("ivfpq", use_gpu=True) is None
     dstore = random_datastore(tmp_path / "ds", rows=1000, dim=16, vocab=30, seed=9)
     build_index(str(dstore), settings=IndexSettings(index_type="ivfpq", ncentroids=8, code_size=4, nbits=4),
                 show_progress=False)
@@ -173,8 +170,8 @@ def test_torch_search_is_chosen_only_for_a_flat_index_without_faiss_gpu(tmp_path
     assert isinstance(index.index, faiss.IndexIVFPQ) and "FAISS sees none" in caplog.text
     with pytest.raises(ValueError, match="exact"):
         load_index(dstore / "index", datastore, torch_device="cpu")
-    monkeypatch.setattr(index_lib, "faiss_gpu_available", lambda: True)
-    assert index_lib.torch_search_device("flat", use_gpu=True) is None
+    monkeypatch.setattr(index_search, "faiss_gpu_available", lambda: True)
+    assert index_search.torch_search_device("flat", use_gpu=True) is None
 
 
 def test_released_command_line(tmp_path, capsys):

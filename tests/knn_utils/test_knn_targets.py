@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from knn_utils import knn_targets as targets_lib
-from knn_utils.index import IndexSettings, build_index, load_index
+from knn_utils.index_build import IndexSettings, build_index
+from knn_utils.index_search import load_index
 from knn_utils.knn_targets import TargetSettings, compute_knn_targets
 from knn_utils.saveKNNMulti import SaveKnnArguments
 from tests.knn_fixtures import accelerate_launch, clustered_keys, random_datastore, write_datastore
@@ -15,13 +16,10 @@ from utils.artifacts.datastore import load_datastore
 from utils.artifacts.knn_targets import load_knn_targets
 from utils.cli import UsageError, parse_args
 
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
+
 VOCAB = 12
 FP16_TOLERANCE = 2e-3  # probabilities are stored as float16 (relative precision 1e-3)
-
-
-@pytest.fixture(autouse=True)
-def one_faiss_thread():
-    faiss.omp_set_num_threads(1)
 
 
 @pytest.fixture(scope="module")

@@ -5,22 +5,18 @@ from __future__ import annotations
 import json
 import math
 
-import faiss
 import numpy as np
 import pytest
 import torch
 
 from knn_utils import knnlm
-from knn_utils.index import IndexSettings, build_index
+from knn_utils.index_build import IndexSettings, build_index
 from knn_utils.saveKNNMulti import main as save_knn_main
 from tests.knn_fixtures import accelerate_launch, make_tokenizer, random_datastore, tiny_lm  # noqa: F401  (tiny_lm is a fixture)
 from utils.arguments import DataArguments, ModelArguments
 from utils.cli import UsageError
 
-
-@pytest.fixture(autouse=True)
-def one_faiss_thread():
-    faiss.omp_set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +156,7 @@ def test_gold_p_knn_from_the_neighbours_equals_the_dense_p_knn(knn_temp):
 def test_perplexity_equals_the_full_distribution_formula(indexed_lm, tmp_path):
     """End to end: evaluate_knnlm's perplexity is the one of p = (1 - l) p_lm + l p_knn built over the whole
     vocabulary in float64 from the same neighbours (searched here through the same index)."""
-    from knn_utils.index import load_index
+    from knn_utils.index_search import load_index
     from utils.artifacts.dataset import load_split
     from utils.artifacts.datastore import open_datastore
     from utils.modeling import load_model_for_dataset

@@ -13,9 +13,9 @@ import faiss
 import numpy as np
 import pytest
 
-from knn_utils import index as index_lib
-from knn_utils import knnlm
-from knn_utils.index import IndexSettings, build_index, load_index
+from knn_utils import faiss_devices, index_build, index_search, knnlm
+from knn_utils.index_build import IndexSettings, build_index
+from knn_utils.index_search import load_index
 from knn_utils.knn_targets import TargetSettings, compute_knn_targets
 from knn_utils.sharded import merge_neighbours, shards_of_process
 from tests.knn_fixtures import (REPO, accelerate_launch, cpu_launch_env, random_datastore, tiny_lm,  # noqa: F401  (a fixture)
@@ -26,13 +26,10 @@ from utils.checksums import verify_files
 from utils.cli import UsageError
 from utils.io import partial_path
 
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
+
 TARGET_FILES = ("offsets.npy", "token_ids.npy", "probs.npy", "labels.npy")
 LAUNCH_TIMEOUT = 180  # seconds: a hung rendezvous or collective fails the test instead of blocking the suite
-
-
-@pytest.fixture(autouse=True)
-def one_faiss_thread():
-    faiss.omp_set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +107,7 @@ def test_a_sharded_build_resumes_after_its_last_finished_chunk(tmp_path, monkeyp
                              num_keys_to_add_at_a_time=100)
     build_index(str(dstore), str(tmp_path / "fresh"), settings, show_progress=False)
 
-    encoded, real_encode = [], index_lib.encode_chunk
+    encoded, real_encode = [], index_build.encode_chunk
 
     def encode_then_die(trained, keys, first_id, use_gpu):  # the process dies while encoding rows 500-600
         if first_id == 500:
@@ -118,7 +115,7 @@ def test_a_sharded_build_resumes_after_its_last_finished_chunk(tmp_path, monkeyp
         encoded.append(first_id)
         return real_encode(trained, keys, first_id, use_gpu)
 
-    monkeypatch.setattr(index_lib, "encode_chunk", encode_then_die)
+    monkeypatch.setattr(index_build, "encode_chunk", encode_then_die)
     with pytest.raises(KeyboardInterrupt):
         build_index(str(dstore), str(tmp_path / "index"), settings, show_progress=False)
     staging = partial_path(tmp_path / "index")
@@ -126,7 +123,7 @@ def test_a_sharded_build_resumes_after_its_last_finished_chunk(tmp_path, monkeyp
     assert encoded == [0, 100, 200, 300, 400] and not (staging / "shard_001.faiss").exists()
 
     encoded.clear()
-    monkeypatch.setattr(index_lib, "encode_chunk", lambda *args: encoded.append(args[2]) or real_encode(*args))
+    monkeypatch.setattr(index_build, "encode_chunk", lambda *args: encoded.append(args[2]) or real_encode(*args))
     build_index(str(dstore), str(tmp_path / "index"), settings, show_progress=False)
     assert encoded == [500, 600, 700, 800]  # shard 0 and the first two chunks of shard 1 are not redone
     assert same_bytes(tmp_path / "index", tmp_path / "fresh", ("shard_000.faiss", "shard_001.faiss", "shard_002.faiss"))
@@ -138,25 +135,25 @@ def test_bad_shard_counts_and_gpu_limits_are_usage_errors(tmp_path, monkeypatch)
         IndexSettings(index_shards=0)
     with pytest.raises(UsageError, match="--index_shards 11 is more than the datastore's 10 keys"):
         build_index(str(dstore), settings=IndexSettings(index_type="flat", index_shards=11), show_progress=False)
-    monkeypatch.setattr(index_lib, "faiss_gpu_available", lambda: True)  # the limit checks only, no GPU is used
-    largest = index_lib.max_gpu_k()
-    index_lib.check_gpu_k(largest, use_gpu=True)
+    monkeypatch.setattr(index_search, "faiss_gpu_available", lambda: True)  # the limit checks only, no GPU is used
+    largest = index_search.max_gpu_k()
+    index_search.check_gpu_k(largest, use_gpu=True)
     with pytest.raises(UsageError, match=f"--k {largest + 1}: FAISS-GPU returns at most 2048 .* --k {largest} or less"):
-        index_lib.check_gpu_k(largest + 1, use_gpu=True)
-    index_lib.check_gpu_k(2047, use_gpu=True, exact=False)
-    index_lib.check_gpu_k(5000, use_gpu=False)
+        index_search.check_gpu_k(largest + 1, use_gpu=True)
+    index_search.check_gpu_k(2047, use_gpu=True, exact=False)
+    index_search.check_gpu_k(5000, use_gpu=False)
     with pytest.raises(UsageError, match="--probe 2049: FAISS-GPU visits at most 2048 lists"):
-        index_lib.check_gpu_probe(2049, use_gpu=True)
-    index_lib.check_gpu_probe(2048, use_gpu=True)
+        index_search.check_gpu_probe(2049, use_gpu=True)
+    index_search.check_gpu_probe(2048, use_gpu=True)
 
 
 def test_float16_lookup_tables_only_where_faiss_gpu_requires_them():
     def ivfpq(code_size, nbits):
         return faiss.IndexIVFPQ(faiss.IndexFlatL2(192), 192, 4, code_size, nbits)
 
-    assert not index_lib.needs_float16_lookup_tables(ivfpq(64, 8))  # 64 x 256 = 16384 entries: float32 fits
-    assert index_lib.needs_float16_lookup_tables(ivfpq(96, 8))
-    assert not index_lib.needs_float16_lookup_tables(faiss.IndexFlatL2(8))
+    assert not faiss_devices.needs_float16_lookup_tables(ivfpq(64, 8))  # 64 x 256 = 16384 entries: float32 fits
+    assert faiss_devices.needs_float16_lookup_tables(ivfpq(96, 8))
+    assert not faiss_devices.needs_float16_lookup_tables(faiss.IndexFlatL2(8))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import faiss
 import numpy as np
 import pytest
 import torch
@@ -12,10 +11,11 @@ from safetensors.torch import load_file
 
 import train_mlpmem_offline
 import train_mlpmem_online
-from knn_utils.index import IndexSettings, build_index
+from knn_utils.index_build import IndexSettings, build_index
 from knn_utils.knn_targets import TargetSettings, compute_knn_targets
 from models import MemoryConfig, build_memory, load_memory
 from models.training.arguments import warmup_steps
+from models.training.losses import memory_loss
 from models.training.rows import DatastoreRows, OnTheFlyRows, window_hidden_states
 from tests.conftest import tiny_model
 from tests.knn_fixtures import accelerate_launch, tiny_lm, write_datastore  # noqa: F401  (tiny_lm is a fixture)
@@ -24,15 +24,11 @@ from utils.artifacts.dataset import load_split
 from utils.artifacts.datastore import load_datastore
 from utils.artifacts.knn_targets import load_knn_targets
 from utils.cli import UsageError
-from utils.losses import memory_loss
 from utils.modeling import load_causal_lm
 
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
+
 FAST = ["--num_warmup_steps", "2", "--logging_steps", "1", "--disable_tqdm", "--base_model_name", "tiny"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    faiss.omp_set_num_threads(1)
 
 
 def knn_targets_of(dstore, out, k: int = 8):

@@ -3,20 +3,16 @@ are streamed, and give the same bytes and numbers whatever the chunk size."""
 
 from __future__ import annotations
 
-import faiss
 import numpy as np
 import pytest
 
 import utils.artifacts.knn_targets as knn_target_files
-from knn_utils.index import IndexSettings, build_index
+from knn_utils.index_build import IndexSettings, build_index
 from knn_utils.knn_targets import TargetSettings, compute_knn_targets
 from tests.knn_fixtures import random_datastore
 from utils.artifacts.knn_targets import DATA_FILES
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    faiss.omp_set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 def test_merged_targets_do_not_depend_on_the_merge_chunk(tmp_path, monkeypatch):

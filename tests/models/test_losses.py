@@ -1,4 +1,4 @@
-"""utils/losses.py: the sparse loss against the dense formula (values and gradients), built only here."""
+"""models/training/losses.py: the sparse loss against the dense formula (values and gradients), built only here."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from utils.losses import SparseTargets, kl_and_gold_nll, memory_loss, sparse_argmax, sparse_nll
+from models.training.losses import SparseTargets, kl_and_gold_nll, memory_loss, sparse_argmax, sparse_nll
 
 VOCAB = 50
 

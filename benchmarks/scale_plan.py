@@ -1,0 +1,166 @@
+"""The capacity plan of benchmarks/bench_scale.py: rates fitted over the measured sizes, extrapolated to
+WikiText-103 and a 500M-token datastore (disk, RAM, hours on this CPU and on H100s), the Markdown report and
+the plot.
+
+Writing, adding and training cost the same per row at any size: their rate is the median over the sizes.
+Searching gets a power law, rate = a N^b. Costs per row are scaled by the key width (measured at 576).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from benchmarks.bench_scale import ScaleArguments
+
+STAGES = ("write", "index", "search", "targets", "train", "knnlm", "memory")  # bench_scale's, in pipeline order
+# docs/results.md, all of WikiText-2 train (2,581,967 rows) on one H100 (SmolLM2-135M, width 576)
+H100 = {"rows": 2_581_967, "write_seconds": 87.0, "exact_targets_seconds": 161.0, "train_rows_per_second": 4993 * 512 / 43.0,
+        "memory_tokens_per_second": 67_798.0, "knnlm_exact_gpu_tokens_per_second": 16_607.0}
+TARGETS = {"WikiText-103, SmolLM2-135M (d 576)": (103_000_000, 576),
+           "WikiText-103, GPT2-large (d 1280)": (103_000_000, 1280),
+           "500M tokens, GPT2-large (d 1280)": (500_000_000, 1280)}
+
+
+def power_fit(sizes: list[int], values: list[float]) -> tuple[float, float]:
+    """(a, b) of value = a * size^b, least squares in log-log (b = 0 with one size)."""
+    if len(sizes) < 2:
+        return float(values[0]), 0.0
+    b, log_a = np.polyfit(np.log(sizes), np.log(values), 1)
+    return float(math.exp(log_a)), float(b)
+
+
+def predict(fit: tuple[float, float], size: float) -> float:
+    return fit[0] * size ** fit[1]
+
+
+def plan(results: dict, args: ScaleArguments) -> dict:
+    """Disk, RAM and hours per stage at the TARGETS sizes, from the fitted curves."""
+    sizes = [r["rows"] for r in results["sizes"]]
+    by = lambda stage, key: [r["stages"][stage][key] for r in results["sizes"]]  # noqa: E731
+    # Writing, adding and training cost the same per row at any size (their work per row does not depend on N: the
+    # IVF assignment scans --ncentroids lists, a training step one batch), so their rate is the median of the sizes
+    # (b = 0), which keeps the load of a shared machine out of the extrapolation. A search scans lists that grow with
+    # N at a fixed --ncentroids: its rate gets a power law.
+    flat = lambda values: (float(np.median(values)), 0.0)  # noqa: E731
+    fits = {"write_rows_per_second": flat(by("write", "rows_per_second")),
+            "add_rows_per_second": flat(by("index", "add_rows_per_second")),
+            "search_queries_per_second": power_fit(sizes, by("search", "queries_per_second")),
+            "train_rows_per_second": flat(by("train", "rows_per_second")),
+            "knn_search_seconds_per_token": power_fit(sizes, [r["per_token"]["knn_search"] for r in results["sizes"]])}
+    base = float(np.median([r["per_token"][k] for r in results["sizes"] for k in ("base_in_knnlm", "base_in_joint")]))
+    memory_cost = float(np.median([r["per_token"]["memory"] for r in results["sizes"]]))  # flat: no datastore
+    last = results["sizes"][-1]
+    nnz_per_row = last["stages"]["targets"]["nnz"] / last["rows"]
+    train_seconds = last["stages"]["index"]["train_seconds"]
+    peak_anon = {stage: max(r["stages"][stage]["peak_anon_bytes"] for r in results["sizes"]) for stage in STAGES}
+    out = {"fits": {k: {"a": a, "b": b} for k, (a, b) in fits.items()}, "targets": {},
+           "base_seconds_per_token": base, "memory_seconds_per_token": memory_cost,
+           "measured_speedup": {r["rows"]: (base + r["per_token"]["knn_search"]) / (base + memory_cost)
+                                for r in results["sizes"]}}
+    for label, (rows, dim) in TARGETS.items():
+        width = dim / 576  # CPU rates measured at 576; per-row costs of writing, adding and searching grow with d
+        index_bytes = rows * (args.code_size + 8) + args.ncentroids * dim * 4
+        disk = {"keys_and_vals": rows * (2 * dim + 4), "index": index_bytes, "knn_targets": rows * (8 + 4 + nnz_per_row * 6)}
+        cpu_hours = {
+            "write (keys only, no forward)": rows / predict(fits["write_rows_per_second"], rows) * width / 3600,
+            "index train + add": (train_seconds * width + rows / predict(fits["add_rows_per_second"], rows) * width) / 3600,
+            f"kNN targets, IVFPQ k {args.k} nprobe {args.probe}": rows / predict(fits["search_queries_per_second"], rows) * width / 3600,
+            "memory training, 1 epoch (SmolLM2-size memory)": rows / predict(fits["train_rows_per_second"], rows) / 3600,
+        }
+        scale = rows / H100["rows"]
+        gpu_hours = {  # one H100, from docs/results.md; exact search cost grows with rows^2
+            "datastore (forward + write)": H100["write_seconds"] * scale * width / 3600,
+            "exact kNN targets (torch, GPU)": H100["exact_targets_seconds"] * scale ** 2 * width / 3600,
+            "memory training, 1 epoch (SmolLM2-size memory)": rows / H100["train_rows_per_second"] / 3600,
+        }
+        knnlm = 1 / (base + predict(fits["knn_search_seconds_per_token"], rows) * width)  # SmolLM2's base and memory
+        memory = 1 / (base + memory_cost)
+        out["targets"][label] = {
+            "rows": rows, "dim": dim, "disk_gb": {k: v / 1e9 for k, v in disk.items()},
+            "ram_gb": {"the index in RAM to search it (codes + ids)": index_bytes / 1e9,
+                       **{f"{stage} (measured peak)": b / 1e9 for stage, b in peak_anon.items()}},
+            "cpu_hours_2_cores": cpu_hours, "h100_hours_1": gpu_hours,
+            "h100_hours_8": {k: v / 8 for k, v in gpu_hours.items()},
+            "knnlm_tokens_per_second_cpu": knnlm, "memory_tokens_per_second_cpu": memory,
+            "memory_speedup_over_knnlm_cpu": memory / knnlm,
+        }
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Report
+
+
+def gib(n: float) -> str:
+    return f"{n / 2 ** 30:.2f}"
+
+
+def markdown(results: dict) -> str:
+    m = results["machine"]
+    lines = [f"# Capacity plan ({m['cpu']}, {m['cores']} cores)", "",
+             *([results["settings"]["note"], ""] if results["settings"].get("note") else []),
+             f"Seed: {results['seed_rows']:,} real SmolLM2-135M keys (width 576) of WikiText-2 train, repeated with noise "
+             f"{results['settings']['noise']} x std. IVFPQ: {results['settings']['ncentroids']} lists, "
+             f"{results['settings']['code_size']}-byte codes, nprobe {results['settings']['probe']}, k {results['settings']['k']}.", "",
+             "| rows | write rows/s | index train s | add rows/s | search queries/s | train rows/s | "
+             "kNN search ms/token | memory ms/token | memory vs kNN-LM |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results["sizes"]:
+        s, t = r["stages"], r["per_token"]
+        lines.append(f"| {r['rows']:,} | {s['write']['rows_per_second']:,.0f} | {s['index']['train_seconds']:.1f} | "
+                     f"{s['index']['add_rows_per_second']:,.0f} | {s['search']['queries_per_second']:,.1f} | "
+                     f"{s['train']['rows_per_second']:,.0f} | {1e3 * t['knn_search']:.2f} | {1e3 * t['memory']:.2f} | "
+                     f"{results['plan']['measured_speedup'][r['rows']]:.2f}x |")
+    lines += ["", f"The last column is (base + kNN search) / (base + memory) per token, at the median base forward cost "
+                  f"of all runs ({1e3 * results['plan']['base_seconds_per_token']:.1f} ms/token, SmolLM2-135M on this CPU): "
+                  "the two evaluations ran at different times on a shared machine, so their own tokens/s are not compared."]
+    lines += ["", "Peak anonymous memory of each stage, GiB (file-backed pages of memory maps in brackets):", "",
+              "| rows | " + " | ".join(STAGES) + " |", "|---:|" + "---:|" * len(STAGES)]
+    for r in results["sizes"]:
+        lines.append(f"| {r['rows']:,} | " + " | ".join(
+            f"{gib(r['stages'][s]['peak_anon_bytes'])} ({gib(r['stages'][s]['peak_file_bytes'])})" for s in STAGES) + " |")
+    for label, t in results["plan"]["targets"].items():
+        lines += ["", f"## {label}: {t['rows']:,} rows", "",
+                  "Disk: " + ", ".join(f"{k} {v:,.1f} GB" for k, v in t["disk_gb"].items()) + ".", "",
+                  "RAM: " + ", ".join(f"{k} {v:,.1f} GB" for k, v in t["ram_gb"].items()) + ".", "",
+                  "| stage | this CPU, hours | one H100, hours | 8 H100, hours |", "|---|---:|---:|---:|"]
+        for k, v in t["cpu_hours_2_cores"].items():
+            lines.append(f"| {k} | {v:,.1f} | | |")
+        for k, v in t["h100_hours_1"].items():
+            lines.append(f"| {k} | | {v:,.2f} | {t['h100_hours_8'][k]:,.2f} |")
+        lines += ["", f"Base + memory vs kNN-LM (IVFPQ, nprobe {results['settings']['probe']}, this CPU, fitted; "
+                      "SmolLM2-135M's base and memory cost per token, the search's scaled to this width): "
+                      f"{t['memory_tokens_per_second_cpu']:,.1f} vs {t['knnlm_tokens_per_second_cpu']:,.2f} tokens/s, "
+                      f"**{t['memory_speedup_over_knnlm_cpu']:,.1f}x**."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = [r["rows"] for r in results["sizes"]]
+    fig, (rates, memory) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for stage, key, label in (("write", "rows_per_second", "datastore write rows/s"),
+                              ("index", "add_rows_per_second", "index add rows/s"),
+                              ("search", "queries_per_second", "kNN search queries/s"),
+                              ("train", "rows_per_second", "memory training rows/s"),
+                              ):
+        rates.plot(sizes, [r["stages"][stage][key] for r in results["sizes"]], "o-", label=label)
+    base = results["plan"]["base_seconds_per_token"]
+    rates.plot(sizes, [1 / (base + r["per_token"]["knn_search"]) for r in results["sizes"]], "o--", label="kNN-LM tokens/s")
+    rates.plot(sizes, [1 / (base + r["per_token"]["memory"]) for r in results["sizes"]], "o--", label="base + memory tokens/s")
+    rates.set(xscale="log", yscale="log", xlabel="datastore rows", ylabel="rate", title="Rates as the datastore grows")
+    rates.legend(fontsize=8)
+    for stage in STAGES:
+        memory.plot(sizes, [r["stages"][stage]["peak_anon_bytes"] / 2 ** 30 for r in results["sizes"]], "o-", label=stage)
+    memory.set(xscale="log", xlabel="datastore rows", ylabel="GiB", title="Peak anonymous memory per stage")
+    memory.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
