@@ -164,9 +164,9 @@ def _download(ctx: Context, section: dict) -> list[Run]:
 
 
 def _corpus(ctx: Context, section: dict) -> list[Run]:
-    out = ctx.layout.corpus
+    out = ctx.layout.corpus  # done when its newest file is there: an older corpus gets its judgments written
     return [Run("corpus", "corpus", "utils.embedded_corpus", ctx.settings("corpus", {"output_dir": str(out)}),
-                out / META, {"corpus": out}, results=out / META)]
+                ctx.layout.halueval_fewshot, {"corpus": out}, results=out / META)]
 
 
 def _preprocess(ctx: Context, section: dict) -> list[Run]:

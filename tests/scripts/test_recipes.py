@@ -3,6 +3,7 @@ table against the entry points' own flags, and the dry run of every shipped reci
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -144,3 +145,23 @@ def test_dry_run_of_the_wikitext103_recipes_is_offline(name, tmp_path, capsys, m
         assert "IVFPQ 4096 lists x 64 B" in printed and "8 H100" in printed and "k 1024" in printed
     else:
         assert "download_Rubin-Wei--MLPMemory-gpt2-large" in printed and "eval_joint_test" in printed
+
+
+def test_an_older_corpus_gets_its_few_shot_prompt_written(tmp_path, capsys):
+    """The corpus stage is done when its newest file is there: a corpus written before HaluEval's few-shot prompt
+    (its meta.json without the entry, the file absent) is handed to utils.embedded_corpus again, which adds it."""
+    sizes = {"num_countries": 3, "num_cities": 12, "num_rivers": 4, "num_organisations": 10, "num_people": 40}
+    recipe = write_recipe(tmp_path, {"out": str(tmp_path / "run"), "stages": ["corpus"], "corpus": sizes})
+    pipeline.main([str(recipe)])
+    layout = Context(read_recipe(recipe), REPO).layout
+    prompt = layout.halueval_fewshot.read_text()
+    meta = json.loads(layout.corpus_file("meta.json").read_text())
+    del meta["halueval_fewshot"]
+    layout.corpus_file("meta.json").write_text(json.dumps(meta))
+    layout.halueval_fewshot.unlink()
+    capsys.readouterr()
+    pipeline.main([str(recipe)])
+    assert "already done" not in capsys.readouterr().out
+    assert layout.halueval_fewshot.read_text() == prompt
+    pipeline.main([str(recipe)])
+    assert "== corpus: already done" in capsys.readouterr().out
