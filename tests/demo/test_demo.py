@@ -72,6 +72,7 @@ def test_qa_from_a_quickstart_dir(tmp_path, tiny_pair):
     assert [e["prompt"] for e in result["examples"]] == ["the king was", "the queen was"]
     assert result["examples"][1]["gold"] == ["the old tower"]
     assert result["summary"]["lmbda"] == 0.75  # recorded, not chosen again
+    assert result["summary"]["lmbda_source"] == f"chosen on the validation questions ({quick.qa_choice})"
     quick = quick.out
     scanned = main(["--quickstart_dir", str(quick), "--find_correction", "--scan", "3", "--max_new_tokens", "4"])
     summary = scanned["summary"]
