@@ -98,6 +98,7 @@ class ScalingArguments:
     learning_rate: float = field(default=1e-3, metadata={"help": "Memory learning rate (constant after the warm-up)."})
     warmup_steps: int = field(default=100, metadata={"help": "Memory warm-up steps."})
     batch_size: int = field(default=512, metadata={"help": "Memory training rows per step."})
+    loader_workers: int = field(default=1, metadata={"help": "--dataloader_num_workers of memory training."})
     cpt_epochs: list[float] = field(default_factory=lambda: [0.125, 0.25, 0.5, 1.0, 2.0], metadata={
         "help": "Lengths of the base's continued pretraining, in epochs of the tenth (0: none).", "nargs": "+"})
     cpt_learning_rate: float = field(default=5e-5, metadata={"help": "Continued pretraining learning rate."})
@@ -253,7 +254,8 @@ def train_argv(args: ScalingArguments, blocks: int, epochs: int, dstore: Path, t
             "--num_layers", str(blocks), "--init_lm_head", "True", "--num_train_epochs", str(epochs),
             "--learning_rate", str(args.learning_rate), "--num_warmup_steps", str(args.warmup_steps),
             "--lr_scheduler_type", "constant_with_warmup", "--per_device_train_batch_size", str(args.batch_size),
-            "--checkpointing_steps", "epoch", "--save_total_limit", "2", "--logging_steps", "10", "--disable_tqdm", "True"]
+            "--checkpointing_steps", "epoch", "--save_total_limit", "2", "--logging_steps", "10", "--disable_tqdm", "True",
+            "--dataloader_num_workers", str(args.loader_workers)]
 
 
 def snapshot(run_dir: Path, step: int, epoch: int) -> Path:
@@ -421,12 +423,13 @@ def base_points(args: ScalingArguments, points: Points) -> None:
 def main(argv: list[str] | None = None) -> dict:
     (args,) = parse_args((ScalingArguments,), argv)
     setup_logging()
+    if args.report_only:  # reads the JSON and rewrites the table and plot only: safe while a run adds points
+        points = Points(args)
+        write_report(points.data, Path(args.results))
+        return points.data
     Path(args.out).mkdir(parents=True, exist_ok=True)
     with artifact_lock(args.out, "--out"):
         points = Points(args)
-        if args.report_only:
-            points.save()
-            return points.data
         points.data["setup"] = {**points.data.get("setup", {}), "settings": {k: v for k, v in vars(args).items()
                                                                              if k not in ("report_only", "stop_after_points")},
                                 "machine": machine(), "cores": os.cpu_count()}

@@ -81,6 +81,11 @@ def tables(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _legend(ax) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=6)
+
+
 def plot(data: dict, path: Path) -> None:
     import matplotlib
 
@@ -108,7 +113,7 @@ def plot(data: dict, path: Path) -> None:
     ax.set_xlabel("memory training epochs")
     ax.set_ylabel("validation perplexity")
     ax.set_title("Training length (overfitting shows as a rise)", fontsize=9)
-    ax.legend(fontsize=6)
+    _legend(ax)
 
     ax = axes[0][1]
     for blocks in sizes:
@@ -125,7 +130,7 @@ def plot(data: dict, path: Path) -> None:
     ax.set_xlabel("training FLOPs (6 x parameters x rows)")
     ax.set_ylabel("validation perplexity")
     ax.set_title("Per unit of training compute", fontsize=9)
-    ax.legend(fontsize=6)
+    _legend(ax)
 
     ax = axes[1][0]
     for epochs in sorted({p["epochs"] for p in grid}):
@@ -138,7 +143,7 @@ def plot(data: dict, path: Path) -> None:
     ax.set_xlabel("memory parameters")
     ax.set_ylabel("test perplexity")
     ax.set_title("Memory size", fontsize=9)
-    ax.legend(fontsize=6)
+    _legend(ax)
 
     ax = axes[1][1]
     axis = datastore_points(data)
@@ -148,7 +153,7 @@ def plot(data: dict, path: Path) -> None:
         if base:
             ax.axhline(base["test_perplexity"], color="gray", ls=":", label="base")
         ax.set_xscale("log")
-        ax.legend(fontsize=6)
+        _legend(ax)
     ax.set_xlabel("datastore rows")
     ax.set_ylabel("test perplexity")
     ax.set_title("Datastore size", fontsize=9)

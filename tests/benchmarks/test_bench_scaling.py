@@ -27,8 +27,8 @@ def test_points_resume_and_report(tmp_path, tiny_llama_dir, tiny_corpus):
     argv = ["--out", str(tmp_path / "out"), "--results", str(stem), "--model_dir", str(tiny_llama_dir), "--gguf_file", "",
             "--train_file", str(tiny_corpus["train"]), "--validation_file", str(tiny_corpus["validation"]),
             "--test_file", str(tiny_corpus["test"]), "--max_chars", "100000", "--block_size", "32", "--k", "8",
-            "--memory_blocks", "1", "2", "--epochs", "1", "2", "--batch_size", "64", "--warmup_steps", "2",
-            "--cpt_epochs", "0.5", "--cpt_batch", "2", "--datastore_fractions", "0.5", "1",
+            "--memory_blocks", "1", "--loader_workers", "0", "--epochs", "1", "2", "--batch_size", "64", "--warmup_steps", "2",
+            "--cpt_epochs", "0.25", "0.5", "--cpt_batch", "2", "--datastore_fractions", "0.5", "1",
             "--datastore_blocks", "1", "--datastore_epochs", "1", "--eval_windows", "3", "--lmbdas", "0.25", "0.5"]
 
     # Interrupted after three new points (as a kill would): the first size's two lengths and the base.
@@ -41,11 +41,13 @@ def test_points_resume_and_report(tmp_path, tiny_llama_dir, tiny_corpus):
     second = bench_scaling.main(argv)
     for key, point in done.items():
         assert second["points"][key] == point
-    assert {"base/steps_4", "datastore/fraction_0.5/epochs_1", "memory/blocks_2/epochs_1",
-            "memory/blocks_2/epochs_2"} <= set(second["points"])
-    grid = second["points"]["memory/blocks_2/epochs_2"]
-    assert grid["parameters"] > second["points"]["memory/blocks_1/epochs_2"]["parameters"]
-    assert grid["steps"] == 2 * second["points"]["memory/blocks_2/epochs_1"]["steps"]
+    assert set(second["points"]) - set(done) == {"base/steps_2", "base/steps_4", "datastore/fraction_0.5/epochs_1"}
+    grid, early = second["points"]["memory/blocks_1/epochs_2"], second["points"]["memory/blocks_1/epochs_1"]
+    assert grid["steps"] == 2 * early["steps"] and grid["train_flops"] == 2 * early["train_flops"]
+    # The epoch-1 point is the run's checkpoint at that step, saved as a memory: not the final memory again.
+    assert early["memory_dir"] != grid["memory_dir"]
+    assert early["validation_memory_perplexity"] != grid["validation_memory_perplexity"]
+    assert second["points"]["base/steps_4"]["train_flops"] == 2 * second["points"]["base/steps_2"]["train_flops"]
     assert grid["lmbda"] in (0.25, 0.5) and grid["test_joint_perplexity"] > 1
     half = second["points"]["datastore/fraction_0.5/epochs_1"]
     assert half["datastore_rows"] < grid["datastore_rows"]
@@ -54,12 +56,12 @@ def test_points_resume_and_report(tmp_path, tiny_llama_dir, tiny_corpus):
 
     # A snapshot memory gives evaluate_joint's numbers for that checkpoint (the base is the same for every memory).
     assert (grid["validation_base_perplexity"] ==
-            pytest.approx(second["points"]["memory/blocks_1/epochs_1"]["validation_base_perplexity"]))
+            pytest.approx(half["validation_base_perplexity"]))
     assert grid["test_base_perplexity"] == pytest.approx(second["points"]["base/steps_0"]["test_perplexity"])
 
     # The report comes from the JSON alone: a point edited there shows in the regenerated table.
     data = json.loads(stem.with_suffix(".json").read_text())
-    data["points"]["memory/blocks_2/epochs_2"]["test_joint_perplexity"] = 12345.678
+    data["points"]["memory/blocks_1/epochs_2"]["test_joint_perplexity"] = 12345.678
     stem.with_suffix(".json").write_text(json.dumps(data))
     bench_scaling.main([*argv, "--report_only"])
     assert "12345.68" in stem.with_suffix(".md").read_text()
