@@ -42,9 +42,9 @@ import torch  # noqa: E402
 from benchmarks.bench_eval import flops_per_token  # noqa: E402
 from models import MemoryConfig, build_memory  # noqa: E402
 from models.convert import main as convert_main  # noqa: E402
+from models.memory_directory import save_memory  # noqa: E402
 from utils.arguments import ModelArguments  # noqa: E402
 from utils.environment import machine  # noqa: E402
-from utils.io import write_json  # noqa: E402
 from utils.modeling import load_causal_lm, load_tokenizer, model_fingerprint, tokenizer_fingerprint  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
@@ -121,7 +121,7 @@ def prepare(args: argparse.Namespace) -> dict:
                                     base_model_fingerprint=model_fingerprint(model, layer))
     if not (memory_dir / "config.json").is_file():
         torch.manual_seed(0)
-        build_memory(config).eval().save_pretrained(memory_dir)  # random weights: the speed depends on the shape only
+        save_memory(memory_dir, build_memory(config).eval(), {}, {})  # random weights: the speed depends on the shape
     if not (joint_dir / "config.json").is_file():
         convert_main(["--joint", "--base_model", str(base_dir), "--memory", str(memory_dir), "--output", str(joint_dir),
                       "--lmbda", str(args.lmbda)])

@@ -43,8 +43,9 @@ from knn_utils.knn_targets import SearchJob, TargetSettings, search_rows
 from utils import checksums
 from utils.artifacts.datastore import DATA_FILES, load_datastore
 from utils.artifacts.index import INDEX_FILE
+from utils.artifacts.meta import read_meta
 from utils.cli import parse_args, run, setup_logging
-from utils.io import array_sha256, read_meta, write_json
+from utils.io import array_sha256, write_json
 
 logger = logging.getLogger(__name__)
 

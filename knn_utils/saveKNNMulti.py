@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from knn_utils.index_search import KNN_GPU_HELP
 from knn_utils.knn_targets import TargetSettings, compute_knn_targets
 from utils.arguments import VerificationArguments
+from utils.artifacts.meta import read_meta
 from utils.cli import UsageError, command, parse_args, setup_logging
 from utils.distributed import process_state
-from utils.io import read_meta
 
 logger = logging.getLogger(__name__)
 

@@ -27,10 +27,11 @@ import numpy as np
 
 from utils.arguments import SPLITS
 from utils.artifacts.dataset import FORMAT_VERSION, write_split
+from utils.artifacts.meta import read_meta
 from utils.artifacts.released_dataset import is_released_dataset, released_streams
 from utils.cli import UsageError, command, flags_given, parse_args, setup_logging
 from utils.distributed import process_state
-from utils.io import NPY_HEADER_BYTES, ArtifactError, atomic_directory, check_free_space, read_meta, timed, write_json
+from utils.io import NPY_HEADER_BYTES, ArtifactError, atomic_directory, check_free_space, timed, write_json
 from utils.locking import artifact_lock
 from utils.modeling import load_tokenizer, local_path_or_name, tokenizer_fingerprint
 from utils.windows import make_windows

@@ -11,10 +11,16 @@
     build           python -m models.convert --joint: build a joint model directory
 """
 
+from models.joint.any_memory import as_joint_memory
 from models.joint.hooks import JointLM, attach_memory, check_memory_fits, load_checked_memory
-from models.joint.interpolation import (check_joint_settings, gold_log_probs, interpolate_log_probs,
-                                        memory_gold_log_probs, memory_log_probs)
-from models.joint.memories import JointMemory, as_joint_memory
+from models.joint.interpolation import (
+                                        check_joint_settings,
+                                        gold_log_probs,
+                                        interpolate_log_probs,
+                                        memory_gold_log_probs,
+                                        memory_log_probs,
+)
+from models.joint.memories import JointMemory
 from models.joint.settings import MemoryArguments, check_lmbdas
 
 __all__ = ["JointLM", "JointMemory", "MemoryArguments", "as_joint_memory", "attach_memory", "check_joint_settings",

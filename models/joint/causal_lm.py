@@ -33,9 +33,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreT
 from transformers.configuration_utils import SubConfigSpec
 
 from models.configuration_mlp_memory import MemoryConfig
+from models.joint.any_memory import as_joint_memory
 from models.joint.hooks import mixing_hooks
 from models.joint.interpolation import check_joint_settings
-from models.joint.memories import MLP_MEMORY, JointMemory, PrefixStage, as_joint_memory
+from models.joint.memories import MLP_MEMORY, JointMemory, PrefixStage
 from models.joint.settings import DEFAULT_LMBDA, DEFAULT_MEMORY_TEMP, PERPLEXITY
 from models.modeling_mlp_memory import MEMORY_MODELS
 from utils.cli import UsageError

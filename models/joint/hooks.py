@@ -48,10 +48,10 @@ from typing import Iterator
 
 import torch
 
+from models.joint.any_memory import as_joint_memory, load_any_memory
 from models.joint.interpolation import check_joint_settings, interpolate_log_probs
-from models.joint.memories import JointMemory, PrefixStage, as_joint_memory
+from models.joint.memories import JointMemory, PrefixStage
 from models.joint.settings import DEFAULT_LMBDA, DEFAULT_MEMORY_TEMP, PERPLEXITY
-from models.joint.token_memory import load_any_memory
 from utils.architectures import logits_transform_taken
 from utils.cli import UsageError
 

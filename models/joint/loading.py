@@ -26,17 +26,23 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from models.joint.any_memory import as_joint_memory, load_any_memory
 from models.joint.causal_lm import MLPMemoryForCausalLM, MLPMemoryJointConfig
 from models.joint.hooks import JointLM
-from models.joint.memories import JointMemory, as_joint_memory
+from models.joint.memories import JointMemory
 from models.joint.settings import MemoryArguments, resolve_lmbdas, resolve_memory_temp
-from models.joint.token_memory import load_any_memory
 from utils.arguments import PretrainedModelArguments
 from utils.checksums import verify_files
 from utils.cli import UsageError
 from utils.io import META_NAME, read_json
-from utils.modeling import (describe_model, load_causal_lm, load_tokenizer, loading, local_path_or_name,
-                            model_tokenizer_path)
+from utils.modeling import (
+    describe_model,
+    load_causal_lm,
+    load_tokenizer,
+    loading,
+    local_path_or_name,
+    model_tokenizer_path,
+)
 from utils.modeling import tokenizer_fingerprint as fingerprint_of
 
 logger = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ perplexity             reads the scored batch's hidden states      scores the sa
                        (`scored_inputs`, `gold_log_probs`)         (`scored_inputs`), then `gold_log_probs`
 =====================  ==========================================  =============================================
 
-`as_joint_memory` wraps a loaded network (the one place that tells the kinds apart). The wrapper holds the
+`models.joint.any_memory.as_joint_memory` wraps a loaded network (the one place that tells the kinds apart). The wrapper holds the
 network (``module``), not a copy.
 """
 
@@ -32,7 +32,6 @@ import torch
 
 from models.configuration_mlp_memory import check_memory_matches
 from models.joint.interpolation import memory_gold_log_probs, memory_log_probs
-from models.modeling_mlp_memory import MLPMemoryPreTrainedModel
 from utils.architectures import normalize_layer
 from utils.hidden_state import HiddenStateHook
 from utils.modeling import model_fingerprint
@@ -190,16 +189,3 @@ class HiddenStateReader(MemoryReader):
                                    f"{hidden.shape[-2]}")
             hidden = hidden[:, -num:]
         return memory_log_probs(self.memory.module, hidden, memory_temp)
-
-
-def as_joint_memory(memory: torch.nn.Module | JointMemory, layer: int | None = None,
-                    path: str | None = None) -> JointMemory:
-    """``memory`` behind the one interface: an MLP memory reads hidden states, any other causal LM is a Memory
-    Decoder (`models.joint.token_memory.TokenMemory`). A `JointMemory` is returned as it is."""
-    if isinstance(memory, JointMemory):
-        return memory
-    if isinstance(memory, MLPMemoryPreTrainedModel):
-        return HiddenStateMemory(memory, layer, path)
-    from models.joint.token_memory import TokenMemory  # it builds on this module
-
-    return TokenMemory(memory, None, path)

@@ -27,9 +27,10 @@ from dataclasses import dataclass, field
 import torch
 from accelerate import PartialState
 
+from models.joint.any_memory import as_joint_memory
 from models.joint.interpolation import ROWS_PER_SLICE, interpolate_log_probs, lmbda_choice
 from models.joint.loading import load_joint
-from models.joint.memories import JointMemory, as_joint_memory
+from models.joint.memories import JointMemory
 from models.joint.settings import PERPLEXITY, MemoryArguments
 from utils.arguments import SPLITS, DataArguments, PretrainedModelArguments
 from utils.artifacts.dataset import load_split

@@ -43,7 +43,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from models.configuration_mlp_memory import MemoryConfig
 from models.joint.interpolation import gold_log_probs
 from models.joint.memories import MEMORY_DECODER, JointMemory, MemoryReader, PrefixStage, ScoredInputs
-from models.memory_directory import check_finite_weights, load_memory
+from models.memory_directory import check_finite_weights
 from utils.cli import UsageError
 from utils.distributed import synchronize
 from utils.io import ArtifactError
@@ -125,17 +125,6 @@ def load_token_memory(path: str, flag: str = "--memory", **kwargs) -> PreTrained
     logger.info("%s %s: a Memory Decoder memory (a %s causal LM over tokens, %.1fM parameters)", flag, path,
                 memory.config.model_type, memory.num_parameters() / 1e6)
     return memory.eval()
-
-
-def load_any_memory(path: str | os.PathLike, flag: str = "--memory", **kwargs) -> torch.nn.Module:
-    """The memory at ``path``: a Memory Decoder when it is a causal LM over tokens (`reads_tokens`), else an MLP
-    memory (`models.load_memory`, which also names what it does not recognise, and verifies its checksums:
-    ``allow_unverified=True`` reads one without them)."""
-    path = str(path)
-    if os.path.isdir(path) and reads_tokens(path, flag):  # a Hugging Face causal LM: no checksums of ours to verify
-        kwargs.pop("allow_unverified", None)
-        return load_token_memory(path, flag, **kwargs)
-    return load_memory(path, flag, **kwargs)
 
 
 def check_token_memory_fits(model: torch.nn.Module, memory: PreTrainedModel, tokenizer_fingerprint_: str | None = None,

@@ -201,7 +201,7 @@ def test_a_memory_config_that_is_not_json_or_lacks_a_field_is_one_error_line(joi
     (memory / "config.json").write_text("{not json")
     with pytest.raises(ArtifactError, match=r"config\.json is truncated or corrupt"):
         load_memory(memory, allow_unverified=True)
-    with pytest.raises(ArtifactError, match=r"--knn_generator_path .*config\.json is truncated or corrupt"):
+    with pytest.raises(ArtifactError, match=r"--memory .*config\.json is truncated or corrupt"):
         evaluate_joint.main(["--model_name_or_path", str(joint["base"]), "--dataset_name", str(tiny_dataset),
                              "--eval_subset", "test", "--knn_generator_path", str(memory), "--output_dir",
                              str(tmp_path / "eval")])  # before: a JSONDecodeError traceback
@@ -230,9 +230,13 @@ def test_a_base_or_joint_directory_holding_only_a_pickle_is_refused(joint, tiny_
     shutil.copytree(joint["joint"], joint_copy)
     (joint_copy / "model.safetensors").unlink()
     (joint_copy / "pytorch_model.bin").write_bytes(pickle.dumps(Planted(marker)))
+    joint_args = ["--model_name_or_path", str(joint_copy), "--dataset_name", str(tiny_dataset), "--eval_subset", "test",
+                  "--output_dir", str(tmp_path / "eval2")]
+    with pytest.raises(ArtifactError, match=r"model\.safetensors is missing"):  # its checksums refuse it first
+        evaluate_joint.main(joint_args)
+    (joint_copy / "meta.json").unlink()  # without them, the loader itself refuses the pickle
     with pytest.raises(ArtifactError, match=r"pytorch_model\.bin is a pickle"):
-        evaluate_joint.main(["--model_name_or_path", str(joint_copy), "--dataset_name", str(tiny_dataset),
-                             "--eval_subset", "test", "--output_dir", str(tmp_path / "eval2")])
+        evaluate_joint.main([*joint_args, "--allow_unverified"])
     assert not marker.exists()
 
 
@@ -258,9 +262,10 @@ def test_absurd_sizes_in_a_config_are_refused_before_anything_is_built(joint, ti
     config = read_json(joint_copy / "config.json")
     config["text_config"]["n_embd"] = 10**9
     write_json(joint_copy / "config.json", config)
+    (joint_copy / "meta.json").unlink()  # else its checksums already refuse the edited config.json
     with pytest.raises(ArtifactError, match=r"config\.json: its sizes .* make a model of at least"):
         evaluate_joint.main(["--model_name_or_path", str(joint_copy), "--dataset_name", str(tiny_dataset),
-                             "--eval_subset", "test", "--output_dir", str(tmp_path / "eval")])
+                             "--eval_subset", "test", "--output_dir", str(tmp_path / "eval"), "--allow_unverified"])
 
 
 # ---------------------------------------------------------------------------------------------------

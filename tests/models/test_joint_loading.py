@@ -15,9 +15,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import evaluate_joint
 from models import load_memory
 from models.joint import JointLM
+from models.joint.any_memory import load_any_memory
 from models.joint.loading import load_joint
 from models.joint.settings import DOWNSTREAM, MemoryArguments
-from models.joint.token_memory import load_any_memory
 from models.memory_directory import save_memory as save_with_checksums
 from tests.conftest import tiny_model
 from tests.models.test_joint_perplexity import save_memory

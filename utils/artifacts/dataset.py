@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+from utils.artifacts.meta import read_meta
 from utils.artifacts.released_dataset import conversion_hint, is_released_dataset
 from utils.checksums import checksum_file, checksum_npy, verify_files
-from utils.io import META_NAME, ArtifactError, check_fields, load_array, read_meta
+from utils.io import META_NAME, ArtifactError, check_fields, load_array
 
 FORMAT_VERSION = 1
 SPLIT_FILES = ("tokens.npy", "windows.npy")

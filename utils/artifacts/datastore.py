@@ -34,9 +34,19 @@ from pathlib import Path
 
 import numpy as np
 
+from utils.artifacts.meta import read_meta
 from utils.checksums import checksum_npy, verify_files
-from utils.io import (NPY_HEADER_BYTES, ArtifactError, check_free_space, load_array, partial_path, preallocate, read_meta,
-                      reuse_staging, timed, write_json)
+from utils.io import (
+    NPY_HEADER_BYTES,
+    ArtifactError,
+    check_free_space,
+    load_array,
+    partial_path,
+    preallocate,
+    reuse_staging,
+    timed,
+    write_json,
+)
 
 logger = logging.getLogger(__name__)
 

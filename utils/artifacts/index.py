@@ -30,8 +30,9 @@ import faiss
 import numpy as np
 
 from utils.artifacts.datastore import Datastore
+from utils.artifacts.meta import read_meta
 from utils.checksums import verify_files
-from utils.io import ArtifactError, check_free_space, read_meta
+from utils.io import ArtifactError, check_free_space
 
 FORMAT_VERSION = 1
 INDEX_FILE = "index.faiss"

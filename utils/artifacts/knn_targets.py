@@ -28,10 +28,10 @@ from pathlib import Path
 import numpy as np
 
 from utils.artifacts.datastore import Datastore
+from utils.artifacts.meta import read_meta
 from utils.checksums import record_checksums, verify_files
 from utils.cli import UsageError
-from utils.io import (NPY_HEADER_BYTES, ArtifactError, check_free_space, chunk_ranges, load_array, preallocate,
-                      read_meta)
+from utils.io import NPY_HEADER_BYTES, ArtifactError, check_free_space, chunk_ranges, load_array, preallocate
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,169 @@
+"""The tables (STEM.md) and the plot (STEM.png) of `benchmarks.bench_scaling`, made from its points (STEM.json) only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _fmt(value, digits: int = 2) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def _load(point: dict) -> str:
+    return f"{point['load_start'][0]:.1f} -> {point['load_end'][0]:.1f}"
+
+
+def memory_points(data: dict, kind: str = "memory") -> list[dict]:
+    return sorted((p for p in data["points"].values() if p["kind"] == kind),
+                  key=lambda p: (p["blocks"], p.get("datastore_fraction", 1.0), p["epochs"]))
+
+
+def base_points(data: dict) -> list[dict]:
+    return sorted((p for p in data["points"].values() if p["kind"] == "base"), key=lambda p: p["steps"])
+
+
+def datastore_points(data: dict) -> list[dict]:
+    """The datastore axis: its own points, and the grid's point at the same size and length (all of the datastore)."""
+    setting = data.get("setup", {}).get("settings", {})
+    found = memory_points(data, "datastore")
+    found += [p for p in memory_points(data) if p["blocks"] == setting.get("datastore_blocks")
+              and p["epochs"] == setting.get("datastore_epochs")]
+    return sorted(found, key=lambda p: p["datastore_rows"])
+
+
+def tables(data: dict) -> str:
+    lines = []
+    setup = data.get("setup", {})
+    settings = setup.get("settings", {})
+    base = next((p for p in base_points(data) if p["steps"] == 0), None)
+    if base:
+        lines += [f"Base model alone (no training): validation {base['validation_perplexity']:.2f}, test "
+                  f"{base['test_perplexity']:.2f} perplexity ({base['test_tokens']:,} test tokens).", ""]
+    grid = memory_points(data)
+    if grid:
+        lines += ["Memory grid (one constant-learning-rate run per size; each length is a checkpoint of it). "
+                  "Perplexity on the first validation / test windows; lmbda chosen on validation:", "",
+                  "| blocks | parameters | epochs | train PFLOPs | memory alone val / test | base + memory val / test | "
+                  "lmbda | train rows/s | load (eval) |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for p in grid:
+            lines.append(f"| {p['blocks']} | {p['parameters'] / 1e6:.1f}M | {p['epochs']} | {p['train_flops'] / 1e15:.2f} | "
+                         f"{p['validation_memory_perplexity']:.2f} / {p['test_memory_perplexity']:.2f} | "
+                         f"{p['validation_joint_perplexity']:.2f} / {p['test_joint_perplexity']:.2f} | {p['lmbda']:g} | "
+                         f"{_fmt(p['train_rows_per_second'], 0)} | {_load(p)} |")
+        lines.append("")
+    cpt = [p for p in base_points(data) if p["steps"] > 0]
+    if cpt:
+        lines += ["The base's continued pretraining on the same text (constant learning rate "
+                  f"{settings.get('cpt_learning_rate')}):", "",
+                  "| steps | epochs | train PFLOPs | validation | test | wall (train + eval) | load |",
+                  "|---:|---:|---:|---:|---:|---:|---|"]
+        for p in cpt:
+            lines.append(f"| {p['steps']} | {p['epochs']:.3f} | {p['train_flops'] / 1e15:.2f} | "
+                         f"{p['validation_perplexity']:.2f} | {p['test_perplexity']:.2f} | {p['wall_seconds'] / 60:.0f} min | "
+                         f"{_load(p)} |")
+        lines.append("")
+    axis = datastore_points(data)
+    if len(axis) > 1 or memory_points(data, "datastore"):
+        lines += [f"Datastore size ({settings.get('datastore_blocks')} blocks, {settings.get('datastore_epochs')} epochs; "
+                  "kNN targets searched within each prefix):", "",
+                  "| fraction | rows | memory alone val / test | base + memory val / test | lmbda |", "|---:|---:|---:|---:|---:|"]
+        for p in axis:
+            lines.append(f"| {p['datastore_fraction']:g} | {p['datastore_rows']:,} | {p['validation_memory_perplexity']:.2f} / "
+                         f"{p['test_memory_perplexity']:.2f} | {p['validation_joint_perplexity']:.2f} / "
+                         f"{p['test_joint_perplexity']:.2f} | {p['lmbda']:g} |")
+        lines.append("")
+    m = setup.get("machine")
+    if m:
+        lines.append(f"Machine: {m['cpu']}, {m['cores']} cores, GPU: {m['gpu']}; torch {m['torch']}. Load average "
+                     "(1 min) at the start and end of each point's evaluation is in the table; every point's JSON "
+                     "holds its machine, load and torch threads.")
+    return "\n".join(lines) + "\n"
+
+
+def _legend(ax) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=6)
+
+
+def plot(data: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = memory_points(data)
+    bases = base_points(data)
+    base = next((p for p in bases if p["steps"] == 0), None)
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    sizes = sorted({p["blocks"] for p in grid})
+    colours = dict(zip(sizes, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+
+    ax = axes[0][0]
+    for blocks in sizes:
+        pts = [p for p in grid if p["blocks"] == blocks]
+        label = f"{blocks} blocks ({pts[0]['parameters'] / 1e6:.0f}M)"
+        ax.plot([p["epochs"] for p in pts], [p["validation_memory_perplexity"] for p in pts], "o-", color=colours[blocks],
+                label=f"memory alone, {label}")
+        ax.plot([p["epochs"] for p in pts], [p["validation_joint_perplexity"] for p in pts], "s--", color=colours[blocks],
+                label=f"base + memory, {label}")
+    if base:
+        ax.axhline(base["validation_perplexity"], color="gray", ls=":", label="base")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("memory training epochs")
+    ax.set_ylabel("validation perplexity")
+    ax.set_title("Training length (overfitting shows as a rise)", fontsize=9)
+    _legend(ax)
+
+    ax = axes[0][1]
+    for blocks in sizes:
+        pts = [p for p in grid if p["blocks"] == blocks]
+        ax.plot([p["train_flops"] for p in pts], [p["validation_joint_perplexity"] for p in pts], "s--",
+                color=colours[blocks], label=f"base + memory, {blocks} blocks")
+    cpt = [p for p in bases if p["steps"] > 0]
+    if cpt:
+        ax.plot([p["train_flops"] for p in cpt], [p["validation_perplexity"] for p in cpt], "k^-",
+                label="base, continued pretraining")
+    if base:
+        ax.axhline(base["validation_perplexity"], color="gray", ls=":", label="base")
+    ax.set_xscale("log")
+    ax.set_xlabel("training FLOPs (6 x parameters x rows)")
+    ax.set_ylabel("validation perplexity")
+    ax.set_title("Per unit of training compute", fontsize=9)
+    _legend(ax)
+
+    ax = axes[1][0]
+    for epochs in sorted({p["epochs"] for p in grid}):
+        pts = [p for p in grid if p["epochs"] == epochs]
+        ax.plot([p["parameters"] for p in pts], [p["test_joint_perplexity"] for p in pts], "s--", label=f"base + memory, {epochs} ep")
+        ax.plot([p["parameters"] for p in pts], [p["test_memory_perplexity"] for p in pts], "o-", alpha=0.5,
+                label=f"memory alone, {epochs} ep")
+    if base:
+        ax.axhline(base["test_perplexity"], color="gray", ls=":", label="base")
+    ax.set_xlabel("memory parameters")
+    ax.set_ylabel("test perplexity")
+    ax.set_title("Memory size", fontsize=9)
+    _legend(ax)
+
+    ax = axes[1][1]
+    axis = datastore_points(data)
+    if axis:
+        ax.plot([p["datastore_rows"] for p in axis], [p["test_memory_perplexity"] for p in axis], "o-", label="memory alone")
+        ax.plot([p["datastore_rows"] for p in axis], [p["test_joint_perplexity"] for p in axis], "s--", label="base + memory")
+        if base:
+            ax.axhline(base["test_perplexity"], color="gray", ls=":", label="base")
+        ax.set_xscale("log")
+        _legend(ax)
+    ax.set_xlabel("datastore rows")
+    ax.set_ylabel("test perplexity")
+    ax.set_title("Datastore size", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(data: dict, stem: Path) -> None:
+    """STEM.md and STEM.png from the points."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{stem}.md").write_text(tables(data))
+    plot(data, Path(f"{stem}.png"))
