@@ -31,12 +31,13 @@ def library_versions() -> dict:
 
 
 def machine() -> dict:
-    """CPU model, core count, GPU, Python and library versions."""
+    """CPU model, core count, the vector instructions torch's CPU kernels use (``cpu_capability``: AVX2, AVX512, ...;
+    float sums, and so the last digits of a result, can differ between them), GPU, Python and library versions."""
     cpu = platform.processor()
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(),
+    return {"cpu": cpu, "cores": os.cpu_count(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "python": platform.python_version(), **library_versions()}

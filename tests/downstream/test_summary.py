@@ -109,6 +109,7 @@ def test_choices_are_made_on_validation(constructed, capsys):
     assert summary["qa_validation"]["base"]["exact_match"] == 5.0
     # the versions the digits depend on are recorded with them
     assert summary["environment"]["torch"] == torch.__version__ and summary["environment"]["cores"] >= 1
+    assert summary["environment"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()  # digits depend on it
     assert set(summary["qa_validation"]["base_plus_memory_by_lmbda"]) == {"0.25", "0.5", "0.75"}
     assert summary["correction"] == {"prompt": CORRECTION["examples"][0]["prompt"], "gold": ["Sellan Galquist"],
                                      "base": " Perannel Rinzek\nQuestion", "base_plus_memory": " Sellan Galquist\n",
