@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +25,8 @@ import torch
 
 from knn_utils.faiss_devices import GPU_MAX_K, faiss_gpu_available, to_device
 from knn_utils.sharded import GatheredQueries, ShardExchange, distributed_world, merge_neighbours, shards_of_process
-from knn_utils.torch_search import TorchExactSearch, exact_nearest
+from knn_utils.exact_ranking import exact_nearest, rank_candidates
+from knn_utils.torch_search import TorchExactSearch, keys_on_device
 from utils.artifacts.datastore import Datastore
 from utils.artifacts.index import index_parts, read_index_file, read_index_meta
 from utils.cli import UsageError
@@ -32,7 +34,7 @@ from utils.io import timed
 
 logger = logging.getLogger(__name__)
 
-RERANK_BYTES = 1 << 22  # the exact ranking on the CPU works in blocks of this size, which stay in the caches (4x faster than 64 MB)
+GPU_KEYS_SHARE = 0.5  # the exact ranking runs on the search's GPU when the keys take at most this share of its free memory
 KNN_GPU_HELP = ("Search on the GPU: with faiss-gpu, FAISS's GPU index on this process's GPU (one process and several "
                 "GPUs: sharded over all of them); with faiss-cpu and an exact (flat) index, an exact torch search on the "
                 "CUDA device; otherwise (an IVFPQ index, or no GPU) the CPU.")
@@ -61,7 +63,7 @@ def select_neighbours(dists: np.ndarray, ids: np.ndarray, k: int, exclude_rows: 
     invalid = ids < 0
     if exclude_rows is not None:
         invalid |= ids == np.asarray(exclude_rows, dtype=np.int64)[:, None]
-    order = np.argsort(np.where(invalid, np.inf, dists), axis=1, kind="stable")[:, :k]  # (n, k)
+    order = stable_order(np.where(invalid, np.inf, dists).astype(np.float32), k)  # (n, k)
     keep_invalid = np.take_along_axis(invalid, order, axis=1)
     return Neighbours(
         ids=np.where(keep_invalid, -1, np.take_along_axis(ids, order, axis=1)),
@@ -69,17 +71,23 @@ def select_neighbours(dists: np.ndarray, ids: np.ndarray, k: int, exclude_rows: 
     )
 
 
+def stable_order(values: np.ndarray, k: int) -> np.ndarray:
+    """The positions of the ``k`` smallest float32 ``values`` of each row (n, m), smallest first, equal values in
+    position order: ``np.argsort(values, kind="stable")[:, :k]`` (NaN last), through one sort of 64-bit keys (the
+    value's bits, made to order as unsigned integers, above the position), which numpy sorts several times faster."""
+    values = np.asarray(values, dtype=np.float32) + np.float32(0)  # -0.0 becomes 0.0: equal, as for argsort
+    bits = values.view(np.uint32).astype(np.uint64)
+    negative = (bits >> np.uint64(31)).astype(bool)
+    bits = np.where(negative, ~bits & np.uint64(0xFFFFFFFF), bits | np.uint64(0x80000000))  # order as the floats
+    bits[np.isnan(values)] = np.uint64(0xFFFFFFFF)  # NaN last, like argsort
+    keys = (bits << np.uint64(32)) | np.arange(values.shape[1], dtype=np.uint64)
+    return (np.sort(keys, axis=1)[:, :k] & np.uint64(0xFFFFFFFF)).astype(np.int64)
+
+
 def candidate_count(k: int) -> int:
     """Rows asked of the index for ``k`` exact neighbours: ``k`` plus a margin (k / 8, at least 8) for the rounding
     of the index's own distances, which changes with the number of queries per search call."""
     return k + max(8, k // 8)
-
-
-def nearest_exact(keys: torch.Tensor, queries: np.ndarray, ids: np.ndarray, k: int) -> Neighbours:
-    """Of the candidate rows ``ids`` (n, c >= k; -1 for none), the ``k`` nearest each query (n, d) by exact float32
-    distance to the stored ``keys``, equal distances to the lower row: `TorchExactSearch`'s ranking, on the CPU."""
-    dists, rows = exact_nearest(keys, torch.from_numpy(queries), torch.from_numpy(ids), k, max_bytes=RERANK_BYTES)
-    return Neighbours(ids=rows.numpy(), dists=dists.numpy())
 
 
 @dataclass
@@ -92,9 +100,10 @@ class Shard:
     end: int
     id_offset: int = 0
 
-    def search(self, keys: torch.Tensor, queries: np.ndarray, k: int, exclude_rows: np.ndarray | None,
-               exact: bool) -> Neighbours:
-        """The ``k`` nearest rows of this shard to each query (global row ids): see `KnnIndex.search`."""
+    def search(self, rank: Callable[[np.ndarray, np.ndarray, int], Neighbours], queries: np.ndarray, k: int,
+               exclude_rows: np.ndarray | None, exact: bool) -> Neighbours:
+        """The ``k`` nearest rows of this shard to each query (global row ids), exactly ranked by ``rank`` (queries,
+        candidate rows, k): see `KnnIndex.search`."""
         rerank = exact and not isinstance(self.searcher, TorchExactSearch)
         wanted = candidate_count(k) if rerank else k
         asked = min(wanted + (exclude_rows is not None), self.end - self.begin)
@@ -105,7 +114,7 @@ class Shard:
             pad = ((0, 0), (0, wanted - asked))
             dists, ids = np.pad(dists, pad, constant_values=np.inf), np.pad(ids, pad, constant_values=-1)
         candidates = select_neighbours(dists, ids, wanted, exclude_rows)
-        return nearest_exact(keys, queries, candidates.ids, k) if rerank else candidates
+        return rank(queries, candidates.ids, k) if rerank else candidates
 
 
 @dataclass
@@ -121,14 +130,33 @@ class KnnIndex:
     shards: list[Shard]
     meta: dict
     path: Path
-    keys: torch.Tensor  # (N, d) in the stored dtype: a view of the memory-mapped datastore, nothing is loaded
+    keys: torch.Tensor  # (N, d) in the stored dtype: a view of the memory-mapped datastore, or a copy on a GPU
     nprobe: int | None = None  # IVF lists visited per query; None for an exact index
     collective: bool = False
     exchange: ShardExchange | None = field(default=None, repr=False)
+    rerank_keys: torch.Tensor | None = field(default=None, repr=False)  # (N, d) on the exact ranking's device, if not the CPU
 
     @property
     def rows(self) -> int:
         return int(self.meta["rows"])
+
+    @property
+    def rerank_device(self) -> torch.device:
+        """Where the exact ranking runs: the CPU, or the device of ``rerank_keys``."""
+        return torch.device("cpu") if self.rerank_keys is None else self.rerank_keys.device
+
+    def rank_exactly(self, queries: np.ndarray, candidates: np.ndarray, k: int) -> Neighbours:
+        """Of the candidate rows (n, c >= k; -1 for none), the ``k`` nearest each query (n, d) by exact float32
+        distance to the stored keys, equal distances to the lower row (knn_utils/exact_ranking.py): on the CPU, over
+        the memory-mapped ``keys`` with as many threads as FAISS's search, or in torch on the device of
+        ``rerank_keys``. `TorchExactSearch` ranks the same way."""
+        if self.rerank_keys is None:
+            dists, rows = rank_candidates(self.keys.numpy(), queries, candidates, k, threads=faiss.omp_get_max_threads())
+            return Neighbours(ids=rows, dists=dists)
+        device = self.rerank_keys.device
+        dists, rows = exact_nearest(self.rerank_keys, torch.from_numpy(queries).to(device),
+                                    torch.from_numpy(candidates).to(device), k)
+        return Neighbours(ids=rows.cpu().numpy(), dists=dists.cpu().numpy())
 
     @property
     def index(self) -> faiss.Index | TorchExactSearch:
@@ -140,7 +168,7 @@ class KnnIndex:
 
         ``exact`` (the default): the index proposes `candidate_count` rows (one more when ``exclude_rows`` is
         given), and the ``k`` nearest of them by exact float32 distance to the stored keys are kept, equal
-        distances to the lower row (`nearest_exact`). The result then depends on each query alone, not on the
+        distances to the lower row (`rank_exactly`). The result then depends on each query alone, not on the
         other queries of the call: with an exact index it is the exact ``k`` nearest rows, for any batching.
         With IVFPQ it is the exact ``k`` nearest among the index's best candidates by PQ distance, which are
         themselves computed per query; only when the query's probed lists or the candidates at the margin's
@@ -160,7 +188,7 @@ class KnnIndex:
 
     def search_local(self, queries: np.ndarray, k: int, exclude_rows: np.ndarray | None, exact: bool) -> Neighbours:
         """`search` over the shards this process holds, one after another, merged."""
-        found = [shard.search(self.keys, queries, k, exclude_rows, exact) for shard in self.shards]
+        found = [shard.search(self.rank_exactly, queries, k, exclude_rows, exact) for shard in self.shards]
         if len(found) == 1:
             return found[0]
         if not found:  # a process of a group with more processes than shards
@@ -198,14 +226,36 @@ def torch_search_device(index_type: str, use_gpu: bool) -> str | None:
     return None
 
 
+def rerank_keys_for(datastore: Datastore, use_gpu: bool, rerank_device: str | None) -> torch.Tensor | None:
+    """The keys on the device where the exact ranking runs, or None for the CPU (over the memory-mapped keys).
+
+    ``rerank_device`` ("cpu", "cuda:1" ...) says where; by default the search's GPU, when FAISS searches on one and
+    the keys take at most `GPU_KEYS_SHARE` of its free memory (else the CPU, reading the candidates' keys from disk
+    or the page cache, and copying nothing).
+    """
+    if rerank_device is None and use_gpu and faiss_gpu_available() and torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info()
+        if datastore.keys.nbytes <= GPU_KEYS_SHARE * free:
+            rerank_device = f"cuda:{torch.cuda.current_device()}"
+        else:
+            logger.info("The exact ranking runs on the CPU: the keys (%.1f GB) take more than %.0f%% of the GPU's free "
+                        "memory (%.1f GB)", datastore.keys.nbytes / 1e9, 100 * GPU_KEYS_SHARE, free / 1e9)
+    if rerank_device is None:
+        return None
+    with timed(f"Copying {datastore.num_rows} keys to {rerank_device} for the exact ranking", logger):
+        return keys_on_device(datastore.keys, rerank_device)
+
+
 def load_index(index_path: str | os.PathLike, datastore: Datastore, probe: int | None = None,
-               use_gpu: bool = False, torch_device: str | None = None, verify: bool = True) -> KnnIndex:
+               use_gpu: bool = False, torch_device: str | None = None, verify: bool = True,
+               rerank_device: str | None = None) -> KnnIndex:
     """Open the index of ``datastore`` for searching, with ``probe`` lists per query (default: the one it was built with).
 
     On the CPU the index file is memory-mapped read-only, so processes on one machine share one copy.
     An exact index asked for on a GPU (``use_gpu``) that FAISS cannot use is searched by `TorchExactSearch`
     on CUDA over the datastore's keys; ``torch_device`` ("cpu", "cuda:1" ...) forces that backend (the index
     file is not read then). With ``verify``, the index file is checked against its block checksums first.
+    The exact ranking of a FAISS index's candidates runs where `rerank_keys_for` says (``rerank_device``).
 
     A sharded index (``--index_shards``) under a ``torch.distributed`` group of several processes: this process
     opens only its shards (`knn_utils.sharded.shards_of_process`) and searches collectively; in one process,
@@ -252,7 +302,8 @@ def load_index(index_path: str | os.PathLike, datastore: Datastore, probe: int |
         else:
             index = to_device(index, use_gpu)
         shards.append(Shard(index, part["begin"], part["end"], part["id_offset"]))
-    return KnnIndex(shards=shards, keys=key_tensor(datastore), nprobe=nprobe, **common)
+    return KnnIndex(shards=shards, keys=key_tensor(datastore), nprobe=nprobe,
+                    rerank_keys=rerank_keys_for(datastore, use_gpu, rerank_device), **common)
 
 
 def check_gpu_k(k: int, use_gpu: bool, exact: bool = True) -> None:
