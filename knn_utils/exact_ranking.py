@@ -27,6 +27,7 @@ there, and the CPU reference that the tests compare the kernel with.
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
@@ -190,6 +191,52 @@ def rank_candidates(keys: np.ndarray, queries: np.ndarray, rows: np.ndarray, k: 
         found_dists = np.pad(found_dists, pad, constant_values=np.inf)
         found_rows = np.pad(found_rows, pad, constant_values=-1)
     return found_dists, found_rows
+
+
+# ---------------------------------------------------------------------------------------------------
+# Keys that do not fit in memory
+
+
+class ReadAhead:
+    """Asks the kernel to read a batch's candidate keys from disk before they are ranked: the pages they lie on,
+    each once, in ascending order, many at a time (``posix_fadvise(WILLNEED)`` from ``threads`` threads, which
+    returns once the reads are queued). Ranking then finds them in the page cache instead of stopping at every
+    page fault for one random read. Worth it only when the keys do not fit in the page cache: a page already
+    there still costs a system call.
+    """
+
+    def __init__(self, keys: np.memmap, threads: int = 16):
+        self.fd = os.open(keys.filename, os.O_RDONLY)
+        os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)  # a page fault brings its page, not 128 KB around it
+        self.offset, self.row_bytes, self.threads = int(keys.offset), keys.shape[1] * keys.itemsize, threads
+        self.page = os.sysconf("SC_PAGE_SIZE")
+
+    def page_runs(self, rows: np.ndarray) -> np.ndarray:
+        """(first page, number of pages) of each run of consecutive pages that the rows lie on, ascending, (r, 2)."""
+        rows = np.unique(rows[rows >= 0])
+        starts = (self.offset + rows * self.row_bytes) // self.page
+        ends = (self.offset + (rows + 1) * self.row_bytes - 1) // self.page  # inclusive
+        span = starts[:, None] + np.arange(-(-self.row_bytes // self.page) + 1)  # (rows, pages a row can touch)
+        pages = np.unique(span[span <= ends[:, None]])
+        if len(pages) == 0:
+            return np.zeros((0, 2), dtype=np.int64)
+        breaks = np.flatnonzero(np.diff(pages) > 1) + 1
+        first = pages[np.concatenate([[0], breaks])]
+        last = pages[np.concatenate([breaks - 1, [len(pages) - 1]])]
+        return np.stack([first, last - first + 1], axis=1)
+
+    def __call__(self, rows: np.ndarray) -> None:
+        """Queue the reads of the pages of ``rows`` (any shape; -1 for none)."""
+        runs = self.page_runs(rows)
+
+        def advise(begin: int, end: int) -> None:
+            for first, count in runs[begin:end].tolist():
+                os.posix_fadvise(self.fd, first * self.page, count * self.page, os.POSIX_FADV_WILLNEED)
+
+        _in_threads(self.threads, advise, len(runs))
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 # ---------------------------------------------------------------------------------------------------

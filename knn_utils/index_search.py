@@ -25,7 +25,7 @@ import torch
 
 from knn_utils.faiss_devices import GPU_MAX_K, faiss_gpu_available, to_device
 from knn_utils.sharded import GatheredQueries, ShardExchange, distributed_world, merge_neighbours, shards_of_process
-from knn_utils.exact_ranking import exact_nearest, rank_candidates
+from knn_utils.exact_ranking import ReadAhead, exact_nearest, rank_candidates
 from knn_utils.torch_search import TorchExactSearch, keys_on_device
 from utils.artifacts.datastore import Datastore
 from utils.artifacts.index import index_parts, read_index_file, read_index_meta
@@ -52,17 +52,22 @@ class Neighbours:
         return self.ids >= 0  # bool (n, k)
 
 
-def select_neighbours(dists: np.ndarray, ids: np.ndarray, k: int, exclude_rows: np.ndarray | None = None) -> Neighbours:
+def select_neighbours(dists: np.ndarray, ids: np.ndarray, k: int, exclude_rows: np.ndarray | None = None,
+                      lower_row_first: bool = False) -> Neighbours:
     """The ``k`` nearest valid results of a FAISS search, sorted by distance, leaving out ``exclude_rows``.
 
     ``exclude_rows`` (n,) gives, per query, a datastore row to drop (the query's own row) -- matched by
     id, so an exact duplicate of the query stored under another row is kept. Results are sorted here
     because not every FAISS build returns them sorted; ``-1`` results (fewer hits than asked) are kept
-    at the end as id -1 with an infinite distance.
+    at the end as id -1 with an infinite distance. Equal distances keep FAISS's order, or, with
+    ``lower_row_first``, the lower row first.
     """
     invalid = ids < 0
     if exclude_rows is not None:
         invalid |= ids == np.asarray(exclude_rows, dtype=np.int64)[:, None]
+    if lower_row_first:
+        by_row = np.argsort(np.where(invalid, np.iinfo(np.int64).max, ids), axis=1, kind="stable")  # (n, m)
+        dists, ids, invalid = (np.take_along_axis(a, by_row, axis=1) for a in (dists, ids, invalid))
     order = stable_order(np.where(invalid, np.inf, dists).astype(np.float32), k)  # (n, k)
     keep_invalid = np.take_along_axis(invalid, order, axis=1)
     return Neighbours(
@@ -105,7 +110,7 @@ class Shard:
         """The ``k`` nearest rows of this shard to each query (global row ids), exactly ranked by ``rank`` (queries,
         candidate rows, k): see `KnnIndex.search`."""
         rerank = exact and not isinstance(self.searcher, TorchExactSearch)
-        wanted = candidate_count(k) if rerank else k
+        wanted = k if isinstance(self.searcher, TorchExactSearch) else candidate_count(k)
         asked = min(wanted + (exclude_rows is not None), self.end - self.begin)
         dists, ids = self.searcher.search(queries, asked)  # (n, asked) each
         if self.id_offset:
@@ -113,8 +118,9 @@ class Shard:
         if asked < wanted:  # a datastore (shard) smaller than k: pad with "no neighbour"
             pad = ((0, 0), (0, wanted - asked))
             dists, ids = np.pad(dists, pad, constant_values=np.inf), np.pad(ids, pad, constant_values=-1)
-        candidates = select_neighbours(dists, ids, wanted, exclude_rows)
-        return rank(queries, candidates.ids, k) if rerank else candidates
+        if rerank:
+            return rank(queries, select_neighbours(dists, ids, wanted, exclude_rows).ids, k)
+        return select_neighbours(dists, ids, k, exclude_rows, lower_row_first=True)
 
 
 @dataclass
@@ -135,6 +141,7 @@ class KnnIndex:
     collective: bool = False
     exchange: ShardExchange | None = field(default=None, repr=False)
     rerank_keys: torch.Tensor | None = field(default=None, repr=False)  # (N, d) on the exact ranking's device, if not the CPU
+    read_ahead: ReadAhead | None = field(default=None, repr=False)  # reads the candidates' keys from disk ahead of ranking
 
     @property
     def rows(self) -> int:
@@ -151,6 +158,8 @@ class KnnIndex:
         the memory-mapped ``keys`` with as many threads as FAISS's search, or in torch on the device of
         ``rerank_keys``. `TorchExactSearch` ranks the same way."""
         if self.rerank_keys is None:
+            if self.read_ahead is not None:
+                self.read_ahead(candidates)
             dists, rows = rank_candidates(self.keys.numpy(), queries, candidates, k, threads=faiss.omp_get_max_threads())
             return Neighbours(ids=rows, dists=dists)
         device = self.rerank_keys.device
@@ -174,8 +183,12 @@ class KnnIndex:
         themselves computed per query; only when the query's probed lists or the candidates at the margin's
         edge hang on a near-tie in FAISS's float32 arithmetic can the batching still change them.
         `TorchExactSearch` ranks this way already and is not re-ranked.
-        ``exact=False``: the index's own ``k`` nearest and its distances (PQ approximations for IVFPQ), whose
-        rounding and near-ties change with the number of queries per call; no keys are read.
+        ``exact=False``: the index's own ``k`` nearest and its distances (PQ approximations for IVFPQ), equal
+        distances to the lower row (the index proposes `candidate_count` rows, so that ties at the k-th place are
+        decided by row, not by FAISS's scan order); no keys are read. IVFPQ computes these distances per query
+        (FAISS's coarse quantizer uses BLAS only from `faiss.cvar.distance_compute_blas_threshold` queries per
+        call, 128,000 in FAISS 1.15), so the result does not depend on the batch either; a flat index's batched
+        BLAS distances do, in their last bits.
 
         A sharded index does this in every shard and merges the shards' lists by distance, equal distances to
         the lower row (`knn_utils.sharded.merge_neighbours`), across processes when ``collective``.
@@ -246,16 +259,39 @@ def rerank_keys_for(datastore: Datastore, use_gpu: bool, rerank_device: str | No
         return keys_on_device(datastore.keys, rerank_device)
 
 
+def memory_available() -> int | None:
+    """Bytes of memory the kernel can give without swapping (``MemAvailable``, Linux), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            fields = dict(line.split(":", 1) for line in meminfo)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def read_ahead_for(datastore: Datastore, read_ahead: bool | None) -> ReadAhead | None:
+    """A `ReadAhead` over the datastore's keys when asked (``read_ahead``), or by default when they take more than
+    half the memory available (then most candidates are on disk, not in the page cache); else None."""
+    if read_ahead is None:
+        available = memory_available()
+        read_ahead = available is not None and datastore.keys.nbytes > available / 2
+        if read_ahead:
+            logger.info("The keys (%.1f GB) do not fit in the page cache (%.1f GB available): the exact ranking reads "
+                        "each batch's candidate keys ahead, in row order", datastore.keys.nbytes / 1e9, available / 1e9)
+    return ReadAhead(datastore.keys) if read_ahead else None
+
+
 def load_index(index_path: str | os.PathLike, datastore: Datastore, probe: int | None = None,
                use_gpu: bool = False, torch_device: str | None = None, verify: bool = True,
-               rerank_device: str | None = None) -> KnnIndex:
+               rerank_device: str | None = None, read_ahead: bool | None = None) -> KnnIndex:
     """Open the index of ``datastore`` for searching, with ``probe`` lists per query (default: the one it was built with).
 
     On the CPU the index file is memory-mapped read-only, so processes on one machine share one copy.
     An exact index asked for on a GPU (``use_gpu``) that FAISS cannot use is searched by `TorchExactSearch`
     on CUDA over the datastore's keys; ``torch_device`` ("cpu", "cuda:1" ...) forces that backend (the index
     file is not read then). With ``verify``, the index file is checked against its block checksums first.
-    The exact ranking of a FAISS index's candidates runs where `rerank_keys_for` says (``rerank_device``).
+    The exact ranking of a FAISS index's candidates runs where `rerank_keys_for` says (``rerank_device``); on the
+    CPU, it reads the candidates' keys ahead from disk where `read_ahead_for` says (``read_ahead``).
 
     A sharded index (``--index_shards``) under a ``torch.distributed`` group of several processes: this process
     opens only its shards (`knn_utils.sharded.shards_of_process`) and searches collectively; in one process,
@@ -302,8 +338,9 @@ def load_index(index_path: str | os.PathLike, datastore: Datastore, probe: int |
         else:
             index = to_device(index, use_gpu)
         shards.append(Shard(index, part["begin"], part["end"], part["id_offset"]))
-    return KnnIndex(shards=shards, keys=key_tensor(datastore), nprobe=nprobe,
-                    rerank_keys=rerank_keys_for(datastore, use_gpu, rerank_device), **common)
+    rerank_keys = rerank_keys_for(datastore, use_gpu, rerank_device)
+    return KnnIndex(shards=shards, keys=key_tensor(datastore), nprobe=nprobe, rerank_keys=rerank_keys,
+                    read_ahead=read_ahead_for(datastore, read_ahead) if rerank_keys is None else None, **common)
 
 
 def check_gpu_k(k: int, use_gpu: bool, exact: bool = True) -> None:

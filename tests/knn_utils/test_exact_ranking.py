@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from knn_utils.exact_ranking import exact_nearest, rank_candidates
+from knn_utils.exact_ranking import ReadAhead, exact_nearest, rank_candidates
 from knn_utils.index_build import IndexSettings, build_index
 from knn_utils.index_search import candidate_count, load_index, stable_order
 from knn_utils.knn_targets import TargetSettings, compute_knn_targets
@@ -150,3 +150,40 @@ def test_the_index_ranks_candidates_like_the_formula(tied_ivfpq):
     on_torch = load_index(tied_ivfpq / "index", datastore, probe=4, rerank_device="cpu")
     assert on_torch.rerank_device.type == "cpu" and on_torch.rerank_keys is not None
     np.testing.assert_array_equal(on_torch.search(queries, 30, own).ids, found.ids)
+
+
+def test_faiss_ranking_of_ivfpq_is_batch_independent_with_ties_to_the_lower_row(tied_ivfpq, tmp_path):
+    """``--recompute_dists False`` reads no keys: IVFPQ's own distances are computed per query, and equal ones (exact
+    copies have equal codes) are ordered by row."""
+    for batch_size in (5, 64):
+        settings = TargetSettings(k=20, knn_temp=2.0, probe=4, batch_size=batch_size, chunk_rows=320, recompute_dists=False)
+        compute_knn_targets(str(tied_ivfpq), str(tmp_path / f"b{batch_size}"), settings=settings)
+    for name in ("offsets", "token_ids", "probs", "labels"):
+        assert (tmp_path / "b5" / f"{name}.npy").read_bytes() == (tmp_path / "b64" / f"{name}.npy").read_bytes()
+    datastore = load_datastore(str(tied_ivfpq))
+    found = load_index(tied_ivfpq / "index", datastore, probe=4).search(
+        np.asarray(datastore.keys[:200], dtype=np.float32), 20, np.arange(200), exact=False)
+    equal = found.dists[:, 1:] == found.dists[:, :-1]
+    assert equal.sum() > 100
+    assert (found.ids[:, 1:][equal] > found.ids[:, :-1][equal]).all()
+
+
+def test_read_ahead_asks_for_the_pages_of_the_candidates_once(tied_ivfpq, tmp_path):
+    keys = np.lib.format.open_memmap(tmp_path / "keys.npy", mode="w+", dtype=np.float16, shape=(100, 1100))
+    read_ahead = ReadAhead(keys)
+    try:
+        row_bytes, page = 2200, read_ahead.page
+        runs = read_ahead.page_runs(np.array([[7, -1, 7, 50], [8, 99, -1, 50]]))
+        expected = sorted({(keys.offset + r * row_bytes + b) // page for r in (7, 8, 50, 99) for b in (0, row_bytes - 1)})
+        pages = [first + i for first, count in runs.tolist() for i in range(count)]
+        assert pages == expected and (np.diff(runs[:, 0]) > runs[:-1, 1]).all()  # each page once, runs apart, ascending
+        read_ahead(np.array([[7, 8, 50]]))  # queues the reads: no error, no result
+    finally:
+        read_ahead.close()
+    datastore = load_datastore(str(tied_ivfpq))
+    queries = np.asarray(datastore.keys[:50], dtype=np.float32)
+    plain, ahead = (load_index(tied_ivfpq / "index", datastore, probe=4, read_ahead=flag) for flag in (False, True))
+    assert plain.read_ahead is None and ahead.read_ahead is not None
+    found, expected_found = ahead.search(queries, 20, np.arange(50)), plain.search(queries, 20, np.arange(50))
+    np.testing.assert_array_equal(found.ids, expected_found.ids)
+    assert found.dists.tobytes() == expected_found.dists.tobytes()
