@@ -65,6 +65,8 @@ class BenchArguments:
     code_size: int = field(default=64, metadata={"help": "PQ sub-quantizers."})
     train_size: int = field(default=100_000, metadata={"help": "Training sample of the index."})
     repeats: int = field(default=3, metadata={"help": "Timed repetitions per measurement (the median is reported)."})
+    rerank_device: str | None = field(
+        default=None, metadata={"help": "Run the exact ranking in torch on this device (e.g. cuda) instead of the CPU kernel."})
     model_name_or_path: str | None = field(default=None, metadata={"help": "Part 2: a real base model (else a tiny random GPT-2)."})
     gguf_file: str | None = field(default=None, metadata={"help": "Part 2: GGUF file inside --model_name_or_path."})
     dataset_name: str | None = field(default=None, metadata={"help": "Part 2: preprocessed dataset of the real model."})
@@ -164,8 +166,10 @@ def bench_search(args: BenchArguments, work: Path) -> dict:
         index_type="ivfpq", ncentroids=args.ncentroids, code_size=args.code_size, train_size=args.train_size))
     rows = np.sort(np.random.default_rng(args.seed).choice(datastore.num_rows, args.num_queries, replace=False))
     queries = np.asarray(datastore.keys[rows], dtype=np.float32)  # (num_queries, d)
-    indexes = [("exact (IndexFlatL2)", None, load_index(work / "flat", datastore))]
-    indexes += [("IVFPQ", probe, load_index(work / "ivfpq", datastore, probe=probe)) for probe in map(int, args.probes.split(","))]
+    device = {"rerank_device": args.rerank_device}
+    indexes = [("exact (IndexFlatL2)", None, load_index(work / "flat", datastore, **device))]
+    indexes += [("IVFPQ", probe, load_index(work / "ivfpq", datastore, probe=probe, **device))
+                for probe in map(int, args.probes.split(","))]
     results = []
     for k in (int(x) for x in args.ks.split(",")):
         truth = None  # the exact k nearest: the exact index with the exact ranking, measured first
@@ -188,26 +192,29 @@ def bench_search(args: BenchArguments, work: Path) -> dict:
                       "flat_bytes": flat_meta["index_bytes"]},
             "num_queries": len(queries), "search": results,
             "targets": [run for index_type in ("flat", "ivfpq")
-                        for run in bench_targets(work, datastore, len(queries), index_type, args.repeats)]}
+                        for run in bench_targets(work, datastore, len(queries), index_type, args.repeats, args.rerank_device)]}
 
 
-def bench_targets(work: Path, datastore, num_rows: int, index_type: str, repeats: int) -> list[dict]:
+def bench_targets(work: Path, datastore, num_rows: int, index_type: str, repeats: int,
+                  rerank_device: str | None = None) -> list[dict]:
     """Rows/s of the whole kNN-target computation over the first rows (search k=1024, at nprobe 32 for IVFPQ, +
     aggregation) with FAISS's ranking and with the exact ranking (``recompute_dists``, the default), alternated over
     ``repeats`` rounds (medians); and whether the exact ranking's targets are byte-identical at 1/8 of the batch."""
-    index = load_index(work / index_type, datastore, probe=32 if index_type == "ivfpq" else None)
+    index = load_index(work / index_type, datastore, probe=32 if index_type == "ivfpq" else None,
+                       rerank_device=rerank_device)
 
     def targets(recompute_dists: bool, batch_size: int = num_rows):
         settings = TargetSettings(k=1024, probe=32, batch_size=batch_size, recompute_dists=recompute_dists)
         job = SearchJob(index=index, datastore=datastore, queries=datastore, settings=settings, exclude_self=True)
-        start = time.perf_counter()
-        return search_rows(job, 0, num_rows), time.perf_counter() - start
+        start, cpu = time.perf_counter(), time.process_time()
+        return search_rows(job, 0, num_rows), time.perf_counter() - start, time.process_time() - cpu
 
-    seconds, found = {True: [], False: []}, {}
+    seconds, cpu_seconds, found = {True: [], False: []}, {True: [], False: []}, {}
     for _ in range(repeats):
         for recompute_dists in (False, True):
-            found[recompute_dists], spent = targets(recompute_dists)
+            found[recompute_dists], spent, cpu = targets(recompute_dists)
             seconds[recompute_dists].append(spent)
+            cpu_seconds[recompute_dists].append(cpu)
     smaller = targets(True, max(1, num_rows // 8))[0]
     identical = all(getattr(smaller, name).tobytes() == getattr(found[True], name).tobytes()
                     for name in ("counts", "token_ids", "probs"))
@@ -217,6 +224,7 @@ def bench_targets(work: Path, datastore, num_rows: int, index_type: str, repeats
         logger.info("kNN targets, %s index, recompute_dists %s: %.0f rows/s", index_type, recompute_dists, rate)
         runs.append({"index": index_type, "k": 1024, "nprobe": index.nprobe, "knn_temp": TargetSettings().knn_temp,
                      "recompute_dists": recompute_dists, "rows": num_rows, "rows_per_second": rate,
+                     "cpu_seconds_per_row": statistics.median(cpu_seconds[recompute_dists]) / num_rows,
                      "mean_targets_per_row": float(found[recompute_dists].counts.mean()),
                      **({"identical_at_an_eighth_of_the_batch": identical} if recompute_dists else {})})
     return runs
@@ -312,8 +320,10 @@ def markdown(results: dict) -> str:
         f"{search['index']['bytes'] / 1e6:.1f} MB (exact index {search['index']['flat_bytes'] / 1e6:.1f} MB).", "",
         "Each search ranks neighbours two ways: FAISS's own k nearest (`exact=False`, `--recompute_dists False`), or "
         "the exact ranking, the default (the index's k + margin candidates re-ranked by exact float32 distance to the "
-        "stored keys, ties to the lower row; `knn_utils.index_search.KnnIndex.search`). Recall is against the exact index with the "
-        "exact ranking.", "",
+        "stored keys, ties to the lower row; `knn_utils.index_search.KnnIndex.search`), here "
+        f"{'in torch on ' + results['arguments']['rerank_device'] if results['arguments'].get('rerank_device') else 'by the CPU kernel (knn_utils/exact_ranking.py)'}. "
+        "Recall is against the exact index with the exact ranking. \"The same, previous code\": the ranking before issue 25 "
+        "(torch, 4 MB blocks) on the same candidates; the neighbours column counts those it ranks differently.", "",
         "| method | nprobe | k | queries/s, FAISS ranking | queries/s, exact ranking | time added | re-ranking alone, "
         "ms per 1000 queries | the same, previous code | neighbours differing from the previous code | "
         "recall@k, FAISS ranking | recall@k, exact ranking |",
@@ -330,14 +340,15 @@ def markdown(results: dict) -> str:
     lines += ["", "Whole kNN-target computation (search k=1024 + sparse aggregation, knn_temp "
                   f"{search['targets'][0]['knn_temp']}, {search['targets'][0]['rows']} rows in one batch):", "",
               "| index | nprobe | rows/s, FAISS ranking | rows/s, exact ranking (`--recompute_dists True`) | "
-              "time ratio, exact / FAISS | exact ranking's targets byte-identical at 1/8 of the batch | "
+              "time ratio, exact / FAISS | CPU time ratio | exact ranking's targets byte-identical at 1/8 of the batch | "
               "stored tokens per row |",
-              "|---|---:|---:|---:|---:|---|---:|"]
+              "|---|---:|---:|---:|---:|---:|---|---:|"]
     for index_type in dict.fromkeys(t["index"] for t in search["targets"]):
         runs = {t["recompute_dists"]: t for t in search["targets"] if t["index"] == index_type}
         lines.append(f"| {index_type} | {runs[True]['nprobe'] or '-'} | {runs[False]['rows_per_second']:.0f} | "
                      f"{runs[True]['rows_per_second']:.0f} | "
                      f"{runs[False]['rows_per_second'] / runs[True]['rows_per_second']:.2f} | "
+                     f"{runs[True]['cpu_seconds_per_row'] / runs[False]['cpu_seconds_per_row']:.2f} | "
                      f"{'yes' if runs[True].get('identical_at_an_eighth_of_the_batch') else 'no'} | "
                      f"{runs[True]['mean_targets_per_row']:.1f} |")
     if "knnlm" in results:

@@ -61,7 +61,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.scale_plan import STAGES, gib, markdown, plan, plot
-from utils.cli import parse_args, run, setup_logging
+from utils.cli import UsageError, parse_args, run, setup_logging
 from utils.environment import machine
 from utils.io import read_json, write_json
 
@@ -95,7 +95,10 @@ class ScaleArguments:
     train_batch: int = field(default=512, metadata={"help": "Rows per training step (the real run's)."})
     eval_windows: int = field(default=2, metadata={"help": "Test windows (512 tokens) of the knnlm and memory stages."})
     keep: bool = field(default=False, metadata={"help": "Keep each size's datastore, index and targets."})
-    stages: list[str] = field(default_factory=lambda: list(STAGES), metadata={"help": "Stages to run (all by default)."})
+    stages: list[str] = field(default_factory=lambda: list(STAGES),
+                              metadata={"help": "Stages to run (all by default); the others' numbers come from --reuse_results."})
+    reuse_results: str | None = field(
+        default=None, metadata={"help": "A previous NAME.json whose numbers the stages not in --stages keep (same sizes)."})
     note: str | None = field(default=None, metadata={"help": "Free text printed with the results (e.g. the machine's load)."})
 
 
@@ -236,22 +239,56 @@ def stage_index(args: ScaleArguments, seed: Path, size_dir: Path, rows: int) -> 
             "index_bytes": meta["index_bytes"]}
 
 
+def set_page_cache(path: Path, warm: bool) -> None:
+    """Start a measurement from a known page cache: ``path`` read through once (``warm``), or dropped from the cache
+    (``posix_fadvise(DONTNEED)`` on this file only; the machine's other files stay cached)."""
+    with open(path, "rb") as f:
+        if warm:
+            while f.read(1 << 24):
+                pass
+        else:
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+SEARCH_STRATEGIES = {  # name: (KnnIndex.search's exact, load_index's read_ahead)
+    "exact ranking": (True, False),
+    "exact ranking, read ahead": (True, True),
+    "FAISS ranking": (False, False),
+}
+
+
 def stage_search(args: ScaleArguments, seed: Path, size_dir: Path, rows: int) -> dict:
-    from knn_utils.index_search import load_index
+    """Queries/s of `KnnIndex.search` over --num_queries datastore rows in batches of 500, with each strategy of
+    `SEARCH_STRATEGIES`, each started from the same page cache: the keys read through once when they fit in half
+    the memory available, else dropped from the cache (a cold start; a full run over all rows would find some of
+    its candidates cached). Also how many of the exact ranking's neighbours each strategy finds."""
+    from knn_utils.index_search import load_index, memory_available
     from utils.artifacts.datastore import load_datastore
 
     datastore = load_datastore(str(size_dir / "dstore"), verify=False)
-    index = load_index(size_dir / "dstore" / "index", datastore, probe=args.probe, verify=False)
     query_rows = np.sort(np.random.default_rng(1).choice(rows, size=min(args.num_queries, rows), replace=False))
     queries = np.asarray(datastore.keys[query_rows], dtype=np.float32)
-    timings = {}
-    for exact in (True, False):
-        start = time.perf_counter()
+    available = memory_available() or 0
+    warm = datastore.keys.nbytes <= available / 2
+    results, found = {}, {}
+    for name, (exact, read_ahead) in SEARCH_STRATEGIES.items():
+        index = load_index(size_dir / "dstore" / "index", datastore, probe=args.probe, verify=False, read_ahead=read_ahead)
+        set_page_cache(size_dir / "dstore" / "keys.npy", warm)
+        start, ids = time.perf_counter(), []
         for b in range(0, len(queries), 500):
-            index.search(queries[b : b + 500], args.k, query_rows[b : b + 500], exact=exact)
-        timings["exact_ranking" if exact else "faiss_ranking"] = len(queries) / (time.perf_counter() - start)
-    return {"queries_per_second": timings["exact_ranking"], "queries_per_second_faiss_ranking": timings["faiss_ranking"],
-            "num_queries": len(queries)}
+            ids.append(index.search(queries[b : b + 500], args.k, query_rows[b : b + 500], exact=exact).ids)
+        results[name] = {"queries_per_second": len(queries) / (time.perf_counter() - start)}
+        found[name] = np.concatenate(ids)
+        logger.info("%d rows, search with %s: %.1f queries/s", rows, name, results[name]["queries_per_second"])
+    for name in SEARCH_STRATEGIES:
+        results[name]["agreement_with_exact_ranking"] = float(np.mean(
+            [len(np.intersect1d(f[f >= 0], e[e >= 0])) / max(1, (e >= 0).sum())
+             for f, e in zip(found[name], found["exact ranking"])]))
+    default = "exact ranking, read ahead" if not warm else "exact ranking"  # what load_index chooses by itself
+    return {"queries_per_second": results[default]["queries_per_second"], "default_strategy": default,
+            "queries_per_second_faiss_ranking": results["FAISS ranking"]["queries_per_second"], "strategies": results,
+            "num_queries": len(queries), "keys_bytes": int(datastore.keys.nbytes), "memory_available_bytes": available,
+            "page_cache": "warm" if warm else "cold"}
 
 
 def stage_targets(args: ScaleArguments, seed: Path, size_dir: Path, rows: int) -> dict:
@@ -327,16 +364,21 @@ def stage_memory(args: ScaleArguments, seed: Path, size_dir: Path, rows: int) ->
     return {"tokens_per_second": metrics["joint_tokens_per_second"], "base_tokens_per_second": metrics["base_tokens_per_second"]}
 
 
-def per_token_costs(size_dir: Path) -> dict:
+def per_token_costs(size_dir: Path, previous: dict | None = None) -> dict:
     """Seconds per scored token of the base forward, the kNN search and the memory (its forward and the
     interpolation), from the knnlm and evaluate_joint results of one size: the same tokens, so the memory's
-    speed-up over the kNN-LM can be compared at one base cost, whatever the machine's load did to each run."""
-    knnlm = read_json(size_dir / "eval_knnlm" / "knnlm_results.json")
-    joint = read_json(size_dir / "eval_joint" / "joint_results.json")
-    return {"tokens": knnlm["eval_tokens"], "knn_search": knnlm["knn_seconds"] / knnlm["eval_tokens"],
-            "base_in_knnlm": (knnlm["eval_seconds"] - knnlm["knn_seconds"]) / knnlm["eval_tokens"],
-            "base_in_joint": joint["base_seconds"] / joint["eval_tokens"],
-            "memory": (joint["memory_seconds"] + joint["interpolation_seconds"]) / joint["eval_tokens"]}
+    speed-up over the kNN-LM can be compared at one base cost, whatever the machine's load did to each run.
+    A stage not run here (``--stages``) keeps its costs from ``previous`` (the same size in --reuse_results)."""
+    costs = dict(previous or {})
+    if (size_dir / "eval_knnlm" / "knnlm_results.json").is_file():
+        knnlm = read_json(size_dir / "eval_knnlm" / "knnlm_results.json")
+        costs.update({"tokens": knnlm["eval_tokens"], "knn_search": knnlm["knn_seconds"] / knnlm["eval_tokens"],
+                      "base_in_knnlm": (knnlm["eval_seconds"] - knnlm["knn_seconds"]) / knnlm["eval_tokens"]})
+    if (size_dir / "eval_joint" / "joint_results.json").is_file():
+        joint = read_json(size_dir / "eval_joint" / "joint_results.json")
+        costs.update({"base_in_joint": joint["base_seconds"] / joint["eval_tokens"],
+                      "memory": (joint["memory_seconds"] + joint["interpolation_seconds"]) / joint["eval_tokens"]})
+    return costs
 
 
 STAGE_FUNCTIONS = {"write": stage_write, "index": stage_index, "search": stage_search, "targets": stage_targets,
@@ -367,6 +409,8 @@ def launch_stage(name: str, args: ScaleArguments, seed: Path, size_dir: Path, ro
 
 def main(argv: list[str] | None = None) -> dict:
     (args,) = parse_args((ScaleArguments,), argv)
+    if unknown := set(args.stages) - set(STAGES):
+        raise UsageError(f"--stages: unknown stage(s) {', '.join(sorted(unknown))}; choose among {', '.join(STAGES)}")
     if not (MODEL / GGUF).is_file():
         raise SystemExit(f"{MODEL / GGUF} not found: this benchmark needs ../shared/data (see its README)")
     work = Path(args.work_dir)
@@ -376,16 +420,23 @@ def main(argv: list[str] | None = None) -> dict:
     seed = make_seed(args, work)
     from utils.artifacts.datastore import load_datastore
     results["seed_rows"] = load_datastore(str(seed / "dstore"), verify=False).num_rows
+    previous = {r["rows"]: r for r in read_json(args.reuse_results)["sizes"]} if args.reuse_results else {}
     for rows in sorted(args.sizes):
         size_dir = work / f"rows_{rows}"
         size_dir.mkdir(exist_ok=True)
         stages = {}
         for name in STAGES:
+            if name not in args.stages:
+                if rows not in previous:
+                    raise UsageError(f"--stages leaves out {name}, but --reuse_results has no {rows}-row size to take it from")
+                stages[name] = previous[rows]["stages"][name]
+                continue
             start = time.perf_counter()
             stages[name] = launch_stage(name, args, seed, size_dir, rows)
             logger.info("%d rows, %s: %.1f s, peak anonymous %s GiB, file-backed %s GiB", rows, name,
                         time.perf_counter() - start, gib(stages[name]["peak_anon_bytes"]), gib(stages[name]["peak_file_bytes"]))
-        results["sizes"].append({"rows": rows, "stages": stages, "per_token": per_token_costs(size_dir)})
+        results["sizes"].append({"rows": rows, "stages": stages,
+                                 "per_token": per_token_costs(size_dir, previous.get(rows, {}).get("per_token"))})
         if not args.keep:
             for name in ("dstore", "knn_targets", "memory"):
                 shutil.rmtree(size_dir / name, ignore_errors=True)

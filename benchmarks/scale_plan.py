@@ -119,6 +119,20 @@ def markdown(results: dict) -> str:
     lines += ["", f"The last column is (base + kNN search) / (base + memory) per token, at the median base forward cost "
                   f"of all runs ({1e3 * results['plan']['base_seconds_per_token']:.1f} ms/token, SmolLM2-135M on this CPU): "
                   "the two evaluations ran at different times on a shared machine, so their own tokens/s are not compared."]
+    searched = [r for r in results["sizes"] if "strategies" in r["stages"]["search"]]
+    if searched:
+        names = list(searched[0]["stages"]["search"]["strategies"])
+        lines += ["", f"Search strategies (IVFPQ nprobe {results['settings']['probe']}, k {results['settings']['k']}, "
+                      "batches of 500 queries): queries/s, and the share of the exact ranking's neighbours each finds. "
+                      "The page cache is warm where the keys fit in half the available memory, cold (the keys file "
+                      "dropped from it) where they do not:", "",
+                  "| rows | keys GB | page cache | " + " | ".join(f"{n}: queries/s | agreement" for n in names) + " |",
+                  "|---:|---:|---|" + "---:|---:|" * len(names)]
+        for r in searched:
+            search = r["stages"]["search"]
+            lines.append(f"| {r['rows']:,} | {search['keys_bytes'] / 1e9:.1f} | {search['page_cache']} | " + " | ".join(
+                f"{search['strategies'][n]['queries_per_second']:,.1f} | {search['strategies'][n]['agreement_with_exact_ranking']:.3f}"
+                for n in names) + " |")
     lines += ["", "Peak anonymous memory of each stage, GiB (file-backed pages of memory maps in brackets):", "",
               "| rows | " + " | ".join(STAGES) + " |", "|---:|" + "---:|" * len(STAGES)]
     for r in results["sizes"]:

@@ -242,11 +242,13 @@ def torch_search_device(index_type: str, use_gpu: bool) -> str | None:
 def rerank_keys_for(datastore: Datastore, use_gpu: bool, rerank_device: str | None) -> torch.Tensor | None:
     """The keys on the device where the exact ranking runs, or None for the CPU (over the memory-mapped keys).
 
-    ``rerank_device`` ("cpu", "cuda:1" ...) says where; by default the search's GPU, when FAISS searches on one and
-    the keys take at most `GPU_KEYS_SHARE` of its free memory (else the CPU, reading the candidates' keys from disk
-    or the page cache, and copying nothing).
+    ``rerank_device`` ("cpu", "cuda:1" ...) says where; by default, with ``use_gpu`` (``--knn_gpu``), this process's
+    GPU when the keys take at most `GPU_KEYS_SHARE` of its free memory (whether FAISS searches there, with
+    faiss-gpu, or on the CPU, with faiss-cpu), else the CPU, which reads the candidates' keys from the memory map
+    and copies nothing. The GPU sums a distance's terms in another order than the CPU: targets computed with and
+    without ``--knn_gpu`` can differ in their last bits (each is the same for any batch size and process count).
     """
-    if rerank_device is None and use_gpu and faiss_gpu_available() and torch.cuda.is_available():
+    if rerank_device is None and use_gpu and torch.cuda.is_available():
         free, _ = torch.cuda.mem_get_info()
         if datastore.keys.nbytes <= GPU_KEYS_SHARE * free:
             rerank_device = f"cuda:{torch.cuda.current_device()}"
