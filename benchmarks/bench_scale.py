@@ -17,7 +17,8 @@
      (--ncentroids lists, --code_size bytes, a --train_size training sample), so training time stays flat and
      adding grows with N.
    - ``search``: `KnnIndex.search` of --num_queries datastore rows, k --k at nprobe --probe, leaving out each
-     query's own row, with the exact re-ranking the kNN targets use (the default): queries/s.
+     query's own row: queries/s of the exact ranking the kNN targets use (the default) and of the other ways of
+     ranking the candidates when the keys do not fit in memory (benchmarks/scale_search.py).
    - ``targets``: kNN targets for all N rows, made by repeating the seed's real targets (row r gets seed row
      ``r % S``'s), written through the same chunk files and merge as ``saveKNNMulti``. Searching 20M rows at
      k 1024 would take this machine days; the search stage measures its rate instead.
@@ -61,6 +62,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.scale_plan import STAGES, gib, markdown, plan, plot
+from benchmarks.scale_search import stage_search
 from utils.cli import UsageError, parse_args, run, setup_logging
 from utils.environment import machine
 from utils.io import read_json, write_json
@@ -237,58 +239,6 @@ def stage_index(args: ScaleArguments, seed: Path, size_dir: Path, rows: int) -> 
     return {"seconds": time.perf_counter() - start, "train_seconds": meta["seconds"]["train"],
             "add_seconds": meta["seconds"]["add"], "add_rows_per_second": rows / meta["seconds"]["add"],
             "index_bytes": meta["index_bytes"]}
-
-
-def set_page_cache(path: Path, warm: bool) -> None:
-    """Start a measurement from a known page cache: ``path`` read through once (``warm``), or dropped from the cache
-    (``posix_fadvise(DONTNEED)`` on this file only; the machine's other files stay cached)."""
-    with open(path, "rb") as f:
-        if warm:
-            while f.read(1 << 24):
-                pass
-        else:
-            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-
-
-SEARCH_STRATEGIES = {  # name: (KnnIndex.search's exact, load_index's read_ahead)
-    "exact ranking": (True, False),
-    "exact ranking, read ahead": (True, True),
-    "FAISS ranking": (False, False),
-}
-
-
-def stage_search(args: ScaleArguments, seed: Path, size_dir: Path, rows: int) -> dict:
-    """Queries/s of `KnnIndex.search` over --num_queries datastore rows in batches of 500, with each strategy of
-    `SEARCH_STRATEGIES`, each started from the same page cache: the keys read through once when they fit in half
-    the memory available, else dropped from the cache (a cold start; a full run over all rows would find some of
-    its candidates cached). Also how many of the exact ranking's neighbours each strategy finds."""
-    from knn_utils.index_search import load_index, memory_available
-    from utils.artifacts.datastore import load_datastore
-
-    datastore = load_datastore(str(size_dir / "dstore"), verify=False)
-    query_rows = np.sort(np.random.default_rng(1).choice(rows, size=min(args.num_queries, rows), replace=False))
-    queries = np.asarray(datastore.keys[query_rows], dtype=np.float32)
-    available = memory_available() or 0
-    warm = datastore.keys.nbytes <= available / 2
-    results, found = {}, {}
-    for name, (exact, read_ahead) in SEARCH_STRATEGIES.items():
-        index = load_index(size_dir / "dstore" / "index", datastore, probe=args.probe, verify=False, read_ahead=read_ahead)
-        set_page_cache(size_dir / "dstore" / "keys.npy", warm)
-        start, ids = time.perf_counter(), []
-        for b in range(0, len(queries), 500):
-            ids.append(index.search(queries[b : b + 500], args.k, query_rows[b : b + 500], exact=exact).ids)
-        results[name] = {"queries_per_second": len(queries) / (time.perf_counter() - start)}
-        found[name] = np.concatenate(ids)
-        logger.info("%d rows, search with %s: %.1f queries/s", rows, name, results[name]["queries_per_second"])
-    for name in SEARCH_STRATEGIES:
-        results[name]["agreement_with_exact_ranking"] = float(np.mean(
-            [len(np.intersect1d(f[f >= 0], e[e >= 0])) / max(1, (e >= 0).sum())
-             for f, e in zip(found[name], found["exact ranking"])]))
-    default = "exact ranking, read ahead" if not warm else "exact ranking"  # what load_index chooses by itself
-    return {"queries_per_second": results[default]["queries_per_second"], "default_strategy": default,
-            "queries_per_second_faiss_ranking": results["FAISS ranking"]["queries_per_second"], "strategies": results,
-            "num_queries": len(queries), "keys_bytes": int(datastore.keys.nbytes), "memory_available_bytes": available,
-            "page_cache": "warm" if warm else "cold"}
 
 
 def stage_targets(args: ScaleArguments, seed: Path, size_dir: Path, rows: int) -> dict:
