@@ -28,6 +28,7 @@ there, and the CPU reference that the tests compare the kernel with.
 from __future__ import annotations
 
 import os
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
@@ -131,7 +132,8 @@ def _sort_keys(dists: np.ndarray) -> np.ndarray:
 
 
 @lru_cache(maxsize=None)
-def _pool(threads: int) -> ThreadPoolExecutor:
+def _pool(threads: int, pid: int) -> ThreadPoolExecutor:
+    """This process's pool of ``threads`` threads (keyed by ``pid``: a forked child gets its own)."""
     return ThreadPoolExecutor(threads, thread_name_prefix="exact-ranking")
 
 
@@ -148,7 +150,7 @@ def _in_threads(threads: int, function, n: int) -> None:
         for begin, end in parts:
             function(begin, end)
         return
-    for future in [_pool(threads).submit(function, begin, end) for begin, end in parts]:
+    for future in [_pool(threads, os.getpid()).submit(function, begin, end) for begin, end in parts]:
         future.result()
 
 
@@ -207,6 +209,7 @@ class ReadAhead:
 
     def __init__(self, keys: np.memmap, threads: int = 16):
         self.fd = os.open(keys.filename, os.O_RDONLY)
+        self.close = weakref.finalize(self, os.close, self.fd)  # closed with the object, or by calling close()
         os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)  # a page fault brings its page, not 128 KB around it
         self.offset, self.row_bytes, self.threads = int(keys.offset), keys.shape[1] * keys.itemsize, threads
         self.page = os.sysconf("SC_PAGE_SIZE")
@@ -234,9 +237,6 @@ class ReadAhead:
                 os.posix_fadvise(self.fd, first * self.page, count * self.page, os.POSIX_FADV_WILLNEED)
 
         _in_threads(self.threads, advise, len(runs))
-
-    def close(self) -> None:
-        os.close(self.fd)
 
 
 # ---------------------------------------------------------------------------------------------------
