@@ -24,7 +24,7 @@ from accelerate import PartialState
 from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator, set_seed
 
 from utils.architectures import normalize_layer
-from utils.arguments import DstoreArguments, ModelArguments, TrainingDataArguments
+from utils.arguments import DstoreArguments, ModelArguments, TrainingDataArguments, VerificationArguments
 from utils.artifacts.dataset import TokenizedSplit, load_split
 from utils.artifacts.datastore import DatastoreWriter
 from utils.cli import UsageError, check_finite_floats, command, parse_args, setup_logging
@@ -170,10 +170,12 @@ def check_training_args(training_args: TrainingArguments, dstore_args: DstoreArg
 
 
 def run_stage(model_args: ModelArguments, data_args: TrainingDataArguments, dstore_args: DstoreArguments,
-              training_args: TrainingArguments, state: PartialState) -> dict:
+              training_args: TrainingArguments, state: PartialState, allow_unverified: bool = False) -> dict:
     """Train and/or evaluate (and save the datastore), holding the locks of what is written."""
-    eval_split = load_split(data_args.dataset_name, data_args.eval_subset) if training_args.do_eval else None
-    train_split = load_split(data_args.dataset_name, "train") if training_args.do_train else None
+    eval_split = load_split(data_args.dataset_name, data_args.eval_subset,
+                            allow_unverified=allow_unverified) if training_args.do_eval else None
+    train_split = load_split(data_args.dataset_name, "train",
+                             allow_unverified=allow_unverified) if training_args.do_train else None
     dataset_meta = (eval_split or train_split).meta
     set_seed(training_args.seed)  # before the model exists: a from-scratch model's initial weights depend on it
     model, tokenizer = load_model_for_dataset(model_args, dataset_meta, data_args.dataset_name)
@@ -199,8 +201,9 @@ def run_stage(model_args: ModelArguments, data_args: TrainingDataArguments, dsto
 
 
 def main(argv: list[str] | None = None) -> dict:
-    model_args, data_args, dstore_args, training_args = parse_args(
-        (ModelArguments, TrainingDataArguments, DstoreArguments, TrainingArguments), with_cpu_flag(argv)
+    model_args, data_args, dstore_args, training_args, checks = parse_args(
+        (ModelArguments, TrainingDataArguments, DstoreArguments, TrainingArguments, VerificationArguments),
+        with_cpu_flag(argv)
     )
     state = process_state()
     setup_logging(state.is_main_process)
@@ -209,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
     logger.info("Running on %d process(es), device %s", state.num_processes, state.device)
     with artifact_locks([(training_args.output_dir, "--output_dir"),
                          (dstore_args.dstore_dir if dstore_args.save_knnlm_dstore else None, "--dstore_dir")], state):
-        return run_stage(model_args, data_args, dstore_args, training_args, state)
+        return run_stage(model_args, data_args, dstore_args, training_args, state, checks.allow_unverified)
 
 
 cli = command(main)  # the console script of pyproject.toml

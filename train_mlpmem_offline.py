@@ -24,7 +24,8 @@ def main(argv: list[str] | None = None, stop_after_steps: int | None = None) -> 
     offline, memory_args, training_args, checks = parse_args(
         (OfflineArguments, MemoryArguments, MemoryTrainingArguments, BaseCheckArguments), argv)
     setup_logging()
-    return run_offline(offline, memory_args, training_args, stop_after_steps, checks.allow_base_mismatch)
+    return run_offline(offline, memory_args, training_args, stop_after_steps, checks.allow_base_mismatch,
+                       checks.allow_unverified)
 
 
 cli = command(main)  # the console script of pyproject.toml

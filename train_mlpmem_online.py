@@ -24,7 +24,8 @@ def main(argv: list[str] | None = None, stop_after_steps: int | None = None) -> 
         (OnlineArguments, PretrainedModelArguments, MemoryArguments, MemoryTrainingArguments, BaseCheckArguments), argv
     )
     setup_logging()
-    return run_online(online, model_args, memory_args, training_args, stop_after_steps, checks.allow_base_mismatch)
+    return run_online(online, model_args, memory_args, training_args, stop_after_steps, checks.allow_base_mismatch,
+                      checks.allow_unverified)
 
 
 cli = command(main)  # the console script of pyproject.toml

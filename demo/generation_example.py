@@ -4,7 +4,7 @@
     python -m demo.generation_example                # a few test questions of the embedded corpus
     python -m demo.generation_example --find_correction --scan 200   # first questions the memory fixes
     python -m demo.generation_example --prompt "Question: Who was the mentor of Jordor Kasidor? Answer:"
-    python -m demo.generation_example --model_name_or_path MODEL --knn_generator_path MEMORY --prompt "..."
+    python -m demo.generation_example --model_name_or_path MODEL --memory MEMORY --prompt "..."
     python -m demo.generation_example --model_name_or_path JOINT_DIR --prompt "..."   # python -m models.convert --joint
 
 With no model flags, the base model (``base/``), its memory (``memory/``) and the test questions
@@ -20,6 +20,7 @@ base is wrong and base + memory is right. Nothing is written except ``--output_f
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -31,14 +32,14 @@ import torch
 from transformers import HfArgumentParser
 
 from downstream.qa_data import recorded_prompt
-from models.joint import JointLM, check_joint_settings
-from models.joint.causal_lm import is_joint_directory, load_base_and_memory
-from utils.arguments import BaseCheckArguments, ModelArguments
+from models.joint import JointLM
+from models.joint.loading import LoadedJoint, is_joint_directory, load_joint
+from models.joint.settings import DOWNSTREAM, MemoryArguments
+from utils.arguments import PretrainedModelArguments
 from utils.cli import UsageError, check_finite_floats, run, setup_logging
 from utils.embedded_corpus import QA_PROMPT
 from utils.io import write_json
 from utils.locking import artifact_lock
-from utils.modeling import load_causal_lm, load_tokenizer, model_tokenizer_path, tokenizer_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +49,9 @@ _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The demo's flags; --allow_base_mismatch comes from its one definition (utils.arguments.BaseCheckArguments)."""
-    p = HfArgumentParser(BaseCheckArguments, prog="python -m demo.generation_example",
+    """The demo's flags; the memory's (--memory, --lmbda, --memory_temp, --allow_base_mismatch and their released
+    names) come from their one definition, `models.joint.settings.MemoryArguments`."""
+    p = HfArgumentParser(MemoryArguments, prog="python -m demo.generation_example",
                          description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quickstart_dir", default=DEFAULT_QUICKSTART,
                    help="Outputs of scripts/quickstart.sh (base/, memory/, corpus/) used for what is not given.")
@@ -57,14 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "directory (python -m models.convert --joint), which holds its memory and settings.")
     p.add_argument("--gguf_file", help="GGUF file name inside --model_name_or_path.")
     p.add_argument("--tokenizer_name", help="Tokenizer, if not the model's own.")
-    p.add_argument("--knn_generator_path", help="Memory directory, an MLP memory or a Memory Decoder "
-                   "(default: QUICKSTART_DIR/memory; none with a joint model).")
     p.add_argument("--torch_dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--prompt", action="append", default=[], help="A free-text prompt (repeatable); replaces the QA.")
-    p.add_argument("--lmbda", type=float, help="Weight of the memory in the interpolation (default: a joint model's "
-                   "own, else 0.5).")
-    p.add_argument("--knn_temp", type=float, help="Temperature of the memory's distribution (default: a joint "
-                   "model's own, else 1).")
     p.add_argument("--max_new_tokens", type=int, default=12)
     p.add_argument("--num_examples", type=int, default=5, help="QA examples to show.")
     p.add_argument("--find_correction", action="store_true",
@@ -93,7 +89,7 @@ def quickstart_path(args, *parts: str) -> str:
     path = os.path.join(args.quickstart_dir, *parts)
     if not os.path.exists(path):
         raise UsageError(f"--quickstart_dir {args.quickstart_dir}: {os.path.join(*parts)} not found; run "
-                         f"`bash scripts/quickstart.sh` first (or give --model_name_or_path, --knn_generator_path "
+                         f"`bash scripts/quickstart.sh` first (or give --model_name_or_path, --memory "
                          f"and --prompt)")
     return path
 
@@ -126,26 +122,22 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     return outputs
 
 
-def load_pair(args):
-    """(model, tokenizer, memory) from the flags, the quickstart's outputs for what is not given; a joint model
-    directory as --model_name_or_path gives both, and --lmbda / --knn_temp unless given."""
+def load_pair(args, memory_args: MemoryArguments) -> LoadedJoint:
+    """The base and the memory (`load_joint`) from the flags, the quickstart's outputs for what is not given; a joint
+    model directory as --model_name_or_path gives both, and --lmbda / --memory_temp unless given."""
     model_path = args.model_name_or_path or quickstart_path(args, "base")
-    memory_path = None if is_joint_directory(model_path) else args.knn_generator_path or quickstart_path(args, "memory")
-    model_args = ModelArguments(model_name_or_path=model_path, gguf_file=args.gguf_file,
-                                tokenizer_name=args.tokenizer_name, torch_dtype=args.torch_dtype)
-    tok_path, gguf = model_tokenizer_path(model_args)
-    tokenizer = load_tokenizer(tok_path, gguf, "--tokenizer_name" if args.tokenizer_name else "--model_name_or_path")
+    if not memory_args.memory and not is_joint_directory(model_path):
+        memory_args.memory = quickstart_path(args, "memory")
+    model_args = PretrainedModelArguments(model_name_or_path=model_path, gguf_file=args.gguf_file,
+                                          tokenizer_name=args.tokenizer_name, torch_dtype=args.torch_dtype)
+    loaded = load_joint(model_args, memory_args, DOWNSTREAM)
+    tokenizer = loaded.tokenizer
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise UsageError(f"{tok_path}: the tokenizer has neither a pad nor an eos token to pad prompts with")
+            raise UsageError(f"{model_path}: the tokenizer has neither a pad nor an eos token to pad prompts with")
         tokenizer.pad_token = tokenizer.eos_token
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    loaded = load_base_and_memory(model_args, memory_path, lambda: load_causal_lm(model_args), args.lmbda,
-                                  args.knn_temp, tokenizer_fingerprint(tokenizer), args.allow_base_mismatch,
-                                  default_lmbda=0.5)
-    args.lmbda, args.knn_temp = loaded.lmbda, loaded.knn_temp
-    return loaded.model.to(device).eval(), tokenizer, loaded.memory.to(device).eval()
+    return loaded.to("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def show(examples: list[dict]) -> None:
@@ -163,20 +155,20 @@ def show(examples: list[dict]) -> None:
         print()
 
 
-def run_demo(args: argparse.Namespace) -> dict:
+def run_demo(args: argparse.Namespace, memory_args: MemoryArguments) -> dict:
     """Generate with the base model and with base + memory, print them side by side, write --output_file if given."""
     if args.prompt:
         qa, qa_prompt = None, None
     else:
         qa, qa_prompt = load_qa(args)
         qa = qa[:args.scan] if args.find_correction else qa[:args.num_examples]
-    model, tokenizer, memory = load_pair(args)
-    joint = JointLM(model, memory, lmbda=args.lmbda, knn_temp=args.knn_temp,
-                    tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), allow_base_mismatch=args.allow_base_mismatch)
+    loaded = load_pair(args, memory_args)
+    model, tokenizer, joint = loaded.model, loaded.tokenizer, loaded.joint()
+    lmbda, memory_temp = loaded.lmbda, loaded.memory_temp
 
     prompts = args.prompt or [qa_prompt.format(question=pair["question"]) for pair in qa]
-    logger.info("Generating %d prompt(s), base alone and base + memory (lmbda %s, knn_temp %s)",
-                len(prompts), args.lmbda, args.knn_temp)
+    logger.info("Generating %d prompt(s), base alone and base + memory (lmbda %s, memory_temp %s)",
+                len(prompts), lmbda, memory_temp)
     base = generate(model, tokenizer, prompts, args.max_new_tokens, args.batch_size)
     joint_out = generate(model, tokenizer, prompts, args.max_new_tokens, args.batch_size, joint=joint)
 
@@ -189,7 +181,9 @@ def run_demo(args: argparse.Namespace) -> dict:
             ex["corrected"] = ex["joint_right"] and not ex["base_right"]
         examples.append(ex)
 
-    summary = {"lmbda": args.lmbda, "knn_temp": args.knn_temp, "num_prompts": len(prompts), "base_check": joint.base_check}
+    summary = {"lmbda": lmbda, "lmbda_source": loaded.record["lmbda_source"], "memory_temp": memory_temp,
+               "memory_temp_source": loaded.record["memory_temp_source"], "memory": loaded.record["memory"],
+               "memory_kind": loaded.record["memory_kind"], "num_prompts": len(prompts), "base_check": joint.base_check}
     shown = examples
     if qa is not None:
         summary.update(base_right=sum(e["base_right"] for e in examples),
@@ -198,7 +192,7 @@ def run_demo(args: argparse.Namespace) -> dict:
                        broken=sum(e["base_right"] and not e["joint_right"] for e in examples))
         if args.find_correction:
             shown = [e for e in examples if e["corrected"]][:args.num_examples]
-    print(f"lmbda {args.lmbda}, knn_temp {args.knn_temp}, greedy, {args.max_new_tokens} new tokens\n")
+    print(f"lmbda {lmbda}, memory_temp {memory_temp}, greedy, {args.max_new_tokens} new tokens\n")
     if args.find_correction and not shown:
         print(f"No correction among the {len(examples)} questions scanned.\n")
     show(shown)
@@ -215,14 +209,17 @@ def run_demo(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    parsed = vars(build_parser().parse_args(sys.argv[1:] if argv is None else argv))
+    memory_fields = {f.name for f in dataclasses.fields(MemoryArguments)}
+    memory_args = MemoryArguments(**{k: v for k, v in parsed.items() if k in memory_fields})
+    args = argparse.Namespace(**{k: v for k, v in parsed.items() if k not in memory_fields})
     check_finite_floats(args)
-    check_joint_settings(0.5 if args.lmbda is None else args.lmbda, 1.0 if args.knn_temp is None else args.knn_temp)
+    memory_args.one_lmbda()
     for name in ("max_new_tokens", "num_examples", "scan", "batch_size"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
     with artifact_lock(args.output_file, "--output_file"):  # no lock without --output_file: nothing is written
-        return run_demo(args)
+        return run_demo(args, memory_args)
 
 
 if __name__ == "__main__":

@@ -2,11 +2,12 @@
 
 An evaluation (`downstream.halueval`, `downstream.strategyqa`, `downstream.truthfulqa`) turns records into
 `Item`s: a prompt, its choices (continuations) and a 0/1 label per choice. `score_items` gives every
-choice its log-likelihood (`downstream.loglik`) under the base model alone and, with
-``--knn_generator_path``, under base + memory, in one run; `choice_outcome` reads an item's prediction
-(the choice of highest log-likelihood), whether it is right (its label is 1) and the probability mass of
-the right choices (TruthfulQA's MC2). `write_results` writes ``OUT/predictions.jsonl`` (one line per item,
-its scores under each setting) and ``OUT/<name>_results.json`` (merged into ``OUT/all_results.json``).
+choice its log-likelihood (`downstream.loglik`) under the base model alone and, with a memory
+(`models.joint.settings.MemoryArguments`: ``--memory`` / ``--knn_generator_path``, or a joint directory as the
+model, loaded by `models.joint.loading.load_joint`), under base + memory at each ``--lmbda``, in one run;
+`choice_outcome` reads an item's prediction (the choice of highest log-likelihood), whether it is right (its
+label is 1) and the probability mass of the right choices (TruthfulQA's MC2). `write_results` writes
+``OUT/predictions.jsonl`` (one line per item, its scores under each setting) and ``OUT/<name>_results.json`` (merged into ``OUT/all_results.json``).
 """
 
 from __future__ import annotations
@@ -20,29 +21,24 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from downstream.eval_qa import prepare_tokenizer, write_jsonl
+from downstream.eval_qa import prepare_tokenizer
 from downstream.loglik import continuation_logliks
 from downstream.qa_data import read_hub, read_local
-from utils.arguments import BaseCheckArguments, PretrainedModelArguments, check_positive
-from utils.cli import UsageError, check_finite_floats
+from downstream.qa_results import write_jsonl
+from models.joint.loading import LoadedJoint, load_joint
+from models.joint.settings import DOWNSTREAM, MemoryArguments
+from utils.arguments import PretrainedModelArguments, check_positive
+from utils.cli import UsageError
 from utils.io import save_metrics
-from utils.modeling import (
-    describe_model,
-    load_causal_lm,
-    load_tokenizer,
-    local_path_or_name,
-    model_tokenizer_path,
-    tokenizer_fingerprint,
-)
 
 logger = logging.getLogger(__name__)
 
-BASE, JOINT = "base", "base_plus_memory"  # the settings, as results name them
+BASE, JOINT = "base", "base_plus_memory"  # the settings, as results name them (JOINT@<lmbda> for several lmbdas)
 
 
 @dataclass
 class ChoiceEvalArguments:
-    """Data, batching and the memory of a multiple-choice evaluation."""
+    """Data and batching of a multiple-choice evaluation (the memory: `MemoryArguments`)."""
 
     output_dir: str = field(metadata={"help": "Directory for predictions.jsonl and <benchmark>_results.json."})
     data_file: str | None = field(default=None, metadata={
@@ -56,20 +52,10 @@ class ChoiceEvalArguments:
     per_device_eval_batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass."})
     max_length: int | None = field(default=None, metadata={
         "help": "Longest sequence scored; longer ones are cut on the left (default: the model's position limit)."})
-    knn_generator_path: str | None = field(default=None, metadata={
-        "help": "Memory directory (an MLP memory or a Memory Decoder): also score under base + memory, beside the "
-                "base model alone."})
-    lmbda: float = field(default=0.5, metadata={"help": "Weight of the memory in the interpolation."})
-    knn_temp: float = field(default=1.0, metadata={"help": "Temperature of the memory's logits."})
-
     def __post_init__(self):
-        check_finite_floats(self)
         check_positive(self, "max_samples", "per_device_eval_batch_size", "max_length")
         if (self.data_file is None) == (self.dataset_name is None):
             raise UsageError("Give exactly one of --data_file (a local file) or --dataset_name (a datasets-hub name)")
-        from models.joint import check_joint_settings
-
-        check_joint_settings(self.lmbda, self.knn_temp)
 
 
 @dataclass
@@ -108,37 +94,33 @@ def read_object(path: str) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def load_model(model_args: PretrainedModelArguments, args: ChoiceEvalArguments, checks: BaseCheckArguments):
-    """The model (on the GPU if there is one), its tokenizer (left padding) and the `JointLM`, or None."""
-    tok_path, tok_gguf = model_tokenizer_path(model_args)
-    tokenizer = load_tokenizer(tok_path, tok_gguf,
-                               "--tokenizer_name" if model_args.tokenizer_name else "--model_name_or_path")
-    model = load_causal_lm(model_args).eval()
+def load_model(model_args: PretrainedModelArguments, memory_args: MemoryArguments,
+               preset: tuple[str, float] | None = None) -> LoadedJoint:
+    """The base model (on the GPU if there is one) and its memory (`load_joint`; ``preset``: (source, lmbda) of a
+    protocol that ran at its own lmbda), the tokenizer set to left padding."""
+    loaded = load_joint(model_args, memory_args, DOWNSTREAM, preset=preset)
     if torch.cuda.is_available():
-        model.to("cuda")
-    prepare_tokenizer(tokenizer, model)
-    joint = None
-    if args.knn_generator_path:
-        from models.joint import JointLM
-        from models.joint.token_memory import load_any_memory
-
-        joint = JointLM(model, load_any_memory(args.knn_generator_path, "--knn_generator_path"), lmbda=args.lmbda,
-                        knn_temp=args.knn_temp, tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
-                        allow_base_mismatch=checks.allow_base_mismatch)
-    return model, tokenizer, joint
+        loaded.to("cuda")
+    prepare_tokenizer(loaded.tokenizer, loaded.model)
+    return loaded
 
 
-def settings(joint) -> list[tuple[str, object]]:
-    """(name, joint model or None) of each setting a run scores: the base alone, then base + memory if given."""
-    return [(BASE, None)] + ([(JOINT, joint)] if joint is not None else [])
+def settings(loaded: LoadedJoint) -> list[tuple[str, object]]:
+    """(name, joint model or None) of each setting a run scores: the base alone, then base + memory at each lmbda
+    (named ``base_plus_memory``, or ``base_plus_memory@<lmbda>`` when there are several)."""
+    several = len(loaded.lmbdas) > 1
+    return [(BASE, None)] + [(f"{JOINT}@{lmbda:g}" if several else JOINT, loaded.joint(lmbda))
+                             for lmbda in loaded.lmbdas]
 
 
-def score_items(model, tokenizer, items: list[Item], batch_size: int, joint=None,
-                max_length: int | None = None) -> tuple[list[list[float]], float]:
-    """The log-likelihood of every choice of every item, and the seconds it took."""
+def score_items(model, tokenizer, items: list[Item], batch_size: int, joint=None, max_length: int | None = None,
+                add_special_tokens: bool = False) -> tuple[list[list[float]], float]:
+    """The log-likelihood of every choice of every item, and the seconds it took (``add_special_tokens``: the
+    tokenizer's BOS before each prompt, `downstream.loglik.encode_pair`)."""
     requests = list(dict.fromkeys((item.prompt, choice) for item in items for choice in item.choices))  # once each
     start = time.perf_counter()
-    scored = dict(zip(requests, continuation_logliks(model, tokenizer, requests, batch_size, joint, max_length)))
+    scored = dict(zip(requests, continuation_logliks(model, tokenizer, requests, batch_size, joint, max_length,
+                                                     add_special_tokens)))
     seconds = time.perf_counter() - start
     return [[scored[item.prompt, choice].loglik for choice in item.choices] for item in items], seconds
 
@@ -154,15 +136,17 @@ def choice_outcome(logliks: list[float], labels: list[int]) -> dict:
 
 
 def speed(count: int, seconds: float) -> dict:
-    return {"seconds": seconds, "items_per_second": count / seconds if seconds > 0 else None}
+    return {"seconds": seconds, "items_per_second": count / seconds if seconds > 0 else None,
+            "threads": torch.get_num_threads()}
 
 
-def run_settings(model, tokenizer, items: list[Item], args: ChoiceEvalArguments, joint) -> tuple[dict, dict]:
+def run_settings(loaded: LoadedJoint, items: list[Item], args: ChoiceEvalArguments,
+                 add_special_tokens: bool = False) -> tuple[dict, dict]:
     """Each setting's outcomes per item ({setting: [choice_outcome, ...]}) and its speed ({setting: speed})."""
     outcomes, speeds = {}, {}
-    for name, scorer in settings(joint):
-        logliks, seconds = score_items(model, tokenizer, items, args.per_device_eval_batch_size, scorer,
-                                       args.max_length)
+    for name, scorer in settings(loaded):
+        logliks, seconds = score_items(loaded.model, loaded.tokenizer, items, args.per_device_eval_batch_size, scorer,
+                                       args.max_length, add_special_tokens)
         outcomes[name] = [choice_outcome(ll, item.labels) for ll, item in zip(logliks, items)]
         speeds[name] = speed(len(items), seconds)
         logger.info("Scored %d items (%d choices) under %s in %.1f s", len(items),
@@ -175,20 +159,19 @@ def mean_percent(values) -> float:
     return 100.0 * sum(values) / len(values) if values else float("nan")
 
 
-def run_record(model_args: PretrainedModelArguments, args: ChoiceEvalArguments, model, tokenizer, joint,
-               source: str) -> dict:
+def run_record(args: ChoiceEvalArguments, loaded: LoadedJoint, source: str) -> dict:
     """What every results file records about the run besides the scores."""
+    record = loaded.record
     return {
-        "knn_generator_path": local_path_or_name(args.knn_generator_path),
-        "lmbda": args.lmbda if joint is not None else None,
-        "knn_temp": args.knn_temp if joint is not None else None,
-        "base_check": joint.base_check if joint is not None else None,
-        "model": describe_model(model_args),
-        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "memory": record["memory"], "memory_kind": record["memory_kind"], "joint_dir": record["joint_dir"],
+        "lmbda": loaded.lmbda, "lmbdas": loaded.lmbdas or None, "lmbda_source": record["lmbda_source"],
+        "memory_temp": record["memory_temp"], "memory_temp_source": record["memory_temp_source"],
+        "base_check": record["base_check"], "model": record["model"],
+        "tokenizer_fingerprint": record["tokenizer_fingerprint"],
         "data": {"source": source, "dataset_config_name": args.dataset_config_name,
                  "dataset_split": None if args.data_file else args.dataset_split},
         "settings": {k: v for k, v in asdict(args).items() if k != "output_dir"},
-        "device": str(next(model.parameters()).device),
+        "device": str(next(loaded.model.parameters()).device),
     }
 
 
@@ -199,6 +182,18 @@ def write_results(output_dir: str, name: str, rows: list[dict], metrics: dict) -
     save_metrics(output_dir, name, metrics)
 
 
-def setting_label(name: str, args: ChoiceEvalArguments) -> str:
-    return (f"base + memory (lmbda {args.lmbda:g}, knn_temp {args.knn_temp:g})" if name == JOINT
-            else "base model alone")
+def setting_label(name: str, loaded: LoadedJoint) -> str:
+    if name == BASE:
+        return "base model alone"
+    lmbda = float(name.split("@")[1]) if "@" in name else loaded.lmbda
+    return f"base + memory (lmbda {lmbda:g}, memory_temp {loaded.memory_temp:g})"
+
+
+def memory_minus_base(metrics: dict, keys: tuple[str, ...] | None = None) -> dict | float | None:
+    """The first setting with the memory minus the base, for ``keys`` of the settings' metrics (one key: a number)."""
+    joint = next((name for name in metrics if name.startswith(JOINT)), None)
+    if joint is None:
+        return None
+    if keys is None:
+        return metrics[joint]["accuracy"] - metrics[BASE]["accuracy"]
+    return {key: metrics[joint][key] - metrics[BASE][key] for key in keys}

@@ -1,7 +1,9 @@
 """Closed-book QA with the base model alone or base + MLP memory (the paper's QA evaluation).
 
     python -m downstream.eval_qa --model_name_or_path MODEL --data_file NQ-open.dev.jsonl --output_dir OUT \
-        --protocol released [--use_neural_knn --knn_generator_path MEMORY --lmbda 0.5 --knn_temp 1]
+        --protocol released [--memory MEMORY --lmbda 0.5 --memory_temp 1]      # or the released flags:
+        [--use_neural_knn --knn_generator_path MEMORY --lmbda 0.5 --knn_temp 1 --do_eval --eval_subset validation]
+    python -m downstream.eval_qa --model_name_or_path JOINT_DIR ...             # a joint model (convert --joint)
     python -m downstream.eval_qa ... --num_shards 4 --shard_index 0 --output_dir OUT/shard0   # ... up to 3, then
     python -m downstream.eval_qa --merge OUT/shard0 OUT/shard1 OUT/shard2 OUT/shard3 --output_dir OUT/all
 
@@ -11,53 +13,58 @@ written in it, the number of new tokens, the stop strings, which part of the con
 and the scoring rules: ``released`` (NQ-open, HotpotQA as the released code), ``webqa`` (the authors'
 WebQuestions / TriviaQA evaluator) or ``default`` (this project's: the ``qa_prompt`` recorded in the
 ``meta.json`` beside ``--data_file``, else ``"Answer these questions:\\nQuestion: {question}\\nAnswer:"``;
-16 tokens; the first non-blank line). ``--prompt_template``, ``--max_new_tokens``, ``--stop`` and
-``--stop_at_newline`` override the protocol's values (a literal ``\\n`` typed on the command line means a
-newline). Scores (`downstream.qa_metrics`): exact match, token F1 and "contains a gold answer" after SQuAD
-normalisation (and ``has_answer`` under ``webqa``), each the max over the gold answers, means x100.
+16 tokens; the first non-blank line). The per-dataset presets ``nq``, ``hotpotqa``, ``webquestions`` and
+``triviaqa`` add the memory weight, dtype and batch size the authors ran each with
+(`apply_protocol_settings`; flags win), and ``--batch_stop`` runs the WebQuestions / TriviaQA evaluator's
+batch rule. ``--prompt_template``, ``--max_new_tokens``, ``--stop`` and ``--stop_at_newline`` override the
+protocol's values (a literal ``\\n`` typed on the command line means a newline). Scores
+(`downstream.qa_metrics`): exact match, token F1 and "contains a gold answer" after SQuAD normalisation (and
+``has_answer`` under ``webqa``), each the max over the gold answers, means x100.
+
+With a memory (`models.joint.settings.MemoryArguments`, loaded with the base by `models.joint.loading.load_joint`;
+a joint directory as the model brings its own), every question is answered by the base model alone and by
+base + memory at each ``--lmbda``, in one run on the same prompts and batches.
 
 Writes ``OUT/predictions.jsonl`` (one line per question, with its prompt) and ``OUT/qa_results.json`` (also
-merged into ``OUT/all_results.json``) with the resolved protocol. Data loading is `downstream.qa_data`.
+merged into ``OUT/all_results.json``) with the resolved protocol, speeds with the torch thread count, and
+where ``lmbda`` came from; with a memory, one subdirectory per setting (``OUT/base``, ``OUT/lmbda_0.5``, ...)
+in the same format, and at the top the first setting with the memory (`downstream.qa_results`). Data loading
+is `downstream.qa_data`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import StoppingCriteriaList
 
 from downstream.qa_data import load_qa, recorded_prompt, select
-from downstream.qa_metrics import SCORE_KEYS, aggregate, score
+from downstream.qa_metrics import aggregate, score
 from downstream.qa_protocols import (
     DEFAULT_PROMPT,
     PLACEHOLDER,
     PROTOCOLS,
     Protocol,
+    batch_stop_protocol,
     build_prompt,
     choose_shots,
     extract_answer,
     first_line,  # noqa: F401 - part of this module's interface (tests, callers)
     get_protocol,
 )
-from utils.arguments import BaseCheckArguments, PretrainedModelArguments
-from utils.cli import UsageError, check_finite_floats, command, parse_args, setup_logging
-from utils.io import read_json, save_metrics
+from downstream.qa_results import merge_shards, write_jsonl, write_results, write_settings  # noqa: F401 - interface
+from downstream.stopping import AnswerLineComplete, BatchStopStrings, StopStrings
+from models.joint.loading import load_joint
+from models.joint.settings import DOWNSTREAM, MemoryArguments
+from utils.arguments import PretrainedModelArguments
+from utils.cli import UsageError, check_finite_floats, command, flags_given, parse_args, setup_logging
 from utils.locking import artifact_lock
-from utils.modeling import (
-    describe_model,
-    load_causal_lm,
-    load_tokenizer,
-    local_path_or_name,
-    model_tokenizer_path,
-    tokenizer_fingerprint,
-)
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +77,8 @@ class QAArguments:
                 "'examples' list."})
     dataset_name: str | None = field(default=None, metadata={"help": "datasets-hub name, e.g. nq_open or trivia_qa."})
     dataset_config_name: str | None = field(default=None, metadata={"help": "Hub config, e.g. rc.nocontext for trivia_qa."})
-    dataset_split: str = field(default="validation", metadata={"help": "Hub split to evaluate."})
+    dataset_split: str = field(default="validation", metadata={
+        "help": "Hub split to evaluate (--eval_subset is its released name).", "aliases": ["--eval_subset"]})
     question_field: str | None = field(default=None, metadata={"help": "Question field (default: detected)."})
     answer_field: list[str] | None = field(default=None, metadata={
         "help": "Gold answer field(s); several are pooled, e.g. --answer_field answer aliases (default: detected: "
@@ -82,8 +90,16 @@ class QAArguments:
                 "eval_qa.py: 'Answer these questions:\\nQuestion: {q}?\\nAnswer:', 15 tokens, first line, F1 with "
                 "the yes/no rule, NQ's ')' answers dropped), 'webqa' (the authors' WebQuestions / TriviaQA "
                 "evaluator: 'Answer the questions:\\n\\nQuestion: {q}? The answer is:', stop at newline . or "
-                ",, 100 tokens, has_answer) or 'default' (this project's).",
+                ",, 100 tokens, has_answer) or 'default' (this project's). Per dataset, with the authors' run "
+                "settings where no flag sets them: 'nq' and 'hotpotqa' (released, lmbda 0.5, float16, batch 1), "
+                "'webquestions' (webqa, lmbda 0.75, bfloat16, batch 4), 'triviaqa' (webqa, lmbda 0.6, bfloat16, "
+                "batch 4).",
         "choices": list(PROTOCOLS)})
+    batch_stop: bool = field(default=False, metadata={
+        "help": "The authors' WebQuestions / TriviaQA batch rule (webqa, webquestions, triviaqa): a batch stops only "
+                "when every row has produced the same stop string, and the prediction is all the text generated, so "
+                "results depend on the batch size (theirs: 4, the webquestions / triviaqa presets' default). "
+                "Default: each row stops at its own first stop string.", "nargs": "?", "const": True})
     max_samples: int | None = field(default=None, metadata={
         "help": "Evaluate only N questions (the first N, or N from --start)."})
     start: int = field(default=0, metadata={"help": "Skip the first N questions (with --max_samples: a window)."})
@@ -116,14 +132,11 @@ class QAArguments:
     stop_at_newline: bool | None = field(default=None, metadata={
         "help": "Stop a row once its answer line is complete (a newline after its first non-blank character); "
                 "default: on under the default protocol.", "nargs": "?", "const": True})
-    use_neural_knn: bool = field(default=False, metadata={
-        "help": "Interpolate the base model with the memory (implied when --model_name_or_path is a joint model)."})
-    knn_generator_path: str | None = field(default=None, metadata={
-        "help": "Memory directory (with --use_neural_knn): an MLP memory or a Memory Decoder."})
-    lmbda: float | None = field(default=None, metadata={
-        "help": "Weight of the memory in the interpolation (default: a joint model's own, else 0.5)."})
-    knn_temp: float | None = field(default=None, metadata={
-        "help": "Temperature of the memory's logits (default: a joint model's own, else 1)."})
+    do_eval: bool = field(default=False, metadata={
+        "help": "Released flag: no effect here (the questions are always evaluated); accepted and logged."})
+    ignore_pad_token_for_loss: bool | None = field(default=None, metadata={
+        "help": "Released flag: no effect here (QA computes no loss); accepted and logged.", "nargs": "?",
+        "const": True})
 
     def __post_init__(self):
         check_finite_floats(self)
@@ -149,13 +162,13 @@ class QAArguments:
             raise UsageError("--num_fewshot needs --fewshot_file (a QA file of solved examples)")
         if self.fewshot_file and not self.num_fewshot:
             raise UsageError("--fewshot_file is only used with --num_fewshot N (N >= 1)")
-        if self.use_neural_knn and not self.knn_generator_path:
-            raise UsageError("--use_neural_knn needs --knn_generator_path (an MLP memory directory)")
-        if self.knn_generator_path and not self.use_neural_knn:
-            raise UsageError("--knn_generator_path is only used with --use_neural_knn; add it or drop the path")
-        from models.joint import check_joint_settings
 
-        check_joint_settings(0.5 if self.lmbda is None else self.lmbda, 1.0 if self.knn_temp is None else self.knn_temp)
+    def log_released_flags(self) -> None:
+        """One line for each released flag given that has no effect here."""
+        for flag, why in (("do_eval", "the questions are always evaluated"),
+                          ("ignore_pad_token_for_loss", "QA computes no loss")):
+            if getattr(self, flag):
+                logger.info("--%s: the released eval_qa.py's flag has no effect here (%s)", flag, why)
 
 
 def resolve_prompt(args: QAArguments) -> tuple[str, str]:
@@ -177,6 +190,8 @@ def resolve_protocol(args: QAArguments) -> tuple[Protocol, str]:
     protocol = get_protocol(args.protocol).override(max_new_tokens=args.max_new_tokens, stop=args.stop,
                                                     stop_at_newline=args.stop_at_newline,
                                                     template=args.prompt_template)
+    if args.batch_stop:
+        protocol = batch_stop_protocol(protocol)
     return replace(protocol, template=template), template_source
 
 
@@ -184,28 +199,6 @@ def make_prompt(template: str, question: str) -> str:
     """``template`` with ``question`` in place of ``{question}``, after removing any ``Question:`` / ``Answer:``
     labels the question already carries (the default protocol's prompt)."""
     return build_prompt(template, question)
-
-
-class AnswerLineComplete(StoppingCriteria):
-    """Per row: stop once the generated text has a newline after its first non-blank character."""
-
-    def __init__(self, tokenizer, prompt_width: int):
-        self.tokenizer, self.prompt_width = tokenizer, prompt_width
-
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_width:], skip_special_tokens=True)
-        return torch.tensor(["\n" in t.lstrip() for t in texts], dtype=torch.bool, device=input_ids.device)
-
-
-class StopStrings(StoppingCriteria):
-    """Per row: stop once the generated text contains any of ``stop``."""
-
-    def __init__(self, tokenizer, prompt_width: int, stop: Sequence[str]):
-        self.tokenizer, self.prompt_width, self.stop = tokenizer, prompt_width, tuple(stop)
-
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_width:], skip_special_tokens=True)
-        return torch.tensor([any(s in t for s in self.stop) for t in texts], dtype=torch.bool, device=input_ids.device)
 
 
 def prepare_tokenizer(tokenizer, model) -> None:
@@ -223,10 +216,10 @@ def prepare_tokenizer(tokenizer, model) -> None:
 @torch.no_grad()
 def generate_answers(model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int,
                      stop_at_newline: bool = True, joint=None, stop: Sequence[str] = (),
-                     add_special_tokens: bool = True) -> list[str]:
+                     add_special_tokens: bool = True, batch_stop: bool = False) -> list[str]:
     """Greedy continuations (decoded, special tokens dropped) of each prompt, ``batch_size`` at a time; a row stops
     at any of ``stop`` and, with ``stop_at_newline``, once its answer line is complete (the continuations are
-    returned as generated, not cut)."""
+    returned as generated, not cut). With ``batch_stop`` the batch stops together (`BatchStopStrings`)."""
     device = next(model.parameters()).device
     generate = joint.generate if joint is not None else model.generate
     continuations = []
@@ -235,7 +228,7 @@ def generate_answers(model, tokenizer, prompts: list[str], batch_size: int, max_
                           add_special_tokens=add_special_tokens).to(device)
         width = batch["input_ids"].shape[1]
         criteria = [AnswerLineComplete(tokenizer, width)] if stop_at_newline else []
-        criteria += [StopStrings(tokenizer, width, stop)] if stop else []
+        criteria += [(BatchStopStrings if batch_stop else StopStrings)(tokenizer, width, stop)] if stop else []
         out = generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                        stopping_criteria=StoppingCriteriaList(criteria) if criteria else None)
         continuations += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
@@ -250,16 +243,6 @@ def apply_chat_template(tokenizer, prompts: list[str], model_flag: str) -> list[
                          "use --tokenizer_name with a chat tokenizer)")
     return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                           add_generation_prompt=True) for p in prompts]
-
-
-def write_jsonl(path: str, rows: list[dict]) -> None:
-    """Write JSON lines atomically (temporary file, fsync, rename)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_questions(args: QAArguments, protocol: Protocol) -> tuple[list[dict], dict, dict]:
@@ -282,46 +265,76 @@ def make_prompts(examples: list[dict], protocol: Protocol, args: QAArguments) ->
                          choose_shots(pool, ex["question"], args.num_fewshot, args.fewshot_seed)) for ex in examples]
 
 
-def answer_questions(model_args: PretrainedModelArguments, args: QAArguments, checks: BaseCheckArguments) -> dict:
-    """Answer, score and write the results, holding the lock of --output_dir."""
+def apply_protocol_settings(protocol: Protocol, model_args: PretrainedModelArguments, args: QAArguments,
+                            given: set[str]) -> dict:
+    """Give ``--torch_dtype`` and ``--per_device_eval_batch_size`` the protocol's values (the authors' for that
+    dataset) where no flag in ``given`` set them, and return the values applied. A preset's ``lmbda`` is not set
+    here: it is the second step of the memory settings' lmbda policy (`models.joint.settings.resolve_lmbdas`)."""
+    applied = {}
+    if protocol.torch_dtype is not None and "torch_dtype" not in given:
+        model_args.torch_dtype = applied["torch_dtype"] = protocol.torch_dtype
+    if protocol.batch_size is not None and "per_device_eval_batch_size" not in given:
+        args.per_device_eval_batch_size = applied["per_device_eval_batch_size"] = protocol.batch_size
+    if applied:
+        logger.info("--protocol %s: the authors' settings %s (flags override them)", protocol.name,
+                    ", ".join(f"--{k} {v}" for k, v in applied.items()))
+    return applied
+
+
+def answer_questions(model_args: PretrainedModelArguments, args: QAArguments, memory_args: MemoryArguments,
+                     given: set[str] = frozenset()) -> dict:
+    """Answer and score the questions under the base alone and, with a memory, under base + memory at each lmbda;
+    write the results (holding the lock of --output_dir is the caller's). ``given``: the flags typed."""
     protocol, template_source = resolve_protocol(args)
     logger.info("Protocol %s (%s); prompt from %s; settings %s", protocol.name, protocol.source, template_source,
                 json.dumps(protocol.describe()))
+    applied = apply_protocol_settings(protocol, model_args, args, given)
     examples, data_info, where = read_questions(args, protocol)
     if args.num_shards > 1 or args.start or args.max_samples:
         logger.info("Questions %d to %d (shard %d of %d)", where["start"], where["end"] - 1, args.shard_index,
                     args.num_shards)
-    tok_path, tok_gguf = model_tokenizer_path(model_args)
-    model_flag = "--tokenizer_name" if model_args.tokenizer_name else "--model_name_or_path"
-    tokenizer = load_tokenizer(tok_path, tok_gguf, model_flag)
+    preset_lmbda = getattr(protocol, "lmbda", None)  # a QA preset that carries its lmbda (downstream.qa_protocols)
+    loaded = load_joint(model_args, memory_args, DOWNSTREAM,
+                        preset=(f"--protocol {protocol.name}", preset_lmbda) if preset_lmbda is not None else None)
+    tokenizer = loaded.tokenizer
     prompts = make_prompts(examples, protocol, args)
     if args.chat_template:
-        prompts = apply_chat_template(tokenizer, prompts, model_flag)
-    from models.joint import JointLM
-    from models.joint.causal_lm import load_base_and_memory
-
-    loaded = load_base_and_memory(model_args, args.knn_generator_path, lambda: load_causal_lm(model_args), args.lmbda,
-                                  args.knn_temp, tokenizer_fingerprint(tokenizer), checks.allow_base_mismatch,
-                                  default_lmbda=0.5)  # --model_name_or_path may be a joint model (base + memory)
-    args.lmbda, args.knn_temp = loaded.lmbda, loaded.knn_temp
-    model = loaded.model.eval()
+        prompts = apply_chat_template(tokenizer, prompts, "--tokenizer_name" if model_args.tokenizer_name
+                                      else "--model_name_or_path")
     if torch.cuda.is_available():
-        model.to("cuda")
-    prepare_tokenizer(tokenizer, model)
+        loaded.to("cuda")
+    prepare_tokenizer(tokenizer, loaded.model)
+    common = {"model": loaded.record["model"], "joint_dir": loaded.record["joint_dir"],
+              "tokenizer_fingerprint": loaded.record["tokenizer_fingerprint"], "data": data_info, "questions": where,
+              "protocol": protocol.describe(), "protocol_settings_applied": applied,
+              "torch_dtype": model_args.torch_dtype, "prompt_template": protocol.template, "prompt_source": template_source,
+              "settings": {k: v for k, v in asdict(args).items() if k not in ("output_dir", "merge")},
+              "device": str(next(loaded.model.parameters()).device), "threads": torch.get_num_threads()}
+    settings = [("base", None)] + [(f"lmbda_{lmbda:g}", lmbda) for lmbda in loaded.lmbdas]
+    results = {}
+    for name, lmbda in settings:
+        joint = loaded.joint(lmbda) if lmbda is not None else None
+        start = time.perf_counter()
+        continuations = generate_answers(loaded.model, tokenizer, prompts, args.per_device_eval_batch_size,
+                                         protocol.max_new_tokens, protocol.stop_at_newline, joint, protocol.stop,
+                                         add_special_tokens=protocol.add_special_tokens and not args.chat_template,
+                                         batch_stop=protocol.batch_stop)  # the chat template has its own specials
+        seconds = time.perf_counter() - start
+        rows, scores = score_answers(examples, prompts, continuations, protocol)
+        memory_record = {key: loaded.record[key] if joint is not None else None for key in
+                         ("memory", "memory_kind", "lmbda_source", "memory_temp", "memory_temp_source", "base_check")}
+        results[name] = (rows, {**aggregate(scores), "seconds": seconds,
+                                "questions_per_second": len(examples) / seconds if seconds > 0 else None,
+                                "use_neural_knn": joint is not None, "lmbda": lmbda, **memory_record, **common})
+    if len(results) == 1:
+        write_results(args.output_dir, *results["base"])
+        return results["base"][1]
+    return write_settings(args.output_dir, results)
 
-    joint = None
-    if loaded.memory is not None:
-        args.use_neural_knn, args.knn_generator_path = True, loaded.memory_path
-        joint = JointLM(model, loaded.memory, lmbda=args.lmbda, knn_temp=args.knn_temp,
-                        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
-                        allow_base_mismatch=checks.allow_base_mismatch)
 
-    start = time.perf_counter()
-    continuations = generate_answers(model, tokenizer, prompts, args.per_device_eval_batch_size,
-                                     protocol.max_new_tokens, protocol.stop_at_newline, joint, protocol.stop,
-                                     add_special_tokens=not args.chat_template)  # the chat template has its own
-    seconds = time.perf_counter() - start
-
+def score_answers(examples: list[dict], prompts: list[str], continuations: list[str],
+                  protocol: Protocol) -> tuple[list[dict], list[dict]]:
+    """The predictions.jsonl rows and the scores of each question."""
     rows, scores = [], []
     for ex, prompt, continuation in zip(examples, prompts, continuations):
         prediction = extract_answer(continuation, protocol)
@@ -329,94 +342,7 @@ def answer_questions(model_args: PretrainedModelArguments, args: QAArguments, ch
         scores.append(s)
         rows.append({"question": ex["question"], "prompt": prompt, "golds": ex["golds"], "prediction": prediction,
                      "continuation": continuation, **s})
-    metrics = {
-        **aggregate(scores),
-        "seconds": seconds,
-        "questions_per_second": len(examples) / seconds if seconds > 0 else None,
-        "use_neural_knn": args.use_neural_knn,
-        "knn_generator_path": local_path_or_name(args.knn_generator_path),
-        "lmbda": args.lmbda if args.use_neural_knn else None,
-        "knn_temp": args.knn_temp if args.use_neural_knn else None,
-        "base_check": joint.base_check if joint is not None else None,
-        "model": describe_model(model_args),
-        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-        "data": data_info,
-        "questions": where,
-        "protocol": protocol.describe(),
-        "prompt_template": protocol.template, "prompt_source": template_source,
-        "settings": {k: v for k, v in asdict(args).items() if k not in ("output_dir", "merge")},
-        "device": str(next(model.parameters()).device),
-    }
-    write_results(args.output_dir, rows, metrics)
-    return metrics
-
-
-def write_results(output_dir: str, rows: list[dict], metrics: dict) -> None:
-    """``predictions.jsonl``, ``qa_results.json`` (merged into ``all_results.json``) and the summary line."""
-    os.makedirs(output_dir, exist_ok=True)
-    write_jsonl(os.path.join(output_dir, "predictions.jsonl"), rows)
-    save_metrics(output_dir, "qa", metrics)
-    setting = (f"base + memory (lmbda {metrics['lmbda']:g}, knn_temp {metrics['knn_temp']:g})"
-               if metrics["use_neural_knn"] else "base model alone")
-    extra = f" has_answer {metrics['has_answer']:.2f}" if "has_answer" in metrics else ""
-    logger.info("QA %s (%s protocol), %s: %d questions, EM %.2f F1 %.2f contains %.2f%s, %.2f questions/s (%.1f s)",
-                metrics["data"]["source"], metrics["protocol"]["name"], setting, metrics["count"],
-                metrics["exact_match"], metrics["f1"], metrics["contains"], extra,
-                metrics["questions_per_second"] or 0.0, metrics["seconds"])
-
-
-# Results that differ between the shards of one run; everything else must agree for them to merge.
-PER_SHARD = {"count", *SCORE_KEYS.values(), "seconds", "questions_per_second", "questions", "device"}
-
-
-def merge_shards(directories: list[str], output_dir: str) -> dict:
-    """One result from the output directories of the shards 0..K-1 of one run: the predictions in order and the
-    metrics recomputed from them, which equal those of the unsharded run."""
-    shards = []
-    for directory in directories:
-        results_file = os.path.join(directory, "qa_results.json")
-        if not os.path.isfile(results_file):
-            raise UsageError(f"--merge {directory}: no qa_results.json (run downstream.eval_qa there first)")
-        metrics = read_json(results_file)
-        if "questions" not in metrics:
-            raise UsageError(f"--merge {directory}: written before sharding existed; run it again")
-        with open(os.path.join(directory, "predictions.jsonl"), encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-        if len(rows) != metrics["count"]:
-            raise UsageError(f"--merge {directory}: predictions.jsonl has {len(rows)} rows, qa_results.json counts "
-                             f"{metrics['count']}")
-        shards.append((metrics, rows, directory))
-    shards.sort(key=lambda shard: shard[0]["questions"]["shard_index"])
-    first = shards[0][0]
-
-    def common(metrics: dict) -> dict:
-        settings = {k: v for k, v in metrics["settings"].items() if k != "shard_index"}
-        return {**{k: v for k, v in metrics.items() if k not in PER_SHARD}, "settings": settings}
-
-    for metrics, _, directory in shards[1:]:
-        differing = sorted(k for k in {**common(first), **common(metrics)}
-                           if common(first).get(k) != common(metrics).get(k))
-        if differing:
-            raise UsageError(f"--merge {directory}: not a shard of the same run as {shards[0][2]} (differs in "
-                             f"{', '.join(differing)})")
-    num_shards = first["questions"]["num_shards"]
-    indices = [metrics["questions"]["shard_index"] for metrics, _, _ in shards]
-    if indices != list(range(num_shards)):
-        raise UsageError(f"--merge: expected the shards 0..{num_shards - 1} of --num_shards {num_shards} once each, "
-                         f"got {indices}")
-    rows = [row for _, shard_rows, _ in shards for row in shard_rows]
-    seconds = sum(metrics["seconds"] for metrics, _, _ in shards)
-    merged = {
-        **{k: v for k, v in first.items() if k not in PER_SHARD},
-        **aggregate([{k: row[k] for k in SCORE_KEYS if k in row} for row in rows]),
-        "seconds": seconds, "questions_per_second": len(rows) / seconds if seconds > 0 else None,
-        "questions": {"start": first["questions"]["start"], "end": shards[-1][0]["questions"]["end"],
-                      "num_shards": num_shards, "shard_index": None},
-        "device": sorted({metrics["device"] for metrics, _, _ in shards}),
-        "merged_from": [os.path.abspath(directory) for _, _, directory in shards],
-    }
-    write_results(output_dir, rows, merged)
-    return merged
+    return rows, scores
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -426,11 +352,10 @@ def main(argv: list[str] | None = None) -> dict:
         (args,) = parse_args((QAArguments,), argv)
         with artifact_lock(args.output_dir, "--output_dir"):
             return merge_shards(args.merge, args.output_dir)
-    model_args, args, checks = parse_args((PretrainedModelArguments, QAArguments, BaseCheckArguments), argv)
-    if model_args.model_name_or_path is None:
-        raise UsageError("--model_name_or_path is required (a pretrained base model)")
+    model_args, args, memory_args = parse_args((PretrainedModelArguments, QAArguments, MemoryArguments), argv)
+    args.log_released_flags()
     with artifact_lock(args.output_dir, "--output_dir"):
-        return answer_questions(model_args, args, checks)
+        return answer_questions(model_args, args, memory_args, flags_given(argv))
 
 
 cli = command(main)  # the console script of pyproject.toml

@@ -2,13 +2,16 @@
 # Closed-book QA (greedy; EM / F1 / contains, has_answer under webqa) with downstream.eval_qa.
 #   MODEL    base model directory or hub name                          (required)
 #   DATA     QA file, .json or .jsonl (NQ-open, TriviaQA, WebQuestions, PopQA, HaluEval layouts)   (required)
-#   PROTOCOL released (NQ-open, HotpotQA), webqa (WebQuestions, TriviaQA) or default   (default: default)
+#   PROTOCOL released (NQ-open, HotpotQA), webqa (WebQuestions, TriviaQA) or default   (default: default);
+#            nq, hotpotqa, webquestions, triviaqa: with the authors' lmbda, dtype and batch size for that set
 #   OUT      output directory                                          (required)
-#   MEMORY   MLP memory directory: adds --use_neural_knn --knn_generator_path "$MEMORY" (optional)
-#   LMBDA    weight of the memory (default 0.5)   KNN_TEMP (default 1.0)
+#   MEMORY   the memory: adds --memory "$MEMORY"; the base alone is answered in the same run (optional)
+#   LMBDA    weight(s) of the memory, e.g. "0.25 0.5" (default: the protocol's, else models/joint/settings.py's, 0.5)
+#   MEMORY_TEMP  temperature of the memory's logits (default 1; KNN_TEMP, the released name, is read too)
 #   GGUF     GGUF file name inside $MODEL (optional)
-#   BATCH    questions per batch (default 8)      MAX_SAMPLES (optional)
-# Extra arguments go to downstream.eval_qa (e.g. --num_shards 4 --shard_index 0, --num_fewshot 5 --fewshot_file F).
+#   BATCH    questions per batch (default: the protocol's, else 8)      MAX_SAMPLES (optional)
+# Extra arguments go to downstream.eval_qa (e.g. --batch_stop, --num_shards 4 --shard_index 0, --num_fewshot 5
+# --fewshot_file F).
 set -euo pipefail
 source "$(dirname "$0")/../scripts/env.sh"
 
@@ -16,8 +19,9 @@ source "$(dirname "$0")/../scripts/env.sh"
 : "${DATA:?set DATA to a .json/.jsonl QA file}"
 : "${OUT:?set OUT to the output directory}"
 args=(--model_name_or_path "$MODEL" --data_file "$DATA" --output_dir "$OUT" --protocol "${PROTOCOL:-default}"
-      --per_device_eval_batch_size "${BATCH:-8}" ${GGUF:+--gguf_file "$GGUF"} ${MAX_SAMPLES:+--max_samples "$MAX_SAMPLES"})
+      ${BATCH:+--per_device_eval_batch_size "$BATCH"} ${GGUF:+--gguf_file "$GGUF"} ${MAX_SAMPLES:+--max_samples "$MAX_SAMPLES"})
 if [ -n "${MEMORY:-}" ]; then
-    args+=(--use_neural_knn --knn_generator_path "$MEMORY" --lmbda "${LMBDA:-0.5}" --knn_temp "${KNN_TEMP:-1.0}")
+    # shellcheck disable=SC2206
+    args+=(--memory "$MEMORY" ${LMBDA:+--lmbda $LMBDA} --memory_temp "${MEMORY_TEMP:-${KNN_TEMP:-1.0}}")
 fi
 python -m downstream.eval_qa "${args[@]}" "$@"

@@ -1,7 +1,7 @@
 """HaluEval: does the model recognise a hallucinated answer? Accuracy with and without the memory.
 
     python -m downstream.halueval --model_name_or_path MODEL --data_file qa_data.json --output_dir OUT \
-        [--task qa] [--judge loglik|generate] [--knn_generator_path MEMORY --lmbda 0.5 --knn_temp 1]
+        [--task qa] [--judge loglik|generate] [--memory MEMORY --lmbda 0.5 --memory_temp 1]
 
 The model is shown one sample with one answer and asked, in HaluEval's words, whether the answer contains
 hallucinated information: HaluEval's judgment instruction of the task (`downstream.halueval_instructions`),
@@ -20,8 +20,9 @@ one of the two at random); a general sample gives one, labelled by its ``halluci
 The judgment is read (``--judge``):
 
 * ``loglik`` (default): the more likely continuation of " Yes" and " No" (`downstream.loglik`);
-* ``generate``: greedy text, its first line with "." removed; "Yes" or "No" when exactly one of them
-  occurs in it, else the judgment failed and counts as wrong (HaluEval's rule).
+* ``generate``: greedy text, ``--max_new_tokens`` of it (or up to the end of text), read as HaluEval's
+  ``evaluate.py`` reads the whole response: "." removed, "Yes" or "No" when exactly one of them occurs in
+  it, else the judgment failed and counts as wrong.
 
 Fields (HaluEval's released files, JSON lines named ``.json``, or the hub's ``pminervini/HaluEval``):
 qa ``knowledge``/``question``/``right_answer``/``hallucinated_answer``; dialogue ``knowledge``/
@@ -39,11 +40,11 @@ import time
 from dataclasses import dataclass, field
 
 from downstream.choice_eval import (
-    JOINT,
     ChoiceEvalArguments,
     Item,
     load_model,
     mean_percent,
+    memory_minus_base,
     read_records,
     run_record,
     run_settings,
@@ -52,9 +53,10 @@ from downstream.choice_eval import (
     speed,
     write_results,
 )
-from downstream.eval_qa import first_line, generate_answers
+from downstream.eval_qa import generate_answers
 from downstream.halueval_instructions import INSTRUCTIONS
-from utils.arguments import BaseCheckArguments, PretrainedModelArguments
+from models.joint.settings import MemoryArguments
+from utils.arguments import PretrainedModelArguments
 from utils.cli import UsageError, command, parse_args, setup_logging
 from utils.locking import artifact_lock
 
@@ -155,11 +157,11 @@ def generated_outcomes(model, tokenizer, items: list[Item], args: ChoiceEvalArgu
                        joint) -> tuple[list[dict], float]:
     start = time.perf_counter()
     texts = generate_answers(model, tokenizer, [item.prompt for item in items], args.per_device_eval_batch_size,
-                             max_new_tokens, True, joint)
+                             max_new_tokens, False, joint)  # the whole response, as HaluEval reads it
     seconds = time.perf_counter() - start
     outcomes = []
     for item, text in zip(items, texts):
-        judgment = parse_judgment(first_line(text))
+        judgment = parse_judgment(text)
         gold = "Yes" if item.labels[0] else "No"
         outcomes.append({"generated": text, "judgment": judgment, "correct": judgment == gold})
     return outcomes, seconds
@@ -178,37 +180,37 @@ def setting_metrics(items: list[Item], outcomes: list[dict], judge: str) -> dict
 
 
 def evaluate(model_args: PretrainedModelArguments, args: ChoiceEvalArguments, task_args: HaluEvalArguments,
-             checks: BaseCheckArguments) -> dict:
+             memory_args: MemoryArguments) -> dict:
     records, source = read_records(args)
     records = records[:args.max_samples]
     task = task_args.task or detect_task(records[0], source)
     instruction = instruction_text(task, task_args)
     items = [item for i, record in enumerate(records)
              for item in record_items(record, i, task, instruction, task_args.show_knowledge, source)]
-    model, tokenizer, joint = load_model(model_args, args, checks)
+    loaded = load_model(model_args, memory_args)
     if task_args.judge == "loglik":
-        outcomes, speeds = run_settings(model, tokenizer, items, args, joint)
+        outcomes, speeds = run_settings(loaded, items, args)
     else:
         outcomes, speeds = {}, {}
-        for name, scorer in settings(joint):
-            outcomes[name], seconds = generated_outcomes(model, tokenizer, items, args, task_args.max_new_tokens,
-                                                         scorer)
+        for name, scorer in settings(loaded):
+            outcomes[name], seconds = generated_outcomes(loaded.model, loaded.tokenizer, items, args,
+                                                         task_args.max_new_tokens, scorer)
             speeds[name] = speed(len(items), seconds)
 
     metrics = {"task": task, "judge": task_args.judge, "samples": len(records), "count": len(items),
                **{name: {**setting_metrics(items, results, task_args.judge), **speeds[name]}
                   for name, results in outcomes.items()},
                "instruction": task_args.instruction, "show_knowledge": task_args.show_knowledge,
-               **run_record(model_args, args, model, tokenizer, joint, source)}
-    if JOINT in metrics:
-        metrics["memory_minus_base"] = metrics[JOINT]["accuracy"] - metrics["base"]["accuracy"]
+               **run_record(args, loaded, source)}
+    if (difference := memory_minus_base(metrics)) is not None:
+        metrics["memory_minus_base"] = difference
     rows = [{**item.info, "prompt": item.prompt, "gold": "Yes" if item.labels[0] else "No",
              **{name: results[i] for name, results in outcomes.items()}} for i, item in enumerate(items)]
     write_results(args.output_dir, "halueval", rows, metrics)
     for name in outcomes:
         m = metrics[name]
         logger.info("HaluEval %s %s (judge %s), %s: %d items, accuracy %.2f (right answers %.2f, hallucinated %.2f, "
-                    "'Yes' %.2f), %.1f items/s", task, source, task_args.judge, setting_label(name, args), len(items),
+                    "'Yes' %.2f), %.1f items/s", task, source, task_args.judge, setting_label(name, loaded), len(items),
                     m["accuracy"], m["accuracy_on_right_answers"], m["accuracy_on_hallucinated_answers"],
                     m["yes_rate"], m["items_per_second"] or 0.0)
     return metrics
@@ -216,10 +218,10 @@ def evaluate(model_args: PretrainedModelArguments, args: ChoiceEvalArguments, ta
 
 def main(argv: list[str] | None = None) -> dict:
     setup_logging()
-    model_args, args, task_args, checks = parse_args(
-        (PretrainedModelArguments, ChoiceEvalArguments, HaluEvalArguments, BaseCheckArguments), argv)
+    model_args, args, task_args, memory_args = parse_args(
+        (PretrainedModelArguments, ChoiceEvalArguments, HaluEvalArguments, MemoryArguments), argv)
     with artifact_lock(args.output_dir, "--output_dir"):
-        return evaluate(model_args, args, task_args, checks)
+        return evaluate(model_args, args, task_args, memory_args)
 
 
 cli = command(main)

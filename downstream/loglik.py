@@ -8,7 +8,9 @@ continuation's tokens, the way lm-evaluation-harness does (``loglikelihood``):
   as ``"A:" + " Yes"``);
 * context and continuation are encoded together, without special tokens, and split at the context's own
   token count, so a merge across the boundary stays with the continuation; an empty context is the
-  tokenizer's BOS (else EOS) token;
+  tokenizer's BOS (else EOS) token. ``add_special_tokens=True`` encodes both with the tokenizer's own
+  special tokens instead (a BOS first for Llama and Mistral, nothing for GPT-2), as the authors'
+  TruthfulQA evaluator's ``tokenizer(prompt + answer)`` does;
 * the model reads the sequence without its last token; a sequence longer than ``max_length`` is cut on
   the left.
 
@@ -37,11 +39,18 @@ class Scored:
     tokens: int
 
 
-def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """Token ids of ``context`` and of ``continuation`` after it, split as lm-evaluation-harness splits them."""
+def encode_pair(tokenizer, context: str, continuation: str,
+                add_special_tokens: bool = False) -> tuple[list[int], list[int]]:
+    """Token ids of ``context`` and of ``continuation`` after it, split as lm-evaluation-harness splits them (with
+    ``add_special_tokens``: both encoded with the tokenizer's special tokens, so the context starts with its BOS)."""
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
+    if add_special_tokens:
+        context_ids = tokenizer(context)["input_ids"]
+        if context_ids:  # else (no BOS, empty context) as below
+            whole = tokenizer(context + continuation)["input_ids"]
+            return whole[:len(context_ids)], whole[len(context_ids):]
     if not context:
         prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         if prefix is None:
@@ -74,18 +83,19 @@ def _forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep:
 
 @torch.no_grad()
 def continuation_logliks(model, tokenizer, requests: list[tuple[str, str]], batch_size: int = 8, joint=None,
-                         max_length: int | None = None) -> list[Scored]:
+                         max_length: int | None = None, add_special_tokens: bool = False) -> list[Scored]:
     """``log p(continuation | context)`` of each ``(context, continuation)`` pair, in the order given.
 
     ``joint`` (a `models.joint.JointLM` over ``model``) scores under base + memory; ``max_length``
-    defaults to the model's position limit. A continuation with no tokens scores 0.
+    defaults to the model's position limit; ``add_special_tokens``: see `encode_pair`. A continuation with
+    no tokens scores 0.
     """
     max_length = max_length or model_max_length(model)
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     encoded, truncated = [], 0
     for context, continuation in requests:
-        context_ids, continuation_ids = encode_pair(tokenizer, context, continuation)
+        context_ids, continuation_ids = encode_pair(tokenizer, context, continuation, add_special_tokens)
         sequence = (context_ids + continuation_ids)[:-1]
         if max_length is not None and len(sequence) > max_length:
             sequence, truncated = sequence[-max_length:], truncated + 1

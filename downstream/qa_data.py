@@ -1,35 +1,47 @@
 """Loading closed-book QA sets as ``[{"question": str, "golds": [str, ...]}, ...]``.
 
 Sources: a local file holding a JSON list of records, an object holding one under ``data`` or
-``examples`` (BIG-bench), or JSON lines (whatever the suffix: HaluEval's release names them ``.json``);
-or a datasets-hub dataset. Field names are given or detected from the common layouts:
+``examples`` (BIG-bench), JSON lines (whatever the suffix: HaluEval's release names them ``.json``) or
+a ``.csv`` with a header line (TruthfulQA's); or a datasets-hub dataset. Field names are given or detected
+from the common layouts:
 
-===============  ==========  ===========================================================================
-set              question    answer field (normalised to a list of gold strings)
-===============  ==========  ===========================================================================
-NQ-open          question    ``answer``: list of strings
-TriviaQA         question    ``answer``: dict with ``aliases`` / ``normalized_aliases`` / ``value``
-WebQuestions     question    ``answers``: list of strings
-PopQA            question    ``possible_answers``: a JSON string holding a list
-HaluEval QA      question    ``right_answer``: a string
-SQuAD style      question    ``answers``: dict with a ``text`` list
-===============  ==========  ===========================================================================
+=====================  ==========  =====================================================================
+set                    question    answer field (normalised to a list of gold strings)
+=====================  ==========  =====================================================================
+NQ-open                question    ``answer``: list of strings
+TriviaQA (hub)         question    ``answer``: dict with ``aliases`` / ``normalized_aliases`` / ``value``
+TriviaQA (llm-foundry) context     ``answer``: a string, with the record's ``aliases`` list; the context
+                                   is ``"Question: ...\nAnswer:"``, whose labels are removed
+WebQuestions (hub)     question    ``answers``: list of strings
+WebQuestions (qId)     qText       ``answers``: list of strings
+WebQuestions (Berant)  utterance   ``targetValue``: ``(list (description X) (description "Y Z"))``
+PopQA                  question    ``possible_answers``: a JSON string holding a list
+HaluEval QA            question    ``right_answer``: a string
+SQuAD style            question    ``answers``: dict with a ``text`` list
+=====================  ==========  =====================================================================
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
 import os
+import re
 from collections.abc import Iterable
 from typing import Any
 
+from downstream.qa_protocols import QUESTION_LABEL, unwrap_question
 from utils.cli import UsageError
 
 logger = logging.getLogger(__name__)
 
-QUESTION_FIELDS = ("question", "query", "input")
-ANSWER_FIELDS = ("answer", "answers", "possible_answers", "right_answer", "golds", "gold_answers", "target")
+QUESTION_FIELDS = ("question", "query", "input", "qText", "utterance")
+# A field that holds the question with its labels ("Question: ...\nAnswer:"): a question field only then.
+LABELLED_QUESTION_FIELDS = ("context",)
+ANSWER_FIELDS = ("answer", "answers", "possible_answers", "right_answer", "golds", "gold_answers", "target",
+                 "targetValue")
 # Keys of an answer dict that hold gold strings, in the order they are collected.
 ANSWER_DICT_KEYS = ("value", "aliases", "normalized_value", "normalized_aliases", "text")
 # Record-level fields of more gold strings, used beside the detected answer field when present (TriviaQA subsets).
@@ -37,11 +49,23 @@ ALIAS_FIELDS = ("aliases", "normalized_aliases", "answer_aliases")
 RECORD_LISTS = ("data", "examples")  # keys of an object that holds the records
 
 
+# One answer of WebQuestions' original targetValue: (description "Two words") or (description Word)
+_DESCRIPTION = re.compile(r'\(description\s+(?:"((?:[^"\\]|\\.)*)"|([^\s")]+))\)')
+
+
+def target_values(value: str) -> list[str] | None:
+    """The answers of a WebQuestions ``targetValue`` (``(list (description X) ...)``), or None if it is not one."""
+    if not value.startswith("(list"):
+        return None
+    return [quoted.replace('\\"', '"') if quoted else bare for quoted, bare in _DESCRIPTION.findall(value)]
+
+
 def gold_list(value: Any) -> list[str]:
     """Gold answers of one record as a de-duplicated list of non-empty strings (order kept).
 
-    Strings that look like a JSON list (PopQA's ``possible_answers``) are parsed; lists are flattened;
-    dicts contribute the strings under `ANSWER_DICT_KEYS`; numbers become strings.
+    Strings that look like a JSON list (PopQA's ``possible_answers``) are parsed, so are WebQuestions'
+    ``(list (description ...))`` values; lists are flattened; dicts contribute the strings under
+    `ANSWER_DICT_KEYS`; numbers become strings.
     """
     out: list[str] = []
 
@@ -50,6 +74,9 @@ def gold_list(value: Any) -> list[str]:
             return
         if isinstance(v, str):
             s = v.strip()
+            if target_values(s) is not None:
+                collect(target_values(s))
+                return
             if s.startswith("[") and s.endswith("]"):
                 try:
                     parsed = json.loads(s)
@@ -84,6 +111,16 @@ def recorded_prompt(data_file: str) -> tuple[str, str] | None:
     return (template, meta_file) if isinstance(template, str) and "{question}" in template else None
 
 
+def detect_question_field(record: dict, source: str) -> str:
+    """The question field of ``record``: one of `QUESTION_FIELDS`, else a `LABELLED_QUESTION_FIELDS` field whose text
+    starts with a ``Question:`` label (llm-foundry's TriviaQA subset)."""
+    for name in LABELLED_QUESTION_FIELDS:
+        if not any(q in record for q in QUESTION_FIELDS) and isinstance(record.get(name), str) \
+                and QUESTION_LABEL.match(record[name]):
+            return name
+    return detect_field(record, QUESTION_FIELDS, "question", "--question_field", source)
+
+
 def detect_field(record: dict, candidates: Iterable[str], what: str, flag: str, source: str) -> str:
     for name in candidates:
         if name in record:
@@ -103,15 +140,31 @@ def json_lines(path: str, text: str, flag: str = "--data_file") -> list:
     return records
 
 
+def csv_records(path: str, text: str, flag: str = "--data_file") -> list[dict]:
+    """The rows of CSV ``text`` with a header line (TruthfulQA's ``TruthfulQA.csv``), as records keyed by column."""
+    try:
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        records = [dict(row) for row in reader]
+    except csv.Error as err:
+        raise UsageError(f"{flag} {path}: not CSV ({err})") from None
+    if any(None in row for row in records):
+        raise UsageError(f"{flag} {path}: a row has more fields than the header ({', '.join(reader.fieldnames)})")
+    return records
+
+
 def read_local(path: str, flag: str = "--data_file") -> list[dict]:
-    """Records of a local JSON or JSON-lines file, whatever its suffix (errors name ``flag``)."""
+    """Records of a local JSON or JSON-lines file, whatever its suffix, or of a ``.csv`` file with a header line
+    (errors name ``flag``)."""
     if not os.path.isfile(path):
         raise UsageError(f"{flag} {path}: no such file")
-    try:
-        with open(path, encoding="utf-8") as f:
+    is_csv = path.lower().endswith(".csv")
+    try:  # CSV: a byte-order mark is not part of the first column's name; quoted fields keep their line ends
+        with open(path, encoding="utf-8-sig" if is_csv else "utf-8", newline="" if is_csv else None) as f:
             text = f.read()
     except UnicodeDecodeError as err:
         raise UsageError(f"{flag} {path} is not UTF-8 text (byte {err.start}: {err.reason})") from None
+    if is_csv:
+        return csv_records(path, text, flag)
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
@@ -159,7 +212,7 @@ def load_qa(data_file: str | None = None, dataset_name: str | None = None, datas
     if not records:
         raise UsageError(f"{source}: no records")
     first = records[0]
-    q_field = question_field or detect_field(first, QUESTION_FIELDS, "question", "--question_field", source)
+    q_field = question_field or detect_question_field(first, source)
     if answer_field:
         a_fields = [answer_field] if isinstance(answer_field, str) else list(answer_field)
     else:
@@ -186,6 +239,8 @@ def load_qa(data_file: str | None = None, dataset_name: str | None = None, datas
         if drop_golds.intersection(golds):
             dropped += 1
             continue
+        if q_field in LABELLED_QUESTION_FIELDS:
+            question = unwrap_question(question)
         examples.append({"question": question.strip(), "golds": golds})
         if max_samples is not None and len(examples) >= max_samples:
             break

@@ -29,7 +29,24 @@ protocol's values (`Protocol.override`). Each entry names the code it follows:
     other visible character), reported beside EM / F1 / contains. Their evaluator stops a batch only
     when every row has produced the same stop string and scores everything generated until then, so its
     predictions depend on the batch size; here each row is cut at its first stop string, which is their
-    batch-size-1 behaviour but for the rest of the token that holds the stop string.
+    batch-size-1 behaviour but for the rest of the token that holds the stop string. ``--batch_stop``
+    (`Protocol.batch_stop`) runs their batch rule instead: the batch stops once every row has produced one
+    and the same stop string, and the prediction is everything generated until then.
+
+Per-dataset presets add the settings the authors ran each dataset with (`Protocol.lmbda`, ``torch_dtype``,
+``batch_size``), applied where no flag sets them:
+
+``nq``, ``hotpotqa``
+    ``released`` at ``lmbda`` 0.5 in float16, batch 1 (Binn0/MLPMemory ``downstream/eval_qa.sh``;
+    LUMIA-Group/MLPMemory ``configs/nq.yaml`` and ``configs/hotpotqa.yaml``); the released code drops the
+    ``)`` answers of NQ-open only. It loads the memory without a dtype, so in float32; here the memory
+    follows the base model's dtype.
+``webquestions``, ``triviaqa``
+    ``webqa`` at ``lmbda`` 0.75 and 0.6 in bfloat16, batch 4 (LUMIA-Group/MLPMemory
+    ``downstream/eval_webqa_triviaqa.sh``, ``configs/webqa.yaml``, ``configs/triviaqa.yaml``).
+
+Every authors' evaluator encodes a prompt as ``tokenizer(prompt)`` does, with the tokenizer's own special
+tokens (a BOS for Llama and Mistral, none for GPT-2): `Protocol.add_special_tokens`.
 """
 
 from __future__ import annotations
@@ -45,7 +62,7 @@ PLACEHOLDER = "{question}"
 DEFAULT_PROMPT = "Answer these questions:\nQuestion: {question}\nAnswer:"
 
 QUESTION_STYLES = ("as_given", "released")  # see `format_question`
-ANSWER_RULES = ("first_line", "first_line_as_generated", "until_stop")  # see `extract_answer`
+ANSWER_RULES = ("first_line", "first_line_as_generated", "until_stop", "all_generated")  # see `extract_answer`
 SCORINGS = ("squad", "released", "webqa")  # see `downstream.qa_metrics.score`
 
 
@@ -64,6 +81,12 @@ class Protocol:
     scoring: str = "squad"
     drop_golds: tuple[str, ...] = ()  # questions with one of these gold answers are not evaluated
     primary: tuple[str, ...] = ("exact_match", "f1")  # the metrics the protocol's source reports
+    add_special_tokens: bool = True  # encode prompts with the tokenizer's own special tokens (BOS), as tokenizer(p)
+    batch_stop: bool = False  # a batch stops when every row has produced the same stop string (webqa's authors)
+    # The run settings the authors used with this preset (None: this project's defaults); flags win over them.
+    lmbda: float | None = None  # the memory's weight in the interpolation
+    torch_dtype: str | None = None  # the dtype of the base model (and of the memory, which follows it)
+    batch_size: int | None = None  # questions per generate call
     overridden: tuple[str, ...] = field(default=())  # the fields that flags set
 
     def override(self, **values) -> Protocol:
@@ -89,6 +112,33 @@ PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (
              max_new_tokens=100, stop=("\n", ".", ","), answer="until_stop", scoring="webqa",
              primary=("has_answer",)),
 )}
+_AUTHORS = "github.com/LUMIA-Group/MLPMemory downstream/"
+PROTOCOLS.update({p.name: p for p in (
+    replace(PROTOCOLS["released"], name="nq", lmbda=0.5, torch_dtype="float16", batch_size=1,
+            source="github.com/Binn0/MLPMemory downstream/eval_qa.py and eval_qa.sh (NQ-open, lmbda 0.50); "
+                   f"{_AUTHORS}configs/nq.yaml (float16, batch 1)"),
+    replace(PROTOCOLS["released"], name="hotpotqa", lmbda=0.5, torch_dtype="float16", batch_size=1,
+            drop_golds=(),
+            source="github.com/Binn0/MLPMemory downstream/eval_qa.py and eval_qa.sh (HotpotQA distractor, lmbda "
+                   f"0.50); {_AUTHORS}configs/hotpotqa.yaml (float16, batch 1)"),
+    replace(PROTOCOLS["webqa"], name="webquestions", lmbda=0.75, torch_dtype="bfloat16", batch_size=4,
+            source=f"{_AUTHORS}eval_webqa_triviaqa.py and .sh (WEBQA_LMBDA 0.75), configs/webqa.yaml (bfloat16, "
+                   "batch 4)"),
+    replace(PROTOCOLS["webqa"], name="triviaqa", lmbda=0.6, torch_dtype="bfloat16", batch_size=4,
+            source=f"{_AUTHORS}eval_webqa_triviaqa.py and .sh (TRIVIAQA_LMBDA 0.60), configs/triviaqa.yaml "
+                   "(bfloat16, batch 4)"),
+)})
+BATCH_STOP_PROTOCOLS = ("webqa", "webquestions", "triviaqa")  # the authors' evaluator that stops by batch
+
+
+def batch_stop_protocol(protocol: Protocol) -> Protocol:
+    """``protocol`` under the authors' WebQuestions / TriviaQA batch rule (``--batch_stop``): a batch stops once every
+    row has produced one and the same stop string, and the prediction is all the text generated until then."""
+    if protocol.name not in BATCH_STOP_PROTOCOLS:
+        raise UsageError(f"--batch_stop is the rule of the authors' WebQuestions / TriviaQA evaluator: use it with "
+                         f"--protocol {' / '.join(BATCH_STOP_PROTOCOLS)}, not {protocol.name}")
+    return replace(protocol, batch_stop=True, answer="all_generated",
+                   overridden=tuple(sorted({*protocol.overridden, "answer", "batch_stop"})))
 
 
 def get_protocol(name: str) -> Protocol:
@@ -101,14 +151,14 @@ def get_protocol(name: str) -> Protocol:
 
 # A question field that already holds "Question: ... Answer:" (TriviaQA's released subset) is unwrapped first,
 # so that the template does not add its labels twice.
-_QUESTION_LABEL = re.compile(r"^\s*(?:question|q)\s*:\s*", re.IGNORECASE)
+QUESTION_LABEL = re.compile(r"^\s*(?:question|q)\s*:\s*", re.IGNORECASE)
 _ANSWER_LABEL = re.compile(r"\s*(?:answer|a)\s*:\s*$", re.IGNORECASE)
 
 
 def unwrap_question(question: str) -> str:
     """``question`` without the ``Question:`` / ``Answer:`` labels it may already carry."""
-    if _QUESTION_LABEL.match(question):
-        question = _ANSWER_LABEL.sub("", _QUESTION_LABEL.sub("", question, count=1))
+    if QUESTION_LABEL.match(question):
+        question = _ANSWER_LABEL.sub("", QUESTION_LABEL.sub("", question, count=1))
     return question
 
 
@@ -172,9 +222,12 @@ def first_line(continuation: str) -> str:
 
 
 def extract_answer(continuation: str, protocol: Protocol) -> str:
-    """The prediction: the continuation cut at the protocol's stop strings, then ``first_line`` (first
-    non-blank line), ``first_line_as_generated`` (the text before the first newline, even if empty) or
-    ``until_stop`` (all of it), stripped."""
+    """The prediction: ``all_generated``: the whole continuation, stripped (the batch rule's); else the
+    continuation cut at the protocol's stop strings, then ``first_line`` (first non-blank line),
+    ``first_line_as_generated`` (the text before the first newline, even if empty) or ``until_stop`` (all of
+    it), stripped."""
+    if protocol.answer == "all_generated":
+        return continuation.strip()
     text = cut_at_stop(continuation, protocol.stop)
     if protocol.answer == "first_line":
         return first_line(text)

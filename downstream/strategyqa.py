@@ -1,7 +1,7 @@
 """StrategyQA: yes/no accuracy from the log-likelihoods of the answers, with and without the memory.
 
     python -m downstream.strategyqa --model_name_or_path MODEL --data_file task.json --output_dir OUT \
-        [--knn_generator_path MEMORY --lmbda 0.5 --knn_temp 1]
+        [--memory MEMORY --lmbda 0.5 --memory_temp 1]      # --model_name_or_path may be a joint directory
 
 BIG-bench's multiple choice: each choice is scored as a continuation of the prompt
 (`downstream.loglik`) and the prediction is the most likely one; the gold answer is the choice with the
@@ -12,10 +12,12 @@ Record formats (`downstream.choice_eval.read_records`: local files or a datasets
 
 * BIG-bench's task file ``{"examples": [{"input": ..., "target_scores": {"Yes": 1, "No": 0}}, ...]}``; the
   prompt is BIG-bench's: ``task_prefix + example_input_prefix + input`` (+ each choice after
-  ``choice_prefix`` when ``append_choices_to_input``) ``+ example_output_prefix``, with the file's settings or
-  BIG-bench's defaults (``"\\nQ: "``, ``"\\nA: "``, ``"\\n  choice: "``, true), leading whitespace removed;
+  ``choice_prefix`` when ``append_choices_to_input``) ``+ example_output_prefix``, with the file's settings or,
+  where it has none, those of BIG-bench's StrategyQA task (`STRATEGYQA_TASK`: BIG-bench's defaults
+  ``"\\nQ: "``, ``"\\nA: "``, ``"\\n  choice: "``, but the choices not appended), leading whitespace removed;
 * the original StrategyQA JSON (``question`` and a boolean ``answer``): choices "Yes" and "No", prompted
-  the same way;
+  as BIG-bench's StrategyQA task prompts them, so the same questions get the same prompt from either file
+  (BIG-bench's generic default would append the choices);
 * the hub's BIG-bench export (``inputs`` already prompted, ``multiple_choice_targets``,
   ``multiple_choice_scores``), e.g. ``--dataset_name tasksource/bigbench --dataset_config_name strategyqa``.
 
@@ -28,11 +30,11 @@ import logging
 from dataclasses import dataclass, field
 
 from downstream.choice_eval import (
-    JOINT,
     ChoiceEvalArguments,
     Item,
     load_model,
     mean_percent,
+    memory_minus_base,
     read_object,
     read_records,
     run_record,
@@ -40,7 +42,8 @@ from downstream.choice_eval import (
     setting_label,
     write_results,
 )
-from utils.arguments import BaseCheckArguments, PretrainedModelArguments
+from models.joint.settings import MemoryArguments
+from utils.arguments import PretrainedModelArguments
 from utils.cli import UsageError, command, parse_args, setup_logging
 from utils.locking import artifact_lock
 
@@ -49,6 +52,9 @@ logger = logging.getLogger(__name__)
 # BIG-bench's JSON task defaults (bigbench/api/json_task.py).
 BIGBENCH_DEFAULTS = {"task_prefix": "", "example_input_prefix": "\nQ: ", "example_output_prefix": "\nA: ",
                      "choice_prefix": "\n  choice: ", "append_choices_to_input": True}
+# BIG-bench's StrategyQA task (benchmark_tasks/strategyqa/task.json) turns the appended choices off: the prompt of
+# every StrategyQA file that does not say otherwise, the original JSON's included.
+STRATEGYQA_TASK = {**BIGBENCH_DEFAULTS, "append_choices_to_input": False}
 
 
 @dataclass
@@ -60,7 +66,8 @@ class StrategyQAArguments:
     output_prefix: str | None = field(default=None, metadata={
         "help": "Text after the question (default: the file's example_output_prefix, else BIG-bench's '\\nA: ')."})
     append_choices: bool | None = field(default=None, metadata={
-        "help": "List the choices in the prompt (default: the file's append_choices_to_input, else BIG-bench's true)."})
+        "help": "List the choices in the prompt (default: the file's append_choices_to_input, else false, as "
+                "BIG-bench's StrategyQA task.json sets it)."})
 
     def __post_init__(self):
         for name in ("input_prefix", "output_prefix"):  # a literal \n typed on the command line is a newline
@@ -69,8 +76,8 @@ class StrategyQAArguments:
 
 
 def prompt_settings(task: dict, args: StrategyQAArguments) -> dict:
-    """BIG-bench's prompt settings: the flags, else the task file's, else BIG-bench's defaults."""
-    found = {key: task.get(key, default) for key, default in BIGBENCH_DEFAULTS.items()}
+    """BIG-bench's prompt settings: the flags, else the task file's, else BIG-bench's StrategyQA task's."""
+    found = {key: task.get(key, default) for key, default in STRATEGYQA_TASK.items()}
     overrides = {"example_input_prefix": args.input_prefix, "example_output_prefix": args.output_prefix,
                  "append_choices_to_input": args.append_choices}
     return {**found, **{key: value for key, value in overrides.items() if value is not None}}
@@ -112,36 +119,36 @@ def is_no(choice: str) -> bool:
 
 
 def evaluate(model_args: PretrainedModelArguments, args: ChoiceEvalArguments, task_args: StrategyQAArguments,
-             checks: BaseCheckArguments) -> dict:
+             memory_args: MemoryArguments) -> dict:
     records, source = read_records(args)
     prompt = prompt_settings(read_object(args.data_file) if args.data_file else {}, task_args)
     items = [record_item(record, i, prompt, source) for i, record in enumerate(records[:args.max_samples])]
-    model, tokenizer, joint = load_model(model_args, args, checks)
-    outcomes, speeds = run_settings(model, tokenizer, items, args, joint)
+    loaded = load_model(model_args, memory_args)
+    outcomes, speeds = run_settings(loaded, items, args)
 
     no_gold = [any(is_no(c) and label for c, label in zip(item.choices, item.labels)) for item in items]
     metrics = {"count": len(items), "always_no_accuracy": mean_percent(no_gold),
                **{name: {"accuracy": mean_percent(o["correct"] for o in results), **speeds[name]}
                   for name, results in outcomes.items()},
-               "prompt_settings": prompt, **run_record(model_args, args, model, tokenizer, joint, source)}
-    if JOINT in metrics:
-        metrics["memory_minus_base"] = metrics[JOINT]["accuracy"] - metrics["base"]["accuracy"]
+               "prompt_settings": prompt, **run_record(args, loaded, source)}
+    if (difference := memory_minus_base(metrics)) is not None:
+        metrics["memory_minus_base"] = difference
     rows = [{**item.info, "prompt": item.prompt, "choices": item.choices, "labels": item.labels,
              **{name: results[i] for name, results in outcomes.items()}} for i, item in enumerate(items)]
     write_results(args.output_dir, "strategyqa", rows, metrics)
     for name in outcomes:
         logger.info("StrategyQA %s, %s: %d questions, accuracy %.2f (always 'No' %.2f), %.1f questions/s",
-                    source, setting_label(name, args), len(items), metrics[name]["accuracy"],
+                    source, setting_label(name, loaded), len(items), metrics[name]["accuracy"],
                     metrics["always_no_accuracy"], metrics[name]["items_per_second"] or 0.0)
     return metrics
 
 
 def main(argv: list[str] | None = None) -> dict:
     setup_logging()
-    model_args, args, task_args, checks = parse_args(
-        (PretrainedModelArguments, ChoiceEvalArguments, StrategyQAArguments, BaseCheckArguments), argv)
+    model_args, args, task_args, memory_args = parse_args(
+        (PretrainedModelArguments, ChoiceEvalArguments, StrategyQAArguments, MemoryArguments), argv)
     with artifact_lock(args.output_dir, "--output_dir"):
-        return evaluate(model_args, args, task_args, checks)
+        return evaluate(model_args, args, task_args, memory_args)
 
 
 cli = command(main)

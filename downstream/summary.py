@@ -13,19 +13,25 @@ numbers are on the test split, with every choice made on validation:
   (``qa_test/lmbda_<l>``) at the ``lmbda`` chosen on the validation questions (``qa_validation/lmbda_*``,
   `downstream.choose_lmbda`);
 * one question whose answer the memory corrects (``correction.json``, `demo.generation_example`);
-* accuracy on the corpus's yes/no questions (``yes_no_test``, `downstream.strategyqa`, beside always "No") and
-  hallucination judgments (``halueval_test``, `downstream.halueval`) about the test facts, with and without the
-  memory (at the QA ``lmbda``).
+* accuracy on the corpus's yes/no questions (``yes_no_fewshot_test``, `downstream.strategyqa`) and hallucination
+  judgments (``halueval_fewshot_test``, `downstream.halueval`) about the test facts, each after its fixed few-shot
+  prompt of train-only facts, with and without the memory (at the QA ``lmbda``): accuracy with its 95% Wilson
+  interval, the share of "Yes" answers, the AUC of the " Yes" - " No" margin against the right answer, the
+  always-"No" and majority-answer baselines, and the paired
+  difference (bootstrap interval, McNemar's exact test), from the runs' ``predictions.jsonl``
+  (`downstream.judgment_stats`).
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
+import json
 import sys
 from pathlib import Path
 
 from downstream.choose_lmbda import best_run, read_sweep
+from downstream.judgment_stats import judgment_report
 from models.memory_directory import TRAINING_RESULTS
 from utils.cli import UsageError, run
 from utils.environment import machine
@@ -138,17 +144,25 @@ def _question_answering(out: Path, summary: dict) -> None:
         summary["qa_test"] = qa_test
 
 
+JUDGMENTS = (  # summary key, run directory, its results file, the corpus meta entry counting its shots
+    ("yes_no_test", "yes_no_fewshot_test", "strategyqa_results.json", ("yes_no_test", "shots")),
+    ("hallucination_test", "halueval_fewshot_test", "halueval_results.json", ("halueval_fewshot", "shots")),
+)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def _judgments(out: Path, summary: dict) -> None:
-    """Accuracy on the yes/no questions and the hallucination judgments, base and base + memory."""
-    if found := _read(out / "yes_no_test" / "strategyqa_results.json"):
-        summary["yes_no_test"] = {"questions": found["count"], "always_no": found["always_no_accuracy"],
-                                  "lmbda": found["lmbda"],
-                                  **{key: found[key]["accuracy"] for key in ("base", "base_plus_memory") if key in found}}
-    if found := _read(out / "halueval_test" / "halueval_results.json"):
-        summary["hallucination_test"] = {
-            "items": found["count"], "lmbda": found["lmbda"],
-            **{key: {"accuracy": found[key]["accuracy"], "yes_rate": found[key]["yes_rate"]}
-               for key in ("base", "base_plus_memory") if key in found}}
+    """The yes/no questions and the hallucination judgments, base and base + memory (`judgment_report`)."""
+    corpus = _read(out / "corpus" / "meta.json") or {}
+    for key, directory, results_file, (entry, field) in JUDGMENTS:
+        if (found := _read(out / directory / results_file)) is None:
+            continue
+        rows = _read_jsonl(out / directory / "predictions.jsonl")
+        summary[key] = {"shots": corpus.get(entry, {}).get(field), "lmbda": found["lmbda"], **judgment_report(rows)}
 
 
 def _correction(out: Path, summary: dict) -> None:
@@ -224,19 +238,49 @@ def headline_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+JUDGMENT_NAMES = {"yes_no_test": "yes/no accuracy, {items} questions", "hallucination_test":
+                  "hallucination judgment accuracy, {items} answers"}
+
+
+def _accuracy(found: dict | None) -> str:
+    """``60.0 [53.8, 65.9]``: an accuracy and its 95% interval."""
+    if not found:
+        return "-"
+    low, high = found["interval"]
+    return f"{found['accuracy']:.1f} [{low:.1f}, {high:.1f}]"
+
+
 def _judgment_rows(summary: dict) -> list[str]:
-    """Table rows of the yes/no and hallucination-judgment accuracies (memory at the QA lmbda)."""
+    """Headline rows of the yes/no and hallucination-judgment accuracies, with their 95% intervals (memory at the
+    QA lmbda)."""
     rows = []
-    if yes_no := summary.get("yes_no_test"):
-        note = f" (lmbda {yes_no['lmbda']:g})" if yes_no.get("lmbda") is not None else ""
-        rows.append(f"| yes/no accuracy, {yes_no['questions']} questions (always \"No\": {_number(yes_no['always_no'])}) "
-                    f"| {_number(yes_no.get('base'))} | - | {_number(yes_no.get('base_plus_memory'))}{note} |")
-    if judged := summary.get("hallucination_test"):
-        note = f" (lmbda {judged['lmbda']:g})" if judged.get("lmbda") is not None else ""
-        accuracy = {key: judged.get(key, {}).get("accuracy") for key in ("base", "base_plus_memory")}
-        rows.append(f"| hallucination judgment accuracy, {judged['items']} answers "
-                    f"| {_number(accuracy['base'])} | - | {_number(accuracy['base_plus_memory'])}{note} |")
+    for key, name in JUDGMENT_NAMES.items():
+        if not (found := summary.get(key)):
+            continue
+        shots = f", {found['shots']}-shot" if found.get("shots") else ""
+        note = f" (lmbda {found['lmbda']:g})" if found.get("lmbda") is not None else ""
+        rows.append(f"| {name.format(items=found['items'])}{shots} (majority answer: {_number(found['majority'])}) "
+                    f"| {_accuracy(found.get('base'))} | - | {_accuracy(found.get('base_plus_memory'))}{note} |")
     return rows
+
+
+def judgment_table(summary: dict) -> str:
+    """What the memory does to each judgment: baselines, "Yes" rates and the paired difference on the same items."""
+    lines = ["| test judgments | always \"No\" | majority answer | \"Yes\" rate, base / base + memory "
+             "| margin AUC, base / base + memory | base + memory - base (paired 95% CI) "
+             "| items right under one only: base / memory (McNemar p) |", "|---|---|---|---|---|---|---|"]
+    for key, name in JUDGMENT_NAMES.items():
+        if not (found := summary.get(key)):
+            continue
+        yes, auc = (" / ".join(_number(found.get(setting, {}).get(measure)) for setting in ("base", "base_plus_memory"))
+                    for measure in ("yes_rate", "margin_auc"))
+        paired = found.get("memory_minus_base")
+        difference = (f"{paired['points']:+.1f} [{paired['interval'][0]:+.1f}, {paired['interval'][1]:+.1f}]"
+                      if paired else "-")
+        split = f"{paired['base_only']} / {paired['memory_only']} (p {paired['mcnemar_p']:.2f})" if paired else "-"
+        lines.append(f"| {name.format(items=found['items'])} | {_number(found['always_no'])} "
+                     f"| {_number(found['majority'])} | {yes} | {auc} | {difference} | {split} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def correction_text(correction: dict | None) -> str:
@@ -273,6 +317,8 @@ def details_table(summary: dict) -> str:
 def format_summary(summary: dict) -> str:
     """The headline table, the corrected fact (when the QA stages ran) and the details."""
     parts = [headline_table(summary)]
+    if table := judgment_table(summary):
+        parts.append(table)
     if "correction" in summary:
         parts.append(correction_text(summary["correction"]))
     parts.append(details_table(summary))

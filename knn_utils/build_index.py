@@ -14,6 +14,7 @@ import logging
 from dataclasses import dataclass, field
 
 from knn_utils.index_build import IndexSettings, build_index
+from utils.arguments import VerificationArguments
 from utils.cli import command, parse_args, setup_logging
 
 logger = logging.getLogger(__name__)
@@ -33,9 +34,10 @@ class BuildIndexArguments:
 
 def main(argv: list[str] | None = None) -> dict:
     setup_logging()
-    args, settings = parse_args((BuildIndexArguments, IndexSettings), argv)
+    args, settings, checks = parse_args((BuildIndexArguments, IndexSettings, VerificationArguments), argv)
     logger.info("Arguments: %s", args)
-    meta = build_index(args.dstore_path, args.index_path, settings, use_gpu=args.knn_gpu or args.use_gpu)
+    meta = build_index(args.dstore_path, args.index_path, settings, use_gpu=args.knn_gpu or args.use_gpu,
+                       allow_unverified=checks.allow_unverified)
     print(f"Wrote a {meta['index_type']} index of {meta['rows']} keys "
           f"(train {meta['seconds']['train']:.1f} s, add {meta['seconds']['add']:.1f} s)")
     return meta

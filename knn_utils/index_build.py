@@ -224,7 +224,8 @@ def merge_chunks(staging: Path, trained: faiss.Index, num_chunks: int) -> faiss.
 
 
 def build_index(dstore_path: str, index_path: str | None = None, settings: IndexSettings | None = None,
-                use_gpu: bool = False, show_progress: bool = True, verify: bool = True) -> dict:
+                use_gpu: bool = False, show_progress: bool = True, verify: bool = True,
+                allow_unverified: bool = False) -> dict:
     """Build the index of a datastore (its files verified first, with ``verify``) and return its meta (the
     contents of ``meta.json``), holding the index's lock.
 
@@ -233,7 +234,7 @@ def build_index(dstore_path: str, index_path: str | None = None, settings: Index
     open_datastore(dstore_path, "--dstore_path", verify=False)
     index_path = Path(index_path) if index_path else default_index_path(dstore_path)
     with artifact_lock(index_path, "--index_path"):
-        datastore = open_datastore(dstore_path, "--dstore_path", verify)
+        datastore = open_datastore(dstore_path, "--dstore_path", verify, allow_unverified)
         return build_locked(datastore, index_path, settings, use_gpu, show_progress)
 
 

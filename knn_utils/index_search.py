@@ -37,7 +37,9 @@ logger = logging.getLogger(__name__)
 GPU_KEYS_SHARE = 0.5  # the exact ranking runs on the search's GPU when the keys take at most this share of its free memory
 KNN_GPU_HELP = ("Search on the GPU: with faiss-gpu, FAISS's GPU index on this process's GPU (one process and several "
                 "GPUs: sharded over all of them); with faiss-cpu and an exact (flat) index, an exact torch search on the "
-                "CUDA device; otherwise (an IVFPQ index, or no GPU) the CPU.")
+                "CUDA device; otherwise (an IVFPQ index, or no GPU) the CPU. With a GPU, the exact ranking of a FAISS "
+                "index's candidates runs there too when the keys fit (knn_utils/exact_ranking.py), and the targets "
+                "are built there when no CPU ranking follows the search (knn_utils/torch_targets.py).")
 
 
 @dataclass
@@ -105,19 +107,30 @@ class Shard:
     end: int
     id_offset: int = 0
 
-    def search(self, rank: Callable[[np.ndarray, np.ndarray, int], Neighbours], queries: np.ndarray, k: int,
-               exclude_rows: np.ndarray | None, exact: bool) -> Neighbours:
-        """The ``k`` nearest rows of this shard to each query (global row ids), exactly ranked by ``rank`` (queries,
-        candidate rows, k): see `KnnIndex.search`."""
-        rerank = exact and not isinstance(self.searcher, TorchExactSearch)
-        wanted = k if isinstance(self.searcher, TorchExactSearch) else candidate_count(k)
-        asked = min(wanted + (exclude_rows is not None), self.end - self.begin)
+    def raw(self, queries: np.ndarray, wanted: int) -> tuple[np.ndarray, np.ndarray]:
+        """The searcher's own ``wanted`` results per query (n, wanted), global row ids, padded with id -1 (distance
+        inf) where the shard has fewer rows; not sorted or filtered."""
+        asked = min(wanted, self.end - self.begin)
         dists, ids = self.searcher.search(queries, asked)  # (n, asked) each
         if self.id_offset:
             ids = np.where(ids >= 0, ids + self.id_offset, -1)
         if asked < wanted:  # a datastore (shard) smaller than k: pad with "no neighbour"
             pad = ((0, 0), (0, wanted - asked))
             dists, ids = np.pad(dists, pad, constant_values=np.inf), np.pad(ids, pad, constant_values=-1)
+        return dists, ids
+
+    def proposals(self, k: int) -> int:
+        """Rows asked of the searcher for ``k`` neighbours: ``k`` from `TorchExactSearch` (exact already), else
+        `candidate_count` (room for the exact ranking, or for ties at the k-th place decided by row)."""
+        return k if isinstance(self.searcher, TorchExactSearch) else candidate_count(k)
+
+    def search(self, rank: Callable[[np.ndarray, np.ndarray, int], Neighbours], queries: np.ndarray, k: int,
+               exclude_rows: np.ndarray | None, exact: bool) -> Neighbours:
+        """The ``k`` nearest rows of this shard to each query (global row ids), exactly ranked by ``rank`` (queries,
+        candidate rows, k): see `KnnIndex.search`."""
+        rerank = exact and not isinstance(self.searcher, TorchExactSearch)
+        wanted = self.proposals(k)
+        dists, ids = self.raw(queries, wanted + (exclude_rows is not None))
         if rerank:
             return rank(queries, select_neighbours(dists, ids, wanted, exclude_rows).ids, k)
         return select_neighbours(dists, ids, k, exclude_rows, lower_row_first=True)
@@ -285,13 +298,15 @@ def read_ahead_for(datastore: Datastore, read_ahead: bool | None) -> ReadAhead |
 
 def load_index(index_path: str | os.PathLike, datastore: Datastore, probe: int | None = None,
                use_gpu: bool = False, torch_device: str | None = None, verify: bool = True,
-               rerank_device: str | None = None, read_ahead: bool | None = None) -> KnnIndex:
+               allow_unverified: bool = False, rerank_device: str | None = None,
+               read_ahead: bool | None = None) -> KnnIndex:
     """Open the index of ``datastore`` for searching, with ``probe`` lists per query (default: the one it was built with).
 
     On the CPU the index file is memory-mapped read-only, so processes on one machine share one copy.
     An exact index asked for on a GPU (``use_gpu``) that FAISS cannot use is searched by `TorchExactSearch`
     on CUDA over the datastore's keys; ``torch_device`` ("cpu", "cuda:1" ...) forces that backend (the index
-    file is not read then). With ``verify``, the index file is checked against its block checksums first.
+    file is not read then). With ``verify``, the index file is checked against its block checksums first (an index
+    without them is refused unless ``allow_unverified``).
     The exact ranking of a FAISS index's candidates runs where `rerank_keys_for` says (``rerank_device``); on the
     CPU, it reads the candidates' keys ahead from disk where `read_ahead_for` says (``read_ahead``).
 
@@ -329,7 +344,8 @@ def load_index(index_path: str | os.PathLike, datastore: Datastore, probe: int |
     nprobe, num_gpus = None, faiss.get_num_gpus() if use_gpu and faiss_gpu_available() else 0
     shards = []
     for position, part in enumerate(held):
-        index = read_index_file(index_path, meta, mmap=not use_gpu, verify=verify, part=part)
+        index = read_index_file(index_path, meta, mmap=not use_gpu, verify=verify, part=part,
+                                allow_unverified=allow_unverified)
         if meta["index_type"] == "ivfpq":
             if probe is not None and not 1 <= probe <= index.nlist:
                 raise UsageError(f"--probe must be between 1 and the index's {index.nlist} lists, got {probe}")

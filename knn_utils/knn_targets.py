@@ -20,6 +20,11 @@ and a killed run resumes after its last finished chunk. With an index sharded ov
 (``build_index --index_shards``), each search is a collective step in which every process searches its
 shard for all processes' queries (knn_utils/sharded.py); the chunks are split and written as above. The main process then merges the chunks in
 row order and renames the directory.
+
+On a GPU (``--knn_gpu``, one unsharded index, the index's own distances or an exact torch search), the work after
+each search -- ordering the neighbours, leaving out the query's row, the weights and the sums -- runs there too
+(`knn_utils.torch_targets`, the same targets): at k 1024 it costs more than the search on a CPU core. An exact
+torch search (``torch_device``) builds its targets on its own device.
 """
 
 from __future__ import annotations
@@ -32,10 +37,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from knn_utils.faiss_devices import configure_threads
 from knn_utils.index_search import KnnIndex, Neighbours, check_gpu_k, load_index
+from knn_utils.torch_search import TorchExactSearch
+from knn_utils.torch_targets import torch_sparse_targets
 from utils.artifacts.datastore import Datastore, datastore_summary, open_datastore
 from utils.artifacts.index import default_index_path
 from utils.artifacts.knn_targets import (FORMAT_VERSION, ID_DTYPE, PROB_DTYPE, SparseRows, chunk_dir, merge_chunks,
@@ -53,7 +61,9 @@ class TargetSettings:
     """How the kNN distribution of each row is computed and stored."""
 
     k: int = field(default=1024, metadata={"help": "Neighbours per query (after leaving out the query's own row)."})
-    knn_temp: float = field(default=16.0, metadata={"help": "Temperature T of the weights softmax(-d / T) over squared L2 distances."})
+    knn_temp: float = field(default=16.0, metadata={
+        "help": "Temperature T of the kNN distribution: neighbour weights softmax(-d / T) over squared L2 distances "
+                "(not the memory's logit temperature, --memory_temp of evaluate_joint and QA)."})
     probe: int | None = field(default=None, metadata={"help": "IVF lists visited per query (default: the index's own, from build_index --probe)."})
     batch_size: int = field(default=16000, metadata={"help": "Queries per FAISS search call."})
     ignore_first: bool = field(
@@ -166,19 +176,41 @@ class SearchJob:
     queries: Datastore  # the rows that get a target (the datastore itself, or --val_path)
     settings: TargetSettings
     exclude_self: bool
+    device_vals: torch.Tensor | None = None  # the datastore's next tokens on the GPU that builds the targets, if any
 
 
 def search_rows(job: SearchJob, begin: int, end: int) -> SparseRows:
-    """The sparse targets of query rows ``[begin, end)``, one fixed batch after another."""
+    """The sparse targets of query rows ``[begin, end)``, one fixed batch after another (the work after each search
+    on the GPU when `targets_device` gives one)."""
     settings, parts = job.settings, []
     for start in range(begin, end, settings.batch_size):
         stop = min(start + settings.batch_size, end)
         queries = np.asarray(job.queries.keys[start:stop], dtype=np.float32)  # (b, d)
-        neighbours = job.index.search(queries, settings.k, np.arange(start, stop) if job.exclude_self else None,
-                                      exact=settings.recompute_dists)
+        exclude = np.arange(start, stop) if job.exclude_self else None
+        if job.device_vals is not None:
+            shard = job.index.shards[0]  # one shard: targets_device; its proposals as in Shard.search, ties to the lower row
+            dists, ids = shard.raw(queries, shard.proposals(settings.k) + (exclude is not None))
+            parts.append(torch_sparse_targets(dists, ids, settings.k, job.device_vals, settings.knn_temp, exclude,
+                                              settings.threshold, settings.max_targets, lower_row_first=True))
+            continue
+        neighbours = job.index.search(queries, settings.k, exclude, exact=settings.recompute_dists)
         parts.append(sparse_targets(neighbours, job.datastore.vals, settings.knn_temp, settings.threshold,
                                     settings.max_targets))
     return SparseRows.concatenate(parts)
+
+
+def targets_device(index: KnnIndex, settings: TargetSettings, use_gpu: bool,
+                   torch_device: str | None = None) -> torch.device | None:
+    """Where the neighbours are ordered and the targets built in torch (`knn_utils.torch_targets`): the device of an
+    exact torch search (``torch_device``), else the GPU when one is asked for and visible; only for an index of one
+    shard searched by this process, with its own distances (no exact re-ranking, or an exact torch search). None:
+    NumPy on the CPU."""
+    exact_torch = isinstance(index.index, TorchExactSearch)
+    if index.collective or len(index.shards) != 1 or (settings.recompute_dists and not exact_torch):
+        return None
+    if torch_device is not None and exact_torch:
+        return torch.device(torch_device)
+    return torch.device("cuda", torch.cuda.current_device()) if use_gpu and torch.cuda.is_available() else None
 
 
 def my_chunks(num_chunks: int, rank: int, world_size: int) -> range:
@@ -220,10 +252,10 @@ def prepare_staging(staging: Path, identity: dict, state) -> None:
 
 def open_inputs(dstore_path: str, index_path: str | None, val_path: str | None, settings: TargetSettings,
                 use_gpu: bool, torch_device: str | None = None, verify: bool = True,
-                rerank_device: str | None = None) -> SearchJob:
+                allow_unverified: bool = False, rerank_device: str | None = None) -> SearchJob:
     """Open and cross-check the datastore, the queries and the index (their files verified, with ``verify``)."""
-    datastore = open_datastore(dstore_path, "--dstore_path", verify)
-    queries = datastore if val_path is None else open_datastore(val_path, "--val_path", verify)
+    datastore = open_datastore(dstore_path, "--dstore_path", verify, allow_unverified)
+    queries = datastore if val_path is None else open_datastore(val_path, "--val_path", verify, allow_unverified)
     if val_path is not None:
         check_queries(queries, datastore)
         if settings.ignore_first:
@@ -232,17 +264,21 @@ def open_inputs(dstore_path: str, index_path: str | None, val_path: str | None, 
         logger.warning("--ignore_first False: each row retrieves itself, so its target contains its own gold token")
     check_gpu_k(settings.k, use_gpu, exact=settings.recompute_dists)
     index = load_index(index_path or default_index_path(dstore_path), datastore, settings.probe, use_gpu, torch_device,
-                       verify, rerank_device)
+                       verify, allow_unverified, rerank_device)
     if settings.k > datastore.num_rows - (val_path is None and settings.ignore_first):
         logger.warning("--k %d is more neighbours than the datastore can give; rows get fewer", settings.k)
+    device = targets_device(index, settings, use_gpu, torch_device)
+    if device is not None:
+        logger.info("Neighbours ordered and targets built on %s (knn_utils.torch_targets)", device)
     return SearchJob(index=index, datastore=datastore, queries=queries, settings=settings,
-                     exclude_self=val_path is None and settings.ignore_first)
+                     exclude_self=val_path is None and settings.ignore_first,
+                     device_vals=None if device is None else torch.from_numpy(np.asarray(datastore.vals)).to(device))
 
 
 def compute_knn_targets(dstore_path: str, output_path: str, index_path: str | None = None, val_path: str | None = None,
                         settings: TargetSettings | None = None, use_gpu: bool = False, state=None,
                         max_new_chunks: int | None = None, torch_device: str | None = None,
-                        rerank_device: str | None = None) -> dict | None:
+                        allow_unverified: bool = False, rerank_device: str | None = None) -> dict | None:
     """Compute and store the sparse kNN targets of every query row; return the artifact's meta.
 
     ``state`` is an ``accelerate.PartialState`` (one is made if not given): each process computes a
@@ -250,25 +286,28 @@ def compute_knn_targets(dstore_path: str, output_path: str, index_path: str | No
     leaving the staging directory to resume from (returns None then); tests use it to simulate a kill.
     ``torch_device`` searches an exact index with `TorchExactSearch` on that device, ``rerank_device`` ranks the
     candidates of a FAISS index exactly on that device (see `load_index`).
-    The inputs' files are verified once per machine, by its main process, before any process searches.
+    The inputs' files are verified once per machine, by its main process, before any process searches (inputs
+    without block checksums are refused unless ``allow_unverified``).
     The returned meta is the main process's; other processes get None. The main process holds the lock of
     ``output_path`` (`utils.locking`) for the whole run.
     """
     state = state or process_state()
     with artifact_lock(output_path, "--output_path", state):
         return compute_locked(dstore_path, Path(output_path), index_path, val_path, settings or TargetSettings(),
-                              use_gpu, state, max_new_chunks, torch_device, rerank_device)
+                              use_gpu, state, max_new_chunks, torch_device, allow_unverified, rerank_device)
 
 
 def compute_locked(dstore_path: str, output_path: Path, index_path: str | None, val_path: str | None,
                    settings: TargetSettings, use_gpu: bool, state, max_new_chunks: int | None,
-                   torch_device: str | None, rerank_device: str | None = None) -> dict | None:
+                   torch_device: str | None, allow_unverified: bool = False,
+                   rerank_device: str | None = None) -> dict | None:
     """`compute_knn_targets` once the main process holds the lock of ``output_path``."""
     if output_path.exists():
         raise ArtifactError(f"--output_path {output_path} already exists; delete it or choose another path")
     start = time.time()
     job = open_inputs(dstore_path, index_path, val_path, settings, use_gpu, torch_device,
-                      verify=state.is_local_main_process, rerank_device=rerank_device)  # the others wait in prepare_staging
+                      verify=state.is_local_main_process,  # the others wait in prepare_staging
+                      allow_unverified=allow_unverified, rerank_device=rerank_device)
     threads = configure_threads(state.num_processes)
     identity = {
         "datastore": datastore_summary(job.datastore), "queries": datastore_summary(job.queries),

@@ -17,6 +17,10 @@ gold token: ``p_knn(gold)`` is the summed weight of the neighbours whose value i
 ``p_knn`` or interpolation is built (`knnlm_log_probs` keeps the full distribution). The base perplexity
 comes from the same pass; both go to ``OUT/knnlm_results.json``. When the evaluated split is the one the
 datastore was built from, each row's own datastore entry is left out.
+
+The keys belong to the base model that made them: the evaluated model's fingerprint
+(`utils.modeling.model_fingerprint` at the datastore's layer) must be the one the datastore records, as for
+every memory consumer; ``--allow_base_mismatch`` accepts another and the results record it (``base_check``).
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ from accelerate import PartialState
 from knn_utils.faiss_devices import configure_threads
 from knn_utils.index_search import KNN_GPU_HELP, KnnIndex, check_gpu_k, load_index
 from models.joint.interpolation import check_lmbdas, interpolate_log_probs
-from utils.arguments import DataArguments, PretrainedModelArguments
+from models.joint.settings import DEFAULT_LMBDA, PERPLEXITY
+from utils.arguments import BaseCheckArguments, DataArguments, PretrainedModelArguments
 from utils.artifacts.dataset import TokenizedSplit, load_split
 from utils.artifacts.datastore import Datastore, open_datastore
 from utils.artifacts.index import default_index_path
@@ -41,7 +46,7 @@ from utils.cli import UsageError, check_finite_floats, command, parse_args, setu
 from utils.distributed import process_state
 from utils.io import save_metrics
 from utils.locking import artifact_lock
-from utils.modeling import describe_model, load_model_for_dataset, local_path_or_name
+from utils.modeling import check_model_fingerprint, load_model_for_dataset, model_fingerprint
 from utils.scoring import ScoredBatch, check_finite_loss, gather_window_totals, score_batches, token_nll, window_sums
 from utils.windows import ROW_BEGIN, ROW_END
 
@@ -55,10 +60,12 @@ class KnnLMArguments:
     output_dir: str = field(metadata={"help": "Directory for knnlm_results.json (merged into all_results.json)."})
     index_path: str | None = field(default=None, metadata={"help": "Index directory (default: DSTORE_DIR/index)."})
     k: int = field(default=1024, metadata={"help": "Neighbours retrieved per token."})
-    lmbda: list[float] = field(default_factory=lambda: [0.25], metadata={
+    lmbda: list[float] = field(default_factory=lambda: [DEFAULT_LMBDA[PERPLEXITY]], metadata={
         "help": "Weight of p_knn in the interpolation (0: the base LM alone). Several values, e.g. --lmbda 0.1 0.25 "
                 "0.4, are all scored in the same pass (one search); the first is the headline.", "nargs": "+"})
-    knn_temp: float = field(default=1.0, metadata={"help": "Temperature T of softmax(-d / T) over squared L2 distances."})
+    knn_temp: float = field(default=1.0, metadata={
+        "help": "Temperature T of the kNN distribution, softmax(-d / T) over squared L2 distances (not the memory's "
+                "logit temperature, --memory_temp of evaluate_joint)."})
     probe: int | None = field(default=None, metadata={"help": "IVF lists visited per query (default: the index's own)."})
     knn_gpu: bool = field(default=False, metadata={"help": KNN_GPU_HELP})
     per_device_eval_batch_size: int = field(default=8, metadata={"help": "Windows per forward pass and process."})
@@ -141,8 +148,10 @@ def knnlm_gold_log_probs_sweep(lm_gold: torch.Tensor, dists: torch.Tensor, neigh
 # Evaluation
 
 
-def check_datastore_fits(datastore: Datastore, split: TokenizedSplit, model, model_args: PretrainedModelArguments) -> None:
-    """The datastore must hold keys of this model's architecture and width, over ids of this tokenizer."""
+def check_datastore_fits(datastore: Datastore, split: TokenizedSplit, model, model_args: PretrainedModelArguments,
+                         allow_base_mismatch: bool = False) -> dict:
+    """The datastore must hold keys of this model's architecture and width, over ids of this tokenizer, made by this
+    model's weights (its fingerprint, unless ``allow_base_mismatch``); returns the record of that check."""
     meta, where = datastore.meta, f"--dstore_dir {datastore.path}"
     if meta.get("tokenizer_fingerprint") != split.meta["tokenizer"]["fingerprint"]:
         raise UsageError(f"{where} was built with tokenizer fingerprint {meta.get('tokenizer_fingerprint')}, but the "
@@ -151,15 +160,9 @@ def check_datastore_fits(datastore: Datastore, split: TokenizedSplit, model, mod
         raise UsageError(f"{where} holds keys of a {meta.get('architecture')} model, the evaluated model is {model.config.model_type}")
     if datastore.dim != model.config.hidden_size:
         raise UsageError(f"{where} holds keys of dimension {datastore.dim}, the model's hidden size is {model.config.hidden_size}")
-    if normalized_model(meta.get("model") or {}) != normalized_model(describe_model(model_args)):
-        logger.warning("%s was made by %s, not by the evaluated model %s: its keys may live in another space",
-                       where, meta.get("model"), describe_model(model_args))
-
-
-def normalized_model(description: dict) -> dict:
-    """A model description with a local model directory written as an absolute path (as datastores made before
-    `describe_model` recorded absolute paths did not)."""
-    return {**description, "model_name_or_path": local_path_or_name(description.get("model_name_or_path"))}
+    return check_model_fingerprint(model_fingerprint(model, meta["layer"]), meta.get("model_fingerprint"),
+                                   f"{where} (the keys of a base model)",
+                                   f"--model_name_or_path {model_args.model_name_or_path}", allow_base_mismatch)
 
 
 def same_rows(datastore: Datastore, split: TokenizedSplit) -> bool:
@@ -181,17 +184,18 @@ def knnlm_nll(batch: ScoredBatch, lm_gold: torch.Tensor, index: KnnIndex, vals: 
 
 
 def evaluate_knnlm(model_args: PretrainedModelArguments, data_args: DataArguments, args: KnnLMArguments,
-                   state: PartialState | None = None) -> dict:
+                   state: PartialState | None = None, checks: BaseCheckArguments | None = None) -> dict:
     """kNN-LM and base perplexity over the scored rows of ``data_args.eval_subset``; returns the metrics."""
     state = state or process_state()
+    checks = checks or BaseCheckArguments()
     verify = state.is_local_main_process  # each machine verifies its files once; the others wait below
-    split = load_split(data_args.dataset_name, data_args.eval_subset, verify)
-    datastore = open_datastore(args.dstore_dir, "--dstore_dir", verify)
+    split = load_split(data_args.dataset_name, data_args.eval_subset, verify, checks.allow_unverified)
+    datastore = open_datastore(args.dstore_dir, "--dstore_dir", verify, checks.allow_unverified)
     model, _ = load_model_for_dataset(model_args, split.meta, data_args.dataset_name)
-    check_datastore_fits(datastore, split, model, model_args)
+    base_check = check_datastore_fits(datastore, split, model, model_args, checks.allow_base_mismatch)
     check_gpu_k(args.k, args.knn_gpu)
     index = load_index(args.index_path or default_index_path(args.dstore_dir), datastore, args.probe, args.knn_gpu,
-                       verify=verify)
+                       verify=verify, allow_unverified=checks.allow_unverified)
     state.wait_for_everyone()
     threads = configure_threads(state.num_processes)
     exclude_self = same_rows(datastore, split)
@@ -232,6 +236,7 @@ def evaluate_knnlm(model_args: PretrainedModelArguments, data_args: DataArgument
         "probe": index.nprobe, "index_type": index.meta["index_type"], "dstore_rows": datastore.num_rows,
         "exclude_self": exclude_self, "num_processes": state.num_processes, "eval_seconds": round(seconds, 3),
         "knn_seconds": round(knn_seconds, 3), "eval_tokens_per_second": round(num_rows / seconds, 2),
+        "base_check": base_check,
     }
 
 
@@ -239,10 +244,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     state = process_state()
     setup_logging(state.is_main_process)
-    model_args, data_args, args = parse_args((PretrainedModelArguments, DataArguments, KnnLMArguments), argv)
-    logger.info("Arguments: %s %s %s", model_args, data_args, args)
+    model_args, data_args, args, checks = parse_args(
+        (PretrainedModelArguments, DataArguments, KnnLMArguments, BaseCheckArguments), argv)
+    logger.info("Arguments: %s %s %s %s", model_args, data_args, args, checks)
     with artifact_lock(args.output_dir, "--output_dir", state):
-        metrics = evaluate_knnlm(model_args, data_args, args, state)
+        metrics = evaluate_knnlm(model_args, data_args, args, state, checks)
         if state.is_main_process:
             save_metrics(args.output_dir, "knnlm", metrics)
     if state.is_main_process:

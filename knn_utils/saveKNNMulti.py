@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from knn_utils.index_search import KNN_GPU_HELP
 from knn_utils.knn_targets import TargetSettings, compute_knn_targets
+from utils.arguments import VerificationArguments
 from utils.cli import UsageError, command, parse_args, setup_logging
 from utils.distributed import process_state
 from utils.io import read_meta
@@ -58,12 +59,12 @@ def check_model_tokenizer(model_path: str, dstore_path: str) -> None:
 def main(argv: list[str] | None = None) -> dict | None:
     state = process_state()
     setup_logging(state.is_main_process)
-    args, settings = parse_args((SaveKnnArguments, TargetSettings), argv)
+    args, settings, checks = parse_args((SaveKnnArguments, TargetSettings, VerificationArguments), argv)
     logger.info("Arguments: %s", args)
     if args.model_path is not None:
         check_model_tokenizer(args.model_path, args.dstore_path)
     return compute_knn_targets(args.dstore_path, args.output_path, args.index_path, args.val_path, settings,
-                               use_gpu=args.knn_gpu, state=state)
+                               use_gpu=args.knn_gpu, state=state, allow_unverified=checks.allow_unverified)
 
 
 cli = command(main)  # the console script of pyproject.toml

@@ -1,24 +1,18 @@
 """Configuration of the MLP memory: its size, its block type, and the base model it belongs to.
 
-One base class, `MemoryConfig`, holds every field; one subclass per block type declares only what
-differs (its ``model_type`` for `AutoConfig`, and the defaults of its style):
-
-==========  ==================  ===============================  =======  =========
-style       norm                FFN                              dropout  FFN bias
-==========  ==================  ===============================  =======  =========
-gpt2        LayerNorm eps 1e-5  d -> I -> d, GELU (tanh), I = 4d  0.1      yes
-llama       RMSNorm             down(silu(gate(x)) * up(x))      0        optional
-mistral     RMSNorm             down(silu(gate(x)) * up(x))      0        never
-==========  ==================  ===============================  =======  =========
+One class, `MemoryConfig`, holds every field; each memory style (`models.memory_styles.MEMORY_STYLES`)
+gets a subclass made from its record, which declares only what differs: its ``model_type`` for
+`AutoConfig` (``mlp_memory_gpt2``, ``mlp_memory_llama``, ...) and the defaults of its style (norm
+epsilon, dropout, FFN bias). ``config.style`` is the record.
 
 The config also records what the memory expects next to it -- the base model and the fingerprint of
 its weights (`utils.modeling.model_fingerprint`), the block whose feed-forward input is its input
 (``layer``), the hidden size, the vocabulary and the tokenizer fingerprint -- and `check_memory_matches`
 refuses a base model that does not fit.
 
-Sizes come from a named preset (`MemoryConfig.from_preset`), from explicit numbers, or from the base
-model (`MemoryConfig.from_base`): by default the memory gets as many parameters as the base model,
-as in the paper (GPT2-large, d=1280: 54 blocks, 772.6M parameters).
+Sizes come from a named preset (`MemoryConfig.from_preset`, `PRESETS`), from explicit numbers, or from
+the base model (`MemoryConfig.from_base`): by default the memory gets as many parameters as the base
+model, as in the paper (GPT2-large, d=1280: 54 blocks, 772.6M parameters).
 """
 
 from __future__ import annotations
@@ -27,27 +21,22 @@ from typing import ClassVar
 
 from transformers import PreTrainedConfig
 
+from models.memory_styles import MEMORY_STYLES, MemoryStyle
 from utils.architectures import arch_spec
 from utils.cli import UsageError
 from utils.modeling import check_model_fingerprint
 
-MEMORY_STYLES = ("gpt2", "llama", "mistral")
-
 # Named sizes. hidden_size/vocab_size come from the base model unless a preset fixes them; the paper's
-# presets (the released `--base_model_name` values) fix the hidden size they were made for.
+# presets (the released `--base_model_name` values) belong to a style and fix the hidden size they were made for.
 PRESETS: dict[str, dict] = {
     "tiny": dict(num_layers=2),  # a test / quickstart memory for any base model
-    "small": dict(memory_style="gpt2", hidden_size=768, num_layers=18),  # GPT2-small, ~124M
-    "med": dict(memory_style="gpt2", hidden_size=1024, num_layers=36),  # GPT2-medium, ~355M
-    "large": dict(memory_style="gpt2", hidden_size=1280, num_layers=54),  # GPT2-large, 772.6M
-    "llama2": dict(memory_style="llama", hidden_size=4096, num_layers=8, intermediate_size=11008),
-    "llama3": dict(memory_style="llama", hidden_size=4096, num_layers=8, intermediate_size=11008),
-    "mistral": dict(memory_style="mistral", hidden_size=4096, num_layers=8, intermediate_size=14336),
+    **{name: dict(memory_style=style.name, **sizes) for style in MEMORY_STYLES.values()
+       for name, sizes in style.presets.items()},
 }
 
 
 class MemoryConfig(PreTrainedConfig):
-    """Every field of a memory; use a style subclass (or `MemoryConfig.for_style`) to build one."""
+    """Every field of a memory; use a style's subclass (`MemoryConfig.for_style`) to build one."""
 
     model_type = "mlp_memory"
     memory_style: ClassVar[str] = ""
@@ -79,6 +68,11 @@ class MemoryConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         self.check_sizes()
 
+    @property
+    def style(self) -> MemoryStyle:
+        """The record of this config's memory style (`models.memory_styles`)."""
+        return MEMORY_STYLES[self.memory_style]
+
     def check_sizes(self) -> None:
         """Refuse sizes no network can have, naming the flag that sets them."""
         for name, flag in (("hidden_size", "hidden size"), ("vocab_size", "vocabulary size"),
@@ -87,10 +81,12 @@ class MemoryConfig(PreTrainedConfig):
                 raise UsageError(f"{flag} of the memory must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
             raise UsageError(f"memory dropout must be in [0, 1), got {self.dropout}")
+        if self.memory_style and self.ffn_bias and not self.style.bias_allowed:
+            raise UsageError(f"A {self.memory_style}-style memory has no FFN bias (ffn_bias must be False)")
 
     @staticmethod
     def for_style(memory_style: str, **fields) -> "MemoryConfig":
-        """A config of the subclass for ``memory_style`` ("gpt2", "llama" or "mistral")."""
+        """A config of the subclass for ``memory_style`` (a key of `MEMORY_STYLES`)."""
         if memory_style not in STYLE_CONFIGS:
             raise UsageError(f"Unknown memory style {memory_style!r}; choose one of {', '.join(MEMORY_STYLES)}")
         return STYLE_CONFIGS[memory_style](**fields)
@@ -111,27 +107,23 @@ class MemoryConfig(PreTrainedConfig):
                   **record) -> "MemoryConfig":
         """A memory for a base model.
 
-        Style, hidden size, vocabulary, norm epsilon (and, for SwiGLU, the intermediate size and bias)
-        come from ``base_config``; a ``preset`` then sets the depth (and width); explicit
-        ``num_layers`` / ``intermediate_size`` win over both. Without any depth, the memory gets the
-        number of blocks that matches ``base_parameters`` (the base model's parameter count).
-        ``record`` fills the provenance fields (base_model, layer, tokenizer_fingerprint, base_model_fingerprint).
+        Style, hidden size, vocabulary, norm epsilon (and, for a gated FFN, the intermediate size and bias)
+        come from ``base_config``, as its style's record says (`MemoryStyle.fields_from_base`); a ``preset``
+        then sets the depth (and width); explicit ``num_layers`` / ``intermediate_size`` win over both.
+        Without any depth, the memory gets the number of blocks that matches ``base_parameters`` (the base
+        model's parameter count). ``record`` fills the provenance fields (base_model, layer,
+        tokenizer_fingerprint, base_model_fingerprint).
         """
-        style = arch_spec(base_config.model_type).memory_style
-        fields = dict(hidden_size=base_config.hidden_size, vocab_size=base_config.vocab_size,
-                      base_architecture=base_config.model_type, **record)
-        fields["norm_eps"] = getattr(base_config, "layer_norm_epsilon", None) or getattr(base_config, "rms_norm_eps", 1e-6)
-        if style != "gpt2":
-            fields["intermediate_size"] = base_config.intermediate_size
-        if style == "llama":
-            fields["ffn_bias"] = bool(getattr(base_config, "mlp_bias", False))
+        spec = arch_spec(base_config.model_type)
+        style = MEMORY_STYLES[spec.memory_style]
+        fields = dict(**style.fields_from_base(base_config, spec), base_architecture=base_config.model_type, **record)
         if preset is not None:
-            fields.update(preset_sizes(preset, style, base_config.hidden_size)[1])
+            fields.update(preset_sizes(preset, style.name, base_config.hidden_size)[1])
         if intermediate_size is not None:
             fields["intermediate_size"] = intermediate_size
         if num_layers is not None:
             fields["num_layers"] = num_layers
-        config = MemoryConfig.for_style(style, **fields)
+        config = MemoryConfig.for_style(style.name, **fields)
         if "num_layers" not in fields:
             if base_parameters is None:
                 raise UsageError("Give --num_layers, a preset (--base_model_name) or the base model's parameter count "
@@ -146,43 +138,21 @@ class MemoryConfig(PreTrainedConfig):
                 "parameters": parameter_count(self)}
 
 
-class GPT2MemoryConfig(MemoryConfig):
-    """LayerNorm (eps 1e-5) + GELU-tanh FFN d -> 4d -> d with bias, dropout 0.1."""
-
-    model_type = "mlp_memory_gpt2"
-    memory_style = "gpt2"
-
-    dropout: float = 0.1
-    norm_eps: float = 1e-5
-    ffn_bias: bool = True
-
-
-class LlamaMemoryConfig(MemoryConfig):
-    """RMSNorm + SwiGLU FFN, no dropout, no bias unless the base model's MLP has one (``mlp_bias``)."""
-
-    model_type = "mlp_memory_llama"
-    memory_style = "llama"
-
-    dropout: float = 0.0
-    norm_eps: float = 1e-6
-    ffn_bias: bool = False
-
-
-class MistralMemoryConfig(LlamaMemoryConfig):
-    """As Llama, and never an FFN bias."""
-
-    model_type = "mlp_memory_mistral"
-    memory_style = "mistral"
-
-    def check_sizes(self) -> None:
-        super().check_sizes()
-        if self.ffn_bias:
-            raise UsageError("A mistral-style memory has no FFN bias (ffn_bias must be False)")
+def style_config_class(style: MemoryStyle) -> type[MemoryConfig]:
+    """The config class of ``style``: its ``model_type`` and, as field defaults, the defaults its record gives."""
+    name = f"{style.class_prefix}MemoryConfig"
+    return type(name, (MemoryConfig,), {
+        "__module__": __name__, "__qualname__": name, "__doc__": style.summary,
+        "model_type": style.model_type, "memory_style": style.name,
+        "__annotations__": {"norm_eps": float, "dropout": float, "ffn_bias": bool},
+        "norm_eps": style.norm_eps, "dropout": style.dropout, "ffn_bias": style.ffn_bias})
 
 
 STYLE_CONFIGS: dict[str, type[MemoryConfig]] = {
-    "gpt2": GPT2MemoryConfig, "llama": LlamaMemoryConfig, "mistral": MistralMemoryConfig,
-}
+    name: style_config_class(style) for name, style in MEMORY_STYLES.items()}
+# Importable by name (pickling finds a class by its module and name).
+GPT2MemoryConfig, LlamaMemoryConfig = STYLE_CONFIGS["gpt2"], STYLE_CONFIGS["llama"]
+MistralMemoryConfig, GemmaMemoryConfig = STYLE_CONFIGS["mistral"], STYLE_CONFIGS["gemma"]
 
 
 def preset_sizes(name: str, memory_style: str | None, hidden_size: int | None) -> tuple[str | None, dict]:
@@ -200,21 +170,16 @@ def preset_sizes(name: str, memory_style: str | None, hidden_size: int | None) -
 
 
 # ---------------------------------------------------------------------------------------------------
-# Parameter counts (checked against the built network in tests/test_memory_model.py)
+# Parameter counts, from the style's norm and FFN (checked against the built network in the tests)
 
 
 def norm_parameters(config: MemoryConfig) -> int:
-    return 2 * config.hidden_size if config.memory_style == "gpt2" else config.hidden_size  # LayerNorm has a bias
+    return config.style.norm_parameters(config.hidden_size)
 
 
 def block_parameters(config: MemoryConfig) -> int:
-    """Parameters of one block: its norm and its FFN (8d^2 + 5d for GPT-2, 3*d*I for SwiGLU, + biases)."""
-    d, inner = config.hidden_size, config.intermediate_size
-    if config.memory_style == "gpt2":
-        ffn = 2 * d * inner + (inner + d) * config.ffn_bias
-    else:
-        ffn = 3 * d * inner + (2 * inner + d) * config.ffn_bias
-    return norm_parameters(config) + ffn
+    """Parameters of one block, its norm and its FFN (`MemoryStyle.block_parameters`)."""
+    return config.style.block_parameters(config.hidden_size, config.intermediate_size, config.ffn_bias)
 
 
 def parameter_count(config: MemoryConfig) -> int:

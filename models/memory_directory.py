@@ -31,9 +31,9 @@ import torch
 from models.configuration_mlp_memory import MemoryConfig
 from models.modeling_mlp_memory import MEMORY_MODELS, MLPMemoryPreTrainedModel
 from models.official import known_layouts, load_released, released_directory
-from utils.checksums import model_files, record_checksums, verify_files
+from utils.checksums import model_files, record_checksums, refuse_unverifiable, verify_files
 from utils.cli import UsageError
-from utils.io import META_NAME, ArtifactError, read_json, timed, write_json
+from utils.io import META_NAME, ArtifactError, check_fields, read_meta_file, timed, write_json
 from utils.modeling import loading, weight_files
 
 logger = logging.getLogger(__name__)
@@ -47,6 +47,7 @@ METRICS_LOG = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_PREFIX = "step-"
 TRAINER_STATE = "trainer_state.json"
+CONFIG_FIELDS = ("model_type", "hidden_size", "vocab_size", "num_layers")  # what a memory's config.json must say
 
 
 def save_memory(output_dir: str | os.PathLike, memory: MLPMemoryPreTrainedModel, results: dict, record: dict) -> dict:
@@ -66,11 +67,12 @@ def save_memory(output_dir: str | os.PathLike, memory: MLPMemoryPreTrainedModel,
 
 
 def load_memory(path: str | os.PathLike, flag: str = "--knn_generator_path", verify: bool = True,
-                **kwargs) -> MLPMemoryPreTrainedModel:
+                allow_unverified: bool = False, **kwargs) -> MLPMemoryPreTrainedModel:
     """A memory saved with ``save_pretrained``, or a released checkpoint; a clear error naming ``flag`` for anything else.
 
-    With ``verify``, its files are first checked against the block checksums in its meta.json (a directory
-    without them, e.g. written by ``save_pretrained`` alone, is read after a warning). A directory in the
+    With ``verify``, its files (config.json and every weight file) are first checked against the block checksums in
+    its meta.json; a directory without them (no meta.json, e.g. written by ``save_pretrained`` alone, or a record
+    removed) is refused unless ``allow_unverified`` (``--allow_unverified``), then read after a warning. A directory in the
     released implementation's layout (a base model's config.json with the memory's depth, `models.official`)
     is recognised and read into our classes (its ``pytorch_model.bin`` with ``weights_only=True`` only); it
     carries no checksums and records no base model.
@@ -84,9 +86,15 @@ def load_memory(path: str | os.PathLike, flag: str = "--knn_generator_path", ver
     if not os.path.isfile(os.path.join(path, CONFIG)):
         raise UsageError(f"{flag} {path}: no config.json there (expected a directory saved by train_mlpmem_*, "
                          f"or a released memory: {known_layouts()})")
-    if verify:
-        meta_file = Path(path) / META
-        verify_files(path, read_json(meta_file) if meta_file.is_file() else {})
+    try:
+        config_json = read_meta_file(Path(path) / CONFIG, "the JSON configuration of an MLP memory")
+    except ArtifactError as err:
+        raise ArtifactError(f"{flag} {err}") from None
+    is_memory = str(config_json.get("model_type", "")).startswith(KIND)  # another model is refused as such below
+    if is_memory:
+        check_fields(config_json, CONFIG_FIELDS, f"{flag} {Path(path) / CONFIG}")
+    if verify and is_memory:
+        verify_memory_files(Path(path), flag, allow_unverified)
     with loading(str(path), flag):
         config = AutoConfig.from_pretrained(path)
     if not isinstance(config, MemoryConfig):
@@ -98,6 +106,21 @@ def load_memory(path: str | os.PathLike, flag: str = "--knn_generator_path", ver
             raise UsageError(f"{flag} {path}: {err} (a memory is read from safetensors only)") from None
     check_finite_weights(memory, path, flag)
     return memory
+
+
+def verify_memory_files(path: Path, flag: str, allow_unverified: bool = False) -> bool:
+    """Check a memory's config.json and weight files against its meta.json's block checksums (`verify_files`); a
+    memory without meta.json, or whose meta.json records none, is an `ArtifactError` naming ``flag`` unless
+    ``allow_unverified``. Returns whether every file was verified."""
+    meta_file = path / META
+    try:
+        if not meta_file.is_file():
+            return refuse_unverifiable(path, f"it has no {META} (train_mlpmem_* writes one; save_pretrained alone does "
+                                             "not)", allow_unverified)
+        meta = read_meta_file(meta_file, "the JSON description of a memory")
+        return verify_files(path, meta, model_files(path), allow_unverified)
+    except ArtifactError as err:
+        raise ArtifactError(f"{flag} {err}") from None
 
 
 def check_finite_weights(memory: MLPMemoryPreTrainedModel, path: str | os.PathLike, flag: str) -> None:

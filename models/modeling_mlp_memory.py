@@ -4,11 +4,10 @@
     x = x + FFN(Norm(x))                # L times
     logits = head(Norm(x))              # (n, V), untied, no bias
 
-`MLPMemoryPreTrainedModel` builds this from two declared classes, ``norm_class`` and ``ffn_class``; the
-per-architecture networks only declare them (and their config class):
-
-- `GPT2MemoryModel`: `LayerNorm` + `GeluFFN` (d -> I -> d, GELU tanh, dropout after the projection)
-- `LlamaMemoryModel` / `MistralMemoryModel`: `RMSNorm` + `SwiGLUFFN` (``down(silu(gate(x)) * up(x))``)
+`MLPMemoryPreTrainedModel` builds this from the norm and FFN classes of its config's memory style
+(`models.memory_styles`: LayerNorm + GELU FFN for GPT-2, RMSNorm + SwiGLU for Llama / Mistral, RMSNorm +
+GeGLU for Gemma); each style has a subclass (`MEMORY_MODELS`: `GPT2MemoryModel`, `LlamaMemoryModel`, ...)
+that only names its config class, for `AutoModel`.
 
 The networks are ordinary `PreTrainedModel`s: ``save_pretrained`` writes ``model.safetensors`` and
 ``config.json``, and once ``models`` is imported ``AutoModel.from_pretrained(dir)`` returns the right
@@ -22,70 +21,15 @@ import logging
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 
-from models.configuration_mlp_memory import (STYLE_CONFIGS, GPT2MemoryConfig, LlamaMemoryConfig, MemoryConfig,
-                                             MistralMemoryConfig)
-from utils.architectures import final_norm
+from models.configuration_mlp_memory import STYLE_CONFIGS, MemoryConfig
+from utils.architectures import arch_spec, final_norm
 from utils.cli import UsageError
 
 logger = logging.getLogger(__name__)
-
-# ---------------------------------------------------------------------------------------------------
-# Building blocks
-
-
-class LayerNorm(nn.LayerNorm):
-    """GPT-2's norm: ``(x - mean) / sqrt(var + eps) * weight + bias`` over the last dimension."""
-
-    def __init__(self, config: MemoryConfig):
-        super().__init__(config.hidden_size, eps=config.norm_eps)
-
-
-class RMSNorm(nn.Module):
-    """Llama's norm: ``x / sqrt(mean(x^2) + eps) * weight``, computed in float32 (as the HF Llama)."""
-
-    def __init__(self, config: MemoryConfig):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(config.hidden_size))
-        self.eps = config.norm_eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype)
-
-
-class GeluFFN(nn.Module):
-    """GPT-2's FFN: ``dropout(proj(gelu_tanh(fc(x))))``, d -> I -> d."""
-
-    def __init__(self, config: MemoryConfig):
-        super().__init__()
-        self.fc = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.ffn_bias)
-        self.proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.ffn_bias)
-        self.proj.residual_projection = True  # scaled at init (GPT-2's residual scheme)
-        self.dropout = nn.Dropout(config.dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.proj(F.gelu(self.fc(x), approximate="tanh")))
-
-
-class SwiGLUFFN(nn.Module):
-    """Llama's FFN: ``down(silu(gate(x)) * up(x))``, d -> I -> d."""
-
-    def __init__(self, config: MemoryConfig):
-        super().__init__()
-        self.gate = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.ffn_bias)
-        self.up = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.ffn_bias)
-        self.down = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.ffn_bias)
-        self.down.residual_projection = True
-        self.dropout = nn.Dropout(config.dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.down(F.silu(self.gate(x)) * self.up(x)))
 
 
 class MemoryBlock(nn.Module):
@@ -105,18 +49,17 @@ class MemoryBlock(nn.Module):
 
 
 class MLPMemoryPreTrainedModel(PreTrainedModel):
-    """The shared network; subclasses declare ``config_class``, ``norm_class`` and ``ffn_class``."""
+    """The shared network, of ``config.style``'s norm and FFN; a style's subclass declares its ``config_class``."""
 
     config_class = MemoryConfig
     base_model_prefix = "memory"
     main_input_name = "hidden_states"
-    norm_class: type[nn.Module]
-    ffn_class: type[nn.Module]
 
     def __init__(self, config: MemoryConfig):
         super().__init__(config)
-        self.blocks = nn.ModuleList(MemoryBlock(config, self.norm_class, self.ffn_class) for _ in range(config.num_layers))
-        self.final_norm = self.norm_class(config)
+        norm, ffn = config.style.norm, config.style.ffn
+        self.blocks = nn.ModuleList(MemoryBlock(config, norm, ffn) for _ in range(config.num_layers))
+        self.final_norm = norm(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
@@ -138,26 +81,18 @@ class MLPMemoryPreTrainedModel(PreTrainedModel):
             init.normal_(module.weight, mean=0.0, std=std)
 
 
-class GPT2MemoryModel(MLPMemoryPreTrainedModel):
-    config_class = GPT2MemoryConfig
-    norm_class = LayerNorm
-    ffn_class = GeluFFN
-
-
-class LlamaMemoryModel(MLPMemoryPreTrainedModel):
-    config_class = LlamaMemoryConfig
-    norm_class = RMSNorm
-    ffn_class = SwiGLUFFN
-
-
-class MistralMemoryModel(LlamaMemoryModel):
-    config_class = MistralMemoryConfig
+def style_model_class(config_class: type[MemoryConfig]) -> type[MLPMemoryPreTrainedModel]:
+    """The network class of a style's config class (`AutoModel` maps one to the other)."""
+    name = config_class.__name__.replace("Config", "Model")
+    return type(name, (MLPMemoryPreTrainedModel,), {"__module__": __name__, "__qualname__": name,
+                                                    "__doc__": config_class.__doc__, "config_class": config_class})
 
 
 MEMORY_MODELS: dict[str, type[MLPMemoryPreTrainedModel]] = {
-    "gpt2": GPT2MemoryModel, "llama": LlamaMemoryModel, "mistral": MistralMemoryModel,
-}
-assert set(MEMORY_MODELS) == set(STYLE_CONFIGS)
+    name: style_model_class(config_class) for name, config_class in STYLE_CONFIGS.items()}
+# Importable by name (pickling finds a class by its module and name).
+GPT2MemoryModel, LlamaMemoryModel = MEMORY_MODELS["gpt2"], MEMORY_MODELS["llama"]
+MistralMemoryModel, GemmaMemoryModel = MEMORY_MODELS["mistral"], MEMORY_MODELS["gemma"]
 
 
 def build_memory(config: MemoryConfig) -> MLPMemoryPreTrainedModel:
@@ -170,7 +105,9 @@ def init_lm_head_from_base(memory: MLPMemoryPreTrainedModel, base_model: nn.Modu
     """Copy the base model's output embedding (V, d) into the memory's head and its final norm into the memory's.
 
     The memory then starts out predicting what the base model would from the same hidden state passed
-    through its final norm; the blocks (residual, small at init) learn the difference.
+    through its final norm; the blocks (residual, small at init) learn the difference. A final norm that
+    scales by ``offset + weight`` (Gemma's RMSNorm: 1 + weight, `utils.architectures.ArchSpec.final_norm_offset`)
+    is copied as ``offset + weight`` into the memory's plain one.
     """
     head = base_model.get_output_embeddings().weight  # (V, d)
     if head.shape != memory.lm_head.weight.shape:
@@ -178,7 +115,10 @@ def init_lm_head_from_base(memory: MLPMemoryPreTrainedModel, base_model: nn.Modu
                          f"{tuple(memory.lm_head.weight.shape)}")
     memory.lm_head.weight.copy_(head)
     base_norm = final_norm(base_model)
-    state = {k: v for k, v in base_norm.state_dict().items()}
+    state = dict(base_norm.state_dict())
+    offset = arch_spec(base_model.config.model_type).final_norm_offset
+    if offset and "weight" in state:
+        state["weight"] = state["weight"] + offset
     missing, unexpected = memory.final_norm.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise UsageError(f"--init_lm_head: the base model's final norm ({type(base_norm).__name__}, {sorted(state)}) does "

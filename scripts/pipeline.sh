@@ -19,7 +19,8 @@
 #   EVAL_WINDOWS      evaluate only the first N windows of EVAL_SPLIT (default: all)
 #   EVAL_BATCH        windows per forward pass (default 8)
 #   INDEX_TYPE        auto | flat | ivfpq (default auto), with NCENTROIDS CODE_SIZE PROBE for ivfpq
-#   K KNN_TEMP LMBDA  kNN targets and kNN-LM settings (defaults 64, 16, 0.25)
+#   K KNN_TEMP LMBDA  kNN targets and kNN-LM settings (defaults 64, 16, 0.25); KNN_TEMP is the temperature
+#                     of the kNN distribution over neighbour distances, softmax(-d / KNN_TEMP)
 #   KNNLM_LMBDAS      lmbda values of the kNN-LM, all scored in one pass (default: LMBDA)
 #   KNNLM_SPLITS      splits the kNN-LM runs on (default: EVAL_SPLIT; "validation $EVAL_SPLIT" to choose
 #                     its lmbda on validation, as the memory's is)
@@ -28,7 +29,7 @@
 #   MEMORY_ARGS       extra flags of train_mlpmem_offline (size, epochs, learning rate ...)
 #   JOINT_LMBDAS      lmbda values of the base + memory sweep (default "0.25 0.5 0.75")
 #   JOINT_SPLITS      splits the sweep runs on (default "validation $EVAL_SPLIT": choose on validation)
-#   MEMORY_TEMP       temperature of the memory's softmax in the interpolation (default 1)
+#   MEMORY_TEMP       temperature of the memory's logits in the interpolation (--memory_temp, default 1)
 #   NPROC             processes for the datastore and the kNN search (default 1)
 #   KNN_GPU           1: the kNN search and the kNN-LM search on the GPU (--knn_gpu: faiss-gpu, or with faiss-cpu
 #                     an exact torch search for a flat index); default 0, the CPU
@@ -129,7 +130,7 @@ for split in $JOINT_SPLITS; do
     stage "base + memory on $split" "$OUT/eval_joint_$split/joint_results.json" \
         python -m evaluate_joint "${model_flags[@]}" --dataset_name "$DATASET" --dataset_split_name "$split" \
             "${eval_limit[@]}" --per_device_eval_batch_size "$EVAL_BATCH" --output_dir "$OUT/eval_joint_$split" \
-            --knn_temp "$MEMORY_TEMP" --lmbda $JOINT_LMBDAS --knn_generator_path "$OUT/memory" --report_to none
+            --memory_temp "$MEMORY_TEMP" --lmbda $JOINT_LMBDAS --memory "$OUT/memory" --report_to none
 done
 
 echo "Pipeline finished in $(( $(date +%s) - start )) s; everything is under $OUT"

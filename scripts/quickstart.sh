@@ -4,7 +4,8 @@
 #   -> scripts/pipeline.sh: base evaluation, datastore, FAISS index, kNN targets, kNN-LM, MLP memory,
 #      base + memory perplexity (kNN-LM and memory: lmbda swept on validation and on test)
 #   -> closed-book QA with and without the memory (lmbda chosen on the validation questions)
-#   -> yes/no questions and hallucination judgments about the test facts, with and without the memory
+#   -> yes/no questions and hallucination judgments about the test facts, after a few-shot prompt of train-only
+#      facts, with and without the memory
 #   -> a test question whose answer the memory corrects -> summary.json and a table
 # Every stage writes a self-describing directory under $OUT and is skipped when that directory is
 # already complete, so an interrupted run picks up where it stopped.
@@ -24,8 +25,9 @@ QA_LMBDAS="${QA_LMBDAS:-0.25 0.5 0.75}"
 mkdir -p "$OUT"
 start=$(date +%s)
 
-# (The marker is the newest file of the corpus: a corpus written before the judgment items gets them added.)
-stage "embedded corpus" "$OUT/corpus/halueval_test.json" \
+# (The marker is the newest file of the corpus: a corpus written before the judgment items or their few-shot prompts
+# gets them written.)
+stage "embedded corpus" "$OUT/corpus/halueval_fewshot.txt" \
     python -m utils.embedded_corpus --output_dir "$OUT/corpus"
 
 stage "preprocess" "$OUT/dataset/meta.json" \
@@ -57,35 +59,33 @@ env -u KNN_TARGETS -u GGUF_FILE -u TOKENIZER -u EVAL_WINDOWS \
 
 # Closed-book QA: choose lmbda on the validation entities' questions, report the test questions. The
 # prompt is the form of the QA lines in the corpus's train split: eval_qa reads it from corpus/meta.json.
+# One run per split answers under the base alone and under base + memory at each lmbda, into OUT/qa_<split>/base
+# and OUT/qa_<split>/lmbda_<l> (downstream.qa_results).
 qa() {  # qa OUTPUT_DIR QA_FILE [eval_qa flags...]
     local dir="$1" data="$2"; shift 2
     stage "QA: $dir" "$dir/qa_results.json" \
         python -m downstream.eval_qa --model_name_or_path "$OUT/base" --data_file "$data" \
             --per_device_eval_batch_size 64 --output_dir "$dir" "$@"
 }
-for lmbda in $QA_LMBDAS; do
-    qa "$OUT/qa_validation/lmbda_$lmbda" "$OUT/corpus/qa_validation.jsonl" \
-        --use_neural_knn --knn_generator_path "$OUT/memory" --lmbda "$lmbda"
-done
+# shellcheck disable=SC2086
+qa "$OUT/qa_validation" "$OUT/corpus/qa_validation.jsonl" --memory "$OUT/memory" --lmbda $QA_LMBDAS
 QA_LMBDA=$(python -m downstream.choose_lmbda "$OUT"/qa_validation/lmbda_*)
 echo "== QA lmbda chosen on the validation questions: $QA_LMBDA"
-qa "$OUT/qa_validation/base" "$OUT/corpus/qa_validation.jsonl"
-qa "$OUT/qa_test/base" "$OUT/corpus/qa_test.jsonl"
-qa "$OUT/qa_test/lmbda_$QA_LMBDA" "$OUT/corpus/qa_test.jsonl" \
-    --use_neural_knn --knn_generator_path "$OUT/memory" --lmbda "$QA_LMBDA"
+qa "$OUT/qa_test" "$OUT/corpus/qa_test.jsonl" --memory "$OUT/memory" --lmbda "$QA_LMBDA"
 
-# Yes/no questions (BIG-bench form, read as StrategyQA) and hallucination judgments (HaluEval "qa" form, without
-# HaluEval's long instruction, which would not fit the base model's 256 positions) about the test facts, each
-# answer read from the log-likelihoods of " Yes" and " No", with and without the memory at the QA lmbda. Train holds
-# no yes/no question: the format is new to the base model and to the memory.
-stage "yes/no questions" "$OUT/yes_no_test/strategyqa_results.json" \
+# Yes/no questions (BIG-bench form, read as StrategyQA) and hallucination judgments (HaluEval "qa" form) about the
+# test facts, each answer read from the log-likelihoods of " Yes" and " No", with and without the memory at the QA
+# lmbda. Train holds no yes/no question, so each comes after a fixed few-shot prompt of solved examples about
+# train-only facts: the yes/no file's task_prefix (8 lines), and for HaluEval corpus/halueval_fewshot.txt (4 judged
+# samples) in place of HaluEval's long instruction, which would not fit the base model's 256 positions.
+stage "yes/no questions" "$OUT/yes_no_fewshot_test/strategyqa_results.json" \
     python -m downstream.strategyqa --model_name_or_path "$OUT/base" --data_file "$OUT/corpus/yes_no_test.json" \
-        --knn_generator_path "$OUT/memory" --lmbda "$QA_LMBDA" --per_device_eval_batch_size 64 \
-        --output_dir "$OUT/yes_no_test"
-stage "hallucination judgments" "$OUT/halueval_test/halueval_results.json" \
+        --memory "$OUT/memory" --lmbda "$QA_LMBDA" --per_device_eval_batch_size 64 \
+        --output_dir "$OUT/yes_no_fewshot_test"
+stage "hallucination judgments" "$OUT/halueval_fewshot_test/halueval_results.json" \
     python -m downstream.halueval --model_name_or_path "$OUT/base" --data_file "$OUT/corpus/halueval_test.json" \
-        --instruction none --knn_generator_path "$OUT/memory" --lmbda "$QA_LMBDA" --per_device_eval_batch_size 64 \
-        --output_dir "$OUT/halueval_test"
+        --instruction "$OUT/corpus/halueval_fewshot.txt" --memory "$OUT/memory" --lmbda "$QA_LMBDA" \
+        --per_device_eval_batch_size 64 --output_dir "$OUT/halueval_fewshot_test"
 
 stage "a test question the memory corrects" "$OUT/correction.json" \
     python -m demo.generation_example --quickstart_dir "$OUT" --find_correction --scan 100000 --num_examples 1 \

@@ -18,13 +18,24 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 WORDS = ("the a river city of in was born near tower old new north south king queen stone bridge "
          "built by people many years ago and is known for its market festival song").split()
 
-# Tiny configurations of the supported architectures (vocab_size is filled in by `tiny_model`).
+# Tiny configurations of the supported architectures, one per row of utils.architectures.ARCHITECTURES (a row
+# without one fails tests/models/test_architectures.py); vocab_size is filled in by `tiny_model`.
+_LLAMA_LIKE = dict(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                   num_key_value_heads=1, max_position_embeddings=128)
+_GEMMA = dict(_LLAMA_LIKE, head_dim=16, query_pre_attn_scalar=16,
+              final_logit_softcapping=2.0)  # small enough to change these models' logits (Gemma 2's own is 30)
 TINY_CONFIGS = {
     "gpt2": dict(n_layer=2, n_embd=32, n_head=2, n_positions=128),
-    "llama": dict(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=2,
-                  num_key_value_heads=1, max_position_embeddings=128),
-    "mistral": dict(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=2,
-                    num_key_value_heads=1, max_position_embeddings=128, sliding_window=None),
+    "llama": dict(_LLAMA_LIKE),
+    "mistral": dict(_LLAMA_LIKE, sliding_window=None),
+    "qwen2": dict(_LLAMA_LIKE),
+    "qwen3": dict(_LLAMA_LIKE, head_dim=16),
+    "phi3": dict(_LLAMA_LIKE, pad_token_id=0),  # its default pad id (32000) is outside a tiny vocabulary
+    "olmo2": dict(_LLAMA_LIKE),
+    "gemma2": dict(_GEMMA),
+    "gemma3_text": dict(_GEMMA),
+    "gpt_neox": dict(num_hidden_layers=2, hidden_size=32, intermediate_size=128, num_attention_heads=2,
+                     max_position_embeddings=128),
 }
 
 

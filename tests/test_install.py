@@ -23,7 +23,7 @@ def run(command: list, cwd: Path, timeout: int = 600) -> subprocess.CompletedPro
 
 def test_pip_install_into_a_fresh_venv_then_use_it_from_elsewhere(tmp_path):
     source = tmp_path / "source"  # a copy, so the build leaves nothing in the checkout
-    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", ".venv", "outputs", "runs", "__pycache__",
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", ".venv*", "outputs", "runs", "__pycache__",
                                                                  "*.egg-info", "build", "benchmarks", "tests"))
     venv = tmp_path / "venv"
     run([sys.executable, "-m", "venv", "--without-pip", venv], cwd=tmp_path)
@@ -35,6 +35,9 @@ def test_pip_install_into_a_fresh_venv_then_use_it_from_elsewhere(tmp_path):
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
+    plugins = run([python, "-c", "from importlib.metadata import entry_points; "
+                            "print([p.value for p in entry_points(group='vllm.general_plugins')])"], cwd=tmp_path).stdout
+    assert "models.serving:register" in plugins  # vLLM finds the serving plugin once the project is installed
     code = ("import train_base, evaluate_joint, train_mlpmem_offline, utils.artifacts.knn_targets, models.joint, "
             "models.training.modes, knn_utils.knnlm, downstream.eval_qa, demo.generation_example, utils.embedded_corpus\n"
             "print(models.joint.__file__)")

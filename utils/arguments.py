@@ -100,8 +100,20 @@ class DstoreArguments:
 
 
 @dataclass
-class BaseCheckArguments:
-    """Whether a memory may meet another base model than the one whose hidden states it was trained on."""
+class VerificationArguments:
+    """Whether input artifacts without block checksums may be read (the stages that meet no base model parse this
+    group alone; `BaseCheckArguments` includes it)."""
+
+    allow_unverified: bool = field(default=False, metadata={
+        "help": "Read input artifacts (dataset, datastore, index, kNN targets, memory) whose meta.json records no block "
+                "checksums, or that have no meta.json, after a warning: written before checksums were recorded, or "
+                "with the record removed. Without it they are refused, since nothing says their files are intact."})
+
+
+@dataclass
+class BaseCheckArguments(VerificationArguments):
+    """Whether a memory may meet another base model than the one whose hidden states it was trained on (and whether
+    unverified inputs may be read, `VerificationArguments`)."""
 
     allow_base_mismatch: bool = field(default=False, metadata={
         "help": "Accept a base model whose fingerprint (utils.modeling.model_fingerprint: config and weights up to the "

@@ -18,8 +18,12 @@ when the artifact is opened. A mismatch names the first bad block, its bytes and
 rows. Blocks of 64 MiB keep ``meta.json`` small (about 8,000 digests for 500 GB) while still saying where
 a file was damaged.
 
-Artifacts written before block checksums were recorded have no ``checksums``: they are read as before,
-with one warning that they cannot be verified.
+A record cannot switch verification off: it must list every file the reader names, and each file's block
+list must cover the whole file (``ceil(bytes / block_bytes)`` digests). An artifact with no ``checksums``
+at all (written before they were recorded, or with the record removed) is refused unless the caller
+accepts unverified input (``allow_unverified``, the ``--allow_unverified`` flag): then it is read with one
+warning. The whole-array SHA-256 identities beside the blocks (``keys_sha256`` ...) are checked by
+``python -m utils.verify`` (`check_file`'s ``data_sha256``), in the same read as the blocks.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import numpy as np
 import xxhash
 from tqdm.auto import tqdm
 
-from utils.io import ArtifactError
+from utils.io import META_NAME, ArtifactError
 
 logger = logging.getLogger(__name__)
 
@@ -152,55 +156,106 @@ def _block_range(path: Path, block: int, block_bytes: int, size: int) -> str:
     return where
 
 
-def check_file(path: str | os.PathLike, record: dict, progress: tqdm | None = None) -> str | None:
-    """What is wrong with a file against its recorded block checksums, or None when it matches.
-
-    Stops at the first block that differs.
-    """
-    path = Path(path)
-    if not path.is_file():
-        return "is missing"
+def record_problem(record) -> str | None:
+    """What makes a file's checksum record unusable (a missing field, a block list that does not cover the whole
+    file), or None. A record that lists fewer blocks than the file has would verify only part of it."""
+    if not isinstance(record, dict):
+        return f"has a checksum record that is not a JSON object ({record!r})"
     if record.get("algorithm") not in HASHES:
         return f"was recorded with the hash {record.get('algorithm')!r}, which this version cannot compute"
+    size, block_bytes, blocks = record.get("bytes"), record.get("block_bytes"), record.get("blocks")
+    if not isinstance(size, int) or size < 0 or not isinstance(block_bytes, int) or block_bytes < 1 \
+            or not isinstance(blocks, list) or not all(isinstance(block, str) for block in blocks):
+        return ("has a checksum record without a valid bytes, block_bytes or blocks list in meta.json: the record was "
+                "edited or is corrupt")
+    if len(blocks) != -(-size // block_bytes):
+        return (f"has {len(blocks)} block checksums in meta.json, but {size:,} bytes in blocks of {block_bytes:,} make "
+                f"{-(-size // block_bytes)}: the record does not cover the whole file (edited or corrupt)")
+    return None
+
+
+def check_file(path: str | os.PathLike, record: dict, progress: tqdm | None = None,
+               data_sha256: str | None = None) -> str | None:
+    """What is wrong with a file against its recorded block checksums, or None when it matches.
+
+    Stops at the first block that differs. ``data_sha256``, for a ``.npy`` file, is the SHA-256 its artifact
+    records for the array's data (its identity, e.g. ``keys_sha256``): it is computed in the same read and compared
+    too.
+    """
+    path = Path(path)
+    if problem := record_problem(record):
+        return problem
+    if not path.is_file():
+        return "is missing"
     size = path.stat().st_size
     if size != record["bytes"]:
         return f"is {size:,} bytes, meta.json records {record['bytes']:,}: the file changed or was cut short"
-    digests = _digests(path, record["algorithm"], record["block_bytes"], progress)
+    layout = npy_layout(path) if data_sha256 is not None else None
+    if data_sha256 is not None and (layout is None or layout[2]):
+        return "is not a C-ordered .npy file, but meta.json records the SHA-256 of its array"
+    sha256 = hashlib.sha256() if data_sha256 is not None else None
+    digests = _digests(path, record["algorithm"], record["block_bytes"], progress, sha256,
+                       layout[0] if layout else 0)
     for block, (found, expected) in enumerate(zip(digests, record["blocks"])):
         if found != expected:
             where = _block_range(path, block, record["block_bytes"], size)
             return f"block {block} ({where}) does not match meta.json: the file changed or is corrupt"
+    if sha256 is not None and sha256.hexdigest() != data_sha256:
+        return (f"matches its block checksums, but its array's SHA-256 {sha256.hexdigest()[:16]}... differs from the "
+                f"identity meta.json records ({data_sha256[:16]}...): the file and its block record were replaced")
     return None
+
+
+UNVERIFIED_HINT = ("pass --allow_unverified (allow_unverified=True) to read it unverified, or rebuild it to record them")
 
 
 def warn_unverifiable(directory: Path) -> None:
     """Warn, once per directory and process, that an artifact has no block checksums to verify."""
     if directory.resolve() not in _warned_unverifiable:
         _warned_unverifiable.add(directory.resolve())
-        logger.warning("%s was written before block checksums were recorded: its files cannot be verified "
-                       "(rebuild it to record them)", directory)
+        logger.warning("%s records no block checksums (written before they were recorded, or the record was removed): "
+                       "its files are read unverified (--allow_unverified)", directory)
 
 
-def verify_files(directory: str | os.PathLike, meta: dict, names: list[str] | None = None) -> bool:
+def refuse_unverifiable(directory: Path, what: str, allow_unverified: bool) -> bool:
+    """An artifact without checksums: an `ArtifactError` naming ``what`` is missing, unless ``allow_unverified``
+    (then one warning). Returns False (nothing was verified)."""
+    if not allow_unverified:
+        raise ArtifactError(f"{directory}: {what}, so its files cannot be verified (written before block checksums "
+                            f"were recorded, or the record was removed); {UNVERIFIED_HINT}")
+    warn_unverifiable(directory)
+    return False
+
+
+def verify_files(directory: str | os.PathLike, meta: dict, names: list[str] | None = None,
+                 allow_unverified: bool = False) -> bool:
     """Check the files ``names`` (default: all recorded) of an artifact against ``meta``'s block checksums.
 
-    Raises `ArtifactError` naming the file and its first bad block. Returns False, after one warning, for
-    an artifact written before block checksums were recorded; True when every file was checked.
+    Raises `ArtifactError` naming the file and its first bad block, or the record's defect. An artifact with no
+    ``checksums`` (written before block checksums were recorded, or the record removed) is an `ArtifactError` too,
+    unless ``allow_unverified``: then it is read after one warning and False is returned. True when every file
+    was checked.
     """
     directory = Path(directory)
     recorded = meta.get("checksums")
     if not recorded:
-        warn_unverifiable(directory)
-        return False
+        return refuse_unverifiable(directory, f"its {META_NAME} records no block checksums", allow_unverified)
+    if not isinstance(recorded, dict):
+        raise ArtifactError(f"{directory}/{META_NAME}: its checksums are not a JSON object: the record is corrupt")
     names = list(recorded) if names is None else names
     if missing := [name for name in names if name not in recorded]:
-        raise ArtifactError(f"{directory}/meta.json records no checksums for {', '.join(missing)}")
+        refuse_unverifiable(directory, f"its {META_NAME} records no checksums for {', '.join(missing)}",
+                            allow_unverified)
+        names = [name for name in names if name in recorded]
+    for name in names:
+        if problem := record_problem(recorded[name]):
+            raise ArtifactError(f"{directory / name} {problem}")
     total = sum(recorded[name]["bytes"] for name in names)
     with _timed_pass(directory, names, "Verified"), progress_bar(total, f"Verifying {directory.name}") as progress:
         for name in names:
             if problem := check_file(directory / name, recorded[name], progress):
                 raise ArtifactError(f"{directory / name} {problem}")
-    return True
+    return not missing
 
 
 @contextmanager

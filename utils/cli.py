@@ -44,6 +44,18 @@ def parse_args(dataclass_types: tuple, argv: list[str] | None) -> tuple:
     return parser.parse_args_into_dataclasses(args=argv)
 
 
+def flags_given(argv: list[str] | None) -> set[str]:
+    """The names of the flags that ``argv`` sets (``--lmbda 0.5`` and ``--lmbda=0.5`` give ``lmbda``; a single
+    ``.json`` argument gives its keys), so that a preset's value can yield to a flag the user typed."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        import json
+
+        with open(argv[0], encoding="utf-8") as f:
+            return set(json.load(f))
+    return {arg[2:].split("=", 1)[0].replace("-", "_") for arg in argv if arg.startswith("--")}
+
+
 def unknown_arguments(parser, argv: list[str]) -> list[str]:
     """The arguments ``parser`` does not know, found before it checks required flags and values (a misspelled
     flag is the likelier cause of a "required" error, so it is reported first)."""

@@ -8,6 +8,7 @@ produced the artifact; the next stage reads it instead of asking the user to rep
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -16,7 +17,7 @@ import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -32,6 +33,10 @@ class ArtifactError(UsageError):
     """An artifact on disk is missing, incomplete or does not match what the caller expects."""
 
 
+class DiskFullError(ArtifactError):
+    """The file system an artifact is written to has no room for it."""
+
+
 def partial_path(path: str | os.PathLike) -> Path:
     """The staging directory where ``path`` is built before it is renamed into place."""
     path = Path(path)
@@ -42,7 +47,8 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write JSON to ``path`` atomically (temporary file, fsync, rename)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
+    tmp.unlink(missing_ok=True)  # a link planted there is removed, not followed
+    with open(tmp, "x") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
         f.write("\n")
         f.flush()
@@ -80,17 +86,24 @@ def load_array(path: str | os.PathLike, expected: str, mmap_mode: str | None = N
         raise ArtifactError(f"{path} is truncated or corrupt (expected {expected}): {err}") from None
 
 
-def read_meta(directory: str | os.PathLike, kind: str) -> dict:
+def read_meta(directory: str | os.PathLike, kind: str, fields: Iterable[str] = ()) -> dict:
     """Read and check ``<directory>/meta.json`` of an artifact of the given ``kind``.
 
-    ``kind`` is the artifact type recorded by its writer ("dataset", "datastore", ...). Raises
-    `ArtifactError` with a message that says what to do when the directory is missing, still being
-    written, or holds another kind of artifact.
+    ``kind`` is the artifact type recorded by its writer ("dataset", "datastore", ...); ``fields`` are the
+    entries its reader needs. Raises `ArtifactError` with a message that says what to do when the
+    directory is missing, still being written (its writer holds the lock: `utils.locking.lock_holder`) or
+    left by an interrupted run, holds another kind of artifact, or its meta.json is not JSON or lacks a field.
     """
     directory = Path(directory)
     if not directory.exists():
         staging = partial_path(directory)
         if staging.exists():
+            from utils.locking import describe_owner, lock_holder  # utils.locking builds on this module
+
+            if (owner := lock_holder(directory)) is not None:
+                raise ArtifactError(f"{directory} is not finished: another run is writing it now "
+                                    f"({describe_owner(owner or None)}) in {staging}. Wait for it to finish; do not "
+                                    "delete that directory.")
             raise ArtifactError(
                 f"{directory} is incomplete: its stage was interrupted and left {staging}. "
                 "Rerun the same command to resume, or delete that directory to start over."
@@ -99,13 +112,37 @@ def read_meta(directory: str | os.PathLike, kind: str) -> dict:
     meta_file = directory / META_NAME
     if not meta_file.is_file():
         raise ArtifactError(f"{directory} has no {META_NAME}: it is not a {kind} made by this project.")
-    try:
-        meta = read_json(meta_file)
-    except ValueError as err:  # a truncated file, or not UTF-8
-        raise ArtifactError(f"{meta_file} is truncated or corrupt (expected the JSON description of a {kind}): {err}") from None
+    meta = read_meta_file(meta_file, f"the JSON description of a {kind}")
     if meta.get("kind") != kind:
         raise ArtifactError(f"{directory} holds a {meta.get('kind')!r} artifact, expected a {kind!r}.")
+    check_fields(meta, fields, meta_file)
     return meta
+
+
+def read_meta_file(path: Path, expected: str) -> dict:
+    """A JSON object from ``path``; a truncated file, other bytes or another JSON value is an `ArtifactError`."""
+    try:
+        meta = read_json(path)
+    except ValueError as err:  # a truncated file, or not UTF-8
+        raise ArtifactError(f"{path} is truncated or corrupt (expected {expected}): {err}") from None
+    if not isinstance(meta, dict):
+        raise ArtifactError(f"{path} holds a JSON {type(meta).__name__}, not an object (expected {expected})")
+    return meta
+
+
+def check_fields(record: dict, fields: Iterable[str], where: str | os.PathLike) -> None:
+    """``record`` (read from ``where``) must hold every entry of ``fields``; ``a.b`` names an entry of a nested
+    object. A missing one is an `ArtifactError` naming the file and the entries."""
+    missing = []
+    for name in fields:
+        value = record
+        for part in name.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if value is None:
+            missing.append(name)
+    if missing:
+        raise ArtifactError(f"{where} lacks {', '.join(repr(name) for name in missing)}: it was edited or is corrupt "
+                            "(rebuild the artifact)")
 
 
 @contextmanager
@@ -115,7 +152,7 @@ def atomic_directory(path: str | os.PathLike, resume: bool = False) -> Iterator[
     With ``resume=True`` an existing staging directory from an interrupted run is reused (the caller
     decides what in it can be kept); otherwise it is wiped first. ``path`` itself must not exist.
     """
-    path = Path(path)
+    path = Path(path).resolve()  # through a link: built beside the directory it names (where its lock is)
     if path.exists():
         raise ArtifactError(f"{path} already exists; refusing to overwrite it.")
     staging = partial_path(path)
@@ -146,6 +183,80 @@ def reuse_staging(staging: Path, identity: dict, initialise: Callable[[Path], No
         initialise(staging)
     write_json(progress, identity)
     return False
+
+
+# ---------------------------------------------------------------------------------------------------
+# A full disk: checked up front where the size is known, one clear error where it is not
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+NPY_HEADER_BYTES = 128  # what a .npy file adds to its array's bytes (at most, for the arrays written here)
+NO_SPACE_MESSAGES = ("No space left on device", "Disk quota exceeded", "os error 28", "os error 122")
+
+
+def existing_directory(path: str | os.PathLike) -> Path:
+    """``path``, or the nearest directory above it that exists (where a new file's bytes would go)."""
+    path = Path(path).absolute()
+    while not path.is_dir() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def free_bytes(path: str | os.PathLike) -> int:
+    """Bytes free for ordinary users on the file system of ``path`` (which may not exist yet): `shutil.disk_usage`."""
+    return shutil.disk_usage(existing_directory(path)).free
+
+
+def check_free_space(path: str | os.PathLike, needed: int, what: str) -> None:
+    """Fail before writing ``needed`` bytes to ``path`` when its file system has not that much free (a
+    `DiskFullError` naming ``what``, the path and both sizes)."""
+    free = free_bytes(path)
+    if needed > free:
+        raise DiskFullError(f"{what}: not enough space for {path}: it needs {needed:,} bytes, the file system of "
+                            f"{existing_directory(path)} has {free:,} free. Free some space or write it elsewhere.")
+
+
+def preallocate(path: str | os.PathLike, what: str) -> None:
+    """Reserve the disk blocks of a file that will be written through a memory map (`np.lib.format.open_memmap`
+    creates it sparse): on a full disk, a write into a sparse map kills the process with SIGBUS, with no message;
+    reserved first, it is an `OSError` here, reported as a `DiskFullError` naming the file and its size."""
+    size = os.path.getsize(path)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as err:
+        if err.errno in NO_SPACE:
+            raise DiskFullError(f"{what}: not enough space for {path}: it needs {size:,} bytes, the file system of "
+                                f"{existing_directory(Path(path).parent)} has {free_bytes(path):,} free. Free some "
+                                "space or write it elsewhere.") from None
+        if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system that cannot reserve: mapped as before
+            raise
+    finally:
+        os.close(fd)
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """Whether an exception (OSError, FAISS's RuntimeError, a SafetensorError ...) reports a full disk or quota."""
+    if isinstance(err, OSError) and err.errno in NO_SPACE:
+        return True
+    return any(message in str(err) for message in NO_SPACE_MESSAGES)
+
+
+@contextmanager
+def reporting_full_disk(paths: list[tuple[str | os.PathLike, str]]) -> Iterator[None]:
+    """Turn a full disk met inside the block, whatever library met it, into a `DiskFullError` naming the file (when
+    the error says which) or the artifact being written (``paths``: ``(path, flag)`` pairs), and the free space."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as err:  # noqa: BLE001 -- FAISS and safetensors report a full disk in their own types
+        if not is_disk_full(err) or not paths:
+            raise
+        path, flag = paths[0]
+        written = getattr(err, "filename", None) or path
+        raise DiskFullError(f"{flag} {path}: the disk is full: writing {written} failed ({str(err).splitlines()[0]}); "
+                            f"the file system of {existing_directory(written)} has {free_bytes(written):,} bytes free. "
+                            "Free some space and rerun the same command (it resumes), or write elsewhere.") from None
 
 
 def array_sha256(array: np.ndarray, chunk_rows: int = 1 << 16) -> str:

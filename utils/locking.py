@@ -12,7 +12,17 @@ stage that writes an artifact runs inside `artifact_lock` (or `artifact_locks` f
   owner, before it creates, wipes or stages anything;
 * an owner record found by a run that did get the lock was left by a run that never released it (it was
   killed): the lock is taken over with a warning naming that run, and whether its process is dead;
-* on release the owner record is removed (the lock file stays: waiters must share its inode).
+* on release the owner record is removed (the lock file stays: waiters must share its inode);
+* the lock belongs to the directory, not to its spelling: the path is resolved first (symbolic links, ``..``),
+  so ``out`` and a link to it share one lock;
+* once the lock is held, no symbolic link may sit where the stage writes (`refuse_links`): the artifact's
+  staging directory ``<name>.partial`` and anything inside it or inside the artifact. A run never writes
+  through a link into a file outside its output (the artifact path itself, or a directory above it, may be a
+  link: it is resolved);
+* a full disk met while the lock is held ends in one `DiskFullError` naming the file and the free space
+  (`utils.io.reporting_full_disk`), not in a library's traceback.
+
+A reader that meets ``<name>.partial`` without ``<name>`` asks `lock_holder` whether a run is writing it now.
 
 Under ``accelerate launch`` only the main process takes the lock, before anything else; then all processes
 wait for it (``state.wait_for_everyone()``). A refused lock raises on the main process, which exits with
@@ -37,7 +47,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from utils.io import ArtifactError, check_writable, read_json, write_json
+from utils.io import ArtifactError, check_writable, partial_path, read_json, reporting_full_disk, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -46,16 +56,22 @@ OWNER_SUFFIX = ".lock.owner.json"
 OWNER_WAIT_SECONDS = 2.0  # the owner writes its record just after taking the lock: how long a refused run waits for it
 
 
+def resolved(path: str | os.PathLike) -> Path:
+    """The real path of an artifact: absolute, with symbolic links and ``..`` resolved as far as the path exists (the
+    same directory named through a link gets the same lock)."""
+    return Path(path).expanduser().resolve()
+
+
 def lock_file(path: str | os.PathLike) -> Path:
-    """The lock of the artifact ``path``: the hidden file ``.<name>.lock`` beside it (hidden, so that globs such as
-    ``qa_validation/lmbda_*`` still list artifacts only)."""
-    path = Path(path).absolute()
+    """The lock of the artifact ``path``: the hidden file ``.<name>.lock`` beside its real path (hidden, so that globs
+    such as ``qa_validation/lmbda_*`` still list artifacts only)."""
+    path = resolved(path)
     return path.with_name(f".{path.name}{LOCK_SUFFIX}")
 
 
 def owner_file(path: str | os.PathLike) -> Path:
-    """Who holds the lock of ``path``: ``.<name>.lock.owner.json`` beside it."""
-    path = Path(path).absolute()
+    """Who holds the lock of ``path``: ``.<name>.lock.owner.json`` beside its real path."""
+    path = resolved(path)
     return path.with_name(f".{path.name}{OWNER_SUFFIX}")
 
 
@@ -63,7 +79,7 @@ def this_owner(path: str | os.PathLike, flag: str) -> dict:
     """The owner record of this process."""
     return {"host": socket.gethostname(), "pid": os.getpid(), "command": shlex.join(sys.orig_argv),
             "started": datetime.now().astimezone().isoformat(timespec="seconds"), "flag": flag,
-            "path": str(Path(path).absolute())}
+            "path": str(resolved(path))}
 
 
 def describe_owner(owner: dict | None) -> str:
@@ -83,6 +99,50 @@ def read_owner(path: str | os.PathLike, wait_seconds: float = 0.0) -> dict | Non
             if time.monotonic() >= deadline:
                 return None
             time.sleep(0.05)
+
+
+def lock_holder(path: str | os.PathLike) -> dict | None:
+    """The owner record of the run holding the lock of ``path`` now (``{}`` if it left none yet), or None when no
+    run holds it. Probes with a shared ``flock`` on the lock file, released at once; nothing is created."""
+    lock_path = lock_file(path)
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: cannot tell
+        return None
+    try:
+        fd = os.open(lock_path, os.O_RDONLY)
+    except OSError:  # no lock file: no run ever locked it here
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return read_owner(path, OWNER_WAIT_SECONDS) or {}
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def refuse_links(path: str | os.PathLike, flag: str) -> None:
+    """Fail if a symbolic link sits where a stage writes the artifact ``path``: its staging directory
+    ``<name>.partial``, or any entry inside it or inside the artifact (a run would write through the link into a
+    file elsewhere, or trip over it when it replaces the directory). Links are not followed."""
+    path = resolved(path)
+    staging = partial_path(path)
+    for root in (path, staging):
+        if root.is_symlink():  # only the staging directory can be: `resolved` followed the artifact's own link
+            raise ArtifactError(f"{flag} {path}: {root} is a symbolic link (to {os.readlink(root)}); a stage writes its "
+                                "staging directory itself, never through a link. Remove the link and rerun.")
+        if not root.is_dir():
+            continue
+        for directory, subdirectories, files in os.walk(root):
+            for name in sorted(subdirectories + files):
+                entry = Path(directory) / name
+                if entry.is_symlink():
+                    raise ArtifactError(f"{flag} {path}: {entry} is a symbolic link (to {os.readlink(entry)}); a stage "
+                                        "never writes through a link into a file outside its output. Remove the link "
+                                        "(or choose another output) and rerun.")
 
 
 def process_is_dead(owner: dict) -> bool:
@@ -126,6 +186,7 @@ def held(path: str | os.PathLike, flag: str) -> Iterator[None]:
         if left is not None:
             take_over(path, flag, left)
         write_json(owner_file(path), this_owner(path, flag))
+        refuse_links(path, flag)
         yield
     finally:
         owner_file(path).unlink(missing_ok=True)
@@ -142,8 +203,8 @@ def artifact_locks(targets: list[tuple[str | os.PathLike | None, str]], state=No
     wanted: dict[Path, tuple[str | os.PathLike, str]] = {}
     for path, flag in targets:
         if path is not None:
-            wanted.setdefault(Path(path).absolute(), (path, flag))  # one path named by two flags is locked once
-    with ExitStack() as stack:
+            wanted.setdefault(resolved(path), (path, flag))  # one directory named twice (or through a link): one lock
+    with ExitStack() as stack, reporting_full_disk(list(wanted.values())):
         if state is None or state.is_main_process:
             for path, flag in wanted.values():
                 check_writable(path, flag)

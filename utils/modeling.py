@@ -7,9 +7,11 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
@@ -18,7 +20,7 @@ from transformers import CONFIG_MAPPING, AutoModelForCausalLM, AutoTokenizer, GP
 from utils.architectures import arch_spec, submodule, transformer_blocks
 from utils.arguments import PretrainedModelArguments
 from utils.cli import UsageError
-from utils.io import ArtifactError, timed
+from utils.io import ArtifactError, read_meta_file, timed
 
 logger = logging.getLogger(__name__)
 
@@ -56,18 +58,92 @@ def weight_files(path: str) -> str:
 @contextmanager
 def loading(path: str, flag: str) -> Iterator[None]:
     """Turn the errors of loading a model from ``path`` into errors that name ``flag``, ``path`` and the file at fault:
-    a corrupt or truncated safetensors file is an `ArtifactError`; a path that is neither a local model directory
-    nor a hub model (``OSError``, ``ValueError`` from transformers) a `UsageError`."""
+    a corrupt or truncated safetensors file, or a pickle that ``weights_only`` loading refuses, is an
+    `ArtifactError`; a path that is neither a local model directory nor a hub model (``OSError``, ``ValueError`` from
+    transformers) a `UsageError`. A local directory's config.json is checked first (`check_config_sizes`): nothing is
+    built from sizes no machine can hold."""
     try:
+        if os.path.isfile(os.path.join(path, "config.json")):
+            check_config_sizes(os.path.join(path, "config.json"), flag)
         yield
     except UsageError:  # already a clear error (a UsageError is a ValueError)
         raise
     except SafetensorError as err:
         raise ArtifactError(f"{flag} {path}: cannot read the weights in {weight_files(path)}: the file is truncated or "
                             f"corrupt ({err})") from None
+    except pickle.UnpicklingError as err:  # torch.load(weights_only=True) met more than tensors, or no pickle at all
+        pickled = ", ".join(sorted(glob.glob(os.path.join(path, "*.bin")) + glob.glob(os.path.join(path, "*.pt*"))))
+        raise ArtifactError(f"{flag} {path}: {pickled or 'its weight file'} is a pickle that does not hold plain tensors "
+                            f"(or is corrupt), and is never loaded: loading it could run code "
+                            f"({str(err).splitlines()[0][:80]}). Save the model as safetensors.") from None
     except (OSError, ValueError) as err:
         where = "a local directory without a loadable model" if os.path.isdir(path) else "not a local directory, and not a hub model"
         raise UsageError(f"{flag} {path}: {where} ({str(err).splitlines()[0]})") from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sizes in a config.json, checked before anything is built from them
+
+MAX_LAYERS = 4096  # deeper than any published model or memory (GPT2-large's memory: 54 blocks)
+SIZE_FIELDS = {  # what each size is called across architectures (the memory's names included)
+    "width": ("hidden_size", "n_embd", "d_model"),
+    "layers": ("num_hidden_layers", "n_layer", "num_layers"),
+    "ffn": ("intermediate_size", "n_inner"),
+    "vocab": ("vocab_size",),
+    "positions": ("max_position_embeddings", "n_positions"),
+}
+
+
+def physical_memory_bytes() -> int | None:
+    """This machine's RAM (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def config_parameters(config: dict, where: str) -> int:
+    """A lower bound on the parameters of a model (and of every model nested in it: a joint model's base and memory)
+    described by a config.json's ``config``; a size that is not a whole number >= 0, or a depth over `MAX_LAYERS`, is
+    an `ArtifactError` naming ``where`` and the field."""
+    sizes = {}
+    for what, names in SIZE_FIELDS.items():
+        for name in names:
+            value = config.get(name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ArtifactError(f"{where}: {name} is {value!r}, not a whole number >= 0")
+            sizes.setdefault(what, (name, value))
+    if "layers" in sizes and sizes["layers"][1] > MAX_LAYERS:
+        raise ArtifactError(f"{where}: {sizes['layers'][0]} is {sizes['layers'][1]:,}, more blocks than any model has "
+                            f"(at most {MAX_LAYERS:,} are built): refusing to build it (was the config edited?)")
+    width, layers, vocab, positions = (sizes.get(what, (None, 0))[1] for what in ("width", "layers", "vocab", "positions"))
+    ffn = sizes.get("ffn", (None, None))[1] or 4 * width
+    parts = [config_parameters(value, f"{where} ({key})") for key, value in config.items()
+             if isinstance(value, dict) and "model_type" in value]
+    if parts:  # a composite (a joint model): its own sizes repeat its parts'
+        return sum(parts)
+    return vocab * width + positions * width + layers * (4 * width * width + 2 * width * ffn)
+
+
+def check_config_sizes(config_file: str | os.PathLike, flag: str) -> None:
+    """Refuse a config.json whose sizes no machine could build (an edited vocabulary or width allocating exabytes, a
+    million blocks taking hours to construct) before transformers builds anything: an `ArtifactError` naming the file,
+    the field, and the memory it would take. Lower bound: 2 bytes a parameter, embeddings counted once."""
+    check_sizes(read_meta_file(Path(config_file), "a model's JSON configuration"), f"{flag} {config_file}")
+
+
+def check_sizes(config: dict, where: str) -> None:
+    """`check_config_sizes` of a config as a dict (``where`` names its origin in the error)."""
+    needed = 2 * config_parameters(config, where)
+    memory = physical_memory_bytes()
+    if memory is not None and needed > memory:
+        fields = [f"{name} {config[name]:,}" for names in SIZE_FIELDS.values() for name in names
+                  if isinstance(config.get(name), int) and not isinstance(config.get(name), bool)]
+        raise ArtifactError(f"{where}: its sizes ({', '.join(fields) or 'of its sub-models'}) make a model of at least "
+                            f"{needed / 1e9:,.1f} GB, more than this machine's {memory / 1e9:,.1f} GB of memory: "
+                            "refusing to build it (was the config edited?)")
 
 
 def load_tokenizer(path: str, gguf_file: str | None = None, flag: str = "--tokenizer_path") -> PreTrainedTokenizerBase:
@@ -221,6 +297,7 @@ def load_causal_lm(args: PretrainedModelArguments, vocab_size: int | None = None
                 config.update_from_string(args.config_overrides)
             except ValueError as err:
                 raise UsageError(f"--config_overrides {args.config_overrides!r}: {err}") from None
+        check_sizes(config.to_dict(), f"--model_type {args.model_type} --config_overrides {args.config_overrides!r}")
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         logger.info("Built a %s model from scratch: %.2fM parameters", args.model_type, model.num_parameters() / 1e6)
     arch_spec(model.config.model_type)  # fail early on an architecture the key hook does not know

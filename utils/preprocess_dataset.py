@@ -4,8 +4,11 @@
         --tokenizer_path gpt2 --output_dir ./dataset/wikitext-gpt2
     python -m utils.preprocess_dataset --train_file wiki.train.tokens --validation_file wiki.valid.tokens \
         --test_file wiki.test.tokens --tokenizer_path TOKENIZER --output_dir OUT
+    python -m utils.preprocess_dataset --dataset_name RELEASED_DIR --tokenizer_path TOKENIZER --output_dir OUT
 
-The output directory's layout (and the reading of it) is utils/artifacts/dataset.py's.
+The output directory's layout (and the reading of it) is utils/artifacts/dataset.py's. A ``--dataset_name``
+saved by the released preprocessing (already tokenized and windowed, utils/artifacts/released_dataset.py) is
+converted: its token streams are kept as they are and windowed again with its block size and stride.
 """
 
 from __future__ import annotations
@@ -24,9 +27,10 @@ import numpy as np
 
 from utils.arguments import SPLITS
 from utils.artifacts.dataset import FORMAT_VERSION, write_split
-from utils.cli import UsageError, command, parse_args, setup_logging
+from utils.artifacts.released_dataset import is_released_dataset, released_streams
+from utils.cli import UsageError, command, flags_given, parse_args, setup_logging
 from utils.distributed import process_state
-from utils.io import ArtifactError, atomic_directory, read_meta, timed, write_json
+from utils.io import NPY_HEADER_BYTES, ArtifactError, atomic_directory, check_free_space, read_meta, timed, write_json
 from utils.locking import artifact_lock
 from utils.modeling import load_tokenizer, local_path_or_name, tokenizer_fingerprint
 from utils.windows import make_windows
@@ -167,12 +171,34 @@ def tokenize_corpus(corpus: dict[str, list[str]], tokenizer, args: PreprocessArg
     return tokenized
 
 
-def preprocess(args: PreprocessArguments) -> dict:
-    """Run step 1 and return the dataset's meta. The inputs are read and tokenized before --output_dir is touched."""
-    out = Path(args.output_dir)
-    if out.exists() and not args.overwrite_output_dir:
-        raise ArtifactError(f"--output_dir {out} already exists; pass --overwrite_output_dir to replace it.")
-    tokenizer = load_tokenizer(args.tokenizer_path, args.gguf_file)
+def released_splits(args: PreprocessArguments, tokenizer, given: set[str]) -> tuple[dict, dict]:
+    """The token streams of a dataset saved by the released preprocessing ({split: (tokens, extra meta)}) and what
+    to record of it; ``args.block_size`` / ``args.stride`` become the released ones unless ``given``."""
+    with timed(f"Reading the released dataset {args.dataset_name}"):
+        read = released_streams(args.dataset_name, SPLITS)
+    block_sizes = {r.block_size for r in read.values()}
+    if len(block_sizes) > 1:
+        raise ArtifactError(f"--dataset_name {args.dataset_name}: its splits have windows of {sorted(block_sizes)} "
+                            "tokens; expected one block size")
+    geometry = {"block_size": block_sizes.pop(), "stride": max(r.stride for r in read.values())}
+    for name, value in geometry.items():
+        if name not in given:
+            setattr(args, name, value)
+    largest = max(int(r.tokens.max()) for r in read.values())
+    if largest >= len(tokenizer):
+        raise UsageError(f"--dataset_name {args.dataset_name} holds token id {largest}, but --tokenizer_path "
+                         f"{args.tokenizer_path} has {len(tokenizer)} tokens: give the tokenizer it was made with")
+    for split, r in read.items():
+        logger.info("%s: %d released windows (%d of them start a new stretch of text) give %d tokens; the released "
+                    "windows score %d rows, these %d", split, r.windows, r.segments, len(r.tokens), r.released_rows,
+                    len(r.tokens) - 1)
+    source = {"released_dataset": local_path_or_name(args.dataset_name), "released_geometry": geometry,
+              "released_rows": {split: r.released_rows for split, r in read.items()}}
+    return {split: (r.tokens, {"released_windows": r.windows}) for split, r in read.items()}, source
+
+
+def text_splits(args: PreprocessArguments, tokenizer) -> tuple[dict, dict]:
+    """The token streams of the corpus ({split: (tokens, extra meta)}) and where it came from."""
     with timed("Reading the corpus"):
         corpus = load_corpus(args)
     tokenized = tokenize_corpus(corpus, tokenizer, args)
@@ -180,6 +206,21 @@ def preprocess(args: PreprocessArguments) -> dict:
         "dataset_name", "dataset_config_name", "train_file", "validation_file", "test_file", "text_column", "max_chars")}
     for key in ("dataset_name", "train_file", "validation_file", "test_file"):  # local paths, absolute
         source[key] = local_path_or_name(source[key])
+    return {split: (tokens, {"characters": int(sum(len(r) for r in rows))})
+            for split, (rows, tokens) in tokenized.items()}, source
+
+
+def preprocess(args: PreprocessArguments, given: set[str] = frozenset()) -> dict:
+    """Run step 1 and return the dataset's meta. The inputs are read and tokenized before --output_dir is touched;
+    ``given``: the flags typed (a released dataset's block size and stride yield to them)."""
+    out = Path(args.output_dir).resolve()  # through a link: the directory it names is replaced, not the link
+    if out.exists() and not args.overwrite_output_dir:
+        raise ArtifactError(f"--output_dir {out} already exists; pass --overwrite_output_dir to replace it.")
+    tokenizer = load_tokenizer(args.tokenizer_path, args.gguf_file)
+    if args.dataset_name is not None and is_released_dataset(args.dataset_name):
+        streams, source = released_splits(args, tokenizer, given)
+    else:
+        streams, source = text_splits(args, tokenizer)
     meta = {
         "kind": "dataset",
         "format_version": FORMAT_VERSION,
@@ -196,15 +237,17 @@ def preprocess(args: PreprocessArguments) -> dict:
         "splits": {},
         "checksums": {},
     }
+    windows = {split: make_windows(len(tokens), args.block_size, args.stride) for split, (tokens, _) in streams.items()}
+    check_free_space(out, sum(tokens.nbytes + windows[split].nbytes + 2 * NPY_HEADER_BYTES
+                              for split, (tokens, _) in streams.items()), f"--output_dir {args.output_dir}")
     if out.exists():
         shutil.rmtree(out)
     with atomic_directory(out) as staging:
-        for split, (rows, tokens) in tokenized.items():
-            windows = make_windows(len(tokens), args.block_size, args.stride)
-            meta["splits"][split], checksums = write_split(staging, split, tokens, windows)
+        for split, (tokens, extra) in streams.items():
+            meta["splits"][split], checksums = write_split(staging, split, tokens, windows[split])
             meta["checksums"].update(checksums)
-            meta["splits"][split]["characters"] = int(sum(len(r) for r in rows))
-            logger.info("%s: %d tokens, %d rows, %d windows", split, len(tokens), len(tokens) - 1, len(windows))
+            meta["splits"][split].update(extra)
+            logger.info("%s: %d tokens, %d rows, %d windows", split, len(tokens), len(tokens) - 1, len(windows[split]))
         write_json(staging / "meta.json", meta)
     return meta
 
@@ -216,7 +259,7 @@ def main(argv: list[str] | None = None) -> dict:
     logger.info("Preprocessing with %s", args)
     with artifact_lock(args.output_dir, "--output_dir", state):
         if state.is_main_process:
-            preprocess(args)
+            preprocess(args, flags_given(argv))
         state.wait_for_everyone()
         meta = read_meta(args.output_dir, "dataset")
     if state.is_main_process:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -33,7 +34,7 @@ class ScoredBatch:
 
     window_ids: np.ndarray  # int64 (W,)
     rows: np.ndarray  # int64 (n,) global row ids
-    hidden: torch.Tensor  # (n, d) kNN key of each row
+    hidden: torch.Tensor | None  # (n, d) kNN key of each row (None: no block captured)
     logits: torch.Tensor | None  # (n, V) LM logits predicting each row's next token (None: not computed)
     labels: torch.Tensor  # (n,) the next token
 
@@ -57,10 +58,10 @@ def collate_windows(tokens: np.ndarray, windows: np.ndarray, pad_id: int = 0) ->
 
 
 @torch.no_grad()
-def score_windows(model: torch.nn.Module, hook: HiddenStateHook, tokens: np.ndarray, windows: np.ndarray,
+def score_windows(model: torch.nn.Module, hook: HiddenStateHook | None, tokens: np.ndarray, windows: np.ndarray,
                   window_ids: np.ndarray, with_logits: bool = True) -> ScoredBatch:
     """One forward pass over some whole windows; ``with_logits=False`` runs only the transformer body
-    (no LM head) and leaves ``logits`` empty."""
+    (no LM head) and leaves ``logits`` empty; without a ``hook`` ``hidden`` is None."""
     device = next(model.parameters()).device
     batch = windows[window_ids]
     input_ids, attention_mask, first_scored = collate_windows(tokens, batch)
@@ -70,17 +71,18 @@ def score_windows(model: torch.nn.Module, hook: HiddenStateHook, tokens: np.ndar
     else:
         model.base_model(**inputs)
         logits = None
-    hidden = hook.hidden[:, first_scored:]  # (B, T', d), T' = T - first_scored
+    hidden = hook.hidden[:, first_scored:] if hook is not None else None  # (B, T', d), T' = T - first_scored
     rows, keep_h, keep_l, labels = [], [], [], []
     for i, (begin, end, row_begin, row_end) in enumerate(batch):
         local = slice(row_begin - begin - first_scored, row_end - begin - first_scored)
         rows.append(np.arange(row_begin, row_end))
-        keep_h.append(hidden[i, local])
+        if hidden is not None:
+            keep_h.append(hidden[i, local])
         if logits is not None:
             keep_l.append(logits[i, local])
         labels.append(input_ids[i, row_begin + 1 - begin : row_end + 1 - begin])
     return ScoredBatch(
-        window_ids=window_ids, rows=np.concatenate(rows), hidden=torch.cat(keep_h),
+        window_ids=window_ids, rows=np.concatenate(rows), hidden=torch.cat(keep_h) if keep_h else None,
         logits=torch.cat(keep_l) if keep_l else None, labels=torch.cat(labels).to(device),
     )
 
@@ -92,14 +94,15 @@ def score_batches(
     batch_size: int,
     rank: int = 0,
     world_size: int = 1,
-    layer: int = -1,
+    layer: int | None = -1,
     skip: Callable[[np.ndarray], bool] | None = None,
     show_progress: bool = True,
 ) -> Iterator[ScoredBatch]:
-    """Yield a `ScoredBatch` for every batch of windows this process owns (unless ``skip(window_ids)``)."""
+    """Yield a `ScoredBatch` for every batch of windows this process owns (unless ``skip(window_ids)``), with the
+    feed-forward input of block ``layer`` as ``hidden`` (``layer`` None: no hidden states)."""
     model.eval()
     batches = batch_ids(len(windows), batch_size, rank, world_size)
-    with HiddenStateHook(model, layer) as hook:
+    with HiddenStateHook(model, layer) if layer is not None else nullcontext() as hook:
         for window_ids in tqdm(batches, desc="Scoring windows", disable=not show_progress, unit="batch"):
             if skip is None or not skip(window_ids):
                 yield score_windows(model, hook, tokens, windows, window_ids)

@@ -8,7 +8,8 @@
 
 `MLPMemoryJointConfig` holds the base model's config (``text_config``, so that ``generate`` sizes its KV
 cache from it), the memory's config (``memory_config``: an MLP memory's, or a causal LM's for a Memory
-Decoder), ``lmbda``, ``knn_temp`` and the memory's layer. `MLPMemoryForCausalLM` holds the two models as
+Decoder), ``lmbda``, ``memory_temp`` (the temperature of the memory's logits; a config written before the
+rename, with ``knn_temp``, still loads) and the memory's layer. `MLPMemoryForCausalLM` holds the two models as
 ``base`` and ``memory``; its forward runs the base with the hooks of `models.joint.hooks` attached, so
 the logits it returns are the joint log-probabilities (the same code as `JointLM` and evaluate_joint's
 formula, `models.joint.interpolation`) and ``loss`` with ``labels`` is the joint NLL. Every ``generate``
@@ -25,9 +26,6 @@ one linear layer, so ``get_output_embeddings()`` is None.
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -35,13 +33,12 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreT
 from transformers.configuration_utils import SubConfigSpec
 
 from models.configuration_mlp_memory import MemoryConfig
-from models.joint.hooks import PrefixStage, check_memory_fits, load_checked_memory, mixing_hooks
+from models.joint.hooks import mixing_hooks
 from models.joint.interpolation import check_joint_settings
-from models.joint.token_memory import MEMORY_DECODER, MLP_MEMORY, memory_kind
+from models.joint.memories import MLP_MEMORY, JointMemory, PrefixStage, as_joint_memory
+from models.joint.settings import DEFAULT_LMBDA, DEFAULT_MEMORY_TEMP, PERPLEXITY
 from models.modeling_mlp_memory import MEMORY_MODELS
 from utils.cli import UsageError
-from utils.io import read_json
-from utils.modeling import loading
 
 logger = logging.getLogger(__name__)
 
@@ -57,15 +54,17 @@ class MLPMemoryJointConfig(PreTrainedConfig):
 
     text_config: dict | PreTrainedConfig | None = None
     memory_config: dict | PreTrainedConfig | None = None
-    lmbda: float = 0.25  # weight of the memory
-    knn_temp: float = 1.0  # temperature of the memory's softmax
+    lmbda: float = DEFAULT_LMBDA[PERPLEXITY]  # weight of the memory
+    memory_temp: float = DEFAULT_MEMORY_TEMP  # temperature of the memory's logits
     memory_layer: int | None = None  # the base block whose feed-forward input an MLP memory reads (None: tokens)
     memory_kind: str = MLP_MEMORY  # "mlp_memory" or "memory_decoder"
     tie_word_embeddings: bool = False  # the joint model has no head of its own; the base ties its own
 
     def __post_init__(self, **kwargs):
+        if "knn_temp" in kwargs:  # a config written before memory_temp had its own name
+            self.memory_temp = kwargs.pop("knn_temp")
         super().__post_init__(**kwargs)
-        check_joint_settings(self.lmbda, self.knn_temp)
+        check_joint_settings(self.lmbda, self.memory_temp)
         self.vocab_size = self.text_config.vocab_size
         self.hidden_size = self.text_config.hidden_size
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
@@ -74,7 +73,7 @@ class MLPMemoryJointConfig(PreTrainedConfig):
 
     def describe(self) -> dict:
         return {"base": self.text_config.model_type, "memory": self.memory_config.model_type,
-                "memory_kind": self.memory_kind, "lmbda": self.lmbda, "knn_temp": self.knn_temp,
+                "memory_kind": self.memory_kind, "lmbda": self.lmbda, "memory_temp": self.memory_temp,
                 "memory_layer": self.memory_layer}
 
 
@@ -108,32 +107,44 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
         self.post_init()
 
     @classmethod
-    def from_parts(cls, base: PreTrainedModel, memory: torch.nn.Module, lmbda: float = 0.25, knn_temp: float = 1.0,
-                   tokenizer_fingerprint: str | None = None, allow_base_mismatch: bool = False) -> MLPMemoryForCausalLM:
-        """The joint model of loaded models (not copied), after `check_memory_fits`."""
-        layer, _ = check_memory_fits(base, memory, tokenizer_fingerprint, allow_base_mismatch)
+    def from_parts(cls, base: PreTrainedModel, memory: torch.nn.Module | JointMemory,
+                   lmbda: float = DEFAULT_LMBDA[PERPLEXITY], memory_temp: float = DEFAULT_MEMORY_TEMP, tokenizer_fingerprint: str | None = None,
+                   allow_base_mismatch: bool = False, *, checked: dict | None = None) -> MLPMemoryForCausalLM:
+        """The joint model of loaded models (not copied), after `JointMemory.check_fits` (unless ``checked`` is the
+        record of that check already made, by `models.joint.loading.load_joint`)."""
+        joint_memory = as_joint_memory(memory)
+        if checked is None:
+            joint_memory.check_fits(base, tokenizer_fingerprint, allow_base_mismatch)
         attention = base.config._attn_implementation
-        config = MLPMemoryJointConfig(text_config=base.config, memory_config=memory.config, lmbda=lmbda,
-                                      knn_temp=knn_temp, memory_layer=layer, memory_kind=memory_kind(memory))
+        config = MLPMemoryJointConfig(text_config=base.config, memory_config=joint_memory.module.config, lmbda=lmbda,
+                                      memory_temp=memory_temp, memory_layer=joint_memory.layer,
+                                      memory_kind=joint_memory.kind)
         config._attn_implementation = attention  # a new composite config resets its sub-configs' (the base's own)
-        memory.to(device=base.device, dtype=base.dtype)
-        model = cls(config, base=base, memory=memory)
+        joint_memory.to(device=base.device, dtype=base.dtype)
+        model = cls(config, base=base, memory=joint_memory.module)
         model.generation_config = base.generation_config
         return model.eval()
 
     @classmethod
-    def from_pretrained(cls, *args, allow_base_mismatch: bool = False, **kwargs):
-        """``PreTrainedModel.from_pretrained``, then `check_memory_fits` on the loaded weights."""
+    def from_pretrained(cls, *args, allow_base_mismatch: bool = False, tokenizer_fingerprint: str | None = None,
+                        **kwargs):
+        """``PreTrainedModel.from_pretrained``, then `check_fits` on the loaded weights (its record: ``base_check``)."""
         model = super().from_pretrained(*args, **kwargs)
-        model.check_fits(allow_base_mismatch=allow_base_mismatch)
+        model.base_check = model.check_fits(tokenizer_fingerprint, allow_base_mismatch)
         return model
 
+    @property
+    def joint_memory(self) -> JointMemory:
+        """The memory behind the interface the hooks call (a view of ``self.memory``, not a copy)."""
+        return as_joint_memory(self.memory, self.config.memory_layer)
+
     def check_fits(self, tokenizer_fingerprint: str | None = None, allow_base_mismatch: bool = False) -> dict:
-        """`check_memory_fits` (a `UsageError` if the memory does not belong to the base); returns its record."""
-        layer, record = check_memory_fits(self.base, self.memory, tokenizer_fingerprint, allow_base_mismatch)
-        if layer != self.config.memory_layer:
+        """`JointMemory.check_fits` (a `UsageError` if the memory does not belong to the base); returns its record."""
+        joint_memory = self.joint_memory
+        record = joint_memory.check_fits(self.base, tokenizer_fingerprint, allow_base_mismatch)
+        if joint_memory.layer != self.config.memory_layer:
             raise UsageError(f"The joint config says the memory reads block {self.config.memory_layer}, "
-                             f"but the memory reads {layer}")
+                             f"but the memory reads {joint_memory.layer}")
         return record
 
     @property
@@ -141,8 +152,8 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
         return self.config.lmbda
 
     @property
-    def knn_temp(self) -> float:
-        return self.config.knn_temp
+    def memory_temp(self) -> float:
+        return self.config.memory_temp
 
     def get_input_embeddings(self):
         return self.base.get_input_embeddings()
@@ -157,8 +168,9 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
         return self.base.get_decoder() if hasattr(self.base, "get_decoder") else self.base
 
     def prepare_inputs_for_generation(self, input_ids, *args, **kwargs):
-        """As the base model's, and the whole prefix handed to a Memory Decoder (the base sees only new tokens)."""
-        if self.config.memory_kind == MEMORY_DECODER:
+        """As the base model's, and the whole prefix handed to a memory that reads it (the base sees only new
+        tokens)."""
+        if self.joint_memory.reads_prefix:
             self._stage.stage(input_ids, kwargs.get("attention_mask"))
         return super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
 
@@ -168,79 +180,10 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
                 **kwargs):
         """The base model's forward (same arguments, KV cache included) with logits = joint log-probabilities (float32)
         and, given ``labels``, loss = the joint NLL (the base's shifted cross-entropy of those log-probabilities)."""
-        stage = self._stage if self.config.memory_kind == MEMORY_DECODER else None
-        with mixing_hooks(self.base, self.memory, self.config.memory_layer, self.config.lmbda, self.config.knn_temp,
-                          stage):
+        with mixing_hooks(self.base, self.joint_memory, self.config.lmbda, self.config.memory_temp, self._stage):
             try:
                 return self.base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                  inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
                                  logits_to_keep=logits_to_keep, **kwargs)
             finally:
                 self._stage.take()  # a staged prefix serves one forward only
-
-
-# ---------------------------------------------------------------------------------------------------
-# A joint directory in place of --model_name_or_path + --knn_generator_path (evaluate_joint, eval_qa, the demo)
-
-DEFAULT_LMBDA = 0.25
-DEFAULT_KNN_TEMP = 1.0
-
-
-def is_joint_directory(path: str | None) -> bool:
-    """Whether ``path`` is a directory holding an `MLPMemoryForCausalLM` (config.json of model_type mlp_memory_joint)."""
-    config_file = os.path.join(path, "config.json") if path else ""
-    if not os.path.isfile(config_file):
-        return False
-    try:
-        return read_json(config_file).get("model_type") == MLPMemoryJointConfig.model_type
-    except ValueError:  # not JSON: whoever loads it says so
-        return False
-
-
-@dataclass
-class BaseAndMemory:
-    """What an entry point evaluates: the base model, the memory (None: the base alone) and the settings in force."""
-
-    model: PreTrainedModel
-    memory: torch.nn.Module | None
-    layer: int | None
-    base_check: dict | None
-    lmbda: float
-    knn_temp: float
-    memory_path: str | None  # the memory's directory, or the joint directory it came from
-    joint_dir: str | None  # the joint directory, when --model_name_or_path was one
-
-
-def load_base_and_memory(model_args, memory_path: str | None, load_base: Callable[[], PreTrainedModel],
-                         lmbda: float | None = None, knn_temp: float | None = None,
-                         tokenizer_fingerprint: str | None = None, allow_base_mismatch: bool = False,
-                         default_lmbda: float = DEFAULT_LMBDA) -> BaseAndMemory:
-    """The base model and the memory from ``--model_name_or_path`` (a joint directory, split into its base and its
-    memory, with its lmbda / knn_temp unless given) or from ``load_base()`` and ``memory_path`` (None: no memory),
-    checked against each other (`check_memory_fits`)."""
-    path = model_args.model_name_or_path
-    if is_joint_directory(path):
-        if memory_path:
-            raise UsageError(f"--model_name_or_path {path} is a joint model (base + memory): drop "
-                             f"--knn_generator_path {memory_path}, or give the base model instead")
-        if getattr(model_args, "gguf_file", None):
-            raise UsageError(f"--model_name_or_path {path} is a joint model, not a GGUF directory: drop --gguf_file")
-        with loading(path, "--model_name_or_path"):
-            joint = MLPMemoryForCausalLM.from_pretrained(path, dtype=getattr(torch, model_args.torch_dtype),
-                                                         allow_base_mismatch=allow_base_mismatch)
-        base_check = joint.check_fits(tokenizer_fingerprint, allow_base_mismatch)
-        logger.info("--model_name_or_path %s: a joint model (%s)", path, joint.config.describe())
-        resolved = BaseAndMemory(joint.base.eval(), joint.memory.eval(), joint.config.memory_layer, base_check,
-                                 joint.lmbda if lmbda is None else lmbda,
-                                 joint.knn_temp if knn_temp is None else knn_temp,
-                                 os.path.abspath(path), os.path.abspath(path))
-    else:
-        base = load_base()
-        memory = layer = base_check = None
-        if memory_path:
-            memory, layer, base_check = load_checked_memory(memory_path, base, tokenizer_fingerprint,
-                                                            allow_base_mismatch)
-        resolved = BaseAndMemory(base, memory, layer, base_check, default_lmbda if lmbda is None else lmbda,
-                                 DEFAULT_KNN_TEMP if knn_temp is None else knn_temp, memory_path, None)
-    check_joint_settings(resolved.lmbda, resolved.knn_temp)
-    return resolved

@@ -10,22 +10,27 @@ batched left-padded prompts, KV cache, stopping criteria, logits processors) wor
 * a forward hook on the LM head (``model.get_output_embeddings()``) replaces its logits (B, T, V) by
   the joint log-probabilities
 
-      log p = logaddexp(log_softmax(lm_logits) + log(1 - lmbda), log_softmax(memory(h) / knn_temp) + log lmbda)
+      log p = logaddexp(log_softmax(lm_logits) + log(1 - lmbda), log_softmax(memory(h) / memory_temp) + log lmbda)
 
-  in float32, where ``h`` are the recorded hidden states of the positions the head received. The
+  in float32 (`mix`), where ``h`` are the recorded hidden states of the positions the head received. The
   head may see only the last positions (``logits_to_keep``): a pre-hook on the model reads that
   argument and the hidden states are sliced the same way.
 
-A Memory Decoder memory (`models.joint.token_memory`: a small causal LM over tokens) takes the place of
-``memory(h)``: its logits come from running it on the input ids. During ``generate`` the base model
-receives only the new tokens, so ``prepare_inputs_for_generation`` is wrapped within the context to hand
-the whole prefix (rows reordered by beam search included) to the memory, which recomputes it each step.
-Outside ``generate``, a forward that continues a filled KV cache is refused for such a memory.
+What the memory reads is its own business (`models.joint.memories.JointMemory.reader`): the MLP memory the
+hidden states above, a Memory Decoder (`models.joint.token_memory`) the input ids. During ``generate`` the
+base model receives only the new tokens, so for a memory that ``reads_prefix`` the model's
+``prepare_inputs_for_generation`` is wrapped within the context to hand it the whole prefix (rows reordered
+by beam search included), which it recomputes each step. Outside ``generate``, a forward that continues a
+filled KV cache is refused for such a memory.
 
 Because the "logits" are normalised log-probabilities, softmax / log_softmax of them (sampling, beam
 scores) give the joint distribution itself, and ``model(..., labels=...)`` returns the joint loss.
-Only the LM head's output is post-processed: architectures that transform logits after the head
-(e.g. final soft-capping) are not supported by `utils.architectures` anyway.
+A transform the model applies after its head (Gemma 2's final soft-capping) is taken over while the
+hooks are attached (`utils.architectures.logits_transform_taken`): the mix applies it to the base's
+logits, and the model does not apply it again to the joint log-probabilities.
+
+The memory is cast to the model's dtype and device; the mixing is in float32, as everywhere else
+(`models.joint.loading` casts it the same way for every entry point).
 
     with attach_memory(model, memory, lmbda=0.25):
         out = model.generate(**batch, max_new_tokens=32)
@@ -43,50 +48,35 @@ from typing import Iterator
 
 import torch
 
-from models.configuration_mlp_memory import check_memory_matches
-from models.joint.interpolation import check_joint_settings, interpolate_log_probs, memory_log_probs
-from models.joint.token_memory import (check_token_memory_fits, is_token_memory, load_any_memory,
-                                       token_memory_log_probs)
-from utils.architectures import normalize_layer
+from models.joint.interpolation import check_joint_settings, interpolate_log_probs
+from models.joint.memories import JointMemory, PrefixStage, as_joint_memory
+from models.joint.settings import DEFAULT_LMBDA, DEFAULT_MEMORY_TEMP, PERPLEXITY
+from models.joint.token_memory import load_any_memory
+from utils.architectures import logits_transform_taken
 from utils.cli import UsageError
-from utils.hidden_state import HiddenStateHook
-from utils.modeling import model_fingerprint
 
 logger = logging.getLogger(__name__)
 
 _ATTACHED = "_mlp_memory_attached"
+DEFAULT_PYTHON_LMBDA = DEFAULT_LMBDA[PERPLEXITY]  # JointLM / attach_memory without lmbda: the paper's perplexity value
 
 
-def memory_layer(model: torch.nn.Module, memory: torch.nn.Module) -> int:
-    """The (non-negative) base block whose feed-forward input the memory reads; the last if not recorded."""
-    layer = memory.config.layer
-    if layer is None:
-        logger.warning("The memory does not record its layer: reading the last block of the base model")
-        layer = -1
-    return normalize_layer(model, layer)
-
-
-def check_memory_fits(model: torch.nn.Module, memory: torch.nn.Module, tokenizer_fingerprint: str | None = None,
-                      allow_base_mismatch: bool = False, memory_path: str | None = None) -> tuple[int | None, dict]:
-    """`check_memory_matches` against ``model`` itself, its weights included; returns the layer and the record
-    of the base model check (`utils.modeling.check_model_fingerprint`) that results carry. A Memory Decoder
-    reads no layer (None) and is checked for the vocabulary and tokenizer only (`check_token_memory_fits`)."""
-    if is_token_memory(memory):
-        return None, check_token_memory_fits(model, memory, tokenizer_fingerprint, memory_path)
-    layer = memory_layer(model, memory)
-    memory_path = memory_path or getattr(memory.config, "_name_or_path", None) or None  # set by from_pretrained
-    base_check = check_memory_matches(memory.config, model, tokenizer_fingerprint, layer=layer, memory_path=memory_path,
-                                      base_fingerprint=model_fingerprint(model, layer),
-                                      allow_base_mismatch=allow_base_mismatch)
-    return layer, base_check
+def check_memory_fits(model: torch.nn.Module, memory: torch.nn.Module | JointMemory,
+                      tokenizer_fingerprint: str | None = None, allow_base_mismatch: bool = False,
+                      memory_path: str | None = None) -> tuple[int | None, dict]:
+    """`JointMemory.check_fits` of ``memory`` against ``model`` (a `UsageError` if it does not belong to it); returns
+    the (non-negative) block it reads (None: tokens) and the record of the base model check that results carry."""
+    joint_memory = as_joint_memory(memory, path=memory_path)
+    record = joint_memory.check_fits(model, tokenizer_fingerprint, allow_base_mismatch)
+    return joint_memory.layer, record
 
 
 def load_checked_memory(path: str, model: torch.nn.Module, tokenizer_fingerprint: str,
                         allow_base_mismatch: bool = False) -> tuple[torch.nn.Module, int | None, dict]:
-    """The memory at ``path`` (an MLP memory or a Memory Decoder, `load_any_memory`), the (non-negative) base block
-    it reads (None for a Memory Decoder) and the record of the base model check; a `UsageError` if it does not fit
-    ``model`` (`check_memory_fits`)."""
-    memory = load_any_memory(path, "--knn_generator_path").eval()
+    """The memory network at ``path`` (`load_any_memory`), the block it reads (None for a Memory Decoder) and the
+    record of the base model check; a `UsageError` if it does not fit ``model``. Entry points use
+    `models.joint.loading.load_joint`, which also casts the memory and resolves the settings."""
+    memory = load_any_memory(path, "--memory").eval()
     layer, base_check = check_memory_fits(model, memory, tokenizer_fingerprint, allow_base_mismatch, memory_path=path)
     return memory, layer, base_check
 
@@ -100,86 +90,39 @@ def _kept_positions(logits_to_keep) -> slice | torch.Tensor | None:
     return logits_to_keep
 
 
-class PrefixStage:
-    """The whole input of the next forward, for a Memory Decoder while the base model sees only the new tokens."""
-
-    def __init__(self):
-        self.prefix: tuple[torch.Tensor, torch.Tensor | None] | None = None
-
-    def stage(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
-        self.prefix = (input_ids, attention_mask)
-
-    def take(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        prefix, self.prefix = self.prefix, None
-        return prefix
+def mix(lm_logits: torch.Tensor, memory_log_probs: torch.Tensor, lmbda: float) -> torch.Tensor:
+    """The joint log-probabilities (B, T, V) in float32 from the LM head's logits and the memory's log-probabilities."""
+    return interpolate_log_probs(torch.log_softmax(lm_logits.float(), dim=-1), memory_log_probs, lmbda)
 
 
 @contextmanager
-def mixing_hooks(model: torch.nn.Module, memory: torch.nn.Module, layer: int | None, lmbda: float, knn_temp: float,
+def mixing_hooks(model: torch.nn.Module, memory: JointMemory, lmbda: float, memory_temp: float,
                  stage: PrefixStage | None = None) -> Iterator[torch.nn.Module]:
     """The hooks alone (no checks, no device moves): within the context ``model``'s LM head returns the joint
-    log-probabilities. For a Memory Decoder, ``stage`` may hold the whole prefix of the next forward."""
+    log-probabilities. For a memory that reads the prefix, ``stage`` may hold the whole prefix of the next forward."""
     head = model.get_output_embeddings()
     if head is None:
         raise UsageError(f"{type(model).__name__} has no LM head (get_output_embeddings() is None)")
-    token_memory = is_token_memory(memory)
-    capture = None if token_memory else HiddenStateHook(model, layer)
-    seen: dict[str, object] = {"positions": None, "tokens": None}
+    reader = memory.reader(model, stage)
+    seen: dict[str, object] = {"positions": None}
 
     def read_inputs(module, args, kwargs):
         seen["positions"] = _kept_positions(kwargs.get("logits_to_keep"))
-        if not token_memory:
-            return
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        prefix = stage.take() if stage is not None else None
-        if prefix is None:
-            cache = kwargs.get("cache", kwargs.get("past_key_values"))
-            if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
-                raise UsageError("A Memory Decoder memory reads the whole prefix: continue a KV cache through "
-                                 "generate(), or call the model on the whole sequence without a cache")
-            prefix = (input_ids, kwargs.get("attention_mask"))
-        if prefix[0] is None:
-            raise UsageError("A Memory Decoder memory reads token ids: give input_ids, not inputs_embeds")
-        seen["tokens"] = (prefix[0], prefix[1], input_ids.shape[-1] if input_ids is not None else prefix[0].shape[-1])
+        reader.see_forward(args, kwargs)
 
-    def memory_side(num: int, positions) -> torch.Tensor:
-        """The memory's log-probabilities (B, num, V) for the positions the head received."""
-        if token_memory:
-            tokens, seen["tokens"] = seen["tokens"], None
-            if tokens is None:
-                raise RuntimeError("The LM head ran without a forward of the model: the memory has no input")
-            input_ids, attention_mask, current = tokens
-            if positions is None or isinstance(positions, slice):  # the head received the last positions
-                return token_memory_log_probs(memory, input_ids, attention_mask, knn_temp, last=num)
-            return token_memory_log_probs(memory, input_ids, attention_mask, knn_temp, last=current)[:, positions]
-        hidden, capture.hidden = capture.hidden, None  # never reuse the states of an earlier forward
-        if hidden is None:
-            raise RuntimeError("The LM head ran without a forward of the base model's blocks: the memory has no input")
-        hidden = hidden[:, positions] if positions is not None else hidden
-        if hidden.shape[-2] != num:  # unknown slicing: the head received the last positions
-            if hidden.shape[-2] < num:
-                raise RuntimeError(f"The LM head produced {num} positions but the memory's input has "
-                                   f"{hidden.shape[-2]}")
-            hidden = hidden[:, -num:]
-        return memory_log_probs(memory, hidden, knn_temp)
-
-    def mix(module, args, lm_logits):
+    def mix_head(module, args, lm_logits):
         positions, seen["positions"] = seen["positions"], None
-        return interpolate_log_probs(torch.log_softmax(lm_logits.float(), dim=-1),
-                                     memory_side(lm_logits.shape[-2], positions), lmbda)
+        return mix(head_transform(lm_logits), reader.log_probs(lm_logits.shape[-2], positions, memory_temp), lmbda)
 
     handles = []
-    try:
-        if capture is not None:
-            capture.__enter__()
-        handles.append(model.register_forward_pre_hook(read_inputs, with_kwargs=True))
-        handles.append(head.register_forward_hook(mix))
-        yield model
-    finally:
-        for handle in handles:
-            handle.remove()
-        if capture is not None:
-            capture.__exit__(None, None, None)
+    with logits_transform_taken(model) as head_transform, reader:
+        try:
+            handles.append(model.register_forward_pre_hook(read_inputs, with_kwargs=True))
+            handles.append(head.register_forward_hook(mix_head))
+            yield model
+        finally:
+            for handle in handles:
+                handle.remove()
 
 
 @contextmanager
@@ -200,8 +143,35 @@ def staging_prefixes(model: torch.nn.Module, stage: PrefixStage) -> Iterator[Non
 
 
 @contextmanager
-def attach_memory(model: torch.nn.Module, memory: torch.nn.Module, lmbda: float = 0.25, knn_temp: float = 1.0,
-                  tokenizer_fingerprint: str | None = None, allow_base_mismatch: bool = False) -> Iterator[torch.nn.Module]:
+def _attached(model: torch.nn.Module, memory: JointMemory, lmbda: float,
+              memory_temp: float) -> Iterator[torch.nn.Module]:
+    """The memory (already checked against ``model``) moved to the model's device and dtype, in eval mode (its mode
+    is restored on exit), and the hooks (`mixing_hooks`), with the prefix staged for a memory that reads it."""
+    if getattr(model, _ATTACHED, False):
+        raise UsageError("A memory is already attached to this model; leave that attach_memory context first")
+    param = next(model.parameters())
+    memory.to(device=param.device, dtype=param.dtype)
+    was_training = memory.module.training
+    memory.eval()
+    stage = PrefixStage() if memory.reads_prefix else None
+    setattr(model, _ATTACHED, True)
+    try:
+        with mixing_hooks(model, memory, lmbda, memory_temp, stage):
+            if stage is None:
+                yield model
+            else:
+                with staging_prefixes(model, stage):
+                    yield model
+    finally:
+        setattr(model, _ATTACHED, False)
+        memory.module.train(was_training)
+
+
+@contextmanager
+def attach_memory(model: torch.nn.Module, memory: torch.nn.Module | JointMemory,
+                  lmbda: float = DEFAULT_PYTHON_LMBDA, memory_temp: float = DEFAULT_MEMORY_TEMP,
+                  tokenizer_fingerprint: str | None = None, allow_base_mismatch: bool = False, *,
+                  knn_temp: float | None = None) -> Iterator[torch.nn.Module]:
     """Within the context, ``model``'s logits are the joint log-probabilities of base + memory.
 
     Checks that the memory fits the model (`check_memory_fits`: hidden size, vocabulary, layer, the
@@ -210,48 +180,39 @@ def attach_memory(model: torch.nn.Module, memory: torch.nn.Module, lmbda: float 
     cached on the model, so a check per ``generate`` call costs nothing), moves the memory to the
     model's device and dtype and puts it in eval mode (its mode is restored on exit), registers the
     hooks (`mixing_hooks`) and yields ``model``; the hooks are removed on exit, even on error.
+    ``knn_temp`` is the released name of ``memory_temp``.
     """
-    check_joint_settings(lmbda, knn_temp)
-    layer, _ = check_memory_fits(model, memory, tokenizer_fingerprint, allow_base_mismatch)
-    if getattr(model, _ATTACHED, False):
-        raise UsageError("A memory is already attached to this model; leave that attach_memory context first")
-
-    param = next(model.parameters())
-    memory.to(device=param.device, dtype=param.dtype)
-    was_training = memory.training
-    memory.eval()
-    stage = PrefixStage() if is_token_memory(memory) else None
-    setattr(model, _ATTACHED, True)
-    try:
-        with mixing_hooks(model, memory, layer, lmbda, knn_temp, stage):
-            if stage is None:
-                yield model
-            else:
-                with staging_prefixes(model, stage):
-                    yield model
-    finally:
-        setattr(model, _ATTACHED, False)
-        memory.train(was_training)
+    memory_temp = memory_temp if knn_temp is None else knn_temp
+    check_joint_settings(lmbda, memory_temp)
+    memory = as_joint_memory(memory)
+    memory.check_fits(model, tokenizer_fingerprint, allow_base_mismatch)
+    with _attached(model, memory, lmbda, memory_temp):
+        yield model
 
 
 class JointLM:
-    """A base causal LM and a memory (an MLP memory or a Memory Decoder), interpolated with weight ``lmbda`` on the
-    memory.
+    """A base causal LM and a memory (an MLP memory or a Memory Decoder, or a `JointMemory`), interpolated with
+    weight ``lmbda`` on the memory and the memory's logits at temperature ``memory_temp``.
 
-    The memory must fit the model (`check_memory_fits`; give ``tokenizer_fingerprint`` to check the
-    tokenizer too). ``base_check`` records the base model check, for results.
+    The memory must fit the model (`check_memory_fits`, once, here; give ``tokenizer_fingerprint`` to check the
+    tokenizer too), unless ``checked`` is the record of that check already made (`models.joint.loading.load_joint`).
+    ``base_check`` records the base model check, for results. ``knn_temp`` is the released name of ``memory_temp``.
     """
 
-    def __init__(self, model: torch.nn.Module, memory: torch.nn.Module, lmbda: float = 0.25, knn_temp: float = 1.0,
-                 tokenizer_fingerprint: str | None = None, allow_base_mismatch: bool = False):
-        check_joint_settings(lmbda, knn_temp)
-        _, self.base_check = check_memory_fits(model, memory, tokenizer_fingerprint, allow_base_mismatch)
-        self.model, self.memory, self.lmbda, self.knn_temp = model, memory, lmbda, knn_temp
-        self.tokenizer_fingerprint, self.allow_base_mismatch = tokenizer_fingerprint, allow_base_mismatch
+    def __init__(self, model: torch.nn.Module, memory: torch.nn.Module | JointMemory,
+                 lmbda: float = DEFAULT_PYTHON_LMBDA, memory_temp: float = DEFAULT_MEMORY_TEMP,
+                 tokenizer_fingerprint: str | None = None, allow_base_mismatch: bool = False, *,
+                 knn_temp: float | None = None, checked: dict | None = None):
+        memory_temp = memory_temp if knn_temp is None else knn_temp
+        check_joint_settings(lmbda, memory_temp)
+        self.joint_memory = as_joint_memory(memory)
+        self.base_check = checked if checked is not None else self.joint_memory.check_fits(
+            model, tokenizer_fingerprint, allow_base_mismatch)
+        self.model, self.memory, self.lmbda, self.memory_temp = model, self.joint_memory.module, lmbda, memory_temp
 
     def attached(self):
-        return attach_memory(self.model, self.memory, self.lmbda, self.knn_temp, self.tokenizer_fingerprint,
-                             self.allow_base_mismatch)
+        """A context within which ``self.model``'s logits are the joint log-probabilities."""
+        return _attached(self.model, self.joint_memory, self.lmbda, self.memory_temp)
 
     def generate(self, **kwargs):
         """``model.generate(**kwargs)`` with the memory attached (any decoding strategy)."""

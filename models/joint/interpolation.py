@@ -4,7 +4,7 @@
 
 One function, `interpolate_log_probs`, serves the kNN-LM (knn_utils/knnlm.py, q = p_knn), the joint
 perplexity evaluation (`models.joint.perplexity`), generation and QA (`models.joint.hooks`, q = the memory's
-``log_softmax(memory(h) / knn_temp)``, `memory_log_probs`). The formula is elementwise, so it takes whole
+``log_softmax(memory(h) / memory_temp)``, `memory_log_probs`). The formula is elementwise, so it takes whole
 distributions (n, V) where they are used (generation's last position) and gold-token log-probabilities (n,)
 where only those are (perplexity):
 
@@ -20,27 +20,20 @@ import math
 
 import torch
 
+from models.joint.settings import check_lmbdas  # noqa: F401 - imported from here by knn_utils.knnlm
 from utils.cli import UsageError
 from utils.scoring import token_nll
 
 ROWS_PER_SLICE = 1024  # rows scored at once, to bound the (rows, V) tensors
 
 
-def check_lmbdas(lmbdas: list[float]) -> None:
-    """``--lmbda`` holds at least one value, each in [0, 1]."""
-    if not lmbdas:
-        raise UsageError("--lmbda needs at least one value")
-    for lmbda in lmbdas:
-        if not 0 <= lmbda <= 1:
-            raise UsageError(f"--lmbda values must be in [0, 1], got {lmbda}")
-
-
-def check_joint_settings(lmbda: float, knn_temp: float) -> None:
-    """One ``lmbda`` in [0, 1] and a finite ``knn_temp`` > 0 (written so that NaN fails both)."""
+def check_joint_settings(lmbda: float, memory_temp: float) -> None:
+    """One ``lmbda`` in [0, 1] and a finite ``memory_temp`` > 0 (written so that NaN fails both), for Python callers
+    (`JointLM`, `attach_memory`, the joint config); flags are checked by `models.joint.settings.MemoryArguments`."""
     if not 0 <= lmbda <= 1:
         raise UsageError(f"lmbda must be in [0, 1], got {lmbda}")
-    if not 0 < knn_temp < math.inf:
-        raise UsageError(f"knn_temp must be a finite number > 0, got {knn_temp}")
+    if not 0 < memory_temp < math.inf:
+        raise UsageError(f"memory_temp must be a finite number > 0, got {memory_temp}")
 
 
 def interpolate_log_probs(lm_log_probs: torch.Tensor, other_log_probs: torch.Tensor, lmbda: float) -> torch.Tensor:
@@ -50,10 +43,10 @@ def interpolate_log_probs(lm_log_probs: torch.Tensor, other_log_probs: torch.Ten
     return torch.logaddexp(lm_log_probs + log_rest, other_log_probs + log_lmbda)
 
 
-def memory_log_probs(memory: torch.nn.Module, hidden: torch.Tensor, knn_temp: float) -> torch.Tensor:
-    """``log_softmax(memory(hidden) / knn_temp)`` in float32, (n, d) -> (n, V)."""
+def memory_log_probs(memory: torch.nn.Module, hidden: torch.Tensor, memory_temp: float) -> torch.Tensor:
+    """``log_softmax(memory(hidden) / memory_temp)`` in float32, (n, d) -> (n, V)."""
     logits = memory(hidden.to(memory.dtype))  # (n, V)
-    return torch.log_softmax(logits.float() / knn_temp, dim=-1)
+    return torch.log_softmax(logits.float() / memory_temp, dim=-1)
 
 
 def gold_log_probs(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -69,7 +62,7 @@ def gold_log_probs(logits: torch.Tensor, labels: torch.Tensor, temperature: floa
 
 
 def memory_gold_log_probs(memory: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
-                          knn_temp: float) -> torch.Tensor:
-    """``memory_log_probs(memory, hidden, knn_temp)[label]`` of each row, (n, d), (n,) -> (n,), from one
+                          memory_temp: float) -> torch.Tensor:
+    """``memory_log_probs(memory, hidden, memory_temp)[label]`` of each row, (n, d), (n,) -> (n,), from one
     log-sum-exp per row instead of the (n, V) distribution."""
-    return gold_log_probs(memory(hidden.to(memory.dtype)), labels, knn_temp)  # (n, V) logits -> (n,)
+    return gold_log_probs(memory(hidden.to(memory.dtype)), labels, memory_temp)  # (n, V) logits -> (n,)

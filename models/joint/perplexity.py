@@ -1,10 +1,11 @@
 """The joint model evaluated by perplexity (evaluate_joint.py): a frozen base LM interpolated with a trained memory.
 
-For every scored row, one pass of the base LM gives its logits and the hidden state the memory reads
-(the feed-forward input of block ``memory.config.layer``). Then
+For every scored row, one pass of the base LM gives its logits and what the memory reads (an MLP memory:
+the feed-forward input of its block; a Memory Decoder scores the same windows itself:
+`models.joint.memories.JointMemory.scored_inputs`). Then
 
     log p_lm  = log_softmax(lm_logits)
-    log q     = log_softmax(memory(hidden) / knn_temp)
+    log q     = log_softmax(memory_logits / memory_temp)
     log p     = logaddexp(log p_lm + log(1 - lmbda), log q + log lmbda)      for each lmbda
 
 (`models.joint.interpolation`'s formula), so the base alone, the memory alone and the joint model for
@@ -26,14 +27,15 @@ from dataclasses import dataclass, field
 import torch
 from accelerate import PartialState
 
-from models.joint.causal_lm import load_base_and_memory
-from models.joint.interpolation import ROWS_PER_SLICE, check_lmbdas, interpolate_log_probs, memory_gold_log_probs
-from models.joint.token_memory import is_token_memory, with_token_memory_logits
+from models.joint.interpolation import ROWS_PER_SLICE, interpolate_log_probs
+from models.joint.loading import load_joint
+from models.joint.memories import JointMemory, as_joint_memory
+from models.joint.settings import PERPLEXITY, MemoryArguments
 from utils.arguments import SPLITS, DataArguments, PretrainedModelArguments
 from utils.artifacts.dataset import load_split
-from utils.cli import UsageError, check_finite_floats
+from utils.cli import UsageError
 from utils.distributed import process_state, synchronize
-from utils.modeling import check_tokenizer, check_vocab, load_model_for_dataset
+from utils.modeling import check_tokenizer, check_vocab
 from utils.scoring import ScoredBatch, check_finite_loss, gather_window_totals, score_batches, token_nll, window_sums
 from utils.windows import ROW_BEGIN, ROW_END
 
@@ -42,20 +44,11 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class JointArguments:
-    """The memory, the interpolation settings and the released script's compatibility flags."""
+    """Where the results go, the batching, and the released script's compatibility flags (the memory and its settings
+    are `models.joint.settings.MemoryArguments`)."""
 
     output_dir: str = field(metadata={"help": "Directory for joint_results.json (merged into all_results.json) "
                                               "and, for several --lmbda, lmbda_sweep.md / lmbda_sweep.png."})
-    knn_generator_path: str | None = field(default=None, metadata={
-        "help": "The memory: an MLP memory directory (train_mlpmem_*) or a Memory Decoder (a causal LM directory "
-                "sharing the base's tokenizer). Not given when --model_name_or_path is a joint model directory "
-                "(python -m models.convert --joint), which holds its memory."})
-    lmbda: list[float] | None = field(default=None, metadata={
-        "help": "Weight(s) of the memory in the interpolation (0: the base LM alone). Several values, e.g. "
-                "--lmbda 0.25 0.5 0.75, are all scored in the same pass. Default: a joint model's own, else 0.25.",
-        "nargs": "+"})
-    knn_temp: float | None = field(default=None, metadata={
-        "help": "Temperature T of softmax(memory_logits / T). Default: a joint model's own, else 1."})
     per_device_eval_batch_size: int = field(default=8, metadata={"help": "Windows per forward pass and process."})
     dataset_split_name: str | None = field(default=None, metadata={
         "help": "Split to evaluate (the released name of --eval_subset; takes precedence over it).",
@@ -68,11 +61,6 @@ class JointArguments:
         "help": "Released flag; only 'none' is supported (results go to OUTPUT_DIR only).", "choices": ["none"]})
 
     def __post_init__(self):
-        check_finite_floats(self)
-        if self.lmbda is not None:
-            check_lmbdas(self.lmbda)
-        if self.knn_temp is not None and self.knn_temp <= 0:
-            raise UsageError(f"--knn_temp must be > 0, got {self.knn_temp}")
         if self.per_device_eval_batch_size < 1:
             raise UsageError(f"--per_device_eval_batch_size must be >= 1, got {self.per_device_eval_batch_size}")
         if self.do_test and self.do_eval:
@@ -99,17 +87,20 @@ class JointNll:
     interpolation_seconds: float  # all lmbdas together
 
 
-def joint_nll(batch: ScoredBatch, lm_gold: torch.Tensor, memory: torch.nn.Module, lmbdas: list[float],
-              knn_temp: float) -> JointNll:
+def joint_nll(batch: ScoredBatch, lm_gold: torch.Tensor, memory: torch.nn.Module | JointMemory, lmbdas: list[float],
+              memory_temp: float, memory_inputs: torch.Tensor | None = None) -> JointNll:
     """Memory-alone and joint NLL of each row of ``batch``, ``ROWS_PER_SLICE`` rows at a time.
 
-    ``lm_gold`` (n,) is the base's ``log p_lm`` of each row's label (the negated NLL its perplexity sums).
+    ``lm_gold`` (n,) is the base's ``log p_lm`` of each row's label (the negated NLL its perplexity sums);
+    ``memory_inputs`` what the memory reads for the rows (`JointMemory.scored_inputs`; default: ``batch.hidden``).
     """
+    memory = as_joint_memory(memory)
+    inputs = batch.hidden if memory_inputs is None else memory_inputs
     device = batch.labels.device
     synchronize(device)
     start = time.perf_counter()
-    mem_gold = torch.cat([memory_gold_log_probs(memory, batch.hidden[s : s + ROWS_PER_SLICE],
-                                                batch.labels[s : s + ROWS_PER_SLICE], knn_temp)
+    mem_gold = torch.cat([memory.gold_log_probs(inputs[s : s + ROWS_PER_SLICE], batch.labels[s : s + ROWS_PER_SLICE],
+                                                memory_temp)
                           for s in range(0, len(batch.rows), ROWS_PER_SLICE)])  # (n,)
     synchronize(device)
     middle = time.perf_counter()
@@ -119,93 +110,90 @@ def joint_nll(batch: ScoredBatch, lm_gold: torch.Tensor, memory: torch.nn.Module
 
 
 def evaluate_joint(model_args: PretrainedModelArguments, data_args: DataArguments, args: JointArguments,
-                   state: PartialState | None = None, allow_base_mismatch: bool = False) -> dict:
+                   memory_args: MemoryArguments, state: PartialState | None = None) -> dict:
     """Base, memory-alone and joint perplexity (for every lmbda) over the scored rows of one split.
 
-    The memory must belong to the base model (`load_checked_memory`); ``allow_base_mismatch``
-    (--allow_base_mismatch) accepts another one, and the results record the check (``base_check``).
+    The base and the memory come from `models.joint.loading.load_joint` (a joint directory as the model included),
+    checked against each other and against the dataset's tokenizer; the results record the check (``base_check``)
+    and where the settings came from.
     """
     state = state or process_state()
     split = load_split(data_args.dataset_name, resolve_split(data_args, args))
-    loaded = load_base_and_memory(model_args, args.knn_generator_path,
-                                  lambda: load_model_for_dataset(model_args, split.meta, data_args.dataset_name)[0],
-                                  args.lmbda[0] if args.lmbda else None, args.knn_temp,
-                                  split.meta["tokenizer"]["fingerprint"], allow_base_mismatch)
+    check_tokenizer(model_args, split.meta, data_args.dataset_name)
+    loaded = load_joint(model_args, memory_args, PERPLEXITY,
+                        tokenizer_fingerprint=split.meta["tokenizer"]["fingerprint"])
     if loaded.memory is None:
-        raise UsageError("Give --knn_generator_path (a memory), or a joint model directory as --model_name_or_path")
-    if loaded.joint_dir is not None:  # the base inside a joint directory, checked against the dataset as a base is
-        check_tokenizer(model_args, split.meta, data_args.dataset_name)
-        check_vocab(loaded.model, split.meta, data_args.dataset_name)
-    model, memory, layer, base_check = loaded.model, loaded.memory, loaded.layer, loaded.base_check
-    args.lmbda, args.knn_temp, args.knn_generator_path = args.lmbda or [loaded.lmbda], loaded.knn_temp, loaded.memory_path
+        raise UsageError("Give --memory (--knn_generator_path), or a joint model directory as --model_name_or_path")
+    check_vocab(loaded.model, split.meta, data_args.dataset_name)
+    model, memory, lmbdas, memory_temp = loaded.model, loaded.memory, loaded.lmbdas, loaded.memory_temp
     windows = split.windows[: data_args.max_eval_samples]
-    logger.info("Joint model over %d windows of %s: memory %s (%s), lmbda %s, knn_temp %g",
-                len(windows), split.split, args.knn_generator_path,
-                "a Memory Decoder" if layer is None else f"block {layer}", args.lmbda, args.knn_temp)
+    logger.info("Joint model over %d windows of %s", len(windows), split.split)
 
-    model.to(state.device)
-    memory.to(state.device)
+    loaded.to(state.device)
     base_totals: dict[int, float] = {}
     memory_totals: dict[int, float] = {}
-    joint_totals: list[dict[int, float]] = [{} for _ in args.lmbda]
+    joint_totals: list[dict[int, float]] = [{} for _ in lmbdas]
     base_seconds = memory_seconds = interpolation_seconds = 0.0
     batches = score_batches(model, split.tokens, windows, args.per_device_eval_batch_size, state.process_index,
-                            state.num_processes, layer=-1 if layer is None else layer, show_progress=state.is_main_process)
-    if is_token_memory(memory):  # its logits over the same windows take the place of the hidden states
-        batches, memory = with_token_memory_logits(batches, memory, split.tokens, windows,
-                                                   args.per_device_eval_batch_size, state)
+                            state.num_processes, layer=memory.capture_layer, show_progress=state.is_main_process)
+    scored = memory.scored_inputs(batches, split.tokens, windows, args.per_device_eval_batch_size, state)
+    pairs = iter(scored)
     with torch.no_grad():
         while True:
             start = time.perf_counter()
-            batch = next(batches, None)
+            batch, memory_inputs = next(pairs, (None, None))
             if batch is None:
                 break
             base_nll = token_nll(batch.logits, batch.labels)  # (n,)
             base_totals.update(window_sums(base_nll, batch, windows))
             synchronize(state.device)
             base_seconds += time.perf_counter() - start
-            nll = joint_nll(batch, -base_nll, memory, args.lmbda, args.knn_temp)
+            nll = joint_nll(batch, -base_nll, memory, lmbdas, memory_temp, memory_inputs)
             memory_seconds += nll.memory_seconds
             interpolation_seconds += nll.interpolation_seconds
             memory_totals.update(window_sums(nll.memory, batch, windows))
             for totals, joint in zip(joint_totals, nll.joint):
                 totals.update(window_sums(joint, batch, windows))
 
-    if hasattr(memory, "seconds"):  # a Memory Decoder ran beside the base (with_token_memory_logits): its time
-        base_seconds, memory_seconds = base_seconds - memory.seconds, memory_seconds + memory.seconds
+    # A memory that scored the windows itself did so inside next(pairs): its time is the memory's, not the base's.
+    base_seconds, memory_seconds = base_seconds - scored.seconds, memory_seconds + scored.seconds
     num_rows = int(windows[-1, ROW_END] - windows[0, ROW_BEGIN])
 
     def loss(totals: dict[int, float], whose: str, cause: str) -> float:
         return check_finite_loss(float(gather_window_totals(totals, len(windows), state).sum() / num_rows), whose, cause)
 
-    memory_cause = (f"its weights may be corrupt (--knn_generator_path {args.knn_generator_path}), or --knn_temp "
-                    f"{args.knn_temp} is too small")
+    memory_cause = (f"its weights may be corrupt (--memory {loaded.record['memory']}), or --memory_temp "
+                    f"{memory_temp} is too small")
     base_loss = loss(base_totals, "The base model's",
                      f"its weights may be corrupt (--model_name_or_path {model_args.model_name_or_path})")
     memory_loss = loss(memory_totals, "The memory's", memory_cause)
     sweep = [{"lmbda": lmbda, "perplexity": math.exp(joint_loss), "eval_loss": joint_loss}
              for lmbda, joint_loss in ((lmbda, loss(t, f"The joint model's (lmbda {lmbda})", memory_cause))
-                                       for lmbda, t in zip(args.lmbda, joint_totals))]
+                                       for lmbda, t in zip(lmbdas, joint_totals))]
     # Base + memory as deployed: one interpolation per token, not the whole sweep.
-    joint_seconds = base_seconds + memory_seconds + interpolation_seconds / len(args.lmbda)
+    joint_seconds = base_seconds + memory_seconds + interpolation_seconds / len(lmbdas)
+    record = loaded.record
     return {
         "eval_subset": split.split, "perplexity": sweep[0]["perplexity"], "eval_loss": sweep[0]["eval_loss"],
-        "lmbda": args.lmbda[0], "base_perplexity": math.exp(base_loss), "base_eval_loss": base_loss,
-        "memory_perplexity": math.exp(memory_loss), "memory_eval_loss": memory_loss, "lmbda_sweep": sweep,
-        "knn_temp": args.knn_temp, "memory_layer": layer,
-        "knn_generator_path": os.path.abspath(args.knn_generator_path), "base_check": base_check,
+        "lmbda": lmbdas[0], "lmbda_source": record["lmbda_source"], "base_perplexity": math.exp(base_loss),
+        "base_eval_loss": base_loss, "memory_perplexity": math.exp(memory_loss), "memory_eval_loss": memory_loss,
+        "lmbda_sweep": sweep, "memory_temp": memory_temp, "memory_temp_source": record["memory_temp_source"],
+        "memory_layer": memory.layer, "memory_kind": memory.kind, "memory": record["memory"],
+        "joint_dir": record["joint_dir"],
+        "joint_dir_verified": record["joint_dir_verified"], "dtype": record["dtype"],
+        "base_check": record["base_check"],
         "eval_tokens": num_rows, "eval_windows": len(windows), "num_processes": state.num_processes,
         "base_seconds": round(base_seconds, 3), "memory_seconds": round(memory_seconds, 3),
         "interpolation_seconds": round(interpolation_seconds, 3),
         "base_tokens_per_second": round(num_rows / base_seconds, 2),
-        "joint_tokens_per_second": round(num_rows / joint_seconds, 2),
+        "joint_tokens_per_second": round(num_rows / joint_seconds, 2), "threads": torch.get_num_threads(),
     }
 
 
 def sweep_table(metrics: dict) -> str:
     """The lmbda sweep as a Markdown table, with the base and the memory alone as reference rows."""
     lines = [f"Perplexity on {metrics['eval_subset']} ({metrics['eval_tokens']} tokens, "
-             f"knn_temp {metrics['knn_temp']:g})",
+             f"memory_temp {metrics['memory_temp']:g})",
              "", "| lmbda | perplexity |", "|---|---|",
              f"| base alone (0) | {metrics['base_perplexity']:.4f} |"]
     lines += [f"| {entry['lmbda']:g} | {entry['perplexity']:.4f} |" for entry in metrics["lmbda_sweep"]]
@@ -234,11 +222,21 @@ def plot_sweep(metrics: dict, path: str) -> None:
     os.replace(partial, path)
 
 
+SWEEP_FILES = ("lmbda_sweep.md", "lmbda_sweep.png")
+
+
 def save_sweep(output_dir: str, metrics: dict) -> None:
-    """``lmbda_sweep.md`` and ``lmbda_sweep.png`` in ``output_dir``."""
+    """``lmbda_sweep.md`` and ``lmbda_sweep.png`` in ``output_dir`` for a sweep of several ``lmbda``; for one value,
+    the files an earlier sweep left there are removed, so that no stale table sits beside the new results."""
     os.makedirs(output_dir, exist_ok=True)
-    table = os.path.join(output_dir, "lmbda_sweep.md")
+    table, plot = (os.path.join(output_dir, name) for name in SWEEP_FILES)
+    if len(metrics["lmbda_sweep"]) < 2:
+        for stale in (table, plot):
+            if os.path.exists(stale):
+                os.remove(stale)
+                logger.info("Removed %s, left by an earlier sweep", stale)
+        return
     with open(table + ".partial", "w") as f:
         f.write(sweep_table(metrics))
     os.replace(table + ".partial", table)
-    plot_sweep(metrics, os.path.join(output_dir, "lmbda_sweep.png"))
+    plot_sweep(metrics, plot)

@@ -12,10 +12,13 @@ ties to the base   hidden size, layer, weights (fingerprint)    the tokenizer on
 generation cost    one MLP pass per new token                   its own forward over the whole prefix
 =================  ===========================================  ==========================================
 
-Both give ``log q = log_softmax(memory_logits / knn_temp)`` that `models.joint.interpolation` mixes with
-the base's distribution. A Memory Decoder directory is an ordinary ``AutoModelForCausalLM`` directory (a
+Both give ``log q = log_softmax(memory_logits / memory_temp)`` that `models.joint.interpolation` mixes with
+the base's distribution, through one interface (`models.joint.memories.JointMemory`; `TokenMemory` here).
+A Memory Decoder directory is an ordinary ``AutoModelForCausalLM`` directory (a
 GPT-2 / Llama / ... checkpoint), told apart from an MLP memory, ours or in the released layout, by its
-token embedding: an MLP memory has none (`reads_tokens`).
+token embedding: an MLP memory has none (`reads_tokens`). Its weights are read from safetensors or, as a
+Memory Decoder's training saves them, from ``pytorch_model.bin`` with ``weights_only=True`` (tensors only:
+a pickled object is refused without running).
 
 During ``generate`` the base model sees only the new token(s) of each step (it has a KV cache), while the
 Memory Decoder is run over the whole prefix again (`token_memory_log_probs`; the prefix comes from
@@ -28,8 +31,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import time
-from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -37,41 +41,48 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from models.configuration_mlp_memory import MemoryConfig
+from models.joint.interpolation import gold_log_probs
+from models.joint.memories import MEMORY_DECODER, JointMemory, MemoryReader, PrefixStage, ScoredInputs
 from models.memory_directory import check_finite_weights, load_memory
-from models.modeling_mlp_memory import MLPMemoryPreTrainedModel
 from utils.cli import UsageError
 from utils.distributed import synchronize
+from utils.io import ArtifactError
 from utils.modeling import load_tokenizer, loading, tokenizer_fingerprint
-from utils.scoring import ScoredBatch, score_batches
+from utils.scoring import score_batches
 
 logger = logging.getLogger(__name__)
 
-MEMORY_DECODER = "memory_decoder"
-MLP_MEMORY = "mlp_memory"
+PICKLE = "pytorch_model.bin"
 
 
-def is_token_memory(memory: torch.nn.Module) -> bool:
-    """Whether ``memory`` reads token ids (a Memory Decoder) rather than the base's hidden states (an MLP memory)."""
-    return not isinstance(memory, MLPMemoryPreTrainedModel)
-
-
-def memory_kind(memory: torch.nn.Module) -> str:
-    return MEMORY_DECODER if is_token_memory(memory) else MLP_MEMORY
-
-
-def _weight_names(path: str) -> set[str]:
-    """The tensor names in a directory's safetensors files (empty when there are none)."""
+def _weight_names(path: str, flag: str) -> set[str]:
+    """The tensor names in a directory's weights: its safetensors files, else its ``pytorch_model.bin`` read with
+    ``weights_only=True`` (memory-mapped: no tensor is read); empty when there are none."""
     from safetensors import safe_open
 
     names: set[str] = set()
     for name in sorted(os.listdir(path)):
         if name.endswith(".safetensors"):
-            with loading(path, "--knn_generator_path"), safe_open(os.path.join(path, name), "pt") as f:
+            with loading(path, flag), safe_open(os.path.join(path, name), "pt") as f:
                 names.update(f.keys())
+    if not names and os.path.isfile(os.path.join(path, PICKLE)):
+        names.update(read_pickled_state(Path(path) / PICKLE, flag, mmap=True))
     return names
 
 
-def reads_tokens(path: str | os.PathLike) -> bool:
+def read_pickled_state(file: Path, flag: str, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """A ``.bin`` state dict read with ``weights_only=True``: tensors only, anything else refused without running."""
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+    except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError, OSError) as err:
+        raise ArtifactError(f"{flag} {file}: refused, it is not a plain tensor state dict loadable with "
+                            f"weights_only=True ({str(err).splitlines()[0]})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ArtifactError(f"{flag} {file}: expected a dict of tensors (a state dict), got {type(state).__name__}")
+    return state
+
+
+def reads_tokens(path: str | os.PathLike, flag: str = "--memory") -> bool:
     """Whether the directory holds a causal LM over tokens: a transformers causal-LM config (not an MLP memory's)
     whose weights include its token embedding. The released MLP memories keep the base's config too, but have
     no embedding."""
@@ -79,8 +90,11 @@ def reads_tokens(path: str | os.PathLike) -> bool:
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
         return False
-    with open(config_file) as f:
-        model_type = json.load(f).get("model_type")
+    try:
+        with open(config_file) as f:
+            model_type = json.load(f).get("model_type")
+    except (ValueError, AttributeError):  # not a JSON object: load_memory says so, naming the file
+        return False
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         return False
     config = AutoConfig.from_pretrained(path)
@@ -91,28 +105,35 @@ def reads_tokens(path: str | os.PathLike) -> bool:
     embedding = skeleton.get_input_embeddings()
     embedding_name = next(name for name, module in skeleton.named_modules() if module is embedding) + ".weight"
     prefix = skeleton.base_model_prefix + "."
-    names = _weight_names(path)
+    names = _weight_names(path, flag)
     return embedding_name in names or embedding_name.removeprefix(prefix) in names
 
 
-def load_token_memory(path: str, flag: str = "--knn_generator_path", **kwargs) -> PreTrainedModel:
-    """A Memory Decoder: the causal LM at ``path``, from safetensors only, in eval mode."""
+def load_token_memory(path: str, flag: str = "--memory", **kwargs) -> PreTrainedModel:
+    """A Memory Decoder: the causal LM at ``path``, from safetensors or a ``pytorch_model.bin`` read with
+    ``weights_only=True`` (checked first by `read_pickled_state`, so a planted object never runs), in eval mode."""
+    has_safetensors = any(name.endswith(".safetensors") for name in os.listdir(path))
+    if not has_safetensors and os.path.isfile(os.path.join(path, PICKLE)):
+        read_pickled_state(Path(path) / PICKLE, flag, mmap=True)
     with loading(path, flag):
         try:
-            memory = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, **kwargs)
-        except OSError as err:  # e.g. only a pickled pytorch_model.bin, which is never loaded
-            raise UsageError(f"{flag} {path}: {err} (a memory is read from safetensors only)") from None
+            memory = AutoModelForCausalLM.from_pretrained(path, use_safetensors=has_safetensors,
+                                                          weights_only=True, **kwargs)
+        except OSError as err:
+            raise UsageError(f"{flag} {path}: {err}") from None
     check_finite_weights(memory, path, flag)
     logger.info("%s %s: a Memory Decoder memory (a %s causal LM over tokens, %.1fM parameters)", flag, path,
                 memory.config.model_type, memory.num_parameters() / 1e6)
     return memory.eval()
 
 
-def load_any_memory(path: str | os.PathLike, flag: str = "--knn_generator_path", **kwargs) -> torch.nn.Module:
+def load_any_memory(path: str | os.PathLike, flag: str = "--memory", **kwargs) -> torch.nn.Module:
     """The memory at ``path``: a Memory Decoder when it is a causal LM over tokens (`reads_tokens`), else an MLP
-    memory (`models.load_memory`, which also names what it does not recognise)."""
+    memory (`models.load_memory`, which also names what it does not recognise, and verifies its checksums:
+    ``allow_unverified=True`` reads one without them)."""
     path = str(path)
-    if os.path.isdir(path) and reads_tokens(path):
+    if os.path.isdir(path) and reads_tokens(path, flag):  # a Hugging Face causal LM: no checksums of ours to verify
+        kwargs.pop("allow_unverified", None)
         return load_token_memory(path, flag, **kwargs)
     return load_memory(path, flag, **kwargs)
 
@@ -132,7 +153,7 @@ def check_token_memory_fits(model: torch.nn.Module, memory: PreTrainedModel, tok
     memory_tokenizer = None
     if memory_path and os.path.isdir(memory_path) and tokenizer_fingerprint_:
         try:
-            memory_tokenizer = tokenizer_fingerprint(load_tokenizer(memory_path, flag="--knn_generator_path"))
+            memory_tokenizer = tokenizer_fingerprint(load_tokenizer(memory_path, flag="--memory"))
         except (OSError, ValueError):  # no tokenizer saved beside the memory: only the vocabulary size is checked
             memory_tokenizer = None
         if memory_tokenizer is not None and memory_tokenizer != tokenizer_fingerprint_:
@@ -148,50 +169,81 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def token_memory_log_probs(memory: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                           knn_temp: float, last: int = 0) -> torch.Tensor:
-    """``log_softmax(memory(input_ids).logits / knn_temp)`` in float32, (B, T) -> (B, T', V) for the last ``last``
+                           memory_temp: float, last: int = 0) -> torch.Tensor:
+    """``log_softmax(memory(input_ids).logits / memory_temp)`` in float32, (B, T) -> (B, T', V) for the last ``last``
     positions (0: all), run without a cache over the whole of ``input_ids``."""
     kwargs = {}
     if attention_mask is not None:
         kwargs = {"attention_mask": attention_mask, "position_ids": position_ids_from_mask(attention_mask)}
     logits = memory(input_ids=input_ids, use_cache=False, logits_to_keep=last, **kwargs).logits
-    return torch.log_softmax(logits.float() / knn_temp, dim=-1)
+    return torch.log_softmax(logits.float() / memory_temp, dim=-1)
 
 
-class PrecomputedLogits(torch.nn.Module):
-    """Stands for a Memory Decoder in evaluate_joint's loop, whose rows carry the memory's logits where an MLP
-    memory's carry hidden states: ``memory(x)`` is ``x``, and ``seconds`` is the time its forwards took."""
+class TokenMemory(JointMemory):
+    """A Memory Decoder: a causal LM over the base's tokens, run over the whole prefix each time."""
 
-    dtype = torch.float32
+    kind = MEMORY_DECODER
+    reads_prefix = True
 
-    def __init__(self):
-        super().__init__()
-        self.seconds = 0.0
+    def check_fits(self, model, tokenizer_fingerprint=None, allow_base_mismatch=False) -> dict:
+        return check_token_memory_fits(model, self.module, tokenizer_fingerprint, self.path)
 
-    def forward(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits
+    def reader(self, model, stage=None) -> MemoryReader:
+        return TokenReader(self.module, stage)
+
+    @property
+    def capture_layer(self) -> int | None:
+        return None
+
+    def scored_inputs(self, batches, tokens, windows, batch_size, state) -> ScoredInputs:
+        """The Memory Decoder scores the same windows in the same batches (`utils.scoring.score_batches`), so row i
+        of both is the same token; its logits (n, V) are what `gold_log_probs` reads."""
+        self.module.to(state.device).eval()
+        memory_batches = score_batches(self.module, tokens, windows, batch_size, state.process_index,
+                                       state.num_processes, layer=None, show_progress=False)
+
+        def pairs():
+            for batch in batches:
+                synchronize(state.device)
+                start = time.perf_counter()
+                memory_batch = next(memory_batches)
+                synchronize(state.device)
+                inputs.seconds += time.perf_counter() - start
+                if not np.array_equal(memory_batch.rows, batch.rows):
+                    raise RuntimeError("The Memory Decoder scored other rows than the base model")
+                yield batch, memory_batch.logits
+
+        inputs = ScoredInputs(pairs())
+        return inputs
+
+    def gold_log_probs(self, inputs, labels, memory_temp) -> torch.Tensor:
+        return gold_log_probs(inputs, labels, memory_temp)
 
 
-def with_token_memory_logits(batches: Iterator[ScoredBatch], memory: PreTrainedModel, tokens, windows,
-                             batch_size: int, state) -> tuple[Iterator[ScoredBatch], PrecomputedLogits]:
-    """The base's scored batches with ``hidden`` replaced by the Memory Decoder's logits (n, V) for the same rows:
-    it scores the same windows in the same batches (`utils.scoring.score_batches`), so row i of both is the same
-    token. The memory to pass on is the returned `PrecomputedLogits`."""
-    stand_in = PrecomputedLogits()
-    memory.to(state.device).eval()
+class TokenReader(MemoryReader):
+    """The input ids of each forward (or the whole prefix staged by ``generate``), for the Memory Decoder."""
 
-    def merged() -> Iterator[ScoredBatch]:
-        memory_batches = score_batches(memory, tokens, windows, batch_size, state.process_index, state.num_processes,
-                                       show_progress=False)
-        for batch in batches:
-            synchronize(state.device)
-            start = time.perf_counter()
-            memory_batch = next(memory_batches)
-            synchronize(state.device)
-            stand_in.seconds += time.perf_counter() - start
-            if not np.array_equal(memory_batch.rows, batch.rows):
-                raise RuntimeError("The Memory Decoder scored other rows than the base model")
-            batch.hidden = memory_batch.logits
-            yield batch
+    def __init__(self, module: PreTrainedModel, stage: PrefixStage | None):
+        self.module, self.stage, self.tokens = module, stage, None
 
-    return merged(), stand_in
+    def see_forward(self, args, kwargs) -> None:
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        prefix = self.stage.take() if self.stage is not None else None
+        if prefix is None:
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
+                raise UsageError("A Memory Decoder memory reads the whole prefix: continue a KV cache through "
+                                 "generate(), or call the model on the whole sequence without a cache")
+            prefix = (input_ids, kwargs.get("attention_mask"))
+        if prefix[0] is None:
+            raise UsageError("A Memory Decoder memory reads token ids: give input_ids, not inputs_embeds")
+        self.tokens = (prefix[0], prefix[1], input_ids.shape[-1] if input_ids is not None else prefix[0].shape[-1])
+
+    def log_probs(self, num, positions, memory_temp) -> torch.Tensor:
+        tokens, self.tokens = self.tokens, None
+        if tokens is None:
+            raise RuntimeError("The LM head ran without a forward of the model: the memory has no input")
+        input_ids, attention_mask, current = tokens
+        if positions is None or isinstance(positions, slice):  # the head received the last positions
+            return token_memory_log_probs(self.module, input_ids, attention_mask, memory_temp, last=num)
+        return token_memory_log_probs(self.module, input_ids, attention_mask, memory_temp, last=current)[:, positions]

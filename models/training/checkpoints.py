@@ -13,6 +13,8 @@ directory holding a pickle-format file is refused before anything in it is read 
     scheduler.json                     the learning-rate scheduler's state_dict
     rng_state_<rank>.safetensors       each process's torch CPU and CUDA generator states
     rng_state_<rank>.json              each process's numpy and python generator states
+    running_<rank>.json                each process's loss sums since the last log line (so that the first line a
+                                       resumed run logs is the one an uninterrupted run logs)
     trainer_state.json                 the step and the run's identity (written last, then the rename)
 """
 
@@ -34,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from models.memory_directory import CHECKPOINT_DIR, CHECKPOINT_PREFIX, META, TRAINER_STATE
 from models.training.arguments import MemoryTrainingArguments
 from utils.cli import UsageError
-from utils.io import ArtifactError, read_json, timed, write_json
+from utils.io import ArtifactError, check_free_space, read_json, timed, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -99,23 +101,31 @@ OPTIMIZER_STATE = "optimizer.json"
 SCHEDULER_STATE = "scheduler.json"
 RNG_TENSORS = "rng_state_{rank}.safetensors"
 RNG_STATE = "rng_state_{rank}.json"
+RUNNING_STATE = "running_{rank}.json"
 
 
 def save_checkpoint(accelerator, model, optimizer, scheduler, output_dir: str, step: int, identity: dict,
-                    limit: int) -> None:
-    """Save model, optimizer, scheduler and RNG states under a temporary name; rename when complete."""
+                    limit: int, running: dict | None = None) -> None:
+    """Save model, optimizer, scheduler, RNG states and this process's ``running`` loss sums (`Running.state`) under a
+    temporary name; rename when complete. The free space is checked first (the tensors' bytes: the previous
+    checkpoint is deleted only after this one is complete)."""
     final = Path(output_dir) / CHECKPOINT_DIR / f"{CHECKPOINT_PREFIX}{step:08d}"
     staging = final.with_name(final.name + ".partial")
     with timed(f"Saving checkpoint {final.name}", logger):
         if accelerator.is_main_process:
             shutil.rmtree(staging, ignore_errors=True)
+            state, optimizer_state = accelerator.unwrap_model(model).state_dict(), optimizer.state_dict()
+            check_free_space(staging.parent, tensor_bytes(state) + tensor_bytes(optimizer_state["state"]) + (64 << 10),
+                             f"--output_dir {output_dir}: checkpoint {final.name}")
             staging.mkdir(parents=True)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:  # model and optimizer states are the same on every process
-            save_file(cpu_tensors(accelerator.unwrap_model(model).state_dict()), staging / MODEL_FILE)
-            save_optimizer(optimizer.state_dict(), staging)
+            save_file(cpu_tensors(state), staging / MODEL_FILE)
+            save_optimizer(optimizer_state, staging)
             write_json(staging / SCHEDULER_STATE, scheduler.state_dict())
         save_rng_state(staging, accelerator.process_index)
+        if running is not None:
+            write_json(staging / RUNNING_STATE.format(rank=accelerator.process_index), running)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             write_json(staging / TRAINER_STATE, {"step": step, "identity": identity})
@@ -133,6 +143,21 @@ def load_checkpoint(checkpoint: Path, accelerator, model, optimizer, scheduler) 
     optimizer.load_state_dict(load_optimizer(checkpoint, optimizer.state_dict()))
     scheduler.load_state_dict(read_json(checkpoint / SCHEDULER_STATE))
     load_rng_state(checkpoint, accelerator.process_index)
+
+
+def tensor_bytes(state) -> int:
+    """The bytes of every tensor in a (nested) state dict."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(tensor_bytes(value) for value in state.values())
+    return 0
+
+
+def load_running_state(checkpoint: Path, rank: int) -> dict | None:
+    """This process's loss sums saved with ``checkpoint`` (None: a checkpoint written before they were saved)."""
+    path = checkpoint / RUNNING_STATE.format(rank=rank)
+    return read_json(path) if path.is_file() else None
 
 
 def cpu_tensors(state: dict) -> dict[str, torch.Tensor]:
@@ -257,7 +282,7 @@ def differing_entries(saved, current, path: str = "") -> list[str]:
 
 def prepare_output_dir(args: MemoryTrainingArguments, accelerator) -> None:
     """Refuse to overwrite a finished memory; wipe the directory with --overwrite_output_dir."""
-    out = Path(args.output_dir)
+    out = Path(args.output_dir).resolve()  # through a link: the directory it names is emptied, the link stays
     if accelerator.is_main_process:
         if args.overwrite_output_dir and out.exists():
             shutil.rmtree(out)

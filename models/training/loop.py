@@ -46,15 +46,15 @@ import torch
 from tqdm.auto import tqdm
 
 from models import MemoryConfig, MLPMemoryPreTrainedModel
-from models.memory_directory import METRICS_LOG, TRAINER_STATE, save_memory
+from models.memory_directory import METRICS_LOG, TRAINER_STATE, check_finite_weights, save_memory
 from models.training.arguments import (RELEASED_WARMUP_STEPS, WARMUP_FRACTION, MemoryTrainingArguments, result_settings,
                                        warmup_steps)
 from models.training.checkpoints import (Schedule, check_identity, checkpoint_to_resume, load_checkpoint,
-                                         save_checkpoint, truncate_metrics)
+                                         load_running_state, save_checkpoint, tensor_bytes, truncate_metrics)
 from models.training.losses import kl_and_gold_nll, memory_loss, rows_with_targets, sparse_argmax
 from models.training.rows import MemoryBatch, RowSource
 from utils.cli import UsageError
-from utils.io import read_json, timed
+from utils.io import check_free_space, read_json, timed
 from utils.modeling import local_path_or_name
 
 logger = logging.getLogger(__name__)
@@ -119,6 +119,15 @@ class Running:
         self.sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, kl, ce, micro-batches
         self.rows, self.start = 0, time.perf_counter()
 
+    def state(self) -> dict:
+        """This process's sums, as a checkpoint keeps them (`restore` puts them back exactly: JSON keeps float64)."""
+        return {"sums": self.sums.tolist(), "rows": self.rows}
+
+    def restore(self, state: dict | None) -> None:
+        if state is not None:
+            self.sums = torch.tensor(state["sums"], dtype=torch.float64, device=self.device)
+            self.rows = int(state["rows"])
+
     def add(self, terms, rows: int) -> None:
         self.sums += torch.stack([terms.loss.detach().double(), terms.kl.double(), terms.ce.double(),
                                   torch.ones((), dtype=torch.float64, device=self.device)])
@@ -172,8 +181,10 @@ def train_batches(source: RowSource, schedule: Schedule, seed: int, first_step: 
 
 
 def train_step(model, optimizer, batches: Iterator[MemoryBatch], schedule: Schedule, args: MemoryTrainingArguments,
-               accelerator, running: Running) -> float:
-    """One optimizer step over the next ``gradient_accumulation_steps`` micro-batches; returns the gradient norm."""
+               accelerator, running: Running, step: int = 0) -> float:
+    """Optimizer step ``step + 1`` over the next ``gradient_accumulation_steps`` micro-batches; returns the gradient
+    norm. A NaN or infinite loss (its gradient norm is not finite) stops the run with an error before the weights
+    change: a diverged memory is never saved."""
     for micro in range(schedule.accumulation):
         batch = next(batches).to(accelerator.device)
         last = micro == schedule.accumulation - 1
@@ -183,6 +194,10 @@ def train_step(model, optimizer, batches: Iterator[MemoryBatch], schedule: Sched
             accelerator.backward(terms.loss / schedule.accumulation)
         running.add(terms, batch.num_rows)
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+    if not math.isfinite(float(grad_norm)):  # the same on every process (the gradients are all-reduced)
+        raise UsageError(f"Training diverged: the gradient norm is {float(grad_norm)} (the loss of step {step + 1} "
+                         f"is NaN or infinite), so the memory is not saved. Lower --learning_rate (now "
+                         f"{args.learning_rate:g}) or check the inputs, then rerun with --overwrite_output_dir.")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return float(grad_norm)
@@ -257,8 +272,9 @@ def start_run(memory: MLPMemoryPreTrainedModel, source: RowSource, args: MemoryT
     return Run(model, optimizer, scheduler, source, schedule, args, accelerator, metrics_log, identity, provenance)
 
 
-def resume(run: Run) -> int:
-    """Load the checkpoint to resume from, if any; return the step to continue after.
+def resume(run: Run, running: Running) -> int:
+    """Load the checkpoint to resume from, if any, with the loss sums ``running`` had then; return the step to
+    continue after.
 
     metrics.jsonl keeps only the lines up to that step (none when there is no checkpoint: the run
     starts again from step 0 and writes them again).
@@ -270,6 +286,7 @@ def resume(run: Run) -> int:
         check_identity(saved["identity"], run.identity, checkpoint)
         with timed(f"Loading checkpoint {checkpoint}", logger):
             load_checkpoint(checkpoint, run.accelerator, run.model, run.optimizer, run.scheduler)
+        running.restore(load_running_state(checkpoint, run.accelerator.process_index))
         step = saved["step"]
         logger.info("Resumed from %s at step %d of %d", checkpoint, step, run.schedule.total_steps)
     if run.accelerator.is_main_process:
@@ -290,7 +307,7 @@ def after_step(run: Run, step: int, grad_norm: float, running: Running, progress
         run.validate(step)
     if is_due(args.checkpointing_steps, step, schedule.steps_per_epoch, schedule.total_steps):
         save_checkpoint(run.accelerator, run.model, run.optimizer, run.scheduler, args.output_dir, step, run.identity,
-                        args.save_total_limit)
+                        args.save_total_limit, running.state())
 
 
 def train_memory(memory: MLPMemoryPreTrainedModel, source: RowSource, args: MemoryTrainingArguments, accelerator,
@@ -307,20 +324,20 @@ def train_memory(memory: MLPMemoryPreTrainedModel, source: RowSource, args: Memo
     start = time.time()
     run = start_run(memory, source, args, accelerator, provenance,
                     settings if settings is not None else result_settings(args))
-    step = resume(run)
+    running = Running(accelerator.device)
+    step = resume(run, running)
     schedule = run.schedule
     logger.info("Training on %d %ss (%d held-out rows): %d steps/epoch x %d per step (%d per device x %d processes x %d "
                 "accumulation), %d steps in all", schedule.num_units, source.unit, source.describe()["validation_rows"],
                 schedule.steps_per_epoch, schedule.units_per_micro_batch * schedule.accumulation, schedule.batch_size,
                 schedule.num_processes, schedule.accumulation, schedule.total_steps)
     run.model.train()
-    running = Running(accelerator.device)
     batches = train_batches(source, schedule, args.seed, step, accelerator.process_index,
                             pin_memory=accelerator.device.type == "cuda")
     with tqdm(total=schedule.total_steps, initial=step, desc="Training the memory", unit="step",
               disable=not accelerator.is_main_process or args.disable_tqdm) as progress:
         while step < schedule.total_steps:
-            grad_norm = train_step(run.model, run.optimizer, batches, schedule, args, accelerator, running)
+            grad_norm = train_step(run.model, run.optimizer, batches, schedule, args, accelerator, running, step)
             run.scheduler.step()
             step += 1
             progress.update(1)
@@ -341,7 +358,9 @@ def finish(run: Run, seconds: float, record: dict) -> dict:
     results = {"train_steps": schedule.total_steps, "train_epochs": schedule.total_steps / schedule.steps_per_epoch,
                "train_seconds": round(seconds, 2),
                **{k: v for k, v in run.metrics_log.last_validation.items() if k.startswith("val_")}}
+    check_finite_weights(memory, args.output_dir, "--output_dir")  # the last step may have overflowed
     if accelerator.is_main_process:
+        check_free_space(args.output_dir, tensor_bytes(memory.state_dict()) + (64 << 10), f"--output_dir {args.output_dir}")
         paths = {flag: local_path_or_name(getattr(args, flag)) for flag in ("output_dir", "knn_save_path",
                                                                              "resume_from_checkpoint")}
         record = {**run.provenance, **record, "source": run.source.describe(), "training": {**asdict(args), **paths},

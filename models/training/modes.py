@@ -77,9 +77,9 @@ def make_accelerator(args: MemoryTrainingArguments):
 # The two modes: their inputs, checks and set-up
 
 
-def open_targets(args: MemoryTrainingArguments, verify: bool) -> KnnTargets:
+def open_targets(args: MemoryTrainingArguments, verify: bool, allow_unverified: bool = False) -> KnnTargets:
     with timed("Opening the kNN targets", logger):
-        return load_knn_targets(args.knn_save_path, verify)
+        return load_knn_targets(args.knn_save_path, verify, allow_unverified)
 
 
 def offline_base(args: OfflineArguments, datastore: Datastore):
@@ -115,14 +115,16 @@ def offline_base(args: OfflineArguments, datastore: Datastore):
 
 
 def run_offline(offline: OfflineArguments, memory_args: MemoryArguments, args: MemoryTrainingArguments,
-                stop_after_steps: int | None = None, allow_base_mismatch: bool = False) -> dict | None:
+                stop_after_steps: int | None = None, allow_base_mismatch: bool = False,
+                allow_unverified: bool = False) -> dict | None:
     """Train a memory on datastore keys -> kNN targets, holding the lock of --output_dir.
 
     The memory belongs to the model whose hidden states the keys are: it records the datastore's
     model fingerprint. A base model that is loaded (--model_name_or_path, or --init_lm_head) must be
     that model unless ``allow_base_mismatch``. The targets may come from another retriever over the
     same rows (recorded in meta.json: ``knn_targets.retriever``). The inputs (datastore, targets, base
-    model) are checked before --output_dir is created.
+    model) are checked before --output_dir is created; inputs without block checksums are refused unless
+    ``allow_unverified``.
     """
     from utils.artifacts.datastore import datastore_summary, open_datastore
     from utils.modeling import check_model_fingerprint, describe_model, load_causal_lm, model_fingerprint
@@ -132,8 +134,8 @@ def run_offline(offline: OfflineArguments, memory_args: MemoryArguments, args: M
     logger.info("Offline memory training: %s %s %s", offline, memory_args, args)
     with artifact_lock(args.output_dir, "--output_dir", accelerator):
         verify = accelerator.is_local_main_process  # each machine verifies the files once; the others wait for it
-        datastore = open_datastore(offline.knn_dstore_path, "--knn_dstore_path", verify)
-        targets = open_targets(args, verify)
+        datastore = open_datastore(offline.knn_dstore_path, "--knn_dstore_path", verify, allow_unverified)
+        targets = open_targets(args, verify, allow_unverified)
         accelerator.wait_for_everyone()
         check_targets_for_datastore(targets, datastore)
         model_args, base_config = offline_base(offline, datastore)
@@ -166,13 +168,15 @@ def run_offline(offline: OfflineArguments, memory_args: MemoryArguments, args: M
 
 
 def run_online(online: OnlineArguments, model_args, memory_args: MemoryArguments, args: MemoryTrainingArguments,
-               stop_after_steps: int | None = None, allow_base_mismatch: bool = False) -> dict | None:
+               stop_after_steps: int | None = None, allow_base_mismatch: bool = False,
+               allow_unverified: bool = False) -> dict | None:
     """Train a memory on hidden states computed by the frozen base model -> kNN targets, holding the lock of
     --output_dir.
 
     The memory records the base model's fingerprint. The targets must describe that model's datastore
     rows (their fingerprint) unless ``allow_base_mismatch`` (targets of another retriever's keys). The inputs
-    (dataset, targets, base model) are checked before --output_dir is created.
+    (dataset, targets, base model) are checked before --output_dir is created; inputs without block checksums are
+    refused unless ``allow_unverified``.
     """
     from utils.architectures import normalize_layer
     from utils.artifacts.dataset import load_split
@@ -183,8 +187,8 @@ def run_online(online: OnlineArguments, model_args, memory_args: MemoryArguments
     logger.info("Online memory training: %s %s %s %s", online, model_args, memory_args, args)
     with artifact_lock(args.output_dir, "--output_dir", accelerator):
         verify = accelerator.is_local_main_process  # each machine verifies the files once; the others wait for it
-        split = load_split(online.dataset_name, online.dataset_split_name, verify)
-        targets = open_targets(args, verify)
+        split = load_split(online.dataset_name, online.dataset_split_name, verify, allow_unverified)
+        targets = open_targets(args, verify, allow_unverified)
         accelerator.wait_for_everyone()
         fingerprint = split.meta["tokenizer"]["fingerprint"]
         what = f"--dataset_name {online.dataset_name} ({online.dataset_split_name})"

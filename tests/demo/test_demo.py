@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 from demo.generation_example import is_right, main, normalize_answer
+from models.memory_directory import save_memory
 from tests.models.test_joint_hooks import tiny_memory
 from utils.cli import UsageError
 
@@ -20,7 +21,7 @@ def tiny_pair(tmp_path_factory, tiny_gpt2_dir):
     from transformers import AutoConfig
 
     memory_dir = tmp_path_factory.mktemp("memory")
-    tiny_memory(AutoConfig.from_pretrained(tiny_gpt2_dir)).save_pretrained(memory_dir)
+    save_memory(memory_dir, tiny_memory(AutoConfig.from_pretrained(tiny_gpt2_dir)), results={}, record={})
     return tiny_gpt2_dir, memory_dir
 
 

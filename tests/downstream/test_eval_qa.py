@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from downstream.eval_qa import DEFAULT_PROMPT, first_line, main, make_prompt
 from downstream.qa_data import gold_list, load_qa
 from downstream.qa_metrics import aggregate, contains_answer, exact_match, normalize_answer, score, token_f1
 from models import MemoryConfig, build_memory
+from models.memory_directory import save_memory
 from utils.cli import UsageError
 
 # ---- metrics -------------------------------------------------------------------------------------
@@ -145,8 +147,10 @@ def test_data_errors(tmp_path):
     with pytest.raises(UsageError, match="--prompt_template must contain"):
         main(["--model_name_or_path", "x", "--data_file", bad, "--output_dir", str(tmp_path / "o"),
               "--prompt_template", "Q: {q} A:"])
-    with pytest.raises(UsageError, match="--use_neural_knn needs --knn_generator_path"):
-        main(["--model_name_or_path", "x", "--data_file", bad, "--output_dir", str(tmp_path / "o"), "--use_neural_knn"])
+    good = write_jsonl(tmp_path / "good.jsonl", [{"question": "q", "answer": "a"}])
+    with pytest.raises(UsageError, match="--use_neural_knn needs --memory"):
+        main(["--model_name_or_path", "x", "--data_file", good, "--output_dir", str(tmp_path / "o"),
+              "--use_neural_knn"])
 
 
 # ---- end to end on a tiny GPT-2 ------------------------------------------------------------------
@@ -168,7 +172,7 @@ def qa_setup(tmp_path_factory, tiny_gpt2_dir):
     with torch.no_grad():
         for p in memory.parameters():
             p.normal_(0, 0.5)
-    memory.save_pretrained(directory / "memory")
+    save_memory(directory / "memory", memory, results={}, record={})
     return {"dir": directory, "data": data, "model": str(tiny_gpt2_dir), "memory": str(directory / "memory")}
 
 
@@ -204,6 +208,54 @@ def test_end_to_end(qa_setup):
     _, joint_rows, _ = run_qa(qa_setup, "lmbda09", "--per_device_eval_batch_size", "3", "--use_neural_knn", "true",
                               "--knn_generator_path", qa_setup["memory"], "--lmbda", "0.9")
     assert [r["continuation"] for r in joint_rows] != [r["continuation"] for r in base_rows]
+
+
+def read_rows(directory) -> list[dict]:
+    return [json.loads(line) for line in (directory / "predictions.jsonl").read_text().splitlines()]
+
+
+def test_base_and_memory_in_one_run_equal_separate_runs(qa_setup):
+    """With a memory, one run answers under the base alone and under base + memory at each lmbda: each setting's
+    answers and scores are those of a run of its own."""
+    base, base_rows, _ = run_qa(qa_setup, "alone", "--per_device_eval_batch_size", "3")
+    top, top_rows, out = run_qa(qa_setup, "together", "--per_device_eval_batch_size", "3", "--memory",
+                                qa_setup["memory"], "--lmbda", "0.9", "0.3", "--memory_temp", "0.8")
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["base", "lmbda_0.3", "lmbda_0.9"]
+    assert read_rows(out / "base") == base_rows
+    assert top_rows == read_rows(out / "lmbda_0.9") and top["lmbda"] == 0.9 and top["memory_temp"] == 0.8
+    assert top["lmbda_source"] == "--lmbda" and top["memory_temp_source"] == "--memory_temp"
+    assert set(top["by_setting"]) == {"base", "lmbda_0.9", "lmbda_0.3"}
+    assert top["by_setting"]["base"]["exact_match"] == base["exact_match"]
+    assert all(s["threads"] == torch.get_num_threads() and s["questions_per_second"] > 0
+               for s in top["by_setting"].values())
+    alone_base = json.loads((out / "base" / "qa_results.json").read_text())
+    assert alone_base["use_neural_knn"] is False and alone_base["lmbda"] is None and alone_base["memory"] is None
+    _, single_rows, single_out = run_qa(qa_setup, "only03", "--per_device_eval_batch_size", "3", "--memory",
+                                        qa_setup["memory"], "--lmbda", "0.3", "--knn_temp", "0.8")
+    assert read_rows(single_out / "lmbda_0.3") == read_rows(out / "lmbda_0.3") == single_rows
+    assert [r["continuation"] for r in read_rows(out / "lmbda_0.9")] != [r["continuation"] for r in base_rows]
+
+
+def test_the_released_flags_are_accepted(qa_setup):
+    """The released eval_qa.sh's flags: --eval_subset names the split; --do_eval and --ignore_pad_token_for_loss have
+    no effect here and say so in one line each; the released default lmbda is not used (0.5, the policy's)."""
+    from downstream.eval_qa import QAArguments
+    from utils.cli import parse_args
+
+    (args,) = parse_args((QAArguments,), ["--output_dir", "o", "--dataset_name", "nq_open", "--eval_subset", "test",
+                                          "--ignore_pad_token_for_loss", "--do_eval"])
+    assert args.dataset_split == "test" and args.do_eval and args.ignore_pad_token_for_loss
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append  # main() resets the root logger's handlers (utils.cli.setup_logging)
+    logging.getLogger("downstream.eval_qa").addHandler(handler)
+    try:
+        metrics, _, _ = run_qa(qa_setup, "released", "--per_device_eval_batch_size=3", "--use_neural_knn",
+                               "--knn_generator_path", qa_setup["memory"], "--ignore_pad_token_for_loss", "--do_eval")
+    finally:
+        logging.getLogger("downstream.eval_qa").removeHandler(handler)
+    assert metrics["lmbda"] == 0.5 and metrics["lmbda_source"] == "the default for downstream"
+    assert sum("has no effect here" in r.getMessage() for r in records) == 2
 
 
 def test_a_qa_set_that_brings_its_prompt_uses_it_by_default(tmp_path):

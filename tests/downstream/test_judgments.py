@@ -18,6 +18,7 @@ from downstream.choice_eval import choice_outcome
 from downstream.loglik import continuation_logliks, encode_pair
 from models import MemoryConfig, build_memory, load_memory
 from models.joint import JointLM
+from models.memory_directory import save_memory
 from tests.conftest import tiny_model
 from utils.cli import UsageError
 from utils.embedded_corpus import train_tokenizer
@@ -43,7 +44,7 @@ def setup(tmp_path_factory):
     with torch.no_grad():
         for p in memory.parameters():
             p.normal_(0, 0.5)
-    memory.save_pretrained(directory / "memory")
+    save_memory(directory / "memory", memory, results={}, record={})
     return {"dir": directory, "model_dir": str(directory / "model"), "memory": str(directory / "memory"),
             "tokenizer": load_tokenizer(str(directory / "model")), "model": model}
 
@@ -192,7 +193,7 @@ def test_strategyqa_gold_comes_from_target_scores_not_the_explanation():
               "target": "Yes. The river is long, yes."}  # an explanation that says "Yes" although the answer is No
     item = strategyqa.record_item(record, 0, prompt, "f")
     assert item.choices == ["Yes", "No"] and item.labels == [0, 1]
-    assert item.prompt == "Q: Is the river long?\n  choice: Yes\n  choice: No\nA: "  # BIG-bench's defaults
+    assert item.prompt == "Q: Is the river long?\nA: "  # BIG-bench's StrategyQA task: no choices appended
     original = strategyqa.record_item({"question": "Is the river long?", "answer": True, "facts": ["no"]}, 1, prompt, "f")
     assert original.labels == [1, 0] and original.prompt == item.prompt
     hub = strategyqa.record_item({"inputs": "Q: x?\nA:", "multiple_choice_targets": ["Yes", "No"],
@@ -284,7 +285,7 @@ def test_halueval_cli(setup, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "gen" / "predictions.jsonl").read_text().splitlines()]
     assert generated["count"] == 2 and len(rows) == 2
     for row in rows:
-        assert row["base"]["judgment"] == halueval.parse_judgment(row["base"]["generated"].strip().split("\n")[0])
+        assert row["base"]["judgment"] == halueval.parse_judgment(row["base"]["generated"])  # the whole response
         assert row["base"]["correct"] == (row["base"]["judgment"] == row["gold"])
     assert 0 <= generated["base"]["failed"] <= 100
 
@@ -298,3 +299,44 @@ def test_bad_flags(setup, tmp_path):
     with pytest.raises(UsageError, match="lmbda"):
         strategyqa.main(["--model_name_or_path", setup["model_dir"], "--data_file", "x.json",
                          "--output_dir", str(tmp_path / "x"), "--lmbda", "2"])
+
+
+# ---- one door: a joint directory, several lmbdas ----------------------------------------------------
+
+def test_a_joint_directory_gives_the_numbers_of_base_and_memory(setup, tmp_path):
+    """HaluEval, StrategyQA and TruthfulQA take a joint directory (python -m models.convert --joint) as the model, with
+    its lmbda, and score what the base and memory directories give; several --lmbda are scored in one run."""
+    from models.convert import main as convert_main
+
+    joint_dir = tmp_path / "joint"
+    assert convert_main(["--joint", "--base_model", setup["model_dir"], "--memory", setup["memory"],
+                         "--output", str(joint_dir), "--lmbda", "0.3"]) == 0
+    halu = tmp_path / "halu.json"
+    halu.write_text("".join(json.dumps(s) + "\n" for s in QA_SAMPLES))
+    yes_no = tmp_path / "task.json"
+    yes_no.write_text(json.dumps({"examples": [{"input": "Is the river long?", "target_scores": {"Yes": 1, "No": 0}},
+                                               {"input": "Is the bridge old?", "target_scores": {"Yes": 0, "No": 1}}]}))
+    tqa = tmp_path / "tqa.jsonl"
+    tqa.write_text("".join(json.dumps(r) + "\n" for r in HF_RECORDS))
+    runs = [(halueval, halu, ["--instruction", "none"]), (strategyqa, yes_no, []), (truthfulqa, tqa, [])]
+    for module, data, extra in runs:
+        common = ["--data_file", str(data), *extra]
+        flags = module.main(["--model_name_or_path", setup["model_dir"], "--knn_generator_path", setup["memory"],
+                             "--lmbda", "0.3", "--output_dir", str(tmp_path / module.__name__ / "flags"), *common])
+        joint = module.main(["--model_name_or_path", str(joint_dir), "--output_dir",
+                             str(tmp_path / module.__name__ / "joint"), *common])
+        assert joint["lmbda"] == 0.3 and joint["lmbda_source"] == f"the joint directory {joint_dir}"
+        assert joint["joint_dir"] == str(joint_dir) and flags["lmbda_source"] == "--lmbda"
+        for setting in ("base", "base_plus_memory"):
+            scores = {k: v for k, v in joint[setting].items() if k not in ("seconds", "items_per_second",
+                                                                             "questions_per_second")}
+            assert scores == {k: flags[setting][k] for k in scores}
+        assert joint["base_plus_memory"]["threads"] == torch.get_num_threads()
+        rows = [(tmp_path / module.__name__ / name / "predictions.jsonl").read_text() for name in ("flags", "joint")]
+        assert rows[0] == rows[1]
+    sweep = strategyqa.main(["--model_name_or_path", setup["model_dir"], "--memory", setup["memory"], "--lmbda", "0.3",
+                             "0.5", "--data_file", str(yes_no), "--output_dir", str(tmp_path / "sweep")])
+    assert {"base", "base_plus_memory@0.3", "base_plus_memory@0.5"} <= set(sweep) and sweep["lmbdas"] == [0.3, 0.5]
+    assert sweep["base_plus_memory@0.3"]["accuracy"] == strategyqa.main(
+        ["--model_name_or_path", str(joint_dir), "--data_file", str(yes_no),
+         "--output_dir", str(tmp_path / "sweep_joint")])["base_plus_memory"]["accuracy"]

@@ -19,6 +19,7 @@ from lm_eval.tasks import TaskManager
 from downstream.lm_eval import MODEL_NAME, MLPMemoryLM, lm_eval_argv, main
 from models import MemoryConfig, build_memory
 from models.joint import interpolate_log_probs
+from models.memory_directory import save_memory
 from utils.cli import UsageError
 from utils.hidden_state import HiddenStateHook
 
@@ -88,7 +89,7 @@ def setup(tmp_path_factory, tiny_gpt2_dir):
     with torch.no_grad():
         for p in memory.parameters():
             p.normal_(0, 0.5)
-    memory.save_pretrained(directory / "memory")
+    save_memory(directory / "memory", memory, results={}, record={})
     (directory / "tasks").mkdir()
     write_tasks(directory / "tasks", directory / "datasets-cache")
     return {"dir": directory, "base": str(tiny_gpt2_dir), "memory": str(directory / "memory"),
@@ -195,7 +196,22 @@ def test_generated_answers_are_the_joint_model_s(joint_run, reference):
 
 def test_results_record_the_joint_settings(joint_run, setup):
     record = joint_run["config"][MODEL_NAME]
-    assert (record["memory"], record["lmbda"], record["knn_temp"]) == (setup["memory"], LMBDA, KNN_TEMP)
+    assert (record["memory"], record["lmbda"], record["memory_temp"]) == (setup["memory"], LMBDA, KNN_TEMP)
+    assert (record["lmbda_source"], record["memory_temp_source"]) == ("--lmbda", "--memory_temp")
+
+
+def test_a_joint_directory_is_a_base_with_its_memory(setup, joint_run):
+    """base=JOINT_DIR (python -m models.convert --joint) brings the memory, lmbda and memory_temp it records."""
+    from models.convert import main as convert_main
+
+    joint_dir = setup["dir"] / "joint"
+    assert convert_main(["--joint", "--base_model", setup["base"], "--memory", setup["memory"], "--output",
+                         str(joint_dir), "--lmbda", str(LMBDA), "--memory_temp", str(KNN_TEMP)]) == 0
+    run = evaluate(setup, MODEL_NAME, f"base={joint_dir}")
+    record = run["config"][MODEL_NAME]
+    assert (record["lmbda"], record["memory_temp"], record["memory"]) == (LMBDA, KNN_TEMP, str(joint_dir))
+    assert mc_log_likelihoods(run["samples"]["tiny_mc"]) == mc_log_likelihoods(joint_run["samples"]["tiny_mc"])
+    assert generations(run["samples"]["tiny_gen"]) == generations(joint_run["samples"]["tiny_gen"])
 
 
 def test_lmbda_0_is_the_harness_s_own_hf_model(setup, reference):
@@ -227,6 +243,9 @@ def test_the_command_runs_lm_eval_s_cli_with_the_joint_model(setup, joint_run, m
     results = [json.loads(p.read_text()) for p in out.rglob("results_*.json")]
     assert len(results) == 1
     assert results[0]["config"]["model"] == MODEL_NAME
+    # filed under a name derived from the base and the memory, not a random one (lm-eval reads pretrained=)
+    assert results[0]["model_name"] == f"{setup['base']}+{setup['memory']}"
+    assert results[0]["model_name_sanitized"] in {p.parent.name for p in out.rglob("results_*.json")}
     assert results[0]["results"]["tiny_mc"]["acc,none"] == joint_run["results"]["tiny_mc"]["acc,none"]
     samples = [json.loads(line) for p in out.rglob("samples_tiny_mc_*.jsonl") for line in p.read_text().splitlines()]
     logged = [float(value) for value in mc_log_likelihoods(samples)]  # the samples file holds them as strings
@@ -241,10 +260,11 @@ def test_argv_gets_the_run_command_and_the_model():
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"memory": "m", "lmbda": 0.5}, "needs base=MODEL"),
-    ({"base": "b", "memory": "m"}, "needs lmbda"),
-    ({"base": "b", "lmbda": 0.5}, "only used with memory"),
+    ({"pretrained": "gpt2"}, "needs base=MODEL"),  # pretrained= only names the results
+    ({"base": "b", "memory": "m", "memory_temp": 1.0, "knn_temp": 1.0}, "memory_temp or knn_temp"),
+    ({"base": "b", "lmbda": 0.5}, "only used with a memory"),
     ({"base": "b", "dtype": "float8"}, "dtype must be one of"),
-    ({"base": "b", "pretrained": "gpt2"}, "unknown model argument(s) pretrained"),
+    ({"base": "b", "revision": "main"}, "unknown model argument(s) revision"),
 ])
 def test_model_argument_errors_name_the_argument(kwargs, message):
     with pytest.raises(UsageError, match=re.escape(message)):
@@ -252,7 +272,7 @@ def test_model_argument_errors_name_the_argument(kwargs, message):
 
 
 def test_bad_lmbda_and_a_missing_memory_are_usage_errors(setup):
-    with pytest.raises(UsageError, match="lmbda must be in"):
+    with pytest.raises(UsageError, match=r"--model_args: --lmbda values must be in \[0, 1\]"):
         MLPMemoryLM(base=setup["base"], memory=setup["memory"], lmbda=1.5)
     with pytest.raises(UsageError, match="memory"):
         MLPMemoryLM(base=setup["base"], memory=str(setup["dir"] / "nowhere"), lmbda=0.5)

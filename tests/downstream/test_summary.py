@@ -20,10 +20,17 @@ import train_base
 from downstream import choose_lmbda, eval_qa
 from downstream import summary as summary_module
 from models import MemoryConfig, build_memory
+from models.memory_directory import save_memory
 from utils.artifacts.dataset import load_split
 from utils.cli import UsageError
 
 QUESTIONS = ["the river of the city", "who built the old bridge", "the king was born near", "many people and"]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
 
 
 def write_json(path: Path, obj) -> Path:
@@ -188,7 +195,7 @@ def test_summary_of_real_artifacts(tmp_path, tiny_dataset, tiny_gpt2_dir, capsys
     with torch.no_grad():
         for p in memory.parameters():
             p.normal_(0, 0.3)
-    memory.save_pretrained(out / "memory")
+    save_memory(out / "memory", memory, results={}, record={})
     for split in ("validation", "test"):
         evaluate_joint.main(["--model_name_or_path", model, "--dataset_name", str(tiny_dataset),
                              "--dataset_split_name", split, "--per_device_eval_batch_size", "4", "--knn_temp", "1",
@@ -225,17 +232,31 @@ def test_summary_of_real_artifacts(tmp_path, tiny_dataset, tiny_gpt2_dir, capsys
 
 
 def test_yes_no_and_hallucination_accuracy(constructed, capsys):
-    """The rows of the corpus's yes/no questions and hallucination judgments, from the files their stages write."""
-    write_json(constructed / "yes_no_test" / "strategyqa_results.json",
-               {"count": 245, "always_no_accuracy": 45.3, "lmbda": 0.75, "base": {"accuracy": 51.0},
-                "base_plus_memory": {"accuracy": 54.5}})
-    write_json(constructed / "halueval_test" / "halueval_results.json",
-               {"count": 490, "lmbda": 0.75, "base": {"accuracy": 50.0, "yes_rate": 100.0},
-                "base_plus_memory": {"accuracy": 52.25, "yes_rate": 90.0}})
+    """The rows of the corpus's few-shot yes/no questions and hallucination judgments, from the files their stages
+    write: accuracy with its Wilson interval, baselines, "Yes" rates and the paired comparison."""
+    write_json(constructed / "corpus" / "meta.json", {"yes_no_test": {"shots": 8}, "halueval_fewshot": {"shots": 4}})
+    yes_no = [{"choices": ["Yes", "No"], "labels": [int(i < 6), int(i >= 6)],
+               "base": {"prediction": int(i % 2), "correct": (i % 2 == 0) == (i < 6)},
+               "base_plus_memory": {"prediction": int(i >= 6), "correct": True}} for i in range(10)]
+    write_jsonl(constructed / "yes_no_fewshot_test" / "predictions.jsonl", yes_no)
+    write_json(constructed / "yes_no_fewshot_test" / "strategyqa_results.json", {"count": 10, "lmbda": 0.75})
+    judged = [{"gold": "Yes" if i % 2 else "No", "base": {"prediction": 0, "correct": bool(i % 2)},
+               "base_plus_memory": {"prediction": 0, "correct": bool(i % 2)}} for i in range(8)]
+    write_jsonl(constructed / "halueval_fewshot_test" / "predictions.jsonl", judged)
+    write_json(constructed / "halueval_fewshot_test" / "halueval_results.json", {"count": 8, "lmbda": 0.75})
     summary = summary_module.main(["--output_dir", str(constructed)])
-    assert summary["yes_no_test"] == {"questions": 245, "always_no": 45.3, "lmbda": 0.75, "base": 51.0,
-                                      "base_plus_memory": 54.5}
-    assert summary["hallucination_test"]["base_plus_memory"] == {"accuracy": 52.25, "yes_rate": 90.0}
+    found = summary["yes_no_test"]
+    assert (found["items"], found["shots"], found["lmbda"], found["majority"]) == (10, 8, 0.75, 60.0)
+    assert found["base"]["accuracy"] == 50.0 and found["base"]["yes_rate"] == 50.0
+    assert found["base_plus_memory"] == {"accuracy": 100.0, "interval": found["base_plus_memory"]["interval"],
+                                         "yes_rate": 60.0, "margin_auc": None}  # no log-likelihoods in these lines
+    assert found["memory_minus_base"]["points"] == 50.0 and found["memory_minus_base"]["memory_only"] == 5
+    judged_summary = summary["hallucination_test"]
+    assert judged_summary["base"]["yes_rate"] == 100.0 and judged_summary["memory_minus_base"]["points"] == 0.0
     printed = capsys.readouterr().out
-    assert '| yes/no accuracy, 245 questions (always "No": 45.3) | 51.0 | - | 54.5 (lmbda 0.75) |' in printed
-    assert "| hallucination judgment accuracy, 490 answers | 50.0 | - | 52.2 (lmbda 0.75) |" in printed
+    low, high = found["base"]["interval"]
+    assert (f'| yes/no accuracy, 10 questions, 8-shot (majority answer: 60.0) | 50.0 [{low:.1f}, {high:.1f}] | - '
+            f'| 100.0 [') in printed
+    assert "| hallucination judgment accuracy, 8 answers, 4-shot (majority answer: 50.0) | 50.0 [" in printed
+    assert "| yes/no accuracy, 10 questions | 40.0 | 60.0 | 50.0 / 60.0 | - / - | +50.0 [" in printed
+    assert "| 0 / 5 (p 0.06) |" in printed

@@ -134,13 +134,14 @@ def test_corrupt_targets_or_datastore_stop_offline_memory_training(dstore, tmp_p
 
 
 def test_labels_are_compared_even_when_the_recorded_checksums_agree(dstore, tmp_path):
-    """An unverified datastore (here: one predating block checksums) whose values changed after its targets
-    were computed: both meta.json files still record the same vals_sha256, yet the targets must be refused."""
+    """An unverified datastore (here: one predating block checksums, read with --allow_unverified) whose values
+    changed after its targets were computed: both meta.json files still record the same vals_sha256, yet the
+    targets must be refused."""
     targets = targets_of(dstore, tmp_path)
     strip_checksums(dstore)
     overwrite_values(dstore / "vals.npy", 10, 20, VOCAB + 1)
     with pytest.raises(UsageError, match="the gold token of row 10 is"):
-        check_targets_for_datastore(load_knn_targets(targets), load_datastore(str(dstore)))
+        check_targets_for_datastore(load_knn_targets(targets), load_datastore(str(dstore), allow_unverified=True))
 
 
 def test_a_corrupt_memory_is_refused_on_load(tmp_path):
@@ -167,12 +168,19 @@ def test_a_corrupt_dataset_split_is_refused(tiny_tokenizer_dir, tiny_corpus, tmp
         load_split(str(tmp_path / "data"), "train")
 
 
-def test_an_artifact_without_block_checksums_is_read_with_one_warning(dstore, tmp_path, caplog):
+def test_an_artifact_without_block_checksums_is_refused_unless_allowed_then_read_with_one_warning(dstore, tmp_path,
+                                                                                                  caplog):
     strip_checksums(dstore)
-    with caplog.at_level(logging.WARNING, logger="utils.checksums"):
+    with pytest.raises(ArtifactError, match=r"records no block checksums, so its files cannot be verified .*"
+                                            "--allow_unverified"):
         load_datastore(str(dstore))
+    with pytest.raises(ArtifactError, match="--allow_unverified"):
         build_index(str(dstore), str(tmp_path / "index2"), settings=FLAT, show_progress=False)
-    warnings = [r.getMessage() for r in caplog.records if "cannot be verified" in r.getMessage()]
+    assert not (tmp_path / "index2").exists()
+    with caplog.at_level(logging.WARNING, logger="utils.checksums"):
+        load_datastore(str(dstore), allow_unverified=True)
+        build_index(str(dstore), str(tmp_path / "index2"), settings=FLAT, show_progress=False, allow_unverified=True)
+    warnings = [r.getMessage() for r in caplog.records if "read unverified" in r.getMessage()]
     assert len(warnings) == 1 and str(dstore) in warnings[0]
 
 

@@ -31,12 +31,14 @@ from downstream import eval_qa
 from knn_utils import build_index, knnlm, saveKNNMulti
 from knn_utils.index_search import load_index
 from models import MemoryConfig, build_memory
+from models.memory_directory import save_memory
 from tests.conftest import REPO
 from tests.knn_fixtures import cpu_launch_env, random_datastore, tiny_lm  # noqa: F401  (tiny_lm is a fixture)
 from utils.artifacts.dataset import load_split
 from utils.artifacts.datastore import load_datastore
+from utils.checksums import model_files, record_checksums
 from utils.cli import UsageError
-from utils.io import ArtifactError
+from utils.io import ArtifactError, read_json, write_json
 from utils.locking import owner_file
 from utils.preprocess_dataset import main as preprocess
 
@@ -60,12 +62,13 @@ def memory_dir(tiny_lm, tmp_path_factory) -> Path:
     memory = build_memory(MemoryConfig.from_base(base_config, num_layers=1, intermediate_size=16, layer=1,
                                                  tokenizer_fingerprint=fingerprint))
     directory = tmp_path_factory.mktemp("memory") / "memory"
-    memory.save_pretrained(directory)
+    save_memory(directory, memory, results={}, record={})
     return directory
 
 
 def damaged_copy(source: Path, destination: Path, damage: str) -> Path:
-    """A copy of a model directory whose model.safetensors has a corrupt header or all its weights NaN."""
+    """A copy of a model directory whose model.safetensors has a corrupt header or all its weights NaN; a memory's
+    meta.json records the damaged file's checksums, as when a diverged run saved it (so the damage itself is met)."""
     shutil.copytree(source, destination)
     weights = destination / "model.safetensors"
     data = bytearray(weights.read_bytes())
@@ -75,6 +78,9 @@ def damaged_copy(source: Path, destination: Path, damage: str) -> Path:
     else:  # every weight byte 0xff: each float32 is a NaN
         data[8 + header:] = b"\xff" * (len(data) - 8 - header)
     weights.write_bytes(data)
+    if (destination / "meta.json").is_file():
+        meta = read_json(destination / "meta.json")
+        write_json(destination / "meta.json", {**meta, "checksums": record_checksums(destination, model_files(destination))})
     return destination
 
 
@@ -187,11 +193,13 @@ def test_a_lock_left_by_a_killed_run_is_taken_over_with_a_warning(concurrent, ti
     (knnlm.main, ["--dstore_dir", "D", "--output_dir", "O", "--knn_temp", "nan"], "--knn_temp must be a finite number"),
     (knnlm.main, ["--dstore_dir", "D", "--output_dir", "O", "--lmbda", "0.25", "nan"], "--lmbda must be a finite number"),
     (evaluate_joint.main, ["--knn_generator_path", "M", "--output_dir", "O", "--knn_temp", "inf"],
-     "--knn_temp must be a finite number"),
+     r"--memory_temp \(--knn_temp\) must be a finite number"),
     (saveKNNMulti.main, ["--dstore_path", "D", "--output_path", "O", "--knn_temp", "nan"],
      "--knn_temp must be a finite number"),
-    (eval_qa.main, ["--data_file", "Q.jsonl", "--output_dir", "O", "--knn_temp", "nan"], "--knn_temp must be a finite number"),
-    (generation_example.main, ["--prompt", "a", "--knn_temp", "nan"], "--knn_temp must be a finite number"),
+    (eval_qa.main, ["--data_file", "Q.jsonl", "--output_dir", "O", "--knn_temp", "nan"],
+     r"--memory_temp \(--knn_temp\) must be a finite number"),
+    (generation_example.main, ["--prompt", "a", "--knn_temp", "nan"],
+     r"--memory_temp \(--knn_temp\) must be a finite number"),
     (train_mlpmem_offline.main, ["--knn_dstore_path", "D", "--knn_save_path", "T", "--output_dir", "O",
                                  "--max_grad_norm", "nan"], "--max_grad_norm must be a finite number"),
     (train_mlpmem_offline.main, ["--knn_dstore_path", "D", "--knn_save_path", "T", "--output_dir", "O",
@@ -210,7 +218,7 @@ def test_non_finite_and_negative_flags_are_refused(tiny_lm, entry, argv, message
 
 def test_a_memory_with_nan_weights_is_refused_at_load(tiny_lm, memory_dir, tmp_path):
     poisoned = damaged_copy(memory_dir, tmp_path / "memory", "nan")
-    with pytest.raises(ArtifactError, match=r"--knn_generator_path .*memory: the memory's weights hold NaN .*model.safetensors"):
+    with pytest.raises(ArtifactError, match=r"--memory .*memory: the memory's weights hold NaN .*model.safetensors"):
         evaluate_joint.main([*model_flags(tiny_lm), "--knn_generator_path", str(poisoned), "--output_dir",
                              str(tmp_path / "out"), "--eval_subset", "test"])
     assert not (tmp_path / "out").exists()
@@ -228,14 +236,15 @@ def test_nan_base_weights_give_an_error_not_a_perplexity(tiny_lm, tmp_path):
         build_index.main(["--dstore_path", str(tiny_lm["dstore"]), "--index_type", "flat"])
     with pytest.raises(ArtifactError, match="The base model's log-probabilities are NaN"):
         knnlm.main([*model_flags(tiny_lm, poisoned), "--dstore_dir", str(tiny_lm["dstore"]), "--eval_subset", "test",
-                    "--max_eval_samples", "2", "--k", "4", "--output_dir", str(tmp_path / "knnlm")])
+                    "--max_eval_samples", "2", "--k", "4", "--output_dir", str(tmp_path / "knnlm"),
+                    "--allow_base_mismatch"])  # NaN weights are another base: allowed, to reach the perplexity
     assert not (tmp_path / "knnlm" / "knnlm_results.json").exists()
 
 
 def test_a_nan_memory_perplexity_is_an_error(tiny_lm, memory_dir, tmp_path):
     """A tiny --knn_temp makes the memory's logits overflow to NaN log-probabilities: an error, no joint_results.json."""
     with pytest.raises(ArtifactError, match=r"The memory's log-probabilities are NaN: its weights may be corrupt "
-                                            rf"\(--knn_generator_path {re.escape(str(memory_dir))}\), or --knn_temp "
+                                            rf"\(--memory {re.escape(str(memory_dir))}\), or --memory_temp "
                                             "1e-45 is too small"):
         evaluate_joint.main([*model_flags(tiny_lm), "--knn_generator_path", str(memory_dir), "--knn_temp", "1e-45",
                              "--eval_subset", "test", "--max_eval_samples", "2", "--output_dir", str(tmp_path / "out")])
@@ -309,7 +318,7 @@ def test_a_corrupt_safetensors_header_is_named(tiny_lm, memory_dir, tmp_path):
     memory = damaged_copy(memory_dir, tmp_path / "memory", "header")
     qa_file = tmp_path / "qa.jsonl"
     qa_file.write_text('{"question": "the river?", "answer": ["w1"]}\n')
-    with pytest.raises(ArtifactError, match=rf"--knn_generator_path {re.escape(str(memory))}: cannot read the weights in "
+    with pytest.raises(ArtifactError, match=rf"--memory {re.escape(str(memory))}: cannot read the weights in "
                                             rf"{re.escape(str(memory / 'model.safetensors'))}"):
         eval_qa.main(["--model_name_or_path", str(tiny_lm["model"]), "--data_file", str(qa_file),
                       "--output_dir", str(tmp_path / "qa"), "--use_neural_knn", "--knn_generator_path", str(memory)])

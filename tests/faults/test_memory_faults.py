@@ -27,6 +27,7 @@ from demo.generation_example import main as demo_main
 from downstream.eval_qa import main as qa_main
 from models import MemoryConfig, build_memory, load_memory
 from models.joint import JointLM, attach_memory
+from models.memory_directory import save_memory
 from tests.conftest import REPO, tiny_model
 from tests.knn_fixtures import cpu_launch_env, make_tokenizer, tiny_lm  # noqa: F401  (tiny_lm is a fixture)
 from tests.models.test_memory_training import final_weights, offline_args, pipeline  # noqa: F401  (pipeline: fixture)
@@ -93,7 +94,7 @@ def checkpoint_of(out):
 def test_a_checkpoint_holds_no_pickle(stopped_run):
     names = sorted(p.name for p in checkpoint_of(stopped_run).iterdir())
     assert names == ["model.safetensors", "optimizer.json", "optimizer.safetensors", "rng_state_0.json",
-                     "rng_state_0.safetensors", "scheduler.json", "trainer_state.json"]
+                     "rng_state_0.safetensors", "running_0.json", "scheduler.json", "trainer_state.json"]
 
 
 @pytest.mark.parametrize("name", ["custom_checkpoint_0.pkl", "optimizer.bin", "notes.txt", "optimizer.safetensors"])
@@ -116,8 +117,10 @@ def test_a_pickled_memory_is_never_loaded(tmp_path):
     (memory / "model.safetensors").unlink()
     marker = tmp_path / "the_pickle_ran"
     (memory / "pytorch_model.bin").write_bytes(pickle.dumps(Planted(marker)))
-    with pytest.raises(UsageError, match="safetensors"):
+    with pytest.raises(ArtifactError, match="no meta.json"):
         load_memory(memory)
+    with pytest.raises(UsageError, match="safetensors"):
+        load_memory(memory, allow_unverified=True)
     assert not marker.exists()
 
 
@@ -289,7 +292,7 @@ def bases(tmp_path_factory, tiny_gpt2_dir, tiny_tokenizer_dir):
                          ("legacy", {"base_model_fingerprint": None})):
         torch.manual_seed(0)
         memory = build_memory(MemoryConfig.from_base(base.config, num_layers=1, intermediate_size=48, **{**record, **fields}))
-        memory.save_pretrained(root / name)
+        save_memory(root / name, memory, results={}, record={})
         memories[name] = root / name
     qa = root / "qa.jsonl"
     qa.write_text("".join(json.dumps({"question": q, "answer": ["river"]}) + "\n" for q in ("the city of", "a king")))

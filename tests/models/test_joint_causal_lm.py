@@ -18,6 +18,7 @@ from downstream.eval_qa import main as qa_main
 from models import MemoryConfig, MLPMemoryForCausalLM, build_memory
 from models.convert import main as convert_main
 from models.joint import JointLM
+from models.memory_directory import save_memory
 from tests.conftest import WORDS, tiny_model
 from utils.artifacts.dataset import load_split
 from utils.cli import UsageError
@@ -25,7 +26,7 @@ from utils.modeling import model_fingerprint, tokenizer_fingerprint
 
 LAYER = 1
 LMBDA = 0.4
-KNN_TEMP = 0.8
+MEMORY_TEMP = 0.8
 NEW = 6
 
 
@@ -43,13 +44,13 @@ def parts(tmp_path_factory, tiny_gpt2_dir):
     with torch.no_grad():
         for p in memory.parameters():
             p.normal_(0, 0.3)  # far from the base, so the mixture matters
-    memory.eval().save_pretrained(root / "memory")
+    save_memory(root / "memory", memory.eval(), results={}, record={})
     decoder = tiny_model("llama", base.config.vocab_size, seed=2, num_hidden_layers=1)
     decoder.save_pretrained(root / "decoder")
     tokenizer.save_pretrained(root / "decoder")
     joint_dir = root / "joint"
     assert convert_main(["--joint", "--base_model", str(tiny_gpt2_dir), "--memory", str(root / "memory"),
-                         "--output", str(joint_dir), "--lmbda", str(LMBDA), "--knn_temp", str(KNN_TEMP)]) == 0
+                         "--output", str(joint_dir), "--lmbda", str(LMBDA), "--memory_temp", str(MEMORY_TEMP)]) == 0
     return {"root": root, "base": base, "memory": memory, "decoder": decoder, "tokenizer": tokenizer,
             "joint_dir": joint_dir, "base_dir": tiny_gpt2_dir}
 
@@ -81,9 +82,9 @@ STRATEGIES = {
 @pytest.mark.parametrize("memory_name", ["memory", "decoder"])
 def test_wrapper_log_probs_equal_the_hook_path(parts, memory_name):
     base, memory = parts["base"], parts[memory_name]
-    joint = MLPMemoryForCausalLM.from_parts(base, memory, LMBDA, KNN_TEMP)
+    joint = MLPMemoryForCausalLM.from_parts(base, memory, LMBDA, MEMORY_TEMP)
     ids, mask = left_padded()
-    expected = JointLM(base, memory, LMBDA, KNN_TEMP).log_probs(ids, mask)
+    expected = JointLM(base, memory, LMBDA, MEMORY_TEMP).log_probs(ids, mask)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         got = joint(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits
@@ -98,8 +99,8 @@ def test_wrapper_log_probs_equal_the_hook_path(parts, memory_name):
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
 def test_generation_equals_the_hook_path(parts, memory_name, strategy):
     base, memory = parts["base"], parts[memory_name]
-    joint = MLPMemoryForCausalLM.from_parts(base, memory, LMBDA, KNN_TEMP)
-    hooks = JointLM(base, memory, LMBDA, KNN_TEMP)
+    joint = MLPMemoryForCausalLM.from_parts(base, memory, LMBDA, MEMORY_TEMP)
+    hooks = JointLM(base, memory, LMBDA, MEMORY_TEMP)
     for ids, mask in [(prompts(), None), left_padded()]:
         kwargs = generate_kwargs(ids, mask, **STRATEGIES[strategy])
         torch.manual_seed(7)
@@ -110,26 +111,26 @@ def test_generation_equals_the_hook_path(parts, memory_name, strategy):
         assert got.shape[1] == ids.shape[1] + NEW
 
 
-def hand_decoder_log_probs(base, decoder, ids, lmbda, knn_temp):
+def hand_decoder_log_probs(base, decoder, ids, lmbda, memory_temp):
     """p = (1 - lmbda) p_base + lmbda softmax(decoder_logits / T), in float64, from two plain forwards."""
     with torch.no_grad():
         p_lm = torch.softmax(base(input_ids=ids).logits.double(), dim=-1)
-        q = torch.softmax(decoder(input_ids=ids).logits.double() / knn_temp, dim=-1)
+        q = torch.softmax(decoder(input_ids=ids).logits.double() / memory_temp, dim=-1)
     return ((1 - lmbda) * p_lm + lmbda * q).log()
 
 
 def test_memory_decoder_through_jointlm_matches_an_independent_computation(parts):
     base, decoder = parts["base"], parts["decoder"]
     ids = prompts(2, 7, seed=5)
-    expected = hand_decoder_log_probs(base, decoder, ids, LMBDA, KNN_TEMP)
-    got = JointLM(base, decoder, LMBDA, KNN_TEMP).log_probs(ids)
+    expected = hand_decoder_log_probs(base, decoder, ids, LMBDA, MEMORY_TEMP)
+    got = JointLM(base, decoder, LMBDA, MEMORY_TEMP).log_probs(ids)
     assert torch.allclose(got.double(), expected, atol=1e-5)
     # greedy generation, KV cache on: each step's argmax of the full-prefix joint distribution
     hand = ids[:1]
     for _ in range(NEW):
-        next_id = hand_decoder_log_probs(base, decoder, hand, LMBDA, KNN_TEMP)[:, -1].argmax(-1, keepdim=True)
+        next_id = hand_decoder_log_probs(base, decoder, hand, LMBDA, MEMORY_TEMP)[:, -1].argmax(-1, keepdim=True)
         hand = torch.cat([hand, next_id], dim=-1)
-    assert torch.equal(JointLM(base, decoder, LMBDA, KNN_TEMP).generate(**generate_kwargs(ids[:1], do_sample=False)),
+    assert torch.equal(JointLM(base, decoder, LMBDA, MEMORY_TEMP).generate(**generate_kwargs(ids[:1], do_sample=False)),
                        hand)
 
 
@@ -138,7 +139,7 @@ def test_memory_decoder_with_another_vocabulary_is_refused(parts, tmp_path, tiny
     other.save_pretrained(tmp_path / "other")
     with pytest.raises(UsageError, match=r"Memory Decoder .* predicts over \d+ tokens.*share the base model's tokenizer"):
         models.joint.load_checked_memory(str(tmp_path / "other"), parts["base"], None)
-    with pytest.raises(UsageError, match=r"drop --knn_generator_path"):
+    with pytest.raises(UsageError, match=r"drop --memory \(--knn_generator_path\)"):
         evaluate_joint.main(["--model_name_or_path", str(parts["joint_dir"]), "--knn_generator_path",
                              str(parts["root"] / "memory"), "--dataset_name", str(tiny_dataset), "--output_dir",
                              str(tmp_path / "o")])
@@ -154,7 +155,7 @@ def test_save_load_round_trip_and_pipeline(parts, tmp_path):
     assert loaded.base.lm_head.weight is loaded.base.transformer.wte.weight  # the tied embedding, stored once
     assert loaded.get_input_embeddings() is loaded.base.transformer.wte
     ids = prompts(2, 6, seed=9)
-    expected = JointLM(parts["base"], parts["memory"], LMBDA, KNN_TEMP).log_probs(ids)
+    expected = JointLM(parts["base"], parts["memory"], LMBDA, MEMORY_TEMP).log_probs(ids)
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, expected)
     loaded.save_pretrained(tmp_path / "again")
@@ -168,7 +169,7 @@ def test_save_load_round_trip_and_pipeline(parts, tmp_path):
     text = "the king was born near the old tower"
     out = generator(text, max_new_tokens=NEW, do_sample=False, return_full_text=False)[0]["generated_text"]
     ids = parts["tokenizer"](text, return_tensors="pt").input_ids
-    greedy = JointLM(parts["base"], parts["memory"], LMBDA, KNN_TEMP).generate(
+    greedy = JointLM(parts["base"], parts["memory"], LMBDA, MEMORY_TEMP).generate(
         input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False)
     assert out == parts["tokenizer"].decode(greedy[0, ids.shape[1]:], skip_special_tokens=True)
 
@@ -191,19 +192,19 @@ def perplexities(parts, tiny_dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("ppl")
     common = ["--dataset_name", str(tiny_dataset), "--dataset_split_name", "test", "--per_device_eval_batch_size", "3"]
     flags = evaluate_joint.main([*common, "--model_name_or_path", str(parts["base_dir"]), "--knn_generator_path",
-                                 str(parts["root"] / "memory"), "--lmbda", str(LMBDA), "--knn_temp", str(KNN_TEMP),
+                                 str(parts["root"] / "memory"), "--lmbda", str(LMBDA), "--knn_temp", str(MEMORY_TEMP),
                                  "--output_dir", str(out / "flags")])
     joint = evaluate_joint.main([*common, "--model_name_or_path", str(parts["joint_dir"]), "--output_dir",
                                  str(out / "joint")])
     decoder = evaluate_joint.main([*common, "--model_name_or_path", str(parts["base_dir"]), "--knn_generator_path",
                                    str(parts["root"] / "decoder"), "--lmbda", str(LMBDA), "--knn_temp",
-                                   str(KNN_TEMP), "--output_dir", str(out / "decoder")])
+                                   str(MEMORY_TEMP), "--output_dir", str(out / "decoder")])
     return flags, joint, decoder
 
 
 def test_evaluate_joint_on_a_joint_directory_gives_the_same_numbers(perplexities):
     flags, joint, _ = perplexities
-    assert joint["lmbda"] == LMBDA and joint["knn_temp"] == KNN_TEMP and joint["memory_layer"] == LAYER
+    assert joint["lmbda"] == LMBDA and joint["memory_temp"] == MEMORY_TEMP and joint["memory_layer"] == LAYER
     for key in ("perplexity", "base_perplexity", "memory_perplexity", "eval_tokens"):
         assert joint[key] == flags[key]
 
@@ -217,8 +218,8 @@ def test_evaluate_joint_with_a_memory_decoder_matches_an_independent_computation
         ids = torch.from_numpy(np.asarray(split.tokens[begin:end], dtype=np.int64))[None]
         scored = slice(row_begin - begin, row_end - begin)
         labels = ids[0, row_begin + 1 - begin: row_end + 1 - begin]
-        log_p = hand_decoder_log_probs(parts["base"], parts["decoder"], ids, LMBDA, KNN_TEMP)[0, scored]
-        log_q = hand_decoder_log_probs(parts["base"], parts["decoder"], ids, 1.0, KNN_TEMP)[0, scored]
+        log_p = hand_decoder_log_probs(parts["base"], parts["decoder"], ids, LMBDA, MEMORY_TEMP)[0, scored]
+        log_q = hand_decoder_log_probs(parts["base"], parts["decoder"], ids, 1.0, MEMORY_TEMP)[0, scored]
         nll -= log_p[torch.arange(len(labels)), labels].sum().item()
         memory_nll -= log_q[torch.arange(len(labels)), labels].sum().item()
         rows += len(labels)
@@ -236,9 +237,9 @@ def test_eval_qa_and_demo_on_a_joint_directory_give_the_same_answers(parts, tmp_
               "--per_device_eval_batch_size", "3"]
     flags = qa_main(["--model_name_or_path", str(parts["base_dir"]), *common, "--output_dir", str(tmp_path / "flags"),
                      "--use_neural_knn", "--knn_generator_path", str(parts["root"] / "memory"), "--lmbda", str(LMBDA),
-                     "--knn_temp", str(KNN_TEMP)])
+                     "--knn_temp", str(MEMORY_TEMP)])
     joint = qa_main(["--model_name_or_path", str(parts["joint_dir"]), *common, "--output_dir", str(tmp_path / "joint")])
-    assert joint["use_neural_knn"] and joint["lmbda"] == LMBDA and joint["knn_temp"] == KNN_TEMP
+    assert joint["use_neural_knn"] and joint["lmbda"] == LMBDA and joint["memory_temp"] == MEMORY_TEMP
     def read(name):
         return [json.loads(line)["continuation"] for line in (tmp_path / name / "predictions.jsonl").read_text().splitlines()]
 
@@ -251,7 +252,7 @@ def test_eval_qa_and_demo_on_a_joint_directory_give_the_same_answers(parts, tmp_
 
     demo = ["--prompt", "the king was born", "--prompt", "a river city", "--max_new_tokens", "5"]
     demo_flags = demo_main(["--model_name_or_path", str(parts["base_dir"]), "--knn_generator_path",
-                            str(parts["root"] / "memory"), "--lmbda", str(LMBDA), "--knn_temp", str(KNN_TEMP), *demo])
+                            str(parts["root"] / "memory"), "--lmbda", str(LMBDA), "--knn_temp", str(MEMORY_TEMP), *demo])
     demo_joint = demo_main(["--model_name_or_path", str(parts["joint_dir"]), *demo])
     assert demo_joint["examples"] == demo_flags["examples"]
     assert demo_joint["summary"]["lmbda"] == LMBDA
@@ -261,10 +262,10 @@ def test_eval_qa_and_demo_on_a_joint_directory_give_the_same_answers(parts, tmp_
 
 
 def test_a_memory_decoder_joint_model_saves_and_loads(parts, tmp_path):
-    joint = MLPMemoryForCausalLM.from_parts(parts["base"], parts["decoder"], LMBDA, KNN_TEMP)
+    joint = MLPMemoryForCausalLM.from_parts(parts["base"], parts["decoder"], LMBDA, MEMORY_TEMP)
     joint.save_pretrained(tmp_path / "md")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "md")
     assert loaded.config.memory_kind == "memory_decoder" and loaded.config.memory_layer is None
     ids, mask = left_padded()
     kwargs = generate_kwargs(ids, mask, do_sample=False, num_beams=2)
-    assert torch.equal(loaded.generate(**kwargs), JointLM(parts["base"], parts["decoder"], LMBDA, KNN_TEMP).generate(**kwargs))
+    assert torch.equal(loaded.generate(**kwargs), JointLM(parts["base"], parts["decoder"], LMBDA, MEMORY_TEMP).generate(**kwargs))

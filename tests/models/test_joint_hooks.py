@@ -15,7 +15,7 @@ VOCAB = 50
 PAD = 0
 LAYER = 1
 LMBDA = 0.5
-KNN_TEMP = 0.7
+MEMORY_TEMP = 0.7
 NEW = 8
 ARCHS = ["gpt2", "llama"]
 
@@ -58,7 +58,7 @@ def hand_joint_log_probs(model, memory, input_ids, lmbda=LMBDA):
         logits = model(input_ids=input_ids, use_cache=False).logits
         hidden = hook.hidden
     lm = torch.log_softmax(logits.float(), dim=-1)
-    mem = torch.log_softmax(memory(hidden).float() / KNN_TEMP, dim=-1)
+    mem = torch.log_softmax(memory(hidden).float() / MEMORY_TEMP, dim=-1)
     return interpolate_log_probs(lm, mem, lmbda)
 
 
@@ -75,22 +75,22 @@ def test_greedy_generation_matches_a_hand_loop(pair):
     model, memory = pair
     ids = prompt(5, 1)
     expected = hand_greedy(model, memory, ids)
-    with attach_memory(model, memory, lmbda=LMBDA, knn_temp=KNN_TEMP):
+    with attach_memory(model, memory, lmbda=LMBDA, memory_temp=MEMORY_TEMP):
         got = greedy(model, ids)
     assert torch.equal(got, expected)
     assert not torch.equal(got, greedy(model, ids)), "the memory should change this greedy continuation"
-    assert torch.equal(JointLM(model, memory, LMBDA, KNN_TEMP).generate(
+    assert torch.equal(JointLM(model, memory, LMBDA, MEMORY_TEMP).generate(
         input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False), expected)
 
 
 def test_log_probs_match_the_hand_computation(pair):
     model, memory = pair
     ids = prompt(9, 2)
-    got = JointLM(model, memory, LMBDA, KNN_TEMP).log_probs(ids, torch.ones_like(ids))
+    got = JointLM(model, memory, LMBDA, MEMORY_TEMP).log_probs(ids, torch.ones_like(ids))
     torch.testing.assert_close(got, hand_joint_log_probs(model, memory, ids), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got.exp().sum(-1), torch.ones(ids.shape), rtol=1e-5, atol=1e-5)
     expected = hand_joint_log_probs(model, memory, ids)
-    with attach_memory(model, memory, lmbda=LMBDA, knn_temp=KNN_TEMP), torch.no_grad():
+    with attach_memory(model, memory, lmbda=LMBDA, memory_temp=MEMORY_TEMP), torch.no_grad():
         for keep, positions in ((3, slice(-3, None)), (torch.tensor([1, 4, 8]), torch.tensor([1, 4, 8]))):
             kept = model(input_ids=ids, logits_to_keep=keep).logits  # the head sees only some positions
             torch.testing.assert_close(kept, expected[:, positions], rtol=1e-5, atol=1e-5)
@@ -105,7 +105,7 @@ def test_batched_left_padded_prompts_match_each_prompt_alone(pair):
     for row, p in enumerate(prompts):
         input_ids[row, width - p.shape[1]:] = p[0]
         attention_mask[row, width - p.shape[1]:] = 1
-    joint = JointLM(model, memory, LMBDA, KNN_TEMP)
+    joint = JointLM(model, memory, LMBDA, MEMORY_TEMP)
     batched = joint.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=NEW, do_sample=False)
     for row, p in enumerate(prompts):
         alone = joint.generate(input_ids=p, attention_mask=torch.ones_like(p), max_new_tokens=NEW, do_sample=False)
@@ -117,11 +117,11 @@ def test_lmbda_zero_is_the_base_and_hooks_are_removed(pair):
     ids = prompt(6, 3)
     head = model.get_output_embeddings()
     before = greedy(model, ids)
-    with attach_memory(model, memory, lmbda=0.0, knn_temp=KNN_TEMP):
+    with attach_memory(model, memory, lmbda=0.0, memory_temp=MEMORY_TEMP):
         assert torch.equal(greedy(model, ids), before)
         assert head._forward_hooks
     assert not head._forward_hooks and not model._forward_pre_hooks
-    with attach_memory(model, memory, lmbda=LMBDA, knn_temp=KNN_TEMP):
+    with attach_memory(model, memory, lmbda=LMBDA, memory_temp=MEMORY_TEMP):
         assert not torch.equal(greedy(model, ids), before)
     assert torch.equal(greedy(model, ids), before)
     with torch.no_grad():
@@ -135,7 +135,7 @@ def test_lmbda_zero_is_the_base_and_hooks_are_removed(pair):
 def test_beam_search_sampling_and_cache(pair):
     model, memory = pair
     ids = prompt(4, 4)
-    joint = JointLM(model, memory, LMBDA, KNN_TEMP)
+    joint = JointLM(model, memory, LMBDA, MEMORY_TEMP)
     common = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW)
     beams = joint.generate(**common, num_beams=3, num_return_sequences=3, do_sample=False)
     torch.manual_seed(7)

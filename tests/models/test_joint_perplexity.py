@@ -14,13 +14,14 @@ from transformers import AutoModelForCausalLM
 
 import evaluate_joint
 from models import MemoryConfig, build_memory, load_memory
+from models.memory_directory import save_memory as write_memory
 from tests.conftest import REPO
 from utils.artifacts.dataset import load_split
 from utils.cli import UsageError
 from utils.windows import ROW_BEGIN, ROW_END
 
 LAYER = 1
-KNN_TEMP = 2.0
+MEMORY_TEMP = 2.0
 SWEEP = [0.0, 0.3, 1.0]
 
 
@@ -33,7 +34,7 @@ def save_memory(directory, base_config, fingerprint: str, seed: int = 0, **field
     with torch.no_grad():
         for p in memory.parameters():
             p.normal_(0, 0.3)  # far from the base model, so the mixture is not trivial
-    memory.save_pretrained(directory)
+    write_memory(directory, memory, results={}, record={})
     return directory
 
 
@@ -44,7 +45,7 @@ def setup(tmp_path_factory, tiny_dataset, tiny_gpt2_dir):
     base = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir)
     memory_dir = save_memory(root / "memory", base.config, fingerprint)
     common = ["--model_name_or_path", str(tiny_gpt2_dir), "--dataset_name", str(tiny_dataset),
-              "--per_device_eval_batch_size", "3", "--knn_temp", str(KNN_TEMP)]
+              "--per_device_eval_batch_size", "3", "--knn_temp", str(MEMORY_TEMP)]
     sweep_out = root / "sweep"
     metrics = evaluate_joint.main([*common, "--do_test", "--dataset_split_name", "test", "--output_dir", str(sweep_out),
                                    "--knn_generator_path", str(memory_dir), "--report_to", "none",
@@ -53,7 +54,7 @@ def setup(tmp_path_factory, tiny_dataset, tiny_gpt2_dir):
                 metrics=metrics, sweep_out=sweep_out)
 
 
-def hand_perplexities(model, memory, split, lmbda: float, knn_temp: float) -> tuple[float, float]:
+def hand_perplexities(model, memory, split, lmbda: float, memory_temp: float) -> tuple[float, float]:
     """Base and joint perplexity by hand in float64, one window at a time: p = (1 - l) p_lm + l q."""
     captured = {}
     hook = model.transformer.h[LAYER].mlp.register_forward_pre_hook(lambda m, args: captured.update(x=args[0]))
@@ -67,7 +68,7 @@ def hand_perplexities(model, memory, split, lmbda: float, knn_temp: float) -> tu
                 scored = slice(row_begin - begin, row_end - begin)
                 labels = ids[0, row_begin + 1 - begin: row_end + 1 - begin]
                 p_lm = torch.softmax(logits[scored], dim=-1)
-                q = torch.softmax(memory(captured["x"][0, scored]).double() / knn_temp, dim=-1)
+                q = torch.softmax(memory(captured["x"][0, scored]).double() / memory_temp, dim=-1)
                 p = (1 - lmbda) * p_lm + lmbda * q
                 base_nll -= p_lm[torch.arange(len(labels)), labels].log().sum().item()
                 joint_nll -= p[torch.arange(len(labels)), labels].log().sum().item()
@@ -89,7 +90,7 @@ def test_lmbda_zero_gives_the_base_exactly(setup):
 def test_joint_matches_hand_computation(setup, tiny_dataset):
     split = load_split(str(tiny_dataset), "test")
     memory = load_memory(setup["memory_dir"]).eval()
-    base_ppl, joint_ppl = hand_perplexities(setup["base"].eval(), memory, split, SWEEP[1], KNN_TEMP)
+    base_ppl, joint_ppl = hand_perplexities(setup["base"].eval(), memory, split, SWEEP[1], MEMORY_TEMP)
     metrics = setup["metrics"]
     assert metrics["eval_tokens"] == split.windows[-1, ROW_END] - split.windows[0, ROW_BEGIN]
     assert metrics["base_perplexity"] == pytest.approx(base_ppl, rel=1e-6)
@@ -100,7 +101,7 @@ def test_joint_matches_hand_computation(setup, tiny_dataset):
 def test_outputs_of_a_sweep_and_of_one_lmbda(setup):
     out = setup["sweep_out"]
     saved = json.loads((out / "joint_results.json").read_text())
-    assert len(saved["lmbda_sweep"]) == len(SWEEP) and saved["knn_temp"] == KNN_TEMP
+    assert len(saved["lmbda_sweep"]) == len(SWEEP) and saved["memory_temp"] == MEMORY_TEMP
     assert saved["base_tokens_per_second"] > 0 and saved["joint_tokens_per_second"] > 0
     assert saved["perplexity"] == saved["lmbda_sweep"][0]["perplexity"]
     table = (out / "lmbda_sweep.md").read_text()

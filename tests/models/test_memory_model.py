@@ -1,15 +1,17 @@
-"""models/: each block type against a hand computation, sizes, presets, save/load, base-model checks, --init_lm_head."""
+"""models/: each block type against a hand computation, sizes, presets, save/load (and directories written before
+the styles were records), base-model checks. --init_lm_head, per base family: tests/models/test_architectures.py."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 from transformers import AutoConfig, AutoModel, GPT2Config, LlamaConfig, MistralConfig
 
-from models import (GPT2MemoryModel, LlamaMemoryModel, MemoryConfig, MistralMemoryModel, build_memory,
-                    check_memory_matches, init_lm_head_from_base, load_memory, parameter_count)
+from models import (MEMORY_MODELS, MEMORY_STYLES, MemoryConfig, build_memory, check_memory_matches, load_memory,
+                    parameter_count)
 from models.training.modes import base_parameter_count
 from tests.conftest import tiny_model
 from utils.cli import UsageError
@@ -48,27 +50,36 @@ def linear(x, module):
     return out if module.bias is None else out + module.bias
 
 
+def gelu_ffn(h, ffn):
+    return linear(gelu_tanh(linear(h, ffn.fc)), ffn.proj)
+
+
+def gated_ffn(activation):
+    return lambda h, ffn: linear(activation(linear(h, ffn.gate)) * linear(h, ffn.up), ffn.down)
+
+
+# Each style's norm and FFN, written out from the paper / the HF models (a style without one fails).
+HAND = {
+    "gpt2": (lambda h, n, eps: layer_norm(h, n.weight, n.bias, eps), gelu_ffn),
+    "llama": (lambda h, n, eps: rms_norm(h, n.weight, eps), gated_ffn(lambda g: g * torch.sigmoid(g))),
+    "mistral": (lambda h, n, eps: rms_norm(h, n.weight, eps), gated_ffn(lambda g: g * torch.sigmoid(g))),
+    "gemma": (lambda h, n, eps: rms_norm(h, n.weight, eps), gated_ffn(gelu_tanh)),
+}
+
+
 def by_hand(model, x: torch.Tensor) -> torch.Tensor:
     """The memory's logits computed from its weights with the formulas of the paper / the HF models."""
+    norm, ffn = HAND[model.config.memory_style]
     eps = model.config.norm_eps
-    style = model.config.memory_style
-    norm = (lambda h, n: layer_norm(h, n.weight, n.bias, eps)) if style == "gpt2" else (lambda h, n: rms_norm(h, n.weight, eps))
     for block in model.blocks:
-        h = norm(x, block.norm)
-        if style == "gpt2":
-            ffn = linear(gelu_tanh(linear(h, block.ffn.fc)), block.ffn.proj)
-        else:
-            gate = linear(h, block.ffn.gate)
-            ffn = linear(gate * torch.sigmoid(gate) * linear(h, block.ffn.up), block.ffn.down)
-        x = x + ffn
-    return linear(norm(x, model.final_norm), model.lm_head)
+        x = x + ffn(norm(x, block.norm, eps), block.ffn)
+    return linear(norm(x, model.final_norm, eps), model.lm_head)
 
 
-@pytest.mark.parametrize("style, cls", [("gpt2", GPT2MemoryModel), ("llama", LlamaMemoryModel),
-                                        ("mistral", MistralMemoryModel)])
-def test_blocks_match_hand_computation(style, cls):
+@pytest.mark.parametrize("style", MEMORY_STYLES)
+def test_blocks_match_hand_computation(style):
     model = randomised(style)
-    assert type(model) is cls
+    assert type(model) is MEMORY_MODELS[style] and model.config.model_type == f"mlp_memory_{style}"
     x = torch.randn(5, D)
     torch.testing.assert_close(model(x), by_hand(model, x), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(model(x[None]), model(x)[None])  # any leading shape: (B, T, d) -> (B, T, V)
@@ -94,7 +105,8 @@ def test_dropout_only_in_training():
     assert torch.equal(model(x), model(x))
 
 
-@pytest.mark.parametrize("style, bias", [("gpt2", True), ("gpt2", False), ("llama", True), ("llama", False), ("mistral", False)])
+@pytest.mark.parametrize("style, bias", [(name, bias) for name, style in MEMORY_STYLES.items()
+                                         for bias in (True, False) if style.bias_allowed or not bias])
 def test_parameter_count_formula(style, bias):
     config = MemoryConfig.from_preset("tiny", memory_style=style, hidden_size=D, vocab_size=V, intermediate_size=24,
                                       num_layers=3, ffn_bias=bias)
@@ -133,17 +145,36 @@ def test_presets_refuse_other_sizes():
         MemoryConfig.from_base(GPT2Config(n_embd=64, n_head=4))
 
 
-@pytest.mark.parametrize("style", ["gpt2", "llama", "mistral"])
+@pytest.mark.parametrize("style", MEMORY_STYLES)
 def test_save_and_load_round_trip(tmp_path, style):
     model = randomised(style, base_model={"model_name_or_path": "/some/base"}, layer=1, tokenizer_fingerprint="abc")
     model.save_pretrained(tmp_path)
     assert {p.name for p in tmp_path.iterdir()} == {"config.json", "model.safetensors"}
     x = torch.randn(3, D)
-    for loaded in (load_memory(tmp_path), AutoModel.from_pretrained(tmp_path)):
+    for loaded in (load_memory(tmp_path, allow_unverified=True), AutoModel.from_pretrained(tmp_path)):
         assert type(loaded) is type(model)
         assert torch.equal(loaded.eval()(x), model(x))
     config = AutoConfig.from_pretrained(tmp_path)
     assert (config.layer, config.tokenizer_fingerprint, config.base_model) == (1, "abc", {"model_name_or_path": "/some/base"})
+
+
+@pytest.mark.parametrize("style, eps, dropout, bias", [("gpt2", 1e-5, 0.1, True), ("llama", 1e-6, 0.0, False),
+                                                        ("mistral", 1e-6, 0.0, False)])
+def test_directories_written_by_earlier_versions_load_unchanged(tmp_path, style, eps, dropout, bias):
+    """A config.json as the per-style classes wrote it before the records (mlp_memory_<style>, every field)."""
+    written = {"architectures": [f"{MEMORY_STYLES[style].class_prefix}MemoryModel"], "base_architecture": None,
+               "base_model": None, "base_model_fingerprint": None, "dropout": dropout, "dtype": "float32",
+               "ffn_bias": bias, "hidden_size": D, "initializer_range": 0.02, "intermediate_size": 24, "layer": 1,
+               "model_type": f"mlp_memory_{style}", "norm_eps": eps, "num_layers": 2, "released_layout": None,
+               "tokenizer_fingerprint": None, "transformers_version": "5.24.0", "vocab_size": V}
+    model = randomised(style)
+    model.save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(written))
+    loaded = load_memory(tmp_path)
+    assert type(loaded) is MEMORY_MODELS[style]
+    assert (loaded.config.norm_eps, loaded.config.dropout, loaded.config.ffn_bias, loaded.config.layer) == (eps, dropout, bias, 1)
+    x = torch.randn(3, D)
+    assert torch.equal(loaded.eval()(x), model(x))
 
 
 def test_load_memory_refuses_other_directories(tmp_path, tiny_gpt2_dir):
@@ -166,23 +197,3 @@ def test_memory_must_match_its_base_model():
         check_memory_matches(memory_config, base, "tok-b", memory_path="MEM")
     with pytest.raises(UsageError, match="block 1, not block 0"):
         check_memory_matches(memory_config, base, "tok-a", layer=0)
-
-
-@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
-def test_init_lm_head_from_base(model_type):
-    """With the FFN outputs zeroed, a head-initialised memory computes the base model's head on its input."""
-    base = tiny_model(model_type, vocab_size=V)
-    with torch.no_grad():
-        for p in base.parameters():
-            p.add_(torch.randn_like(p) * 0.1)  # norms away from their initial ones
-    memory = build_memory(MemoryConfig.from_base(base.config, num_layers=2)).eval()
-    init_lm_head_from_base(memory, base)
-    with torch.no_grad():
-        for block in memory.blocks:
-            output = block.ffn.proj if model_type == "gpt2" else block.ffn.down
-            output.weight.zero_()
-            if output.bias is not None:
-                output.bias.zero_()
-    final_norm = base.transformer.ln_f if model_type == "gpt2" else base.model.norm
-    h = torch.randn(4, base.config.hidden_size)
-    torch.testing.assert_close(memory(h), base.get_output_embeddings()(final_norm(h)))

@@ -36,7 +36,9 @@ def test_dataset_split_round_trip_and_count_check(tmp_path):
     assert sorted(checksums) == ["train/tokens.npy", "train/windows.npy"]
     assert entry == {"tokens": 50, "rows": 49, "windows": len(windows), "max_token_id": 6,
                      "tokens_sha256": entry["tokens_sha256"]}
-    write_json(tmp_path / "meta.json", {"kind": "dataset", "format_version": 1, "splits": {"train": entry}})
+    write_json(tmp_path / "meta.json", {"kind": "dataset", "format_version": 1, "splits": {"train": entry},
+                                        "tokenizer": {"fingerprint": "t"}, "block_size": 16, "stride": 8,
+                                        "checksums": checksums})
     split = load_split(str(tmp_path), "train")
     assert np.array_equal(split.tokens, tokens) and np.array_equal(split.windows, windows)
     assert split.num_rows == 49
@@ -44,7 +46,7 @@ def test_dataset_split_round_trip_and_count_check(tmp_path):
         load_split(str(tmp_path), "test")
     np.save(tmp_path / "train" / "tokens.npy", tokens[:40])  # a file that no longer matches meta.json
     with pytest.raises(ArtifactError, match="40 tokens, meta.json says 50"):
-        load_split(str(tmp_path), "train")
+        load_split(str(tmp_path), "train", verify=False)  # behind the checksums, which refuse it first
 
 
 def test_datastore_round_trip_summary_and_flag_in_errors(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 
 from downstream import halueval, strategyqa
 from downstream.qa_data import read_local
-from utils.embedded_corpus import RELATIONS, generate_corpus, write_corpus
+from utils.embedded_corpus import RELATIONS, generate_corpus, judgments, write_corpus
 
 SMALL = {"num_countries": 3, "num_cities": 12, "num_rivers": 4, "num_organisations": 10, "num_people": 40}
 EVAL = ("validation", "test")
@@ -73,7 +73,9 @@ def test_written_files_read_by_the_evaluations(tmp_path):
         items = [strategyqa.record_item(record, i, prompt, "f") for i, record in enumerate(examples)]
         assert len(items) == meta[f"yes_no_{split}"]["count"]
         assert sum(item.labels[0] for item in items) == meta[f"yes_no_{split}"]["yes"]
-        assert re.fullmatch(r"Question: Is it true that .+\? Answer: ", items[0].prompt)
+        prefix = json.loads(task_file.read_text())["task_prefix"]  # the few-shot examples, then the question
+        assert items[0].prompt.startswith(prefix)
+        assert re.fullmatch(r"Question: Is it true that .+\? Answer: ", items[0].prompt.removeprefix(prefix))
         samples_file = out / meta[f"halueval_{split}"]["file"]
         assert samples_file.suffix == ".json" and len(samples_file.read_text().splitlines()) > 1  # JSON lines
         samples = read_local(str(samples_file))
@@ -95,3 +97,67 @@ def test_a_corpus_written_before_the_items_gets_them_added(tmp_path):
     (out / "meta.json").write_text(json.dumps(old, indent=2, sort_keys=True) + "\n")
     assert write_corpus(out, seed=0, **SMALL) == meta
     assert {p.name: p.read_bytes() for p in Path(out).iterdir() if p.is_file()} == before
+
+
+def test_fewshot_examples_are_train_only_facts_half_true(corpus):
+    shots = corpus.judgments["fewshot"]
+    asked = {fact.subject for split in EVAL for fact in corpus.facts[split]}
+    values = {}
+    for group in corpus.entities.values():
+        for entity in group:
+            for relation, value in entity.attributes.items():
+                values.setdefault(relation, set()).add(value)
+    yes_no, judged = shots["yes_no"], shots["hallucination"]
+    assert len(yes_no) == judgments.YES_NO_SHOTS and len(judged) == judgments.HALUEVAL_SHOTS
+    assert [s["target"] for s in yes_no].count("Yes") == judgments.YES_NO_SHOTS // 2
+    assert [s["judgement"] for s in judged].count("No") == judgments.HALUEVAL_SHOTS // 2
+    for shot in yes_no:
+        fact = shot["fact"]
+        assert fact.subject not in asked and fact.subject in shot["input"]  # no eval item asks about it
+        assert mentions(shot["input"], fact.value) == (shot["target"] == "Yes")
+    for shot in judged:
+        fact, template = shot["fact"], RELATIONS[shot["fact"].relation].answers[0]
+        assert fact.subject not in asked and fact.subject in shot["question"]
+        value = re.fullmatch(re.escape(template).replace(r"\{v\}", "(.+)"), shot["answer"]).group(1)
+        assert value in values[fact.relation] and (value == fact.value) == (shot["judgement"] == "No")
+    assert generate_corpus(seed=0, **SMALL).judgments["fewshot"] == shots
+
+
+def test_fewshot_prompts_in_the_files_fit_the_base_model(tmp_path):
+    """The default corpus's prompts, few-shot prefix included, fit the quickstart base model's 256 positions."""
+    out = tmp_path / "full"
+    meta = write_corpus(out, seed=0)
+    from utils.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(str(out / "tokenizer"))
+    task = json.loads((out / "yes_no_test.json").read_text())
+    lines = task["task_prefix"].splitlines()
+    assert meta["yes_no_test"]["shots"] == len(lines) == judgments.YES_NO_SHOTS
+    assert all(re.fullmatch(r"Question: Is it true that .+\? Answer: (Yes|No)", line) for line in lines)
+    prompt = strategyqa.prompt_settings(task, strategyqa.StrategyQAArguments())
+    items = [strategyqa.record_item(r, i, prompt, "f") for i, r in enumerate(task["examples"])]
+    assert all(item.prompt.startswith(task["task_prefix"] + "Question: Is it true that ") for item in items)
+    instruction = (out / "halueval_fewshot.txt").read_text()
+    assert meta["halueval_fewshot"]["shots"] == instruction.count("#Your Judgement#:") == judgments.HALUEVAL_SHOTS
+    samples = read_local(str(out / "halueval_test.json"))
+    judged = [item for i, s in enumerate(samples) for item in halueval.record_items(s, i, "qa", instruction, False, "f")]
+    assert judged[0].prompt == (f"{instruction}\n\n#Question#: {samples[0]['question']}\n"  # a blank line, as between shots
+                                f"#Answer#: {samples[0]['right_answer']}\n#Your Judgement#:")
+    longest = max(len(tokenizer(item.prompt + " Yes")["input_ids"]) for item in items + judged)
+    assert longest <= 256, longest
+
+
+def test_a_corpus_written_before_the_fewshot_prompts_gets_them(tmp_path):
+    out = tmp_path / "small"
+    meta = write_corpus(out, seed=0, **SMALL)
+    expected = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    old = {key: value for key, value in meta.items() if key != "halueval_fewshot"}
+    (out / "halueval_fewshot.txt").unlink()
+    for split in EVAL:  # the yes/no files as they were written before: no task_prefix
+        task = json.loads((out / f"yes_no_{split}.json").read_text())
+        del task["task_prefix"]
+        (out / f"yes_no_{split}.json").write_text(json.dumps(task, indent=1) + "\n")
+        old[f"yes_no_{split}"] = {k: v for k, v in old[f"yes_no_{split}"].items() if k != "shots"}
+    (out / "meta.json").write_text(json.dumps(old, indent=2, sort_keys=True) + "\n")
+    assert write_corpus(out, seed=0, **SMALL) == meta
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == expected

@@ -7,7 +7,8 @@ of each token stream, and the block checksums of every file, utils/checksums.py)
     <dir>/<split>/windows.npy   int64 (W, 4)  (begin, end, row_begin, row_end) per window, see utils/windows.py
 
 Each row (``n - 1`` per split) is one scored prediction; every later stage numbers its rows the same way.
-utils/preprocess_dataset.py writes it.
+utils/preprocess_dataset.py writes it, and converts the released preprocessing's ``save_to_disk`` layout into
+it (utils/artifacts/released_dataset.py), which `load_split` does not read but names the command for.
 """
 
 from __future__ import annotations
@@ -17,11 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
+from utils.artifacts.released_dataset import conversion_hint, is_released_dataset
 from utils.checksums import checksum_file, checksum_npy, verify_files
-from utils.io import ArtifactError, load_array, read_meta
+from utils.io import META_NAME, ArtifactError, check_fields, load_array, read_meta
 
 FORMAT_VERSION = 1
 SPLIT_FILES = ("tokens.npy", "windows.npy")
+META_FIELDS = ("splits", "tokenizer.fingerprint", "block_size", "stride")  # what readers take from meta.json
+SPLIT_FIELDS = ("tokens", "rows", "windows", "max_token_id", "tokens_sha256")  # ... and from each split's entry
 
 
 @dataclass
@@ -61,16 +65,25 @@ def write_split(directory: Path, split: str, tokens: np.ndarray, windows: np.nda
     return entry, {tokens_file: tokens_checksums, windows_file: checksum_file(directory / windows_file)}
 
 
-def load_split(dataset_dir: str, split: str, verify: bool = True) -> TokenizedSplit:
+def identity_hashes(meta: dict) -> dict[str, str]:
+    """The SHA-256 each token stream's data must have (its identity, which other artifacts record), by file name."""
+    return {split_files(split)[0]: entry["tokens_sha256"] for split, entry in meta["splits"].items()
+            if isinstance(entry, dict) and entry.get("tokens_sha256")}
+
+
+def load_split(dataset_dir: str, split: str, verify: bool = True, allow_unverified: bool = False) -> TokenizedSplit:
     """Open one split of a preprocessed dataset (memory-mapped); with ``verify``, check its files' block
-    checksums first."""
-    meta = read_meta(dataset_dir, "dataset")
-    if split not in meta["splits"]:
+    checksums first (a dataset without them is refused unless ``allow_unverified``)."""
+    if is_released_dataset(dataset_dir):
+        raise ArtifactError(conversion_hint(dataset_dir))
+    meta = read_meta(dataset_dir, "dataset", META_FIELDS)
+    if not isinstance(meta["splits"], dict) or split not in meta["splits"]:
         raise ArtifactError(
             f"Dataset {dataset_dir} has no {split!r} split (it has {sorted(meta['splits'])})."
         )
+    check_fields(meta["splits"][split], SPLIT_FIELDS, f"{Path(dataset_dir) / META_NAME} (split {split!r})")
     if verify:
-        verify_files(dataset_dir, meta, split_files(split))
+        verify_files(dataset_dir, meta, split_files(split), allow_unverified)
     directory = Path(dataset_dir) / split
     counts = meta["splits"][split]
     tokens = load_array(directory / "tokens.npy", f"{counts['tokens']} int32 tokens, as meta.json says", mmap_mode="r")

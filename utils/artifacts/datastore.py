@@ -19,6 +19,9 @@ where it stopped (with any number of processes) and never runs a finished window
 same pass (train_base: the negative log-likelihood), so a resumed run reports the perplexity of an
 uninterrupted one. Only when every window is done are the checksums computed, ``meta.json`` written and
 the directory renamed to its final name.
+
+The arrays' disk blocks are reserved when they are created (`utils.io.preallocate`), after checking the free
+space: a write into a sparse memory map on a full disk would kill every process with SIGBUS and no message.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ from pathlib import Path
 import numpy as np
 
 from utils.checksums import checksum_npy, verify_files
-from utils.io import ArtifactError, load_array, partial_path, read_meta, reuse_staging, timed, write_json
+from utils.io import (NPY_HEADER_BYTES, ArtifactError, check_free_space, load_array, partial_path, preallocate, read_meta,
+                      reuse_staging, timed, write_json)
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +44,7 @@ FORMAT_VERSION = 1
 KEY_DTYPE = np.float16
 VAL_DTYPE = np.int32
 DATA_FILES = ("keys.npy", "vals.npy")
+META_FIELDS = ("rows", "dim", "keys_sha256", "vals_sha256", "layer", "dataset")  # what readers take from meta.json
 
 
 @dataclass
@@ -60,13 +65,19 @@ class Datastore:
         return self.keys.shape[1]
 
 
-def load_datastore(path: str, verify: bool = True) -> Datastore:
+def identity_hashes(meta: dict) -> dict[str, str]:
+    """The SHA-256 each array's data must have (the datastore's identity, which indexes and targets record)."""
+    return {"keys.npy": meta["keys_sha256"], "vals.npy": meta["vals_sha256"]}
+
+
+def load_datastore(path: str, verify: bool = True, allow_unverified: bool = False) -> Datastore:
     """Open a finished datastore, checking its arrays against its ``meta.json``: their shapes and, with
-    ``verify``, their contents (block checksums, one streamed read of both files)."""
-    meta = read_meta(path, "datastore")
+    ``verify``, their contents (block checksums, one streamed read of both files; a datastore without them is
+    refused unless ``allow_unverified``)."""
+    meta = read_meta(path, "datastore", META_FIELDS)
     path = Path(path)
     if verify:
-        verify_files(path, meta, list(DATA_FILES))
+        verify_files(path, meta, list(DATA_FILES), allow_unverified)
     expected = (meta["rows"], meta["dim"])
     keys = load_array(path / "keys.npy", f"float16 keys of shape {expected}, as meta.json says", mmap_mode="r")
     vals = load_array(path / "vals.npy", f"{meta['rows']} int32 values, as meta.json says", mmap_mode="r")
@@ -85,7 +96,7 @@ class DatastoreWriter:
     """
 
     def __init__(self, path: str, num_rows: int, dim: int, num_windows: int, identity: dict, state):
-        self.path = Path(path)
+        self.path = Path(path).resolve()  # through a link: staged beside the directory it names (where its lock is)
         self.staging = partial_path(self.path)
         self.identity = {**identity, "rows": int(num_rows), "dim": int(dim), "windows": int(num_windows)}
         self.state = state
@@ -106,6 +117,8 @@ class DatastoreWriter:
         if (self.staging / "progress.json").is_file() and not (self.staging / "window_nll.npy").is_file():
             (self.staging / "progress.json").unlink()  # staged by a version without per-window sums: start afresh
         if reuse_staging(self.staging, self.identity, self._allocate):
+            for name in DATA_FILES:  # staged by a version that left them sparse: reserve their blocks now
+                preallocate(self.staging / name, f"--dstore_dir {self.path}")
             done = load_array(self.staging / "done_windows.npy", f"{self.identity['windows']} done flags")
             logger.info("Resuming datastore %s: %d of %d windows already written", self.staging, int(done.sum()),
                         self.identity["windows"])
@@ -113,8 +126,13 @@ class DatastoreWriter:
     def _allocate(self, staging: Path) -> None:
         """Pre-allocate the arrays, the per-window done flags and the per-window sums (NaN: never written)."""
         rows, dim, windows = self.identity["rows"], self.identity["dim"], self.identity["windows"]
-        np.lib.format.open_memmap(staging / "keys.npy", mode="w+", dtype=KEY_DTYPE, shape=(rows, dim)).flush()
-        np.lib.format.open_memmap(staging / "vals.npy", mode="w+", dtype=VAL_DTYPE, shape=(rows,)).flush()
+        arrays = {"keys.npy": (KEY_DTYPE, (rows, dim)), "vals.npy": (VAL_DTYPE, (rows,))}
+        needed = sum(np.dtype(dtype).itemsize * int(np.prod(shape)) for dtype, shape in arrays.values()) \
+            + windows * (1 + 8) + 4 * NPY_HEADER_BYTES
+        check_free_space(staging, needed, f"--dstore_dir {self.path}")
+        for name, (dtype, shape) in arrays.items():
+            np.lib.format.open_memmap(staging / name, mode="w+", dtype=dtype, shape=shape).flush()
+            preallocate(staging / name, f"--dstore_dir {self.path}")
         np.save(staging / "done_windows.npy", np.zeros(windows, dtype=bool))
         np.save(staging / "window_nll.npy", np.full(windows, np.nan, dtype=np.float64))
 
@@ -166,10 +184,10 @@ class DatastoreWriter:
         return meta
 
 
-def open_datastore(path: str | os.PathLike, flag: str, verify: bool = True) -> Datastore:
+def open_datastore(path: str | os.PathLike, flag: str, verify: bool = True, allow_unverified: bool = False) -> Datastore:
     """`load_datastore`, with errors that name the flag the path came from."""
     try:
-        return load_datastore(str(path), verify)
+        return load_datastore(str(path), verify, allow_unverified)
     except ArtifactError as err:
         raise ArtifactError(f"{flag} {path}: {err}") from None
 

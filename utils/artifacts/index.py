@@ -31,11 +31,12 @@ import numpy as np
 
 from utils.artifacts.datastore import Datastore
 from utils.checksums import verify_files
-from utils.io import ArtifactError, read_meta
+from utils.io import ArtifactError, check_free_space, read_meta
 
 FORMAT_VERSION = 1
 INDEX_FILE = "index.faiss"
 DEFAULT_INDEX_NAME = "index"
+META_FIELDS = ("rows", "dim", "index_type", "settings", "datastore.rows", "datastore.dim", "datastore.keys_sha256")
 
 
 def default_index_path(dstore_path: str | os.PathLike) -> Path:
@@ -60,14 +61,52 @@ def index_parts(meta: dict) -> list[dict]:
     return meta.get("shards") or [{"file": INDEX_FILE, "begin": 0, "end": meta["rows"], "id_offset": 0}]
 
 
+def check_parts(index_path: Path, meta: dict) -> None:
+    """A sharded index's meta.json must name shard files inside the index directory (plain ``*.faiss`` names, no
+    path: an edited name could make a reader map, or a rebuild overwrite, a file elsewhere) covering its rows in
+    order."""
+    shards = meta.get("shards")
+    if shards is None:
+        return
+    where = f"{index_path / 'meta.json'}"
+    if not isinstance(shards, list) or not shards:
+        raise ArtifactError(f"{where}: its shards are not a list of files: the record is corrupt")
+    begin = 0
+    for part in shards:
+        name = part.get("file") if isinstance(part, dict) else None
+        if not isinstance(name, str) or Path(name).name != name or name in (".", "..") or not name.endswith(".faiss"):
+            raise ArtifactError(f"{where}: shard file {name!r} is not a .faiss file inside the index directory (a plain "
+                                "file name); the record was edited or is corrupt")
+        if not all(isinstance(part.get(key), int) for key in ("begin", "end", "id_offset")) or part["begin"] != begin \
+                or part["end"] < begin:
+            raise ArtifactError(f"{where}: shard {name} does not cover the rows that follow the previous shard's "
+                                f"(from {begin}); the record was edited or is corrupt")
+        begin = part["end"]
+    if begin != meta["rows"]:
+        raise ArtifactError(f"{where}: its shards cover {begin} rows, the index has {meta['rows']}; the record was "
+                            "edited or is corrupt")
+
+
 def chunk_file(staging: Path, chunk: int) -> Path:
     return staging / "chunks" / f"chunk_{chunk:06d}.faiss"
 
 
 def write_index_atomically(index: faiss.Index, path: Path) -> None:
+    """Write ``index`` under a temporary name and rename it; its size is checked against the free space first, and a
+    file cut short by a full disk is removed."""
     tmp = path.with_name(path.name + ".tmp")
-    faiss.write_index(index, str(tmp))
+    check_free_space(path.parent, estimated_bytes(index), f"Writing the index {path}")
+    try:
+        faiss.write_index(index, str(tmp))
+    except RuntimeError:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
+
+
+def estimated_bytes(index: faiss.Index) -> int:
+    """A lower bound of the size of ``index``'s file: its codes, and the ids of an IVF index."""
+    return index.ntotal * (getattr(index, "code_size", 0) + (8 if hasattr(index, "nlist") else 0))
 
 
 def check_index_matches(meta: dict, datastore: Datastore, index_path: Path) -> None:
@@ -85,7 +124,8 @@ def check_index_matches(meta: dict, datastore: Datastore, index_path: Path) -> N
 def read_index_meta(index_path: Path, datastore: Datastore) -> dict:
     """The ``meta.json`` of the index at ``index_path``, checked to index ``datastore``."""
     try:
-        meta = read_meta(index_path, "index")
+        meta = read_meta(index_path, "index", META_FIELDS)
+        check_parts(index_path, meta)
     except ArtifactError as err:
         raise ArtifactError(f"--index_path {index_path}: {err} Build it with knn_utils.build_index.") from None
     check_index_matches(meta, datastore, index_path)
@@ -93,14 +133,15 @@ def read_index_meta(index_path: Path, datastore: Datastore) -> dict:
 
 
 def read_index_file(index_path: Path, meta: dict, mmap: bool = True, verify: bool = True,
-                    part: dict | None = None) -> faiss.Index:
+                    part: dict | None = None, allow_unverified: bool = False) -> faiss.Index:
     """The FAISS index of ``index_path`` (of a sharded index: the shard ``part``, one of `index_parts`), read-only;
     memory-mapped (shared between processes) when ``mmap``; with ``verify``, checked against its block checksums
-    first."""
+    first (an index without them is refused unless ``allow_unverified``)."""
+    check_parts(index_path, meta)
     part = part or index_parts(meta)[0]
     path, rows = index_path / part["file"], part["end"] - part["begin"]
     if verify:
-        verify_files(index_path, meta, [part["file"]])
+        verify_files(index_path, meta, [part["file"]], allow_unverified)
     flags = faiss.IO_FLAG_MMAP_IFC if meta["index_type"] == "flat" else faiss.IO_FLAG_MMAP
     try:
         index = faiss.read_index(str(path), faiss.IO_FLAG_READ_ONLY | (flags if mmap else 0))

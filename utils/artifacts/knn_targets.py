@@ -30,7 +30,8 @@ import numpy as np
 from utils.artifacts.datastore import Datastore
 from utils.checksums import record_checksums, verify_files
 from utils.cli import UsageError
-from utils.io import ArtifactError, chunk_ranges, load_array, read_meta
+from utils.io import (NPY_HEADER_BYTES, ArtifactError, check_free_space, chunk_ranges, load_array, preallocate,
+                      read_meta)
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ FORMAT_VERSION = 1
 ID_DTYPE = np.int32
 PROB_DTYPE = np.float16
 DATA_FILES = ("offsets.npy", "token_ids.npy", "probs.npy", "labels.npy")
+META_FIELDS = ("rows", "nnz")  # what readers take from meta.json
 MERGE_ROWS = 1 << 22  # rows of labels and offsets merge_chunks handles at a time
 
 
@@ -57,14 +59,15 @@ class SparseRows:
 class KnnTargets:
     """An opened target directory (memory-mapped). Never densified to (rows x vocab).
 
-    With ``verify``, the files are checked against their block checksums before they are mapped.
+    With ``verify``, the files are checked against their block checksums before they are mapped (targets without
+    them are refused unless ``allow_unverified``).
     """
 
-    def __init__(self, path: str | os.PathLike, verify: bool = True):
+    def __init__(self, path: str | os.PathLike, verify: bool = True, allow_unverified: bool = False):
         self.path = Path(path)
-        self.meta = read_meta(self.path, "knn_targets")
+        self.meta = read_meta(self.path, "knn_targets", META_FIELDS)
         if verify:
-            verify_files(self.path, self.meta, list(DATA_FILES))
+            verify_files(self.path, self.meta, list(DATA_FILES), allow_unverified)
         rows, nnz = self.meta["rows"], self.meta["nnz"]
         self.offsets = load_array(self.path / "offsets.npy", f"{rows + 1} int64 row offsets", mmap_mode="r")  # (N + 1,)
         self.token_ids = load_array(self.path / "token_ids.npy", f"{nnz} int32 token ids", mmap_mode="r")  # (nnz,)
@@ -101,9 +104,9 @@ class KnnTargets:
         return entry_row, np.asarray(self.token_ids[positions]), np.asarray(self.probs[positions])
 
 
-def load_knn_targets(path: str | os.PathLike, verify: bool = True) -> KnnTargets:
+def load_knn_targets(path: str | os.PathLike, verify: bool = True, allow_unverified: bool = False) -> KnnTargets:
     """Open a target directory written by `compute_knn_targets` (its files verified, with ``verify``)."""
-    return KnnTargets(path, verify)
+    return KnnTargets(path, verify, allow_unverified)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -119,6 +122,8 @@ def write_chunk(staging: Path, chunk: int, targets: SparseRows) -> None:
     final = chunk_dir(staging, chunk)
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    check_free_space(staging, sum(getattr(targets, name).nbytes + NPY_HEADER_BYTES
+                                  for name in ("counts", "token_ids", "probs")), f"chunk {chunk} of the kNN targets")
     tmp.mkdir(parents=True)
     for name in ("counts", "token_ids", "probs"):
         np.save(tmp / f"{name}.npy", getattr(targets, name))
@@ -138,9 +143,15 @@ def merge_chunks(staging: Path, queries: Datastore, chunk_rows: int) -> dict:
     counts = [load_array(chunk_dir(staging, c) / "counts.npy", "the entry count of each row of the chunk", mmap_mode="r")
               for c in range(num_chunks)]
     nnz = int(sum(int(c.sum()) for c in counts))
-    offsets = np.lib.format.open_memmap(staging / "offsets.npy", mode="w+", dtype=np.int64, shape=(queries.num_rows + 1,))
-    token_ids = np.lib.format.open_memmap(staging / "token_ids.npy", mode="w+", dtype=ID_DTYPE, shape=(nnz,))
-    probs = np.lib.format.open_memmap(staging / "probs.npy", mode="w+", dtype=PROB_DTYPE, shape=(nnz,))
+    shapes = {"offsets.npy": (np.int64, queries.num_rows + 1), "token_ids.npy": (ID_DTYPE, nnz),
+              "probs.npy": (PROB_DTYPE, nnz), "labels.npy": (ID_DTYPE, queries.num_rows)}
+    check_free_space(staging, sum(np.dtype(dtype).itemsize * size + NPY_HEADER_BYTES for dtype, size in shapes.values()),
+                     "Merging the kNN targets")
+    arrays = {}
+    for name, (dtype, size) in shapes.items():  # blocks reserved: a full disk is an error here, not a SIGBUS later
+        arrays[name] = np.lib.format.open_memmap(staging / name, mode="w+", dtype=dtype, shape=(size,))
+        preallocate(staging / name, "Merging the kNN targets")
+    offsets, token_ids, probs, labels = (arrays[name] for name in DATA_FILES)
     offsets[0], row, entry = 0, 0, 0
     for c in range(num_chunks):
         chunk_counts = np.asarray(counts[c])
@@ -149,7 +160,6 @@ def merge_chunks(staging: Path, queries: Datastore, chunk_rows: int) -> dict:
         token_ids[entry : entry + size] = load_array(chunk_dir(staging, c) / "token_ids.npy", f"{size} int32 token ids")
         probs[entry : entry + size] = load_array(chunk_dir(staging, c) / "probs.npy", f"{size} float16 probabilities")
         row, entry = row + len(chunk_counts), entry + size
-    labels = np.lib.format.open_memmap(staging / "labels.npy", mode="w+", dtype=ID_DTYPE, shape=(queries.num_rows,))
     empty_rows = max_row = 0
     for begin, end in chunk_ranges(queries.num_rows, MERGE_ROWS):  # streamed: no (N,) array is held in RAM
         labels[begin:end] = queries.vals[begin:end]
@@ -157,7 +167,7 @@ def merge_chunks(staging: Path, queries: Datastore, chunk_rows: int) -> dict:
         empty_rows, max_row = empty_rows + int((row_sizes == 0).sum()), max(max_row, int(row_sizes.max(initial=0)))
     for array in (offsets, token_ids, probs, labels):
         array.flush()
-    del labels
+    del labels, arrays
     return {"rows": queries.num_rows, "nnz": nnz, "empty_rows": empty_rows,
             "mean_targets_per_row": round(nnz / max(queries.num_rows, 1), 3), "max_targets_in_a_row": max_row,
             "checksums": record_checksums(staging, list(DATA_FILES))}

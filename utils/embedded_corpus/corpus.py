@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from utils.cli import UsageError, setup_logging
-from utils.embedded_corpus.judgments import judgment_items, yes_no_task
+from utils.embedded_corpus.judgments import halueval_fewshot_text, judgment_items, yes_no_task
 from utils.embedded_corpus.prose import _backlinks, eval_paragraph, plan_entity, train_article
 from utils.embedded_corpus.questions import QA_PROMPT, _qa_drills, qa_pair
 from utils.embedded_corpus.world import CorpusSizes, Entity, Fact, build_world
@@ -55,7 +55,8 @@ class EmbeddedCorpus:
     ``qa["validation"]`` and ``qa["test"]`` ask for the facts of that split, one question each, in the
     wording held out of train for that fact; ``entities`` is the whole world by type. ``judgments`` holds the
     yes/no questions and hallucination-judgment items about the same facts (`utils.embedded_corpus.judgments`):
-    ``judgments["yes_no"][split]`` and ``judgments["hallucination"][split]``.
+    ``judgments["yes_no"][split]`` and ``judgments["hallucination"][split]``, and the few-shot examples of both
+    formats, about train-only facts: ``judgments["fewshot"]["yes_no"]`` and ``judgments["fewshot"]["hallucination"]``.
     """
 
     train: str
@@ -234,10 +235,11 @@ def write_corpus(output_dir: str | os.PathLike, seed: int = 0, vocab_size: int =
     """Generate the corpus and its tokenizer into ``output_dir`` (atomically) and return its meta.
 
     Files: ``train.txt``, ``validation.txt``, ``test.txt`` (one article per line), ``qa_validation.jsonl``,
-    ``qa_test.jsonl``, the judgment items (``yes_no_<split>.json``, ``halueval_<split>.json``), ``tokenizer/`` and
-    ``meta.json``. Everything is written into ``<output_dir>.partial`` first and renamed when complete, holding the
-    lock of ``output_dir`` (`utils.locking`). An existing ``output_dir`` with the same settings is returned as is,
-    once the judgment items are added if it predates them.
+    ``qa_test.jsonl``, the judgment items (``yes_no_<split>.json``, ``halueval_<split>.json``, the few-shot prompt
+    ``halueval_fewshot.txt``), ``tokenizer/`` and ``meta.json``. Everything is written into
+    ``<output_dir>.partial`` first and renamed when complete, holding the lock of ``output_dir``
+    (`utils.locking`). An existing ``output_dir`` with the same settings is returned as is, once the judgment items
+    are (re)written if it predates them or their few-shot prompts.
     """
     output_dir = Path(output_dir)
     sizes = CorpusSizes(**size_kwargs)
@@ -247,7 +249,7 @@ def write_corpus(output_dir: str | os.PathLike, seed: int = 0, vocab_size: int =
     with artifact_lock(output_dir, "--output_dir"):
         if output_dir.exists():
             meta = _existing_meta(output_dir, settings)
-            if not all(name in meta for name in _judgment_names()):  # written before the judgment items existed
+            if not all(name in meta for name in _judgment_names()):  # written before the judgment items (or shots)
                 meta = _add_judgments(output_dir, meta, generate_corpus(seed, **dataclasses.asdict(sizes)))
             return meta
         with timed("Generating the corpus", logger):
@@ -302,24 +304,30 @@ def _write_files(staging: Path, corpus: "EmbeddedCorpus", tokenizer: "PreTrained
 
 
 def _judgment_names() -> list[str]:
-    """The meta.json keys (and file stems) of the judgment items: yes/no and HaluEval-style, per eval split."""
-    return [f"{kind}_{split}" for kind in ("yes_no", "halueval") for split in SPLITS[1:]]
+    """The meta.json keys (and file stems) of the judgment items: yes/no and HaluEval-style, per eval split, and
+    HaluEval's few-shot prompt (the yes/no one is inside the yes/no files)."""
+    return [f"{kind}_{split}" for kind in ("yes_no", "halueval") for split in SPLITS[1:]] + ["halueval_fewshot"]
 
 
 def _judgment_texts(corpus: EmbeddedCorpus) -> dict[str, tuple[str, str, dict]]:
     """Per meta key: the file name, its text and what meta.json records beside it.
 
-    ``yes_no_<split>.json`` is a BIG-bench task (`downstream.strategyqa` reads it); ``halueval_<split>.json`` is
-    JSON lines, as HaluEval releases its "qa" data (`downstream.halueval`).
+    ``yes_no_<split>.json`` is a BIG-bench task (`downstream.strategyqa` reads it) with the few-shot examples as
+    its ``task_prefix``; ``halueval_<split>.json`` is JSON lines, as HaluEval releases its "qa" data
+    (`downstream.halueval`); ``halueval_fewshot.txt`` the judged examples, given as ``--instruction``.
     """
     texts = {}
+    shots = corpus.judgments["fewshot"]
     for split, examples in corpus.judgments["yes_no"].items():
-        text = json.dumps(yes_no_task(examples), indent=1) + "\n"
+        text = json.dumps(yes_no_task(examples, shots["yes_no"]), indent=1) + "\n"
         yes = sum(example["target_scores"]["Yes"] for example in examples)
-        texts[f"yes_no_{split}"] = (f"yes_no_{split}.json", text, {"count": len(examples), "yes": yes})
+        texts[f"yes_no_{split}"] = (f"yes_no_{split}.json", text,
+                                    {"count": len(examples), "yes": yes, "shots": len(shots["yes_no"])})
     for split, samples in corpus.judgments["hallucination"].items():
         text = "".join(json.dumps(sample, sort_keys=True) + "\n" for sample in samples)
         texts[f"halueval_{split}"] = (f"halueval_{split}.json", text, {"count": len(samples), "task": "qa"})
+    text = halueval_fewshot_text(shots["hallucination"])  # no final newline: halueval adds the blank line after it
+    texts["halueval_fewshot"] = ("halueval_fewshot.txt", text, {"shots": len(shots["hallucination"])})
     return texts
 
 
@@ -335,8 +343,9 @@ def _write_judgments(directory: Path, corpus: EmbeddedCorpus) -> dict:
 
 
 def _add_judgments(output_dir: Path, meta: dict, corpus: EmbeddedCorpus) -> dict:
-    """Add the judgment files to a corpus written before they existed (its other files are the same); the new meta."""
-    logger.info("%s predates the yes/no and hallucination items: adding them", output_dir)
+    """(Re)write the judgment files of a corpus written before they (or their few-shot prompts) existed; its other
+    files are the same. The new meta."""
+    logger.info("%s predates the yes/no and hallucination items or their few-shot prompts: writing them", output_dir)
     meta = {**meta, **_write_judgments(output_dir, corpus)}
     write_json(output_dir / "meta.json", meta)
     return meta

@@ -13,24 +13,43 @@ the same relation (another entity's birthplace, another year, another organisati
   as `downstream.halueval` reads them.
 
 They draw from their own `random.Random`, seeded from the corpus seed, after the corpus is complete, so
-adding them changed no other file of the corpus. Train holds no yes/no question and no judgment: a model
-trained on it has to transfer what it knows about the facts to a format it has never seen.
+adding them changed no other file of the corpus. Train holds no yes/no question and no judgment, so a model
+trained on it does not know the format: asked zero-shot, the quickstart's base model answered "No" to every
+question. Both formats therefore come with a fixed few-shot prompt (`fewshot_items`), solved examples about
+facts of entities that neither eval split mentions (train states those facts; no eval item asks about them),
+half of them true and half swapped:
+
+* the yes/no task file's ``task_prefix`` (BIG-bench's field, put before every prompt): `YES_NO_SHOTS` lines
+  "Question: Is it true that ...? Answer: Yes" (or "No"), the form of train's QA lines;
+* ``halueval_fewshot.txt``: `HALUEVAL_SHOTS` judged samples in HaluEval's completion format, given to
+  `downstream.halueval` as its ``--instruction``, as HaluEval's own instruction gives its examples.
+
+The shots draw from a third generator (`fewshot_rng`), so the eval items are the same with and without them.
 """
 
 from __future__ import annotations
 
 import random
 
-from utils.embedded_corpus.prose import FactPlan, _phrasings, _subject
+from utils.embedded_corpus.prose import FactPlan, _capitalise, _phrasings, _subject
 from utils.embedded_corpus.questions import QA_PROMPT
 from utils.embedded_corpus.world import RELATIONS, Entity, Fact
 
 YES_NO_QUESTION = "Is it true that {statement}?"
+# Shots before each item, so that a prompt fits the quickstart base model's 256 positions (tested): 8 yes/no lines
+# take about 190 tokens of the corpus's tokenizer, 4 judged samples about 150 ('#' costs a token each time).
+YES_NO_SHOTS = 8
+HALUEVAL_SHOTS = 4
 
 
 def judgment_rng(seed: int) -> random.Random:
     """The generator of the judgment items, apart from the corpus's own (a string seed hashes the same everywhere)."""
     return random.Random(f"embedded-corpus-judgments-{seed}")
+
+
+def fewshot_rng(seed: int) -> random.Random:
+    """The generator of the few-shot examples, apart from the eval items' (which stay the same without them)."""
+    return random.Random(f"embedded-corpus-fewshot-{seed}")
 
 
 def relation_values(entities: dict[str, list[Entity]]) -> dict[str, list[str]]:
@@ -50,7 +69,11 @@ def swapped(rng: random.Random, fact: Fact, values: dict[str, list[str]]) -> Fac
 
 def statement(entity: Entity, plan: FactPlan, fact: Fact) -> str:
     """``fact`` (true or swapped) in the predicate phrasing held out of train for ``plan``'s fact."""
-    index = _phrasings(entity, plan.fact).index(plan.held_out)
+    return phrased(entity, fact, _phrasings(entity, plan.fact).index(plan.held_out))
+
+
+def phrased(entity: Entity, fact: Fact, index: int) -> str:
+    """``fact`` in its relation's ``index``-th predicate phrasing, after the subject."""
     return f"{_subject(entity)} {_phrasings(entity, fact)[index].text}"
 
 
@@ -67,11 +90,69 @@ def yes_no_examples(rng: random.Random, facts: list[Fact], by_name: dict[str, En
     return examples
 
 
-def yes_no_task(examples: list[dict]) -> dict:
-    """A BIG-bench task file: the examples, prompted as the corpus's QA lines ("Question: ... Answer: Yes")."""
+def yes_no_task(examples: list[dict], shots: list[dict]) -> dict:
+    """A BIG-bench task file: the examples, prompted as the corpus's QA lines ("Question: ... Answer: Yes"), after
+    the solved ``shots`` (``task_prefix``, one line each)."""
     before, after = QA_PROMPT.split("{question}")
-    return {"name": "embedded_corpus_yes_no", "example_input_prefix": before, "example_output_prefix": after + " ",
-            "append_choices_to_input": False, "examples": examples}
+    prefix = "".join(f"{before}{shot['input']}{after} {shot['target']}\n" for shot in shots)
+    return {"name": "embedded_corpus_yes_no", "task_prefix": prefix, "example_input_prefix": before,
+            "example_output_prefix": after + " ", "append_choices_to_input": False, "examples": examples}
+
+
+def halueval_fewshot_text(shots: list[dict]) -> str:
+    """The judged ``shots`` in HaluEval's completion format, a blank line apart (as `downstream.halueval` puts one
+    between its instruction and the sample judged)."""
+    return "\n\n".join(f"#Question#: {shot['question']}\n#Answer#: {shot['answer']}\n#Your Judgement#: {shot['judgement']}"
+                       for shot in shots)
+
+
+def train_only_facts(entities: dict[str, list[Entity]], eval_facts: dict[str, list[Fact]]) -> list[Fact]:
+    """The facts of the entities that no eval split mentions: train states them, no eval item asks about them."""
+    asked = {fact.subject for facts in eval_facts.values() for fact in facts}
+    return [fact for group in entities.values() for entity in group if entity.name not in asked
+            for fact in entity.facts()]
+
+
+def _balanced_picks(rng: random.Random, pool: list[Fact], count: int) -> list[tuple[Fact, bool]]:
+    """``count`` facts of ``pool`` of distinct relations where there are enough, half of them to be stated true
+    (the other half swapped), in a random order."""
+    by_relation: dict[str, list[Fact]] = {}
+    for fact in pool:
+        by_relation.setdefault(fact.relation, []).append(fact)
+    relations = rng.sample(sorted(by_relation), min(count, len(by_relation)))
+    relations += [rng.choice(sorted(by_relation)) for _ in range(count - len(relations))]
+    truths = [i < count // 2 for i in range(count)]
+    rng.shuffle(truths)
+    return [(rng.choice(by_relation[relation]), true) for relation, true in zip(relations, truths)]
+
+
+def fewshot_items(seed: int, entities: dict[str, list[Entity]], eval_facts: dict[str, list[Fact]],
+                  yes_no_shots: int = YES_NO_SHOTS, halueval_shots: int = HALUEVAL_SHOTS) -> dict[str, list[dict]]:
+    """The solved examples of both formats (``{"yes_no": [...], "hallucination": [...]}``), about train-only facts.
+
+    A yes/no shot states its fact in a predicate phrasing drawn at random, true or with the value swapped; a
+    judged shot asks the fact in a question wording drawn at random and answers it rightly (judgement "No") or
+    with a swapped value ("Yes"). Half of each are true. Each shot keeps the true ``fact`` it is about.
+    """
+    rng = fewshot_rng(seed)
+    by_name = {e.name: e for group in entities.values() for e in group}
+    values = relation_values(entities)
+    pool = train_only_facts(entities, eval_facts)
+    yes_no = []
+    for fact, true in _balanced_picks(rng, pool, yes_no_shots):
+        entity = by_name[fact.subject]
+        index = rng.randrange(len(RELATIONS[fact.relation].predicates))
+        asked = fact if true else swapped(rng, fact, values)
+        yes_no.append({"input": YES_NO_QUESTION.format(statement=phrased(entity, asked, index)),
+                       "target": "Yes" if true else "No", "fact": fact})
+    judged = []
+    for fact, true in _balanced_picks(rng, pool, halueval_shots):
+        relation = RELATIONS[fact.relation]
+        question = _capitalise(rng.choice(relation.questions).format(s=_subject(by_name[fact.subject])))
+        value = fact.value if true else swapped(rng, fact, values).value
+        judged.append({"question": question, "answer": relation.answers[0].format(v=value),
+                       "judgement": "No" if true else "Yes", "fact": fact})
+    return {"yes_no": yes_no, "hallucination": judged}
 
 
 def hallucination_samples(rng: random.Random, facts: list[Fact], qa_pairs: list[dict],
@@ -87,7 +168,8 @@ def hallucination_samples(rng: random.Random, facts: list[Fact], qa_pairs: list[
 
 def judgment_items(seed: int, facts: dict[str, list[Fact]], qa: dict[str, list[dict]],
                    entities: dict[str, list[Entity]], plans: dict[Fact, FactPlan]) -> dict[str, dict[str, list]]:
-    """``{"yes_no": {split: examples}, "hallucination": {split: samples}}`` for the eval splits of ``qa``."""
+    """``{"yes_no": {split: examples}, "hallucination": {split: samples}, "fewshot": {format: shots}}`` for the eval
+    splits of ``qa`` (`fewshot_items` gives the shots)."""
     rng = judgment_rng(seed)
     by_name = {e.name: e for group in entities.values() for e in group}
     values = relation_values(entities)
@@ -95,4 +177,5 @@ def judgment_items(seed: int, facts: dict[str, list[Fact]], qa: dict[str, list[d
     for split, pairs in qa.items():
         items["yes_no"][split] = yes_no_examples(rng, facts[split], by_name, plans, values)
         items["hallucination"][split] = hallucination_samples(rng, facts[split], pairs, values)
+    items["fewshot"] = fewshot_items(seed, entities, {split: facts[split] for split in qa})
     return items
