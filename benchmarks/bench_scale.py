@@ -56,12 +56,12 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.scale_plan import STAGES, gib, markdown, plan, plot
+from benchmarks.scale_plan import STAGES, ScaleArguments, gib, markdown, plan, plot
 from benchmarks.scale_search import stage_search
 from utils.cli import UsageError, parse_args, run, setup_logging
 from utils.environment import machine
@@ -74,34 +74,6 @@ SHARED = REPO.parent / "shared" / "data"
 MODEL = SHARED / "smollm2-135m-instruct"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WINDOW_ROWS = 65_536  # rows per DatastoreWriter window in the write stage
-
-
-@dataclass
-class ScaleArguments:
-    """Sizes, settings and where the results go."""
-
-    sizes: list[int] = field(default_factory=lambda: [200_000, 2_000_000, 20_000_000],
-                             metadata={"help": "Datastore rows to measure, ascending."})
-    output_dir: str = field(default="benchmarks/results", metadata={"help": "Where NAME.json/.md/.png go."})
-    name: str = field(default="bench_scale", metadata={"help": "Base name of the result files."})
-    work_dir: str = field(default="outputs/bench_scale", metadata={"help": "Seed, datastores, indexes (large)."})
-    seed_chars: int = field(default=100_000, metadata={"help": "Characters of WikiText-2 train the seed datastore covers."})
-    noise: float = field(default=0.05, metadata={"help": "Noise added to the repeated seed keys, times each dimension's std."})
-    ncentroids: int = field(default=1024, metadata={"help": "IVF lists of every index."})
-    code_size: int = field(default=32, metadata={"help": "PQ bytes per key."})
-    train_size: int = field(default=65_536, metadata={"help": "Keys sampled to train every index."})
-    probe: int = field(default=32, metadata={"help": "nprobe of the search, kNN-LM and target rates."})
-    k: int = field(default=1024, metadata={"help": "Neighbours per query (the paper's)."})
-    num_queries: int = field(default=2000, metadata={"help": "Queries of the search stage."})
-    train_steps: int = field(default=40, metadata={"help": "Optimizer steps of the train stage."})
-    train_batch: int = field(default=512, metadata={"help": "Rows per training step (the real run's)."})
-    eval_windows: int = field(default=2, metadata={"help": "Test windows (512 tokens) of the knnlm and memory stages."})
-    keep: bool = field(default=False, metadata={"help": "Keep each size's datastore, index and targets."})
-    stages: list[str] = field(default_factory=lambda: list(STAGES),
-                              metadata={"help": "Stages to run (all by default); the others' numbers come from --reuse_results."})
-    reuse_results: str | None = field(
-        default=None, metadata={"help": "A previous NAME.json whose numbers the stages not in --stages keep (same sizes)."})
-    note: str | None = field(default=None, metadata={"help": "Free text printed with the results (e.g. the machine's load)."})
 
 
 # ---------------------------------------------------------------------------------------------------

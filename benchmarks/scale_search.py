@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from benchmarks.bench_scale import ScaleArguments
+    from benchmarks.scale_plan import ScaleArguments
 
 logger = logging.getLogger(__name__)
 
