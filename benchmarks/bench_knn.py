@@ -398,6 +398,8 @@ def main(argv: list[str] | None = None) -> dict:
     (args,) = parse_args((BenchArguments,), argv)
     logger.info("Arguments: %s", args)
     results = {"arguments": asdict(args), "machine": machine_info()}
+    if args.work_dir is not None:
+        Path(args.work_dir).mkdir(parents=True, exist_ok=True)  # the scratch directory is made inside it
     with tempfile.TemporaryDirectory(dir=args.work_dir) as scratch:
         work = Path(scratch)
         results["search"] = bench_search(args, work)

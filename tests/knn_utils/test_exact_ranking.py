@@ -10,7 +10,7 @@ import torch
 from knn_utils.exact_ranking import ReadAhead, exact_nearest, rank_candidates
 from knn_utils.index_build import IndexSettings, build_index
 from knn_utils.index_search import candidate_count, load_index, stable_order
-from knn_utils.knn_targets import TargetSettings, compute_knn_targets
+from knn_utils.knn_targets import SearchJob, TargetSettings, compute_knn_targets, search_rows
 from tests.knn_fixtures import write_datastore
 from utils.artifacts.datastore import load_datastore
 
@@ -187,3 +187,24 @@ def test_read_ahead_asks_for_the_pages_of_the_candidates_once(tied_ivfpq, tmp_pa
     found, expected_found = ahead.search(queries, 20, np.arange(50)), plain.search(queries, 20, np.arange(50))
     np.testing.assert_array_equal(found.ids, expected_found.ids)
     assert found.dists.tobytes() == expected_found.dists.tobytes()
+
+
+@pytest.mark.parametrize("index_name, recompute_dists", [("index", False), ("flat", False), ("flat", True)])
+def test_targets_built_in_torch_are_those_of_the_cpu_path_on_tied_keys(tied_ivfpq, index_name, recompute_dists):
+    """knn_targets.search_rows with the datastore's values on a torch device (what --knn_gpu does where no exact
+    ranking follows the search; here on the CPU) gives the NumPy path's targets: the same proposals, ties to the
+    lower row, so the same tokens; a probability may move by one float16 step (torch's float64 exp and sums are
+    not NumPy's to the last bit, knn_utils/torch_targets.py)."""
+    datastore = load_datastore(str(tied_ivfpq))
+    index = load_index(tied_ivfpq / index_name, datastore, probe=4)
+    settings = TargetSettings(k=20, knn_temp=2.0, probe=4, batch_size=50, recompute_dists=recompute_dists)
+    jobs = [SearchJob(index=index, datastore=datastore, queries=datastore, settings=settings, exclude_self=True,
+                      device_vals=vals) for vals in (None, torch.from_numpy(np.asarray(datastore.vals)))]
+    if recompute_dists:  # the exact torch search on the CPU: the torch path runs after it
+        jobs[1].index = load_index(tied_ivfpq / index_name, datastore, torch_device="cpu")
+    cpu, in_torch = (search_rows(job, 0, 300) for job in jobs)
+    assert cpu.counts.sum() > 300
+    np.testing.assert_array_equal(cpu.counts, in_torch.counts)
+    np.testing.assert_array_equal(cpu.token_ids, in_torch.token_ids)
+    steps = np.abs(cpu.probs.view(np.int16).astype(int) - in_torch.probs.view(np.int16).astype(int))  # float16 ulps
+    assert steps.max() <= 1 and (steps == 0).mean() > 0.99
