@@ -33,9 +33,10 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import torch
 
 from knn_utils.index_build import IndexSettings, build_index
-from knn_utils.index_search import candidate_count, load_index, nearest_exact
+from knn_utils.index_search import candidate_count, load_index
 from knn_utils.knn_targets import SearchJob, TargetSettings, search_rows
 from utils.artifacts.datastore import DatastoreWriter, load_datastore
 from utils.cli import parse_args, run, setup_logging
@@ -59,11 +60,13 @@ class BenchArguments:
     seed: int = field(default=0, metadata={"help": "Seed of the synthetic data and of the query sample."})
     num_queries: int = field(default=2000, metadata={"help": "Queries per measurement."})
     ks: str = field(default="64,1024", metadata={"help": "Comma-separated k values (64: the real run's; 1024: the paper's)."})
-    probes: str = field(default="1,4,16,64", metadata={"help": "Comma-separated nprobe values for IVFPQ."})
+    probes: str = field(default="1,4,16,32,64", metadata={"help": "Comma-separated nprobe values for IVFPQ."})
     ncentroids: int = field(default=1024, metadata={"help": "IVF lists of the benchmarked index."})
     code_size: int = field(default=64, metadata={"help": "PQ sub-quantizers."})
     train_size: int = field(default=100_000, metadata={"help": "Training sample of the index."})
     repeats: int = field(default=3, metadata={"help": "Timed repetitions per measurement (the median is reported)."})
+    rerank_device: str | None = field(
+        default=None, metadata={"help": "Run the exact ranking in torch on this device (e.g. cuda) instead of the CPU kernel."})
     model_name_or_path: str | None = field(default=None, metadata={"help": "Part 2: a real base model (else a tiny random GPT-2)."})
     gguf_file: str | None = field(default=None, metadata={"help": "Part 2: GGUF file inside --model_name_or_path."})
     dataset_name: str | None = field(default=None, metadata={"help": "Part 2: preprocessed dataset of the real model."})
@@ -103,9 +106,23 @@ def write_synthetic_datastore(path: Path, rows: int, dim: int, seed: int, chunk_
     writer.finish()
 
 
-def timed_rankings(index, queries: np.ndarray, k: int, repeats: int) -> tuple[dict, dict, float]:
+def previous_ranking(keys: torch.Tensor, queries: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
+    """The exact ranking as the code before issue 25 computed it (torch, gathered keys in 4 MB blocks): the same
+    formula, the baseline of the re-ranking's speed and of its neighbours. Returns the rows (n, k)."""
+    rows_t = torch.from_numpy(rows).sort(dim=1).values
+    queries_t, dists = torch.from_numpy(queries), torch.empty(rows_t.shape)
+    step = max(1, (1 << 22) // (6 * rows.shape[1] * keys.shape[1]))
+    for begin in range(0, len(rows_t), step):
+        stored = keys[rows_t[begin : begin + step].clamp(min=0)].float()  # (step, c, d)
+        dists[begin : begin + step] = stored.sub_(queries_t[begin : begin + step, None, :]).square_().sum(dim=2)
+    order = dists.masked_fill_(rows_t < 0, float("inf")).sort(dim=1, stable=True).indices[:, :k]
+    return rows_t.gather(1, order).numpy()
+
+
+def timed_rankings(index, queries: np.ndarray, k: int, repeats: int) -> tuple[dict, dict, dict]:
     """Median seconds of each ranking (see `RANKINGS`) over ``repeats`` rounds that alternate them, so that both
-    see the same machine load; the ids (n, k) each found; and the seconds of the exact re-ranking step alone."""
+    see the same machine load; the ids (n, k) each found; and the exact re-ranking step alone: its seconds, those of
+    the previous code, and how many neighbours differ between the two."""
     for exact in RANKINGS.values():
         index.search(queries[:50], k, exact=exact)  # warm-up
     seconds, ids = {name: [] for name in RANKINGS}, {}
@@ -115,9 +132,17 @@ def timed_rankings(index, queries: np.ndarray, k: int, repeats: int) -> tuple[di
             ids[name] = index.search(queries, k, exact=exact).ids
             seconds[name].append(time.perf_counter() - start)
     candidates = index.search(queries, candidate_count(k), exact=False).ids  # what the exact ranking re-ranks
-    start = time.perf_counter()
-    nearest_exact(index.keys, queries, candidates, k)
-    return {name: statistics.median(s) for name, s in seconds.items()}, ids, time.perf_counter() - start
+    rerank = {"seconds": [], "previous_seconds": []}
+    for _ in range(repeats):
+        start = time.perf_counter()
+        found = index.rank_exactly(queries, candidates, k).ids
+        rerank["seconds"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        previous = previous_ranking(index.keys, queries, candidates, k)
+        rerank["previous_seconds"].append(time.perf_counter() - start)
+    rerank = {name: statistics.median(s) for name, s in rerank.items()}
+    rerank["neighbours_differing_from_previous"] = int((found != previous).sum())
+    return {name: statistics.median(s) for name, s in seconds.items()}, ids, rerank
 
 
 def recall(found: np.ndarray, truth: np.ndarray) -> float:
@@ -141,20 +166,24 @@ def bench_search(args: BenchArguments, work: Path) -> dict:
         index_type="ivfpq", ncentroids=args.ncentroids, code_size=args.code_size, train_size=args.train_size))
     rows = np.sort(np.random.default_rng(args.seed).choice(datastore.num_rows, args.num_queries, replace=False))
     queries = np.asarray(datastore.keys[rows], dtype=np.float32)  # (num_queries, d)
-    indexes = [("exact (IndexFlatL2)", None, load_index(work / "flat", datastore))]
-    indexes += [("IVFPQ", probe, load_index(work / "ivfpq", datastore, probe=probe)) for probe in map(int, args.probes.split(","))]
+    device = {"rerank_device": args.rerank_device}
+    indexes = [("exact (IndexFlatL2)", None, load_index(work / "flat", datastore, **device))]
+    indexes += [("IVFPQ", probe, load_index(work / "ivfpq", datastore, probe=probe, **device))
+                for probe in map(int, args.probes.split(","))]
     results = []
     for k in (int(x) for x in args.ks.split(",")):
         truth = None  # the exact k nearest: the exact index with the exact ranking, measured first
         for method, probe, index in indexes:
-            seconds, found, rerank_seconds = timed_rankings(index, queries, k, args.repeats)
+            seconds, found, rerank = timed_rankings(index, queries, k, args.repeats)
             truth = found["exact"] if truth is None else truth
-            results.append({"method": method, "nprobe": probe, "k": k, "rerank_seconds": rerank_seconds,
+            results.append({"method": method, "nprobe": probe, "k": k, "rerank_seconds": rerank["seconds"],
+                            "rerank_previous_seconds": rerank["previous_seconds"],
+                            "neighbours_differing_from_previous": rerank["neighbours_differing_from_previous"],
                             **{f"queries_per_second_{name}": len(queries) / seconds[name] for name in RANKINGS},
                             **{f"recall_at_k_{name}": recall(found[name], truth) for name in RANKINGS}})
             logger.info("%s nprobe=%s k=%d: %.0f queries/s with FAISS's ranking, %.0f with the exact one (re-ranking %.2f s); "
                         "recall@k %.3f / %.3f", method, probe, k, results[-1]["queries_per_second_faiss"],
-                        results[-1]["queries_per_second_exact"], rerank_seconds, results[-1]["recall_at_k_faiss"],
+                        results[-1]["queries_per_second_exact"], rerank["seconds"], results[-1]["recall_at_k_faiss"],
                         results[-1]["recall_at_k_exact"])
     return {"datastore": {"path": args.dstore_path or "synthetic", "rows": datastore.num_rows, "dim": datastore.dim},
             "index": {"ncentroids": args.ncentroids, "code_size": args.code_size, "nbits": 8,
@@ -162,23 +191,43 @@ def bench_search(args: BenchArguments, work: Path) -> dict:
                       "add_seconds": ivf_meta["seconds"]["add"], "bytes": ivf_meta["index_bytes"],
                       "flat_bytes": flat_meta["index_bytes"]},
             "num_queries": len(queries), "search": results,
-            "targets": [bench_targets(work, datastore, len(queries), index_type, recompute)
-                        for index_type in ("flat", "ivfpq") for recompute in (False, True)]}
+            "targets": [run for index_type in ("flat", "ivfpq")
+                        for run in bench_targets(work, datastore, len(queries), index_type, args.repeats, args.rerank_device)]}
 
 
-def bench_targets(work: Path, datastore, num_rows: int, index_type: str, recompute_dists: bool) -> dict:
+def bench_targets(work: Path, datastore, num_rows: int, index_type: str, repeats: int,
+                  rerank_device: str | None = None) -> list[dict]:
     """Rows/s of the whole kNN-target computation over the first rows (search k=1024, at nprobe 32 for IVFPQ, +
-    aggregation), with the exact ranking (``recompute_dists``, the default) or FAISS's."""
-    settings = TargetSettings(k=1024, probe=32, batch_size=num_rows, recompute_dists=recompute_dists)
-    index = load_index(work / index_type, datastore, probe=32 if index_type == "ivfpq" else None)
-    job = SearchJob(index=index, datastore=datastore, queries=datastore, settings=settings, exclude_self=True)
-    start = time.perf_counter()
-    targets = search_rows(job, 0, num_rows)
-    seconds = time.perf_counter() - start
-    logger.info("kNN targets, %s index, recompute_dists %s: %.0f rows/s", index_type, recompute_dists, num_rows / seconds)
-    return {"index": index_type, "k": 1024, "nprobe": index.nprobe, "knn_temp": settings.knn_temp,
-            "recompute_dists": recompute_dists, "rows": num_rows, "rows_per_second": num_rows / seconds,
-            "mean_targets_per_row": float(targets.counts.mean())}
+    aggregation) with FAISS's ranking and with the exact ranking (``recompute_dists``, the default), alternated over
+    ``repeats`` rounds (medians); and whether the exact ranking's targets are byte-identical at 1/8 of the batch."""
+    index = load_index(work / index_type, datastore, probe=32 if index_type == "ivfpq" else None,
+                       rerank_device=rerank_device)
+
+    def targets(recompute_dists: bool, batch_size: int = num_rows):
+        settings = TargetSettings(k=1024, probe=32, batch_size=batch_size, recompute_dists=recompute_dists)
+        job = SearchJob(index=index, datastore=datastore, queries=datastore, settings=settings, exclude_self=True)
+        start, cpu = time.perf_counter(), time.process_time()
+        return search_rows(job, 0, num_rows), time.perf_counter() - start, time.process_time() - cpu
+
+    seconds, cpu_seconds, found = {True: [], False: []}, {True: [], False: []}, {}
+    for _ in range(repeats):
+        for recompute_dists in (False, True):
+            found[recompute_dists], spent, cpu = targets(recompute_dists)
+            seconds[recompute_dists].append(spent)
+            cpu_seconds[recompute_dists].append(cpu)
+    smaller = targets(True, max(1, num_rows // 8))[0]
+    identical = all(getattr(smaller, name).tobytes() == getattr(found[True], name).tobytes()
+                    for name in ("counts", "token_ids", "probs"))
+    runs = []
+    for recompute_dists in (False, True):
+        rate = num_rows / statistics.median(seconds[recompute_dists])
+        logger.info("kNN targets, %s index, recompute_dists %s: %.0f rows/s", index_type, recompute_dists, rate)
+        runs.append({"index": index_type, "k": 1024, "nprobe": index.nprobe, "knn_temp": TargetSettings().knn_temp,
+                     "recompute_dists": recompute_dists, "rows": num_rows, "rows_per_second": rate,
+                     "cpu_seconds_per_row": statistics.median(cpu_seconds[recompute_dists]) / num_rows,
+                     "mean_targets_per_row": float(found[recompute_dists].counts.mean()),
+                     **({"identical_at_an_eighth_of_the_batch": identical} if recompute_dists else {})})
+    return runs
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -271,26 +320,37 @@ def markdown(results: dict) -> str:
         f"{search['index']['bytes'] / 1e6:.1f} MB (exact index {search['index']['flat_bytes'] / 1e6:.1f} MB).", "",
         "Each search ranks neighbours two ways: FAISS's own k nearest (`exact=False`, `--recompute_dists False`), or "
         "the exact ranking, the default (the index's k + margin candidates re-ranked by exact float32 distance to the "
-        "stored keys, ties to the lower row; `knn_utils.index_search.KnnIndex.search`). Recall is against the exact index with the "
-        "exact ranking.", "",
+        "stored keys, ties to the lower row; `knn_utils.index_search.KnnIndex.search`), here "
+        f"{'in torch on ' + results['arguments']['rerank_device'] if results['arguments'].get('rerank_device') else 'by the CPU kernel (knn_utils/exact_ranking.py)'}. "
+        "Recall is against the exact index with the exact ranking. \"The same, previous code\": the ranking before issue 25 "
+        "(torch, 4 MB blocks) on the same candidates; the neighbours column counts those it ranks differently.", "",
         "| method | nprobe | k | queries/s, FAISS ranking | queries/s, exact ranking | time added | re-ranking alone, "
-        "ms per 1000 queries | recall@k, FAISS ranking | recall@k, exact ranking |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "ms per 1000 queries | the same, previous code | neighbours differing from the previous code | "
+        "recall@k, FAISS ranking | recall@k, exact ranking |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in search["search"]:
         added = r["queries_per_second_faiss"] / r["queries_per_second_exact"] - 1
+        per_1000 = 1e6 / search["num_queries"]
         lines.append(f"| {r['method']} | {r['nprobe'] if r['nprobe'] is not None else '-'} | {r['k']} | "
                      f"{r['queries_per_second_faiss']:.0f} | {r['queries_per_second_exact']:.0f} | {added:+.0%} | "
-                     f"{1e6 * r['rerank_seconds'] / search['num_queries']:.0f} | {r['recall_at_k_faiss']:.3f} | "
-                     f"{r['recall_at_k_exact']:.3f} |")
+                     f"{per_1000 * r['rerank_seconds']:.0f} | {per_1000 * r['rerank_previous_seconds']:.0f} | "
+                     f"{r['neighbours_differing_from_previous']} of {search['num_queries'] * r['k']:,} | "
+                     f"{r['recall_at_k_faiss']:.3f} | {r['recall_at_k_exact']:.3f} |")
     lines += ["", "Whole kNN-target computation (search k=1024 + sparse aggregation, knn_temp "
                   f"{search['targets'][0]['knn_temp']}, {search['targets'][0]['rows']} rows in one batch):", "",
-              "| index | nprobe | rows/s, FAISS ranking | rows/s, exact ranking (`--recompute_dists True`) | stored tokens per row |",
-              "|---|---:|---:|---:|---:|"]
+              "| index | nprobe | rows/s, FAISS ranking | rows/s, exact ranking (`--recompute_dists True`) | "
+              "time ratio, exact / FAISS | CPU time ratio | exact ranking's targets byte-identical at 1/8 of the batch | "
+              "stored tokens per row |",
+              "|---|---:|---:|---:|---:|---:|---|---:|"]
     for index_type in dict.fromkeys(t["index"] for t in search["targets"]):
         runs = {t["recompute_dists"]: t for t in search["targets"] if t["index"] == index_type}
         lines.append(f"| {index_type} | {runs[True]['nprobe'] or '-'} | {runs[False]['rows_per_second']:.0f} | "
-                     f"{runs[True]['rows_per_second']:.0f} | {runs[True]['mean_targets_per_row']:.1f} |")
+                     f"{runs[True]['rows_per_second']:.0f} | "
+                     f"{runs[False]['rows_per_second'] / runs[True]['rows_per_second']:.2f} | "
+                     f"{runs[True]['cpu_seconds_per_row'] / runs[False]['cpu_seconds_per_row']:.2f} | "
+                     f"{'yes' if runs[True].get('identical_at_an_eighth_of_the_batch') else 'no'} | "
+                     f"{runs[True]['mean_targets_per_row']:.1f} |")
     if "knnlm" in results:
         knnlm = results["knnlm"]
         base_speed = knnlm["runs"]["base"]["tokens_per_second"]
@@ -338,6 +398,8 @@ def main(argv: list[str] | None = None) -> dict:
     (args,) = parse_args((BenchArguments,), argv)
     logger.info("Arguments: %s", args)
     results = {"arguments": asdict(args), "machine": machine_info()}
+    if args.work_dir is not None:
+        Path(args.work_dir).mkdir(parents=True, exist_ok=True)  # the scratch directory is made inside it
     with tempfile.TemporaryDirectory(dir=args.work_dir) as scratch:
         work = Path(scratch)
         results["search"] = bench_search(args, work)

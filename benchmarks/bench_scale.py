@@ -17,7 +17,8 @@
      (--ncentroids lists, --code_size bytes, a --train_size training sample), so training time stays flat and
      adding grows with N.
    - ``search``: `KnnIndex.search` of --num_queries datastore rows, k --k at nprobe --probe, leaving out each
-     query's own row, with the exact re-ranking the kNN targets use (the default): queries/s.
+     query's own row: queries/s of the exact ranking the kNN targets use (the default) and of the other ways of
+     ranking the candidates when the keys do not fit in memory (benchmarks/scale_search.py).
    - ``targets``: kNN targets for all N rows, made by repeating the seed's real targets (row r gets seed row
      ``r % S``'s), written through the same chunk files and merge as ``saveKNNMulti``. Searching 20M rows at
      k 1024 would take this machine days; the search stage measures its rate instead.
@@ -55,13 +56,14 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.scale_plan import STAGES, gib, markdown, plan, plot
-from utils.cli import parse_args, run, setup_logging
+from benchmarks.scale_plan import STAGES, ScaleArguments, gib, markdown, plan, plot
+from benchmarks.scale_search import stage_search
+from utils.cli import UsageError, parse_args, run, setup_logging
 from utils.environment import machine
 from utils.io import read_json, write_json
 
@@ -72,31 +74,6 @@ SHARED = REPO.parent / "shared" / "data"
 MODEL = SHARED / "smollm2-135m-instruct"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WINDOW_ROWS = 65_536  # rows per DatastoreWriter window in the write stage
-
-
-@dataclass
-class ScaleArguments:
-    """Sizes, settings and where the results go."""
-
-    sizes: list[int] = field(default_factory=lambda: [200_000, 2_000_000, 20_000_000],
-                             metadata={"help": "Datastore rows to measure, ascending."})
-    output_dir: str = field(default="benchmarks/results", metadata={"help": "Where NAME.json/.md/.png go."})
-    name: str = field(default="bench_scale", metadata={"help": "Base name of the result files."})
-    work_dir: str = field(default="outputs/bench_scale", metadata={"help": "Seed, datastores, indexes (large)."})
-    seed_chars: int = field(default=100_000, metadata={"help": "Characters of WikiText-2 train the seed datastore covers."})
-    noise: float = field(default=0.05, metadata={"help": "Noise added to the repeated seed keys, times each dimension's std."})
-    ncentroids: int = field(default=1024, metadata={"help": "IVF lists of every index."})
-    code_size: int = field(default=32, metadata={"help": "PQ bytes per key."})
-    train_size: int = field(default=65_536, metadata={"help": "Keys sampled to train every index."})
-    probe: int = field(default=32, metadata={"help": "nprobe of the search, kNN-LM and target rates."})
-    k: int = field(default=1024, metadata={"help": "Neighbours per query (the paper's)."})
-    num_queries: int = field(default=2000, metadata={"help": "Queries of the search stage."})
-    train_steps: int = field(default=40, metadata={"help": "Optimizer steps of the train stage."})
-    train_batch: int = field(default=512, metadata={"help": "Rows per training step (the real run's)."})
-    eval_windows: int = field(default=2, metadata={"help": "Test windows (512 tokens) of the knnlm and memory stages."})
-    keep: bool = field(default=False, metadata={"help": "Keep each size's datastore, index and targets."})
-    stages: list[str] = field(default_factory=lambda: list(STAGES), metadata={"help": "Stages to run (all by default)."})
-    note: str | None = field(default=None, metadata={"help": "Free text printed with the results (e.g. the machine's load)."})
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -236,24 +213,6 @@ def stage_index(args: ScaleArguments, seed: Path, size_dir: Path, rows: int) -> 
             "index_bytes": meta["index_bytes"]}
 
 
-def stage_search(args: ScaleArguments, seed: Path, size_dir: Path, rows: int) -> dict:
-    from knn_utils.index_search import load_index
-    from utils.artifacts.datastore import load_datastore
-
-    datastore = load_datastore(str(size_dir / "dstore"), verify=False)
-    index = load_index(size_dir / "dstore" / "index", datastore, probe=args.probe, verify=False)
-    query_rows = np.sort(np.random.default_rng(1).choice(rows, size=min(args.num_queries, rows), replace=False))
-    queries = np.asarray(datastore.keys[query_rows], dtype=np.float32)
-    timings = {}
-    for exact in (True, False):
-        start = time.perf_counter()
-        for b in range(0, len(queries), 500):
-            index.search(queries[b : b + 500], args.k, query_rows[b : b + 500], exact=exact)
-        timings["exact_ranking" if exact else "faiss_ranking"] = len(queries) / (time.perf_counter() - start)
-    return {"queries_per_second": timings["exact_ranking"], "queries_per_second_faiss_ranking": timings["faiss_ranking"],
-            "num_queries": len(queries)}
-
-
 def stage_targets(args: ScaleArguments, seed: Path, size_dir: Path, rows: int) -> dict:
     """Real seed targets repeated over N rows, through the chunk files and merge of saveKNNMulti."""
     from utils.artifacts.datastore import datastore_summary, load_datastore
@@ -327,16 +286,21 @@ def stage_memory(args: ScaleArguments, seed: Path, size_dir: Path, rows: int) ->
     return {"tokens_per_second": metrics["joint_tokens_per_second"], "base_tokens_per_second": metrics["base_tokens_per_second"]}
 
 
-def per_token_costs(size_dir: Path) -> dict:
+def per_token_costs(size_dir: Path, previous: dict | None = None) -> dict:
     """Seconds per scored token of the base forward, the kNN search and the memory (its forward and the
     interpolation), from the knnlm and evaluate_joint results of one size: the same tokens, so the memory's
-    speed-up over the kNN-LM can be compared at one base cost, whatever the machine's load did to each run."""
-    knnlm = read_json(size_dir / "eval_knnlm" / "knnlm_results.json")
-    joint = read_json(size_dir / "eval_joint" / "joint_results.json")
-    return {"tokens": knnlm["eval_tokens"], "knn_search": knnlm["knn_seconds"] / knnlm["eval_tokens"],
-            "base_in_knnlm": (knnlm["eval_seconds"] - knnlm["knn_seconds"]) / knnlm["eval_tokens"],
-            "base_in_joint": joint["base_seconds"] / joint["eval_tokens"],
-            "memory": (joint["memory_seconds"] + joint["interpolation_seconds"]) / joint["eval_tokens"]}
+    speed-up over the kNN-LM can be compared at one base cost, whatever the machine's load did to each run.
+    A stage not run here (``--stages``) keeps its costs from ``previous`` (the same size in --reuse_results)."""
+    costs = dict(previous or {})
+    if (size_dir / "eval_knnlm" / "knnlm_results.json").is_file():
+        knnlm = read_json(size_dir / "eval_knnlm" / "knnlm_results.json")
+        costs.update({"tokens": knnlm["eval_tokens"], "knn_search": knnlm["knn_seconds"] / knnlm["eval_tokens"],
+                      "base_in_knnlm": (knnlm["eval_seconds"] - knnlm["knn_seconds"]) / knnlm["eval_tokens"]})
+    if (size_dir / "eval_joint" / "joint_results.json").is_file():
+        joint = read_json(size_dir / "eval_joint" / "joint_results.json")
+        costs.update({"base_in_joint": joint["base_seconds"] / joint["eval_tokens"],
+                      "memory": (joint["memory_seconds"] + joint["interpolation_seconds"]) / joint["eval_tokens"]})
+    return costs
 
 
 STAGE_FUNCTIONS = {"write": stage_write, "index": stage_index, "search": stage_search, "targets": stage_targets,
@@ -367,6 +331,8 @@ def launch_stage(name: str, args: ScaleArguments, seed: Path, size_dir: Path, ro
 
 def main(argv: list[str] | None = None) -> dict:
     (args,) = parse_args((ScaleArguments,), argv)
+    if unknown := set(args.stages) - set(STAGES):
+        raise UsageError(f"--stages: unknown stage(s) {', '.join(sorted(unknown))}; choose among {', '.join(STAGES)}")
     if not (MODEL / GGUF).is_file():
         raise SystemExit(f"{MODEL / GGUF} not found: this benchmark needs ../shared/data (see its README)")
     work = Path(args.work_dir)
@@ -376,16 +342,23 @@ def main(argv: list[str] | None = None) -> dict:
     seed = make_seed(args, work)
     from utils.artifacts.datastore import load_datastore
     results["seed_rows"] = load_datastore(str(seed / "dstore"), verify=False).num_rows
+    previous = {r["rows"]: r for r in read_json(args.reuse_results)["sizes"]} if args.reuse_results else {}
     for rows in sorted(args.sizes):
         size_dir = work / f"rows_{rows}"
         size_dir.mkdir(exist_ok=True)
         stages = {}
         for name in STAGES:
+            if name not in args.stages:
+                if rows not in previous:
+                    raise UsageError(f"--stages leaves out {name}, but --reuse_results has no {rows}-row size to take it from")
+                stages[name] = previous[rows]["stages"][name]
+                continue
             start = time.perf_counter()
             stages[name] = launch_stage(name, args, seed, size_dir, rows)
             logger.info("%d rows, %s: %.1f s, peak anonymous %s GiB, file-backed %s GiB", rows, name,
                         time.perf_counter() - start, gib(stages[name]["peak_anon_bytes"]), gib(stages[name]["peak_file_bytes"]))
-        results["sizes"].append({"rows": rows, "stages": stages, "per_token": per_token_costs(size_dir)})
+        results["sizes"].append({"rows": rows, "stages": stages,
+                                 "per_token": per_token_costs(size_dir, previous.get(rows, {}).get("per_token"))})
         if not args.keep:
             for name in ("dstore", "knn_targets", "memory"):
                 shutil.rmtree(size_dir / name, ignore_errors=True)

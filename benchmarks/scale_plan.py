@@ -1,6 +1,6 @@
-"""The capacity plan of benchmarks/bench_scale.py: rates fitted over the measured sizes, extrapolated to
-WikiText-103 and a 500M-token datastore (disk, RAM, hours on this CPU and on H100s), the Markdown report and
-the plot.
+"""The capacity plan of benchmarks/bench_scale.py: its settings (`ScaleArguments`, here so that the stage modules
+import them without importing the command), rates fitted over the measured sizes, extrapolated to WikiText-103
+and a 500M-token datastore (disk, RAM, hours on this CPU and on H100s), the Markdown report and the plot.
 
 Writing, adding and training cost the same per row at any size: their rate is the median over the sizes.
 Searching gets a power law, rate = a N^b. Costs per row are scaled by the key width (measured at 576).
@@ -9,13 +9,10 @@ Searching gets a power law, rate = a N^b. Costs per row are scaled by the key wi
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from benchmarks.bench_scale import ScaleArguments
 
 STAGES = ("write", "index", "search", "targets", "train", "knnlm", "memory")  # bench_scale's, in pipeline order
 # docs/results.md, all of WikiText-2 train (2,581,967 rows) on one H100 (SmolLM2-135M, width 576)
@@ -24,6 +21,34 @@ H100 = {"rows": 2_581_967, "write_seconds": 87.0, "exact_targets_seconds": 161.0
 TARGETS = {"WikiText-103, SmolLM2-135M (d 576)": (103_000_000, 576),
            "WikiText-103, GPT2-large (d 1280)": (103_000_000, 1280),
            "500M tokens, GPT2-large (d 1280)": (500_000_000, 1280)}
+
+
+@dataclass
+class ScaleArguments:
+    """Sizes, settings and where the results go."""
+
+    sizes: list[int] = field(default_factory=lambda: [200_000, 2_000_000, 20_000_000],
+                             metadata={"help": "Datastore rows to measure, ascending."})
+    output_dir: str = field(default="benchmarks/results", metadata={"help": "Where NAME.json/.md/.png go."})
+    name: str = field(default="bench_scale", metadata={"help": "Base name of the result files."})
+    work_dir: str = field(default="outputs/bench_scale", metadata={"help": "Seed, datastores, indexes (large)."})
+    seed_chars: int = field(default=100_000, metadata={"help": "Characters of WikiText-2 train the seed datastore covers."})
+    noise: float = field(default=0.05, metadata={"help": "Noise added to the repeated seed keys, times each dimension's std."})
+    ncentroids: int = field(default=1024, metadata={"help": "IVF lists of every index."})
+    code_size: int = field(default=32, metadata={"help": "PQ bytes per key."})
+    train_size: int = field(default=65_536, metadata={"help": "Keys sampled to train every index."})
+    probe: int = field(default=32, metadata={"help": "nprobe of the search, kNN-LM and target rates."})
+    k: int = field(default=1024, metadata={"help": "Neighbours per query (the paper's)."})
+    num_queries: int = field(default=2000, metadata={"help": "Queries of the search stage."})
+    train_steps: int = field(default=40, metadata={"help": "Optimizer steps of the train stage."})
+    train_batch: int = field(default=512, metadata={"help": "Rows per training step (the real run's)."})
+    eval_windows: int = field(default=2, metadata={"help": "Test windows (512 tokens) of the knnlm and memory stages."})
+    keep: bool = field(default=False, metadata={"help": "Keep each size's datastore, index and targets."})
+    stages: list[str] = field(default_factory=lambda: list(STAGES),
+                              metadata={"help": "Stages to run (all by default); the others' numbers come from --reuse_results."})
+    reuse_results: str | None = field(
+        default=None, metadata={"help": "A previous NAME.json whose numbers the stages not in --stages keep (same sizes)."})
+    note: str | None = field(default=None, metadata={"help": "Free text printed with the results (e.g. the machine's load)."})
 
 
 def power_fit(sizes: list[int], values: list[float]) -> tuple[float, float]:
@@ -119,6 +144,20 @@ def markdown(results: dict) -> str:
     lines += ["", f"The last column is (base + kNN search) / (base + memory) per token, at the median base forward cost "
                   f"of all runs ({1e3 * results['plan']['base_seconds_per_token']:.1f} ms/token, SmolLM2-135M on this CPU): "
                   "the two evaluations ran at different times on a shared machine, so their own tokens/s are not compared."]
+    searched = [r for r in results["sizes"] if "strategies" in r["stages"]["search"]]
+    if searched:
+        names = list(searched[0]["stages"]["search"]["strategies"])
+        lines += ["", f"Search strategies (IVFPQ nprobe {results['settings']['probe']}, k {results['settings']['k']}, "
+                      "batches of 500 queries): queries/s, and the share of the exact ranking's neighbours each finds. "
+                      "The page cache is warm where the keys fit in half the available memory, cold (the keys file "
+                      "dropped from it) where they do not:", "",
+                  "| rows | keys GB | page cache | " + " | ".join(f"{n}: queries/s | agreement" for n in names) + " |",
+                  "|---:|---:|---|" + "---:|---:|" * len(names)]
+        for r in searched:
+            search = r["stages"]["search"]
+            lines.append(f"| {r['rows']:,} | {search['keys_bytes'] / 1e9:.1f} | {search['page_cache']} | " + " | ".join(
+                f"{search['strategies'][n]['queries_per_second']:,.1f} | {search['strategies'][n]['agreement_with_exact_ranking']:.3f}"
+                for n in names) + " |")
     lines += ["", "Peak anonymous memory of each stage, GiB (file-backed pages of memory maps in brackets):", "",
               "| rows | " + " | ".join(STAGES) + " |", "|---:|" + "---:|" * len(STAGES)]
     for r in results["sizes"]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +25,8 @@ import torch
 
 from knn_utils.faiss_devices import GPU_MAX_K, faiss_gpu_available, to_device
 from knn_utils.sharded import GatheredQueries, ShardExchange, distributed_world, merge_neighbours, shards_of_process
-from knn_utils.torch_search import TorchExactSearch, exact_nearest
+from knn_utils.exact_ranking import ReadAhead, exact_nearest, rank_candidates
+from knn_utils.torch_search import TorchExactSearch, keys_on_device
 from utils.artifacts.datastore import Datastore
 from utils.artifacts.index import index_parts, read_index_file, read_index_meta
 from utils.cli import UsageError
@@ -32,10 +34,12 @@ from utils.io import timed
 
 logger = logging.getLogger(__name__)
 
-RERANK_BYTES = 1 << 22  # the exact ranking on the CPU works in blocks of this size, which stay in the caches (4x faster than 64 MB)
+GPU_KEYS_SHARE = 0.5  # the exact ranking runs on the search's GPU when the keys take at most this share of its free memory
 KNN_GPU_HELP = ("Search on the GPU: with faiss-gpu, FAISS's GPU index on this process's GPU (one process and several "
                 "GPUs: sharded over all of them); with faiss-cpu and an exact (flat) index, an exact torch search on the "
-                "CUDA device; otherwise (an IVFPQ index, or no GPU) the CPU.")
+                "CUDA device; otherwise (an IVFPQ index, or no GPU) the CPU. With a GPU, the exact ranking of a FAISS "
+                "index's candidates runs there too when the keys fit (knn_utils/exact_ranking.py), and the targets "
+                "are built there when no CPU ranking follows the search (knn_utils/torch_targets.py).")
 
 
 @dataclass
@@ -50,18 +54,23 @@ class Neighbours:
         return self.ids >= 0  # bool (n, k)
 
 
-def select_neighbours(dists: np.ndarray, ids: np.ndarray, k: int, exclude_rows: np.ndarray | None = None) -> Neighbours:
+def select_neighbours(dists: np.ndarray, ids: np.ndarray, k: int, exclude_rows: np.ndarray | None = None,
+                      lower_row_first: bool = False) -> Neighbours:
     """The ``k`` nearest valid results of a FAISS search, sorted by distance, leaving out ``exclude_rows``.
 
     ``exclude_rows`` (n,) gives, per query, a datastore row to drop (the query's own row) -- matched by
     id, so an exact duplicate of the query stored under another row is kept. Results are sorted here
     because not every FAISS build returns them sorted; ``-1`` results (fewer hits than asked) are kept
-    at the end as id -1 with an infinite distance.
+    at the end as id -1 with an infinite distance. Equal distances keep FAISS's order, or, with
+    ``lower_row_first``, the lower row first.
     """
     invalid = ids < 0
     if exclude_rows is not None:
         invalid |= ids == np.asarray(exclude_rows, dtype=np.int64)[:, None]
-    order = np.argsort(np.where(invalid, np.inf, dists), axis=1, kind="stable")[:, :k]  # (n, k)
+    if lower_row_first:
+        by_row = np.argsort(np.where(invalid, np.iinfo(np.int64).max, ids), axis=1, kind="stable")  # (n, m)
+        dists, ids, invalid = (np.take_along_axis(a, by_row, axis=1) for a in (dists, ids, invalid))
+    order = stable_order(np.where(invalid, np.inf, dists).astype(np.float32), k)  # (n, k)
     keep_invalid = np.take_along_axis(invalid, order, axis=1)
     return Neighbours(
         ids=np.where(keep_invalid, -1, np.take_along_axis(ids, order, axis=1)),
@@ -69,17 +78,23 @@ def select_neighbours(dists: np.ndarray, ids: np.ndarray, k: int, exclude_rows: 
     )
 
 
+def stable_order(values: np.ndarray, k: int) -> np.ndarray:
+    """The positions of the ``k`` smallest float32 ``values`` of each row (n, m), smallest first, equal values in
+    position order: ``np.argsort(values, kind="stable")[:, :k]`` (NaN last), through one sort of 64-bit keys (the
+    value's bits, made to order as unsigned integers, above the position), which numpy sorts several times faster."""
+    values = np.asarray(values, dtype=np.float32) + np.float32(0)  # -0.0 becomes 0.0: equal, as for argsort
+    bits = values.view(np.uint32).astype(np.uint64)
+    negative = (bits >> np.uint64(31)).astype(bool)
+    bits = np.where(negative, ~bits & np.uint64(0xFFFFFFFF), bits | np.uint64(0x80000000))  # order as the floats
+    bits[np.isnan(values)] = np.uint64(0xFFFFFFFF)  # NaN last, like argsort
+    keys = (bits << np.uint64(32)) | np.arange(values.shape[1], dtype=np.uint64)
+    return (np.sort(keys, axis=1)[:, :k] & np.uint64(0xFFFFFFFF)).astype(np.int64)
+
+
 def candidate_count(k: int) -> int:
     """Rows asked of the index for ``k`` exact neighbours: ``k`` plus a margin (k / 8, at least 8) for the rounding
     of the index's own distances, which changes with the number of queries per search call."""
     return k + max(8, k // 8)
-
-
-def nearest_exact(keys: torch.Tensor, queries: np.ndarray, ids: np.ndarray, k: int) -> Neighbours:
-    """Of the candidate rows ``ids`` (n, c >= k; -1 for none), the ``k`` nearest each query (n, d) by exact float32
-    distance to the stored ``keys``, equal distances to the lower row: `TorchExactSearch`'s ranking, on the CPU."""
-    dists, rows = exact_nearest(keys, torch.from_numpy(queries), torch.from_numpy(ids), k, max_bytes=RERANK_BYTES)
-    return Neighbours(ids=rows.numpy(), dists=dists.numpy())
 
 
 @dataclass
@@ -104,14 +119,21 @@ class Shard:
             dists, ids = np.pad(dists, pad, constant_values=np.inf), np.pad(ids, pad, constant_values=-1)
         return dists, ids
 
-    def search(self, keys: torch.Tensor, queries: np.ndarray, k: int, exclude_rows: np.ndarray | None,
-               exact: bool) -> Neighbours:
-        """The ``k`` nearest rows of this shard to each query (global row ids): see `KnnIndex.search`."""
+    def proposals(self, k: int) -> int:
+        """Rows asked of the searcher for ``k`` neighbours: ``k`` from `TorchExactSearch` (exact already), else
+        `candidate_count` (room for the exact ranking, or for ties at the k-th place decided by row)."""
+        return k if isinstance(self.searcher, TorchExactSearch) else candidate_count(k)
+
+    def search(self, rank: Callable[[np.ndarray, np.ndarray, int], Neighbours], queries: np.ndarray, k: int,
+               exclude_rows: np.ndarray | None, exact: bool) -> Neighbours:
+        """The ``k`` nearest rows of this shard to each query (global row ids), exactly ranked by ``rank`` (queries,
+        candidate rows, k): see `KnnIndex.search`."""
         rerank = exact and not isinstance(self.searcher, TorchExactSearch)
-        wanted = candidate_count(k) if rerank else k
+        wanted = self.proposals(k)
         dists, ids = self.raw(queries, wanted + (exclude_rows is not None))
-        candidates = select_neighbours(dists, ids, wanted, exclude_rows)
-        return nearest_exact(keys, queries, candidates.ids, k) if rerank else candidates
+        if rerank:
+            return rank(queries, select_neighbours(dists, ids, wanted, exclude_rows).ids, k)
+        return select_neighbours(dists, ids, k, exclude_rows, lower_row_first=True)
 
 
 @dataclass
@@ -127,14 +149,36 @@ class KnnIndex:
     shards: list[Shard]
     meta: dict
     path: Path
-    keys: torch.Tensor  # (N, d) in the stored dtype: a view of the memory-mapped datastore, nothing is loaded
+    keys: torch.Tensor  # (N, d) in the stored dtype: a view of the memory-mapped datastore, or a copy on a GPU
     nprobe: int | None = None  # IVF lists visited per query; None for an exact index
     collective: bool = False
     exchange: ShardExchange | None = field(default=None, repr=False)
+    rerank_keys: torch.Tensor | None = field(default=None, repr=False)  # (N, d) on the exact ranking's device, if not the CPU
+    read_ahead: ReadAhead | None = field(default=None, repr=False)  # reads the candidates' keys from disk ahead of ranking
 
     @property
     def rows(self) -> int:
         return int(self.meta["rows"])
+
+    @property
+    def rerank_device(self) -> torch.device:
+        """Where the exact ranking runs: the CPU, or the device of ``rerank_keys``."""
+        return torch.device("cpu") if self.rerank_keys is None else self.rerank_keys.device
+
+    def rank_exactly(self, queries: np.ndarray, candidates: np.ndarray, k: int) -> Neighbours:
+        """Of the candidate rows (n, c >= k; -1 for none), the ``k`` nearest each query (n, d) by exact float32
+        distance to the stored keys, equal distances to the lower row (knn_utils/exact_ranking.py): on the CPU, over
+        the memory-mapped ``keys`` with as many threads as FAISS's search, or in torch on the device of
+        ``rerank_keys``. `TorchExactSearch` ranks the same way."""
+        if self.rerank_keys is None:
+            if self.read_ahead is not None:
+                self.read_ahead(candidates)
+            dists, rows = rank_candidates(self.keys.numpy(), queries, candidates, k, threads=faiss.omp_get_max_threads())
+            return Neighbours(ids=rows, dists=dists)
+        device = self.rerank_keys.device
+        dists, rows = exact_nearest(self.rerank_keys, torch.from_numpy(queries).to(device),
+                                    torch.from_numpy(candidates).to(device), k)
+        return Neighbours(ids=rows.cpu().numpy(), dists=dists.cpu().numpy())
 
     @property
     def index(self) -> faiss.Index | TorchExactSearch:
@@ -146,14 +190,18 @@ class KnnIndex:
 
         ``exact`` (the default): the index proposes `candidate_count` rows (one more when ``exclude_rows`` is
         given), and the ``k`` nearest of them by exact float32 distance to the stored keys are kept, equal
-        distances to the lower row (`nearest_exact`). The result then depends on each query alone, not on the
+        distances to the lower row (`rank_exactly`). The result then depends on each query alone, not on the
         other queries of the call: with an exact index it is the exact ``k`` nearest rows, for any batching.
         With IVFPQ it is the exact ``k`` nearest among the index's best candidates by PQ distance, which are
         themselves computed per query; only when the query's probed lists or the candidates at the margin's
         edge hang on a near-tie in FAISS's float32 arithmetic can the batching still change them.
         `TorchExactSearch` ranks this way already and is not re-ranked.
-        ``exact=False``: the index's own ``k`` nearest and its distances (PQ approximations for IVFPQ), whose
-        rounding and near-ties change with the number of queries per call; no keys are read.
+        ``exact=False``: the index's own ``k`` nearest and its distances (PQ approximations for IVFPQ), equal
+        distances to the lower row (the index proposes `candidate_count` rows, so that ties at the k-th place are
+        decided by row, not by FAISS's scan order); no keys are read. IVFPQ computes these distances per query
+        (FAISS's coarse quantizer uses BLAS only from `faiss.cvar.distance_compute_blas_threshold` queries per
+        call, 128,000 in FAISS 1.15), so the result does not depend on the batch either; a flat index's batched
+        BLAS distances do, in their last bits.
 
         A sharded index does this in every shard and merges the shards' lists by distance, equal distances to
         the lower row (`knn_utils.sharded.merge_neighbours`), across processes when ``collective``.
@@ -166,7 +214,7 @@ class KnnIndex:
 
     def search_local(self, queries: np.ndarray, k: int, exclude_rows: np.ndarray | None, exact: bool) -> Neighbours:
         """`search` over the shards this process holds, one after another, merged."""
-        found = [shard.search(self.keys, queries, k, exclude_rows, exact) for shard in self.shards]
+        found = [shard.search(self.rank_exactly, queries, k, exclude_rows, exact) for shard in self.shards]
         if len(found) == 1:
             return found[0]
         if not found:  # a process of a group with more processes than shards
@@ -204,9 +252,54 @@ def torch_search_device(index_type: str, use_gpu: bool) -> str | None:
     return None
 
 
+def rerank_keys_for(datastore: Datastore, use_gpu: bool, rerank_device: str | None) -> torch.Tensor | None:
+    """The keys on the device where the exact ranking runs, or None for the CPU (over the memory-mapped keys).
+
+    ``rerank_device`` ("cpu", "cuda:1" ...) says where; by default, with ``use_gpu`` (``--knn_gpu``), this process's
+    GPU when the keys take at most `GPU_KEYS_SHARE` of its free memory (whether FAISS searches there, with
+    faiss-gpu, or on the CPU, with faiss-cpu), else the CPU, which reads the candidates' keys from the memory map
+    and copies nothing. The GPU sums a distance's terms in another order than the CPU: targets computed with and
+    without ``--knn_gpu`` can differ in their last bits (each is the same for any batch size and process count).
+    """
+    if rerank_device is None and use_gpu and torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info()
+        if datastore.keys.nbytes <= GPU_KEYS_SHARE * free:
+            rerank_device = f"cuda:{torch.cuda.current_device()}"
+        else:
+            logger.info("The exact ranking runs on the CPU: the keys (%.1f GB) take more than %.0f%% of the GPU's free "
+                        "memory (%.1f GB)", datastore.keys.nbytes / 1e9, 100 * GPU_KEYS_SHARE, free / 1e9)
+    if rerank_device is None:
+        return None
+    with timed(f"Copying {datastore.num_rows} keys to {rerank_device} for the exact ranking", logger):
+        return keys_on_device(datastore.keys, rerank_device)
+
+
+def memory_available() -> int | None:
+    """Bytes of memory the kernel can give without swapping (``MemAvailable``, Linux), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            fields = dict(line.split(":", 1) for line in meminfo)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def read_ahead_for(datastore: Datastore, read_ahead: bool | None) -> ReadAhead | None:
+    """A `ReadAhead` over the datastore's keys when asked (``read_ahead``), or by default when they take more than
+    half the memory available (then most candidates are on disk, not in the page cache); else None."""
+    if read_ahead is None:
+        available = memory_available()
+        read_ahead = available is not None and datastore.keys.nbytes > available / 2
+        if read_ahead:
+            logger.info("The keys (%.1f GB) do not fit in the page cache (%.1f GB available): the exact ranking reads "
+                        "each batch's candidate keys ahead, in row order", datastore.keys.nbytes / 1e9, available / 1e9)
+    return ReadAhead(datastore.keys) if read_ahead else None
+
+
 def load_index(index_path: str | os.PathLike, datastore: Datastore, probe: int | None = None,
                use_gpu: bool = False, torch_device: str | None = None, verify: bool = True,
-               allow_unverified: bool = False) -> KnnIndex:
+               allow_unverified: bool = False, rerank_device: str | None = None,
+               read_ahead: bool | None = None) -> KnnIndex:
     """Open the index of ``datastore`` for searching, with ``probe`` lists per query (default: the one it was built with).
 
     On the CPU the index file is memory-mapped read-only, so processes on one machine share one copy.
@@ -214,6 +307,8 @@ def load_index(index_path: str | os.PathLike, datastore: Datastore, probe: int |
     on CUDA over the datastore's keys; ``torch_device`` ("cpu", "cuda:1" ...) forces that backend (the index
     file is not read then). With ``verify``, the index file is checked against its block checksums first (an index
     without them is refused unless ``allow_unverified``).
+    The exact ranking of a FAISS index's candidates runs where `rerank_keys_for` says (``rerank_device``); on the
+    CPU, it reads the candidates' keys ahead from disk where `read_ahead_for` says (``read_ahead``).
 
     A sharded index (``--index_shards``) under a ``torch.distributed`` group of several processes: this process
     opens only its shards (`knn_utils.sharded.shards_of_process`) and searches collectively; in one process,
@@ -261,7 +356,9 @@ def load_index(index_path: str | os.PathLike, datastore: Datastore, probe: int |
         else:
             index = to_device(index, use_gpu)
         shards.append(Shard(index, part["begin"], part["end"], part["id_offset"]))
-    return KnnIndex(shards=shards, keys=key_tensor(datastore), nprobe=nprobe, **common)
+    rerank_keys = rerank_keys_for(datastore, use_gpu, rerank_device)
+    return KnnIndex(shards=shards, keys=key_tensor(datastore), nprobe=nprobe, rerank_keys=rerank_keys,
+                    read_ahead=read_ahead_for(datastore, read_ahead) if rerank_keys is None else None, **common)
 
 
 def check_gpu_k(k: int, use_gpu: bool, exact: bool = True) -> None:

@@ -188,9 +188,10 @@ def search_rows(job: SearchJob, begin: int, end: int) -> SparseRows:
         queries = np.asarray(job.queries.keys[start:stop], dtype=np.float32)  # (b, d)
         exclude = np.arange(start, stop) if job.exclude_self else None
         if job.device_vals is not None:
-            dists, ids = job.index.shards[0].raw(queries, settings.k + (exclude is not None))  # one shard: targets_device
+            shard = job.index.shards[0]  # one shard: targets_device; its proposals as in Shard.search, ties to the lower row
+            dists, ids = shard.raw(queries, shard.proposals(settings.k) + (exclude is not None))
             parts.append(torch_sparse_targets(dists, ids, settings.k, job.device_vals, settings.knn_temp, exclude,
-                                              settings.threshold, settings.max_targets))
+                                              settings.threshold, settings.max_targets, lower_row_first=True))
             continue
         neighbours = job.index.search(queries, settings.k, exclude, exact=settings.recompute_dists)
         parts.append(sparse_targets(neighbours, job.datastore.vals, settings.knn_temp, settings.threshold,
@@ -251,7 +252,7 @@ def prepare_staging(staging: Path, identity: dict, state) -> None:
 
 def open_inputs(dstore_path: str, index_path: str | None, val_path: str | None, settings: TargetSettings,
                 use_gpu: bool, torch_device: str | None = None, verify: bool = True,
-                allow_unverified: bool = False) -> SearchJob:
+                allow_unverified: bool = False, rerank_device: str | None = None) -> SearchJob:
     """Open and cross-check the datastore, the queries and the index (their files verified, with ``verify``)."""
     datastore = open_datastore(dstore_path, "--dstore_path", verify, allow_unverified)
     queries = datastore if val_path is None else open_datastore(val_path, "--val_path", verify, allow_unverified)
@@ -263,7 +264,7 @@ def open_inputs(dstore_path: str, index_path: str | None, val_path: str | None, 
         logger.warning("--ignore_first False: each row retrieves itself, so its target contains its own gold token")
     check_gpu_k(settings.k, use_gpu, exact=settings.recompute_dists)
     index = load_index(index_path or default_index_path(dstore_path), datastore, settings.probe, use_gpu, torch_device,
-                       verify, allow_unverified)
+                       verify, allow_unverified, rerank_device)
     if settings.k > datastore.num_rows - (val_path is None and settings.ignore_first):
         logger.warning("--k %d is more neighbours than the datastore can give; rows get fewer", settings.k)
     device = targets_device(index, settings, use_gpu, torch_device)
@@ -277,13 +278,14 @@ def open_inputs(dstore_path: str, index_path: str | None, val_path: str | None, 
 def compute_knn_targets(dstore_path: str, output_path: str, index_path: str | None = None, val_path: str | None = None,
                         settings: TargetSettings | None = None, use_gpu: bool = False, state=None,
                         max_new_chunks: int | None = None, torch_device: str | None = None,
-                        allow_unverified: bool = False) -> dict | None:
+                        allow_unverified: bool = False, rerank_device: str | None = None) -> dict | None:
     """Compute and store the sparse kNN targets of every query row; return the artifact's meta.
 
     ``state`` is an ``accelerate.PartialState`` (one is made if not given): each process computes a
     contiguous range of chunks. ``max_new_chunks`` stops each process after that many new chunks,
     leaving the staging directory to resume from (returns None then); tests use it to simulate a kill.
-    ``torch_device`` searches an exact index with `TorchExactSearch` on that device (see `load_index`).
+    ``torch_device`` searches an exact index with `TorchExactSearch` on that device, ``rerank_device`` ranks the
+    candidates of a FAISS index exactly on that device (see `load_index`).
     The inputs' files are verified once per machine, by its main process, before any process searches (inputs
     without block checksums are refused unless ``allow_unverified``).
     The returned meta is the main process's; other processes get None. The main process holds the lock of
@@ -292,19 +294,20 @@ def compute_knn_targets(dstore_path: str, output_path: str, index_path: str | No
     state = state or process_state()
     with artifact_lock(output_path, "--output_path", state):
         return compute_locked(dstore_path, Path(output_path), index_path, val_path, settings or TargetSettings(),
-                              use_gpu, state, max_new_chunks, torch_device, allow_unverified)
+                              use_gpu, state, max_new_chunks, torch_device, allow_unverified, rerank_device)
 
 
 def compute_locked(dstore_path: str, output_path: Path, index_path: str | None, val_path: str | None,
                    settings: TargetSettings, use_gpu: bool, state, max_new_chunks: int | None,
-                   torch_device: str | None, allow_unverified: bool = False) -> dict | None:
+                   torch_device: str | None, allow_unverified: bool = False,
+                   rerank_device: str | None = None) -> dict | None:
     """`compute_knn_targets` once the main process holds the lock of ``output_path``."""
     if output_path.exists():
         raise ArtifactError(f"--output_path {output_path} already exists; delete it or choose another path")
     start = time.time()
     job = open_inputs(dstore_path, index_path, val_path, settings, use_gpu, torch_device,
                       verify=state.is_local_main_process,  # the others wait in prepare_staging
-                      allow_unverified=allow_unverified)
+                      allow_unverified=allow_unverified, rerank_device=rerank_device)
     threads = configure_threads(state.num_processes)
     identity = {
         "datastore": datastore_summary(job.datastore), "queries": datastore_summary(job.queries),

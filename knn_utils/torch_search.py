@@ -10,6 +10,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from knn_utils.exact_ranking import exact_nearest
 from utils.io import chunk_ranges
 
 TORCH_SCORE_BYTES = 2 << 30  # TorchExactSearch keeps each block of scores (or gathered keys) under this
@@ -47,13 +48,10 @@ class TorchExactSearch:
         self.key_rows = max(1, min(key_rows, self.ntotal))
         self.query_rows = query_rows or max(1, max_score_bytes // (4 * self.key_rows))
         self.max_score_bytes = max_score_bytes
-        key_dtype = torch.from_numpy(np.empty(0, keys.dtype)).dtype
-        self.keys = torch.empty((self.ntotal, self.d), dtype=key_dtype, device=self.device)  # (N, d)
+        self.keys = keys_on_device(keys, self.device, load_rows)  # (N, d)
         self.sq_norms = torch.empty(self.ntotal, dtype=torch.float32, device=self.device)  # (N,)
-        for begin, end in chunk_ranges(self.ntotal, load_rows):  # the datastore is read one chunk at a time
-            part = torch.from_numpy(np.array(keys[begin:end])).to(self.device)  # (rows, d)
-            self.keys[begin:end] = part
-            self.sq_norms[begin:end] = part.float().square().sum(dim=1)
+        for begin, end in chunk_ranges(self.ntotal, load_rows):
+            self.sq_norms[begin:end] = self.keys[begin:end].float().square().sum(dim=1)
 
     @torch.inference_mode()
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -94,22 +92,12 @@ class TorchExactSearch:
         return exact_nearest(self.keys, queries, rows, k, self.max_score_bytes)
 
 
-def exact_nearest(keys: torch.Tensor, queries: torch.Tensor, rows: torch.Tensor, k: int,
-                  max_bytes: int = TORCH_SCORE_BYTES) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``k`` of the candidate ``rows`` (b, c) nearest each query (b, d) by exact float32 ``||q - key||^2``, sorted,
-    equal distances to the lower row; distances and rows, (b, k) each. Row -1 stands for no candidate (distance inf).
+def keys_on_device(keys: np.ndarray, device: str | torch.device, load_rows: int = 1 << 18) -> torch.Tensor:
+    """A copy of ``keys`` (N, d), in their dtype, on ``device``, read ``load_rows`` rows at a time (a memory-mapped
+    datastore is never loaded whole into host memory)."""
+    dtype = torch.from_numpy(np.empty(0, keys.dtype)).dtype
+    copy = torch.empty(keys.shape, dtype=dtype, device=device)  # (N, d)
+    for begin, end in chunk_ranges(len(keys), load_rows):
+        copy[begin:end] = torch.from_numpy(np.array(keys[begin:end])).to(device)
+    return copy
 
-    ``keys`` (N, d) are the stored keys in their own dtype, on the device of the queries (a memory-mapped datastore
-    on the CPU). Each distance is computed from its key and its query alone, the same way whatever the other
-    rows and queries, so a query gets the same neighbours in any batch. A block of gathered keys stays under
-    ``max_bytes``.
-    """
-    rows = rows.sort(dim=1).values  # equal distances keep the lower row first
-    dists = torch.empty(rows.shape, dtype=torch.float32, device=queries.device)  # (b, c)
-    step = max(1, max_bytes // (6 * rows.shape[1] * keys.shape[1]))  # queries per (step, c, d) gather
-    for begin in range(0, len(rows), step):
-        stored = keys[rows[begin : begin + step].clamp(min=0)].float()  # (step, c, d)
-        dists[begin : begin + step] = stored.sub_(queries[begin : begin + step, None, :]).square_().sum(dim=2)
-    dists.masked_fill_(rows < 0, float("inf"))
-    dists, order = dists.sort(dim=1, stable=True)
-    return dists[:, :k], rows.gather(1, order[:, :k])

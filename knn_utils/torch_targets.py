@@ -31,11 +31,13 @@ def _stable_order(*keys: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def torch_sparse_targets(dists: np.ndarray, ids: np.ndarray, k: int, vals: torch.Tensor, knn_temp: float,
                          exclude_rows: np.ndarray | None = None, threshold: float = 1e-8,
-                         max_targets: int | None = None) -> SparseRows:
-    """``sparse_targets(select_neighbours(dists, ids, k, exclude_rows), vals, ...)``, computed on ``vals.device``.
+                         max_targets: int | None = None, lower_row_first: bool = False) -> SparseRows:
+    """``sparse_targets(select_neighbours(dists, ids, k, exclude_rows, lower_row_first), vals, ...)``, computed on
+    ``vals.device``.
 
     ``dists`` / ``ids`` (n, c >= k) are an index's results (id -1 for none), ``vals`` (N,) the datastore's next
-    tokens already on the device.
+    tokens already on the device; ``lower_row_first``: equal distances to the lower row, as `KnnIndex.search` orders
+    them, instead of the index's order.
     """
     device = vals.device
     dists_t = torch.from_numpy(np.ascontiguousarray(dists, dtype=np.float32)).to(device)  # (n, c)
@@ -44,6 +46,9 @@ def torch_sparse_targets(dists: np.ndarray, ids: np.ndarray, k: int, vals: torch
     invalid = ids_t < 0
     if exclude_rows is not None:
         invalid |= ids_t == torch.from_numpy(np.asarray(exclude_rows, dtype=np.int64)).to(device)[:, None]
+    if lower_row_first:  # select_neighbours(lower_row_first=True): the results in row order first
+        by_row = torch.sort(ids_t.masked_fill(invalid, torch.iinfo(torch.int64).max), dim=1, stable=True).indices
+        dists_t, ids_t, invalid = (t.gather(1, by_row) for t in (dists_t, ids_t, invalid))
     # select_neighbours: the k nearest valid results, in a stable order of distance
     order = torch.sort(dists_t.masked_fill(invalid, float("inf")), dim=1, stable=True).indices[:, :k]  # (n, k)
     valid = ~invalid.gather(1, order)

@@ -157,6 +157,7 @@ def test_torch_search_through_knn_index_matches_faiss_with_own_rows_left_out(tmp
 
 def test_torch_search_is_chosen_only_for_a_flat_index_without_faiss_gpu(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(index_search.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(index_search.torch.cuda, "mem_get_info", lambda: (0, 1 << 30))  # no room: ranking on the CPU
     monkeypatch.setattr(index_search, "faiss_gpu_available", lambda: False)
     assert index_search.torch_search_device("flat", use_gpu=True) == "cuda"
     assert index_search.torch_search_device("flat", use_gpu=False) is None
