@@ -7,7 +7,8 @@
 #   OUT      output directory                                          (required)
 #   MEMORY   the memory: adds --memory "$MEMORY"; the base alone is answered in the same run (optional)
 #   LMBDA    weight(s) of the memory, e.g. "0.25 0.5" (default: the protocol's, else models/joint/settings.py's, 0.5)
-#   MEMORY_TEMP  temperature of the memory's logits (default 1; KNN_TEMP, the released name, is read too)
+#   MEMORY_TEMP  temperature of the memory's logits (default: models/joint/settings.py's, 1; KNN_TEMP, the released
+#            name, is read too)
 #   GGUF     GGUF file name inside $MODEL (optional)
 #   BATCH    questions per batch (default: the protocol's, else 8)      MAX_SAMPLES (optional)
 # Extra arguments go to downstream.eval_qa (e.g. --batch_stop, --num_shards 4 --shard_index 0, --num_fewshot 5
@@ -22,6 +23,7 @@ args=(--model_name_or_path "$MODEL" --data_file "$DATA" --output_dir "$OUT" --pr
       ${BATCH:+--per_device_eval_batch_size "$BATCH"} ${GGUF:+--gguf_file "$GGUF"} ${MAX_SAMPLES:+--max_samples "$MAX_SAMPLES"})
 if [ -n "${MEMORY:-}" ]; then
     # shellcheck disable=SC2206
-    args+=(--memory "$MEMORY" ${LMBDA:+--lmbda $LMBDA} --memory_temp "${MEMORY_TEMP:-${KNN_TEMP:-1.0}}")
+    temp="${MEMORY_TEMP:-${KNN_TEMP:-}}"
+    args+=(--memory "$MEMORY" ${LMBDA:+--lmbda $LMBDA} ${temp:+--memory_temp "$temp"})
 fi
 python -m downstream.eval_qa "${args[@]}" "$@"
