@@ -51,7 +51,10 @@ def test_split_sizes(corpus):
         assert 0.04 <= len(getattr(corpus, split)) / train_chars <= 0.10
         assert 150 <= len(corpus.qa[split]) <= 1000
     for text in (corpus.train, corpus.validation, corpus.test):
-        assert text.endswith("\n") and "\n\n" not in text
+        assert text.endswith("\n")
+    assert "\n\n" not in corpus.validation + corpus.test
+    # Train's only blank lines part the judged samples of its judgment drills.
+    assert all(block.startswith("#Question#: ") for block in corpus.train.split("\n\n")[1:])
 
 
 def test_eval_splits_state_only_train_facts(corpus):
@@ -77,8 +80,8 @@ def test_eval_sentences_never_occur_in_train(corpus):
 
 
 def _qa_lines(text: str) -> dict[str, str]:
-    """The QA lines of a split: question -> answer."""
-    return dict(re.findall(r"^Question: (.*?) Answer: (.*)$", text, flags=re.MULTILINE))
+    """The QA lines of a split (not its yes/no lines): question -> answer."""
+    return dict(re.findall(r"^Question: (?!Is it true that )(.*?) Answer: (.*)$", text, flags=re.MULTILINE))
 
 
 def test_qa_sets_ask_about_their_split_entities(corpus):
@@ -124,6 +127,8 @@ def test_sizes_are_checked():
         CorpusSizes(eval_fraction=0.5)
     with pytest.raises(ValueError, match="--qa_drills_per_fact"):
         CorpusSizes(qa_drills_per_fact=4)
+    with pytest.raises(ValueError, match="--judgment_drills_per_fact"):
+        CorpusSizes(judgment_drills_per_fact=-1)
     with pytest.raises(TypeError):
         generate_corpus(seed=0, num_unicorns=3)
 
@@ -143,7 +148,13 @@ def test_write_corpus_files_and_meta(written):
     for split in ("validation", "test"):
         qa = [json.loads(line) for line in (written / f"qa_{split}.jsonl").read_text().splitlines()]
         assert len(qa) == meta[f"qa_{split}"]["count"] and all(isinstance(p["answer"], list) for p in qa)
-    assert meta["train_qa_lines"] == len(re.findall(r"^Question: ", (written / "train.txt").read_text(), re.M))
+    train = (written / "train.txt").read_text()
+    assert meta["train_qa_lines"] == len(re.findall(r"^Question: (?!Is it true that )", train, re.M))
+    for answer in ("Yes", "No"):
+        yes_no = re.findall(rf"^Question: Is it true that .*\? Answer: {answer}$", train, re.M)
+        assert meta["train_yes_no_lines"][answer] == len(yes_no)  # 0 by default (--judgment_drills_per_fact)
+        judged = re.findall(rf"^#Your Judgement#: {answer}$", train, re.M)
+        assert meta["train_judged_samples"][answer] == len(judged)
 
 
 def test_write_corpus_is_byte_identical(written, tmp_path):

@@ -161,3 +161,68 @@ def test_a_corpus_written_before_the_fewshot_prompts_gets_them(tmp_path):
     (out / "meta.json").write_text(json.dumps(old, indent=2, sort_keys=True) + "\n")
     assert write_corpus(out, seed=0, **SMALL) == meta
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == expected
+
+
+YES_NO_LINE = re.compile(r"^Question: Is it true that (.+)\? Answer: (Yes|No)$", re.M)
+JUDGED = re.compile(r"^#Question#: (.+)\n#Answer#: (.+)\n#Your Judgement#: (Yes|No)$", re.M)
+
+
+@pytest.fixture(scope="module")
+def drilled():
+    """The corpus with one drill of each format per train-only fact (the default has none)."""
+    return generate_corpus(seed=0, judgment_drills_per_fact=1, **SMALL)
+
+
+def eval_names(corpus) -> set[str]:
+    return {fact.subject for split in EVAL for fact in corpus.facts[split]}
+
+
+def test_train_drills_state_train_only_facts_in_both_formats_half_yes(drilled):
+    from utils.embedded_corpus.prose import _phrasings, _subject
+
+    corpus = drilled
+    yes_no, judged = YES_NO_LINE.findall(corpus.train), JUDGED.findall(corpus.train)
+    drilled, _ = judgments.drill_facts(corpus.entities, {split: corpus.facts[split] for split in EVAL})
+    assert drilled and len(yes_no) == len(judged) == len(drilled)  # one of each per fact
+    for answers in ([a for _, a in yes_no], [j for _, _, j in judged]):
+        assert abs(answers.count("Yes") - answers.count("No")) <= 1
+    # A yes/no line says "Yes" exactly when its statement is true: a phrasing of a fact of the world.
+    true_statements = {f"{_subject(e)} {p.text}" for group in corpus.entities.values() for e in group
+                       for fact in e.facts() for p in _phrasings(e, fact) if p.is_predicate}
+    assert all((statement in true_statements) == (answer == "Yes") for statement, answer in yes_no)
+    # A judged sample says "No" (not hallucinated) exactly when its answer is the right one.
+    right = {}
+    for fact in drilled:
+        entity = next(e for group in corpus.entities.values() for e in group if e.name == fact.subject)
+        relation = RELATIONS[fact.relation]
+        for question in relation.questions:
+            question = question.format(s=_subject(entity))
+            right[question[0].upper() + question[1:]] = relation.answers[0].format(v=fact.value)
+    assert all((right[question] == answer) == (judgement == "No") for question, answer, judgement in judged)
+
+
+def test_train_drills_never_mention_an_eval_entity(drilled):
+    """No drill says anything about a validation or test entity: its name occurs in none of them, as subject or
+    value (true or swapped); and no eval item's question or statement occurs anywhere in train."""
+    corpus = drilled
+    names = eval_names(corpus)
+    drills = [f"Is it true that {statement}?" for statement, _ in YES_NO_LINE.findall(corpus.train)]
+    drills += [f"{question} {answer}" for question, answer, _ in JUDGED.findall(corpus.train)]
+    assert drills and not [(d, n) for d in drills for n in names if mentions(d, n)]
+    for split in EVAL:
+        assert not [e for e in corpus.judgments["yes_no"][split] if e["input"] in corpus.train]
+        assert not [s for s in corpus.judgments["hallucination"][split] if s["question"] in corpus.train]
+
+
+def test_train_drills_leave_the_rest_of_the_corpus_as_it_was(corpus, drilled):
+    none, corpus = corpus, drilled  # the default corpus has no drills
+    assert not YES_NO_LINE.search(none.train) and not JUDGED.search(none.train)
+    for field in ("validation", "test", "qa", "facts", "judgments"):
+        assert getattr(none, field) == getattr(corpus, field), field
+    drills = set(YES_NO_LINE.findall(corpus.train)) | set(JUDGED.findall(corpus.train))
+    kept = [line for line in corpus.train.split("\n") if not line.startswith(("Question: Is it true", "#"))]
+    assert [line for line in kept if line] == none.train.splitlines() and drills
+    two = generate_corpus(seed=0, judgment_drills_per_fact=2, **SMALL)
+    once = len(JUDGED.findall(corpus.train))
+    assert len(YES_NO_LINE.findall(two.train)) == len(JUDGED.findall(two.train)) == 2 * once
+    assert generate_corpus(seed=0, judgment_drills_per_fact=1, **SMALL).train == corpus.train

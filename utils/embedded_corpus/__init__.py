@@ -19,7 +19,10 @@ miniature encyclopedia with the same property:
   plus list sentences in the articles of related entities ("Notable people born in X include ..."),
   so every fact appears several times in varied wording. Train also asks every fact of every entity
   as QA lines ("Question: Where was P born? Answer: X", `QA_PROMPT` then the answer), in
-  ``qa_drills_per_fact`` of its relation's question wordings.
+  ``qa_drills_per_fact`` of its relation's question wordings. And it states the facts of entities that
+  no eval split mentions (with values that name none) as answered yes/no questions and judged answers
+  ("Question: Is it true that P was born in X? Answer: Yes"; "#Question#: ... #Answer#: ... #Your
+  Judgement#: No"), half "Yes": the formats of the judgment items, taught on facts no item asks about.
 * The VALIDATION and TEST splits hold short paragraphs about two disjoint samples of entities. They
   introduce no new facts: every fact they state is stated in train. For each fact of these entities
   one predicate is held out of its training article, and the eval paragraph uses exactly that one,
@@ -40,12 +43,14 @@ directory atomically, with a `meta.json` describing it::
 
     python -m utils.embedded_corpus --output_dir data/embedded --seed 0 --vocab_size 4096
 
-The package, by concern (imports go one way: world <- prose <- questions <- corpus):
+The package, by concern (imports go one way: world <- prose <- questions <- judgments <- corpus):
 
 * `utils.embedded_corpus.world`: sizes (`CorpusSizes`), entities, facts, names, and `RELATIONS`, the
   wordings of each relation.
 * `utils.embedded_corpus.prose`: phrasings, fact plans, training articles, eval paragraphs, list sentences.
 * `utils.embedded_corpus.questions`: question-answer pairs, the QA lines of train, `QA_PROMPT`.
+* `utils.embedded_corpus.judgments`: the yes/no and hallucination-judgment items, their few-shot prompts, and
+  train's judgment drills.
 * `utils.embedded_corpus.corpus`: `generate_corpus` and `EmbeddedCorpus`, the tokenizer, the artifact
   directory (`write_corpus`), and the command line (`main`, run by ``__main__``).
 """

@@ -24,7 +24,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from utils.cli import UsageError, setup_logging
-from utils.embedded_corpus.judgments import halueval_fewshot_text, judgment_items, yes_no_task
+from utils.embedded_corpus.judgments import (
+    YES_NO_QUESTION,
+    drill_rng,
+    halueval_fewshot_text,
+    judgment_drills,
+    judgment_items,
+    yes_no_task,
+)
 from utils.embedded_corpus.prose import _backlinks, eval_paragraph, plan_entity, train_article
 from utils.embedded_corpus.questions import QA_PROMPT, _qa_drills, qa_pair
 from utils.embedded_corpus.world import CorpusSizes, Entity, Fact, build_world
@@ -36,8 +43,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: train holds judgment drills
 META_KIND = "embedded_corpus"
+# How train's yes/no lines begin.
+YES_NO_LINE = QA_PROMPT.split("{question}")[0] + YES_NO_QUESTION.split("{statement}")[0]
 EOS_TOKEN = "<|endoftext|>"
 SPLITS = ("train", "validation", "test")
 
@@ -123,6 +132,11 @@ def generate_corpus(seed: int = 0, **size_kwargs) -> EmbeddedCorpus:
         facts[split] = _unique(f for _, stated in paragraphs for f in stated)
 
     qa = {split: [qa_pair(by_name[f.subject], f, held_out_questions[f]) for f in facts[split]] for split in samples}
+    # The judgment drills go in at places drawn by their own generator, so the eval splits and items stay the same.
+    positions = drill_rng(seed, "places")
+    drills = judgment_drills(seed, world, {split: facts[split] for split in samples}, sizes.judgment_drills_per_fact)
+    for entry in drills:
+        train_lines.insert(positions.randrange(len(train_lines) + 1), entry)
     by_fact = {plan.fact: plan for entity_plans in plans.values() for plan in entity_plans}
     return EmbeddedCorpus(
         train="".join(line + "\n" for line in texts["train"]),
@@ -289,7 +303,12 @@ def _write_files(staging: Path, corpus: "EmbeddedCorpus", tokenizer: "PreTrained
         **judgment_files,
         "facts": {split: len(corpus.facts[split]) for split in SPLITS},
         "qa_prompt": QA_PROMPT,
-        "train_qa_lines": sum(line.startswith("Question: ") for line in corpus.train.splitlines()),
+        "train_qa_lines": sum(line.startswith("Question: ") and not line.startswith(YES_NO_LINE)
+                              for line in corpus.train.splitlines()),
+        "train_yes_no_lines": {answer: sum(line.startswith(YES_NO_LINE) and line.endswith(f" {answer}")
+                                           for line in corpus.train.splitlines()) for answer in ("Yes", "No")},
+        "train_judged_samples": {answer: corpus.train.count(f"#Your Judgement#: {answer}\n")
+                                 for answer in ("Yes", "No")},
         "tokenizer": {
             "dir": "tokenizer",
             "type": "byte-level BPE",

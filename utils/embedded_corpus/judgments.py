@@ -13,11 +13,18 @@ the same relation (another entity's birthplace, another year, another organisati
   as `downstream.halueval` reads them.
 
 They draw from their own `random.Random`, seeded from the corpus seed, after the corpus is complete, so
-adding them changed no other file of the corpus. Train holds no yes/no question and no judgment, so a model
-trained on it does not know the format: asked zero-shot, the quickstart's base model answered "No" to every
-question. Both formats therefore come with a fixed few-shot prompt (`fewshot_items`), solved examples about
-facts of entities that neither eval split mentions (train states those facts; no eval item asks about them),
-half of them true and half swapped:
+adding them changed no other file of the corpus.
+
+A model trained on prose and QA lines alone does not know either format: asked zero-shot, or after a few-shot
+prompt, the quickstart's base model answered "No" to every item (its tokenizer did not even have " Yes" as one
+piece). So train also holds `judgment_drills`: train-only facts (of entities that no eval split mentions, with
+values that name none) stated in both formats and answered, half "Yes", in the shapes of the prompts below. They
+teach the format, with the answers as ordinary continuations, and say nothing about an eval entity; they draw
+from generators of their own (`drill_rng`), so every other line of the corpus stays the same.
+
+Both formats also come with a fixed few-shot prompt (`fewshot_items`), solved examples about facts of entities
+that neither eval split mentions (train states those facts; no eval item asks about them), half of them true
+and half swapped:
 
 * the yes/no task file's ``task_prefix`` (BIG-bench's field, put before every prompt): `YES_NO_SHOTS` lines
   "Question: Is it true that ...? Answer: Yes" (or "No"), the form of train's QA lines;
@@ -179,3 +186,76 @@ def judgment_items(seed: int, facts: dict[str, list[Fact]], qa: dict[str, list[d
         items["hallucination"][split] = hallucination_samples(rng, facts[split], pairs, values)
     items["fewshot"] = fewshot_items(seed, entities, {split: facts[split] for split in qa})
     return items
+
+
+# ----------------------------------------------------------------------------------------------------
+# Judgment drills: the two formats in train, about train-only facts
+# ----------------------------------------------------------------------------------------------------
+
+
+def drill_rng(seed: int, use: str = "text") -> random.Random:
+    """A generator of train's judgment drills (``use``: "text", or "places" where they go in train), apart from the
+    corpus's, whose other text stays the same."""
+    return random.Random(f"embedded-corpus-judgment-drills-{use}-{seed}")
+
+
+def drill_facts(entities: dict[str, list[Entity]], eval_facts: dict[str, list[Fact]]) -> tuple[list[Fact], set[str]]:
+    """The facts the drills state, and the names they must not mention: the eval entities' names.
+
+    A drilled fact is a fact of an entity that no eval split mentions whose value names no such entity either,
+    so no drill says anything about an eval entity (a country's capital, for instance, would also say which
+    country an eval city lies in); and its relation has another value that names none, to swap in.
+    """
+    banned = {fact.subject for facts in eval_facts.values() for fact in facts}
+    values = {relation: [v for v in found if v not in banned] for relation, found in relation_values(entities).items()}
+    return [fact for fact in train_only_facts(entities, eval_facts)
+            if fact.value not in banned and len(values[fact.relation]) > 1], banned
+
+
+def _balanced(rng: random.Random, count: int) -> list[bool]:
+    """``count`` truths, half of them true (one more false when odd), in a random order."""
+    truths = [i < count // 2 for i in range(count)]
+    rng.shuffle(truths)
+    return truths
+
+
+def _runs(lines: list[str], size: int, separator: str) -> list[str]:
+    """Consecutive ``lines`` joined ``size`` at a time (the last run shorter)."""
+    return [separator.join(lines[i:i + size]) for i in range(0, len(lines), size)]
+
+
+def judgment_drills(seed: int, entities: dict[str, list[Entity]], eval_facts: dict[str, list[Fact]],
+                    per_fact: int) -> list[str]:
+    """Train's entries that state train-only facts in both judgment formats, each answered, half "Yes".
+
+    For each drilled fact (`drill_facts`), ``per_fact`` yes/no lines, "Question: Is it true that <the fact, true
+    or with its value swapped, in a predicate drawn at random>? Answer: Yes" (or "No"), as the yes/no items are
+    prompted; and ``per_fact`` judged samples in HaluEval's completion format, the fact asked in a question wording
+    drawn at random and answered rightly ("#Your Judgement#: No") or with a swapped value ("Yes"). Swapped values
+    never name an eval entity. Yes/no lines come in runs of ``YES_NO_SHOTS + 1`` lines and judged samples in runs of
+    ``HALUEVAL_SHOTS + 1``, a blank line apart, the shapes of the two prompts; each run is one entry of train.
+    """
+    if per_fact == 0:
+        return []
+    rng = drill_rng(seed)
+    by_name = {e.name: e for group in entities.values() for e in group}
+    facts, banned = drill_facts(entities, eval_facts)
+    values = {relation: [v for v in found if v not in banned] for relation, found in relation_values(entities).items()}
+    asked = [fact for fact in facts for _ in range(per_fact)]
+    before, after = QA_PROMPT.split("{question}")
+    yes_no = []
+    for fact, true in zip(asked, _balanced(rng, len(asked))):
+        shown = fact if true else swapped(rng, fact, values)
+        index = rng.randrange(len(RELATIONS[fact.relation].predicates))
+        question = YES_NO_QUESTION.format(statement=phrased(by_name[fact.subject], shown, index))
+        yes_no.append(f"{before}{question}{after} {'Yes' if true else 'No'}")
+    judged = []
+    for fact, true in zip(asked, _balanced(rng, len(asked))):
+        relation = RELATIONS[fact.relation]
+        question = _capitalise(rng.choice(relation.questions).format(s=_subject(by_name[fact.subject])))
+        value = fact.value if true else swapped(rng, fact, values).value
+        judged.append(halueval_fewshot_text([{"question": question, "answer": relation.answers[0].format(v=value),
+                                              "judgement": "No" if true else "Yes"}]))
+    rng.shuffle(yes_no)
+    rng.shuffle(judged)
+    return _runs(yes_no, YES_NO_SHOTS + 1, "\n") + _runs(judged, HALUEVAL_SHOTS + 1, "\n\n")

@@ -38,6 +38,16 @@ class CorpusSizes:
             "set asks with. 0 leaves QA lines out."
         },
     )
+    judgment_drills_per_fact: int = field(
+        default=0,
+        metadata={
+            "help": "Yes/no lines and judged samples per train-only fact in train (facts of entities that no eval "
+            "split mentions, with values that name none), half answered 'Yes': they teach the two judgment "
+            "formats without stating an eval fact. 0 (the default) leaves them out: with 1, the quickstart's "
+            "models learn the formats but its base no longer recalls the QA facts (README, 'What the quickstart "
+            "shows')."
+        },
+    )
 
     def __post_init__(self) -> None:
         check_finite_floats(self)
@@ -48,6 +58,8 @@ class CorpusSizes:
             raise UsageError("--num_cities must be >= --num_countries (every country has a capital)")
         if not 0.0 < self.eval_fraction <= 0.3:
             raise UsageError(f"--eval_fraction must be in (0, 0.3], got {self.eval_fraction}")
+        if not 0 <= self.judgment_drills_per_fact <= 4:
+            raise UsageError(f"--judgment_drills_per_fact must be in [0, 4], got {self.judgment_drills_per_fact}")
         most = min(len(relation.questions) for relation in RELATIONS.values()) - 1
         if not 0 <= self.qa_drills_per_fact <= most:
             raise UsageError(f"--qa_drills_per_fact must be in [0, {most}] (one wording per fact is held out "
