@@ -37,6 +37,7 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.flops import flops_per_token  # noqa: E402
 from knn_utils.knnlm import knnlm_gold_log_probs_sweep, knnlm_log_probs_sweep  # noqa: E402
 from models import MemoryConfig, build_memory  # noqa: E402
 from models.joint.interpolation import interpolate_log_probs, memory_log_probs  # noqa: E402
@@ -50,18 +51,6 @@ from utils.scoring import score_windows, token_nll  # noqa: E402
 from utils.windows import make_windows  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
-
-
-def linear_weights(module: torch.nn.Module) -> int:
-    """Weights of every ``nn.Linear`` in ``module`` (a tied LM head counts: it is a matmul per token)."""
-    return sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear))
-
-
-def flops_per_token(model: torch.nn.Module, memory: torch.nn.Module, context: float) -> tuple[float, float]:
-    """Matmul FLOPs per scored token of the base (linear layers and attention at mean ``context``) and the memory."""
-    config = model.config
-    attention = 4 * config.hidden_size * context * config.num_hidden_layers  # q.k and the weighted sum of v
-    return 2 * linear_weights(model) + attention, 2 * linear_weights(memory)
 
 
 def old_joint_seconds(batch, memory, lmbda: float, knn_temp: float) -> tuple[float, float, torch.Tensor]:

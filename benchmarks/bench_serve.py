@@ -19,7 +19,7 @@ are joined by ``python -m models.convert --joint`` (``lmbda`` 0.25). Stages, eac
 3. ``hf``: the same with Hugging Face ``generate``, the base alone and `JointLM` (hooks), for the figures beside.
 
 The FLOP bound is ``F_base / (F_base + F_memory)`` per generated token at the mean context of the generation
-(``benchmarks.bench_eval.flops_per_token``). ``--dry_run`` runs ``prepare`` (``--tiny``: on a tiny random Llama, no
+(``benchmarks.flops.flops_per_token``). ``--dry_run`` runs ``prepare`` (``--tiny``: on a tiny random Llama, no
 shared data needed) and writes the plan with every size, without vLLM. Writes benchmarks/results/<name>.json, .md
 and .png with the machine and its load.
 """
@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from benchmarks.bench_eval import flops_per_token  # noqa: E402
+from benchmarks.flops import flops_per_token  # noqa: E402
 from models import MemoryConfig, build_memory  # noqa: E402
 from models.convert import main as convert_main  # noqa: E402
 from models.memory_directory import save_memory  # noqa: E402
