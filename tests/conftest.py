@@ -111,6 +111,18 @@ def tiny_gpt2_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
 
 
 @pytest.fixture
+def one_torch_thread():
+    """One torch thread while a test runs: the same bits in every process, and no thread contention on a busy
+    machine. Modules ask for it with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def one_faiss_thread():
     """One FAISS (OpenMP) thread: the tests' indexes are small, and on a busy 2-core machine more threads
     only spin-wait for each other. Modules that search ask for it with

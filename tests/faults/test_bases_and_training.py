@@ -16,23 +16,13 @@ import train_base
 import train_mlpmem_offline
 import train_mlpmem_online
 from knn_utils import build_index, knnlm
+from tests.faults.test_memory_faults import metrics_lines
 from tests.knn_fixtures import make_tokenizer, tiny_lm  # noqa: F401  (tiny_lm is a fixture)
 from tests.models.test_memory_training import offline_args, pipeline  # noqa: F401  (pipeline: fixture)
 from utils.cli import UsageError
 from utils.io import read_json
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def metrics_lines(out) -> list[dict]:
-    return [{k: v for k, v in json.loads(line).items() if k != "rows_per_second"}
-            for line in (out / "metrics.jsonl").read_text().splitlines()]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 # ---------------------------------------------------------------------------------------------------

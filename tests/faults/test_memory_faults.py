@@ -40,13 +40,7 @@ from utils.modeling import model_fingerprint, tokenizer_fingerprint
 LAYER = 1
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Same bits in every process, and no thread contention on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def metrics_lines(out) -> list[dict]:

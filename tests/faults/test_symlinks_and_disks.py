@@ -16,7 +16,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import torch
 
 import train_base
 import train_mlpmem_offline
@@ -34,12 +33,7 @@ SHORT = ["--max_train_steps", "2", "--checkpointing_steps", "1", "--per_device_t
          "--validation_rows", "64"]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def dataset_flags(tiny_corpus, tokenizer) -> list[str]:
