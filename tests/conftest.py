@@ -98,6 +98,24 @@ def tiny_model(model_type: str, vocab_size: int, seed: int = 0, **overrides):
     return AutoModelForCausalLM.from_config(config).eval()
 
 
+def saved_random_memory(model_dir: Path, out: Path, seed: int = 0, scale: float = 0.5) -> Path:
+    """A 1-block memory for the model saved in ``model_dir``, reading block 1, with weights drawn from N(0, scale)
+    (far from zero, so the mixture matters), saved with its checksums as train_mlpmem_* saves it."""
+    from transformers import AutoConfig
+
+    from models import MemoryConfig, build_memory
+    from models.memory_directory import save_memory
+
+    torch.manual_seed(seed)
+    memory = build_memory(MemoryConfig.from_base(AutoConfig.from_pretrained(model_dir), num_layers=1,
+                                                 intermediate_size=48, layer=1))
+    with torch.no_grad():
+        for param in memory.parameters():
+            param.normal_(0, scale)
+    save_memory(out, memory, {}, {})
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_gpt2_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
     """A saved tiny random GPT-2 with the tiny tokenizer beside it."""

@@ -138,13 +138,10 @@ def tqa(tmp_path_factory):
     """A byte-level BPE tokenizer that puts a BOS first (as Llama's and Mistral's do), a tiny Llama and a memory."""
     import csv
 
-    import torch
     from tokenizers import processors
-    from transformers import AutoConfig, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    from models import MemoryConfig, build_memory
-    from models.memory_directory import save_memory as save_with_checksums
-    from tests.conftest import tiny_model
+    from tests.conftest import saved_random_memory, tiny_model
     from utils.embedded_corpus import train_tokenizer
 
     directory = tmp_path_factory.mktemp("tqa")
@@ -159,13 +156,7 @@ def tqa(tmp_path_factory):
     tokenizer.save_pretrained(directory / "model")
     model = tiny_model("llama", len(tokenizer), seed=3, max_position_embeddings=1024)
     model.save_pretrained(directory / "model")
-    torch.manual_seed(0)
-    memory = build_memory(MemoryConfig.from_base(AutoConfig.from_pretrained(directory / "model"), num_layers=1,
-                                                 intermediate_size=48, layer=1))
-    with torch.no_grad():
-        for p in memory.parameters():
-            p.normal_(0, 0.5)
-    save_with_checksums(directory / "memory", memory, {}, {})
+    saved_random_memory(directory / "model", directory / "memory")
     data = directory / "TruthfulQA.csv"
     with open(data, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(TQA_ROWS[0]))

@@ -11,15 +11,13 @@ import math
 
 import pytest
 import torch
-from transformers import AutoConfig
 
 from downstream import halueval, strategyqa, truthfulqa
 from downstream.choice_eval import choice_outcome
 from downstream.loglik import continuation_logliks, encode_pair
-from models import MemoryConfig, build_memory, load_memory
+from models import load_memory
 from models.joint import JointLM
-from models.memory_directory import save_memory
-from tests.conftest import tiny_model
+from tests.conftest import saved_random_memory, tiny_model
 from utils.cli import UsageError
 from utils.embedded_corpus import train_tokenizer
 from utils.modeling import load_tokenizer
@@ -38,13 +36,7 @@ def setup(tmp_path_factory):
     tokenizer.save_pretrained(directory / "model")
     model = tiny_model("llama", len(tokenizer), seed=1, max_position_embeddings=1024)
     model.save_pretrained(directory / "model")
-    torch.manual_seed(0)
-    memory = build_memory(MemoryConfig.from_base(AutoConfig.from_pretrained(directory / "model"), num_layers=1,
-                                                 intermediate_size=48, layer=1))
-    with torch.no_grad():
-        for p in memory.parameters():
-            p.normal_(0, 0.5)
-    save_memory(directory / "memory", memory, results={}, record={})
+    saved_random_memory(directory / "model", directory / "memory")
     return {"dir": directory, "model_dir": str(directory / "model"), "memory": str(directory / "memory"),
             "tokenizer": load_tokenizer(str(directory / "model")), "model": model}
 
