@@ -265,16 +265,17 @@ def make_prompts(examples: list[dict], protocol: Protocol, args: QAArguments) ->
                          choose_shots(pool, ex["question"], args.num_fewshot, args.fewshot_seed)) for ex in examples]
 
 
-def apply_protocol_settings(protocol: Protocol, model_args: PretrainedModelArguments, args: QAArguments,
-                            given: set[str]) -> dict:
+def apply_protocol_settings(protocol, model_args: PretrainedModelArguments, args, given: set[str]) -> dict:
     """Give ``--torch_dtype`` and ``--per_device_eval_batch_size`` the protocol's values (the authors' for that
-    dataset) where no flag in ``given`` set them, and return the values applied. A preset's ``lmbda`` is not set
-    here: it is the second step of the memory settings' lmbda policy (`models.joint.settings.resolve_lmbdas`)."""
+    dataset; a QA `Protocol` or TruthfulQA's, which has no batch size) where no flag in ``given`` set them, and
+    return the values applied. A preset's ``lmbda`` is not set here: it is the second step of the memory settings'
+    lmbda policy (`models.joint.settings.resolve_lmbdas`)."""
     applied = {}
+    batch_size = getattr(protocol, "batch_size", None)
     if protocol.torch_dtype is not None and "torch_dtype" not in given:
         model_args.torch_dtype = applied["torch_dtype"] = protocol.torch_dtype
-    if protocol.batch_size is not None and "per_device_eval_batch_size" not in given:
-        args.per_device_eval_batch_size = applied["per_device_eval_batch_size"] = protocol.batch_size
+    if batch_size is not None and "per_device_eval_batch_size" not in given:
+        args.per_device_eval_batch_size = applied["per_device_eval_batch_size"] = batch_size
     if applied:
         logger.info("--protocol %s: the authors' settings %s (flags override them)", protocol.name,
                     ", ".join(f"--{k} {v}" for k, v in applied.items()))

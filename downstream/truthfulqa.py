@@ -53,6 +53,7 @@ from downstream.choice_eval import (
     setting_label,
     write_results,
 )
+from downstream.eval_qa import apply_protocol_settings
 from models.joint.settings import MemoryArguments
 from utils.arguments import PretrainedModelArguments
 from utils.cli import UsageError, command, flags_given, parse_args, setup_logging
@@ -219,21 +220,10 @@ def question_scores(mc1: dict, mc2: dict, items: dict[str, Item], protocol: Trut
             "mc3": sum(ll > top_false for ll in trues) / len(trues)}
 
 
-def apply_protocol_dtype(protocol: TruthfulQAProtocol, model_args: PretrainedModelArguments, given: set[str]) -> dict:
-    """Give ``--torch_dtype`` the protocol's value unless a flag in ``given`` set it (its ``lmbda`` is a preset of
-    the memory settings, `models.joint.settings.resolve_lmbdas`); returns what was applied."""
-    applied = {}
-    if protocol.torch_dtype is not None and "torch_dtype" not in given:
-        model_args.torch_dtype = applied["torch_dtype"] = protocol.torch_dtype
-        logger.info("--protocol %s: --torch_dtype %s, as the source ran (the flag overrides it)", protocol.name,
-                    protocol.torch_dtype)
-    return applied
-
-
 def evaluate(model_args: PretrainedModelArguments, args: ChoiceEvalArguments, task_args: TruthfulQAArguments,
              memory_args: MemoryArguments, given: set[str] = frozenset()) -> dict:
     protocol = PROTOCOLS[task_args.protocol]
-    applied = apply_protocol_dtype(protocol, model_args, given)
+    applied = apply_protocol_settings(protocol, model_args, args, given)  # its lmbda: a preset of the lmbda policy
     records, source = read_records(args)
     per_record = [record_items(record, i, source, protocol) for i, record in enumerate(records[:args.max_samples])]
     items = [r[task] for r in per_record for task in TASKS]  # mc1, mc2 of record 0, then of record 1, ...
