@@ -22,7 +22,14 @@ The judgment is read (``--judge``):
 * ``loglik`` (default): the more likely continuation of " Yes" and " No" (`downstream.loglik`);
 * ``generate``: greedy text, ``--max_new_tokens`` of it (or up to the end of text), read as HaluEval's
   ``evaluate.py`` reads the whole response: "." removed, "Yes" or "No" when exactly one of them occurs in
-  it, else the judgment failed and counts as wrong.
+  it, else the judgment failed and counts as wrong;
+* ``pair``: no judgment is asked for. The sample's two answers are scored as continuations of the question
+  (``--pair_prompt``, by default per task ``PAIR_PROMPTS``, e.g. "Question: {question} Answer:"; with
+  ``--show_knowledge`` the knowledge comes first) and the less likely one is judged hallucinated ("Yes"), the
+  likelier one not (equal scores: neither). This measures whether the model knows which answer is right,
+  whatever it knows of the judgment format; both items of a sample are judged from the same comparison, so
+  accuracy is the share of samples whose right answer is the likelier. No instruction is shown (``--instruction``
+  other than the default is an error); the general task, one answer per sample, has no pair.
 
 Fields (HaluEval's released files, JSON lines named ``.json``, or the hub's ``pminervini/HaluEval``):
 qa ``knowledge``/``question``/``right_answer``/``hallucinated_answer``; dialogue ``knowledge``/
@@ -72,6 +79,11 @@ TASKS = {
     "general": ((("user_query", "#Query#"),), "#Response#", ("chatgpt_response", None)),
 }
 
+# --judge pair: the context each answer continues, per task (fields of the sample in braces)
+PAIR_PROMPTS = {"qa": "Question: {question} Answer:", "dialogue": "{dialogue_history} [Assistant]:",
+                "summarization": "Document: {document}\nSummary:"}
+KNOWLEDGE_PREFIX = "Knowledge: {knowledge}\n"
+
 
 @dataclass
 class HaluEvalArguments:
@@ -80,17 +92,29 @@ class HaluEvalArguments:
     task: str | None = field(default=None, metadata={
         "help": "HaluEval task (default: detected from the fields).", "choices": list(TASKS)})
     judge: str = field(default="loglik", metadata={
-        "help": "loglik: the likelier of ' Yes' and ' No'; generate: parse greedy text as HaluEval does.",
-        "choices": ["loglik", "generate"]})
+        "help": "loglik: the likelier of ' Yes' and ' No'; generate: parse greedy text as HaluEval does; pair: the "
+                "less likely of the sample's two answers is judged hallucinated.",
+        "choices": ["loglik", "generate", "pair"]})
     instruction: str = field(default="benchmark", metadata={
         "help": "The instruction before the sample: 'benchmark' (HaluEval's, for the task), 'none', or a text file."})
     show_knowledge: bool = field(default=False, metadata={
         "help": "Show the sample's 'knowledge' field as '#Knowledge#: ...' (HaluEval's prompts do not)."})
     max_new_tokens: int = field(default=16, metadata={"help": "Tokens generated per judgment with --judge generate."})
+    pair_prompt: str | None = field(default=None, metadata={
+        "help": "With --judge pair: the context both answers continue, with the sample's fields in braces "
+                "(default per task: qa 'Question: {question} Answer:', dialogue '{dialogue_history} [Assistant]:', "
+                "summarization 'Document: {document}\\nSummary:')."})
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
             raise UsageError(f"--max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.pair_prompt is not None:
+            self.pair_prompt = self.pair_prompt.replace("\\n", "\n")  # a literal \n typed on the command line
+            if self.judge != "pair":
+                raise UsageError("--pair_prompt is only read with --judge pair")
+        if self.judge == "pair" and self.instruction != "benchmark":
+            raise UsageError(f"--instruction {self.instruction}: --judge pair shows no instruction (it compares the "
+                             "two answers as continuations of the question); leave --instruction out")
         if self.instruction not in ("benchmark", "none") and not os.path.isfile(self.instruction):
             raise UsageError(f"--instruction {self.instruction}: expected 'benchmark', 'none' or a text file")
 
@@ -144,6 +168,42 @@ def record_items(record: dict, index: int, task: str, instruction: str, show_kno
             for answer, is_hallucinated in answers]
 
 
+def pair_item(record: dict, index: int, task: str, template: str, show_knowledge: bool, source: str) -> Item:
+    """A sample's two answers as continuations of ``template`` filled with the sample's fields: the right answer
+    first (label 1), then the hallucinated one."""
+    _, _, (right, hallucinated) = TASKS[task]
+    if hallucinated is None:
+        raise UsageError(f"--judge pair compares a sample's right and hallucinated answers; HaluEval {task} samples "
+                         "have one response each: use --judge loglik or generate")
+    missing = [name for name in (right, hallucinated) if name not in record]
+    if missing:
+        raise UsageError(f"{source}: record {index} of HaluEval {task} has no {missing}; it has {sorted(record)}")
+    try:
+        context = template.format_map({key: str(value) for key, value in record.items()})
+    except (KeyError, IndexError, ValueError) as error:
+        raise UsageError(f"--pair_prompt {template!r}: record {index} cannot fill it ({error!r}); its fields are "
+                         f"{sorted(record)}") from None
+    if show_knowledge and record.get("knowledge"):
+        context = KNOWLEDGE_PREFIX.format(knowledge=record["knowledge"]) + context
+    space = "" if context.endswith((" ", "\n")) else " "
+    return Item(context, [space + str(record[right]).strip(), space + str(record[hallucinated]).strip()], [1, 0],
+                {"sample": index})
+
+
+def pair_outcomes(pairs: list[Item], outcomes: list[dict]) -> list[dict]:
+    """The two judgments of each sample (its right answer, then its hallucinated one) from the pair's scores: the
+    less likely answer is judged hallucinated ("Yes"); ``margin`` is the other answer's log-likelihood minus this
+    one's (the leaning towards "Yes")."""
+    judged = []
+    for pair, outcome in zip(pairs, outcomes):
+        right, wrong = outcome["logliks"]
+        for this, other, hallucinated in ((right, wrong, False), (wrong, right, True)):
+            judgment = "Yes" if this < other else "No"
+            judged.append({"judgment": judgment, "correct": (judgment == "Yes") == hallucinated,
+                           "margin": other - this, "logliks": [this, other]})
+    return judged
+
+
 def parse_judgment(text: str) -> str:
     """HaluEval's reading of generated text: "Yes" or "No" when exactly one occurs (after removing "."),
     else "failed"."""
@@ -187,9 +247,16 @@ def evaluate(model_args: PretrainedModelArguments, args: ChoiceEvalArguments, ta
     instruction = instruction_text(task, task_args)
     items = [item for i, record in enumerate(records)
              for item in record_items(record, i, task, instruction, task_args.show_knowledge, source)]
+    if task_args.judge == "pair":
+        template = task_args.pair_prompt or PAIR_PROMPTS.get(task, "")
+        pairs = [pair_item(record, i, task, template, task_args.show_knowledge, source)
+                 for i, record in enumerate(records)]
     loaded = load_model(model_args, memory_args)
     if task_args.judge == "loglik":
         outcomes, speeds = run_settings(loaded, items, args)
+    elif task_args.judge == "pair":
+        outcomes, speeds = run_settings(loaded, pairs, args)
+        outcomes = {name: pair_outcomes(pairs, found) for name, found in outcomes.items()}
     else:
         outcomes, speeds = {}, {}
         for name, scorer in settings(loaded):
@@ -200,11 +267,14 @@ def evaluate(model_args: PretrainedModelArguments, args: ChoiceEvalArguments, ta
     metrics = {"task": task, "judge": task_args.judge, "samples": len(records), "count": len(items),
                **{name: {**setting_metrics(items, results, task_args.judge), **speeds[name]}
                   for name, results in outcomes.items()},
-               "instruction": task_args.instruction, "show_knowledge": task_args.show_knowledge,
+               "instruction": "none" if task_args.judge == "pair" else task_args.instruction,
+               "pair_prompt": template if task_args.judge == "pair" else None,
+               "show_knowledge": task_args.show_knowledge,
                **run_record(args, loaded, source)}
     if (difference := memory_minus_base(metrics)) is not None:
         metrics["memory_minus_base"] = difference
-    rows = [{**item.info, "prompt": item.prompt, "gold": "Yes" if item.labels[0] else "No",
+    rows = [{**item.info, "prompt": pairs[i // 2].prompt if task_args.judge == "pair" else item.prompt,
+             "gold": "Yes" if item.labels[0] else "No",
              **{name: results[i] for name, results in outcomes.items()}} for i, item in enumerate(items)]
     write_results(args.output_dir, "halueval", rows, metrics)
     for name in outcomes:

@@ -3,7 +3,8 @@
 `downstream.strategyqa` and `downstream.halueval` score the same items under the base model alone and under
 base + memory in one run, and write one line per item to ``predictions.jsonl``. `judgment_report` reads those
 lines and gives, per setting, the accuracy with its 95% Wilson interval, the share of "Yes" answers and the AUC of
-the margin ``log p(" Yes") - log p(" No")`` against the right answer (does the model's leaning track the truth,
+the margin (``log p(" Yes") - log p(" No")``, or the recorded margin of a judgment read from the answers'
+likelihoods) against the right answer (does the model's leaning track the truth,
 whatever its bias towards one answer; 50 is chance); beside
 them the always-"No" and majority-answer baselines; and, for the two settings on the same items, the
 difference of accuracy with a paired bootstrap interval and McNemar's exact test (a two-sided binomial test on
@@ -57,8 +58,12 @@ def said_yes(row: dict, setting: str) -> bool:
 
 
 def yes_margin(row: dict, setting: str) -> float | None:
-    """``log p(" Yes") - log p(" No")`` of a log-likelihood judgment (None for generated ones)."""
+    """The judgment's leaning towards "Yes": ``log p(" Yes") - log p(" No")`` of a log-likelihood judgment, the
+    recorded ``margin`` of a judgment read from the answers' likelihoods (StrategyQA's ``--judge claim``, HaluEval's
+    ``--judge pair``), None for generated ones."""
     outcome = row[setting]
+    if "margin" in outcome:
+        return outcome["margin"]
     if "logliks" not in outcome:
         return None
     choices = [c.strip().rstrip(".").lower() for c in row.get("choices", [" Yes", " No"])]

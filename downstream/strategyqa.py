@@ -22,6 +22,21 @@ Record formats (`downstream.choice_eval.read_records`: local files or a datasets
   ``multiple_choice_scores``), e.g. ``--dataset_name tasksource/bigbench --dataset_config_name strategyqa``.
 
 ``--input_prefix``, ``--output_prefix`` and ``--append_choices`` override the file's prompt settings.
+
+How the answer is read (``--judge``):
+
+* ``answer`` (default): the likelier of the choices ("Yes", "No") after the prompt, as BIG-bench scores it;
+* ``claim``: the model judges the claim by what it would answer itself. Each example carries the claim as a
+  question and its claimed answer, with the other answers the question admits::
+
+      "claim": {"question": "When was Ada Lind born?", "answer": "1825", "alternatives": ["1790", "1801", ...]}
+
+  (the embedded corpus writes them: every other value of the fact's relation in its world). Every candidate is
+  scored as a continuation of ``claim_prompt`` (``--claim_prompt``, else the file's, else
+  ``"Question: {question} Answer:"``); the verdict is "Yes" when the claimed answer is at least as likely as
+  each alternative, else "No". It needs no "Yes" or "No" token, so it measures whether the model knows the fact,
+  not whether it knows the format. ``predictions.jsonl`` records each setting's margin (the claimed answer's
+  log-likelihood minus the best alternative's) and the answer it found likeliest.
 """
 
 from __future__ import annotations
@@ -49,6 +64,9 @@ from utils.locking import artifact_lock
 
 logger = logging.getLogger(__name__)
 
+JUDGES = ("answer", "claim")
+DEFAULT_CLAIM_PROMPT = "Question: {question} Answer:"
+
 # BIG-bench's JSON task defaults (bigbench/api/json_task.py).
 BIGBENCH_DEFAULTS = {"task_prefix": "", "example_input_prefix": "\nQ: ", "example_output_prefix": "\nA: ",
                      "choice_prefix": "\n  choice: ", "append_choices_to_input": True}
@@ -68,11 +86,20 @@ class StrategyQAArguments:
     append_choices: bool | None = field(default=None, metadata={
         "help": "List the choices in the prompt (default: the file's append_choices_to_input, else false, as "
                 "BIG-bench's StrategyQA task.json sets it)."})
+    judge: str = field(default="answer", metadata={
+        "help": "answer: the likelier choice after the prompt; claim: 'Yes' when the example's claimed answer is "
+                "the model's likeliest among it and its alternatives (needs each example's 'claim').",
+        "choices": list(JUDGES)})
+    claim_prompt: str | None = field(default=None, metadata={
+        "help": "With --judge claim: the prompt each candidate answer continues, with {question} (default: the "
+                "file's claim_prompt, else 'Question: {question} Answer:')."})
 
     def __post_init__(self):
-        for name in ("input_prefix", "output_prefix"):  # a literal \n typed on the command line is a newline
+        for name in ("input_prefix", "output_prefix", "claim_prompt"):  # a literal \n typed on the command line
             if getattr(self, name) is not None:
                 setattr(self, name, getattr(self, name).replace("\\n", "\n"))
+        if self.claim_prompt is not None and "{question}" not in self.claim_prompt:
+            raise UsageError(f"--claim_prompt must contain {{question}}, got {self.claim_prompt!r}")
 
 
 def prompt_settings(task: dict, args: StrategyQAArguments) -> dict:
@@ -118,27 +145,87 @@ def is_no(choice: str) -> bool:
     return choice.strip().rstrip(".").lower() == "no"
 
 
+def is_yes(choice: str) -> bool:
+    return choice.strip().rstrip(".").lower() == "yes"
+
+
+def claim_template(task: dict, args: StrategyQAArguments) -> str:
+    """The prompt of ``--judge claim``'s candidates: the flag, else the task file's ``claim_prompt``, else the default."""
+    template = args.claim_prompt or task.get("claim_prompt") or DEFAULT_CLAIM_PROMPT
+    if "{question}" not in template:
+        raise UsageError(f"the task file's claim_prompt must contain {{question}}, got {template!r}")
+    return template
+
+
+def claim_item(record: dict, index: int, template: str, source: str) -> Item:
+    """An example's claim as an `Item`: the claim's question in ``template``, the claimed answer as the first choice
+    (label 1) and each alternative after it, all as continuations after a space."""
+    claim = record.get("claim")
+    if not (isinstance(claim, dict) and isinstance(claim.get("question"), str) and isinstance(claim.get("answer"), str)
+            and isinstance(claim.get("alternatives"), list)):
+        raise UsageError(f"{source}: record {index}: --judge claim needs a 'claim' object with a 'question', the "
+                         f"claimed 'answer' and a list of 'alternatives' (strings); the record has {sorted(record)} "
+                         "(an embedded corpus written before claims existed gets them from "
+                         "`python -m utils.embedded_corpus --output_dir` on its directory)")
+    claimed = claim["answer"].strip()
+    alternatives = [a for a in dict.fromkeys(str(a).strip() for a in claim["alternatives"]) if a and a != claimed]
+    if not claimed or not alternatives:
+        raise UsageError(f"{source}: record {index}: a claim needs a non-empty answer and at least one alternative "
+                         f"that differs from it; got {claim['answer']!r} and {claim['alternatives']!r}")
+    prompt = template.replace("{question}", claim["question"])
+    space = "" if prompt.endswith(" ") else " "
+    return Item(prompt, [space + c for c in [claimed, *alternatives]], [1] + [0] * len(alternatives),
+                {"claim": claimed})
+
+
+def claim_verdicts(items: list[Item], claims: list[Item], outcomes: list[dict]) -> list[dict]:
+    """Each yes/no item's outcome under one setting from its claim's scores: "Yes" when the claimed answer (choice 0
+    of the claim, first among equals) is the likeliest, with the margin over the best alternative."""
+    verdicts = []
+    for item, claim, outcome in zip(items, claims, outcomes):
+        said_yes = outcome["prediction"] == 0
+        prediction = next(i for i, c in enumerate(item.choices) if (is_yes(c) if said_yes else is_no(c)))
+        logliks = outcome["logliks"]
+        verdicts.append({"prediction": prediction, "correct": bool(item.labels[prediction]),
+                         "margin": logliks[0] - max(logliks[1:]),
+                         "likeliest": claim.choices[outcome["prediction"]].strip()})
+    return verdicts
+
+
 def evaluate(model_args: PretrainedModelArguments, args: ChoiceEvalArguments, task_args: StrategyQAArguments,
              memory_args: MemoryArguments) -> dict:
     records, source = read_records(args)
     prompt = prompt_settings(read_object(args.data_file) if args.data_file else {}, task_args)
-    items = [record_item(record, i, prompt, source) for i, record in enumerate(records[:args.max_samples])]
+    records = records[:args.max_samples]
+    items = [record_item(record, i, prompt, source) for i, record in enumerate(records)]
+    claims = template = None
+    if task_args.judge == "claim":
+        for i, item in enumerate(items):
+            if sorted(map(is_yes, item.choices)) != [False, True] or sorted(map(is_no, item.choices)) != [False, True]:
+                raise UsageError(f"{source}: record {i}: --judge claim needs yes/no examples (choices 'Yes' and 'No'), "
+                                 f"got {item.choices}")
+        template = claim_template(read_object(args.data_file) if args.data_file else {}, task_args)
+        claims = [claim_item(record, i, template, source) for i, record in enumerate(records)]
     loaded = load_model(model_args, memory_args)
-    outcomes, speeds = run_settings(loaded, items, args)
+    outcomes, speeds = run_settings(loaded, claims or items, args)
+    if claims:
+        outcomes = {name: claim_verdicts(items, claims, found) for name, found in outcomes.items()}
 
     no_gold = [any(is_no(c) and label for c, label in zip(item.choices, item.labels)) for item in items]
-    metrics = {"count": len(items), "always_no_accuracy": mean_percent(no_gold),
+    metrics = {"count": len(items), "judge": task_args.judge, "claim_prompt": template,
+               "always_no_accuracy": mean_percent(no_gold),
                **{name: {"accuracy": mean_percent(o["correct"] for o in results), **speeds[name]}
                   for name, results in outcomes.items()},
                "prompt_settings": prompt, **run_record(args, loaded, source)}
     if (difference := memory_minus_base(metrics)) is not None:
         metrics["memory_minus_base"] = difference
-    rows = [{**item.info, "prompt": item.prompt, "choices": item.choices, "labels": item.labels,
+    rows = [{**item.info, **(claims[i].info if claims else {}), "prompt": (claims or items)[i].prompt,
+             "choices": item.choices, "labels": item.labels,
              **{name: results[i] for name, results in outcomes.items()}} for i, item in enumerate(items)]
     write_results(args.output_dir, "strategyqa", rows, metrics)
     for name in outcomes:
-        logger.info("StrategyQA %s, %s: %d questions, accuracy %.2f (always 'No' %.2f), %.1f questions/s",
-                    source, setting_label(name, loaded), len(items), metrics[name]["accuracy"],
+        logger.info("StrategyQA %s (judge %s), %s: %d questions, accuracy %.2f (always 'No' %.2f), %.1f questions/s",
+                    source, task_args.judge, setting_label(name, loaded), len(items), metrics[name]["accuracy"],
                     metrics["always_no_accuracy"], metrics[name]["items_per_second"] or 0.0)
     return metrics
 

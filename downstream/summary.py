@@ -14,13 +14,15 @@ recorded on validation; the summary reads each choice and never makes one:
 * QA exact match and F1 of the base alone (``qa_test/base``) and of base + memory (``qa_test/lmbda_<l>``)
   at the ``lmbda`` recorded in ``qa_validation/lmbda_choice.json`` (`downstream.choose_lmbda --output_file`);
 * one question whose answer the memory corrects (``correction.json``, `demo.generation_example`);
-* accuracy on the corpus's yes/no questions (``yes_no_fewshot_test``, `downstream.strategyqa`) and hallucination
-  judgments (``halueval_fewshot_test``, `downstream.halueval`) about the test facts, each after its fixed few-shot
-  prompt of train-only facts, with and without the memory (at the QA ``lmbda``): accuracy with its 95% Wilson
-  interval, the share of "Yes" answers, the AUC of the " Yes" - " No" margin against the right answer, the
-  always-"No" and majority-answer baselines, and the paired
-  difference (bootstrap interval, McNemar's exact test), from the runs' ``predictions.jsonl``
-  (`downstream.judgment_stats`).
+* accuracy on the corpus's yes/no questions and hallucination judgments about the test facts, with and without
+  the memory (at the QA ``lmbda``), each read two ways: judged from the model's likelihoods of the answers
+  (``yes_no_claims_test``, `downstream.strategyqa --judge claim`: "Yes" when the claimed answer is the likeliest
+  of its relation's values; ``halueval_pairs_test``, `downstream.halueval --judge pair`: the less likely of a
+  sample's two answers is the hallucinated one), and answered "Yes" or "No" in words after a fixed few-shot
+  prompt of train-only facts (``yes_no_fewshot_test``, ``halueval_fewshot_test``). Per run: accuracy with its 95%
+  Wilson interval, the share of "Yes" answers, the AUC of the judgment's margin against the right answer, the
+  always-"No" and majority-answer baselines, and the paired difference (bootstrap interval, McNemar's exact
+  test), from the runs' ``predictions.jsonl`` (`downstream.judgment_stats`).
 """
 
 from __future__ import annotations
@@ -166,7 +168,9 @@ def _question_answering(layout: RunLayout, summary: dict) -> None:
 
 def judgment_runs(layout: RunLayout) -> tuple:
     """Summary key, run directory, its results file, the corpus meta entry counting its shots, per judgment."""
-    return (("yes_no_test", layout.yes_no, YES_NO_RESULTS, ("yes_no_test", "shots")),
+    return (("yes_no_claims_test", layout.yes_no_claims, YES_NO_RESULTS, None),
+            ("yes_no_test", layout.yes_no, YES_NO_RESULTS, ("yes_no_test", "shots")),
+            ("hallucination_pairs_test", layout.halueval_pairs, HALUEVAL_RESULTS, None),
             ("hallucination_test", layout.halueval, HALUEVAL_RESULTS, ("halueval_fewshot", "shots")))
 
 
@@ -178,11 +182,12 @@ def _read_jsonl(path: Path) -> list[dict]:
 def _judgments(layout: RunLayout, summary: dict) -> None:
     """The yes/no questions and the hallucination judgments, base and base + memory (`judgment_report`)."""
     corpus = _read(layout.corpus_file(META)) or {}
-    for key, directory, results_file, (entry, field) in judgment_runs(layout):
+    for key, directory, results_file, shots in judgment_runs(layout):
         if (found := _read(directory / results_file)) is None:
             continue
         rows = _read_jsonl(directory / "predictions.jsonl")
-        summary[key] = {"shots": corpus.get(entry, {}).get(field), "lmbda": found["lmbda"], **judgment_report(rows)}
+        summary[key] = {"shots": corpus.get(shots[0], {}).get(shots[1]) if shots else None, "judge": found.get("judge"),
+                        "lmbda": found["lmbda"], **judgment_report(rows)}
 
 
 def _correction(layout: RunLayout, summary: dict) -> None:
@@ -259,8 +264,11 @@ def headline_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-JUDGMENT_NAMES = {"yes_no_test": "yes/no accuracy, {items} questions", "hallucination_test":
-                  "hallucination judgment accuracy, {items} answers"}
+JUDGMENT_NAMES = {"yes_no_claims_test": "yes/no accuracy, {items} questions, judged by the claim's likelihood",
+                  "yes_no_test": "yes/no accuracy, {items} questions, answered Yes/No",
+                  "hallucination_pairs_test": "hallucination judgment accuracy, {items} answers, judged by the two "
+                                              "answers' likelihoods",
+                  "hallucination_test": "hallucination judgment accuracy, {items} answers, answered Yes/No"}
 
 
 def _accuracy(found: dict | None) -> str:
@@ -285,6 +293,11 @@ def _judgment_rows(summary: dict) -> list[str]:
     return rows
 
 
+def _p_value(p: float) -> str:
+    """``0.06``, or ``2e-06`` below 0.01 (two decimals would print 0.00)."""
+    return f"{p:.2f}" if p >= 0.01 else f"{p:.0e}"
+
+
 def judgment_table(summary: dict) -> str:
     """What the memory does to each judgment: baselines, "Yes" rates and the paired difference on the same items."""
     lines = ["| test judgments | always \"No\" | majority answer | \"Yes\" rate, base / base + memory "
@@ -298,7 +311,7 @@ def judgment_table(summary: dict) -> str:
         paired = found.get("memory_minus_base")
         difference = (f"{paired['points']:+.1f} [{paired['interval'][0]:+.1f}, {paired['interval'][1]:+.1f}]"
                       if paired else "-")
-        split = f"{paired['base_only']} / {paired['memory_only']} (p {paired['mcnemar_p']:.2f})" if paired else "-"
+        split = f"{paired['base_only']} / {paired['memory_only']} (p {_p_value(paired['mcnemar_p'])})" if paired else "-"
         lines.append(f"| {name.format(items=found['items'])} | {_number(found['always_no'])} "
                      f"| {_number(found['majority'])} | {yes} | {auc} | {difference} | {split} |")
     return "\n".join(lines) if len(lines) > 2 else ""

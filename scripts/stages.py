@@ -48,14 +48,15 @@ SHARED = {
     "nproc": "processes for the datastore, the kNN search and memory training",
     "knn_gpu": "index build, kNN search and kNN-LM search on the GPU",
 }
-MODEL_STAGES = ("eval_base", "datastore", "knnlm", "eval_joint", "qa", "yes_no", "halueval", "correction")
+JUDGMENT_STAGES = ("yes_no", "yes_no_claims", "halueval", "halueval_pairs")
+MODEL_STAGES = ("eval_base", "datastore", "knnlm", "eval_joint", "qa", *JUDGMENT_STAGES, "correction")
 ROUTES: dict[str, dict[str, str]] = {  # shared key -> {stage: flag}
     "model": {**{stage: "model_name_or_path" for stage in MODEL_STAGES}, "convert": "base_model"},
     "gguf_file": {**{stage: "gguf_file" for stage in MODEL_STAGES}, "convert": "gguf_file", "preprocess": "gguf_file"},
     "tokenizer": {"preprocess": "tokenizer_path"},
     "k": {"knn_targets": "k", "knnlm": "k"},
     "knn_temp": {"knn_targets": "knn_temp", "knnlm": "knn_temp"},
-    "memory_temp": {stage: "memory_temp" for stage in ("eval_joint", "qa", "yes_no", "halueval", "correction")},
+    "memory_temp": {stage: "memory_temp" for stage in ("eval_joint", "qa", *JUDGMENT_STAGES, "correction")},
     "lmbdas": {"eval_joint": "lmbda", "knnlm": "lmbda"},
     "eval_windows": {stage: "max_eval_samples" for stage in ("eval_base", "knnlm", "eval_joint")},
     "eval_batch": {stage: "per_device_eval_batch_size" for stage in ("eval_base", "datastore", "knnlm", "eval_joint")},
@@ -314,9 +315,13 @@ def _qa_lmbda(ctx: Context, section: dict) -> dict:
     return {}
 
 
-def _judgment(stage: str, module: str, out: Path, data: str, results: str) -> Callable[[Context, dict], list[Run]]:
+def _judgment(stage: str, module: str, out: Path, data: str, results: str,
+              judge: str | None = None) -> Callable[[Context, dict], list[Run]]:
+    """The builder of a judgment stage over the corpus's ``data`` items (``judge``: the stage's fixed --judge)."""
     def build(ctx: Context, section: dict) -> list[Run]:
         owned = {"output_dir": str(out(ctx.layout)), "memory": str(ctx.layout.memory), **_qa_lmbda(ctx, section)}
+        if judge is not None:
+            owned["judge"] = judge
         settings = ctx.settings(stage, owned)
         if not settings.get("data_file") and not settings.get("dataset_name"):
             settings["data_file"] = str(ctx.layout.corpus_file(data))  # the corpus's items, and its few-shot prompt
@@ -352,6 +357,10 @@ MEMORY = "models.joint.settings:MemoryArguments"  # the front door: --memory, --
 MEMORY_OWNED = frozenset({"memory", "knn_generator_path", "use_neural_knn"})  # the run's memory/, released names too
 TRAIN_BASE = hf_parser("utils.arguments:ModelArguments", "utils.arguments:TrainingDataArguments",
                        "utils.arguments:DstoreArguments", "transformers:TrainingArguments", VERIFY)
+YES_NO_PARSER = hf_parser(MODEL, "downstream.choice_eval:ChoiceEvalArguments",
+                          "downstream.strategyqa:StrategyQAArguments", MEMORY)
+HALUEVAL_PARSER = hf_parser(MODEL, "downstream.choice_eval:ChoiceEvalArguments", "downstream.halueval:HaluEvalArguments",
+                            MEMORY)
 EVAL_OWNED = frozenset({"dataset_name", "do_eval", "do_train", "eval_subset", "output_dir", "save_knnlm_dstore",
                         "dstore_dir"})
 STAGE_LIST = [
@@ -388,18 +397,22 @@ STAGE_LIST = [
     Stage("qa", "downstream.eval_qa", hf_parser(MODEL, "downstream.eval_qa:QAArguments", MEMORY), _qa,
           frozenset({"data_file", "output_dir", "merge", "lmbda"}) | MEMORY_OWNED,
           frozenset({"lmbdas", "validation_file", "test_file"})),
-    Stage("yes_no", "downstream.strategyqa",
-          hf_parser(MODEL, "downstream.choice_eval:ChoiceEvalArguments", "downstream.strategyqa:StrategyQAArguments",
-                    MEMORY),
+    Stage("yes_no", "downstream.strategyqa", YES_NO_PARSER,
           _judgment("yes_no", "downstream.strategyqa", lambda layout: layout.yes_no, "yes_no_test.json",
                     YES_NO_RESULTS),
           frozenset({"output_dir"}) | MEMORY_OWNED),
-    Stage("halueval", "downstream.halueval",
-          hf_parser(MODEL, "downstream.choice_eval:ChoiceEvalArguments", "downstream.halueval:HaluEvalArguments",
-                    MEMORY),
+    Stage("yes_no_claims", "downstream.strategyqa", YES_NO_PARSER,
+          _judgment("yes_no_claims", "downstream.strategyqa", lambda layout: layout.yes_no_claims,
+                    "yes_no_test.json", YES_NO_RESULTS, judge="claim"),
+          frozenset({"output_dir", "judge"}) | MEMORY_OWNED),
+    Stage("halueval", "downstream.halueval", HALUEVAL_PARSER,
           _judgment("halueval", "downstream.halueval", lambda layout: layout.halueval, "halueval_test.json",
                     HALUEVAL_RESULTS),
           frozenset({"output_dir"}) | MEMORY_OWNED),
+    Stage("halueval_pairs", "downstream.halueval", HALUEVAL_PARSER,
+          _judgment("halueval_pairs", "downstream.halueval", lambda layout: layout.halueval_pairs,
+                    "halueval_test.json", HALUEVAL_RESULTS, judge="pair"),
+          frozenset({"output_dir", "judge", "instruction"}) | MEMORY_OWNED),
     Stage("correction", "demo.generation_example", function_parser("demo.generation_example:build_parser"),
           _correction, frozenset({"quickstart_dir", "output_file"}) | MEMORY_OWNED),
     Stage("summary", "downstream.summary", function_parser("downstream.summary:build_parser"), _summary,

@@ -132,6 +132,17 @@ class RunLayout:
         return self.out / "halueval_fewshot_test"
 
     @property
+    def yes_no_claims(self) -> Path:
+        """The same yes/no questions judged from each claim's likelihood (`downstream.strategyqa --judge claim`)."""
+        return self.out / "yes_no_claims_test"
+
+    @property
+    def halueval_pairs(self) -> Path:
+        """The same hallucination samples judged from their two answers' likelihoods (`downstream.halueval --judge
+        pair`)."""
+        return self.out / "halueval_pairs_test"
+
+    @property
     def correction(self) -> Path:
         """The first test question whose answer the memory corrects (`demo.generation_example --find_correction`)."""
         return self.out / "correction.json"

@@ -217,6 +217,64 @@ def test_strategyqa_cli(setup, tmp_path):
     assert rows[0]["prompt"] == "Question: Is the river long? Answer: " and len(rows[0]["base"]["logliks"]) == 2
 
 
+CLAIMS = [{"input": "Is it true that the river is long?", "target_scores": {"Yes": 1, "No": 0},
+           "claim": {"question": "How long is the river?", "answer": "long", "alternatives": ["short", "long", "wide"]}},
+          {"input": "Is it true that the king was born in the north?", "target_scores": {"Yes": 0, "No": 1},
+           "claim": {"question": "Where was the king born?", "answer": "the north",
+                     "alternatives": ["the south", "the old king"]}},
+          {"input": "Is it true that the queen built the bridge?", "target_scores": {"Yes": 0, "No": 1},
+           "claim": {"question": "Who built the bridge?", "answer": "the queen",
+                     "alternatives": ["the old king", "the river"]}}]
+
+
+def test_strategyqa_claim_judge(setup, tmp_path):
+    """--judge claim: "Yes" exactly when the claimed answer is at least as likely as every alternative after the claim
+    prompt (the file's claim_prompt; the flag overrides it), under the base and under base + memory."""
+    task = tmp_path / "task.json"
+    task.write_text(json.dumps({"example_input_prefix": "Question: ", "example_output_prefix": " Answer: ",
+                                "claim_prompt": "Q: {question} A:", "examples": CLAIMS}))
+    metrics = strategyqa.main(["--model_name_or_path", setup["model_dir"], "--data_file", str(task), "--judge", "claim",
+                               "--output_dir", str(tmp_path / "out"), "--memory", setup["memory"], "--lmbda", "0.3"])
+    rows = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert metrics["judge"] == "claim" and metrics["claim_prompt"] == "Q: {question} A:"
+    for setting, scorer in (("base", None), ("base_plus_memory", joint_model(setup, 0.3))):
+        right = 0
+        for example, row in zip(CLAIMS, rows):
+            claim = example["claim"]
+            prompt = f"Q: {claim['question']} A:"
+            claimed = reference_loglik(setup, prompt, " " + claim["answer"], scorer)
+            others = [reference_loglik(setup, prompt, " " + a, scorer) for a in claim["alternatives"]
+                      if a != claim["answer"]]  # an alternative equal to the claimed answer is dropped
+            says_yes = claimed >= max(others)
+            assert row["choices"][row[setting]["prediction"]] == ("Yes" if says_yes else "No")
+            assert row[setting]["margin"] == pytest.approx(claimed - max(others), abs=1e-4)
+            assert row["prompt"] == prompt and row["claim"] == claim["answer"]
+            right += example["target_scores"]["Yes" if says_yes else "No"]
+        assert metrics[setting]["accuracy"] == pytest.approx(100 * right / 3)
+    flag = strategyqa.main(["--model_name_or_path", setup["model_dir"], "--data_file", str(task), "--judge", "claim",
+                            "--claim_prompt", "Question: {question}\\nAnswer:", "--output_dir", str(tmp_path / "flag"),
+                            "--max_samples", "1"])
+    row = json.loads((tmp_path / "flag" / "predictions.jsonl").read_text().splitlines()[0])
+    assert flag["claim_prompt"] == "Question: {question}\nAnswer:"
+    assert row["prompt"] == "Question: How long is the river?\nAnswer:"
+
+
+def test_strategyqa_claim_judge_refuses_what_it_cannot_judge(setup, tmp_path):
+    def run(examples, *flags):
+        task = tmp_path / "task.json"
+        task.write_text(json.dumps({"examples": examples}))
+        return strategyqa.main(["--model_name_or_path", setup["model_dir"], "--data_file", str(task), "--judge",
+                                "claim", "--output_dir", str(tmp_path / "out"), *flags])
+    with pytest.raises(UsageError, match="record 0: --judge claim needs a 'claim' object"):
+        run([{"input": "Is it?", "target_scores": {"Yes": 1, "No": 0}}])
+    with pytest.raises(UsageError, match="record 0: a claim needs .* at least one alternative"):
+        run([{**CLAIMS[0], "claim": {"question": "q?", "answer": "a", "alternatives": ["a", " a "]}}])
+    with pytest.raises(UsageError, match="record 0: --judge claim needs yes/no examples"):
+        run([{**CLAIMS[0], "target_scores": {"long": 1, "short": 0}}])
+    with pytest.raises(UsageError, match="--claim_prompt must contain \\{question\\}"):
+        run(CLAIMS, "--claim_prompt", "Answer:")
+
+
 # ---- HaluEval ------------------------------------------------------------------------------------
 
 QA_SAMPLES = [{"knowledge": "The old king built the bridge.", "question": "Who built the bridge?",
@@ -280,6 +338,55 @@ def test_halueval_cli(setup, tmp_path):
         assert row["base"]["judgment"] == halueval.parse_judgment(row["base"]["generated"])  # the whole response
         assert row["base"]["correct"] == (row["base"]["judgment"] == row["gold"])
     assert 0 <= generated["base"]["failed"] <= 100
+
+
+def test_halueval_pair_judge(setup, tmp_path):
+    """--judge pair: of a sample's two answers, scored after the question, the less likely is judged hallucinated;
+    the right answer's item and the hallucinated one's are read from that one comparison."""
+    data = tmp_path / "qa_data.json"
+    data.write_text("".join(json.dumps(s) + "\n" for s in QA_SAMPLES))
+    metrics = halueval.main(["--model_name_or_path", setup["model_dir"], "--data_file", str(data), "--judge", "pair",
+                             "--output_dir", str(tmp_path / "out"), "--memory", setup["memory"], "--lmbda", "0.5"])
+    rows = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert metrics["judge"] == "pair" and metrics["instruction"] == "none" and len(rows) == 4
+    assert metrics["pair_prompt"] == "Question: {question} Answer:"
+    for setting, scorer in (("base", None), ("base_plus_memory", joint_model(setup, 0.5))):
+        right = 0
+        for i, sample in enumerate(QA_SAMPLES):
+            prompt = f"Question: {sample['question']} Answer:"
+            ll_right = reference_loglik(setup, prompt, " " + sample["right_answer"], scorer)
+            ll_wrong = reference_loglik(setup, prompt, " " + sample["hallucinated_answer"], scorer)
+            of_right, of_wrong = rows[2 * i][setting], rows[2 * i + 1][setting]
+            assert rows[2 * i]["gold"] == "No" and rows[2 * i + 1]["gold"] == "Yes"
+            assert of_right["judgment"] == ("Yes" if ll_right < ll_wrong else "No")
+            assert of_wrong["judgment"] == ("Yes" if ll_wrong < ll_right else "No")
+            assert of_right["margin"] == pytest.approx(ll_wrong - ll_right, abs=1e-4)
+            assert of_wrong["margin"] == pytest.approx(-of_right["margin"])
+            right += 2 * (ll_right > ll_wrong)
+        assert metrics[setting]["accuracy"] == pytest.approx(100 * right / 4)
+        assert metrics[setting]["yes_rate"] == 50.0  # one of each pair, whichever way the comparison goes
+    shown = halueval.pair_item(QA_SAMPLES[0], 0, "qa", halueval.PAIR_PROMPTS["qa"], True, "f")
+    assert shown.prompt == "Knowledge: The old king built the bridge.\nQuestion: Who built the bridge? Answer:"
+    assert shown.choices == [" the old king", " the queen"] and shown.labels == [1, 0]
+    summary = halueval.pair_item({"document": "d", "right_summary": "s", "hallucinated_summary": "t"}, 0,
+                                 "summarization", halueval.PAIR_PROMPTS["summarization"], False, "f")
+    assert summary.prompt == "Document: d\nSummary:" and summary.choices == [" s", " t"]
+
+
+def test_halueval_pair_judge_refuses_what_it_cannot_judge(setup, tmp_path):
+    data = tmp_path / "general.json"
+    data.write_text(json.dumps({"ID": "1", "user_query": "q", "chatgpt_response": "r", "hallucination": "no"}) + "\n")
+    base = ["--model_name_or_path", setup["model_dir"], "--output_dir", str(tmp_path / "out")]
+    with pytest.raises(UsageError, match="general samples have one response each"):
+        halueval.main([*base, "--data_file", str(data), "--judge", "pair"])
+    with pytest.raises(UsageError, match="--judge pair shows no instruction"):
+        halueval.main([*base, "--data_file", str(data), "--judge", "pair", "--instruction", "none"])
+    with pytest.raises(UsageError, match="--pair_prompt is only read with --judge pair"):
+        halueval.main([*base, "--data_file", str(data), "--pair_prompt", "{question}"])
+    qa = tmp_path / "qa.json"
+    qa.write_text(json.dumps(QA_SAMPLES[0]) + "\n")
+    with pytest.raises(UsageError, match="--pair_prompt '\\{query\\}': record 0 cannot fill it"):
+        halueval.main([*base, "--data_file", str(qa), "--judge", "pair", "--pair_prompt", "{query}"])
 
 
 def test_bad_flags(setup, tmp_path):

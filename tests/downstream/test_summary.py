@@ -287,8 +287,40 @@ def test_yes_no_and_hallucination_accuracy(constructed, capsys):
     assert judged_summary["base"]["yes_rate"] == 100.0 and judged_summary["memory_minus_base"]["points"] == 0.0
     printed = capsys.readouterr().out
     low, high = found["base"]["interval"]
-    assert (f'| yes/no accuracy, 10 questions, 8-shot (majority answer: 60.0) | 50.0 [{low:.1f}, {high:.1f}] | - '
-            f'| 100.0 [') in printed
-    assert "| hallucination judgment accuracy, 8 answers, 4-shot (majority answer: 50.0) | 50.0 [" in printed
-    assert "| yes/no accuracy, 10 questions | 40.0 | 60.0 | 50.0 / 60.0 | - / - | +50.0 [" in printed
+    assert (f'| yes/no accuracy, 10 questions, answered Yes/No, 8-shot (majority answer: 60.0) '
+            f'| 50.0 [{low:.1f}, {high:.1f}] | - | 100.0 [') in printed
+    assert "| hallucination judgment accuracy, 8 answers, answered Yes/No, 4-shot (majority answer: 50.0) | 50.0 [" in printed
+    assert "| yes/no accuracy, 10 questions, answered Yes/No | 40.0 | 60.0 | 50.0 / 60.0 | - / - | +50.0 [" in printed
     assert "| 0 / 5 (p 0.06) |" in printed
+    assert "judged by" not in printed  # the likelihood-judged runs did not run here
+
+
+def test_judgments_read_from_the_answers_likelihoods(constructed, capsys):
+    """The rows of strategyqa --judge claim and halueval --judge pair: no shots, the recorded margins give the AUC."""
+    layout = RunLayout(constructed)
+    gold = [i < 4 for i in range(10)]  # 4 true claims, 6 swapped ones
+    claims = [{"choices": ["Yes", "No"], "labels": [int(g), int(not g)], "claim": f"v{i}",
+               "base": {"prediction": 1, "correct": not g, "margin": -1.0, "likeliest": "w"},
+               "base_plus_memory": {"prediction": 0 if g else 1, "correct": True, "margin": (1.0 if g else -1.0) * (i + 1),
+                                    "likeliest": f"v{i}"}} for i, g in enumerate(gold)]
+    write_jsonl(layout.yes_no_claims / "predictions.jsonl", claims)
+    write_json(layout.yes_no_claims / "strategyqa_results.json", {"count": 10, "lmbda": 0.75, "judge": "claim"})
+    pairs = [{"gold": "Yes" if i % 2 else "No", "base": {"judgment": "No", "correct": not i % 2, "margin": 0.0},
+              "base_plus_memory": {"judgment": "Yes" if i % 2 else "No", "correct": True,
+                                   "margin": 1.0 if i % 2 else -1.0}} for i in range(8)]
+    write_jsonl(layout.halueval_pairs / "predictions.jsonl", pairs)
+    write_json(layout.halueval_pairs / "halueval_results.json", {"count": 8, "lmbda": 0.75, "judge": "pair"})
+    summary = summary_module.main(["--output_dir", str(constructed)])
+    found = summary["yes_no_claims_test"]
+    assert (found["items"], found["shots"], found["judge"], found["always_no"]) == (10, None, "claim", 60.0)
+    assert found["base"]["accuracy"] == 60.0 and found["base"]["yes_rate"] == 0.0
+    assert found["base"]["margin_auc"] == 50.0  # one margin for every item: no leaning either way
+    assert found["base_plus_memory"]["margin_auc"] == 100.0 and found["memory_minus_base"]["points"] == 40.0
+    pairs_found = summary["hallucination_pairs_test"]
+    assert pairs_found["base"]["margin_auc"] == 50.0 and pairs_found["base_plus_memory"]["margin_auc"] == 100.0
+    printed = capsys.readouterr().out
+    assert "| yes/no accuracy, 10 questions, judged by the claim's likelihood (majority answer: 60.0) | 60.0 [" in printed
+    assert ("| hallucination judgment accuracy, 8 answers, judged by the two answers' likelihoods (majority answer: "
+            "50.0) | 50.0 [") in printed
+    assert "answered Yes/No" not in printed  # the few-shot runs did not run here
+    assert "| 0 / 4 (p 0.12) |" in printed and summary_module._p_value(3.03e-06) == "3e-06"

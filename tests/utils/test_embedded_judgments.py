@@ -63,6 +63,21 @@ def test_items_ask_about_the_held_out_facts(corpus):
         assert 0.3 < share_yes < 0.7
 
 
+def test_each_yes_no_example_carries_its_claim(corpus):
+    """The claim: the QA set's question of the same fact, the value the example states as the answer (the right one
+    exactly when the answer is "Yes"), and every other value of the relation in the world as the alternatives."""
+    values = judgments.relation_values(corpus.entities)
+    for split in EVAL:
+        for fact, example, pair in zip(corpus.facts[split], corpus.judgments["yes_no"][split], corpus.qa[split]):
+            claim, form = example["claim"], RELATIONS[fact.relation].answers[0]
+            assert claim["question"] == pair["question"]
+            assert (claim["answer"] == pair["answer"][0]) == (example["target"] == "Yes")
+            assert sorted([claim["answer"], *claim["alternatives"]]) == sorted(form.format(v=v) for v in values[fact.relation])
+            assert claim["answer"] not in claim["alternatives"]
+            stated = re.fullmatch(re.escape(form).replace(r"\{v\}", "(.+)"), claim["answer"]).group(1)
+            assert mentions(example["input"], stated)  # the claim is the value the question states
+
+
 def test_written_files_read_by_the_evaluations(tmp_path):
     out = tmp_path / "small"
     meta = write_corpus(out, seed=0, **SMALL)
@@ -76,6 +91,12 @@ def test_written_files_read_by_the_evaluations(tmp_path):
         prefix = json.loads(task_file.read_text())["task_prefix"]  # the few-shot examples, then the question
         assert items[0].prompt.startswith(prefix)
         assert re.fullmatch(r"Question: Is it true that .+\? Answer: ", items[0].prompt.removeprefix(prefix))
+        task = json.loads(task_file.read_text())
+        claims = [strategyqa.claim_item(record, i, strategyqa.claim_template(task, strategyqa.StrategyQAArguments()),
+                                        "f") for i, record in enumerate(examples)]
+        assert meta[f"yes_no_{split}"]["claims"] == len(claims) == len(items)
+        assert claims[0].prompt == f"Question: {examples[0]['claim']['question']} Answer:"  # as train's QA lines
+        assert claims[0].choices[0] == " " + examples[0]["claim"]["answer"] and claims[0].labels[0] == 1
         samples_file = out / meta[f"halueval_{split}"]["file"]
         assert samples_file.suffix == ".json" and len(samples_file.read_text().splitlines()) > 1  # JSON lines
         samples = read_local(str(samples_file))
@@ -85,6 +106,23 @@ def test_written_files_read_by_the_evaluations(tmp_path):
         for key in (f"yes_no_{split}", f"halueval_{split}"):
             text = (out / meta[key]["file"]).read_bytes()
             assert hashlib.sha256(text).hexdigest() == meta[key]["sha256"]
+
+
+def test_a_corpus_written_before_the_claims_gets_them(tmp_path):
+    out = tmp_path / "small"
+    meta = write_corpus(out, seed=0, **SMALL)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    for split in EVAL:  # the yes/no files as they were written before claims existed
+        task_file = out / meta[f"yes_no_{split}"]["file"]
+        task = json.loads(task_file.read_text())
+        task.pop("claim_prompt")
+        task["examples"] = [{k: v for k, v in e.items() if k != "claim"} for e in task["examples"]]
+        task_file.write_text(json.dumps(task))
+    old = {k: ({key: v for key, v in entry.items() if key != "claims"} if k.startswith("yes_no_") else entry)
+           for k, entry in meta.items()}
+    (out / "meta.json").write_text(json.dumps(old, indent=2, sort_keys=True) + "\n")
+    assert write_corpus(out, seed=0, **SMALL) == meta
+    assert {p.name: p.read_bytes() for p in Path(out).iterdir() if p.is_file()} == before
 
 
 def test_a_corpus_written_before_the_items_gets_them_added(tmp_path):

@@ -263,7 +263,7 @@ def write_corpus(output_dir: str | os.PathLike, seed: int = 0, vocab_size: int =
     with artifact_lock(output_dir, "--output_dir"):
         if output_dir.exists():
             meta = _existing_meta(output_dir, settings)
-            if not all(name in meta for name in _judgment_names()):  # written before the judgment items (or shots)
+            if not _has_judgments(meta):  # written before the judgment items (or their shots, or the claims)
                 meta = _add_judgments(output_dir, meta, generate_corpus(seed, **dataclasses.asdict(sizes)))
             return meta
         with timed("Generating the corpus", logger):
@@ -328,6 +328,12 @@ def _judgment_names() -> list[str]:
     return [f"{kind}_{split}" for kind in ("yes_no", "halueval") for split in SPLITS[1:]] + ["halueval_fewshot"]
 
 
+def _has_judgments(meta: dict) -> bool:
+    """Whether a corpus's meta.json lists every judgment file, its yes/no examples with their claims."""
+    return (all(name in meta for name in _judgment_names())
+            and all("claims" in meta[f"yes_no_{split}"] for split in SPLITS[1:]))
+
+
 def _judgment_texts(corpus: EmbeddedCorpus) -> dict[str, tuple[str, str, dict]]:
     """Per meta key: the file name, its text and what meta.json records beside it.
 
@@ -341,7 +347,8 @@ def _judgment_texts(corpus: EmbeddedCorpus) -> dict[str, tuple[str, str, dict]]:
         text = json.dumps(yes_no_task(examples, shots["yes_no"]), indent=1) + "\n"
         yes = sum(example["target_scores"]["Yes"] for example in examples)
         texts[f"yes_no_{split}"] = (f"yes_no_{split}.json", text,
-                                    {"count": len(examples), "yes": yes, "shots": len(shots["yes_no"])})
+                                    {"count": len(examples), "yes": yes, "shots": len(shots["yes_no"]),
+                                     "claims": sum("claim" in example for example in examples)})
     for split, samples in corpus.judgments["hallucination"].items():
         text = "".join(json.dumps(sample, sort_keys=True) + "\n" for sample in samples)
         texts[f"halueval_{split}"] = (f"halueval_{split}.json", text, {"count": len(samples), "task": "qa"})
@@ -362,8 +369,8 @@ def _write_judgments(directory: Path, corpus: EmbeddedCorpus) -> dict:
 
 
 def _add_judgments(output_dir: Path, meta: dict, corpus: EmbeddedCorpus) -> dict:
-    """(Re)write the judgment files of a corpus written before they (or their few-shot prompts) existed; its other
-    files are the same. The new meta."""
+    """(Re)write the judgment files of a corpus written before they (or their few-shot prompts, or the yes/no
+    examples' claims) existed; its other files are the same. The new meta."""
     logger.info("%s predates the yes/no and hallucination items or their few-shot prompts: writing them", output_dir)
     meta = {**meta, **_write_judgments(output_dir, corpus)}
     write_json(output_dir / "meta.json", meta)

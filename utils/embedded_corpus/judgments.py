@@ -7,7 +7,9 @@ the same relation (another entity's birthplace, another year, another organisati
 * `yes_no_examples`: one question per fact, "Is it true that <the fact>?", stated in the phrasing held
   out of train for that fact, about the true fact or the swapped one (each with probability 1/2); in
   BIG-bench's ``{"examples": [{"input", "target_scores"}]}`` form that `downstream.strategyqa` reads, with
-  the prompt settings of the corpus's QA lines (`yes_no_task`);
+  the prompt settings of the corpus's QA lines (`yes_no_task`). Each example also carries its ``claim``, the
+  question of the fact's QA item with the value it states as the answer and every other value of the relation
+  in the world as the alternatives, for `downstream.strategyqa`'s ``--judge claim``;
 * `hallucination_samples`: one HaluEval "qa" sample per fact, the QA set's question with the right
   answer and the swapped one as ``hallucinated_answer`` (no ``knowledge``: the questions are closed-book),
   as `downstream.halueval` reads them.
@@ -84,16 +86,24 @@ def phrased(entity: Entity, fact: Fact, index: int) -> str:
     return f"{_subject(entity)} {_phrasings(entity, fact)[index].text}"
 
 
+def claim(pair: dict, asked: Fact, values: dict[str, list[str]]) -> dict:
+    """The claim of a yes/no example about ``asked`` (the fact, or a swapped one) as its QA item ``pair`` asks it: the
+    stated value as the answer, in the QA answers' first form, and every other value of the relation likewise."""
+    form = RELATIONS[asked.relation].answers[0]
+    return {"question": pair["question"], "answer": form.format(v=asked.value),
+            "alternatives": [form.format(v=v) for v in values[asked.relation] if v != asked.value]}
+
+
 def yes_no_examples(rng: random.Random, facts: list[Fact], by_name: dict[str, Entity],
-                    plans: dict[Fact, FactPlan], values: dict[str, list[str]]) -> list[dict]:
-    """One BIG-bench example per fact: "Is it true that ...?" about the fact or a swapped one."""
+                    plans: dict[Fact, FactPlan], values: dict[str, list[str]], qa_pairs: list[dict]) -> list[dict]:
+    """One BIG-bench example per fact: "Is it true that ...?" about the fact or a swapped one, with its `claim`."""
     examples = []
-    for fact in facts:
+    for fact, pair in zip(facts, qa_pairs, strict=True):
         true = rng.random() < 0.5
         asked = fact if true else swapped(rng, fact, values)
         question = YES_NO_QUESTION.format(statement=statement(by_name[fact.subject], plans[fact], asked))
         examples.append({"input": question, "target_scores": {"Yes": int(true), "No": int(not true)},
-                         "target": "Yes" if true else "No"})
+                         "target": "Yes" if true else "No", "claim": claim(pair, asked, values)})
     return examples
 
 
@@ -103,7 +113,8 @@ def yes_no_task(examples: list[dict], shots: list[dict]) -> dict:
     before, after = QA_PROMPT.split("{question}")
     prefix = "".join(f"{before}{shot['input']}{after} {shot['target']}\n" for shot in shots)
     return {"name": "embedded_corpus_yes_no", "task_prefix": prefix, "example_input_prefix": before,
-            "example_output_prefix": after + " ", "append_choices_to_input": False, "examples": examples}
+            "example_output_prefix": after + " ", "append_choices_to_input": False, "claim_prompt": QA_PROMPT,
+            "examples": examples}
 
 
 def halueval_fewshot_text(shots: list[dict]) -> str:
@@ -182,7 +193,7 @@ def judgment_items(seed: int, facts: dict[str, list[Fact]], qa: dict[str, list[d
     values = relation_values(entities)
     items: dict[str, dict[str, list]] = {"yes_no": {}, "hallucination": {}}
     for split, pairs in qa.items():
-        items["yes_no"][split] = yes_no_examples(rng, facts[split], by_name, plans, values)
+        items["yes_no"][split] = yes_no_examples(rng, facts[split], by_name, plans, values, pairs)
         items["hallucination"][split] = hallucination_samples(rng, facts[split], pairs, values)
     items["fewshot"] = fewshot_items(seed, entities, {split: facts[split] for split in qa})
     return items
