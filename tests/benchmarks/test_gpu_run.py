@@ -13,7 +13,7 @@ from benchmarks import gpu_run
 from benchmarks.memory_throughput import memory_params, peak_bf16_tflops
 from utils.cli import UsageError
 
-STAGE_NAMES = ["environment", "preprocess", "finetune", "datastore", "index", "knn_targets", "memory",
+STAGE_NAMES = ["environment", "preprocess", "finetune", "datastore", "index", "knn_targets", "reranking", "memory",
                "finetuned_gain", "large_throughput"]
 
 
@@ -28,6 +28,8 @@ def test_full_plan_sizes():
     assert stages["knn_targets"]["k"] == 1024 and stages["knn_targets"]["probe"] == 32
     assert stages["knn_targets"]["queries"] == rows and stages["memory"]["rows"] == rows
     assert stages["memory"]["epochs"] > 1
+    rerank = stages["reranking"]
+    assert (rerank["k"], rerank["candidates"]) == (1024, 1152) and rerank["queries"] >= 16_000
     assert stages["memory"]["steps"] == stages["memory"]["epochs"] * math.ceil(rows / 512)
     large = stages["large_throughput"]
     assert large["preset"] == "large" and round(large["parameters"] / 1e6, 1) == 772.6
@@ -69,6 +71,15 @@ def test_dry_run_runs_every_stage(tmp_path, capsys):
     assert stages["index"]["settings"]["ncentroids"] == sizes.ncentroids
     assert stages["knn_targets"]["rows"] == rows and stages["knn_targets"]["k"] == sizes.k
     assert 1 <= stages["knn_targets"]["entries_per_row"] <= sizes.k
+    rerank = stages["reranking"]
+    assert rerank["queries"] == sizes.rerank_queries and rerank["candidates"] == sizes.k + 8
+    assert rerank["identical_at_an_eighth_of_the_batch"] and rerank["queries_per_second"] > 0
+    assert rerank["neighbours_differing_from_the_cpu_kernel"] == 0  # torch on the CPU: the kernel's own bits
+    assert rerank["largest_distance_difference_from_the_cpu_kernel"] == 0.0
+    targets = rerank["targets"]
+    assert targets["rows"] == sizes.rerank_queries and targets["identical_at_an_eighth_of_the_batch"]
+    assert targets["time_ratio_exact_over_faiss"] > 0
+    assert "Exact re-ranking on cpu:" in (out / "gpu_run_dry.md").read_text()
     memory = stages["memory"]
     assert memory["epochs"] == sizes.memory_epochs > 1
     assert memory["steps"] == sizes.memory_epochs * math.ceil((rows - round(0.01 * rows)) / sizes.memory_batch)
