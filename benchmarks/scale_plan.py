@@ -63,6 +63,37 @@ def predict(fit: tuple[float, float], size: float) -> float:
     return fit[0] * size ** fit[1]
 
 
+EXACT, FAISS_RANKING = "exact ranking", "FAISS ranking"  # benchmarks.scale_search's strategy names
+
+
+def search_rate(size: dict, strategy: str = EXACT) -> float:
+    """Queries/s of one size's search stage with ``strategy`` (a search stage from before the strategies were
+    measured holds the exact ranking's rate alone)."""
+    search = size["stages"]["search"]
+    return search["strategies"][strategy]["queries_per_second"] if "strategies" in search else search["queries_per_second"]
+
+
+def disk_rerank(results: dict) -> dict | None:
+    """The exact ranking's cost per query beyond FAISS's own search with the keys on disk: the two rankings' times
+    at the largest size when its keys did not fit in the page cache (None otherwise). A query reads its candidates'
+    keys, one random read each, so this cost does not grow with the datastore: beyond that size the exact ranking is
+    FAISS's search (its own power law) plus this."""
+    largest = results["sizes"][-1]
+    search = largest["stages"]["search"]
+    if search.get("page_cache") != "cold" or FAISS_RANKING not in search.get("strategies", {}):
+        return None
+    return {"seconds_per_query": 1 / search_rate(largest) - 1 / search_rate(largest, FAISS_RANKING),
+            "beyond_rows": largest["rows"]}
+
+
+def exact_search_seconds(fits: dict, disk: dict | None, rows: float) -> float:
+    """Seconds per query of the exact ranking (the default) at ``rows``: the power law through the measured sizes,
+    and beyond the largest, where its keys were on disk, FAISS's search plus the re-ranking's reads (`disk_rerank`)."""
+    if disk is not None and rows > disk["beyond_rows"]:
+        return 1 / predict(fits["search_queries_per_second_faiss_ranking"], rows) + disk["seconds_per_query"]
+    return 1 / predict(fits["search_queries_per_second"], rows)
+
+
 def plan(results: dict, args: ScaleArguments) -> dict:
     """Disk, RAM and hours per stage at the TARGETS sizes, from the fitted curves."""
     sizes = [r["rows"] for r in results["sizes"]]
@@ -74,16 +105,20 @@ def plan(results: dict, args: ScaleArguments) -> dict:
     flat = lambda values: (float(np.median(values)), 0.0)  # noqa: E731
     fits = {"write_rows_per_second": flat(by("write", "rows_per_second")),
             "add_rows_per_second": flat(by("index", "add_rows_per_second")),
-            "search_queries_per_second": power_fit(sizes, by("search", "queries_per_second")),
+            "search_queries_per_second": power_fit(sizes, [search_rate(r) for r in results["sizes"]]),
             "train_rows_per_second": flat(by("train", "rows_per_second")),
             "knn_search_seconds_per_token": power_fit(sizes, [r["per_token"]["knn_search"] for r in results["sizes"]])}
+    if all("strategies" in r["stages"]["search"] for r in results["sizes"]):
+        fits["search_queries_per_second_faiss_ranking"] = power_fit(
+            sizes, [search_rate(r, FAISS_RANKING) for r in results["sizes"]])
     base = float(np.median([r["per_token"][k] for r in results["sizes"] for k in ("base_in_knnlm", "base_in_joint")]))
     memory_cost = float(np.median([r["per_token"]["memory"] for r in results["sizes"]]))  # flat: no datastore
     last = results["sizes"][-1]
     nnz_per_row = last["stages"]["targets"]["nnz"] / last["rows"]
     train_seconds = last["stages"]["index"]["train_seconds"]
     peak_anon = {stage: max(r["stages"][stage]["peak_anon_bytes"] for r in results["sizes"]) for stage in STAGES}
-    out = {"fits": {k: {"a": a, "b": b} for k, (a, b) in fits.items()}, "targets": {},
+    keys_on_disk = disk_rerank(results) if "search_queries_per_second_faiss_ranking" in fits else None
+    out = {"fits": {k: {"a": a, "b": b} for k, (a, b) in fits.items()}, "targets": {}, "disk_rerank": keys_on_disk,
            "base_seconds_per_token": base, "memory_seconds_per_token": memory_cost,
            "measured_speedup": {r["rows"]: (base + r["per_token"]["knn_search"]) / (base + memory_cost)
                                 for r in results["sizes"]}}
@@ -94,9 +129,13 @@ def plan(results: dict, args: ScaleArguments) -> dict:
         cpu_hours = {
             "write (keys only, no forward)": rows / predict(fits["write_rows_per_second"], rows) * width / 3600,
             "index train + add": (train_seconds * width + rows / predict(fits["add_rows_per_second"], rows) * width) / 3600,
-            f"kNN targets, IVFPQ k {args.k} nprobe {args.probe}": rows / predict(fits["search_queries_per_second"], rows) * width / 3600,
+            f"kNN targets, IVFPQ k {args.k} nprobe {args.probe}, exact ranking (the default)":
+                rows * exact_search_seconds(fits, keys_on_disk, rows) * width / 3600,
             "memory training, 1 epoch (SmolLM2-size memory)": rows / predict(fits["train_rows_per_second"], rows) / 3600,
         }
+        if "search_queries_per_second_faiss_ranking" in fits:  # no keys read: IVFPQ codes only
+            cpu_hours[f"kNN targets, IVFPQ k {args.k} nprobe {args.probe}, FAISS's ranking (--recompute_dists False)"] = \
+                rows / predict(fits["search_queries_per_second_faiss_ranking"], rows) * width / 3600
         scale = rows / H100["rows"]
         gpu_hours = {  # one H100, from docs/results.md; exact search cost grows with rows^2
             "datastore (forward + write)": H100["write_seconds"] * scale * width / 3600,
@@ -138,15 +177,20 @@ def markdown(results: dict) -> str:
     for r in results["sizes"]:
         s, t = r["stages"], r["per_token"]
         lines.append(f"| {r['rows']:,} | {s['write']['rows_per_second']:,.0f} | {s['index']['train_seconds']:.1f} | "
-                     f"{s['index']['add_rows_per_second']:,.0f} | {s['search']['queries_per_second']:,.1f} | "
+                     f"{s['index']['add_rows_per_second']:,.0f} | {search_rate(r):,.1f} | "
                      f"{s['train']['rows_per_second']:,.0f} | {1e3 * t['knn_search']:.2f} | {1e3 * t['memory']:.2f} | "
                      f"{results['plan']['measured_speedup'][r['rows']]:.2f}x |")
     lines += ["", f"The last column is (base + kNN search) / (base + memory) per token, at the median base forward cost "
                   f"of all runs ({1e3 * results['plan']['base_seconds_per_token']:.1f} ms/token, SmolLM2-135M on this CPU): "
                   "the two evaluations ran at different times on a shared machine, so their own tokens/s are not compared."]
+    if disk := results["plan"].get("disk_rerank"):
+        lines += ["", f"Beyond {disk['beyond_rows']:,} rows the exact ranking's hours below are FAISS's search (its power "
+                      f"law) plus {1e3 * disk['seconds_per_query']:.1f} ms a query for reading the candidates' keys from "
+                      f"disk, measured at {disk['beyond_rows']:,} rows (a cold page cache): a read per candidate, which "
+                      "does not grow with the datastore."]
     searched = [r for r in results["sizes"] if "strategies" in r["stages"]["search"]]
     if searched:
-        names = list(searched[0]["stages"]["search"]["strategies"])
+        names = list(dict.fromkeys(n for r in searched for n in r["stages"]["search"]["strategies"]))
         lines += ["", f"Search strategies (IVFPQ nprobe {results['settings']['probe']}, k {results['settings']['k']}, "
                       "batches of 500 queries): queries/s, and the share of the exact ranking's neighbours each finds. "
                       "The page cache is warm where the keys fit in half the available memory, cold (the keys file "
@@ -157,7 +201,7 @@ def markdown(results: dict) -> str:
             search = r["stages"]["search"]
             lines.append(f"| {r['rows']:,} | {search['keys_bytes'] / 1e9:.1f} | {search['page_cache']} | " + " | ".join(
                 f"{search['strategies'][n]['queries_per_second']:,.1f} | {search['strategies'][n]['agreement_with_exact_ranking']:.3f}"
-                for n in names) + " |")
+                if n in search["strategies"] else "- | -" for n in names) + " |")
     lines += ["", "Peak anonymous memory of each stage, GiB (file-backed pages of memory maps in brackets):", "",
               "| rows | " + " | ".join(STAGES) + " |", "|---:|" + "---:|" * len(STAGES)]
     for r in results["sizes"]:
@@ -188,10 +232,13 @@ def plot(results: dict, path: Path) -> None:
     fig, (rates, memory) = plt.subplots(1, 2, figsize=(12, 4.5))
     for stage, key, label in (("write", "rows_per_second", "datastore write rows/s"),
                               ("index", "add_rows_per_second", "index add rows/s"),
-                              ("search", "queries_per_second", "kNN search queries/s"),
                               ("train", "rows_per_second", "memory training rows/s"),
                               ):
         rates.plot(sizes, [r["stages"][stage][key] for r in results["sizes"]], "o-", label=label)
+    rates.plot(sizes, [search_rate(r) for r in results["sizes"]], "o-", label="kNN search queries/s, exact ranking")
+    if all("strategies" in r["stages"]["search"] for r in results["sizes"]):
+        rates.plot(sizes, [search_rate(r, FAISS_RANKING) for r in results["sizes"]], "o:",
+                   label="kNN search queries/s, FAISS's ranking")
     base = results["plan"]["base_seconds_per_token"]
     rates.plot(sizes, [1 / (base + r["per_token"]["knn_search"]) for r in results["sizes"]], "o--", label="kNN-LM tokens/s")
     rates.plot(sizes, [1 / (base + r["per_token"]["memory"]) for r in results["sizes"]], "o--", label="base + memory tokens/s")

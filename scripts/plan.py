@@ -133,7 +133,9 @@ class Costs:
         gpu = h100["exact_targets_seconds"] * (queries / h100["rows"]) * (rows / h100["rows"]) * self.width
         if index == "flat":
             return queries * rows * (self.sz.width or SMOL_WIDTH) * self.flat_cpu, gpu
-        return queries / predict(self.fits["search_queries_per_second"], rows) * self.width, gpu
+        from benchmarks.scale_plan import exact_search_seconds
+
+        return queries * exact_search_seconds(self.fits, self.plan.get("disk_rerank"), rows) * self.width, gpu
 
     def knnlm(self, tokens: float, rows: float, index: str) -> tuple[float, float | None]:
         per_token = (rows * (self.sz.width or SMOL_WIDTH) * self.flat_cpu if index == "flat"

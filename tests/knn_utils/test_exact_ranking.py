@@ -184,6 +184,7 @@ def test_read_ahead_asks_for_the_pages_of_the_candidates_once(tied_ivfpq, tmp_pa
     queries = np.asarray(datastore.keys[:50], dtype=np.float32)
     plain, ahead = (load_index(tied_ivfpq / "index", datastore, probe=4, read_ahead=flag) for flag in (False, True))
     assert plain.read_ahead is None and ahead.read_ahead is not None
+    assert load_index(tied_ivfpq / "index", datastore, probe=4).read_ahead is None  # only when asked (bench_scale: slower)
     found, expected_found = ahead.search(queries, 20, np.arange(50)), plain.search(queries, 20, np.arange(50))
     np.testing.assert_array_equal(found.ids, expected_found.ids)
     assert found.dists.tobytes() == expected_found.dists.tobytes()
