@@ -15,14 +15,8 @@ SmolLM2-135M-Instruct (``--model``, GGUF) on all of WikiText-2 train (``--data``
 6. ``knn_targets``: ``knn_utils.saveKNNMulti`` on the GPU, k 1024, ``nprobe`` 32, the query's own row left out,
    FAISS's own (PQ) distances (``--recompute_dists False``: the exact re-ranking runs on the CPU); the neighbours
    ordered and the targets built on the GPU (`knn_utils.torch_targets`). The exact fallback searches in torch.
-7. ``reranking``: the exact ranking (issue 25) where the search runs: ``rerank_queries`` train rows as queries, each
-   with ``k + max(8, k / 8)`` candidate rows drawn at random from the datastore (the index's candidates are
-   spread over it at least as evenly), ranked by `knn_utils.exact_ranking.exact_nearest` on the GPU with the keys
-   there: queries/s, whether a query's neighbours depend on the batch (an eighth of it), and how many neighbours
-   differ from the CPU kernel's (`rank_candidates`) on ``rerank_cpu_queries`` of them (float32 near-ties only).
-   With an IVFPQ index (FAISS on the GPU; the dry run's CPU), the kNN targets of those rows with the exact
-   ranking against FAISS's own, time ratio and byte-identity at an eighth of the batch; with the exact fallback
-   (torch's exact search ranks exactly already) that part is left out and says why.
+7. ``reranking``: the exact ranking (issue 25) on the search's device, against FAISS's and the CPU kernel's
+   (`benchmarks.gpu_rerank`).
 8. ``memory``: ``train_mlpmem_offline`` on the fine-tuned model's keys and those targets, ``memory_epochs`` (> 1)
    epochs, bf16: 2 SwiGLU blocks with the base's head and norm, as in docs/results.md.
 9. ``finetuned_gain``: ``evaluate_joint`` of the fine-tuned base with and without the memory on the first
@@ -59,6 +53,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks.gpu_rerank import RERANK_RATES, rerank_plan, rerank_summary, run_reranking  # noqa: E402
 from benchmarks.memory_throughput import measure_throughput, memory_params  # noqa: E402
 from utils.cli import UsageError, run, setup_logging  # noqa: E402
 from utils.io import read_json, write_json  # noqa: E402
@@ -81,9 +76,7 @@ RATES = {
                                         "the CPU, k 64, in 161 s (the fallback when FAISS has no GPU; k 1024 unmeasured)"),
     "targets_rows_per_second": (200_000.0, "rows/s", "estimate: knn_utils.torch_targets on the GPU; on one CPU core "
                                 "the NumPy path makes 2,285 rows/s at k 1024 (a loaded 2-core EPYC), 1,130 s for all"),
-    "rerank_queries_per_second": (50_000.0, "queries/s", "estimate: 1,152 float16 keys of width 576 gathered per "
-                                  "query (1.3 MB) at a tenth of an H100's memory bandwidth"),
-    "numba_compile_seconds": (8.0, "s", "estimate: the CPU kernel's first call compiles it (about 5 s on 2 cores)"),
+    **RERANK_RATES,
     "memory_rows_per_second": (2_581_967 / 43, "rows/s", "H100: an epoch of 2,581,967 rows in 43 s (2 SwiGLU blocks)"),
     "joint_tokens_per_second": (65_072.0, "tokens/s", "H100: fine-tuned base + memory, evaluate_joint"),
 }
@@ -199,15 +192,6 @@ def plan_targets(s: RunSizes) -> dict:
     return {"queries": s.train_rows, "k": s.k, "probe": s.probe, "batches": -(-s.train_rows // s.search_batch),
             "search_seconds": search, "targets_seconds": targets, "seconds": search + targets,
             "exact_search_seconds": s.train_rows / rate("exact_search_queries_per_second")}
-
-
-def plan_reranking(s: RunSizes) -> dict:
-    candidates = s.k + max(8, s.k // 8)  # knn_utils.index_search.candidate_count
-    rankings = 2 * s.rerank_repeats + 1  # each repeat ranks with both rankings' targets; then an eighth of the batch
-    return {"queries": s.rerank_queries, "candidates": candidates, "k": s.k, "repeats": s.rerank_repeats,
-            "cpu_reference_queries": s.rerank_cpu_queries,
-            "seconds": rate("numba_compile_seconds") + rankings * s.rerank_queries * (
-                1 / rate("rerank_queries_per_second") + 1 / rate("search_queries_per_second"))}
 
 
 def plan_memory(s: RunSizes) -> dict:
@@ -326,102 +310,6 @@ def run_targets(r: Run) -> dict:
             "search_seconds": meta["search_seconds"], "entries_per_row": meta["mean_targets_per_row"]}
 
 
-def _synchronize(device: str) -> None:
-    import torch
-
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def run_reranking(r: Run) -> dict:
-    import os
-    import statistics
-
-    import numpy as np
-    import torch
-
-    from knn_utils.exact_ranking import exact_nearest, rank_candidates
-    from utils.artifacts.datastore import load_datastore
-
-    s = r.sizes
-    datastore = load_datastore(r.path("dstore"))
-    keys = datastore.keys  # (N, d) float16, memory-mapped
-    rng = np.random.default_rng(0)
-    n = min(s.rerank_queries, datastore.num_rows)
-    query_rows = np.sort(rng.choice(datastore.num_rows, size=n, replace=False))
-    candidates = rng.integers(0, datastore.num_rows, size=(n, s.k + max(8, s.k // 8)))
-    queries = np.asarray(keys[query_rows], dtype=np.float32)
-    device_keys = torch.from_numpy(np.asarray(keys)).to(r.device)
-    device_queries, device_rows = torch.from_numpy(queries).to(r.device), torch.from_numpy(candidates).to(r.device)
-
-    def rank(batch: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-        _synchronize(r.device)
-        start = time.perf_counter()
-        parts = [exact_nearest(device_keys, device_queries[b:b + batch], device_rows[b:b + batch], s.k)
-                 for b in range(0, n, batch)]
-        _synchronize(r.device)
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), time.perf_counter() - start
-
-    rank(s.rerank_batch)  # warm-up
-    timed = [rank(s.rerank_batch) for _ in range(s.rerank_repeats)]
-    dists, rows, _ = timed[-1]
-    small_dists, small_rows, _ = rank(max(1, s.rerank_batch // 8))
-    seconds = statistics.median(t[2] for t in timed)
-    m = min(s.rerank_cpu_queries, n)
-    cpu_dists, cpu_rows = rank_candidates(np.asarray(keys), queries[:m], candidates[:m], s.k, threads=os.cpu_count() or 1)
-    here_dists, here_rows = dists[:m].cpu().numpy(), rows[:m].cpu().numpy()
-    differ = cpu_rows != here_rows
-    found = {"device": r.device, "queries": n, "candidates": candidates.shape[1], "k": s.k, "batch": s.rerank_batch,
-             "queries_per_second": n / seconds,
-             "gathered_gb_per_second": candidates.size * keys.shape[1] * 2 / seconds / 1e9,
-             "identical_at_an_eighth_of_the_batch": bool(torch.equal(rows, small_rows) and torch.equal(dists, small_dists)),
-             "cpu_reference_queries": m, "neighbours_differing_from_the_cpu_kernel": int(differ.sum()),
-             "largest_distance_difference_from_the_cpu_kernel": float(np.abs(cpu_dists - here_dists).max()),
-             "differing_neighbours_are_near_ties": bool(np.allclose(cpu_dists[differ], here_dists[differ], rtol=1e-5))}
-    found["targets"] = _rerank_targets(r, datastore, 0)
-    return found
-
-
-def _rerank_targets(r: Run, datastore, first: int) -> dict:
-    """kNN targets of ``rerank_queries`` consecutive train rows with the exact ranking (on the search's device) and
-    with FAISS's own, alternated (medians), and the exact ranking's bytes at an eighth of the batch."""
-    import statistics
-
-    from knn_utils.index_search import load_index
-    from knn_utils.knn_targets import SearchJob, TargetSettings, search_rows
-
-    s = r.sizes
-    meta = read_json(r.path("dstore/index/meta.json"))
-    if meta["index_type"] != "ivfpq":
-        return {"skipped": f"the {meta['index_type']} index is searched exactly (torch on the GPU where FAISS has none): "
-                           "no candidates to re-rank; faiss-gpu (conda) gives the IVFPQ comparison"}
-    index = load_index(r.path("dstore/index"), datastore, probe=s.probe, use_gpu=r.device == "cuda",
-                       rerank_device=r.device if r.device == "cuda" else None)
-    rows = min(s.rerank_queries, datastore.num_rows - first)
-
-    def targets(recompute_dists: bool, batch: int = rows):
-        settings = TargetSettings(k=s.k, probe=s.probe, knn_temp=s.knn_temp, batch_size=batch,
-                                  recompute_dists=recompute_dists)
-        job = SearchJob(index=index, datastore=datastore, queries=datastore, settings=settings, exclude_self=True)
-        _synchronize(r.device)
-        start = time.perf_counter()
-        found = search_rows(job, first, first + rows)
-        _synchronize(r.device)
-        return found, time.perf_counter() - start
-
-    seconds, found = {True: [], False: []}, {}
-    for _ in range(s.rerank_repeats):
-        for recompute_dists in (False, True):
-            found[recompute_dists], spent = targets(recompute_dists)
-            seconds[recompute_dists].append(spent)
-    smaller = targets(True, max(1, rows // 8))[0]
-    identical = all(getattr(smaller, name).tobytes() == getattr(found[True], name).tobytes()
-                    for name in ("counts", "token_ids", "probs"))
-    faiss_s, exact_s = statistics.median(seconds[False]), statistics.median(seconds[True])
-    return {"rows": rows, "rows_per_second_faiss_ranking": rows / faiss_s, "rows_per_second_exact_ranking": rows / exact_s,
-            "time_ratio_exact_over_faiss": exact_s / faiss_s, "identical_at_an_eighth_of_the_batch": identical}
-
-
 def run_memory(r: Run) -> dict:
     import train_mlpmem_offline
 
@@ -474,7 +362,7 @@ STAGES: list[Stage] = [
     Stage("index", "FAISS IVFPQ over the keys", plan_index, run_index),
     Stage("knn_targets", "k 1024, nprobe 32 targets of every row", plan_targets, run_targets),
     Stage("reranking", "exact re-ranking on the search's device: rate, batch independence, CPU agreement",
-          plan_reranking, run_reranking),
+          lambda s: rerank_plan(s, rate("search_queries_per_second")), run_reranking),
     Stage("memory", "the memory trained for several epochs", plan_memory, run_memory),
     Stage("finetuned_gain", "fine-tuned base vs fine-tuned base + memory", plan_gain, run_gain),
     Stage("large_throughput", "large preset training rows/s and share of bf16 peak", plan_large, run_large),
@@ -537,15 +425,7 @@ def report(found: dict) -> str:
                       f"(lmbda {gain['lmbda']:g}, chosen on validation): {gain['gain_percent']:.1f}% lower test perplexity "
                       f"over {gain['tokens']:,} tokens."]
     if rerank := found["stages"].get("reranking"):
-        targets = rerank["targets"]
-        ratio = (f"kNN targets with the exact ranking take {targets['time_ratio_exact_over_faiss']:.2f}x FAISS's "
-                 f"ranking's time (byte-identical at an eighth of the batch: {targets['identical_at_an_eighth_of_the_batch']})"
-                 if "skipped" not in targets else f"targets comparison skipped: {targets['skipped']}")
-        lines += ["", f"Exact re-ranking on {rerank['device']}: {rerank['queries_per_second']:,.0f} queries/s of "
-                      f"{rerank['candidates']:,} candidates; the same at an eighth of the batch: "
-                      f"{rerank['identical_at_an_eighth_of_the_batch']}; neighbours differing from the CPU kernel: "
-                      f"{rerank['neighbours_differing_from_the_cpu_kernel']} of {rerank['cpu_reference_queries'] * rerank['k']:,}; "
-                      f"{ratio}."]
+        lines += ["", rerank_summary(rerank)]
     if large := found["stages"].get("large_throughput"):
         share = f"{100 * large['share_of_peak']:.1f}% of the {large['peak_bf16_tflops']:g} TFLOP/s bf16 peak" \
             if large["share_of_peak"] is not None else "no known peak for this device"
