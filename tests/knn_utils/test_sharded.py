@@ -173,8 +173,18 @@ def two_node_torchrun(module: str, args: list[str], port: int) -> list[str]:
              "--rdzv-id", "sharded-test", "-m", module, *args] for rank in (0, 1)]
 
 
-def run_nodes(commands: list[list[str]]) -> None:
-    """Run the launches at once; all must succeed within `LAUNCH_TIMEOUT` seconds together (then every one is killed)."""
+def run_nodes(commands: list[list[str]], port: int | None = None) -> None:
+    """Run the launches at once; all must succeed within `LAUNCH_TIMEOUT` seconds together (then every one is killed).
+
+    With ``port`` (the launches' c10d rendezvous endpoint on 127.0.0.1), this process hosts the rendezvous store
+    until every launch has ended, as a machine that outlives the run would: both launchers then find the port taken
+    and connect as clients. Otherwise the launcher that hosts it may exit first and take the store with it while the
+    other still asks it how many nodes wait (torch's RendezvousConnectionError, a failed run whose workers all
+    succeeded; seen once in CI)."""
+    import torch.distributed as dist
+
+    store = (dist.TCPStore("127.0.0.1", port, is_master=True, multi_tenant=True, wait_for_workers=False)
+             if port is not None else None)
     nodes = [subprocess.Popen(command, cwd=REPO, env=cpu_launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True) for command in commands]
     deadline = time.monotonic() + LAUNCH_TIMEOUT
@@ -187,6 +197,7 @@ def run_nodes(commands: list[list[str]]) -> None:
             if node.poll() is None:
                 node.kill()
                 node.wait()
+        del store
     for node, output in zip(nodes, outputs):
         assert node.returncode == 0, output[-4000:]
 
@@ -210,17 +221,20 @@ def test_two_processes_over_gloo_give_the_perplexity_of_one_index(tiny_lm, tmp_p
 def test_two_nodes_write_the_datastore_and_targets_of_one_process(tiny_lm, tie_dstore, tmp_path):
     """The datastore (train_base) and the kNN targets searched over a sharded index (saveKNNMulti), each process
     holding one of the shards, by two torchrun "nodes" over gloo: the bytes of one process with one index."""
+    port = free_port()
     run_nodes(two_node_torchrun("train_base", [
         "--model_name_or_path", str(tiny_lm["model"]), "--dataset_name", str(tiny_lm["data"]), "--do_eval",
         "--eval_subset", "train", "--save_knnlm_dstore", "--dstore_dir", str(tmp_path / "dstore"),
-        "--output_dir", str(tmp_path / "base_eval"), "--per_device_eval_batch_size", "4", "--report_to", "none"], free_port()))
+        "--output_dir", str(tmp_path / "base_eval"), "--per_device_eval_batch_size", "4", "--report_to", "none"], port),
+        port)
     assert same_bytes(tmp_path / "dstore", tiny_lm["dstore"], ("keys.npy", "vals.npy"))
 
     build_index(str(tie_dstore), str(tmp_path / "two_shards"), IndexSettings(index_type="flat", index_shards=2),
                 show_progress=False)
     compute_knn_targets(str(tie_dstore), str(tmp_path / "one"), settings=target_settings())
+    port = free_port()
     run_nodes(two_node_torchrun("knn_utils.saveKNNMulti", [
         "--dstore_path", str(tie_dstore), "--index_path", str(tmp_path / "two_shards"), "--output_path", str(tmp_path / "two"),
-        "--k", "6", "--knn_temp", str(20 * 2.0**-20), "--batch_size", "30", "--chunk_rows", "90"], free_port()))
+        "--k", "6", "--knn_temp", str(20 * 2.0**-20), "--batch_size", "30", "--chunk_rows", "90"], port), port)
     assert same_bytes(tmp_path / "one", tmp_path / "two")
     assert json.loads((tmp_path / "two" / "meta.json").read_text())["num_processes"] == 2
