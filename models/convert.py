@@ -34,7 +34,7 @@ from models.official import (LAYER_FILE, known_layouts, load_released, released_
 from utils.architectures import arch_spec, transformer_blocks
 from utils.arguments import PretrainedModelArguments
 from utils.cli import UsageError, parse_args, run, setup_logging
-from utils.io import check_writable, partial_path, read_json, timed
+from utils.io import check_writable, output_directory, partial_path, read_json, timed
 from utils.locking import artifact_lock
 from utils.modeling import (check_exists, describe_model, load_causal_lm, load_tokenizer, loading, model_fingerprint,
                             tokenizer_fingerprint)
@@ -169,7 +169,7 @@ def released_layer_position(layer: int | None, num_blocks: int) -> int:
 def staged_output(args: ConvertArguments) -> Iterator[Path]:
     """Build --output under ``<output>.partial`` and rename it into place when complete, holding its lock
     (`utils.locking`); an existing --output is replaced only with --overwrite_output_dir, once the new one is complete."""
-    output = Path(args.output)
+    output = output_directory(args.output)
     staging = partial_path(output)
     with artifact_lock(output, "--output"):
         check_output(output, args.overwrite_output_dir)

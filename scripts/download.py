@@ -15,7 +15,7 @@ import os
 import sys
 
 from utils.cli import UsageError, run, setup_logging
-from utils.io import partial_path
+from utils.io import output_directory, partial_path
 from utils.locking import artifact_lock
 
 logger = logging.getLogger(__name__)
@@ -35,14 +35,15 @@ def main(argv: list[str] | None = None) -> str:
         raise UsageError(f"--local_dir {args.local_dir} already exists; remove it to download again")
     from huggingface_hub import snapshot_download
 
-    staging = partial_path(args.local_dir)
-    with artifact_lock(args.local_dir, "--local_dir"):
+    local_dir = output_directory(args.local_dir)  # through a dangling link: the directory it names
+    staging = partial_path(local_dir)
+    with artifact_lock(local_dir, "--local_dir"):
         logger.info("Downloading %s into %s", args.repo_id, staging)
         try:
             snapshot_download(args.repo_id, revision=args.revision, local_dir=staging)
         except Exception as err:  # no network, unknown repository: say which flag
             raise UsageError(f"--repo_id {args.repo_id}: could not download it: {err}") from err
-        os.replace(staging, args.local_dir)
+        os.replace(staging, local_dir)
     logger.info("Downloaded %s to %s", args.repo_id, args.local_dir)
     return args.local_dir
 

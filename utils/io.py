@@ -37,6 +37,14 @@ class DiskFullError(ArtifactError):
     """The file system an artifact is written to has no room for it."""
 
 
+def output_directory(path: str | os.PathLike) -> Path:
+    """Where the artifact named ``path`` is written: through a symbolic link (dangling or not), the directory it
+    names, so that its staging directory sits beside that one, the rename stays on one file system, and a
+    replacement removes the directory, never the link (the policy `atomic_directory` and training follow)."""
+    path = Path(path)
+    return path.resolve() if path.is_symlink() else path
+
+
 def partial_path(path: str | os.PathLike) -> Path:
     """The staging directory where ``path`` is built before it is renamed into place."""
     path = Path(path)

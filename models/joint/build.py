@@ -29,7 +29,7 @@ from models.model_card import joint_card, write_card
 from utils.arguments import PretrainedModelArguments
 from utils.checksums import model_files, record_checksums
 from utils.cli import UsageError, parse_args, setup_logging
-from utils.io import META_NAME, partial_path, timed, write_json
+from utils.io import META_NAME, output_directory, partial_path, timed, write_json
 from utils.locking import artifact_lock
 
 logger = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ class JointBuildArguments:
 def build_joint(args: JointBuildArguments, memory_args: MemoryArguments) -> dict:
     """Load and check the base and the memory (`load_joint`), save them as one `MLPMemoryForCausalLM` with the
     tokenizer and meta.json; returns the meta written."""
-    output = Path(args.output)
+    output = output_directory(args.output)
     if output.exists() and not args.overwrite_output_dir:
         raise UsageError(f"--output {output} already exists; pass --overwrite_output_dir to replace it")
     memory_args.one_lmbda()  # a joint directory records one

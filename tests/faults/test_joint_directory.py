@@ -23,6 +23,7 @@ from models.convert import main as convert_main
 from models.memory_directory import save_memory
 from tests.conftest import REPO
 from utils.artifacts.dataset import load_split
+from utils.cli import UsageError
 from utils.io import ArtifactError
 from utils.modeling import model_fingerprint
 
@@ -94,3 +95,29 @@ def test_an_intact_joint_directory_is_verified_and_recorded(joint_dir, tmp_path,
                                    str(tmp_path / "ppl")])
     assert metrics["joint_dir_verified"] is True and metrics["lmbda"] == 0.5
     assert metrics["lmbda_source"] == f"the joint directory {joint_dir}"
+
+
+def test_outputs_named_through_a_link_are_written_where_it_points(joint_dir, tiny_gpt2_dir, tmp_path):
+    """--output through a symbolic link, dangling or naming a directory: the directory it names is written (and, with
+    --overwrite_output_dir, replaced), the link stays. Before, a dangling link failed in os.replace and
+    --overwrite_output_dir in shutil.rmtree ("Cannot call rmtree on a symbolic link"), both as tracebacks."""
+    memory = joint_dir.parent / "memory"
+    real, link = tmp_path / "real", tmp_path / "link"
+    link.symlink_to(real)  # dangling: real does not exist yet
+    args = ["--joint", "--base_model", str(tiny_gpt2_dir), "--memory", str(memory), "--output", str(link), "--lmbda", "0.5"]
+    assert convert_main(args) == 0
+    assert link.is_symlink() and (real / "meta.json").is_file() and not (tmp_path / "link.partial").exists()
+    assert (real / "model.safetensors").read_bytes() == (joint_dir / "model.safetensors").read_bytes()
+    (real / "stale.txt").write_text("from an earlier build")
+    with pytest.raises(UsageError, match="already exists; pass --overwrite_output_dir"):
+        convert_main(args)
+    assert convert_main([*args, "--overwrite_output_dir"]) == 0
+    assert link.is_symlink() and (real / "meta.json").is_file() and not (real / "stale.txt").exists()
+    base = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir)  # a memory the released layout has a form for
+    save_memory(tmp_path / "gpt2_memory", build_memory(MemoryConfig.from_base(
+        base.config, num_layers=1, intermediate_size=4 * base.config.n_embd, layer=1)), {}, {})
+    official, official_link = tmp_path / "official", tmp_path / "official_link"
+    official_link.symlink_to(official)
+    assert convert_main(["--to", "official", "--input", str(tmp_path / "gpt2_memory"), "--base_model",
+                         str(tiny_gpt2_dir), "--output", str(official_link)]) == 0
+    assert official_link.is_symlink() and official.is_dir() and any(official.iterdir())
