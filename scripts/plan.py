@@ -28,7 +28,7 @@ BENCH_REAL = BENCH_SCALE.with_name("real_smollm2_wikitext2.json")
 CHARS_PER_TOKEN = 4.1  # SmolLM2's tokenizer on WikiText-2: 10^6 characters -> 244,345 tokens
 SMOL_PARAMETERS, SMOL_WIDTH, SMOL_MEMORY = 134_515_008, 576, 33_621_696  # what bench_scale and the H100 run used
 TRAINING_FLOPS = 3  # a training step costs about three forward passes (forward + backward)
-PARALLEL_STAGES = ("datastore", "knn_targets", "memory", "eval_base", "knnlm", "eval_joint")
+PARALLEL_STAGES = ("datastore", "knn_targets", "memory", "memory_online", "eval_base", "knnlm", "eval_joint")
 
 
 @dataclass
@@ -79,7 +79,8 @@ def sizes(ctx: Context) -> Sizes:
         parameters, width = _local_model_size(ctx.shared["model"])
         model_from = (f"{ctx.shared['model']}/config.json" if parameters
                       else "nowhere (set plan.parameters, plan.hidden_size)")
-    memory = plan.get("memory_parameters") or (parameters if not ctx.expanded("memory").get("num_layers") else None)
+    trained = ctx.expanded("memory_online" if "memory_online" in ctx.stages else "memory")
+    memory = plan.get("memory_parameters") or (parameters if not trained.get("num_layers") else None)
     return Sizes(tokens, tokens_from, parameters, width, memory, model_from)
 
 
@@ -214,11 +215,15 @@ def run_cost(run: Run, ctx: Context, sz: Sizes, costs: Costs) -> tuple[str, floa
         nnz = costs.last["stages"]["targets"]["nnz"] / costs.last["rows"] * min(1.0, k / 1024)
         cpu, gpu = costs.search(rows, rows, _index_type(ctx, rows))
         return f"{rows:,} queries, k {k}", rows * (12 + nnz * 6), cpu, gpu
-    if stage == "memory":
+    if stage in ("memory", "memory_online"):
         default = field_default("models.training.arguments:MemoryTrainingArguments", "num_train_epochs")
         epochs = float(settings.get("num_train_epochs", default))
         cpu, gpu = costs.train_memory(rows * epochs)
-        return f"{rows:,} rows x {epochs:g} epochs", 16 * (sz.memory_parameters or 0) or None, cpu, gpu
+        work = f"{rows:,} rows x {epochs:g} epochs"
+        if stage == "memory_online":  # and the base's forward over every row of every epoch
+            forward_cpu, forward_gpu = costs.forward(rows * epochs)
+            cpu, gpu, work = cpu + forward_cpu, gpu + forward_gpu, work + ", base forward each"
+        return work, 16 * (sz.memory_parameters or 0) or None, cpu, gpu
     return "-", None, None, None
 
 
@@ -254,7 +259,8 @@ def dry_run(ctx: Context, decisions: Iterable[tuple[Run, str, list[str]]]) -> st
     """The plan of a recipe as text: a Markdown table, then where each number came from."""
     sz = sizes(ctx)
     costs = Costs(sz)
-    nproc = max([ctx.nproc(stage) for stage in ctx.stages if stage in ("datastore", "knn_targets", "memory")] or [1])
+    nproc = max([ctx.nproc(stage) for stage in ctx.stages
+                 if stage in ("datastore", "knn_targets", "memory", "memory_online")] or [1])
     rows_index = sz.tokens.get("train") or 0
     header = ["run", "status", "work", "disk", f"{costs.machine['cores']}-core CPU", "one H100"]
     header += [f"{nproc} H100"] if nproc > 1 else []
@@ -270,7 +276,7 @@ def dry_run(ctx: Context, decisions: Iterable[tuple[Run, str, list[str]]]) -> st
         label = LABELS[action] + (": " + "; ".join(reasons) if reasons else "")
         work, disk, cpu, gpu = run_cost(run, ctx, sz, costs)
         upper = stage == "knn_targets" and _index_type(ctx, rows_index) != "flat"
-        parallel = ctx.nproc(stage, shared=stage in ("datastore", "knn_targets", "memory")) \
+        parallel = ctx.nproc(stage, shared=stage in ("datastore", "knn_targets", "memory", "memory_online")) \
             if stage in PARALLEL_STAGES else 1
         if action != "done":
             totals = [t + (v or 0) for t, v in zip(totals, (disk, cpu, gpu, (gpu or 0) / parallel))]

@@ -49,7 +49,7 @@ SHARED = {
     "knn_gpu": "index build, kNN search and kNN-LM search on the GPU",
 }
 JUDGMENT_STAGES = ("yes_no", "yes_no_claims", "halueval", "halueval_pairs")
-MODEL_STAGES = ("eval_base", "datastore", "knnlm", "eval_joint", "qa", *JUDGMENT_STAGES, "correction")
+MODEL_STAGES = ("eval_base", "datastore", "knnlm", "memory_online", "eval_joint", "qa", *JUDGMENT_STAGES, "correction")
 ROUTES: dict[str, dict[str, str]] = {  # shared key -> {stage: flag}
     "model": {**{stage: "model_name_or_path" for stage in MODEL_STAGES}, "convert": "base_model"},
     "gguf_file": {**{stage: "gguf_file" for stage in MODEL_STAGES}, "convert": "gguf_file", "preprocess": "gguf_file"},
@@ -102,6 +102,9 @@ class Context:
         skipped |= {"index", "knn_targets", "knnlm"} if shared["knn_targets"] else set()
         self.skipped = [stage for stage in chosen if stage in skipped]
         self.stages = [stage for stage in chosen if stage not in skipped]
+        if {"memory", "memory_online"} <= set(self.stages):
+            raise UsageError(f"recipe {recipe.path}: stages memory and memory_online both train {self.layout.memory}: "
+                             "keep one (memory: on the saved keys; memory_online: on the base's hidden states)")
 
     def expanded(self, stage: str) -> dict:
         return expand(self.recipe.section(stage), self.variables)
@@ -263,6 +266,16 @@ def _memory(ctx: Context, section: dict) -> list[Run]:
                 results=out / "training_results.json", nproc=ctx.nproc("memory"))]
 
 
+def _memory_online(ctx: Context, section: dict) -> list[Run]:
+    """The memory trained on the base's hidden states, computed on the fly (no saved keys), into the same memory/."""
+    out = ctx.layout.memory
+    owned = {"dataset_name": ctx.dataset, "knn_save_path": ctx.knn_targets, "output_dir": str(out)}
+    return [Run("memory_online", "memory_online", "train_mlpmem_online", ctx.settings("memory_online", owned),
+                out / META, {"memory": out},
+                {"dataset": Path(ctx.dataset), "knn_targets": Path(ctx.knn_targets), **ctx.model_input()},
+                results=out / "training_results.json", nproc=ctx.nproc("memory_online"))]
+
+
 def _eval_joint(ctx: Context, section: dict) -> list[Run]:
     runs = []
     for split in ctx.splits("eval_joint", ["validation", "test"]):
@@ -390,6 +403,10 @@ STAGE_LIST = [
                                                       "models.training.arguments:MemoryArguments",
                                                       "models.training.arguments:MemoryTrainingArguments", CHECKS),
           _memory, frozenset({"knn_dstore_path", "knn_save_path", "output_dir"}), frozenset({"nproc"})),
+    Stage("memory_online", "train_mlpmem_online",
+          hf_parser("models.training.arguments:OnlineArguments", MODEL, "models.training.arguments:MemoryArguments",
+                    "models.training.arguments:MemoryTrainingArguments", CHECKS),
+          _memory_online, frozenset({"dataset_name", "knn_save_path", "output_dir"}), frozenset({"nproc"})),
     Stage("eval_joint", "evaluate_joint", hf_parser(MODEL, "utils.arguments:DataArguments",
                                                     "models.joint.perplexity:JointArguments", MEMORY), _eval_joint,
           frozenset({"dataset_name", "dataset_split_name", "eval_subset", "output_dir", "do_test", "do_eval"}) |

@@ -14,6 +14,7 @@ import yaml
 from models.model_card import read_front_matter
 from scripts import pipeline
 from tests.conftest import REPO
+from utils.cli import UsageError
 from utils.io import read_json
 from utils.run_layout import RunLayout
 
@@ -137,6 +138,31 @@ def test_memory_on_existing_targets_skips_the_search(recipe, first_run, tmp_path
     assert (second.eval_joint("test") / "joint_results.json").exists()
     assert not second.eval_joint("validation").exists()
     assert "base_plus_memory" not in read_json(second.summary)["test_perplexity"]  # a test sweep alone chooses nothing
+
+
+def test_a_memory_trained_online_on_the_same_targets(recipe, first_run, tmp_path, capsys):
+    """memory_online in place of memory: the memory trained on the base's hidden states computed on the fly (no saved
+    keys) against the first run's kNN targets, into the run's memory/, which the joint evaluation reads as any
+    memory; the dry run plans it. A recipe with both memory stages is one error."""
+    second = RunLayout(tmp_path / "online")
+    settings = [f"out={second.out}", f"shared.dataset={first_run.dataset}", f"shared.knn_targets={first_run.knn_targets}",
+                "eval_joint.splits=[test]", "memory_online.num_layers=1", "memory_online.num_train_epochs=1",
+                "memory_online.num_warmup_steps=0", "memory_online.per_device_train_batch_size=4",
+                "memory_online.disable_tqdm=true"]
+    pipeline.main([str(recipe), "stages=[memory_online, eval_joint, summary]", *settings, "--dry_run"])
+    assert "| memory_online | to run |" in capsys.readouterr().out and not second.out.exists()
+    pipeline.main([str(recipe), "stages=[memory_online, eval_joint, summary]", *settings])
+    assert "== memory_online\n   python -m train_mlpmem_online " in capsys.readouterr().out
+    meta = read_json(second.memory / "meta.json")
+    assert meta["mode"] == "online" and meta["source"]["mode"] == "online"
+    assert os.path.abspath(meta["knn_targets"]["path"]) == os.path.abspath(first_run.knn_targets)
+    joint = read_json(second.eval_joint("test") / "joint_results.json")
+    assert joint["lmbda_sweep"][0]["lmbda"] == 0 and joint["lmbda_sweep"][0]["perplexity"] == \
+        pytest.approx(read_json(first_run.eval_base("test") / "eval_results.json")["perplexity"], rel=1e-5)
+    recorded = read_json(second.stage_record("memory_online"))
+    assert recorded["settings"]["dataset_name"] == str(first_run.dataset) and "knn_targets" in recorded["inputs"]
+    with pytest.raises(UsageError, match="stages memory and memory_online both train"):
+        pipeline.main([str(recipe), "stages=[memory, memory_online]", *settings])
 
 
 def test_the_qa_stage_records_its_choice_and_the_runs_after_it_read_it(recipe, first_run, tmp_path):
