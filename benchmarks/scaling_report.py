@@ -31,10 +31,24 @@ def datastore_points(data: dict) -> list[dict]:
     return sorted(found, key=lambda p: p["datastore_rows"])
 
 
+def expected_points(settings: dict) -> int | None:
+    """How many points the run's settings make: the memory grid, the base before and during its continued
+    pretraining, and each datastore fraction below all of it (None without the settings)."""
+    if not settings:
+        return None
+    return (len(settings["memory_blocks"]) * len(settings["epochs"]) + 1 + sum(e > 0 for e in settings["cpt_epochs"])
+            + sum(f < 1.0 for f in settings["datastore_fractions"]))
+
+
 def tables(data: dict) -> str:
     lines = []
     setup = data.get("setup", {})
     settings = setup.get("settings", {})
+    if (expected := expected_points(settings)) is not None and len(data["points"]) < expected:
+        first = settings["memory_blocks"][0]
+        lines += [f"**In progress: {len(data['points'])} of {expected} points.** `python -m benchmarks.bench_scaling` "
+                  f"resumes the run; the order: the {first}-block grid, the base and its continued pretraining, the "
+                  "datastore axis, the other sizes.", ""]
     base = next((p for p in base_points(data) if p["steps"] == 0), None)
     if base:
         lines += [f"Base model alone (no training): validation {base['validation_perplexity']:.2f}, test "

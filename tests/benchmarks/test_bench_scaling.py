@@ -36,6 +36,7 @@ def test_points_resume_and_report(tmp_path, tiny_llama_dir, tiny_corpus):
     assert sorted(first["points"]) == ["base/steps_0", "memory/blocks_1/epochs_1", "memory/blocks_1/epochs_2"]
     done = json.loads(stem.with_suffix(".json").read_text())["points"]
     assert done == first["points"]
+    assert "**In progress: 3 of 6 points.**" in tables(first)  # 1 size x 2 lengths, the base and 2 lengths, 1 fraction
 
     # The rerun keeps those points as they were and adds the rest.
     second = bench_scaling.main(argv)
@@ -66,4 +67,4 @@ def test_points_resume_and_report(tmp_path, tiny_llama_dir, tiny_corpus):
     bench_scaling.main([*argv, "--report_only"])
     assert "12345.68" in stem.with_suffix(".md").read_text()
     assert stem.with_suffix(".png").stat().st_size > 0
-    assert "12345.68" in tables(data)
+    assert "12345.68" in tables(data) and "In progress" not in tables(data)
