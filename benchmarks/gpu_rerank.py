@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 
+from utils.distributed import synchronize
 from utils.io import read_json
 
 RERANK_RATES = {  # (value, unit, source), merged into gpu_run.RATES
@@ -34,13 +35,6 @@ def rerank_plan(s, search_queries_per_second: float) -> dict:
             "cpu_reference_queries": s.rerank_cpu_queries,
             "seconds": RERANK_RATES["numba_compile_seconds"][0] + rankings * s.rerank_queries * (
                 1 / RERANK_RATES["rerank_queries_per_second"][0] + 1 / search_queries_per_second)}
-
-
-def _synchronize(device: str) -> None:
-    import torch
-
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def run_reranking(r) -> dict:
@@ -65,11 +59,11 @@ def run_reranking(r) -> dict:
     device_queries, device_rows = torch.from_numpy(queries).to(r.device), torch.from_numpy(candidates).to(r.device)
 
     def rank(batch: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-        _synchronize(r.device)
+        synchronize(torch.device(r.device))
         start = time.perf_counter()
         parts = [exact_nearest(device_keys, device_queries[b:b + batch], device_rows[b:b + batch], s.k)
                  for b in range(0, n, batch)]
-        _synchronize(r.device)
+        synchronize(torch.device(r.device))
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), time.perf_counter() - start
 
     rank(s.rerank_batch)  # warm-up
@@ -90,14 +84,16 @@ def run_reranking(r) -> dict:
              "cpu_reference_queries": m, "neighbours_differing_from_the_cpu_kernel": int(differ.sum()),
              "largest_distance_difference_from_the_cpu_kernel": float(np.abs(cpu_dists - here_dists).max()),
              "differing_neighbours_are_near_ties": bool(np.allclose(cpu_dists[differ], here_dists[differ], rtol=1e-5))}
-    found["targets"] = _rerank_targets(r, datastore, 0)
+    found["targets"] = _rerank_targets(r, datastore)
     return found
 
 
-def _rerank_targets(r, datastore, first: int) -> dict:
-    """kNN targets of ``rerank_queries`` consecutive train rows with the exact ranking (on the search's device) and
+def _rerank_targets(r, datastore) -> dict:
+    """kNN targets of the first ``rerank_queries`` train rows with the exact ranking (on the search's device) and
     with FAISS's own, alternated (medians), and the exact ranking's bytes at an eighth of the batch."""
     import statistics
+
+    import torch
 
     from knn_utils.index_search import load_index
     from knn_utils.knn_targets import SearchJob, TargetSettings, search_rows
@@ -110,16 +106,16 @@ def _rerank_targets(r, datastore, first: int) -> dict:
                            "no candidates to re-rank; faiss-gpu (conda) gives the IVFPQ comparison"}
     index = load_index(r.path("dstore/index"), datastore, probe=s.probe, use_gpu=r.device == "cuda",
                        rerank_device=r.device if r.device == "cuda" else None)
-    rows = min(s.rerank_queries, datastore.num_rows - first)
+    rows = min(s.rerank_queries, datastore.num_rows)
 
     def targets(recompute_dists: bool, batch: int = rows):
         settings = TargetSettings(k=s.k, probe=s.probe, knn_temp=s.knn_temp, batch_size=batch,
                                   recompute_dists=recompute_dists)
         job = SearchJob(index=index, datastore=datastore, queries=datastore, settings=settings, exclude_self=True)
-        _synchronize(r.device)
+        synchronize(torch.device(r.device))
         start = time.perf_counter()
-        found = search_rows(job, first, first + rows)
-        _synchronize(r.device)
+        found = search_rows(job, 0, rows)
+        synchronize(torch.device(r.device))
         return found, time.perf_counter() - start
 
     seconds, found = {True: [], False: []}, {}

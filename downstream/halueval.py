@@ -190,12 +190,12 @@ def pair_item(record: dict, index: int, task: str, template: str, show_knowledge
                 {"sample": index})
 
 
-def pair_outcomes(pairs: list[Item], outcomes: list[dict]) -> list[dict]:
-    """The two judgments of each sample (its right answer, then its hallucinated one) from the pair's scores: the
+def pair_outcomes(outcomes: list[dict]) -> list[dict]:
+    """The two judgments of each sample (its right answer, then its hallucinated one) from its pair's scores: the
     less likely answer is judged hallucinated ("Yes"); ``margin`` is the other answer's log-likelihood minus this
     one's (the leaning towards "Yes")."""
     judged = []
-    for pair, outcome in zip(pairs, outcomes):
+    for outcome in outcomes:
         right, wrong = outcome["logliks"]
         for this, other, hallucinated in ((right, wrong, False), (wrong, right, True)):
             judgment = "Yes" if this < other else "No"
@@ -256,7 +256,7 @@ def evaluate(model_args: PretrainedModelArguments, args: ChoiceEvalArguments, ta
         outcomes, speeds = run_settings(loaded, items, args)
     elif task_args.judge == "pair":
         outcomes, speeds = run_settings(loaded, pairs, args)
-        outcomes = {name: pair_outcomes(pairs, found) for name, found in outcomes.items()}
+        outcomes = {name: pair_outcomes(found) for name, found in outcomes.items()}
     else:
         outcomes, speeds = {}, {}
         for name, scorer in settings(loaded):
