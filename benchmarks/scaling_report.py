@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import math
 from pathlib import Path
 
 
@@ -31,6 +33,33 @@ def datastore_points(data: dict) -> list[dict]:
     return sorted(found, key=lambda p: p["datastore_rows"])
 
 
+def shared_head(grid: list[dict]) -> float | None:
+    """Parameters every memory size shares (the head and the final norm): the intercept of parameters against
+    blocks, which is exact because each block adds the same count (None with fewer than two sizes)."""
+    sizes = sorted({(p["blocks"], p["parameters"]) for p in grid})
+    if len(sizes) < 2:
+        return None
+    (b0, p0), (b1, p1) = sizes[0], sizes[-1]
+    return p0 - b0 * (p1 - p0) / (b1 - b0)
+
+
+def same_compute(data: dict, split: str) -> list[tuple[dict, float | None]]:
+    """Each memory grid point beside the base's continued pretraining given the same training FLOPs: its
+    ``split`` perplexity interpolated linearly in log FLOPs between the two points of the run around the
+    memory's FLOPs (None outside the run, which is not extrapolated)."""
+    cpt = [p for p in base_points(data) if p["steps"] > 0]
+    found = []
+    for point in memory_points(data):
+        flops, value = point["train_flops"], None
+        for lo, hi in itertools.pairwise(cpt):
+            if lo["train_flops"] <= flops <= hi["train_flops"]:
+                t = math.log(flops / lo["train_flops"]) / math.log(hi["train_flops"] / lo["train_flops"])
+                value = (1 - t) * lo[f"{split}_perplexity"] + t * hi[f"{split}_perplexity"]
+                break
+        found.append((point, value))
+    return found
+
+
 def expected_points(settings: dict) -> int | None:
     """How many points the run's settings make: the memory grid, the base before and during its continued
     pretraining, and each datastore fraction below all of it (None without the settings)."""
@@ -54,14 +83,18 @@ def tables(data: dict) -> str:
         lines += [f"Base model alone (no training): validation {base['validation_perplexity']:.2f}, test "
                   f"{base['test_perplexity']:.2f} perplexity ({base['test_tokens']:,} test tokens).", ""]
     grid = memory_points(data)
+    head = shared_head(grid)
     if grid:
+        shared = (f" Every size shares the head and final norm ({head / 1e6:.1f}M parameters); the blocks' own "
+                  "parameters are in brackets." if head is not None else "")
         lines += ["Memory grid (one constant-learning-rate run per size; each length is a checkpoint of it). "
-                  "Perplexity on the first validation / test windows; lmbda chosen on validation:", "",
+                  f"Perplexity on the first validation / test windows; lmbda chosen on validation.{shared}", "",
                   "| blocks | parameters | epochs | train PFLOPs | memory alone val / test | base + memory val / test | "
                   "lmbda | train rows/s | load (eval) |",
                   "|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for p in grid:
-            lines.append(f"| {p['blocks']} | {p['parameters'] / 1e6:.1f}M | {p['epochs']} | {p['train_flops'] / 1e15:.2f} | "
+            own = f" ({(p['parameters'] - head) / 1e6:.1f}M)" if head is not None else ""
+            lines.append(f"| {p['blocks']} | {p['parameters'] / 1e6:.1f}M{own} | {p['epochs']} | {p['train_flops'] / 1e15:.2f} | "
                          f"{p['validation_memory_perplexity']:.2f} / {p['test_memory_perplexity']:.2f} | "
                          f"{p['validation_joint_perplexity']:.2f} / {p['test_joint_perplexity']:.2f} | {p['lmbda']:g} | "
                          f"{_fmt(p['train_rows_per_second'], 0)} | {_load(p)} |")
@@ -76,6 +109,18 @@ def tables(data: dict) -> str:
             lines.append(f"| {p['steps']} | {p['epochs']:.3f} | {p['train_flops'] / 1e15:.2f} | "
                          f"{p['validation_perplexity']:.2f} | {p['test_perplexity']:.2f} | {p['wall_seconds'] / 60:.0f} min | "
                          f"{_load(p)} |")
+        lines.append("")
+    if cpt and grid:
+        lines += ["At the same training compute: base + memory against the base's continued pretraining given the "
+                  "memory's training FLOPs (interpolated in log FLOPs between its two points around them; \"-\" "
+                  "beyond its run). Neither column counts the datastore and kNN targets, built once for every memory:", "",
+                  "| blocks | epochs | train PFLOPs | base + memory val / test | continued pretraining val / test | "
+                  "test: memory / pretraining |", "|---:|---:|---:|---:|---:|---:|"]
+        for (p, val), (_, test) in zip(same_compute(data, "validation"), same_compute(data, "test")):
+            other = "-" if val is None else f"{val:.2f} / {test:.2f}"
+            ratio = "-" if test is None else f"{p['test_joint_perplexity'] / test:.3f}"
+            lines.append(f"| {p['blocks']} | {p['epochs']} | {p['train_flops'] / 1e15:.2f} | "
+                         f"{p['validation_joint_perplexity']:.2f} / {p['test_joint_perplexity']:.2f} | {other} | {ratio} |")
         lines.append("")
     axis = datastore_points(data)
     if len(axis) > 1 or memory_points(data, "datastore"):
@@ -105,6 +150,7 @@ def plot(data: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     grid = memory_points(data)
     bases = base_points(data)
@@ -141,19 +187,25 @@ def plot(data: dict, path: Path) -> None:
     if base:
         ax.axhline(base["validation_perplexity"], color="gray", ls=":", label="base")
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())  # the minor labels of a short log axis overlap
     ax.set_xlabel("training FLOPs (6 x parameters x rows)")
     ax.set_ylabel("validation perplexity")
     ax.set_title("Per unit of training compute", fontsize=9)
     _legend(ax)
 
     ax = axes[1][0]
-    for epochs in sorted({p["epochs"] for p in grid}):
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, epochs in enumerate(sorted({p["epochs"] for p in grid})):
         pts = [p for p in grid if p["epochs"] == epochs]
-        ax.plot([p["parameters"] for p in pts], [p["test_joint_perplexity"] for p in pts], "s--", label=f"base + memory, {epochs} ep")
-        ax.plot([p["parameters"] for p in pts], [p["test_memory_perplexity"] for p in pts], "o-", alpha=0.5,
+        colour = cycle[i % len(cycle)]
+        ax.plot([p["parameters"] for p in pts], [p["test_joint_perplexity"] for p in pts], "s--", color=colour,
+                label=f"base + memory, {epochs} ep")
+        ax.plot([p["parameters"] for p in pts], [p["test_memory_perplexity"] for p in pts], "o-", color=colour, alpha=0.5,
                 label=f"memory alone, {epochs} ep")
     if base:
         ax.axhline(base["test_perplexity"], color="gray", ls=":", label="base")
+    sizes_seen = sorted({(p["parameters"], p["blocks"]) for p in grid})
+    ax.set_xticks([n for n, _ in sizes_seen], [f"{n / 1e6:.1f}M\n{b} blocks" for n, b in sizes_seen])
     ax.set_xlabel("memory parameters")
     ax.set_ylabel("test perplexity")
     ax.set_title("Memory size", fontsize=9)
@@ -167,6 +219,8 @@ def plot(data: dict, path: Path) -> None:
         if base:
             ax.axhline(base["test_perplexity"], color="gray", ls=":", label="base")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xticks([p["datastore_rows"] for p in axis], [f"{p['datastore_rows']:,}" for p in axis])
         _legend(ax)
     ax.set_xlabel("datastore rows")
     ax.set_ylabel("test perplexity")
