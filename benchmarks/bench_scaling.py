@@ -26,6 +26,11 @@ Every stage goes through the project's entry points, called in-process (``main(a
    --do_eval``). Training compute is counted as 6 x parameters x trained rows (tokens) for both.
 5. Datastore axis: a quarter, a half and all of the tenth, at ``--datastore_blocks`` blocks and
    ``--datastore_epochs`` epochs (same schedule as the grid; "all" is the grid's point).
+6. What the constant rate costs: for the first size, one run per ``--decay_epochs`` length with the trainer's
+   default schedule (linear decay to 0 after the warm-up), measured like the grid's point of that length.
+
+Order: the first size's grid, the base and its continued pretraining, the decay check, the other sizes, the
+datastore axis (``--memory_blocks`` says which size is first).
 
 Each finished point (with the machine, the load average at its start and end, torch threads, wall time) is
 added to ``--results``.json atomically and skipped on a rerun; memory training resumes from its checkpoints.
@@ -36,7 +41,6 @@ after every point (`benchmarks.scaling_report`), so partial results are readable
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 import sys
@@ -91,7 +95,8 @@ class ScalingArguments:
     knn_temp: float = field(default=4.0, metadata={"help": "Temperature of the kNN targets' softmax over -distance."})
     memory_blocks: list[int] = field(default_factory=lambda: [4, 1, 8], metadata={
         "help": "Memory sizes (SwiGLU blocks; the head, 576 x 49,152, is shared by all). The first size runs "
-                "first, then the base's continued pretraining and the datastore axis, then the other sizes.",
+                "first, then the base's continued pretraining and the decay check, then the other sizes, then the "
+                "datastore axis.",
         "nargs": "+"})
     epochs: list[int] = field(default_factory=lambda: [1, 2, 4, 8],
                               metadata={"help": "Training lengths measured (epochs of one constant-rate run).", "nargs": "+"})
@@ -107,6 +112,9 @@ class ScalingArguments:
                                              metadata={"help": "Datastore sizes (fractions of its windows).", "nargs": "+"})
     datastore_blocks: int = field(default=4, metadata={"help": "Memory size of the datastore axis."})
     datastore_epochs: int = field(default=2, metadata={"help": "Training length of the datastore axis (in --epochs)."})
+    decay_epochs: list[int] = field(default_factory=lambda: [1], metadata={
+        "help": "Lengths trained again at the first size with a linear decay to 0 (one run each; none: no check), "
+                "beside the grid's constant-rate point of that length.", "nargs": "*"})
     eval_windows: int = field(default=50, metadata={"help": "First N windows of validation and of test."})
     eval_batch: int = field(default=4, metadata={"help": "Windows per evaluation forward pass."})
     lmbdas: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.45, 0.5, 0.55, 0.6, 0.7, 0.8],
@@ -124,6 +132,8 @@ class ScalingArguments:
             raise UsageError(f"--datastore_epochs {self.datastore_epochs} must be one of --epochs {self.epochs}")
         if self.datastore_blocks not in self.memory_blocks:
             raise UsageError(f"--datastore_blocks {self.datastore_blocks} must be one of --memory_blocks {self.memory_blocks}")
+        if any(e not in self.epochs for e in self.decay_epochs):
+            raise UsageError(f"--decay_epochs {self.decay_epochs} must be among --epochs {self.epochs}")
         if any(not 0 < f <= 1 for f in self.datastore_fractions):
             raise UsageError("--datastore_fractions must be in (0, 1]")
 
@@ -249,11 +259,12 @@ def steps_per_epoch(args: ScalingArguments, dstore: Path, run_dir: Path, targets
     return Schedule(rows - held_out, args.batch_size, 1, 1, 1, None).steps_per_epoch
 
 
-def train_argv(args: ScalingArguments, blocks: int, epochs: int, dstore: Path, targets: Path, run_dir: Path) -> list[str]:
+def train_argv(args: ScalingArguments, blocks: int, epochs: int, dstore: Path, targets: Path, run_dir: Path,
+               schedule: str = "constant_with_warmup") -> list[str]:
     return ["--knn_dstore_path", str(dstore), "--knn_save_path", str(targets), "--output_dir", str(run_dir),
             "--num_layers", str(blocks), "--init_lm_head", "True", "--num_train_epochs", str(epochs),
             "--learning_rate", str(args.learning_rate), "--num_warmup_steps", str(args.warmup_steps),
-            "--lr_scheduler_type", "constant_with_warmup", "--per_device_train_batch_size", str(args.batch_size),
+            "--lr_scheduler_type", schedule, "--per_device_train_batch_size", str(args.batch_size),
             "--checkpointing_steps", "epoch", "--save_total_limit", "2", "--logging_steps", "10", "--disable_tqdm", "True",
             "--dataloader_num_workers", str(args.loader_workers)]
 
@@ -293,10 +304,11 @@ def train_rate(run_dir: Path, first: int, last: int) -> float | None:
 
 
 def memory_run(args: ScalingArguments, points: Points, key: str, blocks: int, epochs: list[int], dstore: Path,
-               targets: Path, run_dir: Path, extra: dict) -> None:
-    """One constant-rate run of ``max(epochs)`` epochs; a point for each of ``epochs``."""
+               targets: Path, run_dir: Path, extra: dict, schedule: str = "constant_with_warmup") -> None:
+    """One run of ``max(epochs)`` epochs; a point for each of ``epochs`` (checkpoints of the run: meaningful as
+    shorter runs with the constant schedule only)."""
     spe = steps_per_epoch(args, dstore, run_dir, targets)
-    argv = train_argv(args, blocks, max(epochs), dstore, targets, run_dir)
+    argv = train_argv(args, blocks, max(epochs), dstore, targets, run_dir, schedule)
     previous = 0
     for epoch in sorted(epochs):
         point_key = f"{key}/epochs_{epoch}"
@@ -323,7 +335,7 @@ def memory_run(args: ScalingArguments, points: Points, key: str, blocks: int, ep
         points.add(point_key, {
             "kind": key.split("/")[0], "blocks": blocks, "intermediate_size": config["intermediate_size"],
             "parameters": parameters, "epochs": epoch, "steps": step, "datastore_rows": read_json(dstore / "meta.json")["rows"],
-            "train_flops": 6 * parameters * rows, "train_rows_per_second": rate,
+            "train_flops": 6 * parameters * rows, "train_rows_per_second": rate, "lr_scheduler": schedule,
             "train_seconds_this_segment": round(train_time.seconds, 1), "train_load": [train_time.load_start, train_time.load_end],
             "memory_dir": str(memory_dir), **extra, **evaluation, **eval_time.record(), "machine": machine()})
         previous = epoch
@@ -390,7 +402,7 @@ def base_points(args: ScalingArguments, points: Points) -> None:
     windows = len(np.load(Path(args.out) / "dataset" / "train" / "windows.npy"))
     per_step = args.cpt_batch * 2  # windows per optimizer step (2 accumulated micro-batches)
     spe = windows / per_step
-    previous = None
+    previous, previous_steps = None, 0
     for epochs in sorted(e for e in args.cpt_epochs if e > 0):
         steps = max(1, round(epochs * spe))
         run_dir = out / f"steps_{steps}"
@@ -442,6 +454,12 @@ def main(argv: list[str] | None = None) -> dict:
                                              Path(args.out) / "memories" / f"blocks_{blocks}", {"datastore_fraction": 1.0})
             grid(first)
             base_points(args, points)
+            for epochs in args.decay_epochs:  # the same size and length with a linear decay: one run each
+                memory_run(args, points, f"decay/blocks_{first}", first, [epochs], Path(args.out) / "dstore",
+                           Path(args.out) / "knn_targets", Path(args.out) / "memories" / f"decay_{epochs}_blocks_{first}",
+                           {"datastore_fraction": 1.0}, schedule="linear")
+            for blocks in rest:
+                grid(blocks)
             for fraction in args.datastore_fractions:
                 if fraction < 1.0:
                     dstore, targets = datastore_prefix(args, fraction)
@@ -449,8 +467,6 @@ def main(argv: list[str] | None = None) -> dict:
                                [args.datastore_epochs], dstore, targets,
                                Path(args.out) / "memories" / f"datastore_{fraction:g}_blocks_{args.datastore_blocks}",
                                {"datastore_fraction": fraction})
-            for blocks in rest:
-                grid(blocks)
         except StopRequested:
             logger.info("Stopping after %d new points (--stop_after_points)", points.new)
         points.save()

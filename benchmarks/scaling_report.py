@@ -62,11 +62,12 @@ def same_compute(data: dict, split: str) -> list[tuple[dict, float | None]]:
 
 def expected_points(settings: dict) -> int | None:
     """How many points the run's settings make: the memory grid, the base before and during its continued
-    pretraining, and each datastore fraction below all of it (None without the settings)."""
+    pretraining, each datastore fraction below all of it and each length of the decay check (None without the
+    settings)."""
     if not settings:
         return None
     return (len(settings["memory_blocks"]) * len(settings["epochs"]) + 1 + sum(e > 0 for e in settings["cpt_epochs"])
-            + sum(f < 1.0 for f in settings["datastore_fractions"]))
+            + sum(f < 1.0 for f in settings["datastore_fractions"]) + len(settings.get("decay_epochs", [])))
 
 
 def tables(data: dict) -> str:
@@ -77,7 +78,7 @@ def tables(data: dict) -> str:
         first = settings["memory_blocks"][0]
         lines += [f"**In progress: {len(data['points'])} of {expected} points.** `python -m benchmarks.bench_scaling` "
                   f"resumes the run; the order: the {first}-block grid, the base and its continued pretraining, the "
-                  "datastore axis, the other sizes.", ""]
+                  "decay check, the other sizes, the datastore axis.", ""]
     base = next((p for p in base_points(data) if p["steps"] == 0), None)
     if base:
         lines += [f"Base model alone (no training): validation {base['validation_perplexity']:.2f}, test "
@@ -121,6 +122,20 @@ def tables(data: dict) -> str:
             ratio = "-" if test is None else f"{p['test_joint_perplexity'] / test:.3f}"
             lines.append(f"| {p['blocks']} | {p['epochs']} | {p['train_flops'] / 1e15:.2f} | "
                          f"{p['validation_joint_perplexity']:.2f} / {p['test_joint_perplexity']:.2f} | {other} | {ratio} |")
+        lines.append("")
+    decayed = memory_points(data, "decay")
+    if decayed:
+        lines += ["What the constant learning rate costs: the same size and length trained again with a linear decay "
+                  "to 0 after the warm-up (one run per length; the grid's points are checkpoints of one constant-rate "
+                  "run):", "", "| blocks | epochs | schedule | memory alone val / test | base + memory val / test | lmbda |",
+                  "|---:|---:|---|---:|---:|---:|"]
+        constant = {(p["blocks"], p["epochs"]): p for p in grid}
+        for p in decayed:
+            for q, name in ((constant.get((p["blocks"], p["epochs"])), "constant"), (p, "linear decay")):
+                if q is not None:
+                    lines.append(f"| {q['blocks']} | {q['epochs']} | {name} | {q['validation_memory_perplexity']:.2f} / "
+                                 f"{q['test_memory_perplexity']:.2f} | {q['validation_joint_perplexity']:.2f} / "
+                                 f"{q['test_joint_perplexity']:.2f} | {q['lmbda']:g} |")
         lines.append("")
     axis = datastore_points(data)
     if len(axis) > 1 or memory_points(data, "datastore"):
@@ -167,6 +182,12 @@ def plot(data: dict, path: Path) -> None:
                 label=f"memory alone, {label}")
         ax.plot([p["epochs"] for p in pts], [p["validation_joint_perplexity"] for p in pts], "s--", color=colours[blocks],
                 label=f"base + memory, {label}")
+    for p in memory_points(data, "decay"):
+        colour = colours.get(p["blocks"], "black")
+        ax.plot([p["epochs"]], [p["validation_memory_perplexity"]], "x", color=colour, ms=9,
+                label=f"memory alone, linear decay, {p['blocks']} blocks")
+        ax.plot([p["epochs"]], [p["validation_joint_perplexity"]], "+", color=colour, ms=11,
+                label=f"base + memory, linear decay, {p['blocks']} blocks")
     if base:
         ax.axhline(base["validation_perplexity"], color="gray", ls=":", label="base")
     ax.set_xscale("log", base=2)

@@ -36,13 +36,15 @@ def test_points_resume_and_report(tmp_path, tiny_llama_dir, tiny_corpus):
     assert sorted(first["points"]) == ["base/steps_0", "memory/blocks_1/epochs_1", "memory/blocks_1/epochs_2"]
     done = json.loads(stem.with_suffix(".json").read_text())["points"]
     assert done == first["points"]
-    assert "**In progress: 3 of 6 points.**" in tables(first)  # 1 size x 2 lengths, the base and 2 lengths, 1 fraction
+    # 1 size x 2 lengths, the base and 2 lengths, 1 fraction, 1 decay-check length
+    assert "**In progress: 3 of 7 points.**" in tables(first)
 
     # The rerun keeps those points as they were and adds the rest.
     second = bench_scaling.main(argv)
     for key, point in done.items():
         assert second["points"][key] == point
-    assert set(second["points"]) - set(done) == {"base/steps_2", "base/steps_4", "datastore/fraction_0.5/epochs_1"}
+    assert set(second["points"]) - set(done) == {"base/steps_2", "base/steps_4", "datastore/fraction_0.5/epochs_1",
+                                                  "decay/blocks_1/epochs_1"}
     grid, early = second["points"]["memory/blocks_1/epochs_2"], second["points"]["memory/blocks_1/epochs_1"]
     assert grid["steps"] == 2 * early["steps"] and grid["train_flops"] == 2 * early["train_flops"]
     # The epoch-1 point is the run's checkpoint at that step, saved as a memory: not the final memory again.
@@ -50,6 +52,12 @@ def test_points_resume_and_report(tmp_path, tiny_llama_dir, tiny_corpus):
     assert early["validation_memory_perplexity"] != grid["validation_memory_perplexity"]
     assert second["points"]["base/steps_4"]["train_flops"] == 2 * second["points"]["base/steps_2"]["train_flops"]
     assert grid["lmbda"] in (0.25, 0.5) and grid["test_joint_perplexity"] > 1
+    # The decay check is its own run of that length (a linear decay), not the constant-rate run's checkpoint.
+    decayed = second["points"]["decay/blocks_1/epochs_1"]
+    assert decayed["lr_scheduler"] == "linear" and early["lr_scheduler"] == "constant_with_warmup"
+    assert decayed["steps"] == early["steps"] and decayed["memory_dir"] != early["memory_dir"]
+    assert decayed["validation_memory_perplexity"] != early["validation_memory_perplexity"]
+    assert "What the constant learning rate costs" in tables(second)
     half = second["points"]["datastore/fraction_0.5/epochs_1"]
     assert half["datastore_rows"] < grid["datastore_rows"]
     for point in second["points"].values():
