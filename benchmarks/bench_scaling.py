@@ -424,8 +424,11 @@ def base_points(args: ScalingArguments, points: Points) -> None:
                 "kind": "base", "steps": steps, "epochs": steps / spe, "train_tokens": tokens, "parameters": parameters,
                 "train_flops": 6 * parameters * tokens, "train_runtime_this_segment": trained.get("train_runtime"),
                 **found, **timing.record(), "machine": machine()})
-        if previous is not None and previous.exists():  # only the newest checkpoint is resumed from
-            shutil.rmtree(previous / f"checkpoint-{previous_steps}", ignore_errors=True)
+        # Only the newest length's last checkpoint is resumed from. A resumed run keeps the first segment's
+        # save_steps (transformers restores it from trainer_state.json), so it also leaves checkpoints part-way.
+        for stale in [*(run_dir.glob("checkpoint-*")), *(previous.glob("checkpoint-*") if previous else [])]:
+            if stale != run_dir / f"checkpoint-{steps}":
+                shutil.rmtree(stale, ignore_errors=True)
         previous, previous_steps = run_dir, steps
 
 

@@ -28,7 +28,7 @@ def test_points_resume_and_report(tmp_path, tiny_llama_dir, tiny_corpus):
             "--train_file", str(tiny_corpus["train"]), "--validation_file", str(tiny_corpus["validation"]),
             "--test_file", str(tiny_corpus["test"]), "--max_chars", "100000", "--block_size", "32", "--k", "8",
             "--memory_blocks", "1", "--loader_workers", "0", "--epochs", "1", "2", "--batch_size", "64", "--warmup_steps", "2",
-            "--cpt_epochs", "0.25", "0.5", "--cpt_batch", "2", "--datastore_fractions", "0.5", "1",
+            "--cpt_epochs", "0.25", "0.75", "--cpt_batch", "2", "--datastore_fractions", "0.5", "1",
             "--datastore_blocks", "1", "--datastore_epochs", "1", "--eval_windows", "3", "--lmbdas", "0.25", "0.5"]
 
     # Interrupted after three new points (as a kill would): the first size's two lengths and the base.
@@ -43,14 +43,18 @@ def test_points_resume_and_report(tmp_path, tiny_llama_dir, tiny_corpus):
     second = bench_scaling.main(argv)
     for key, point in done.items():
         assert second["points"][key] == point
-    assert set(second["points"]) - set(done) == {"base/steps_2", "base/steps_4", "datastore/fraction_0.5/epochs_1",
+    assert set(second["points"]) - set(done) == {"base/steps_2", "base/steps_6", "datastore/fraction_0.5/epochs_1",
                                                   "decay/blocks_1/epochs_1"}
     grid, early = second["points"]["memory/blocks_1/epochs_2"], second["points"]["memory/blocks_1/epochs_1"]
     assert grid["steps"] == 2 * early["steps"] and grid["train_flops"] == 2 * early["train_flops"]
     # The epoch-1 point is the run's checkpoint at that step, saved as a memory: not the final memory again.
     assert early["memory_dir"] != grid["memory_dir"]
     assert early["validation_memory_perplexity"] != grid["validation_memory_perplexity"]
-    assert second["points"]["base/steps_4"]["train_flops"] == 2 * second["points"]["base/steps_2"]["train_flops"]
+    assert second["points"]["base/steps_6"]["train_flops"] == 3 * second["points"]["base/steps_2"]["train_flops"]
+    # Of the continued pretraining's checkpoints only the longest run's last one is kept (to resume a longer one),
+    # though the resumed run also saved at step 4 (it keeps the first run's save_steps, 2).
+    cpt = tmp_path / "out" / "base_cpt"
+    assert sorted(c.relative_to(cpt).as_posix() for c in cpt.glob("*/checkpoint-*")) == ["steps_6/checkpoint-6"]
     assert grid["lmbda"] in (0.25, 0.5) and grid["test_joint_perplexity"] > 1
     # The decay check is its own run of that length (a linear decay), not the constant-rate run's checkpoint.
     decayed = second["points"]["decay/blocks_1/epochs_1"]
