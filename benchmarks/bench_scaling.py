@@ -291,6 +291,39 @@ def snapshot(run_dir: Path, step: int, epoch: int) -> Path:
     return target
 
 
+def held_out(run_dir: Path, step: int) -> dict | None:
+    """The run's own validation at ``step`` (metrics.jsonl): the memory on the datastore's last rows, which it does
+    not train on (KL to their kNN targets, perplexity of their gold tokens, top-1 agreement with the targets)."""
+    import json
+
+    path = run_dir / "metrics.jsonl"
+    records = [r for r in map(json.loads, path.read_text().splitlines())
+               if r.get("type") == "validation" and r["step"] == step] if path.exists() else []
+    if not records:
+        return None
+    r = records[-1]
+    return {"kl": r["val_kl"], "perplexity": r["val_ppl"], "top1_agreement": r["val_top1_agreement"], "rows": r["val_rows"]}
+
+
+def run_of(args: ScalingArguments, memory_dir: str) -> Path:
+    """The training run a point's memory came from: the run's own directory or its ``RUN_snapshots/epoch_E``
+    (found under ``--out``/memories, so that a results file written from another working directory still maps)."""
+    parts = Path(memory_dir).parts
+    path = Path(args.out, "memories", *parts[parts.index("memories") + 1:]) if "memories" in parts else Path(memory_dir)
+    return path.parent.with_name(path.parent.name.removesuffix("_snapshots")) if path.parent.name.endswith("_snapshots") else path
+
+
+def add_held_out(args: ScalingArguments, points: Points) -> None:
+    """Points made before they recorded the held-out rows get them from their run's metrics (once)."""
+    changed = False
+    for point in points.data["points"].values():
+        if "memory_dir" in point and "held_out" not in point:
+            point["held_out"] = held_out(run_of(args, point["memory_dir"]), point["steps"])
+            changed = True
+    if changed:
+        points.save()
+
+
 def train_rate(run_dir: Path, first: int, last: int) -> float | None:
     """Mean training rows/s of steps (first, last], from the run's metrics.jsonl (resumed segments included)."""
     import json
@@ -337,7 +370,8 @@ def memory_run(args: ScalingArguments, points: Points, key: str, blocks: int, ep
             "parameters": parameters, "epochs": epoch, "steps": step, "datastore_rows": read_json(dstore / "meta.json")["rows"],
             "train_flops": 6 * parameters * rows, "train_rows_per_second": rate, "lr_scheduler": schedule,
             "train_seconds_this_segment": round(train_time.seconds, 1), "train_load": [train_time.load_start, train_time.load_end],
-            "memory_dir": str(memory_dir), **extra, **evaluation, **eval_time.record(), "machine": machine()})
+            "memory_dir": str(memory_dir), "held_out": held_out(run_dir, step), **extra, **evaluation,
+            **eval_time.record(), "machine": machine()})
         previous = epoch
 
 
@@ -451,6 +485,7 @@ def main(argv: list[str] | None = None) -> dict:
         logger.info("Scaling benchmark: %s", points.data["setup"]["settings"])
         try:
             build_artifacts(args)
+            add_held_out(args, points)
             first, *rest = args.memory_blocks
             grid = lambda blocks: memory_run(args, points, f"memory/blocks_{blocks}", blocks, args.epochs,  # noqa: E731
                                              Path(args.out) / "dstore", Path(args.out) / "knn_targets",

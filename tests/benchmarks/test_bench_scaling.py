@@ -50,6 +50,8 @@ def test_points_resume_and_report(tmp_path, tiny_llama_dir, tiny_corpus):
     # The epoch-1 point is the run's checkpoint at that step, saved as a memory: not the final memory again.
     assert early["memory_dir"] != grid["memory_dir"]
     assert early["validation_memory_perplexity"] != grid["validation_memory_perplexity"]
+    # Each memory point carries its run's own validation (the held-out last rows) at that step.
+    assert early["held_out"]["rows"] > 0 and early["held_out"]["kl"] != grid["held_out"]["kl"]
     assert second["points"]["base/steps_6"]["train_flops"] == 3 * second["points"]["base/steps_2"]["train_flops"]
     # Of the continued pretraining's checkpoints only the longest run's last one is kept (to resume a longer one),
     # though the resumed run also saved at step 4 (it keeps the first run's save_steps, 2).
@@ -71,6 +73,15 @@ def test_points_resume_and_report(tmp_path, tiny_llama_dir, tiny_corpus):
     assert (grid["validation_base_perplexity"] ==
             pytest.approx(half["validation_base_perplexity"]))
     assert grid["test_base_perplexity"] == pytest.approx(second["points"]["base/steps_0"]["test_perplexity"])
+
+    # Points written before they recorded the held-out rows get them from their run's metrics on the next run.
+    data = json.loads(stem.with_suffix(".json").read_text())
+    for point in data["points"].values():
+        point.pop("held_out", None)
+    stem.with_suffix(".json").write_text(json.dumps(data))
+    third = bench_scaling.main(argv)
+    assert third["points"]["memory/blocks_1/epochs_1"]["held_out"] == early["held_out"]
+    assert third["points"]["decay/blocks_1/epochs_1"]["held_out"] == decayed["held_out"]
 
     # The report comes from the JSON alone: a point edited there shows in the regenerated table.
     data = json.loads(stem.with_suffix(".json").read_text())
