@@ -77,7 +77,10 @@ class MemoryTrainingArguments:
     validation_rows: int | None = field(
         default=None, metadata={"help": "Hold out the last N rows for validation (0: none). Overrides --validation_fraction."}
     )
-    validation_fraction: float = field(default=0.01, metadata={"help": "Hold out this fraction of the rows (the last ones)."})
+    validation_fraction: float = field(default=0.01, metadata={
+        "help": "Hold out this fraction of the rows (the last ones). They usually continue a text the memory trains on, "
+                "so they measure the fit to the kNN targets, not generalisation: choose the training length with "
+                "evaluate_joint on a validation split."})
     eval_steps: int | None = field(default=None, metadata={"help": "Validate every N steps (default: at the end of every epoch)."})
     checkpointing_steps: str = field(
         default="epoch", metadata={"help": "Save a checkpoint every N steps, every 'epoch', or 'no'."}
