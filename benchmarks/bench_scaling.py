@@ -291,14 +291,18 @@ def snapshot(run_dir: Path, step: int, epoch: int) -> Path:
     return target
 
 
-def held_out(run_dir: Path, step: int) -> dict | None:
-    """The run's own validation at ``step`` (metrics.jsonl): the memory on the datastore's last rows, which it does
-    not train on (KL to their kNN targets, perplexity of their gold tokens, top-1 agreement with the targets)."""
+def run_records(run_dir: Path, kind: str) -> list[dict]:
+    """The ``kind`` ("train", "validation") records of a memory run's metrics.jsonl (none when it is missing)."""
     import json
 
     path = run_dir / "metrics.jsonl"
-    records = [r for r in map(json.loads, path.read_text().splitlines())
-               if r.get("type") == "validation" and r["step"] == step] if path.exists() else []
+    return [r for r in map(json.loads, path.read_text().splitlines()) if r.get("type") == kind] if path.exists() else []
+
+
+def held_out(run_dir: Path, step: int) -> dict | None:
+    """The run's own validation at ``step`` (metrics.jsonl): the memory on the datastore's last rows, which it does
+    not train on (KL to their kNN targets, perplexity of their gold tokens, top-1 agreement with the targets)."""
+    records = [r for r in run_records(run_dir, "validation") if r["step"] == step]
     if not records:
         return None
     r = records[-1]
@@ -326,13 +330,7 @@ def add_held_out(args: ScalingArguments, points: Points) -> None:
 
 def train_rate(run_dir: Path, first: int, last: int) -> float | None:
     """Mean training rows/s of steps (first, last], from the run's metrics.jsonl (resumed segments included)."""
-    import json
-
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return None
-    rates = [r["rows_per_second"] for r in map(json.loads, path.read_text().splitlines())
-             if r.get("type") == "train" and first < r["step"] <= last]
+    rates = [r["rows_per_second"] for r in run_records(run_dir, "train") if first < r["step"] <= last]
     return round(float(np.mean(rates)), 1) if rates else None
 
 
