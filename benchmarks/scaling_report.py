@@ -162,6 +162,10 @@ def tables(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _blocks(n: int) -> str:
+    return f"{n} block" if n == 1 else f"{n} blocks"
+
+
 def _legend(ax) -> None:
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=6)
@@ -172,6 +176,7 @@ def plot(data: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
     from matplotlib.ticker import NullFormatter
 
     grid = memory_points(data)
@@ -182,36 +187,47 @@ def plot(data: dict, path: Path) -> None:
     colours = dict(zip(sizes, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
 
     ax = axes[0][0]
+    # Colour is the size, the marker and line the series: one legend entry each instead of one per pair.
     for blocks in sizes:
         pts = [p for p in grid if p["blocks"] == blocks]
-        label = f"{blocks} blocks ({pts[0]['parameters'] / 1e6:.0f}M)"
-        ax.plot([p["epochs"] for p in pts], [p["validation_memory_perplexity"] for p in pts], "o-", color=colours[blocks],
-                label=f"memory alone, {label}")
-        ax.plot([p["epochs"] for p in pts], [p["validation_joint_perplexity"] for p in pts], "s--", color=colours[blocks],
-                label=f"base + memory, {label}")
+        epochs = [p["epochs"] for p in pts]
+        ax.plot(epochs, [p["validation_memory_perplexity"] for p in pts], "o-", color=colours[blocks])
+        ax.plot(epochs, [p["validation_joint_perplexity"] for p in pts], "s--", color=colours[blocks])
         kept = [p for p in pts if p.get("held_out")]
         if kept:
-            ax.plot([p["epochs"] for p in kept], [p["held_out"]["perplexity"] for p in kept], ".:", color=colours[blocks],
-                    label=f"memory alone, held-out train rows, {label}")
-    for p in memory_points(data, "decay"):
+            ax.plot([p["epochs"] for p in kept], [p["held_out"]["perplexity"] for p in kept], ".:", color=colours[blocks])
+    decayed = memory_points(data, "decay")
+    for p in decayed:
         colour = colours.get(p["blocks"], "black")
-        ax.plot([p["epochs"]], [p["validation_memory_perplexity"]], "x", color=colour, ms=9,
-                label=f"memory alone, linear decay, {p['blocks']} blocks")
-        ax.plot([p["epochs"]], [p["validation_joint_perplexity"]], "+", color=colour, ms=11,
-                label=f"base + memory, linear decay, {p['blocks']} blocks")
+        ax.plot([p["epochs"]], [p["validation_memory_perplexity"]], "x", color=colour, ms=9)
+        ax.plot([p["epochs"]], [p["validation_joint_perplexity"]], "+", color=colour, ms=11)
     if base:
-        ax.axhline(base["validation_perplexity"], color="gray", ls=":", label="base")
+        ax.axhline(base["validation_perplexity"], color="gray", ls=":")
+    handles = [Line2D([], [], color=colours[b], lw=3, label=f"{_blocks(b)} "
+                      f"({next(p['parameters'] for p in grid if p['blocks'] == b) / 1e6:.0f}M)") for b in sizes]
+    handles += [Line2D([], [], color="k", marker="o", ls="-", label="memory alone"),
+                Line2D([], [], color="k", marker="s", ls="--", label="base + memory")]
+    if any(p.get("held_out") for p in grid):
+        handles.append(Line2D([], [], color="k", marker=".", ls=":", label="memory alone, held-out train rows"))
+    if decayed:
+        handles += [Line2D([], [], color="k", marker="x", ls="", ms=9, label="memory alone, linear decay"),
+                    Line2D([], [], color="k", marker="+", ls="", ms=11, label="base + memory, linear decay")]
+    if base:
+        handles.append(Line2D([], [], color="gray", ls=":", label="base"))
+    if grid:
+        low, high = ax.get_ylim()
+        ax.set_ylim(low, high + 0.45 * (high - low))  # room above the curves for the legend
+        ax.legend(handles=handles, fontsize=6, ncol=2, loc="upper center")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("memory training epochs")
     ax.set_ylabel("perplexity (validation split unless said)")
     ax.set_title("Training length (overfitting shows as a rise)", fontsize=9)
-    _legend(ax)
 
     ax = axes[0][1]
     for blocks in sizes:
         pts = [p for p in grid if p["blocks"] == blocks]
         ax.plot([p["train_flops"] for p in pts], [p["validation_joint_perplexity"] for p in pts], "s--",
-                color=colours[blocks], label=f"base + memory, {blocks} blocks")
+                color=colours[blocks], label=f"base + memory, {_blocks(blocks)}")
     cpt = [p for p in bases if p["steps"] > 0]
     if cpt:
         ax.plot([p["train_flops"] for p in cpt], [p["validation_perplexity"] for p in cpt], "k^-",
@@ -227,21 +243,27 @@ def plot(data: dict, path: Path) -> None:
 
     ax = axes[1][0]
     cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    handles = []
     for i, epochs in enumerate(sorted({p["epochs"] for p in grid})):
         pts = [p for p in grid if p["epochs"] == epochs]
         colour = cycle[i % len(cycle)]
-        ax.plot([p["parameters"] for p in pts], [p["test_joint_perplexity"] for p in pts], "s--", color=colour,
-                label=f"base + memory, {epochs} ep")
-        ax.plot([p["parameters"] for p in pts], [p["test_memory_perplexity"] for p in pts], "o-", color=colour, alpha=0.5,
-                label=f"memory alone, {epochs} ep")
+        ax.plot([p["parameters"] for p in pts], [p["test_joint_perplexity"] for p in pts], "s--", color=colour)
+        ax.plot([p["parameters"] for p in pts], [p["test_memory_perplexity"] for p in pts], "o-", color=colour, alpha=0.5)
+        handles.append(Line2D([], [], color=colour, lw=3, label=f"{epochs:g} epoch{'' if epochs == 1 else 's'}"))
+    handles += [Line2D([], [], color="k", marker="o", ls="-", alpha=0.5, label="memory alone"),
+                Line2D([], [], color="k", marker="s", ls="--", label="base + memory")]
     if base:
-        ax.axhline(base["test_perplexity"], color="gray", ls=":", label="base")
+        ax.axhline(base["test_perplexity"], color="gray", ls=":")
+        handles.append(Line2D([], [], color="gray", ls=":", label="base"))
+    if grid:
+        low, high = ax.get_ylim()
+        ax.set_ylim(low, high + 0.3 * (high - low))
+        ax.legend(handles=handles, fontsize=6, ncol=3, loc="upper center")
     sizes_seen = sorted({(p["parameters"], p["blocks"]) for p in grid})
-    ax.set_xticks([n for n, _ in sizes_seen], [f"{n / 1e6:.1f}M\n{b} blocks" for n, b in sizes_seen])
+    ax.set_xticks([n for n, _ in sizes_seen], [f"{n / 1e6:.1f}M\n{_blocks(b)}" for n, b in sizes_seen])
     ax.set_xlabel("memory parameters")
     ax.set_ylabel("test perplexity")
     ax.set_title("Memory size", fontsize=9)
-    _legend(ax)
 
     ax = axes[1][1]
     axis = datastore_points(data)
