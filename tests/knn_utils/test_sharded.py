@@ -3,11 +3,15 @@ one unsharded index: in one process, in two processes over gloo, and on two "nod
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
 import time
+import uuid
 
 import faiss
 import numpy as np
@@ -167,10 +171,28 @@ def free_port() -> int:
 
 
 def two_node_torchrun(module: str, args: list[str], port: int) -> list[str]:
-    """The README's two-machine recipe, both "machines" on 127.0.0.1: one process each."""
+    """The README's two-machine recipe, both "machines" on 127.0.0.1: one process each. Each launch has its own
+    rendezvous id, so no state of an earlier launch on a reused port can be taken for this one's."""
+    run_id = f"sharded-test-{uuid.uuid4().hex[:12]}"
     return [[sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
              "--node_rank", str(rank), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
-             "--rdzv-id", "sharded-test", "-m", module, *args] for rank in (0, 1)]
+             "--rdzv-id", run_id, "-m", module, *args] for rank in (0, 1)]
+
+
+def kill_group(node: subprocess.Popen) -> None:
+    """Kill a launch and the workers it started (its process group), if it still runs."""
+    if node.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(node.pid, signal.SIGKILL)
+        node.wait()
+
+
+def printed(node: subprocess.Popen) -> str:
+    """What a killed launch printed (what is left in its pipe)."""
+    try:
+        return node.communicate(timeout=10)[0] or ""
+    except subprocess.TimeoutExpired as stuck:
+        return (stuck.output or b"").decode(errors="replace") if isinstance(stuck.output, bytes) else stuck.output or ""
 
 
 def run_nodes(commands: list[list[str]], port: int | None = None) -> None:
@@ -186,17 +208,19 @@ def run_nodes(commands: list[list[str]], port: int | None = None) -> None:
     store = (dist.TCPStore("127.0.0.1", port, is_master=True, multi_tenant=True, wait_for_workers=False)
              if port is not None else None)
     nodes = [subprocess.Popen(command, cwd=REPO, env=cpu_launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for command in commands]
+                              text=True, start_new_session=True) for command in commands]  # a group: kill workers too
     deadline = time.monotonic() + LAUNCH_TIMEOUT
     try:
         outputs = [node.communicate(timeout=max(1.0, deadline - time.monotonic()))[0] for node in nodes]
     except subprocess.TimeoutExpired:
-        pytest.fail(f"the launches did not finish within {LAUNCH_TIMEOUT} s (a hung rendezvous or collective)")
+        for node in nodes:
+            kill_group(node)
+        tails = [f"--- node {rank} ---\n{printed(node)[-3000:]}" for rank, node in enumerate(nodes)]
+        pytest.fail(f"the launches did not finish within {LAUNCH_TIMEOUT} s (a hung rendezvous or collective); "
+                    "what each printed:\n" + "\n".join(tails))
     finally:
         for node in nodes:
-            if node.poll() is None:
-                node.kill()
-                node.wait()
+            kill_group(node)
         del store
     for node, output in zip(nodes, outputs):
         assert node.returncode == 0, output[-4000:]
